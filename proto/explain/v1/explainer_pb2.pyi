@@ -1,0 +1,469 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DropPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DROP_POLICY_UNSPECIFIED: _ClassVar[DropPolicy]
+    LATEST: _ClassVar[DropPolicy]
+    ALL: _ClassVar[DropPolicy]
+
+class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JOB_STATE_UNSPECIFIED: _ClassVar[JobState]
+    QUEUED: _ClassVar[JobState]
+    RUNNING: _ClassVar[JobState]
+    SUCCEEDED: _ClassVar[JobState]
+    FAILED: _ClassVar[JobState]
+    CANCELLED: _ClassVar[JobState]
+    EXPIRED: _ClassVar[JobState]
+
+class JobEventType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JOB_EVENT_TYPE_UNSPECIFIED: _ClassVar[JobEventType]
+    EVENT_QUEUED: _ClassVar[JobEventType]
+    EVENT_STARTED: _ClassVar[JobEventType]
+    EVENT_PROGRESS: _ClassVar[JobEventType]
+    EVENT_SUCCEEDED: _ClassVar[JobEventType]
+    EVENT_FAILED: _ClassVar[JobEventType]
+    EVENT_CANCELLED: _ClassVar[JobEventType]
+    EVENT_EXPIRED: _ClassVar[JobEventType]
+DROP_POLICY_UNSPECIFIED: DropPolicy
+LATEST: DropPolicy
+ALL: DropPolicy
+JOB_STATE_UNSPECIFIED: JobState
+QUEUED: JobState
+RUNNING: JobState
+SUCCEEDED: JobState
+FAILED: JobState
+CANCELLED: JobState
+EXPIRED: JobState
+JOB_EVENT_TYPE_UNSPECIFIED: JobEventType
+EVENT_QUEUED: JobEventType
+EVENT_STARTED: JobEventType
+EVENT_PROGRESS: JobEventType
+EVENT_SUCCEEDED: JobEventType
+EVENT_FAILED: JobEventType
+EVENT_CANCELLED: JobEventType
+EVENT_EXPIRED: JobEventType
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "data")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class Image(_message.Message):
+    __slots__ = ("encoded", "tensor")
+    ENCODED_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    encoded: bytes
+    tensor: Tensor
+    def __init__(self, encoded: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class Timing(_message.Message):
+    __slots__ = ("queue_ms", "inference_ms", "total_ms", "batch_size")
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    INFERENCE_MS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    queue_ms: float
+    inference_ms: float
+    total_ms: float
+    batch_size: int
+    def __init__(self, queue_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
+
+class ExplainOptions(_message.Message):
+    __slots__ = ("method", "return_output", "fidelity", "return_png", "target_label")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    RETURN_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    FIDELITY_FIELD_NUMBER: _ClassVar[int]
+    RETURN_PNG_FIELD_NUMBER: _ClassVar[int]
+    TARGET_LABEL_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    return_output: bool
+    fidelity: bool
+    return_png: bool
+    target_label: int
+    def __init__(self, method: _Optional[str] = ..., return_output: _Optional[bool] = ..., fidelity: _Optional[bool] = ..., return_png: _Optional[bool] = ..., target_label: _Optional[int] = ...) -> None: ...
+
+class ExplainRequest(_message.Message):
+    __slots__ = ("model", "image", "options")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    image: Image
+    options: ExplainOptions
+    def __init__(self, model: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., options: _Optional[_Union[ExplainOptions, _Mapping]] = ...) -> None: ...
+
+class ExplainResponse(_message.Message):
+    __slots__ = ("model", "mask", "output", "fidelity", "mask_png", "overlay_png", "target_label", "timing", "method")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    FIDELITY_FIELD_NUMBER: _ClassVar[int]
+    MASK_PNG_FIELD_NUMBER: _ClassVar[int]
+    OVERLAY_PNG_FIELD_NUMBER: _ClassVar[int]
+    TARGET_LABEL_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    mask: Tensor
+    output: Tensor
+    fidelity: float
+    mask_png: bytes
+    overlay_png: bytes
+    target_label: int
+    timing: Timing
+    method: str
+    def __init__(self, model: _Optional[str] = ..., mask: _Optional[_Union[Tensor, _Mapping]] = ..., output: _Optional[_Union[Tensor, _Mapping]] = ..., fidelity: _Optional[float] = ..., mask_png: _Optional[bytes] = ..., overlay_png: _Optional[bytes] = ..., target_label: _Optional[int] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., method: _Optional[str] = ...) -> None: ...
+
+class ExplainFrame(_message.Message):
+    __slots__ = ("frame_id", "image", "model", "options", "policy", "max_queue", "client_timestamp_us")
+    FRAME_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_TIMESTAMP_US_FIELD_NUMBER: _ClassVar[int]
+    frame_id: int
+    image: Image
+    model: str
+    options: ExplainOptions
+    policy: DropPolicy
+    max_queue: int
+    client_timestamp_us: int
+    def __init__(self, frame_id: _Optional[int] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., model: _Optional[str] = ..., options: _Optional[_Union[ExplainOptions, _Mapping]] = ..., policy: _Optional[_Union[DropPolicy, str]] = ..., max_queue: _Optional[int] = ..., client_timestamp_us: _Optional[int] = ...) -> None: ...
+
+class ExplainFrameResult(_message.Message):
+    __slots__ = ("frame_id", "result", "dropped", "received_unix_us", "answered_unix_us", "dropped_total", "client_timestamp_us")
+    FRAME_ID_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_UNIX_US_FIELD_NUMBER: _ClassVar[int]
+    ANSWERED_UNIX_US_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_TIMESTAMP_US_FIELD_NUMBER: _ClassVar[int]
+    frame_id: int
+    result: ExplainResponse
+    dropped: bool
+    received_unix_us: int
+    answered_unix_us: int
+    dropped_total: int
+    client_timestamp_us: int
+    def __init__(self, frame_id: _Optional[int] = ..., result: _Optional[_Union[ExplainResponse, _Mapping]] = ..., dropped: _Optional[bool] = ..., received_unix_us: _Optional[int] = ..., answered_unix_us: _Optional[int] = ..., dropped_total: _Optional[int] = ..., client_timestamp_us: _Optional[int] = ...) -> None: ...
+
+class DenoiseRequest(_message.Message):
+    __slots__ = ("model", "tensor", "mrc", "return_mrc")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    MRC_FIELD_NUMBER: _ClassVar[int]
+    RETURN_MRC_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    tensor: Tensor
+    mrc: bytes
+    return_mrc: bool
+    def __init__(self, model: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., mrc: _Optional[bytes] = ..., return_mrc: _Optional[bool] = ...) -> None: ...
+
+class DenoiseResponse(_message.Message):
+    __slots__ = ("model", "denoised", "mrc", "timing")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DENOISED_FIELD_NUMBER: _ClassVar[int]
+    MRC_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    denoised: Tensor
+    mrc: bytes
+    timing: Timing
+    def __init__(self, model: _Optional[str] = ..., denoised: _Optional[_Union[Tensor, _Mapping]] = ..., mrc: _Optional[bytes] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
+
+class RelaxParams(_message.Message):
+    __slots__ = ("num_masks", "cells", "p_keep", "masking", "noise_mean", "noise_std", "adaptive", "target_error", "threshold", "gamma", "batch_size", "two_pass", "seed")
+    NUM_MASKS_FIELD_NUMBER: _ClassVar[int]
+    CELLS_FIELD_NUMBER: _ClassVar[int]
+    P_KEEP_FIELD_NUMBER: _ClassVar[int]
+    MASKING_FIELD_NUMBER: _ClassVar[int]
+    NOISE_MEAN_FIELD_NUMBER: _ClassVar[int]
+    NOISE_STD_FIELD_NUMBER: _ClassVar[int]
+    ADAPTIVE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_ERROR_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    GAMMA_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TWO_PASS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    num_masks: int
+    cells: int
+    p_keep: float
+    masking: str
+    noise_mean: float
+    noise_std: float
+    adaptive: bool
+    target_error: float
+    threshold: str
+    gamma: float
+    batch_size: int
+    two_pass: bool
+    seed: int
+    def __init__(self, num_masks: _Optional[int] = ..., cells: _Optional[int] = ..., p_keep: _Optional[float] = ..., masking: _Optional[str] = ..., noise_mean: _Optional[float] = ..., noise_std: _Optional[float] = ..., adaptive: _Optional[bool] = ..., target_error: _Optional[float] = ..., threshold: _Optional[str] = ..., gamma: _Optional[float] = ..., batch_size: _Optional[int] = ..., two_pass: _Optional[bool] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class AblationParams(_message.Message):
+    __slots__ = ("score", "num_slices", "mask_size", "sigma_regu", "saturation", "ramp_saturation", "max_iterations", "step_size", "target_label", "reduction", "window", "return_images", "baseline", "stop_saturation", "seed")
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    NUM_SLICES_FIELD_NUMBER: _ClassVar[int]
+    MASK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SIGMA_REGU_FIELD_NUMBER: _ClassVar[int]
+    SATURATION_FIELD_NUMBER: _ClassVar[int]
+    RAMP_SATURATION_FIELD_NUMBER: _ClassVar[int]
+    MAX_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    STEP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_LABEL_FIELD_NUMBER: _ClassVar[int]
+    REDUCTION_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    RETURN_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIELD_NUMBER: _ClassVar[int]
+    STOP_SATURATION_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    score: str
+    num_slices: int
+    mask_size: int
+    sigma_regu: float
+    saturation: float
+    ramp_saturation: bool
+    max_iterations: int
+    step_size: float
+    target_label: int
+    reduction: str
+    window: int
+    return_images: bool
+    baseline: Image
+    stop_saturation: float
+    seed: int
+    def __init__(self, score: _Optional[str] = ..., num_slices: _Optional[int] = ..., mask_size: _Optional[int] = ..., sigma_regu: _Optional[float] = ..., saturation: _Optional[float] = ..., ramp_saturation: _Optional[bool] = ..., max_iterations: _Optional[int] = ..., step_size: _Optional[float] = ..., target_label: _Optional[int] = ..., reduction: _Optional[str] = ..., window: _Optional[int] = ..., return_images: _Optional[bool] = ..., baseline: _Optional[_Union[Image, _Mapping]] = ..., stop_saturation: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class JobRequest(_message.Message):
+    __slots__ = ("method", "model", "image", "relax", "ablation", "idempotency_key", "priority", "deadline_seconds")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    RELAX_FIELD_NUMBER: _ClassVar[int]
+    ABLATION_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    model: str
+    image: Image
+    relax: RelaxParams
+    ablation: AblationParams
+    idempotency_key: str
+    priority: int
+    deadline_seconds: float
+    def __init__(self, method: _Optional[str] = ..., model: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., relax: _Optional[_Union[RelaxParams, _Mapping]] = ..., ablation: _Optional[_Union[AblationParams, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., priority: _Optional[int] = ..., deadline_seconds: _Optional[float] = ...) -> None: ...
+
+class RelaxResult(_message.Message):
+    __slots__ = ("importance", "uncertainty", "u_relax", "threshold", "num_masks", "achieved_error", "png", "masks_per_second")
+    IMPORTANCE_FIELD_NUMBER: _ClassVar[int]
+    UNCERTAINTY_FIELD_NUMBER: _ClassVar[int]
+    U_RELAX_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    NUM_MASKS_FIELD_NUMBER: _ClassVar[int]
+    ACHIEVED_ERROR_FIELD_NUMBER: _ClassVar[int]
+    PNG_FIELD_NUMBER: _ClassVar[int]
+    MASKS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    importance: Tensor
+    uncertainty: Tensor
+    u_relax: Tensor
+    threshold: float
+    num_masks: int
+    achieved_error: float
+    png: bytes
+    masks_per_second: float
+    def __init__(self, importance: _Optional[_Union[Tensor, _Mapping]] = ..., uncertainty: _Optional[_Union[Tensor, _Mapping]] = ..., u_relax: _Optional[_Union[Tensor, _Mapping]] = ..., threshold: _Optional[float] = ..., num_masks: _Optional[int] = ..., achieved_error: _Optional[float] = ..., png: _Optional[bytes] = ..., masks_per_second: _Optional[float] = ...) -> None: ...
+
+class AblationResult(_message.Message):
+    __slots__ = ("path", "times", "probabilities", "heatmap", "score_history", "saturation_history", "stop_reason", "target_label", "score", "baseline_sigma", "images", "strip_png", "heatmap_png", "iterations", "path_down")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    TIMES_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    HEATMAP_FIELD_NUMBER: _ClassVar[int]
+    SCORE_HISTORY_FIELD_NUMBER: _ClassVar[int]
+    SATURATION_HISTORY_FIELD_NUMBER: _ClassVar[int]
+    STOP_REASON_FIELD_NUMBER: _ClassVar[int]
+    TARGET_LABEL_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_SIGMA_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    STRIP_PNG_FIELD_NUMBER: _ClassVar[int]
+    HEATMAP_PNG_FIELD_NUMBER: _ClassVar[int]
+    ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    PATH_DOWN_FIELD_NUMBER: _ClassVar[int]
+    path: Tensor
+    times: Tensor
+    probabilities: Tensor
+    heatmap: Tensor
+    score_history: _containers.RepeatedScalarFieldContainer[float]
+    saturation_history: _containers.RepeatedScalarFieldContainer[float]
+    stop_reason: str
+    target_label: int
+    score: float
+    baseline_sigma: float
+    images: Tensor
+    strip_png: bytes
+    heatmap_png: bytes
+    iterations: int
+    path_down: Tensor
+    def __init__(self, path: _Optional[_Union[Tensor, _Mapping]] = ..., times: _Optional[_Union[Tensor, _Mapping]] = ..., probabilities: _Optional[_Union[Tensor, _Mapping]] = ..., heatmap: _Optional[_Union[Tensor, _Mapping]] = ..., score_history: _Optional[_Iterable[float]] = ..., saturation_history: _Optional[_Iterable[float]] = ..., stop_reason: _Optional[str] = ..., target_label: _Optional[int] = ..., score: _Optional[float] = ..., baseline_sigma: _Optional[float] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ..., strip_png: _Optional[bytes] = ..., heatmap_png: _Optional[bytes] = ..., iterations: _Optional[int] = ..., path_down: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class JobResult(_message.Message):
+    __slots__ = ("relax", "ablation", "timings", "parameters_json")
+    class TimingsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    RELAX_FIELD_NUMBER: _ClassVar[int]
+    ABLATION_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_JSON_FIELD_NUMBER: _ClassVar[int]
+    relax: RelaxResult
+    ablation: AblationResult
+    timings: _containers.ScalarMap[str, float]
+    parameters_json: str
+    def __init__(self, relax: _Optional[_Union[RelaxResult, _Mapping]] = ..., ablation: _Optional[_Union[AblationResult, _Mapping]] = ..., timings: _Optional[_Mapping[str, float]] = ..., parameters_json: _Optional[str] = ...) -> None: ...
+
+class Job(_message.Message):
+    __slots__ = ("id", "method", "model", "state", "progress", "error", "created_unix", "started_unix", "finished_unix", "result", "idempotency_key", "priority", "attempts", "queue_position")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    STARTED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    method: str
+    model: str
+    state: JobState
+    progress: float
+    error: str
+    created_unix: float
+    started_unix: float
+    finished_unix: float
+    result: JobResult
+    idempotency_key: str
+    priority: int
+    attempts: int
+    queue_position: int
+    def __init__(self, id: _Optional[str] = ..., method: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., progress: _Optional[float] = ..., error: _Optional[str] = ..., created_unix: _Optional[float] = ..., started_unix: _Optional[float] = ..., finished_unix: _Optional[float] = ..., result: _Optional[_Union[JobResult, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., priority: _Optional[int] = ..., attempts: _Optional[int] = ..., queue_position: _Optional[int] = ...) -> None: ...
+
+class JobRef(_message.Message):
+    __slots__ = ("id", "include_result")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_RESULT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    include_result: bool
+    def __init__(self, id: _Optional[str] = ..., include_result: _Optional[bool] = ...) -> None: ...
+
+class JobEvent(_message.Message):
+    __slots__ = ("job_id", "type", "progress", "partial_heatmap", "score", "metrics", "message", "unix_time", "job", "sequence")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_HEATMAP_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    UNIX_TIME_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    type: JobEventType
+    progress: float
+    partial_heatmap: Tensor
+    score: float
+    metrics: _containers.ScalarMap[str, float]
+    message: str
+    unix_time: float
+    job: Job
+    sequence: int
+    def __init__(self, job_id: _Optional[str] = ..., type: _Optional[_Union[JobEventType, str]] = ..., progress: _Optional[float] = ..., partial_heatmap: _Optional[_Union[Tensor, _Mapping]] = ..., score: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., message: _Optional[str] = ..., unix_time: _Optional[float] = ..., job: _Optional[_Union[Job, _Mapping]] = ..., sequence: _Optional[int] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ("kind",)
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    def __init__(self, kind: _Optional[str] = ...) -> None: ...
+
+class InputSpec(_message.Message):
+    __slots__ = ("height", "width", "channels", "mean", "std")
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    STD_FIELD_NUMBER: _ClassVar[int]
+    height: int
+    width: int
+    channels: int
+    mean: _containers.RepeatedScalarFieldContainer[float]
+    std: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "version", "kind", "input", "labels", "explains", "description", "methods", "loaded", "card", "output_dim")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    EXPLAINS_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    METHODS_FIELD_NUMBER: _ClassVar[int]
+    LOADED_FIELD_NUMBER: _ClassVar[int]
+    CARD_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_DIM_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    kind: str
+    input: InputSpec
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    explains: str
+    description: str
+    methods: _containers.RepeatedScalarFieldContainer[str]
+    loaded: bool
+    card: str
+    output_dim: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., kind: _Optional[str] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., labels: _Optional[_Iterable[str]] = ..., explains: _Optional[str] = ..., description: _Optional[str] = ..., methods: _Optional[_Iterable[str]] = ..., loaded: _Optional[bool] = ..., card: _Optional[str] = ..., output_dim: _Optional[int] = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
