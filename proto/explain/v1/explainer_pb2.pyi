@@ -147,22 +147,20 @@ class ExplainFrame(_message.Message):
     def __init__(self, frame_id: _Optional[int] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., model: _Optional[str] = ..., options: _Optional[_Union[ExplainOptions, _Mapping]] = ..., policy: _Optional[_Union[DropPolicy, str]] = ..., max_queue: _Optional[int] = ..., client_timestamp_us: _Optional[int] = ...) -> None: ...
 
 class ExplainFrameResult(_message.Message):
-    __slots__ = ("frame_id", "result", "dropped", "received_unix_us", "answered_unix_us", "dropped_total", "client_timestamp_us")
+    __slots__ = ("frame_id", "result", "received_unix_us", "answered_unix_us", "dropped_total", "client_timestamp_us")
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
-    DROPPED_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_UNIX_US_FIELD_NUMBER: _ClassVar[int]
     ANSWERED_UNIX_US_FIELD_NUMBER: _ClassVar[int]
     DROPPED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     CLIENT_TIMESTAMP_US_FIELD_NUMBER: _ClassVar[int]
     frame_id: int
     result: ExplainResponse
-    dropped: bool
     received_unix_us: int
     answered_unix_us: int
     dropped_total: int
     client_timestamp_us: int
-    def __init__(self, frame_id: _Optional[int] = ..., result: _Optional[_Union[ExplainResponse, _Mapping]] = ..., dropped: _Optional[bool] = ..., received_unix_us: _Optional[int] = ..., answered_unix_us: _Optional[int] = ..., dropped_total: _Optional[int] = ..., client_timestamp_us: _Optional[int] = ...) -> None: ...
+    def __init__(self, frame_id: _Optional[int] = ..., result: _Optional[_Union[ExplainResponse, _Mapping]] = ..., received_unix_us: _Optional[int] = ..., answered_unix_us: _Optional[int] = ..., dropped_total: _Optional[int] = ..., client_timestamp_us: _Optional[int] = ...) -> None: ...
 
 class DenoiseRequest(_message.Message):
     __slots__ = ("model", "tensor", "mrc", "return_mrc")

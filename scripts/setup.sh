@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine for xaiserve: system packages (Debian), the CPU torch wheel, and the
+# package itself with its test tools. Idempotent; safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need+=(dataset-fashion-mnist)
+if [ ${#need[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  echo "setup: installing Debian packages: ${need[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+# torch first, pinned, so that nothing below pulls a multi-GB CUDA build
+$PY -m pip install -q --disable-pip-version-check torch==2.13.0
+$PY -m pip install -q --disable-pip-version-check -e ".[test]"
+echo "setup: done ($($PY -c 'import torch, onnxruntime; print("torch", torch.__version__, "onnxruntime", onnxruntime.__version__)'))"

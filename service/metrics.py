@@ -1,0 +1,57 @@
+"""Prometheus metrics of the gRPC gateway (prometheus_client, default registry, one HTTP port).
+
+Labels stay low-cardinality: rpc names, resolved model ids ("unknown" for names not in the store),
+status code names, stream events. Never a request id, job id, user or token.
+"""
+from __future__ import annotations
+
+import platform
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
+
+# Millisecond-resolution buckets: the fast path answers in 1-50 ms, jobs take seconds.
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
+    0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256, 512)
+
+REQUEST_LATENCY = Histogram(
+    "xaiserve_request_latency_seconds", "End-to-end server-side latency per RPC and model",
+    ["rpc", "model"], buckets=LATENCY_BUCKETS,
+)
+REQUESTS = Counter("xaiserve_requests", "Finished RPCs by status code", ["rpc", "model", "code"])
+INFLIGHT = Gauge("xaiserve_inflight_requests", "RPCs being served", ["rpc"])
+QUEUE_WAIT = Histogram(
+    "xaiserve_queue_wait_seconds", "Time a request waited for its micro-batch to start",
+    ["model"], buckets=LATENCY_BUCKETS,
+)
+INFERENCE = Histogram(
+    "xaiserve_inference_seconds", "Model call time per micro-batch", ["model"], buckets=LATENCY_BUCKETS,
+)
+BATCH_SIZE = Histogram("xaiserve_batch_size", "Requests per micro-batch", ["model"], buckets=BATCH_BUCKETS)
+BATCHER_QUEUE = Gauge("xaiserve_batcher_queue_depth", "Requests waiting for a micro-batch", ["model"])
+STREAM_FRAMES = Counter(
+    "xaiserve_stream_frames", "StreamExplain frames by event (received, answered, dropped)", ["model", "event"],
+)
+ACTIVE_STREAMS = Gauge("xaiserve_active_streams", "Open StreamExplain calls")
+MODEL_LOAD = Gauge("xaiserve_model_load_seconds", "Time to load and warm a model", ["model"])
+BUILD = Info("xaiserve_build", "Build information")
+SERVING = Gauge("xaiserve_serving", "1 while the server accepts calls, 0 while draining")
+
+
+def set_build_info(version: str, git: str) -> None:
+    import onnxruntime
+    import torch
+
+    BUILD.info({
+        "version": version, "git": git, "python": platform.python_version(),
+        "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+    })
+
+
+def start_metrics_http(host: str, port: int) -> Any:
+    """Start the /metrics HTTP server in a thread; returns (server, thread). Port 0 picks one."""
+    server, thread = start_http_server(port, addr=host)
+    return server, thread

@@ -1,0 +1,96 @@
+"""The real `xaiserve serve` process: SIGTERM drains in-flight calls, reports NOT_SERVING, exits 0."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from explain.v1 import explainer_pb2 as pb
+from explain.v1 import explainer_pb2_grpc as pb_grpc
+from service.tensors import to_tensor
+from tests.serverutil import ROOT, server_process
+
+
+def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(tiny_store, tmp_path):
+    with server_process(tiny_store, state_dir=tmp_path / "state", grace_s=20, max_batch=1) as srv:
+        ch = grpc.insecure_channel(srv.address)
+        stub = pb_grpc.ExplainerStub(ch)
+        img = pb.Image(tensor=to_tensor(np.zeros((64, 64, 3), np.uint8)))
+        # a queue of slow calls: the later ones are still waiting when SIGTERM arrives
+        futs = [stub.Explain.future(pb.ExplainRequest(model="slow-nemu", image=img), timeout=60) for _ in range(6)]
+        time.sleep(0.3)
+        srv.process.send_signal(signal.SIGTERM)
+        health = health_pb2_grpc.HealthStub(ch)
+        seen_not_serving = False
+        t_end = time.time() + 10
+        while time.time() < t_end and not seen_not_serving:
+            try:
+                r = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                seen_not_serving = r.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            except grpc.RpcError:
+                break  # the port closed: the server is past the health phase
+        results = [f.result() for f in futs]  # all in-flight calls finish with OK
+        assert all(r.mask.shape == [64, 64] for r in results)
+        with grpc.insecure_channel(srv.address) as ch2:
+            try:
+                pb_grpc.ExplainerStub(ch2).Explain(pb.ExplainRequest(model="tiny-nemu", image=img), timeout=3)
+                refused = False
+            except grpc.RpcError as e:
+                refused = e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        assert refused, "a draining server must not take new calls"
+        assert srv.process.wait(30) == 0
+        log = srv.log_path.read_text()
+        assert '"draining"' in log or "draining" in log
+        ch.close()
+
+
+def test_cli_explain_and_models_through_a_real_server(tiny_store, tmp_path):
+    from PIL import Image
+
+    img_path = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(img_path)
+    with server_process(tiny_store, state_dir=tmp_path / "state") as srv:
+        out = subprocess.run([sys.executable, "-m", "service.cli", "explain", str(img_path), "--model", "tiny-nemu",
+                              "--out", str(tmp_path / "m.png"), "--fidelity", "--address", srv.address],
+                             capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert out.returncode == 0, out.stderr
+        summary = json.loads(out.stdout)
+        assert summary["model"] == "tiny-nemu:1" and summary["shape"] == [40, 50]
+        assert -1.0 <= summary["fidelity"] <= 1.0
+        assert Image.open(tmp_path / "m.png").size == (50, 40)
+        assert Image.open(summary["overlay"]).size == (50, 40)
+        models = subprocess.run([sys.executable, "-m", "service.cli", "models", "--address", srv.address],
+                                capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert models.returncode == 0 and "tiny-nemu:1" in models.stdout and "nem_u" in models.stdout
+        bad = subprocess.run([sys.executable, "-m", "service.cli", "explain", str(img_path), "--model", "ghost",
+                              "--address", srv.address], capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert bad.returncode == 1 and "NOT_FOUND" in bad.stderr and "available" in bad.stderr
+        logs = srv.log_path.read_text()
+    # structured logs, one JSON object per line, no image data
+    lines = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+    assert any(rec.get("message") == "serving" for rec in lines)
+    assert all(len(line) < 4000 for line in logs.splitlines())
+
+
+def test_bad_configuration_is_refused_with_a_message(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("max_batch: 0\n")
+    r = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--config", str(bad), "--print-config"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 2 and "max_batch must be >= 1" in r.stderr
+    bad.write_text("max_bach: 3\n")
+    r = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--config", str(bad), "--print-config"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 2 and "unknown setting 'max_bach'" in r.stderr
+    good = tmp_path / "g.yaml"
+    good.write_text("max_batch: 8\nport: 6000\n")
+    r = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--config", str(good), "--port", "7000", "--print-config"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=60, env={"XAISERVE_MAX_BATCH": "4", "PATH": "/usr/bin:/bin"})
+    cfg = json.loads(r.stdout)
+    assert cfg["max_batch"] == 4 and cfg["port"] == 7000
