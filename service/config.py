@@ -52,6 +52,9 @@ class ServerConfig:
     tls_key: str = ""
     tls_client_ca: str = ""  # set for mutual TLS
     tokens_file: str = ""  # bearer tokens with per-token method allow-lists
+    # plain grpc.health.v1 port beside a TLS port, for Kubernetes probes (0 = off)
+    health_port: int = 0
+    health_host: str = "0.0.0.0"
     # logging
     log_level: str = "INFO"
     log_json: bool = True
@@ -131,6 +134,7 @@ def validate(cfg: ServerConfig) -> None:
         (not cfg.tls_client_ca or bool(cfg.tls_cert), "tls_client_ca (mutual TLS) needs tls_cert and tls_key"),
         (1 <= cfg.stream_default_queue <= cfg.stream_max_queue, "need 1 <= stream_default_queue <= stream_max_queue"),
         (cfg.inference_threads >= 1, "inference_threads must be >= 1"),
+        (cfg.health_port >= 0, "health_port must be >= 0 (0 = off)"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -179,6 +179,7 @@ class RunningServer:
     registry: Registry
     config: ServerConfig
     _metrics_http: Any = None
+    _health_server: Any = None
 
     async def drain(self, grace: float | None = None) -> None:
         """Stop accepting calls, report NOT_SERVING, let in-flight calls finish within the grace period."""
@@ -187,6 +188,8 @@ class RunningServer:
         metrics.SERVING.set(0)
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         if self.jobs is not None:
             await self.jobs.stop()
         await self.fast.close()
@@ -219,9 +222,15 @@ async def start_server(config: ServerConfig) -> RunningServer:
 
     interceptors = []
     if config.tokens_file:
-        from service.security import TokenAuthInterceptor, load_tokens
+        from service.security import RedactTokens, TokenAuthInterceptor, load_tokens
 
-        interceptors.append(TokenAuthInterceptor(load_tokens(config.tokens_file)))
+        auth = TokenAuthInterceptor.from_path(config.tokens_file)
+        interceptors.append(auth)
+        redact = RedactTokens(load_tokens(config.tokens_file).keys())
+        for h in logging.getLogger().handlers:
+            h.addFilter(redact)
+        if not config.tls_cert:
+            log.warning("tokens_file is set without tls_cert: bearer tokens travel unencrypted; set tls_cert/tls_key")
     mb = config.max_message_mb * 1024 * 1024
     server = grpc.aio.server(
         interceptors=interceptors,
@@ -246,6 +255,12 @@ async def start_server(config: ServerConfig) -> RunningServer:
     for svc in ("", SERVICE_NAME):
         await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
     metrics.SERVING.set(1)
+    health_server = None
+    if config.health_port:
+        from service.security import health_only_server
+
+        health_server, _ = health_only_server(health_servicer, f"{config.health_host}:{config.health_port}")
+        await health_server.start()
     http = None
     mport = -1
     if config.metrics_port >= 0:
@@ -254,7 +269,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
     log.info("serving", extra={"grpc": f"{config.host}:{port}", "metrics": f"{config.metrics_host}:{mport}",
                                "tls": bool(config.tls_cert), "mtls": bool(config.tls_client_ca),
                                "auth": bool(config.tokens_file), "queue": config.queue_url.split("://")[0]})
-    return RunningServer(server, port, mport, health_servicer, fast, jobs, registry, config, http)
+    return RunningServer(server, port, mport, health_servicer, fast, jobs, registry, config, http, health_server)
 
 
 async def serve_forever(config: ServerConfig, ready: Callable[[RunningServer], None] | None = None) -> None:
