@@ -110,8 +110,12 @@ async def concurrent_throughput(address: str, name: str, size: int, clients: int
         return clients * per_client / (time.perf_counter() - t)
 
 
-def stream_run(stub, name: str, size: int, n: int, period: float | None, policy) -> tuple[float, list[float], int]:
-    """Send n frames (every `period` s, or as fast as possible); return answered fps, latencies, answered count."""
+def stream_run(stub, name: str, size: int, n: int, period: float | None, policy, window: int = 32) -> tuple[float, list[float], int]:
+    """Send n frames every `period` s, or (period None) as fast as the server answers, keeping at most
+    `window` frames unanswered; return answered fps, frame latencies, answered count."""
+    import threading
+
+    credit = threading.Semaphore(window)
     rng = np.random.default_rng(0)
     imgs = [pb.Image(tensor=to_tensor(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))) for _ in range(8)]
     sent: dict[int, float] = {}
@@ -123,6 +127,8 @@ def stream_run(stub, name: str, size: int, n: int, period: float | None, policy)
                 delay = t0 + i * period - time.perf_counter()
                 if delay > 0:
                     time.sleep(delay)
+            else:
+                credit.acquire()
             f = pb.ExplainFrame(frame_id=i, image=imgs[i % 8])
             if i == 0:
                 f.model, f.policy, f.max_queue = name, policy, 64
@@ -135,6 +141,7 @@ def stream_run(stub, name: str, size: int, n: int, period: float | None, policy)
     for r in stub.StreamExplain(gen(), timeout=600):
         lat.append(time.perf_counter() - sent[r.frame_id])
         count += 1
+        credit.release()
     return count / (time.perf_counter() - t), lat, count
 
 

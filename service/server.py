@@ -6,8 +6,7 @@ import logging
 import signal
 import subprocess
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from explain.v1 import explainer_pb2 as pb
 from explain.v1 import explainer_pb2_grpc as pb_grpc
 from service import metrics
 from service.config import ServerConfig
-from service.errors import XaiError
+from service.rpc import Observed, observed_stream, observed_unary
 from service.fastpath import GRADIENT_METHODS, FastPath
 from service.registry import MASK_KINDS, Registry, RegistryConfig
 from service.streams import StreamSession
@@ -38,35 +37,8 @@ def _git_rev() -> str:
         return "unknown"
 
 
-class _Observed:
-    """Per-call bookkeeping: latency, status code and in-flight gauge, with the resolved model."""
-
-    def __init__(self, rpc: str):
-        self.rpc, self.model, self.code = rpc, "unknown", "OK"
-        self.t0 = time.perf_counter()
-        metrics.INFLIGHT.labels(rpc).inc()
-
-    def done(self) -> None:
-        metrics.INFLIGHT.labels(self.rpc).dec()
-        metrics.REQUESTS.labels(self.rpc, self.model, self.code).inc()
-        metrics.REQUEST_LATENCY.labels(self.rpc, self.model).observe(time.perf_counter() - self.t0)
-
-
 def _timeout(context: grpc.aio.ServicerContext) -> float | None:
     return context.time_remaining()
-
-
-async def _abort(context: grpc.aio.ServicerContext, obs: _Observed, e: BaseException) -> None:
-    if isinstance(e, XaiError):
-        obs.code = e.code.name
-        await context.abort(e.code, str(e))
-    if isinstance(e, asyncio.TimeoutError):
-        obs.code = "DEADLINE_EXCEEDED"
-        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed before the model answered")
-    ref = uuid.uuid4().hex[:12]
-    log.exception("internal error", extra={"rpc": obs.rpc, "model": obs.model, "error_ref": ref})
-    obs.code = "INTERNAL"
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (reference {ref} in the server log)")
 
 
 def _job_mixin() -> type:
@@ -79,61 +51,43 @@ class ExplainerServicer(_job_mixin(), pb_grpc.ExplainerServicer):  # type: ignor
     def __init__(self, registry: Registry, fast: FastPath, config: ServerConfig, jobs: Any):
         self.registry, self.fast, self.config, self.jobs = registry, fast, config, jobs
 
-    async def _unary(self, rpc: str, context, fn: Callable[[_Observed], Awaitable[Any]]):
-        obs = _Observed(rpc)
-        try:
-            return await fn(obs)
-        except asyncio.CancelledError:
-            obs.code = "CANCELLED"
-            raise
-        except grpc.aio.AbortError:
-            raise
-        except BaseException as e:  # noqa: BLE001 - every failure becomes a status, never a crash
-            await _abort(context, obs, e)
-        finally:
-            obs.done()
-
     async def Explain(self, request: pb.ExplainRequest, context) -> pb.ExplainResponse:
-        async def go(obs: _Observed):
+        async def go(obs: Observed):
             entry = self.registry.resolve(request.model)
             obs.model = entry.id
             return await self.fast.explain(request, timeout=_timeout(context), entry=entry)
 
-        return await self._unary("Explain", context, go)
+        return await observed_unary("Explain", context, go)
 
     async def Denoise(self, request: pb.DenoiseRequest, context) -> pb.DenoiseResponse:
-        async def go(obs: _Observed):
+        async def go(obs: Observed):
             entry = self.registry.resolve(request.model)
             obs.model = entry.id
             return await self.fast.denoise(request, timeout=_timeout(context), entry=entry)
 
-        return await self._unary("Denoise", context, go)
+        return await observed_unary("Denoise", context, go)
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
-        async def go(obs: _Observed):
+        async def go(obs: Observed):
             return list_models(self.registry, request.kind, self.jobs)
 
-        return await self._unary("ListModels", context, go)
+        return await observed_unary("ListModels", context, go)
 
     async def StreamExplain(self, request_iterator, context) -> AsyncIterator[pb.ExplainFrameResult]:
-        obs = _Observed("StreamExplain")
-        metrics.ACTIVE_STREAMS.inc()
         session = StreamSession(self.fast, self.config.stream_default_queue, self.config.stream_max_queue)
-        try:
-            async for res in session.run(request_iterator):
+
+        async def body(obs: Observed) -> AsyncIterator[pb.ExplainFrameResult]:
+            metrics.ACTIVE_STREAMS.inc()
+            try:
+                async for res in session.run(request_iterator):
+                    obs.model = session.model_label
+                    yield res
+            finally:
                 obs.model = session.model_label
-                yield res
-        except asyncio.CancelledError:
-            obs.code = "CANCELLED"
-            raise
-        except grpc.aio.AbortError:
-            raise
-        except BaseException as e:  # noqa: BLE001
-            obs.model = session.model_label
-            await _abort(context, obs, e)
-        finally:
-            metrics.ACTIVE_STREAMS.dec()
-            obs.done()
+                metrics.ACTIVE_STREAMS.dec()
+
+        async for res in observed_stream("StreamExplain", context, body):
+            yield res
 
 
 def list_models(registry: Registry, kind: str, jobs: Any = None) -> pb.ListModelsResponse:
