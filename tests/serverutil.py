@@ -112,8 +112,10 @@ def running_server(store: Path | str | None = None, **overrides) -> Iterator[Ser
 
 
 @contextlib.contextmanager
-def server_process(store: Path | str | None = None, *args: str, env: dict | None = None, **overrides) -> Iterator[ServerHandle]:
-    """`xaiserve serve` as a real subprocess (for SIGTERM/drain tests); waits until health is SERVING."""
+def server_process(store: Path | str | None = None, *args: str, env: dict | None = None, ready_port: int | None = None,
+                   **overrides) -> Iterator[ServerHandle]:
+    """`xaiserve serve` as a real subprocess (for SIGTERM/drain tests); waits until health is SERVING
+    (on `ready_port`, a plain health port, when the main port speaks TLS)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     port, mport = free_port(), free_port()
@@ -136,7 +138,7 @@ def server_process(store: Path | str | None = None, *args: str, env: dict | None
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited with {proc.returncode}: {h.log_path.read_text()[-3000:]}")
             try:
-                with grpc.insecure_channel(h.address) as ch:
+                with grpc.insecure_channel(f"127.0.0.1:{ready_port}" if ready_port else h.address) as ch:
                     r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
                     if r.status == health_pb2.HealthCheckResponse.SERVING:
                         break
