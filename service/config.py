@@ -45,6 +45,7 @@ class ServerConfig:
     job_workers: int = 1  # in-process job workers (embedded queue); 0 = gateway only
     job_max_queued: int = 1000
     job_result_ttl_s: float = 86400.0
+    relax_batch_size: int = 64  # RELAX masks per forward batch when a job does not say
     # lifecycle
     grace_s: float = 10.0  # SIGTERM: drain in-flight calls for at most this long
     # security (see docs/DEPLOY.md)
@@ -135,6 +136,7 @@ def validate(cfg: ServerConfig) -> None:
         (1 <= cfg.stream_default_queue <= cfg.stream_max_queue, "need 1 <= stream_default_queue <= stream_max_queue"),
         (cfg.inference_threads >= 1, "inference_threads must be >= 1"),
         (cfg.health_port >= 0, "health_port must be >= 0 (0 = off)"),
+        (1 <= cfg.relax_batch_size <= 4096, "relax_batch_size must be in 1..4096"),
     ]
     for ok, msg in checks:
         if not ok:

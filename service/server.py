@@ -165,12 +165,14 @@ async def start_server(config: ServerConfig) -> RunningServer:
 
     fast = FastPath(registry, config)
     from service.jobs.factory import build_job_service
+    from service.jobs.methods import default_methods
     from service.jobs.options import JobOptions
 
     jobs = build_job_service(
         config.queue_url, registry,
         JobOptions(max_queued=config.job_max_queued, embedded_workers=config.job_workers,
                    result_ttl_s=config.job_result_ttl_s),
+        methods=default_methods(settings={"relax": {"batch_size": config.relax_batch_size}}),
     )
     await jobs.start()
 

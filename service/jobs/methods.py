@@ -20,9 +20,10 @@ def _check(obj: object, spec: str) -> JobMethod:
     return obj  # type: ignore[return-value]
 
 
-def load_method(spec: str) -> JobMethod:
+def load_method(spec: str, settings: dict | None = None) -> JobMethod:
     """A known name ("relax", "ablation_path") or "package.module:Attr" (a class or factory, called
-    without arguments, or an instance). Raises RuntimeError with the reason when it cannot be loaded."""
+    with `settings` as keyword arguments, or an instance). Raises RuntimeError with the reason when
+    it cannot be loaded."""
     spec = spec.strip()
     if spec in KNOWN_METHODS:
         module, attr = KNOWN_METHODS[spec]
@@ -36,19 +37,20 @@ def load_method(spec: str) -> JobMethod:
     except (ImportError, AttributeError) as e:
         raise RuntimeError(f"job method {spec!r} could not be loaded from {module}:{attr}: {e!r}") from e
     if isinstance(obj, type) or (callable(obj) and not hasattr(obj, "run")):
-        obj = obj()
+        obj = obj(**(settings or {}))
     method = _check(obj, spec)
     if spec in KNOWN_METHODS and method.name != spec:
         raise RuntimeError(f"{module}.{attr}.name is {method.name!r}, expected {spec!r}")
     return method
 
 
-def default_methods(names: Iterable[str] | None = None) -> dict[str, JobMethod]:
-    """Instantiate the job methods (default: all known). Nothing is skipped silently: an import error
-    is raised with its reason, because a server that quietly lacks RELAX is worse than one that says so."""
+def default_methods(names: Iterable[str] | None = None, settings: dict[str, dict] | None = None) -> dict[str, JobMethod]:
+    """Instantiate the job methods (default: all known), each with its `settings[name]` keyword
+    arguments. Nothing is skipped silently: an import error is raised with its reason, because a
+    server that quietly lacks RELAX is worse than one that says so."""
     out: dict[str, JobMethod] = {}
     for spec in (list(KNOWN_METHODS) if names is None else list(names)):
-        m = load_method(spec)
+        m = load_method(spec, (settings or {}).get(spec))
         if m.name in out:
             raise RuntimeError(f"two job methods are called {m.name!r}")
         out[m.name] = m
