@@ -180,9 +180,12 @@ class JobService:
         if job.state == pb.RUNNING:
             recent = await self._call(self.backend.events_after, job.id, max(0, seq - self.options.events_per_job),
                                       limit=self.options.events_per_job)
-            last = next((e for e in reversed(recent) if e.type == pb.EVENT_PROGRESS and e.sequence <= seq), None)
+            progress = [e for e in recent if e.type == pb.EVENT_PROGRESS and e.sequence <= seq]
+            heat = next((e for e in reversed(progress) if e.HasField("partial_heatmap")), None)
+            if heat is not None:  # the newest heatmap, which may be older than the newest numbers
+                ev.partial_heatmap.CopyFrom(heat.partial_heatmap)
+            last = progress[-1] if progress else None
             if last is not None:
-                ev.partial_heatmap.CopyFrom(last.partial_heatmap)
                 if last.HasField("score"):
                     ev.score = last.score
                 for k, v in last.metrics.items():

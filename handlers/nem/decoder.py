@@ -1,0 +1,137 @@
+"""U-Net decoder on a frozen encoder's feature pyramid (seed 001, sec. 3.3), optionally class-conditional.
+
+The decoder starts at the deepest pyramid level, and at each shallower level upsamples x2, concatenates
+the skip tap and applies a 3x3 conv + batch norm + ReLU (as in standard U-Net decoders; without the
+norm, the unnormalised activations of a frozen classifier let one Prodigy run blow the mask logits up
+to -1e5, a dead all-zero mask). A 1x1 conv gives one logit per pixel; a sigmoid makes the
+mask (sec. 4.1: "a sigmoid activation function was applied in the final layer"); if the shallowest tap
+is coarser than the input, the logits are bilinearly upsampled to the input resolution first.
+
+Class-conditional variant (beyond the papers; METHODS.md "Known limit"): FiLM. A learned table maps
+the target label to a per-channel scale and shift for every decoder block: h <- h * (1 + gamma_c) + beta_c,
+so a single network can explain any label.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class DecoderArch:
+    """widths[i] = channels of decoder block i, deepest first; one block per pyramid level used.
+
+    The decoder uses the len(widths) deepest pyramid levels: a shorter `widths` skips the shallowest
+    taps (cheaper; the mask logits are then upsampled to the input size)."""
+
+    widths: tuple[int, ...] = (48, 32, 16, 8)
+    num_classes: int = 0  # > 0: FiLM-conditioned on a target label in [0, num_classes)
+    norm: bool = True  # batch norm after each conv (folded into the conv on export)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["widths"] = list(self.widths)
+        return d
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "DecoderArch":
+        # entries written before `norm` existed had no batch norm
+        return DecoderArch(widths=tuple(int(v) for v in d["widths"]), num_classes=int(d.get("num_classes", 0)),
+                           norm=bool(d.get("norm", False)))
+
+
+class UNetDecoder(nn.Module):
+    """pyramid (shallow -> deep) -> mask logits [B,1,h0,w0] at the shallowest tap's resolution."""
+
+    def __init__(self, pyramid_channels: Sequence[int], arch: DecoderArch = DecoderArch()):
+        super().__init__()
+        chans = list(pyramid_channels)
+        if not 1 <= len(arch.widths) <= len(chans):
+            raise ValueError(f"decoder has {len(arch.widths)} blocks but the pyramid has {len(chans)} levels")
+        self.arch = arch
+        self.levels = len(arch.widths)
+        deep = chans[::-1][: self.levels]
+        blocks = [nn.Conv2d(deep[0], arch.widths[0], 3, 1, 1)]
+        for i in range(1, len(deep)):
+            blocks.append(nn.Conv2d(arch.widths[i - 1] + deep[i], arch.widths[i], 3, 1, 1))
+        self.blocks = nn.ModuleList(blocks)
+        self.norms = nn.ModuleList([nn.BatchNorm2d(w) for w in arch.widths]) if arch.norm else None
+        self.head = nn.Conv2d(arch.widths[-1], 1, 1)
+        self.film = None
+        if arch.num_classes > 0:
+            self.film = nn.Embedding(arch.num_classes, 2 * sum(arch.widths))
+            nn.init.zeros_(self.film.weight)  # starts as the unconditional decoder
+
+    def forward(self, pyramid: Sequence[torch.Tensor], label: torch.Tensor | None = None) -> torch.Tensor:
+        feats = list(pyramid)[::-1][: self.levels]
+        film = None
+        if self.film is not None:
+            if label is None:
+                raise ValueError("a class-conditional decoder needs the target label")
+            film = self.film(label)  # [B, 2*sum(widths)]
+        off = 0
+        h = feats[0]
+        for i, conv in enumerate(self.blocks):
+            if i > 0:
+                h = F.interpolate(h, size=feats[i].shape[-2:], mode="bilinear", align_corners=False)
+                h = torch.cat([h, feats[i]], dim=1)
+            h = conv(h)
+            if self.norms is not None:
+                h = self.norms[i](h)
+            if film is not None:
+                w = self.arch.widths[i]
+                gamma = film[:, off : off + w, None, None]
+                beta = film[:, off + w : off + 2 * w, None, None]
+                off += 2 * w
+                h = h * (1 + gamma) + beta
+            h = F.relu(h)
+        return self.head(h)
+
+
+def logits_to_mask(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Upsample mask logits to the input size if needed, then sigmoid -> [B,1,H,W] in [0,1]."""
+    if tuple(logits.shape[-2:]) != tuple(size):
+        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    return torch.sigmoid(logits)
+
+
+def bank_forward(decoders: Sequence[UNetDecoder], pyramid: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Run K unconditional decoders of the same shape as ONE fused network: logits [B,K,h,w].
+
+    Equal to torch.cat([d(pyramid) for d in decoders], 1), but with one convolution per block instead
+    of K: block 0 stacks the K output channel sets; in later blocks the conv over cat(h_k, skip) is
+    split into a grouped conv over the K stacked h_k (groups = K) plus one conv over the shared skip
+    tap with the K weight slices stacked; the heads form a grouped 1x1 conv. The weight stacking is
+    constant-folded on ONNX export, so the served graph has about as many nodes as a single decoder.
+    """
+    if any(d.training for d in decoders):  # batch statistics cannot be folded: run them one by one
+        return torch.cat([d(pyramid) for d in decoders], dim=1)
+    k = len(decoders)
+    arch = decoders[0].arch
+    feats = list(pyramid)[::-1][: decoders[0].levels]
+    folded = [[_fold(d, i) for i in range(len(feats))] for d in decoders]  # (weight, bias) per decoder, block
+    h = F.conv2d(feats[0], torch.cat([f[0][0] for f in folded]), torch.cat([f[0][1] for f in folded]), padding=1)
+    h = F.relu(h)
+    for i in range(1, len(feats)):
+        h = F.interpolate(h, size=feats[i].shape[-2:], mode="bilinear", align_corners=False)
+        prev = arch.widths[i - 1]
+        w_h = torch.cat([f[i][0][:, :prev] for f in folded])  # [K*w_i, prev, 3, 3]
+        w_f = torch.cat([f[i][0][:, prev:] for f in folded])  # [K*w_i, c_i, 3, 3]
+        b = torch.cat([f[i][1] for f in folded])
+        h = F.relu(F.conv2d(h, w_h, b, padding=1, groups=k) + F.conv2d(feats[i], w_f, None, padding=1))
+    w = torch.cat([d.head.weight for d in decoders])  # [K, w_last, 1, 1]
+    return F.conv2d(h, w, torch.cat([d.head.bias for d in decoders]), groups=k)
+
+
+def _fold(decoder: UNetDecoder, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of block i with its (eval-mode) batch norm folded in."""
+    conv = decoder.blocks[i]
+    if decoder.norms is None:
+        return conv.weight, conv.bias
+    bn = decoder.norms[i]
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return conv.weight * scale[:, None, None, None], (conv.bias - bn.running_mean) * scale + bn.bias

@@ -1,0 +1,92 @@
+"""Losses against hand-computed values on tiny tensors; the smoothing operator."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from handlers.nem.losses import NemULossConfig, mask_l1, nemt_deletion_loss, nemt_preservation_loss, nemu_loss
+from handlers.nem.smoothing import box_kernel, box_smooth, random_kernels, smooth_with, stochastic_smooth
+
+MASK = torch.tensor([[[[0.5, 1.0], [0.0, 0.5]]]])  # ||m||_1 as the pixel mean = 0.5
+
+
+def test_mask_l1_is_the_pixel_mean():
+    assert mask_l1(MASK).tolist() == [0.5]
+
+
+def test_nemu_loss_matches_eq_5_by_hand():
+    z = torch.tensor([[1.0, 0.0]])
+    z_m = torch.tensor([[1.0, 1.0]])
+    z_bar = torch.tensor([[0.0, 1.0]])
+    loss, parts = nemu_loss(z, z_m, z_bar, MASK)
+    r = 1 / math.sqrt(2)
+    p_d, n_d = -r, -r  # eq. 8 and 9
+    expected = (1.5 - n_d) * p_d + 1.0 * 0.5  # eq. 5, lambda1 = 1.5, lambda2 = 1
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert parts["P_d"].item() == pytest.approx(p_d, abs=1e-6)
+    assert parts["N_d"].item() == pytest.approx(n_d, abs=1e-6)
+    # other weights enter as written
+    loss2, _ = nemu_loss(z, z_m, z_bar, MASK, NemULossConfig(lambda1=2.0, lambda2=0.0))
+    assert loss2.item() == pytest.approx((2.0 + r) * -r, abs=1e-6)
+
+
+def test_nemu_loss_prefers_a_sparse_faithful_mask():
+    z = torch.tensor([[1.0, 0.0]])
+    faithful, _ = nemu_loss(z, z, torch.tensor([[0.0, 1.0]]), torch.full((1, 1, 2, 2), 0.25))
+    unfaithful, _ = nemu_loss(z, torch.tensor([[0.0, 1.0]]), z, torch.full((1, 1, 2, 2), 0.25))
+    dense, _ = nemu_loss(z, z, torch.tensor([[0.0, 1.0]]), torch.ones(1, 1, 2, 2))
+    assert faithful < unfaithful and faithful < dense
+
+
+def test_nemt_preservation_loss_by_hand():
+    logits = torch.tensor([[0.0, math.log(3.0)]])  # softmax = [0.25, 0.75]
+    logits_m = torch.tensor([[0.0, 0.0]])  # softmax = [0.5, 0.5]
+    loss, parts = nemt_preservation_loss(logits, logits_m, MASK, torch.tensor([1]))
+    assert parts["dist"].item() == pytest.approx(0.0625, abs=1e-6)
+    assert loss.item() == pytest.approx(0.5 + 2 * 0.0625, abs=1e-6)
+    loss0, _ = nemt_preservation_loss(logits, logits_m, MASK, torch.tensor([0]))
+    assert loss0.item() == pytest.approx(0.5 + 2 * 0.0625, abs=1e-6)  # |0.5 - 0.25| as well
+
+
+def test_nemt_deletion_loss_by_hand():
+    logits = torch.tensor([[2.0, -1.0], [0.0, 3.0]])
+    logits_del = torch.tensor([[0.5, -1.0], [0.0, 1.0]])
+    mask = torch.cat([MASK, torch.ones(1, 1, 2, 2)])
+    loss, parts = nemt_deletion_loss(logits, logits_del, mask, torch.tensor([0, 1]), lambda1=0.5)
+    per = [-(1.5**2) + 0.5 * 0.5, -(2.0**2) + 0.5 * 1.0]
+    assert loss.item() == pytest.approx(sum(per) / 2, abs=1e-6)
+    assert parts["dist"].item() == pytest.approx((2.25 + 4.0) / 2, abs=1e-6)
+
+
+def test_random_kernels_are_positive_and_sum_to_one():
+    k = random_kernels(16, 21, torch.Generator().manual_seed(0))
+    assert k.shape == (16, 1, 21, 21)
+    assert (k > 0).all()
+    torch.testing.assert_close(k.sum(dim=(2, 3)), torch.ones(16, 1))
+    assert not torch.allclose(k[0], k[1])  # a fresh draw per sample
+
+
+def test_smoothing_keeps_constants_and_range():
+    const = torch.full((2, 1, 32, 32), 0.3)
+    torch.testing.assert_close(smooth_with(const, random_kernels(2, 21)), const)
+    torch.testing.assert_close(box_smooth(const), const)
+    m = torch.rand(2, 1, 32, 32)
+    s = smooth_with(m, random_kernels(2, 21))
+    assert s.min() >= m.min() - 1e-6 and s.max() <= m.max() + 1e-6  # a convex combination
+
+
+def test_inference_smoothing_is_deterministic_and_the_expected_kernel():
+    m = torch.rand(3, 1, 32, 32)
+    a = stochastic_smooth(m, 21, training=False)
+    b = stochastic_smooth(m, 21, training=False)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(a, smooth_with(m, box_kernel(21).expand(3, 1, 21, 21)), atol=1e-6, rtol=0)
+    t1 = stochastic_smooth(m, 21, training=True)
+    t2 = stochastic_smooth(m, 21, training=True)
+    assert not torch.allclose(t1, t2)
+    # the average of many random-kernel smoothings converges to the box smoothing (E[kernel] = box)
+    g = torch.Generator().manual_seed(1)
+    mean = torch.stack([smooth_with(m[:1], random_kernels(1, 21, g)) for _ in range(400)]).mean(0)
+    assert (mean - a[:1]).abs().max() < 0.01
