@@ -24,6 +24,7 @@ from service.jobs.contract import JobCancelled
 from service.modelstore import add_entry
 from service.registry import Registry, RegistryConfig
 from service.tensors import from_tensor, to_tensor
+from tests.test_jobs_support import RecordingContext
 
 torch.set_num_threads(1)
 
@@ -116,28 +117,6 @@ def _request(model: str = "squares", image: bytes | None = None, **params) -> pb
                          ablation=pb.AblationParams(**params))
 
 
-class RecordingContext:
-    """A JobContext that records progress and cancels itself after `cancel_after` reports."""
-
-    def __init__(self, cancel_after: int | None = None):
-        self.reports: list[dict] = []
-        self.cancel_after = cancel_after
-        self._cancelled = False
-        self.checks = 0
-
-    def report(self, fraction, *, heatmap=None, score=None, metrics=None, message=""):
-        self.reports.append({"fraction": fraction, "heatmap": heatmap, "score": score, "metrics": dict(metrics or {})})
-        if self.cancel_after is not None and len(self.reports) >= self.cancel_after:
-            self._cancelled = True
-
-    def check_cancelled(self) -> None:
-        self.checks += 1
-        if self._cancelled:
-            raise JobCancelled("cancelled by the test")
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled
 
 
 # --- validate(): everything known at submit time -----------------------------------------------------

@@ -224,9 +224,35 @@ async def _serve_embedded(queue: str, claim_idle_s: float) -> None:
     await asyncio.Event().wait()
 
 
+class RecordingContext:
+    """A JobContext that records progress and cancels itself after `cancel_after` reports."""
+
+    def __init__(self, cancel_after: int | None = None):
+        self.reports: list[dict] = []
+        self.cancel_after = cancel_after
+        self._cancelled = False
+        self.checks = 0
+
+    def report(self, fraction, *, heatmap=None, score=None, metrics=None, message=""):
+        self.reports.append({"fraction": fraction, "heatmap": heatmap, "score": score, "metrics": dict(metrics or {}),
+                             "message": message})
+        if self.cancel_after is not None and len(self.reports) >= self.cancel_after:
+            self._cancelled = True
+
+    def check_cancelled(self) -> None:
+        self.checks += 1
+        if self._cancelled:
+            raise JobCancelled("cancelled by the test")
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+
 if __name__ == "__main__":
     # python -m tests.test_jobs_support embedded sqlite:////tmp/x/jobs.sqlite
     if len(sys.argv) >= 3 and sys.argv[1] == "embedded":
         asyncio.run(_serve_embedded(sys.argv[2], float(sys.argv[3]) if len(sys.argv) > 3 else 30.0))
     else:
         sys.exit("usage: python -m tests.test_jobs_support embedded QUEUE_URL [CLAIM_IDLE_S]")
+

@@ -23,6 +23,7 @@ from service.jobs.contract import JobCancelled
 from service.modelstore import add_entry
 from service.registry import Registry, RegistryConfig
 from service.tensors import from_tensor, to_tensor
+from tests.test_jobs_support import RecordingContext
 
 torch.set_num_threads(1)
 
@@ -96,26 +97,6 @@ def _request(model: str = "enc", image: bytes | None = None, **params) -> pb.Job
     )
 
 
-class RecordingContext:
-    """A JobContext that records progress and cancels itself after `cancel_after` reports."""
-
-    def __init__(self, cancel_after: int | None = None):
-        self.reports: list[dict] = []
-        self.cancel_after = cancel_after
-        self._cancelled = False
-
-    def report(self, fraction, *, heatmap=None, score=None, metrics=None, message=""):
-        self.reports.append({"fraction": fraction, "heatmap": heatmap, "score": score, "metrics": dict(metrics or {}), "message": message})
-        if self.cancel_after is not None and len(self.reports) >= self.cancel_after:
-            self._cancelled = True
-
-    def check_cancelled(self) -> None:
-        if self._cancelled:
-            raise JobCancelled("cancelled by the test")
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled
 
 
 # --- validate(): everything known at submit time --------------------------------------------------
