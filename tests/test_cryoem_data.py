@@ -10,6 +10,7 @@ from training.datasets.cryoem import (
     CryoEMConfig,
     CryoEMSimulator,
     disc,
+    export_split,
     parse_snr,
     project,
     read_mrc_stack,
@@ -105,6 +106,13 @@ def test_mrc_stack_round_trip(tmp_path, sim):
     np.testing.assert_array_equal(client_io.read_stack(tmp_path / "sub" / "one.mrcs"), ps.clean[:3])
     client_io.write_stack(tmp_path / "single.mrc", ps.clean[0])
     assert client_io.read_stack(tmp_path / "single.mrc").shape == (1, 32, 32)
+
+
+def test_export_split_writes_noisy_and_clean_stacks(tmp_path, sim):
+    noisy_path, clean_path = export_split(SMALL, "val", tmp_path / "sim", n=5)
+    ps = sim.generate("val", 5)
+    np.testing.assert_array_equal(read_mrc_stack(noisy_path), ps.noisy)
+    np.testing.assert_array_equal(read_mrc_stack(clean_path), ps.clean)
 
 
 def test_mrc_modes_and_errors(tmp_path):

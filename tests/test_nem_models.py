@@ -70,7 +70,7 @@ def test_nemt_labels_argmax_and_range_checks():
     # the label selects that class's network
     with torch.no_grad():
         _, pyr = cls.features(x)
-        alone = model.mask_from(pyr, label, (32, 32), only=2)
+        alone = model.mask_from(pyr, label, only=2)
     torch.testing.assert_close(mask[2], alone[2])
     with pytest.raises(InvalidArgument, match=r"outside the classifier's range: use 0\.\.2"):
         model(x, torch.tensor([0, 3, 1, 1]))

@@ -25,8 +25,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 TARGET = "denoiser"
 DEFAULT_RUNS = Path("runs") / "denoiser"
 N_TEST = 512
@@ -284,7 +282,7 @@ def compare(rows: list[dict]) -> list[dict]:
             out.append({
             "snr": cond[0], "augment": cond[1], "versus": other,
             "psnr_spiral_minus_cartesian_db": s["test_psnr"] - c["test_psnr"],
-            "psnr_within_0_5_db": abs(s["test_psnr"] - c["test_psnr"]) <= 0.5,
+            "psnr_target_met": s["test_psnr"] - c["test_psnr"] >= -0.5,  # spiral at most 0.5 dB below
             "equivariance_ratio_trained": s["test_equivariance"] / max(c["test_equivariance"], 1e-12),
             "equivariance_ratio_init": (s["equivariance_init"] / max(c["equivariance_init"], 1e-12)) if s["equivariance_init"] and c["equivariance_init"] else None,
             "spiral_at_most_half": s["test_equivariance"] <= 0.5 * c["test_equivariance"],
@@ -310,14 +308,21 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _half_target(c: dict) -> str:
+    """The equivariance target (at most half) is set for SNR 1/64 only."""
+    if c["snr"] > 1 / 32:
+        return "no target at this SNR"
+    return "ok" if c["spiral_at_most_half"] else "MISSED"
+
+
 def format_comparisons(comps: list[dict]) -> str:
-    lines = ["spiral vs cartesian (targets: |dPSNR| <= 0.5 dB; spiral equivariance error <= half the cartesian one)"]
+    lines = ["spiral vs cartesian (targets: spiral PSNR at most 0.5 dB below; spiral equivariance error <= half the cartesian one)"]
     for c in comps:
         ri = "-" if c["equivariance_ratio_init"] is None else f"{c['equivariance_ratio_init']:.3f}"
         lines.append(
             f"  SNR {_snr_text(c['snr']):>5} aug {'yes' if c['augment'] else 'no ':<3} vs {c['versus']:<16}: dPSNR {c['psnr_spiral_minus_cartesian_db']:+.2f} dB "
-            f"({'ok' if c['psnr_within_0_5_db'] else 'MISSED'}), equivariance ratio trained {c['equivariance_ratio_trained']:.3f} "
-            f"({'ok' if c['spiral_at_most_half'] else 'MISSED'}), at init {ri}"
+            f"({'ok' if c['psnr_target_met'] else 'MISSED'}), equivariance ratio trained {c['equivariance_ratio_trained']:.3f} "
+            f"({_half_target(c)}), at init {ri}"
         )
     return "\n".join(lines)
 
@@ -372,6 +377,16 @@ def latency_section(bench: dict | None) -> str:
         f"bench/bench_denoise.py, {bench['results'][0]['threads']} intra-op thread(s), interleaved rounds on a shared 2-core machine "
         f"(absolute times vary with the load; the ratio is measured in one run). Target: spiral at most {bench['limit']}x the cartesian baseline at 64 x 64.\n\n"
         "| particle | batch | spiral ms | cartesian ms | spiral / cartesian |\n|---|---|---|---|---|\n" + rows + "\n"
+        + (
+            ""
+            if all(r["ratio"] <= bench["limit"] for r in bench["results"] if r["size"] == 64)
+            else f"\nThe {bench['limit']}x target is not met. Profiled (ONNX Runtime profiler, batch 32): the spiral graph spends its "
+            "time in GridSample (the ribbons), in the NCHWc reorders of the 3-row ribbons before each conv and in the Gathers "
+            "between levels, all per-element costs with no fused counterpart in ONNX Runtime; its convolutions alone cost less "
+            "than the cartesian ones (3217 samples against 4096 pixels). Tried on the way: last-axis Gather with a weighted "
+            "ReduceSum (7x slower than the cartesian net), channels-last Gather (1.6x slower than GridSample). Closing the gap "
+            "needs a fused resample-and-convolve kernel (a custom operator).\n"
+        )
     )
 
 

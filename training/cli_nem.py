@@ -30,12 +30,12 @@ REPO = Path(__file__).resolve().parent.parent
 # the default zoo, in training order (later models need the earlier ones in the store)
 # (epochs are those of the committed models; --epochs overrides them all)
 ZOO: tuple[tuple[str, str, dict[str, Any]], ...] = (
-    ("scenes-simclr", "encoder", {"epochs": 5}),
+    ("scenes-simclr", "encoder", {"epochs": 12}),
     ("lesions-classifier", "classifier", {"dataset": "lesions", "epochs": 5}),
     ("scenes-nemu", "nem-u", {"encoder": "scenes-simclr:1", "epochs": 4}),
     ("lesions-nemt", "nemt", {"classifier": "lesions-classifier:1", "form": "auto", "conditional": False, "epochs": 3,
                               "ablate_smoothing": 7}),
-    ("scenes-classifier", "classifier", {"dataset": "scenes", "epochs": 5}),
+    ("scenes-classifier", "classifier", {"dataset": "scenes", "epochs": 15}),
     ("lesions-nemt-cond", "nemt", {"classifier": "lesions-classifier:1", "form": "preservation", "conditional": True, "epochs": 6}),
 )
 DEFAULT_NAMES = {"encoder": "scenes-simclr", "nem-u": "scenes-nemu"}

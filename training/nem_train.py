@@ -137,7 +137,7 @@ def nemt_step(model: NemT, x: torch.Tensor, target: torch.Tensor, form: str, onl
     loss = loss or NemTLossConfig(form=form)
     with torch.no_grad():
         logits, pyr = model.frozen.features(x)
-    mask = model.mask_from(pyr, target, x.shape[-2:], only=only, stochastic=True)
+    mask = model.mask_from(pyr, target, only=only, stochastic=True)
     if form == "preservation":
         out, parts = nemt_preservation_loss(logits, model.frozen(x * mask), mask, target, loss.preservation_weight)
     elif form == "deletion":

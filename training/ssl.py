@@ -10,8 +10,9 @@ Background augmentation (Ryali, Schwab & Morcos 2021, "BG_Swap"): with probabili
 view, the pixels outside the foreground are replaced by another, item-free background. Ryali et al.
 take the foreground from a saliency model; we take it from the dataset's item masks. Why: on scenes,
 the two crops of one image share its background texture (gratings, clutter), and plain SimCLR learns
-to match views by that texture: with 4 epochs its linear probe scored 16.6 % test accuracy (10 classes)
-against {probe_with_bg} with the augmentation. The labels are never used.
+to match views by that texture: with 4 epochs its linear probe scored 16.6 % test accuracy (10 classes),
+and NEM-U on it masked the background rather than the items; with the augmentation, 5 epochs gave
+23.0 % (and NEM-U masks on the items), 12 epochs 28.9 %. The labels are never used.
 """
 from __future__ import annotations
 

@@ -8,7 +8,6 @@ cached with the model and not recomputed when it is loaded).
 """
 from __future__ import annotations
 
-import io
 import warnings
 from pathlib import Path
 from typing import Any
@@ -100,9 +99,3 @@ def onnx_parity(model: Denoiser, path: Path, particles: np.ndarray) -> dict[str,
     got = ort_denoise(ort_session(path), particles)
     diff = np.abs(ref - got)
     return {"max_abs": float(diff.max()), "max_rel": float(diff.max() / max(np.abs(ref).max(), 1e-12))}
-
-
-def state_dict_bytes(model: Denoiser) -> bytes:
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    return buf.getvalue()

@@ -24,7 +24,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -185,7 +185,3 @@ def train(
         log_path.write_text("\n".join(lines) + "\n")
     model.eval()
     return history
-
-
-def config_dict(cfg: TrainConfig) -> dict:
-    return asdict(cfg)

@@ -95,6 +95,29 @@ def onnx_parity(module: nn.Module, kind: str, path: Path, inputs: tuple[torch.Te
     return {n: float(np.abs(o.astype(np.float64) - r.numpy().astype(np.float64)).max()) for n, o, r in zip(names_out, outs, ref)}
 
 
+def latency_ratio(model_path: Path, frozen_path: Path, feeds: dict[str, np.ndarray], *, rounds: int = 15,
+                  reps: int = 10) -> dict[str, float]:
+    """Median ORT latency per image at batch 1 of a mask model and of its frozen model (interleaved
+    rounds, one intra-op thread), and their ratio (the issue's limit: at most 2x)."""
+    import time
+
+    sm, sf = ort_session(model_path), ort_session(frozen_path)
+    fm = {i.name: feeds[i.name] for i in sm.get_inputs()}
+    ff = {"image": feeds["image"]}
+    tm, tf = [], []
+    for s_, f_ in ((sm, fm), (sf, ff)):
+        for _ in range(reps):
+            s_.run(None, f_)
+    for _ in range(rounds):
+        for s_, f_, acc in ((sm, fm, tm), (sf, ff, tf)):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                s_.run(None, f_)
+            acc.append((time.perf_counter() - t0) / reps)
+    m, f = float(np.median(tm)), float(np.median(tf))
+    return {"ms_per_image": round(m * 1e3, 3), "frozen_ms_per_image": round(f * 1e3, 3), "ratio": round(m / f, 3)}
+
+
 def code_version() -> str:
     """`git rev-parse HEAD` of the checkout (plus "+dirty" when there are local changes), or "unknown"."""
     root = Path(__file__).resolve().parents[2]
@@ -144,10 +167,12 @@ def render_card(pub: Publication, files: dict[str, str], version: str) -> str:
     return "\n".join(lines)
 
 
-def publish(store: Path, pub: Publication, module: nn.Module, *, parity_batch: int = 3) -> dict[str, Any]:
+def publish(store: Path, pub: Publication, module: nn.Module, *, parity_batch: int = 3,
+            frozen_onnx: Path | None = None) -> dict[str, Any]:
     """Write model.onnx, weights.pt, card.md under store/<name>/<version>/ and the manifest entry.
 
-    Returns the manifest entry (with the ORT-vs-torch parity in metrics["onnx_max_abs_diff"])."""
+    Returns the manifest entry (with the ORT-vs-torch parity in metrics["onnx_max_abs_diff"], and for
+    mask models whose frozen model's ONNX is given, the batch-1 latency ratio in metrics["latency"])."""
     store = Path(store)
     rel = Path(pub.name) / pub.version
     out = store / rel
@@ -160,15 +185,27 @@ def publish(store: Path, pub: Publication, module: nn.Module, *, parity_batch: i
     export_onnx(module, pub.kind, out / "model.onnx", inputs)
     parity = onnx_parity(module, pub.kind, out / "model.onnx", inputs)
     torch.save(module.state_dict(), out / "weights.pt")
+    latency = None
+    if frozen_onnx is not None and Path(frozen_onnx).exists():
+        one = {"image": inputs[0][:1].numpy(), "target": np.full((1,), -1, np.int64)}
+        latency = latency_ratio(out / "model.onnx", Path(frozen_onnx), one)
     files = {"onnx": str(rel / "model.onnx"), "state_dict": str(rel / "weights.pt"), "card": str(rel / "card.md")}
     metrics = dict(pub.metrics)
     metrics["onnx_max_abs_diff"] = {k: float(f"{v:.3g}") for k, v in parity.items()}
+    if latency is not None:
+        metrics["latency"] = latency
     version = code_version()
     sections = dict(pub.card_sections)
     sections["Export check"] = (
         "ONNX Runtime vs torch on random inputs, max abs difference per output: "
         + ", ".join(f"`{k}` {v:.2e}" for k, v in parity.items())
     )
+    if latency is not None:
+        sections["Latency"] = (
+            f"ONNX Runtime, batch 1, one intra-op thread, median of interleaved rounds at export time: {latency['ms_per_image']} ms "
+            f"per image, against {latency['frozen_ms_per_image']} ms for a bare forward pass of the frozen model: ratio "
+            f"{latency['ratio']}x (limit 2x). Measured on a shared machine; `python bench/bench_nem_latency.py` re-measures it."
+        )
     card_pub = Publication(**{**pub.__dict__, "card_sections": sections})
     (out / "card.md").write_text(render_card(card_pub, files, version))
     entry = {

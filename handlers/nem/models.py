@@ -2,7 +2,8 @@
 
 Both return the mask together with the frozen model's output from ONE forward pass of the frozen
 model (seed 001, sec. 3.1: the mask is produced "in parallel" with the representation): the decoder
-reads the pyramid taps of that same pass. Masking is applied to the normalised input (x * m, so a
+reads the pyramid taps of that same pass. H and W must be multiples of the encoder's deepest stride (8);
+the served models take 64 x 64. Masking is applied to the normalised input (x * m, so a
 masked-out pixel is the dataset mean), exactly as the server's fidelity check does.
 
 - NemU (seed 001, sec. 3.3): image -> (mask [B,1,H,W], embedding [B,D]).
@@ -18,6 +19,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 from handlers.nem.decoder import DecoderArch, UNetDecoder, bank_forward, logits_to_mask
 from handlers.nem.smoothing import DEFAULT_SIZE, stochastic_smooth
@@ -56,7 +58,7 @@ class NemU(nn.Module):
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out, pyr = self.frozen.features(image)
-        return logits_to_mask(self.decoder(pyr), image.shape[-2:]), out
+        return logits_to_mask(self.decoder(pyr), self.decoder.stride), out
 
 
 class NemT(nn.Module):
@@ -103,18 +105,19 @@ class NemT(nn.Module):
         if only is not None:
             return self.decoders[only](pyramid)
         every = bank_forward(self.decoders, pyramid)  # [B,K,h,w], all K networks fused
-        idx = label.view(-1, 1, 1, 1).expand(-1, 1, every.shape[2], every.shape[3])
-        return every.gather(1, idx)
+        # select with a one-hot weighted sum (no shape arithmetic in the exported graph)
+        onehot = F.one_hot(label, self.num_classes).to(every.dtype)[:, :, None, None]
+        return (every * onehot).sum(dim=1, keepdim=True)
 
-    def mask_from(self, pyramid: Sequence[torch.Tensor], label: torch.Tensor, size: tuple[int, int],
+    def mask_from(self, pyramid: Sequence[torch.Tensor], label: torch.Tensor,
                   only: int | None = None, generator: torch.Generator | None = None,
                   stochastic: bool | None = None) -> torch.Tensor:
         """Mask [B,1,H,W]: random smoothing kernels if `stochastic` (default: in training mode), else the box."""
-        m = logits_to_mask(self.mask_logits(pyramid, label, only), size)
+        m = logits_to_mask(self.mask_logits(pyramid, label, only), self.decoders[0].stride)
         stochastic = self.training if stochastic is None else stochastic
         return stochastic_smooth(m, self.smoothing, training=stochastic, generator=generator)
 
     def forward(self, image: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits, pyr = self.frozen.features(image)
         label = self.resolve_label(logits, target)
-        return self.mask_from(pyr, label, image.shape[-2:]), logits, label
+        return self.mask_from(pyr, label), logits, label

@@ -27,7 +27,7 @@ Particle stacks read and write as MRC files (`mrcfile`), the format Cryo-EM tool
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
@@ -222,10 +222,6 @@ class CryoEMSimulator:
 
 def simulate(config: CryoEMConfig, split: str, n: int | None = None) -> ParticleSet:
     return CryoEMSimulator(config).generate(split, n)
-
-
-def with_snr(config: CryoEMConfig, snr: float) -> CryoEMConfig:
-    return replace(config, snr=float(snr))
 
 
 # -- MRC stacks -------------------------------------------------------------------------------
