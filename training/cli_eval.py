@@ -13,7 +13,7 @@ from pathlib import Path
 
 from service.errors import InvalidArgument, XaiError
 
-TARGETS = ("explanations",)
+TARGETS = ("explanations", "nem")  # service/cli.py routes both here; "nem" is an alias
 
 
 def _parser() -> argparse.ArgumentParser:
