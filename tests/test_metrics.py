@@ -74,7 +74,7 @@ def test_scores_invariant_to_affine_rescaling_and_ground_truth_is_a_union():
     objs[:, 0, 1:3, 1:4] = True
     objs[:, 1, 5:7, 4:8] = True
     union = objs.any(axis=1)
-    for f in (M.pointing_game, M.relevance_rank, M.relevance_mass):
+    for f in (M.pointing_game, M.top_k_intersection, M.relevance_rank, M.relevance_mass):
         np.testing.assert_allclose(f(a, objs), f(3.0 * a + 7.0, union))
     for f in (M.complexity, M.sparseness):
         np.testing.assert_allclose(f(a), f(0.5 * a - 2.0))
@@ -90,6 +90,49 @@ def test_relevance_rank_counts_ties_at_the_kth_value_at_their_expectation():
     assert M.relevance_rank(a, gt)[0] == pytest.approx((3 + 3 * 3 / 20) / 6)
     # the same map flipped upside down (objects at the bottom): the same score
     assert M.relevance_rank(a[:, ::-1], gt[:, ::-1])[0] == pytest.approx((3 + 3 * 3 / 20) / 6)
+
+
+def test_top_k_intersection_hand_computed_and_ties():
+    gt = _gt_box()  # 6 pixels
+    a = np.zeros((1, H, W))
+    a[0, 2, 3:6] = 3.0  # 3 inside
+    a[0, 0, 0] = 2.0  # 1 outside
+    a[0, 3, 3:6] = 1.0  # 3 tied inside ...
+    a[0, 7, :] = 1.0  # ... and 8 tied outside
+    assert M.top_k_intersection(a, gt, k=4)[0] == pytest.approx(3 / 4)
+    # k = 6: 4 strictly above, 2 slots for 11 tied pixels of which 3 inside
+    assert M.top_k_intersection(a, gt, k=6)[0] == pytest.approx((3 + 2 * 3 / 11) / 6)
+    # k larger than the ground truth caps the score at |GT| / k, as in Quantus
+    assert M.top_k_intersection(gt.astype(float), gt, k=12)[0] == pytest.approx(6 / 12)
+    # a constant map scores chance level for any k
+    for k in (1, 5, 64):
+        assert M.top_k_intersection(np.full((1, H, W), 0.2), gt, k=k)[0] == pytest.approx(6 / 64)
+
+
+def test_top_k_intersection_with_k_equal_to_gt_size_is_relevance_rank():
+    rng = np.random.default_rng(3)
+    a = np.round(rng.random((4, H, W)), 1)  # many ties at the k-th value
+    gt = np.zeros((4, H, W), bool)
+    for i, (y, x, s) in enumerate([(0, 0, 2), (3, 2, 3), (1, 4, 4), (5, 5, 3)]):
+        gt[i, y : y + s, x : x + s] = True
+    rr = M.relevance_rank(a, gt)
+    for i in range(4):
+        k = int(gt[i].sum())
+        assert M.top_k_intersection(a[i : i + 1], gt[i : i + 1], k=k)[0] == pytest.approx(rr[i])
+
+
+def test_top_k_default_scales_quantus_k_by_area():
+    assert M.top_k_for(224, 224) == 1000
+    assert M.top_k_for(64, 64) == 82  # round(1000 * 4096 / 50176) = round(81.6)
+    assert M.top_k_for(2, 2) == 1
+    gt = _gt_box()
+    a = np.random.default_rng(0).random((1, H, W))
+    np.testing.assert_array_equal(M.top_k_intersection(a, gt), M.top_k_intersection(a, gt, k=M.top_k_for(H, W)))
+    assert "top_k_intersection" in M.map_scores(a, gt) and "top_k_intersection" in M.LOCALISATION
+    with pytest.raises(InvalidArgument, match="1 <= k <= 64"):
+        M.top_k_intersection(a, gt, k=65)
+    with pytest.raises(InvalidArgument, match="1 <= k"):
+        M.top_k_intersection(a, gt, k=0)
 
 
 def test_pointing_game_ties_count_the_fraction_of_maxima_inside():
@@ -205,6 +248,11 @@ def test_localisation_matches_quantus(sample):
     # unique maxima, no ties: the same numbers on the raw maps (Quantus normalises by the max)
     np.testing.assert_array_equal(M.pointing_game(a, gt), _quantus(quantus.PointingGame, a, gt, x))
     np.testing.assert_array_equal(M.relevance_rank(a, gt), _quantus(quantus.RelevanceRankAccuracy, a, gt, x))
+    # top-k intersection: Quantus's default k = 1000 does not fit 16 x 16 maps; the area-scaled default
+    # (k = 5 here) and larger k, all below Quantus's limit of the input size
+    for k in (M.top_k_for(16, 16), 20, 60):
+        np.testing.assert_allclose(M.top_k_intersection(a, gt, k=k),
+                                   _quantus(lambda **kw: quantus.TopKIntersection(k=k, **kw), a, gt, x), atol=1e-12)
     # relevance mass: Quantus sums signed attributions; on the min-max normalised map (our first step) they agree
     m = M.normalise_maps(a)
     np.testing.assert_allclose(M.relevance_mass(a, gt), _quantus(quantus.RelevanceMassAccuracy, m, gt, x), atol=1e-9)

@@ -4,7 +4,7 @@ For one dataset and one frozen model from the model store, every method explains
 test images one at a time (batch 1, as a client would ask), and each map is scored against the
 image's ground truth (union of object masks) with training/metrics.py:
 
-    pointing game, relevance rank, relevance mass, complexity, sparseness (maps vs ground truth),
+    pointing game, top-k intersection, relevance rank, relevance mass, complexity, sparseness (maps vs ground truth),
     fidelity cos(Phi(x), Phi(x*m)) and accuracy-per-complexity (seed 001 Appendix A, Table 3; for a
     classifier Phi = its softmax probabilities, see `_score`),
     monotonicity (Nguyen & Martinez 2020; classifiers only), mean seconds per image.
@@ -54,6 +54,7 @@ CLASSIFIER_TITLES = {"saliency": "Saliency", "guided_backprop": "Guided backprop
 RANDOM_ROW = "random (reference)"
 COLUMNS = (
     ("pointing_game", "pointing game", True),
+    ("top_k_intersection", "top-k intersection", True),
     ("relevance_rank", "relevance rank", True),
     ("relevance_mass", "relevance mass", True),
     ("complexity", "complexity", False),

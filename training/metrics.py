@@ -21,6 +21,8 @@ Relation to Quantus 0.6.0 (tests/test_metrics.py checks each relation on random 
   at their expectation under a random tie-break (deterministic, and not biased to the image top).
   Seed 002 sec. 4.3 describes an IoU of the top-k set with the box instead; with k = |GT| that is
   r / (2 - r) of this score r (a monotone transform, so rankings of methods agree).
+- top-k intersection: same as Quantus's TopKIntersection for maps without ties; k defaults to
+  Quantus's k = 1000 scaled by area to our image size (82 on 64 x 64), ties as in relevance rank.
 - relevance mass, complexity, sparseness: Quantus applied to the min-max normalised map gives the
   same value (Quantus normalises by the maximum, which leaves these scale-invariant ratios unchanged
   once the map is non-negative); Quantus's epsilons (1e-12 in the log, 1e-7 added in the Gini)
@@ -126,6 +128,42 @@ def relevance_rank(a, gt) -> np.ndarray:
     flat, gflat = m.reshape(len(m), -1), g.reshape(len(g), -1)
     k = gflat.sum(axis=1)
     kth = -np.sort(-flat, axis=1)[np.arange(len(flat)), k - 1][:, None]
+    above, tied = flat > kth, flat == kth
+    slots = k - above.sum(axis=1)
+    hits = (above & gflat).sum(axis=1) + slots * (tied & gflat).sum(axis=1) / tied.sum(axis=1)
+    return hits / k
+
+
+# Quantus 0.6.0's TopKIntersection default, k = 1000 pixels of a 224 x 224 image (seed 000's setting).
+QUANTUS_TOP_K = 1000
+QUANTUS_TOP_K_AREA = 224 * 224
+
+
+def top_k_for(h: int, w: int) -> int:
+    """Quantus's default k scaled to an h x w image by area: round(1000 * h*w / 224^2), at least 1
+    (82 for 64 x 64, 20 for 32 x 32): the same fraction (2.0 %) of the image as in seed 000."""
+    return max(1, round(QUANTUS_TOP_K * h * w / QUANTUS_TOP_K_AREA))
+
+
+def top_k_intersection(a, gt, k: int | None = None) -> np.ndarray:
+    """Top-k intersection (seed 000 sec. 4.1, Table 1 "top k"; Theiner et al. 2021 via Quantus
+    TopKIntersection): binarise the map to its k most important pixels and measure the intersection
+    with the ground truth, divided by k. Seed 000 gives no k; it used Quantus, whose default is k = 1000
+    on 224 x 224 inputs. Our images are smaller, so k = None scales that default by area
+    (`top_k_for`: k = round(1000 * 64*64 / 224^2) = 82 on the 64 x 64 scenes); pass k to fix it.
+
+    With k fixed rather than k = |GT| (relevance rank), a ground truth smaller than k caps the score at
+    |GT| / k, as in Quantus. Ties at the k-th value are counted at their expectation under a random
+    tie-break, as in `relevance_rank` (Quantus breaks them by argsort order): for maps without ties the
+    score equals Quantus's, and a constant map scores chance level |GT| / (H*W)."""
+    m, g = _pair(a, gt)
+    flat, gflat = m.reshape(len(m), -1), g.reshape(len(g), -1)
+    n_pix = flat.shape[1]
+    k = top_k_for(*m.shape[1:]) if k is None else int(k)
+    if not 1 <= k <= n_pix:
+        raise InvalidArgument(
+            f"top-k intersection needs 1 <= k <= {n_pix} (the pixels of a {m.shape[1]}x{m.shape[2]} map); got k = {k}")
+    kth = -np.partition(-flat, k - 1, axis=1)[:, k - 1 : k]
     above, tied = flat > kth, flat == kth
     slots = k - above.sum(axis=1)
     hits = (above & gflat).sum(axis=1) + slots * (tied & gflat).sum(axis=1) / tied.sum(axis=1)
@@ -315,7 +353,7 @@ def monotonicity(
 
 # -- everything at once ---------------------------------------------------------------------------
 
-LOCALISATION = ("pointing_game", "relevance_rank", "relevance_mass")
+LOCALISATION = ("pointing_game", "top_k_intersection", "relevance_rank", "relevance_mass")
 MAP_METRICS = LOCALISATION + ("complexity", "sparseness")
 
 
@@ -323,6 +361,7 @@ def map_scores(a, gt) -> dict[str, np.ndarray]:
     """The metrics that need only the maps and the ground truth, per image."""
     return {
         "pointing_game": pointing_game(a, gt),
+        "top_k_intersection": top_k_intersection(a, gt),
         "relevance_rank": relevance_rank(a, gt),
         "relevance_mass": relevance_mass(a, gt),
         "complexity": complexity(a),
