@@ -100,6 +100,12 @@ def test_nemt_explains_the_requested_label_and_the_conditional_model_every_label
         assert rc.target_label == t
         masks.append(from_tensor(rc.mask))
     assert any(not np.allclose(masks[0], m, atol=1e-4) for m in masks[1:]), "the label must change the mask"
+    # no class is explained by an empty mask (a shared network can collapse one class to all zeros)
+    for c in range(n_labels):
+        i = int(np.flatnonzero(lesions_test.labels == c)[0])
+        rc = zstub.Explain(pb.ExplainRequest(model="lesions-nemt-cond", image=image_msg(lesions_test.images[i]),
+                                             options=pb.ExplainOptions(target_label=c)), timeout=30)
+        assert from_tensor(rc.mask).max() > 0.1, f"empty conditional mask for class {c}"
     masses, areas = [], []
     for i in range(16):
         rr = zstub.Explain(pb.ExplainRequest(model="lesions-nemt", image=image_msg(lesions_test.images[i]),

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from handlers.nem.losses import NemULossConfig, mask_l1, nemt_deletion_loss, nemt_preservation_loss, nemu_loss
-from handlers.nem.smoothing import box_kernel, box_smooth, random_kernels, smooth_with, stochastic_smooth
+from handlers.nem.smoothing import box_kernel, box_smooth, random_kernels, scaled_size, smooth_with, stochastic_smooth
 
 MASK = torch.tensor([[[[0.5, 1.0], [0.0, 0.5]]]])  # ||m||_1 as the pixel mean = 0.5
 
@@ -90,3 +90,14 @@ def test_inference_smoothing_is_deterministic_and_the_expected_kernel():
     g = torch.Generator().manual_seed(1)
     mean = torch.stack([smooth_with(m[:1], random_kernels(1, 21, g)) for _ in range(400)]).mean(0)
     assert (mean - a[:1]).abs().max() < 0.01
+
+
+def test_scaled_neighbourhood_keeps_the_papers_relative_extent():
+    # 21 px at the paper's 224 px input; odd sizes only, so the box has a centre pixel
+    assert scaled_size(224) == 21
+    assert scaled_size(64) == 7
+    assert scaled_size(128) == 13
+    assert scaled_size(16) == 3  # never below 3: a 1 x 1 "neighbourhood" would switch the averaging off
+    assert all(scaled_size(s) % 2 == 1 for s in range(1, 600))
+    with pytest.raises(ValueError, match="image size"):
+        scaled_size(0)

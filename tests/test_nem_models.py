@@ -33,10 +33,11 @@ def test_nemu_training_lowers_the_loss_and_leaves_the_encoder_frozen(tiny_data):
         loss0 = nemu_step(probe.train(), x)[0].item()
     model, history, metrics = train_nemu(enc, tiny_data, NemTrainConfig(epochs=5, batch_size=8), decoder=DecoderArch(widths=(8, 8)),
                                          progress=False)
-    with torch.no_grad():
-        loss1 = nemu_step(model.train(), x)[0].item()
-    assert loss1 < loss0 - 1e-3
-    assert len(history) == 5 and 0.0 <= metrics["val"]["relevance_mass"] <= 1.0
+    assert len(history) == 5 and loss0 > history[-1]["train_loss"] + 1e-3
+    # the returned decoder is the epoch with the best validation relevance mass (model selection)
+    assert sum(r["selected"] for r in history) == 1
+    best = max(r["val_relevance_mass"] for r in history)
+    assert metrics["val"]["relevance_mass"] == pytest.approx(best, abs=1e-5)
     for k, v in model.frozen.state_dict().items():
         assert torch.equal(v, before_enc[k]), f"frozen parameter {k} changed"
 
@@ -172,3 +173,27 @@ def test_interrupted_runs_resume_from_the_checkpoint(tmp_path, tiny_data):
     ck.write_bytes(b"garbage")
     with pytest.raises(FailedPrecondition, match="corrupt"):
         train_classifier(tiny_data, ClassifierConfig(epochs=3, batch_size=16), TINY, checkpoint=ck, resume=True, progress=False)
+
+
+def test_model_selection_keeps_the_best_validation_epoch_across_a_resume(tmp_path):
+    from training.loop import LoopConfig, train_loop
+
+    net = nn.Linear(1, 1, bias=False)
+    opt = torch.optim.SGD(net.parameters(), lr=1.0)
+    scores = {0: 0.2, 1: 0.9, 2: 0.4, 3: 0.5}  # epoch 2 (1-based) is the best
+
+    def step(_):
+        return -net.weight.sum(), {}  # every step adds 1 to the weight: epoch e ends at weight e
+
+    def run(epochs: int, resume: bool):
+        return train_loop(LoopConfig(epochs=epochs, checkpoint=tmp_path / "ck.pt", resume=resume, progress=False,
+                                     log_epochs=False, select="score"),
+                          net, opt, lambda e: [None], 1, step, validate=lambda e: {"score": scores[e]})
+
+    with torch.no_grad():
+        net.weight.zero_()
+    run(3, False)
+    assert float(net.weight) == pytest.approx(2.0)  # the state after epoch 2, not epoch 3
+    history = run(4, True)  # epoch 4 (0.5) does not beat the checkpoint's best (0.9)
+    assert float(net.weight) == pytest.approx(2.0)
+    assert [r["selected"] for r in history] == [0.0, 1.0, 0.0, 0.0]

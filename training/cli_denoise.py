@@ -380,11 +380,14 @@ def latency_section(bench: dict | None) -> str:
         + (
             ""
             if all(r["ratio"] <= bench["limit"] for r in bench["results"] if r["size"] == 64)
-            else f"\nThe {bench['limit']}x target is not met. Profiled (ONNX Runtime profiler, batch 32): the spiral graph spends its "
-            "time in GridSample (the ribbons), in the NCHWc reorders of the 3-row ribbons before each conv and in the Gathers "
-            "between levels, all per-element costs with no fused counterpart in ONNX Runtime; its convolutions alone cost less "
-            "than the cartesian ones (3217 samples against 4096 pixels). Tried on the way: last-axis Gather with a weighted "
-            "ReduceSum (7x slower than the cartesian net), channels-last Gather (1.6x slower than GridSample). Closing the gap "
+            else f"\nThe {bench['limit']}x target is not met. The exported spiral graph is regrouped by exact identities "
+            "(layers.SpiralOps.ribbon_conv, layers.gather_apply): the middle ribbon row is the spiral itself (a plain 1 x 3 "
+            "convolution), only the two outer rows are interpolated (GridSample on the batch folded into the channels), the "
+            "decoder's skips are convolved part by part instead of concatenated, batch norms are folded into the convolutions. "
+            "Profiled (ONNX Runtime profiler, batch 32): what remains is GridSample for the outer rows, the Transposes around the "
+            "level-change Gathers and the NCHWc layout reorders, per-element costs with no fused counterpart in ONNX Runtime; the "
+            "spiral convolutions alone cost about what the cartesian ones do. Tried and slower: DeformConv for the ribbon "
+            "convolution, one GridSample or one Concat for all three rows, channels-last MatMul convolutions. Closing the gap "
             "needs a fused resample-and-convolve kernel (a custom operator).\n"
         )
     )

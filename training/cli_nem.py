@@ -32,9 +32,9 @@ REPO = Path(__file__).resolve().parent.parent
 ZOO: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("scenes-simclr", "encoder", {"epochs": 12}),
     ("lesions-classifier", "classifier", {"dataset": "lesions", "epochs": 5}),
-    ("scenes-nemu", "nem-u", {"encoder": "scenes-simclr:1", "epochs": 4}),
+    ("scenes-nemu", "nem-u", {"encoder": "scenes-simclr:1", "epochs": 10}),
     ("lesions-nemt", "nemt", {"classifier": "lesions-classifier:1", "form": "auto", "conditional": False, "epochs": 3,
-                              "ablate_smoothing": 7}),
+                              "ablate_smoothing": 21}),
     ("scenes-classifier", "classifier", {"dataset": "scenes", "epochs": 15}),
     ("lesions-nemt-cond", "nemt", {"classifier": "lesions-classifier:1", "form": "preservation", "conditional": True, "epochs": 6}),
 )
@@ -62,7 +62,9 @@ def _parser(cmd: str, target: str) -> argparse.ArgumentParser:
         p.add_argument("--form", choices=("auto", "preservation", "deletion"), default="auto",
                        help="nemt loss form; auto = train both, keep the higher validation relevance mass")
         p.add_argument("--conditional", action="store_true", help="nemt: one class-conditional (FiLM) network")
-        p.add_argument("--smoothing", type=int, default=21, help="nemt: neighbourhood size of the smoothing (odd)")
+        p.add_argument("--smoothing", type=int, default=None,
+                       help="nemt: neighbourhood size of the smoothing (odd; default: the paper's 21 at 224 px scaled to the "
+                            "image size, 7 at 64 px)")
         p.add_argument("--ablate-smoothing", type=int, default=None,
                        help="nemt: also train with this neighbourhood size and report it in the card (not served)")
         p.add_argument("--only", default=None, help="zoo: comma-separated model names to (re)train")

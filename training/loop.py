@@ -6,6 +6,7 @@ configuration. `resume=True` continues from it, refusing if the configuration di
 """
 from __future__ import annotations
 
+import copy
 import os
 import time
 from dataclasses import dataclass
@@ -30,6 +31,9 @@ class LoopConfig:
     progress: bool = True
     desc: str = "train"
     log_epochs: bool = True  # one summary line per epoch, even without the progress bar
+    # Model selection: the name of a validation metric to maximise; the module ends with the state of
+    # the epoch that scored highest (kept in the checkpoint, so a resumed run selects the same way).
+    select: str | None = None
 
 
 def set_threads(n: int = 2) -> None:
@@ -72,6 +76,7 @@ def train_loop(
 ) -> list[dict[str, float]]:
     """Train for cfg.epochs epochs; returns the history (one dict of mean train logs + validation per epoch)."""
     start, history = 0, []
+    best: dict[str, Any] | None = None
     run_config = run_config or {}
     if cfg.resume and cfg.checkpoint is not None:
         ck = load_checkpoint(cfg.checkpoint)
@@ -84,6 +89,7 @@ def train_loop(
         optimiser.load_state_dict(ck["optimiser"])
         torch.set_rng_state(ck["rng"])
         start, history = int(ck["epoch"]), list(ck["history"])
+        best = ck.get("best")
     for epoch in range(start, cfg.epochs):
         module.train()
         sums: dict[str, float] = {}
@@ -111,13 +117,20 @@ def train_loop(
             with torch.no_grad():
                 rec.update({f"val_{k}": v for k, v in validate(epoch).items()})
         history.append(rec)
+        score = rec.get(f"val_{cfg.select}") if cfg.select else None
+        if score is not None and (best is None or score > best["value"]):
+            best = {"epoch": epoch + 1, "value": float(score), "module": copy.deepcopy(module.state_dict())}
         if cfg.progress or cfg.log_epochs:
             print(f"{cfg.desc} epoch {epoch + 1}/{cfg.epochs}: " + ", ".join(f"{k}={v:.4g}" for k, v in rec.items() if k != "epoch"), flush=True)
         if cfg.checkpoint is not None:
             save_checkpoint(cfg.checkpoint, {
                 "module": module.state_dict(), "optimiser": optimiser.state_dict(), "rng": torch.get_rng_state(),
-                "epoch": epoch + 1, "history": history, "config": run_config,
+                "epoch": epoch + 1, "history": history, "config": run_config, "best": best,
             })
+    if best is not None:
+        module.load_state_dict(best["module"])
+        for rec in history:
+            rec["selected"] = float(rec["epoch"] == best["epoch"])
     return history
 
 

@@ -121,7 +121,10 @@ def train_nemu(frozen: nn.Module, ds: SyntheticDataset, cfg: NemTrainConfig, *, 
     opt = prodigy(model.decoder.parameters())
     gen, steps = _batches(ds, cfg.batch_size, cfg.seed, limit)
     history = train_loop(
-        LoopConfig(epochs=cfg.epochs, checkpoint=checkpoint, resume=resume, progress=progress, desc="nem-u"),
+        # the decoder of the epoch with the highest validation relevance mass is kept: the loss (eq. 5-9)
+        # trades mask size against fidelity and the masks' localisation swings from epoch to epoch
+        LoopConfig(epochs=cfg.epochs, checkpoint=checkpoint, resume=resume, progress=progress, desc="nem-u",
+                   select="relevance_mass"),
         model, opt, gen, steps, lambda b: nemu_step(model, b[0], loss),
         validate=lambda e: evaluate_nemu(model, ds, "val", limit=512),
         run_config={**asdict(cfg), "decoder": decoder.to_dict(), "loss": asdict(loss), "dataset": ds.describe(), "limit": limit},
@@ -168,6 +171,9 @@ def evaluate_nemt(model: NemT, ds: SyntheticDataset, split: str = "val", limit: 
             "prob_change_keep_mask": float(torch.cat(keep).mean()), "prob_change_delete_mask": float(torch.cat(drop).mean())}
 
 
+COND_HEAD_BIAS = 2.0  # initial mask logit of the class-conditional NEMt (see train_nemt)
+
+
 def train_nemt(frozen: nn.Module, ds: SyntheticDataset, cfg: NemTrainConfig, *, form: str = "preservation",
                conditional: bool = False, decoder: DecoderArch | None = None, smoothing: int = 21,
                checkpoint: Path | None = None, resume: bool = False, progress: bool = True,
@@ -183,6 +189,11 @@ def train_nemt(frozen: nn.Module, ds: SyntheticDataset, cfg: NemTrainConfig, *, 
             "dataset": ds.describe(), "limit": limit}
     history: list[dict] = []
     if conditional:
+        # Start from masks that keep most of the image (sigmoid(2) = 0.88) and let the L1 term shrink
+        # them: from the default start (0.5) the shared network drove every mask of one class to 0
+        # within the first epoch (sigmoid saturated, no gradient back), for every target label.
+        with torch.no_grad():
+            model.decoders[0].head.bias.fill_(COND_HEAD_BIAS)
         opt = prodigy(model.decoders.parameters())
         gen, steps = _batches(ds, cfg.batch_size, cfg.seed, limit)
         g = torch.Generator().manual_seed(cfg.seed)
@@ -196,8 +207,12 @@ def train_nemt(frozen: nn.Module, ds: SyntheticDataset, cfg: NemTrainConfig, *, 
             return nemt_step(model, x, t, form)
 
         ck = checkpoint.with_name(checkpoint.stem + "-cond.pt") if checkpoint else None
-        history = train_loop(LoopConfig(epochs=cfg.epochs, checkpoint=ck, resume=resume, progress=progress, desc=f"nemt-cond[{form}]"),
-                             model, opt, gen, steps, step, run_config=base)
+        # one network for every label can fall into "empty mask for a whole class" (sigmoid saturated,
+        # no gradient left); the epoch with the highest validation relevance mass is kept
+        history = train_loop(LoopConfig(epochs=cfg.epochs, checkpoint=ck, resume=resume, progress=progress, desc=f"nemt-cond[{form}]",
+                                        select="relevance_mass"),
+                             model, opt, gen, steps, step, run_config=base,
+                             validate=lambda e: evaluate_nemt(model, ds, "val", limit=512))
     else:
         for c in range(k):
             opt = prodigy(model.decoders[c].parameters())

@@ -102,7 +102,9 @@ def write_card(path: Path, entry: dict, model: Denoiser, summary: dict | None, h
             "are precomputed once from Delaunay triangulations with barycentric weights and stored with the model "
             "(buffers in weights.pt, initialisers in model.onnx): index/weight tensors applied by Gather and a weighted "
             "sum, and, for the ribbon, whose points lie on the neighbouring windings (footnote 4 of sec. 7.3.3), the two "
-            "largest barycentric weights as a fractional position along the spiral, applied by one GridSample.\n"
+            "largest barycentric weights as a fractional position along the spiral, read by GridSample (in the exported graph "
+            "only the outer rows: the middle row is the spiral itself, a plain 1 x 3 convolution; batch norms folded into the "
+            "convolutions).\n"
             + (
                 f"Input resampling (cartesian -> spiral): a normalised Gaussian average of the nearby pixels, sigma "
                 f"{cfg.encode_sigma} px, instead of the thesis's barycentric interpolation. Deviation, measured: linear "

@@ -41,13 +41,27 @@ def from_state_dict(config: DenoiserConfig, state_dict: dict[str, torch.Tensor])
 
 
 def load_denoiser(entry, store: Path) -> Denoiser:
-    """The torch module of a manifest entry (kind "denoiser"): entry.arch + files["state_dict"]."""
-    sd = torch.load(Path(store) / entry.files["state_dict"], map_location="cpu", weights_only=True)
-    return from_state_dict(DenoiserConfig.from_dict(entry.arch), sd)
+    """The torch module of a manifest entry (kind "denoiser"): entry.arch + files["state_dict"], in
+    eval mode and in the inference form (the graph that is exported to ONNX). A missing or corrupt
+    file, or weights that do not fit the arch, give FailedPrecondition naming the file."""
+    from handlers.nets import load_state_dict_file
+    from service.errors import FailedPrecondition
+
+    rel = entry.files.get("state_dict")
+    if not rel:
+        raise FailedPrecondition(f"model {entry.id} has no 'state_dict' file in its manifest entry; it can only be served via ONNX")
+    sd = load_state_dict_file(Path(store) / rel, what=f"model {entry.id} weights")
+    try:
+        return from_state_dict(DenoiserConfig.from_dict(entry.arch), sd)
+    except (KeyError, RuntimeError, TypeError, ValueError) as e:
+        raise FailedPrecondition(
+            f"model {entry.id}: weights {Path(store) / rel} do not fit arch {entry.arch} ({str(e)[:160]}); re-export it with `xaiserve export denoiser`"
+        ) from None
 
 
 def export_onnx(model: Denoiser, path: Path, opset: int = 18) -> Path:
-    """Export with a dynamic batch axis; the spiral gathers in their portable (Gather) form."""
+    """Export with a dynamic batch axis, the spiral network in its inference form (portable gathers,
+    regrouped ribbon convolutions, folded batch norms: see layers.SpiralOps.ribbon_conv)."""
     model = model.eval()
     if hasattr(model.ops, "portable"):
         model.ops.portable = True

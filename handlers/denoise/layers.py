@@ -3,14 +3,19 @@
 The spiral side keeps every resampling operator of `geometry.py` as buffers: (index, weight)
 pairs applied by one `index_select` (ONNX Gather) and a weighted sum, and the ribbons as
 GridSample grids (linear interpolation along the spiral), so the whole network exports to ONNX
-with the operators as initialisers. For training, the same maps run through F.embedding_bag
-(`portable = False`), several times faster in torch on CPU. Both sides expose the same small interface, "space ops",
-used by the shared U-Net in `networks.py`:
+with the operators as initialisers. Two forms of the same maps:
+  `portable = True` (inference, the exported graph): gathers on the batch-folded samples-major
+    layout, ribbon convolutions regrouped by `SpiralOps.ribbon_conv` (middle row exact, only the
+    outer rows interpolated), batch norms folded into the convolutions;
+  `portable = False` (training, `train.FastMode`): F.embedding_bag gathers for every map, the
+    whole ribbon included, several times faster in torch on CPU, then one conv2d per ribbon.
+Both sides expose the same small interface, "space ops", used by the shared U-Net in `networks.py`:
 
     encode(x [B,1,H,W]) -> features in the space    decode(features) -> [B,1,H,W]
-    (spiral features are [B, C, 1, n]: 4-D, so that ONNX Runtime fuses batch norm into the conv)
+    (spiral features are [B, C, 1, n]: 4-D, so that a ribbon convolution is an ordinary conv2d)
     down(level, f) / up(level, f)                    between resolutions
-    make_conv(level, cin, cout) -> a conv module whose forward is conv(f, ops)
+    make_conv(level, cin, cout) -> a conv module whose forward is conv(f, ops); f may be a list
+                                   of feature maps, meaning their channel concatenation
 """
 from __future__ import annotations
 
@@ -28,21 +33,33 @@ def gather_apply(x: Tensor, index: Tensor, weight: Tensor) -> Tensor:
     """Sparse linear map on the last axis: out[b, c, m] = sum_k weight[m, k] * x[b, c, index[m, k]].
 
     x [B, C, N], index int64 [M, K], weight [M, K] -> [B, C, M]. The "portable" form used in the
-    exported graph (Transpose, Gather, Mul, ReduceSum): the gather runs on the samples-major view
-    [B, N, C], so each tap copies C contiguous values, and the taps are summed over an outer axis.
-    Gathering single values on the last axis and reducing over a trailing axis of 2-3 (the
-    obvious form) was 1.7x slower in ONNX Runtime.
+    exported graph: the batch is folded into the channels and moved last ([N, B*C], one Transpose),
+    so each tap of the Gather copies B*C contiguous values; the K taps of an output are then
+    summed by a batched MatMul [M, 1, K] x [M, K, B*C], without elementwise passes over the
+    gathered taps. For one channel (the cartesian <-> spiral maps) at batch 1 those M tiny
+    MatMuls cost more than they save, so there a Mul and a ReduceSum sum the taps.
+    Measured in ONNX Runtime (1 thread, batch 32, one profiling sitting): the level changes of the
+    64 x 64 network took 54 ms per batch in this form, 74 ms in the channels-last
+    Gather / Mul / ReduceSum form it replaces.
     """
+    b, c, n = x.shape
     m, k = index.shape
-    g = x.transpose(1, 2).index_select(1, index.t().reshape(-1)).unflatten(1, (k, m))  # [B, K, M, C]
-    return (g * weight.t().unsqueeze(-1)).sum(1).transpose(1, 2)
+    xt = x.reshape(b * c, n).t()
+    if c == 1:  # taps-major: K slabs [M, B] summed (ReduceSum over a leading axis)
+        g = xt.index_select(0, index.t().reshape(-1)).view(k, m, b)
+        out = (g * weight.t().unsqueeze(-1)).sum(0)
+    else:
+        g = xt.index_select(0, index.reshape(-1)).view(m, k, b * c)
+        out = torch.matmul(weight.unsqueeze(1), g).view(m, b * c)
+    return out.t().reshape(b, c, m)
 
 
 def ribbon_grid(positions: np.ndarray) -> Tensor:
     """GridSample grid [1, rows, n, 2] reading a [B,C,1,n] spiral at the fractional positions of
     the ribbon rows (align_corners=False: x = (2 p + 1) / n - 1); positions that are NaN (beyond
     the outermost winding) point far outside and read zero. The middle row (the spiral itself) is
-    sampled too: one GridSample is cheaper than splitting and concatenating around it."""
+    stored too: the reference form (`SpiralOps.ribbon`) and the training operator read it; the
+    exported form reads the outer rows only (`SpiralOps.ribbon_conv`)."""
     n = positions.shape[1]
     p = positions
     gx = np.where(np.isfinite(p), (2.0 * np.nan_to_num(p) + 1.0) / n - 1.0, -10.0)
@@ -149,11 +166,16 @@ class SpiralOps(nn.Module):
     `down{l}_*` level l -> l+1 and `up{l}_*` level l+1 -> l.
 
     Each ribbon row is a linear interpolation along the spiral (geometry.ribbon_positions), so the
-    exported graph reads it with one GridSample over the spiral seen as a 1 x n image: 1.6x faster
-    in ONNX Runtime than the best gather form (measured at batch 32, 12 channels, n = 3217).
+    exported graph reads it with GridSample over the spiral seen as a 1 x n image: 1.6x faster in
+    ONNX Runtime than the best gather form (measured at batch 32, 12 channels, n = 3217).
     """
 
     kind = "spiral"
+
+    @property
+    def fold_norm(self) -> bool:
+        """Fold batch norms into the convolutions (inference form only, see ConvUnit)."""
+        return self.portable
 
     def __init__(self, size: int, specs: list[geo.SpiralSpec], rows: int, operators: dict[str, Tensor] | None = None, encode_sigma: float = 0.0):
         """`operators`: previously computed buffers (e.g. from a state dict) to reuse instead of
@@ -205,7 +227,11 @@ class SpiralOps(nn.Module):
         return self._apply(f.squeeze(2), "dec").unflatten(-1, (self.size, self.size))
 
     def ribbon(self, level: int, f: Tensor) -> Tensor:
-        """[B,C,1,n] -> [B,C,rows,n]: the ribbon across neighbouring windings (sec. 7.3.2)."""
+        """[B,C,1,n] -> [B,C,rows,n]: the ribbon across neighbouring windings (sec. 7.3.2).
+
+        The reference form: portable, one GridSample over all rows; training, the 2-tap operator
+        of the same grid through embedding_bag. The exported network does not build the ribbon
+        (see `ribbon_conv`)."""
         n = self.n[level]
         grid = getattr(self, f"rib{level}_grid")
         if self.portable:
@@ -217,6 +243,43 @@ class SpiralOps(nn.Module):
             full = grid_operator_from(grid, n)
             self._adjoints[key] = full
         return self._fast(f.squeeze(2), f"rib{level}", full[0], full[1], n).unflatten(-1, (self.rows, n))
+
+    def ribbon_conv(self, level: int, parts: list[Tensor], weight: Tensor, bias: Tensor | None) -> Tensor:
+        """conv2d(ribbon(cat(parts)), weight [cout, cin, rows, k], bias), 'valid' across the rows and
+        zero-padded along the spiral, computed without building the whole ribbon (the exported form).
+
+        The same linear map regrouped (sec. 7.3.2's ribbon convolution, exactly):
+          - the middle ribbon row is the spiral itself, so its share is a plain 1 x k convolution
+            of the features; only the rows - 1 outer rows are interpolated (GridSample at the
+            stored ribbon positions) and convolved with the outer rows of the filter;
+          - a convolution over a channel concatenation is the sum of the convolutions over its
+            parts, so the decoder's concatenated skip is never materialised;
+          - the interpolation runs on the batch folded into the channels ([1, B*C, 1, n]): ONNX
+            Runtime's GridSample pays ~11 ns per output position for the coordinates besides
+            ~2 ns per channel, so one position for all B*C channels instead of B of them.
+        The terms are summed conv by conv, which ONNX Runtime fuses into its NCHWc convolutions
+        (Sum input), with the ReLU after them. Equal to the reference form up to float32 rounding,
+        except that the reference reads the middle row by GridSample too, whose float32 sample
+        coordinate can sit up to 2.4e-4 of a sample off the integer at n = 3217; here it is exact.
+        """
+        if not parts:
+            raise ValueError("ribbon_conv needs at least one feature map")
+        rows, k = weight.shape[2], weight.shape[3]
+        mid, pad = rows // 2, k // 2
+        outer = [r for r in range(rows) if r != mid]
+        grid = getattr(self, f"rib{level}_grid")[:, outer]  # [1, rows - 1, n, 2]
+        out = None
+        lo = 0
+        for p in parts:
+            b, c, _, n = p.shape
+            w = weight[:, lo : lo + c]
+            lo += c
+            rib = F.grid_sample(p.reshape(1, b * c, 1, n), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            t_outer = F.conv2d(rib.view(b, c, len(outer), n), w[:, :, outer], None, padding=(0, pad))
+            t_mid = F.conv2d(p, w[:, :, mid : mid + 1], bias if out is None else None, padding=(0, pad))
+            out = t_mid if out is None else t_mid + out
+            out = t_outer + out
+        return out
 
     def down(self, level: int, f: Tensor) -> Tensor:
         return self._apply(f.squeeze(2), f"down{level}").unsqueeze(2)
@@ -233,16 +296,33 @@ class SpiralOps(nn.Module):
 
 class SpiralConv(nn.Module):
     """Convolution on the spiral ribbon (sec. 7.3.2, Fig. 7.4): gather the rows x n ribbon, run an
-    ordinary conv2d with a rows x kernel filter, valid across the ribbon (so one row comes out,
-    back on the spiral: [B, C, 1, n]) and zero-padded along it."""
+    ordinary conv2d with a rows x kernel filter, valid across the ribbon rows (so one row comes out,
+    back on the spiral: [B, C, 1, n]) and zero-padded along it.
+
+    `forward` takes one feature map or a list of them (their channel concatenation, e.g. a U-Net
+    skip beside the upsampled features) and optionally a per-channel affine (scale, shift) applied
+    to the output, a folded batch norm. Two forms of the same linear map:
+      reference (`ops.portable` False, training): concatenate, build the whole ribbon
+        (`SpiralOps.ribbon`) and run one conv2d;
+      inference (`ops.portable` True, the ONNX graph): `SpiralOps.ribbon_conv`, which uses that the
+        middle ribbon row is the spiral itself (see there).
+    """
 
     def __init__(self, level: int, cin: int, cout: int, kernel: int, rows: int, bias: bool = True):
         super().__init__()
         self.level = level
         self.conv = nn.Conv2d(cin, cout, (rows, kernel), padding=(0, kernel // 2), bias=bias)
 
-    def forward(self, f: Tensor, ops: SpiralOps) -> Tensor:
-        return self.conv(ops.ribbon(self.level, f))
+    def forward(self, f: Tensor | list[Tensor], ops: "SpiralOps", scale: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
+        parts = list(f) if isinstance(f, (list, tuple)) else [f]
+        weight, bias = self.conv.weight, self.conv.bias
+        if scale is not None:
+            weight = weight * scale.view(-1, 1, 1, 1)
+            bias = shift if bias is None else bias * scale + shift
+        if ops.portable:
+            return ops.ribbon_conv(self.level, parts, weight, bias)
+        x = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+        return F.conv2d(ops.ribbon(self.level, x), weight, bias, padding=self.conv.padding)
 
 
 class CartesianOps(nn.Module):
@@ -297,5 +377,5 @@ class CartesianConv(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=bias)
 
-    def forward(self, f: Tensor, ops: CartesianOps) -> Tensor:
-        return self.conv(f)
+    def forward(self, f: Tensor | list[Tensor], ops: CartesianOps) -> Tensor:
+        return self.conv(torch.cat(f, 1) if isinstance(f, (list, tuple)) else f)

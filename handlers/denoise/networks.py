@@ -110,14 +110,22 @@ def normalise(particles: Tensor, disc: Tensor, eps: float = 1e-6) -> tuple[Tenso
 
 
 class ConvUnit(nn.Module):
-    """conv -> batch norm -> ReLU on the space (sec. 7.3.3)."""
+    """conv -> batch norm -> ReLU on the space (sec. 7.3.3). `f` may be a list of feature maps,
+    meaning their channel concatenation (the decoder's skip connections)."""
 
     def __init__(self, ops: nn.Module, level: int, cin: int, cout: int, kernel: int):
         super().__init__()
         self.conv = ops.make_conv(level, cin, cout, kernel, bias=False)
         self.norm = ops.make_norm(cout)
 
-    def forward(self, f: Tensor, ops: nn.Module) -> Tensor:
+    def forward(self, f: Tensor | list[Tensor], ops: nn.Module) -> Tensor:
+        if getattr(ops, "fold_norm", False) and not self.training and self.norm.track_running_stats:
+            # Inference form of the spiral net: the batch norm (running statistics) folded into
+            # the convolution as a per-channel scale and shift, because its convolution is a sum
+            # of several convolutions that ONNX Runtime cannot fuse a BatchNormalization into.
+            n = self.norm
+            scale = n.weight / torch.sqrt(n.running_var + n.eps)
+            return torch.relu(self.conv(f, ops, scale, n.bias - n.running_mean * scale))
         return torch.relu(self.norm(self.conv(f, ops)))
 
 
@@ -149,8 +157,7 @@ class UNetCore(nn.Module):
                 f = u(f, ops)
             skips.append(f)
         for i, lev in enumerate(range(self.levels - 2, -1, -1)):
-            f = torch.cat([ops.up(lev, f), skips[lev]], dim=1)
-            f = self.dec[i](f, ops)
+            f = self.dec[i]([ops.up(lev, f), skips[lev]], ops)  # channel concatenation
         return self.out(f, ops)
 
 

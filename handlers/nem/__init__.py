@@ -2,10 +2,10 @@
 from handlers.nem.decoder import DecoderArch, UNetDecoder
 from handlers.nem.losses import NEMT_FORMS, NemTLossConfig, NemULossConfig, nemt_deletion_loss, nemt_preservation_loss, nemu_loss
 from handlers.nem.models import NemT, NemU, freeze
-from handlers.nem.smoothing import box_smooth, random_kernels, smooth_with, stochastic_smooth
+from handlers.nem.smoothing import box_smooth, random_kernels, scaled_size, smooth_with, stochastic_smooth
 
 __all__ = [
     "DecoderArch", "UNetDecoder", "NEMT_FORMS", "NemTLossConfig", "NemULossConfig", "nemt_deletion_loss",
     "nemt_preservation_loss", "nemu_loss", "NemT", "NemU", "freeze", "box_smooth", "random_kernels", "smooth_with",
-    "stochastic_smooth",
+    "scaled_size", "stochastic_smooth",
 ]

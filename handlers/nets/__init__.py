@@ -96,6 +96,10 @@ def load_into(module: nn.Module, state: dict[str, Any], what: str) -> nn.Module:
 def load_module(entry, store: Path) -> nn.Module:
     """Rebuild the torch module of a manifest entry (eval mode). See the module docstring."""
     store = Path(store)
+    if entry.kind == "denoiser":
+        from handlers.denoise.export import load_denoiser
+
+        return load_denoiser(entry, store)
     rel = entry.files.get("state_dict")
     if not rel:
         raise FailedPrecondition(f"model {entry.id} has no 'state_dict' file in its manifest entry; it can only be served via ONNX")
