@@ -127,6 +127,7 @@ def test_valid_requests_pass(registry):
         ({"batch_size": 0}, "batch_size"),
         ({"batch_size": 5000}, "batch_size"),
         ({"noise_std": -1.0}, "noise_std"),
+        ({"estimator": "bootstrap"}, "estimator"),
     ],
 )
 def test_bad_parameters_are_invalid_argument(registry, params, word):
@@ -174,6 +175,7 @@ def test_job_runs_end_to_end_with_onnx(registry, store):
     assert params["seed"] == 7 and params["num_masks"] == 256 and params["cells"] == 7 and params["p_keep"] == 0.5
     assert params["masking"] == "zero" and params["threshold"] == "median" and params["gamma"] == 1.0
     assert params["encoder"] == "enc:1" and params["backend"] == "onnxruntime"
+    assert params["estimator"] == "auto" and params["estimator_used"] == "plain"  # the paper's estimator for a fixed N
     assert {"run", "model", "decode"} <= set(res.timings) and res.timings["model"] > 0
 
     # progress once per batch, fraction rising to 1, the current normalised importance as heatmap
@@ -200,8 +202,17 @@ def test_adaptive_job_reports_n_and_error(registry):
     res = RelaxJobMethod().run(_request(num_masks=3000, batch_size=100, adaptive=True, target_error=0.02), registry, ctx)
     r = res.relax
     assert r.num_masks < 3000 and r.achieved_error < 0.02
-    assert json.loads(res.parameters_json)["converged"] is True
+    params = json.loads(res.parameters_json)
+    assert params["converged"] is True and params["estimator_used"] == "control_variate"  # "auto" with adaptive
     assert ctx.reports[-1]["fraction"] == 1.0 and ctx.reports[-1]["metrics"]["masks"] == r.num_masks
+    # a tighter target: the paper's estimator on request needs more masks for it than the control variate
+    runs = {}
+    for est_name in ("plain", "control_variate"):
+        res = RelaxJobMethod().run(_request(num_masks=3000, batch_size=50, adaptive=True, target_error=0.0015, estimator=est_name),
+                                   registry, RecordingContext())
+        assert json.loads(res.parameters_json)["estimator_used"] == est_name and res.relax.achieved_error < 0.0015
+        runs[est_name] = res.relax.num_masks
+    assert runs["plain"] > runs["control_variate"], runs
 
 
 def test_cancellation_stops_within_one_batch(registry):

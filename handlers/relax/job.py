@@ -91,6 +91,8 @@ class RelaxJobMethod:
             kw["masking"] = p.masking.strip().lower()
         if p.threshold:
             kw["threshold"] = p.threshold.strip().lower()
+        if p.estimator:
+            kw["estimator"] = p.estimator.strip().lower()
         kw["adaptive"] = bool(p.adaptive)
         kw["two_pass"] = bool(p.two_pass)
         if "num_masks" in kw and kw["num_masks"] > self.max_num_masks:
@@ -176,6 +178,7 @@ class RelaxJobMethod:
             "backend": backend,
             "input_shape": [int(v) for v in x.shape],
             "converged": out.converged,
+            "estimator_used": out.estimator,
         }
         result = pb.JobResult(
             relax=pb.RelaxResult(

@@ -17,6 +17,13 @@ Number of masks: a fixed N (default 3000, as in the paper), or `adaptive`: stop 
 batch at which every pixel's standard error of R is below `target_error` (never before
 `min_masks`; at most `num_masks`). Theorem 1's bound is distribution-free and much larger (26,492
 masks for t = delta = 0.01); the standard error uses the observed variance instead.
+
+Estimator of R (`estimator`, beyond seed 000): "plain" is Algorithm 1's weighted mean of s;
+"control_variate" (control_variate.py) estimates the same R (eq. 12) from similarities adjusted by
+a regression on pooled mask features fitted on earlier batches, with a smaller standard error for
+the same N; "auto" (default) is plain for a fixed N (the paper's estimator) and the control
+variate for the adaptive rule, where a smaller standard error means fewer masks. U (eq. 13) and
+U-RELAX always use the weighted variance of s itself.
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from handlers.relax import control_variate as cv
 from handlers.relax import estimator as est
 from handlers.relax.masking import COLOUR_ONLY, MASKINGS, make_perturbation
 from handlers.relax.masks import generate_masks, mask_geometry
@@ -39,6 +47,8 @@ Embed = Callable[[torch.Tensor], torch.Tensor]
 
 # a fixed odd constant to derive the noise generator's seed from the mask seed (splitmix64's)
 _NOISE_SEED_SALT = 0x9E3779B97F4A7C15
+
+ESTIMATORS = ("auto", "plain", "control_variate")
 
 
 @dataclass(frozen=True)
@@ -63,16 +73,24 @@ class RelaxConfig:
     w_init: float = 1e-8  # Algorithm 1's initial W ("small positive number")
     blur_sigma: float = 0.0  # texture masking blur in pixels; 0 = max(1, min(H, W) / 32)
     brightness_delta: float = 30.0  # brightness masking: CIE-LAB lightness decrease (of 100)
+    # estimator of R: "plain" (Algorithm 1), "control_variate" (control_variate.py, beyond seed 000)
+    # or "auto" = plain for a fixed N, control variate with `adaptive`
+    estimator: str = "auto"
+    cv_grid: int = 8  # control variate: masks average-pooled to cv_grid x cv_grid (capped by the image size)
+    cv_quadratic: bool = True  # control variate: add the squares of the pooled features
+    cv_ridge: float = 16.0  # control variate: ridge penalty, in masks' worth of feature variance
+    # control variate: the first masks (>= 1 batch, <= num_masks / 2), adjusted with slopes fitted on the later ones
+    cv_min_fit: int = 256
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> InvalidArgument:
             return InvalidArgument(f"relax parameter {name} = {getattr(self, name)!r}: {why}")
 
-        for name in ("num_masks", "cells", "min_masks", "batch_size", "seed"):
+        for name in ("num_masks", "cells", "min_masks", "batch_size", "seed", "cv_grid", "cv_min_fit"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise bad(name, "must be an integer")
-        for name in ("p_keep", "noise_mean", "noise_std", "target_error", "gamma", "w_init", "blur_sigma", "brightness_delta"):
+        for name in ("p_keep", "noise_mean", "noise_std", "target_error", "gamma", "w_init", "blur_sigma", "brightness_delta", "cv_ridge"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise bad(name, "must be a finite number")
@@ -104,6 +122,24 @@ class RelaxConfig:
             raise bad("blur_sigma", "must be >= 0 (0 = automatic)")
         if not 0 <= self.brightness_delta <= 100:
             raise bad("brightness_delta", "is a CIE-LAB lightness change, between 0 and 100")
+        if not isinstance(self.estimator, str) or self.estimator not in ESTIMATORS:
+            raise bad("estimator", f"use one of {', '.join(ESTIMATORS)} (default auto: plain for a fixed N, "
+                      "control_variate with adaptive)")
+        if not isinstance(self.cv_quadratic, bool):
+            raise bad("cv_quadratic", "must be true or false")
+        if self.cv_grid < 1:
+            raise bad("cv_grid", "the control variate's pooling grid needs at least 1 cell per side (default 8)")
+        if self.cv_ridge < 0:
+            raise bad("cv_ridge", "must be >= 0 (default 16)")
+        if self.cv_min_fit < 0:
+            raise bad("cv_min_fit", "must be >= 0 (default 256)")
+
+    @property
+    def resolved_estimator(self) -> str:
+        """The estimator actually used: "auto" -> "control_variate" when adaptive, else "plain"."""
+        if self.estimator == "auto":
+            return "control_variate" if self.adaptive else "plain"
+        return self.estimator
 
     def check_image(self, channels: int, height: int, width: int) -> None:
         """Checks that need the image size: raise InvalidArgument naming the parameter."""
@@ -133,7 +169,7 @@ class RelaxProgress:
 
 @dataclass(frozen=True)
 class RelaxOutput:
-    importance: torch.Tensor  # [H,W] float32, R (eq. 12)
+    importance: torch.Tensor  # [H,W] float32, R (eq. 12; by the control variate if `estimator` says so)
     uncertainty: torch.Tensor  # [H,W] float32, U / (W - 1) (eq. 13, Algorithm 1)
     u_relax: torch.Tensor  # [H,W] float32, eq. 10
     threshold: float  # eps used for U-RELAX (eq. 11 or median)
@@ -147,6 +183,7 @@ class RelaxOutput:
     stats_seconds: float = 0.0  # similarity + running statistics + standard error
     stopped: bool = False  # should_stop() ended the run early
     converged: bool = False  # adaptive: every pixel's standard error reached target_error
+    estimator: str = "plain"  # the estimator of R actually used ("plain" or "control_variate")
 
 
 def cosine(h: torch.Tensor, hb: torch.Tensor) -> torch.Tensor:
@@ -202,24 +239,32 @@ class Relax:
             blur_sigma=cfg.blur_sigma,
             brightness_delta=cfg.brightness_delta,
         )
+        use_cv = cfg.resolved_estimator == "control_variate"
+        spec = cv.FeatureSpec(min(cfg.cv_grid, h), min(cfg.cv_grid, w), cfg.cv_quadratic)
+        c_feat = cv.feature_expectations(geom, float(cfg.p_keep), spec) if use_cv else None
         g_mask = torch.Generator().manual_seed(cfg.seed)
         g_noise = torch.Generator().manual_seed((cfg.seed + _NOISE_SEED_SALT) % 2**64)
         mask_state = g_mask.get_state()
 
         model_s = wait_s = stats_s = 0.0
         with torch.no_grad():
-            stats = est.init_stats((h, w), w_init=cfg.w_init)
+            stats = est.init_stats((h, w), w_init=cfg.w_init)  # of s: eq. 12-13 (U is always from s)
+            # control variate: the statistics of the adjusted similarities y (R and its standard
+            # error) and the regressions of s on the mask features (control_variate.CVState)
+            cv_state = cv.init_state((h, w), spec.num_features, w_init=cfg.w_init) if use_cv else None
+            head = min(cfg.cv_min_fit, cfg.num_masks // 2)  # the head must leave masks to fit its slopes on
             sizes: list[int] = []
             sims: list[torch.Tensor] = []
             n, stopped, converged, fraction = 0, False, False, 0.0
             max_se = math.inf
 
-            def make_batch(k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            def make_batch(k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
                 masks = generate_masks(k, geom, p_keep=cfg.p_keep, generator=g_mask, dtype=est.STATS_DTYPE)
-                return masks, pert.apply(masks, g_noise), (masks * masks).sum(0)
+                feats = cv.mask_features(masks, spec) if use_cv else None
+                return masks, pert.apply(masks, g_noise), (masks * masks).sum(0), feats
 
             # Pipelining: a worker thread draws and applies the next batch of masks (and their
-            # squared-weight sum) while the model runs on the current one (ONNX Runtime and torch
+            # squared-weight sum and, for the control variate, their pooled features) while the model runs on the current one (ONNX Runtime and torch
             # release the GIL). Batches are still drawn one after another from the same generators,
             # so the masks do not change; the main thread keeps only the matrix product and merge.
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="relax-masks") as pool:
@@ -233,7 +278,7 @@ class Relax:
                         stopped = True
                         break
                     t0 = time.perf_counter()
-                    masks, batch, w2 = pending.result()
+                    masks, batch, w2, feats = pending.result()
                     wait_s += time.perf_counter() - t0
                     b = masks.shape[0]
                     if n + b < cfg.num_masks:
@@ -244,11 +289,19 @@ class Relax:
                     model_s += t1 - t0
                     s = cosine(ref, hb)
                     stats = est.update_batch(stats, masks, s, weight_sq=w2)
+                    if cv_state is not None:
+                        # slopes fitted on other (earlier, or for the head later) masks only: every
+                        # correction has expectation 0 (control_variate.py)
+                        cv_state = cv.update(cv_state, masks, s, feats, c_feat, ridge=cfg.cv_ridge,
+                                             min_fit=head, weight_sq=w2)
+                    r_stats = stats
+                    if cv_state is not None and track:
+                        r_stats = cv.current(cv_state, c_feat, ridge=cfg.cv_ridge)
                     sizes.append(b)
                     sims.append(s)
                     n += b
                     if track:
-                        max_se = float(est.standard_error(stats).max())
+                        max_se = float(est.standard_error(r_stats).max())
                     stats_s += time.perf_counter() - t1
                     if cfg.adaptive and n >= cfg.min_masks and max_se < cfg.target_error:
                         converged = True
@@ -260,7 +313,7 @@ class Relax:
                                 num_masks=n,
                                 max_masks=cfg.num_masks,
                                 fraction=fraction,
-                                importance=stats.mean.to(torch.float32),
+                                importance=r_stats.mean.to(torch.float32),
                                 max_std_error=max_se,
                                 seconds=elapsed,
                                 masks_per_second=n / elapsed if elapsed > 0 else 0.0,
@@ -277,11 +330,14 @@ class Relax:
                     g.set_state(mask_state)
                     return (generate_masks(k, geom, p_keep=cfg.p_keep, generator=g, dtype=est.STATS_DTYPE) for k in sizes)
 
+                # U (and the plain R) by the two-pass estimator; the control variate's R and standard
+                # error are weighted means merged with Chan's exact formula, which two passes would not change
                 stats = est.two_pass(replay, torch.cat(sims), w_init=cfg.w_init)
 
-        std_error = est.standard_error(stats)
-        importance = stats.mean.to(torch.float32)
-        uncertainty = est.variance(stats).to(torch.float32)
+        r_stats = cv.current(cv_state, c_feat, ridge=cfg.cv_ridge) if cv_state is not None else stats
+        std_error = est.standard_error(r_stats)
+        importance = r_stats.mean.to(torch.float32)
+        uncertainty = est.variance(stats).to(torch.float32)  # eq. 13: always the variance of s
         eps = threshold(uncertainty, cfg.threshold, cfg.gamma)
         seconds = time.perf_counter() - t_start
         return RelaxOutput(
@@ -299,6 +355,7 @@ class Relax:
             stats_seconds=stats_s,
             stopped=stopped,
             converged=converged,
+            estimator=cfg.resolved_estimator,
         )
 
     def _fraction(self, n: int, max_se: float, converged: bool) -> float:

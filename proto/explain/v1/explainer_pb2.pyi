@@ -187,7 +187,7 @@ class DenoiseResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., denoised: _Optional[_Union[Tensor, _Mapping]] = ..., mrc: _Optional[bytes] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
 
 class RelaxParams(_message.Message):
-    __slots__ = ("num_masks", "cells", "p_keep", "masking", "noise_mean", "noise_std", "adaptive", "target_error", "threshold", "gamma", "batch_size", "two_pass", "seed")
+    __slots__ = ("num_masks", "cells", "p_keep", "masking", "noise_mean", "noise_std", "adaptive", "target_error", "threshold", "gamma", "batch_size", "two_pass", "seed", "estimator")
     NUM_MASKS_FIELD_NUMBER: _ClassVar[int]
     CELLS_FIELD_NUMBER: _ClassVar[int]
     P_KEEP_FIELD_NUMBER: _ClassVar[int]
@@ -201,6 +201,7 @@ class RelaxParams(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     TWO_PASS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATOR_FIELD_NUMBER: _ClassVar[int]
     num_masks: int
     cells: int
     p_keep: float
@@ -214,7 +215,8 @@ class RelaxParams(_message.Message):
     batch_size: int
     two_pass: bool
     seed: int
-    def __init__(self, num_masks: _Optional[int] = ..., cells: _Optional[int] = ..., p_keep: _Optional[float] = ..., masking: _Optional[str] = ..., noise_mean: _Optional[float] = ..., noise_std: _Optional[float] = ..., adaptive: _Optional[bool] = ..., target_error: _Optional[float] = ..., threshold: _Optional[str] = ..., gamma: _Optional[float] = ..., batch_size: _Optional[int] = ..., two_pass: _Optional[bool] = ..., seed: _Optional[int] = ...) -> None: ...
+    estimator: str
+    def __init__(self, num_masks: _Optional[int] = ..., cells: _Optional[int] = ..., p_keep: _Optional[float] = ..., masking: _Optional[str] = ..., noise_mean: _Optional[float] = ..., noise_std: _Optional[float] = ..., adaptive: _Optional[bool] = ..., target_error: _Optional[float] = ..., threshold: _Optional[str] = ..., gamma: _Optional[float] = ..., batch_size: _Optional[int] = ..., two_pass: _Optional[bool] = ..., seed: _Optional[int] = ..., estimator: _Optional[str] = ...) -> None: ...
 
 class AblationParams(_message.Message):
     __slots__ = ("score", "num_slices", "mask_size", "sigma_regu", "saturation", "ramp_saturation", "max_iterations", "step_size", "target_label", "reduction", "window", "return_images", "baseline", "stop_saturation", "seed")
