@@ -30,7 +30,9 @@ REPO = Path(__file__).resolve().parent.parent
 # the default zoo, in training order (later models need the earlier ones in the store)
 # (epochs are those of the committed models; --epochs overrides them all)
 ZOO: tuple[tuple[str, str, dict[str, Any]], ...] = (
-    ("scenes-simclr", "encoder", {"epochs": 12}),
+    # the committed encoder ran 5 epochs (cosine schedule over 5), then was resumed to 12 (schedule over 12
+    # from epoch 6): `stages` replays that, so `train zoo` follows the same learning-rate path
+    ("scenes-simclr", "encoder", {"epochs": 12, "stages": (5,)}),
     ("lesions-classifier", "classifier", {"dataset": "lesions", "epochs": 5}),
     ("scenes-nemu", "nem-u", {"encoder": "scenes-simclr:1", "epochs": 10}),
     ("lesions-nemt", "nemt", {"classifier": "lesions-classifier:1", "form": "auto", "conditional": False, "epochs": 3,
@@ -105,8 +107,12 @@ def _train_one(target: str, name: str, args: argparse.Namespace, extra: dict[str
     opts = _opts(args)
     if args.epochs is None and "epochs" in extra:
         opts = replace(opts, epochs=int(extra["epochs"]))
+    stages = tuple(extra.get("stages", ())) if args.epochs is None else ()
     if target == "encoder":
-        res = zoo.run_encoder(opts, name)
+        for i, e in enumerate(stages):
+            print(f"stage {i + 1}/{len(stages) + 1}: {e} epochs, then resumed", flush=True)
+            zoo.run_encoder(replace(opts, epochs=int(e), resume=opts.resume or i > 0), name)
+        res = zoo.run_encoder(replace(opts, resume=opts.resume or bool(stages)), name)
     elif target == "classifier":
         res = zoo.run_classifier(opts, name, extra.get("dataset", args.dataset))
     elif target == "nem-u":
