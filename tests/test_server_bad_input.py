@@ -104,10 +104,12 @@ def test_client_cancellation_is_counted_and_server_keeps_serving(server, stub):
 
     before = cancelled_count()
     img = pb.Image(encoded=png(np.zeros((64, 64, 3), np.uint8)))
-    futs = [stub.Explain.future(pb.ExplainRequest(model="slow-nemu", image=img), timeout=30) for _ in range(8)]
+    # more calls than two micro-batches (max_batch 16), so some are still queued on the server when
+    # cancelled: those are dropped before the model runs and counted as CANCELLED
+    futs = [stub.Explain.future(pb.ExplainRequest(model="slow-nemu", image=img), timeout=30) for _ in range(48)]
     time.sleep(0.1)
     cancelled = [f for f in futs if f.cancel()]
-    assert cancelled, "8 queued calls of a 50 ms model cannot all be finished after 0.1 s"
+    assert cancelled, "48 queued calls of a 50 ms model cannot all be finished after 0.1 s"
     for f in cancelled:
         with pytest.raises(grpc.FutureCancelledError):
             f.result()
