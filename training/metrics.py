@@ -127,11 +127,17 @@ def relevance_rank(a, gt) -> np.ndarray:
     m, g = _pair(a, gt)
     flat, gflat = m.reshape(len(m), -1), g.reshape(len(g), -1)
     k = gflat.sum(axis=1)
+    return _top_k_hits(flat, gflat, k) / k
+
+
+def _top_k_hits(flat: np.ndarray, gflat: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Ground-truth pixels among the k[i] highest values of each map [N, P], ties at the k-th value
+    counted at their expectation under a random tie-break: the pixels strictly above it, plus the
+    remaining slots times the fraction of the tied pixels that lie inside the ground truth."""
     kth = -np.sort(-flat, axis=1)[np.arange(len(flat)), k - 1][:, None]
     above, tied = flat > kth, flat == kth
     slots = k - above.sum(axis=1)
-    hits = (above & gflat).sum(axis=1) + slots * (tied & gflat).sum(axis=1) / tied.sum(axis=1)
-    return hits / k
+    return (above & gflat).sum(axis=1) + slots * (tied & gflat).sum(axis=1) / tied.sum(axis=1)
 
 
 # Quantus 0.6.0's TopKIntersection default, k = 1000 pixels of a 224 x 224 image (seed 000's setting).
@@ -163,11 +169,7 @@ def top_k_intersection(a, gt, k: int | None = None) -> np.ndarray:
     if not 1 <= k <= n_pix:
         raise InvalidArgument(
             f"top-k intersection needs 1 <= k <= {n_pix} (the pixels of a {m.shape[1]}x{m.shape[2]} map); got k = {k}")
-    kth = -np.partition(-flat, k - 1, axis=1)[:, k - 1 : k]
-    above, tied = flat > kth, flat == kth
-    slots = k - above.sum(axis=1)
-    hits = (above & gflat).sum(axis=1) + slots * (tied & gflat).sum(axis=1) / tied.sum(axis=1)
-    return hits / k
+    return _top_k_hits(flat, gflat, np.full(len(flat), k)) / k
 
 
 def relevance_mass(a, gt) -> np.ndarray:

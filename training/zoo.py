@@ -108,9 +108,10 @@ def _fmt(d: dict[str, Any]) -> str:
     return "\n".join(f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in d.items())
 
 
-def _selected_epoch(res: dict[str, Any]) -> str:
+def _selected_epoch(res: dict[str, Any]) -> int | None:
+    """The epoch whose state the run kept by validation (training.loop's `select`), if any."""
     chosen = [r["epoch"] for r in res.get("history", []) if r.get("selected")]
-    return str(chosen[0]) if chosen else "the last"
+    return chosen[0] if chosen else None
 
 
 def _history_table(history: list[dict]) -> str:
@@ -272,13 +273,13 @@ def _card(res: dict[str, Any]) -> dict[str, str]:
             "fidelity = cos(Phi(x), Phi(x*m))):\n" + json.dumps({k: m[k] for k in ("val", "test")}, indent=1)
             + "\n\nThe full comparison with RELAX and the gradient baselines is `xaiserve evaluate explanations`."
         )
-        chosen = [r["epoch"] for r in res.get("history", []) if r.get("selected")]
+        chosen = _selected_epoch(res)
         epochs_text = (f"{cfg['epochs']} epochs as in the paper" if cfg["epochs"] == 10 else
                        f"{cfg['epochs']} epochs instead of the paper's 10")
         sections["Deviations"] = (
-            epochs_text + (f"; the decoder of epoch {chosen[0]}, the one with the highest relevance mass on 512 validation "
+            epochs_text + (f"; the decoder of epoch {chosen}, the one with the highest relevance mass on 512 validation "
                            "images, is kept (model selection on the validation split: the paper does not say how it picked its "
-                           "checkpoint; the test split is not used)" if chosen else "")
+                           "checkpoint; the test split is not used)" if chosen is not None else "")
             + ". The decoder is far smaller than the paper's 9-10 M parameters (64 x 64 inputs; latency target at most 2x the "
             "frozen encoder)."
         )
@@ -295,7 +296,7 @@ def _card(res: dict[str, Any]) -> dict[str, str]:
              "(h <- h (1 + gamma_c) + beta_c), trained with the true label as the target for half of the images and a uniformly "
              "random target for the other half. The mask head starts at logit "
              f"{COND_HEAD_BIAS:g} (masks that keep most of the image) and the epoch with the highest validation relevance "
-             f"mass (512 images) is kept (epoch {_selected_epoch(res)}): from the default start the shared network once "
+             f"mass (512 images) is kept (epoch {_selected_epoch(res) or 'the last'}): from the default start the shared network once "
              "collapsed every mask of the nevus class to zero, for every target label, within the first epoch."
              if cond else
              f"NEMt (seed 002): one masking network per target label ({res['output_dim']} U-Net decoders; decoder c is trained to "

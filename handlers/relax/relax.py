@@ -264,9 +264,10 @@ class Relax:
                 return masks, pert.apply(masks, g_noise), (masks * masks).sum(0), feats
 
             # Pipelining: a worker thread draws and applies the next batch of masks (and their
-            # squared-weight sum and, for the control variate, their pooled features) while the model runs on the current one (ONNX Runtime and torch
-            # release the GIL). Batches are still drawn one after another from the same generators,
-            # so the masks do not change; the main thread keeps only the matrix product and merge.
+            # squared-weight sum and, for the control variate, their pooled features) while the
+            # model runs on the current one (ONNX Runtime and torch release the GIL). Batches are
+            # still drawn one after another from the same generators, so the masks do not change;
+            # the main thread keeps only the matrix product and merge.
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="relax-masks") as pool:
                 pending = pool.submit(make_batch, min(cfg.batch_size, cfg.num_masks))
                 t0 = time.perf_counter()
