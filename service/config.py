@@ -28,6 +28,7 @@ class ServerConfig:
     load_models: str = "all"  # "all": load and warm every model at start; "lazy": on first use
     intra_op_threads: int = 0  # ONNX Runtime threads per session (0 = runtime default)
     prefer_cuda: bool = True  # use the CUDA execution provider when present
+    spiral_runtime: bool = True  # spiral denoisers with compiled resampling (False: their single ONNX graph)
     # fast path
     max_batch: int = 16  # micro-batch size limit
     # extra wait for a batch to fill; 0 = natural batching: requests that arrive while the model

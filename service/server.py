@@ -154,7 +154,7 @@ class RunningServer:
 
 async def start_server(config: ServerConfig) -> RunningServer:
     registry = Registry(RegistryConfig(store=Path(config.model_store), intra_op_threads=config.intra_op_threads,
-                                       prefer_cuda=config.prefer_cuda))
+                                       prefer_cuda=config.prefer_cuda, spiral_runtime=config.spiral_runtime))
     t0 = time.perf_counter()
     if config.load_models == "all":
         registry.load_all()

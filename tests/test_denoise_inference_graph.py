@@ -14,6 +14,7 @@ from handlers.denoise import geometry as geo
 from handlers.denoise.export import export_onnx, ort_denoise, ort_session
 from handlers.denoise.layers import SpiralConv, gather_apply
 from handlers.denoise.networks import Denoiser, DenoiserConfig, normalise
+from tests.tiny_models import perturbed_denoiser
 
 torch.set_num_threads(1)
 STORE = Path(__file__).resolve().parent.parent / "model_store"
@@ -62,19 +63,7 @@ def reference_forward(m: Denoiser, particles: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def trained_looking() -> Denoiser:
     """A small 3-level spiral net with batch-norm statistics and affine terms off their defaults."""
-    torch.manual_seed(0)
-    m = Denoiser(DenoiserConfig(arch="spiral", size=32, channels=(4, 8, 16)))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                c = mod.num_features
-                mod.running_mean.copy_(torch.randn(c, generator=g) * 0.3)
-                mod.running_var.copy_(torch.rand(c, generator=g) * 2 + 0.2)
-                mod.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                mod.bias.copy_(torch.randn(c, generator=g) * 0.2)
-        m.gain.fill_(0.7)
-    return m.eval()
+    return perturbed_denoiser(DenoiserConfig(arch="spiral", size=32, channels=(4, 8, 16)))
 
 
 @pytest.mark.parametrize("c", [1, 5])

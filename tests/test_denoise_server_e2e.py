@@ -25,9 +25,10 @@ def store_and_model(tmp_path_factory):
     model = Denoiser(DenoiserConfig(arch="spiral", size=SIZE, channels=(4, 8), out_gain=expected_signal_rms(0.25))).eval()
     root = tmp_path_factory.mktemp("dnstore")
     export_onnx(model, root / "tiny-spiral" / "1" / "model.onnx")
+    torch.save(model.state_dict(), root / "tiny-spiral" / "1" / "weights.pt")  # served by the spiral runtime
     add_entry(root, {
         "name": "tiny-spiral", "version": "1", "kind": "denoiser",
-        "files": {"onnx": "tiny-spiral/1/model.onnx"},
+        "files": {"onnx": "tiny-spiral/1/model.onnx", "state_dict": "tiny-spiral/1/weights.pt"},
         "input": {"height": SIZE, "width": SIZE, "channels": 1, "mean": [0.0], "std": [1.0]},
         "particles": dict(DEFAULT_POLICY), "arch": model.config.to_dict(),
     })

@@ -91,3 +91,23 @@ def build_store(root: Path, size: int = 32, slow: bool = True) -> Path:
         _export(TinyNemU(enc, width=96, depth=6), (torch.zeros(1, 3, 64, 64),), root / "slow-nemu/1/model.onnx", ["image"], ["mask", "output"])
         add_entry(root, _entry("slow-nemu", "nem_u", 64, output_dim=16, explains="tiny-encoder:1"))
     return root
+
+
+def perturbed_denoiser(config, seed: int = 0):
+    """A spiral/cartesian `Denoiser` (eval mode) whose batch-norm statistics, affine terms and
+    output gain are off their defaults, so that folding and ordering mistakes show in outputs."""
+    from handlers.denoise.networks import Denoiser
+
+    torch.manual_seed(seed)
+    m = Denoiser(config)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                c = mod.num_features
+                mod.running_mean.copy_(torch.randn(c, generator=g) * 0.3)
+                mod.running_var.copy_(torch.rand(c, generator=g) * 2 + 0.2)
+                mod.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                mod.bias.copy_(torch.randn(c, generator=g) * 0.2)
+        m.gain.fill_(0.7)
+    return m.eval()

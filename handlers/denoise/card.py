@@ -119,13 +119,18 @@ def write_card(path: Path, entry: dict, model: Denoiser, summary: dict | None, h
     curve_rows = "\n".join(
         f"| {h['epoch']} | {_fmt(h['train_loss'])} | {h['val_mse']:.4g} | {h['val_psnr']:.2f} | {h['equivariance']:.4f} |" for h in history
     )
+    served = (
+        "\nThe server runs the same network from `weights.pt` with its resampling in compiled loops\n"
+        "(handlers/denoise/spiral_runtime.py, see Latency); `model.onnx` is the portable form of the same map."
+        if cfg.arch == "spiral" else ""
+    )
     text = f"""# {entry['name']}:{entry['version']} — {cfg.arch} CNN Cryo-EM particle denoiser
 
 {entry['description']}.
 
 ## What it does
 Takes raw single-particle images (float32, {cfg.size} x {cfg.size}, any units) and returns the denoised
-particles in the same units. ONNX graph: `particles` [B,1,{cfg.size},{cfg.size}] -> `denoised` [B,1,{cfg.size},{cfg.size}].
+particles in the same units. ONNX graph: `particles` [B,1,{cfg.size},{cfg.size}] -> `denoised` [B,1,{cfg.size},{cfg.size}].{served}
 Inside the graph: the particle is restricted to the unit disc inscribed in the box (eq. 7.1-7.2 of seed 004),
 scaled per particle (x / std over the disc), denoised, and the scaling is undone; pixels outside the disc are
 returned as 0. The mean is not subtracted (at SNR 1/64 it is mostly noise, and the network needs it to estimate
