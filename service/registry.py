@@ -137,7 +137,7 @@ class RegistryConfig:
     prefer_cuda: bool = True
     warmup: bool = True
     # spiral denoisers through handlers/denoise/spiral_runtime.py (the same network with its
-    # resampling in compiled loops, ~1.5-2x faster on CPU) instead of their single ONNX graph
+    # resampling in compiled loops, 1.5-1.8x faster on CPU) instead of their single ONNX graph
     spiral_runtime: bool = True
 
 
@@ -204,7 +204,8 @@ class Registry:
                     self._warm(entry, m)
                 self._onnx[entry.id] = m
                 self.load_seconds[entry.id] = time.perf_counter() - t0
-                log.info("model loaded", extra={"model": entry.id, "seconds": round(self.load_seconds[entry.id], 4)})
+                backend = "onnxruntime" if isinstance(m, OnnxModel) else "spiral_runtime"
+                log.info("model loaded", extra={"model": entry.id, "backend": backend, "seconds": round(self.load_seconds[entry.id], 4)})
             return m
 
     def _spiral_runtime(self, entry: ModelEntry):

@@ -140,11 +140,13 @@ def test_wrong_shapes_and_cartesian_networks_are_refused() -> None:
         sr.SpiralRuntime(Denoiser(DenoiserConfig(arch="cartesian", size=32, channels=(4, 8, 16))).eval())
 
 
-def test_the_registry_serves_spiral_denoisers_through_the_runtime_unless_told_not_to(tmp_path) -> None:
+def test_the_registry_serves_spiral_denoisers_through_the_runtime_unless_told_not_to(caplog) -> None:
     reg = Registry(RegistryConfig(store=STORE, warmup=True, prefer_cuda=False, intra_op_threads=1))
     plain = Registry(RegistryConfig(store=STORE, warmup=True, prefer_cuda=False, intra_op_threads=1, spiral_runtime=False))
-    served = reg.onnx("cryoem-spiral")
+    with caplog.at_level("INFO", logger="xaiserve.registry"):
+        served = reg.onnx("cryoem-spiral")
     assert isinstance(served, sr.SpiralRuntime)
+    assert [r.backend for r in caplog.records if r.getMessage() == "model loaded"] == ["spiral_runtime"]
     assert isinstance(plain.onnx("cryoem-spiral"), OnnxModel)
     assert isinstance(reg.onnx("cryoem-cartesian"), OnnxModel)
     x = _particles(4, 64, seed=9)
