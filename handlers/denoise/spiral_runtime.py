@@ -384,10 +384,10 @@ class SpiralRuntime:
         """`threads`: particles of a batch are split over this many threads (0: one per CPU core
         available); each runs the whole pipeline on its share, one thread per ONNX Runtime call."""
         cfg = denoiser.config
-        self.threads = threads if threads > 0 else len(os.sched_getaffinity(0))
-        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="spiral") if self.threads > 1 else None
         if cfg.arch != "spiral":
             raise ValueError(f"SpiralRuntime runs spiral denoisers, got arch {cfg.arch!r}")
+        self.threads = threads if threads > 0 else len(os.sched_getaffinity(0))
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="spiral") if self.threads > 1 else None
         ops, core = denoiser.ops, denoiser.core
         self.config = cfg
         self.size = cfg.size
@@ -430,15 +430,16 @@ class SpiralRuntime:
     def _check_layouts(self) -> None:
         """Every map is produced in the layout its consumers read: maps of at least a block of
         channels blocked, smaller ones NCHW (resampling keeps the layout). Holds for ONNX
-        Runtime's NCHWc rules as of 1.2x-1.3x; checked here so that a runtime which decides
-        otherwise fails at load with a clear message instead of computing garbage."""
+        Runtime's NCHWc rules (verified with 1.31); checked here so that a version which decides
+        otherwise fails at load with a clear message (and the registry serves the single graph)
+        instead of computing garbage."""
         blocked = lambda c: bool(self.blk) and c >= self.blk  # noqa: E731
         for conv in [c for cs in self.enc for c in cs] + self.dec + [self.out]:
             for p, c in enumerate(conv.split):
                 for kind in ("mid", "outer"):
                     if conv.in_blocked[f"{kind}{p}"] != blocked(c):
                         raise SpiralRuntimeUnavailable(
-                            f" ONNX Runtime reads {kind}{p} of {conv.name} ({c} channels, NCHWc block {self.blk}) "
+                            f"ONNX Runtime reads {kind}{p} of {conv.name} ({c} channels, NCHWc block {self.blk}) "
                             f"{'blocked' if conv.in_blocked[f'{kind}{p}'] else 'as NCHW'}, against the layout rule; serve the single ONNX graph"
                         )
             if conv.out_blocked != blocked(conv.cout):
