@@ -38,6 +38,20 @@ def promql(base: str, query: str) -> list[dict]:
     return data["data"]["result"]
 
 
+def wait_ready(base: str, timeout: float = 60) -> None:
+    """Until Prometheus's /-/ready answers 200: before its storage is open, queries get 503."""
+    end, last = time.time() + timeout, None
+    while time.time() < end:
+        try:
+            with urllib.request.urlopen(f"{base}/-/ready", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError as e:  # connection refused while starting, HTTPError 503 while not ready
+            last = e
+        time.sleep(0.2)
+    raise AssertionError(f"prometheus at {base} not ready after {timeout} s: {last}")
+
+
 def wait_value(base: str, query: str, expected: float, timeout: float = 60) -> float:
     end, got = time.time() + timeout, None
     while time.time() < end:
@@ -70,6 +84,7 @@ def test_prometheus_scrapes_gateway_and_worker(tiny_store, tmp_path):
                                      f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             base = f"http://127.0.0.1:{port}"
             try:
+                wait_ready(base)
                 from service.client import ExplainerClient
 
                 with ExplainerClient(gw.address) as c:
