@@ -31,23 +31,13 @@ sys.path.insert(0, str(ROOT))
 LIMIT = 1.5
 
 
-class _Graph:
-    """An ONNX Runtime session with the runtime's call: particles -> denoised."""
-
-    def __init__(self, session):
-        self.session = session
-
-    def denoise(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {"particles": x})[0]
-
-
 def _contestants(size: int, store: Path, tmp: Path, threads: int, channels: tuple[int, ...] | None) -> dict[str, tuple[object, str]]:
     import torch
 
-    from handlers.denoise.export import export_onnx, load_denoiser, ort_session
+    from handlers.denoise.export import export_onnx, load_denoiser
     from handlers.denoise.networks import Denoiser, DenoiserConfig
     from handlers.denoise.spiral_runtime import SpiralRuntime
-    from service.registry import read_manifest
+    from service.registry import OnnxModel, read_manifest
 
     out = {}
     for arch in ("spiral", "cartesian"):
@@ -65,16 +55,17 @@ def _contestants(size: int, store: Path, tmp: Path, threads: int, channels: tupl
         label = str(path) if path.parent != tmp else f"{path.name} (fresh weights)"
         if arch == "spiral":
             out["spiral"] = (SpiralRuntime(module, threads=threads), f"SpiralRuntime, same weights as {label}")
-            out["spiral-graph"] = (_Graph(ort_session(path, threads=threads)), label)
+            out["spiral-graph"] = (OnnxModel(path, intra_op_threads=threads, prefer_cuda=False), label)
         else:
-            out["cartesian"] = (_Graph(ort_session(path, threads=threads)), label)
+            out["cartesian"] = (OnnxModel(path, intra_op_threads=threads, prefer_cuda=False), label)
     return out
 
 
 def _time(model, x: np.ndarray, reps: int) -> float:
+    feeds = {"particles": x}
     t0 = time.perf_counter()
     for _ in range(reps):
-        model.denoise(x)
+        model.run(feeds)
     return (time.perf_counter() - t0) / reps / x.shape[0]
 
 
@@ -105,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                 reps = args.reps or max(1, 64 // b)
                 times: dict[str, list[float]] = {a: [] for a in sess}
                 for a, (m, _) in sess.items():
-                    m.denoise(x)  # warm-up (and the runtime's one-time compilation)
+                    m.run({"particles": x})  # warm-up (and the runtime's one-time compilation)
                 for _ in range(args.rounds):
                     for a, (m, _) in sess.items():
                         times[a].append(_time(m, x, reps))

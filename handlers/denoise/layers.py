@@ -313,12 +313,17 @@ class SpiralConv(nn.Module):
         self.level = level
         self.conv = nn.Conv2d(cin, cout, (rows, kernel), padding=(0, kernel // 2), bias=bias)
 
-    def forward(self, f: Tensor | list[Tensor], ops: "SpiralOps", scale: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
-        parts = list(f) if isinstance(f, (list, tuple)) else [f]
+    def folded(self, scale: Tensor | None = None, shift: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """(weight, bias) with the per-channel affine (scale, shift) applied to the output folded in."""
         weight, bias = self.conv.weight, self.conv.bias
         if scale is not None:
             weight = weight * scale.view(-1, 1, 1, 1)
             bias = shift if bias is None else bias * scale + shift
+        return weight, bias
+
+    def forward(self, f: Tensor | list[Tensor], ops: "SpiralOps", scale: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
+        parts = list(f) if isinstance(f, (list, tuple)) else [f]
+        weight, bias = self.folded(scale, shift)
         if ops.portable:
             return ops.ribbon_conv(self.level, parts, weight, bias)
         x = parts[0] if len(parts) == 1 else torch.cat(parts, 1)

@@ -123,10 +123,14 @@ class ConvUnit(nn.Module):
             # Inference form of the spiral net: the batch norm (running statistics) folded into
             # the convolution as a per-channel scale and shift, because its convolution is a sum
             # of several convolutions that ONNX Runtime cannot fuse a BatchNormalization into.
-            n = self.norm
-            scale = n.weight / torch.sqrt(n.running_var + n.eps)
-            return torch.relu(self.conv(f, ops, scale, n.bias - n.running_mean * scale))
+            return torch.relu(self.conv(f, ops, *self.norm_affine()))
         return torch.relu(self.norm(self.conv(f, ops)))
+
+    def norm_affine(self) -> tuple[Tensor, Tensor]:
+        """The batch norm with its running statistics as a per-channel (scale, shift)."""
+        n = self.norm
+        scale = n.weight / torch.sqrt(n.running_var + n.eps)
+        return scale, n.bias - n.running_mean * scale
 
 
 class UNetCore(nn.Module):
