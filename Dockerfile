@@ -41,10 +41,7 @@ RUN case "${FLAVOR}" in \
  && pip install --no-cache-dir --index-url "${torch_index}" "torch==${TORCH_VERSION}"
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY proto ./proto
-COPY service ./service
-COPY handlers ./handlers
-COPY training ./training
+COPY xaiserve ./xaiserve
 # torch is already in the venv (the pinned CPU or CUDA build), so pip keeps it. In the CUDA image
 # onnxruntime-gpu provides the `onnxruntime` module; the CPU wheel that the project's dependency
 # list pulls in would shadow it, so it is removed again.
@@ -53,7 +50,7 @@ RUN pip install --no-cache-dir . \
         pip uninstall -y onnxruntime \
         && pip install --no-cache-dir --force-reinstall --no-deps "onnxruntime-gpu==${ONNXRUNTIME_VERSION}"; \
     fi \
- && python -c "import torch, onnxruntime, grpc_health.v1, service.security; print(torch.__version__, onnxruntime.get_available_providers())"
+ && python -c "import torch, onnxruntime, grpc_health.v1, xaiserve.service.security; print(torch.__version__, onnxruntime.get_available_providers())"
 
 # ------------------------------------------------------------------------------ runtime stage
 FROM ${PYTHON_IMAGE} AS runtime

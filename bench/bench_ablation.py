@@ -29,14 +29,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from handlers.ablation import AblationConfig, AblationPath  # noqa: E402
-from handlers.ablation import path as P  # noqa: E402
-from handlers.ablation.reference import monotonise_loop  # noqa: E402
+from xaiserve.handlers.ablation import AblationConfig, AblationPath  # noqa: E402
+from xaiserve.handlers.ablation import path as P  # noqa: E402
+from xaiserve.handlers.ablation.reference import monotonise_loop  # noqa: E402
 
 
 def _classifier(store: Path, name: str):
     """(module, entry) of a store classifier, or (None, None) when the store does not have it."""
-    from service.registry import Registry, RegistryConfig
+    from xaiserve.service.registry import Registry, RegistryConfig
 
     try:
         reg = Registry(RegistryConfig(store=store, warmup=False))
@@ -48,7 +48,7 @@ def _classifier(store: Path, name: str):
 
 
 def bench_overhead(store: Path, iterations: int, repeats: int) -> dict:
-    from handlers.nets import EncoderArch, FrozenSpec
+    from xaiserve.handlers.nets import EncoderArch, FrozenSpec
 
     module, entry = _classifier(store, "lesions-classifier")
     which = entry.id if entry else "untrained handlers.nets classifier (default arch, 4 classes)"
@@ -150,10 +150,10 @@ VARIANTS = {
 
 
 def bench_pointing(store: Path, images: int, cfg_kw: dict, datasets: tuple[str, ...] = ("lesions", "scenes")) -> dict:
-    from handlers.saliency import attribute
-    from service.images import to_model_input
-    from training.datasets import get_dataset
-    from training.metrics import pointing_game
+    from xaiserve.handlers.saliency import attribute
+    from xaiserve.service.images import to_model_input
+    from xaiserve.training.datasets import get_dataset
+    from xaiserve.training.metrics import pointing_game
 
     results = {}
     for dataset in datasets:

@@ -34,10 +34,10 @@ LIMIT = 1.5
 def _contestants(size: int, store: Path, tmp: Path, threads: int, channels: tuple[int, ...] | None) -> dict[str, tuple[object, str]]:
     import torch
 
-    from handlers.denoise.export import export_onnx, load_denoiser
-    from handlers.denoise.networks import Denoiser, DenoiserConfig
-    from handlers.denoise.spiral_runtime import SpiralRuntime
-    from service.registry import OnnxModel, read_manifest
+    from xaiserve.handlers.denoise.export import export_onnx, load_denoiser
+    from xaiserve.handlers.denoise.networks import Denoiser, DenoiserConfig
+    from xaiserve.handlers.denoise.spiral_runtime import SpiralRuntime
+    from xaiserve.service.registry import OnnxModel, read_manifest
 
     out = {}
     for arch in ("spiral", "cartesian"):

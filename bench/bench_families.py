@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from handlers.relax import Relax, RelaxConfig  # noqa: E402
-from handlers.relax.job import onnx_embed  # noqa: E402
-from service.modelstore import DEFAULT_STORE  # noqa: E402
-from service.registry import Registry, RegistryConfig  # noqa: E402
-from training.datasets.scenes import scenes  # noqa: E402
+from xaiserve.handlers.relax import Relax, RelaxConfig  # noqa: E402
+from xaiserve.handlers.relax.job import onnx_embed  # noqa: E402
+from xaiserve.service.modelstore import DEFAULT_STORE  # noqa: E402
+from xaiserve.service.registry import Registry, RegistryConfig  # noqa: E402
+from xaiserve.training.datasets.scenes import scenes  # noqa: E402
 
 
 def main() -> None:

@@ -24,10 +24,10 @@ import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from explain.v1 import explainer_pb2 as pb  # noqa: E402
-from explain.v1 import explainer_pb2_grpc as pb_grpc  # noqa: E402
-from service.modelstore import DEFAULT_STORE, add_entry  # noqa: E402
-from service.tensors import to_tensor  # noqa: E402
+from xaiserve.proto.explain.v1 import explainer_pb2 as pb  # noqa: E402
+from xaiserve.proto.explain.v1 import explainer_pb2_grpc as pb_grpc  # noqa: E402
+from xaiserve.service.modelstore import DEFAULT_STORE, add_entry  # noqa: E402
+from xaiserve.service.tensors import to_tensor  # noqa: E402
 from tests.serverutil import server_process  # noqa: E402
 from tests.tiny_models import TinyEncoder, TinyNemU, _entry, _export  # noqa: E402
 

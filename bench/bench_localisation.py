@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from training.evaluate_explanations import RANDOM_ROW, EvalConfig, EvalResult, evaluate, relax_api
-from training.metrics import top_k_for
+from xaiserve.training.evaluate_explanations import RANDOM_ROW, EvalConfig, EvalResult, evaluate, relax_api
+from xaiserve.training.metrics import top_k_for
 
 ROOT = Path(__file__).resolve().parent.parent
 BASELINES = ("saliency", "guided_backprop", "smoothgrad")

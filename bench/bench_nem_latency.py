@@ -20,7 +20,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from service.registry import Registry, RegistryConfig  # noqa: E402
+from xaiserve.service.registry import Registry, RegistryConfig  # noqa: E402
 
 LIMIT = 2.0
 

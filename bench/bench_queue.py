@@ -32,10 +32,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from explain.v1 import explainer_pb2 as pb  # noqa: E402
-from service.jobs.factory import open_backend  # noqa: E402
-from service.jobs.options import JobOptions  # noqa: E402
-from service.jobs.service import JobService  # noqa: E402
+from xaiserve.proto.explain.v1 import explainer_pb2 as pb  # noqa: E402
+from xaiserve.service.jobs.factory import open_backend  # noqa: E402
+from xaiserve.service.jobs.options import JobOptions  # noqa: E402
+from xaiserve.service.jobs.service import JobService  # noqa: E402
 
 
 class SleepMethod:
@@ -125,7 +125,7 @@ def start_workers(queue: str, n: int) -> list[subprocess.Popen]:
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'bench'}", OMP_NUM_THREADS="1")
     procs = []
     for _ in range(n):
-        p = subprocess.Popen([sys.executable, "-m", "service.worker", "--queue", queue,
+        p = subprocess.Popen([sys.executable, "-m", "xaiserve.service.worker", "--queue", queue,
                               "--methods", "bench_queue:SleepMethod,bench_queue:SpinMethod", "--metrics-port", "-1",
                               "--grace-s", "1", "--log-level", "WARNING"],
                              cwd=str(ROOT), env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)

@@ -33,12 +33,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from handlers.relax import Relax, RelaxConfig  # noqa: E402
-from handlers.relax import estimator as est  # noqa: E402
-from handlers.relax.job import onnx_embed, torch_embed  # noqa: E402
-from handlers.relax.masks import generate_masks, mask_geometry  # noqa: E402
-from handlers.relax.relax import cosine  # noqa: E402
-from service.registry import OnnxModel, Registry, RegistryConfig  # noqa: E402
+from xaiserve.handlers.relax import Relax, RelaxConfig  # noqa: E402
+from xaiserve.handlers.relax import estimator as est  # noqa: E402
+from xaiserve.handlers.relax.job import onnx_embed, torch_embed  # noqa: E402
+from xaiserve.handlers.relax.masks import generate_masks, mask_geometry  # noqa: E402
+from xaiserve.handlers.relax.relax import cosine  # noqa: E402
+from xaiserve.service.registry import OnnxModel, Registry, RegistryConfig  # noqa: E402
 
 DEFAULT_MODEL = "scenes-simclr"
 
@@ -54,7 +54,7 @@ def load_model(store: Path, threads: int):
         if entry is not None:
             return (f"{entry.id} (default encoder from {store})", reg.onnx(entry), reg.torch_module(entry),
                     entry.input.mean, entry.input.std, entry.input.height)
-    from handlers.nets import EncoderArch, PyramidEncoder
+    from xaiserve.handlers.nets import EncoderArch, PyramidEncoder
 
     torch.manual_seed(0)
     module = PyramidEncoder(EncoderArch()).eval()
@@ -70,7 +70,7 @@ def load_model(store: Path, threads: int):
 
 def load_image(size: int, mean, std) -> tuple[torch.Tensor, str]:
     try:
-        from training.datasets.scenes import scenes
+        from xaiserve.training.datasets.scenes import scenes
 
         ds = scenes(size=size, sizes={"train": 0, "val": 0, "test": 64})
         sp = ds.split("test")
@@ -166,7 +166,7 @@ def corr(a: torch.Tensor, b: torch.Tensor) -> float:
 def compare_adaptive(embed, size: int, mean, std, a, n: int, bs: int) -> None:
     """The adaptive rule's maps against N = n maps on several scenes (issue 4, part 4)."""
     try:
-        from training.datasets.scenes import scenes
+        from xaiserve.training.datasets.scenes import scenes
 
         sp = scenes(size=size, sizes={"train": 0, "val": 0, "test": a.compare_images}).split("test")
         imgs = torch.from_numpy(sp.images.astype(np.float32) / 255.0)

@@ -46,14 +46,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_relax import load_model, reference_relax  # noqa: E402
-from handlers.relax import Relax, RelaxConfig  # noqa: E402
-from handlers.relax.job import onnx_embed  # noqa: E402
+from xaiserve.handlers.relax import Relax, RelaxConfig  # noqa: E402
+from xaiserve.handlers.relax.job import onnx_embed  # noqa: E402
 
 
 def load_images(size: int, mean, std, count: int) -> list[tuple[torch.Tensor, str]]:
     """Scenes test images: the one with the largest objects (bench_relax's image), then others
     spread over the object-size ranking (not hand-picked)."""
-    from training.datasets.scenes import scenes
+    from xaiserve.training.datasets.scenes import scenes
 
     sp = scenes(size=size, sizes={"train": 0, "val": 0, "test": 64}).split("test")
     area = sp.masks.reshape(len(sp), -1).mean(1)

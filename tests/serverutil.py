@@ -20,8 +20,8 @@ from pathlib import Path
 
 import grpc
 
-from explain.v1 import explainer_pb2_grpc as pb_grpc
-from service.config import ServerConfig, load_config
+from xaiserve.proto.explain.v1 import explainer_pb2_grpc as pb_grpc
+from xaiserve.service.config import ServerConfig, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,7 +63,7 @@ class ServerHandle:
 @contextlib.contextmanager
 def running_server(store: Path | str | None = None, **overrides) -> Iterator[ServerHandle]:
     """The real server in a thread with its own event loop, on free localhost ports."""
-    from service.server import start_server
+    from xaiserve.service.server import start_server
 
     tmp_state = overrides.pop("state_dir", None)
     if tmp_state is None:
@@ -119,7 +119,7 @@ def server_process(store: Path | str | None = None, *args: str, env: dict | None
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     port, mport = free_port(), free_port()
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--metrics-port", str(mport)]
+    cmd = [sys.executable, "-m", "xaiserve.service.cli", "serve", "--port", str(port), "--metrics-port", str(mport)]
     if store is not None:
         cmd += ["--model-store", str(store)]
     for k, v in overrides.items():

@@ -16,14 +16,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image as PILImage
 
-from explain.v1 import explainer_pb2 as pb
-from handlers.ablation.job import AblationJobMethod
-from handlers.nets import EncoderArch, FrozenSpec
-from service.errors import FailedPrecondition, InvalidArgument, NotFound
-from service.jobs.contract import JobCancelled
-from service.modelstore import add_entry
-from service.registry import Registry, RegistryConfig
-from service.tensors import from_tensor, to_tensor
+from xaiserve.proto.explain.v1 import explainer_pb2 as pb
+from xaiserve.handlers.ablation.job import AblationJobMethod
+from xaiserve.handlers.nets import EncoderArch, FrozenSpec
+from xaiserve.errors import FailedPrecondition, InvalidArgument, NotFound
+from xaiserve.service.jobs.contract import JobCancelled
+from xaiserve.service.modelstore import add_entry
+from xaiserve.service.registry import Registry, RegistryConfig
+from xaiserve.service.tensors import from_tensor, to_tensor
 from tests.test_jobs_support import RecordingContext
 
 torch.set_num_threads(1)

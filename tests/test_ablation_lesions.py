@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from handlers.ablation import AblationConfig, AblationPath
-from handlers.ablation import path as P
-from handlers.ablation.baseline import blur_baseline
-from service.images import to_model_input
-from service.registry import Registry, RegistryConfig
+from xaiserve.handlers.ablation import AblationConfig, AblationPath
+from xaiserve.handlers.ablation import path as P
+from xaiserve.handlers.ablation.baseline import blur_baseline
+from xaiserve.service.images import to_model_input
+from xaiserve.service.registry import Registry, RegistryConfig
 from tests.conftest import DEFAULT_STORE
-from training.datasets import get_dataset
-from training.metrics import pointing_game
+from xaiserve.training.datasets import get_dataset
+from xaiserve.training.metrics import pointing_game
 
 torch.set_num_threads(1)
 

@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from handlers.ablation import AblationConfig, AblationPath
-from handlers.ablation import path as P
-from handlers.ablation import reductions as R
-from handlers.ablation import scores as S
-from handlers.ablation.baseline import blur_baseline
-from service.errors import FailedPrecondition, InvalidArgument
+from xaiserve.handlers.ablation import AblationConfig, AblationPath
+from xaiserve.handlers.ablation import path as P
+from xaiserve.handlers.ablation import reductions as R
+from xaiserve.handlers.ablation import scores as S
+from xaiserve.handlers.ablation.baseline import blur_baseline
+from xaiserve.errors import FailedPrecondition, InvalidArgument
 
 torch.set_num_threads(1)
 

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from handlers.ablation import path as P
-from handlers.ablation.reference import algorithm1, monotonise_loop
+from xaiserve.handlers.ablation import path as P
+from xaiserve.handlers.ablation.reference import algorithm1, monotonise_loop
 
 torch.set_num_threads(1)
 

@@ -17,7 +17,7 @@ def _bench():
 
 
 def test_bench_times_the_served_spiral_its_graph_and_the_baseline_and_the_card_quotes_them(tmp_path, capsys) -> None:
-    from training.cli_denoise import latency_section
+    from xaiserve.training.cli_denoise import latency_section
 
     out = tmp_path / "bench.json"
     status = _bench().main(["--sizes", "64", "--batches", "1,3", "--rounds", "1", "--reps", "1", "--json", str(out)])

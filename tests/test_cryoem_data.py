@@ -5,8 +5,8 @@ import mrcfile
 import numpy as np
 import pytest
 
-from handlers.denoise import client_io
-from training.datasets.cryoem import (
+from xaiserve.handlers.denoise import client_io
+from xaiserve.training.datasets.cryoem import (
     CryoEMConfig,
     CryoEMSimulator,
     disc,

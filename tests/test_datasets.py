@@ -6,11 +6,11 @@ import gzip
 import numpy as np
 import pytest
 
-from service.errors import FailedPrecondition, InvalidArgument
-from training.datasets import get_dataset
-from training.datasets.idx import load_fashion_mnist, read_idx
-from training.datasets.lesions import lesions
-from training.datasets.scenes import scenes
+from xaiserve.errors import FailedPrecondition, InvalidArgument
+from xaiserve.training.datasets import get_dataset
+from xaiserve.training.datasets.idx import load_fashion_mnist, read_idx
+from xaiserve.training.datasets.lesions import lesions
+from xaiserve.training.datasets.scenes import scenes
 
 SMALL = {"train": 40, "val": 20, "test": 20}
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from explain.v1 import explainer_pb2 as pb
-from service.tensors import from_tensor, to_tensor
+from xaiserve.proto.explain.v1 import explainer_pb2 as pb
+from xaiserve.service.tensors import from_tensor, to_tensor
 from tests.conftest import DEFAULT_STORE
 from tests.serverutil import ROOT, running_server
 
@@ -39,14 +39,14 @@ def zstub(zoo):
 
 @pytest.fixture(scope="module")
 def scenes_test():
-    from training.datasets.scenes import scenes
+    from xaiserve.training.datasets.scenes import scenes
 
     return scenes().split("test")
 
 
 @pytest.fixture(scope="module")
 def lesions_test():
-    from training.datasets.lesions import lesions
+    from xaiserve.training.datasets.lesions import lesions
 
     return lesions().split("test")
 
@@ -129,7 +129,7 @@ def test_gradient_baselines_on_the_explain_rpc(zstub, scenes_test, model, method
 
 
 def noisy_particles(n: int = 6, snr: float = 1 / 64):
-    from training.datasets.cryoem import CryoEMConfig, simulate
+    from xaiserve.training.datasets.cryoem import CryoEMConfig, simulate
 
     ps = simulate(CryoEMConfig(snr=snr, seed=123, sizes={"train": 1, "val": 1, "test": n}), "test", n)
     return ps.clean, ps.noisy
@@ -141,7 +141,7 @@ def test_denoise_tensor_and_mrc_round_trip(zstub, tmp_path):
     den = from_tensor(r.denoised)
     assert den.shape == noisy.shape
     assert np.mean((den - clean) ** 2) < 0.5 * np.mean((noisy - clean) ** 2), "the denoiser must remove most of the noise"
-    from handlers.denoise.client_io import read_stack, write_stack
+    from xaiserve.handlers.denoise.client_io import read_stack, write_stack
 
     write_stack(tmp_path / "in.mrcs", noisy)
     r2 = zstub.Denoise(pb.DenoiseRequest(model="cryoem-spiral", mrc=(tmp_path / "in.mrcs").read_bytes()), timeout=60)
@@ -167,11 +167,11 @@ def test_denoise_bad_input(zstub, req, code):
 
 
 def test_cli_denoise_through_the_server(zoo, tmp_path):
-    from handlers.denoise.client_io import read_stack, write_stack
+    from xaiserve.handlers.denoise.client_io import read_stack, write_stack
 
     _, noisy = noisy_particles(3)
     write_stack(tmp_path / "p.mrcs", noisy)
-    r = subprocess.run([sys.executable, "-m", "service.cli", "denoise", str(tmp_path / "p.mrcs"), "--out",
+    r = subprocess.run([sys.executable, "-m", "xaiserve.service.cli", "denoise", str(tmp_path / "p.mrcs"), "--out",
                         str(tmp_path / "d.mrcs"), "--address", zoo.address], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
     assert read_stack(tmp_path / "d.mrcs").shape == noisy.shape

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from handlers.denoise import geometry as geo
+from xaiserve.handlers.denoise import geometry as geo
 
 
 @pytest.fixture(scope="module")

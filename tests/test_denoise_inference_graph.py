@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from handlers.denoise import geometry as geo
-from handlers.denoise.export import export_onnx, ort_denoise, ort_session
-from handlers.denoise.layers import SpiralConv, gather_apply
-from handlers.denoise.networks import Denoiser, DenoiserConfig, normalise
+from xaiserve.handlers.denoise import geometry as geo
+from xaiserve.handlers.denoise.export import export_onnx, ort_denoise, ort_session
+from xaiserve.handlers.denoise.layers import SpiralConv, gather_apply
+from xaiserve.handlers.denoise.networks import Denoiser, DenoiserConfig, normalise
 from tests.tiny_models import perturbed_denoiser
 
 torch.set_num_threads(1)
@@ -132,8 +132,8 @@ def test_inference_graph_matches_the_reference_network_in_torch_and_onnx(trained
 def test_registry_torch_module_of_the_store_spiral_matches_its_onnx_graph():
     """`Registry.torch_module` on the committed cryoem-spiral (handlers.nets.load_module, kind
     denoiser) gives the network whose export is the store's model.onnx."""
-    from service.registry import Registry, RegistryConfig
-    from training.datasets.cryoem import CryoEMConfig, CryoEMSimulator
+    from xaiserve.service.registry import Registry, RegistryConfig
+    from xaiserve.training.datasets.cryoem import CryoEMConfig, CryoEMSimulator
 
     reg = Registry(RegistryConfig(store=STORE, warmup=False, prefer_cuda=False))
     entry = reg.resolve("cryoem-spiral")

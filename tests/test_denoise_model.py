@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from handlers.denoise import geometry as geo
-from handlers.denoise.equivariance import equivariance_error, rotate
-from handlers.denoise.export import export_onnx, from_state_dict, onnx_parity, ort_denoise, ort_session
-from handlers.denoise.layers import SpiralConv, SpiralOps
-from handlers.denoise.networks import Denoiser, DenoiserConfig, expected_signal_rms, normalise, parameter_count
-from handlers.denoise.metrics import as_tensor
-from handlers.denoise.train import FastMode, TrainConfig, evaluate, train
-from training.datasets.cryoem import CryoEMConfig, CryoEMSimulator
+from xaiserve.handlers.denoise import geometry as geo
+from xaiserve.handlers.denoise.equivariance import equivariance_error, rotate
+from xaiserve.handlers.denoise.export import export_onnx, from_state_dict, onnx_parity, ort_denoise, ort_session
+from xaiserve.handlers.denoise.layers import SpiralConv, SpiralOps
+from xaiserve.handlers.denoise.networks import Denoiser, DenoiserConfig, expected_signal_rms, normalise, parameter_count
+from xaiserve.handlers.denoise.metrics import as_tensor
+from xaiserve.handlers.denoise.train import FastMode, TrainConfig, evaluate, train
+from xaiserve.training.datasets.cryoem import CryoEMConfig, CryoEMSimulator
 
 torch.set_num_threads(1)
 SMALL = dict(size=32, channels=(4, 8))

@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from explain.v1 import explainer_pb2 as pb
-from handlers.denoise.export import export_onnx
-from handlers.denoise.mrc import mrc_bytes, parse_mrc_bytes
-from handlers.denoise.networks import Denoiser, DenoiserConfig, expected_signal_rms
-from handlers.denoise.serving import DEFAULT_POLICY, fourier_resample
-from service.modelstore import add_entry
-from service.tensors import from_tensor, to_tensor
+from xaiserve.proto.explain.v1 import explainer_pb2 as pb
+from xaiserve.handlers.denoise.export import export_onnx
+from xaiserve.handlers.denoise.mrc import mrc_bytes, parse_mrc_bytes
+from xaiserve.handlers.denoise.networks import Denoiser, DenoiserConfig, expected_signal_rms
+from xaiserve.handlers.denoise.serving import DEFAULT_POLICY, fourier_resample
+from xaiserve.service.modelstore import add_entry
+from xaiserve.service.tensors import from_tensor, to_tensor
 from tests.serverutil import running_server
-from training.datasets.cryoem import CryoEMConfig, CryoEMSimulator
+from xaiserve.training.datasets.cryoem import CryoEMConfig, CryoEMSimulator
 
 SIZE = 32
 

@@ -7,12 +7,12 @@ import mrcfile
 import numpy as np
 import pytest
 
-from explain.v1 import explainer_pb2 as pb
-from handlers.denoise.mrc import mrc_bytes, parse_mrc_bytes
-from handlers.denoise.serving import fourier_resample, particles_from_request, to_mrc_bytes
-from service.errors import InvalidArgument, ResourceExhausted
-from service.registry import ModelEntry
-from service.tensors import to_tensor
+from xaiserve.proto.explain.v1 import explainer_pb2 as pb
+from xaiserve.handlers.denoise.mrc import mrc_bytes, parse_mrc_bytes
+from xaiserve.handlers.denoise.serving import fourier_resample, particles_from_request, to_mrc_bytes
+from xaiserve.errors import InvalidArgument, ResourceExhausted
+from xaiserve.service.registry import ModelEntry
+from xaiserve.service.tensors import to_tensor
 
 ENTRY = ModelEntry.from_dict(
     {

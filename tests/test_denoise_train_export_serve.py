@@ -7,10 +7,10 @@ import json
 
 import numpy as np
 
-from handlers.denoise.export import ort_denoise, ort_session
-from handlers.denoise.spiral_runtime import SpiralRuntime
-from service.registry import Registry, RegistryConfig
-from training.cli_denoise import export_main, train_main
+from xaiserve.handlers.denoise.export import ort_denoise, ort_session
+from xaiserve.handlers.denoise.spiral_runtime import SpiralRuntime
+from xaiserve.service.registry import Registry, RegistryConfig
+from xaiserve.training.cli_denoise import export_main, train_main
 
 
 def test_a_trained_and_exported_spiral_denoiser_is_served_by_the_runtime(tmp_path) -> None:

@@ -159,7 +159,7 @@ def test_every_copied_path_exists_and_is_in_the_build_context(parsed):
         if "--from=" in args:
             continue
         sources += words[:-1]
-    assert {"pyproject.toml", "service", "proto", "model_store", "deploy/docker/healthcheck.py"} <= set(sources)
+    assert {"pyproject.toml", "xaiserve", "model_store", "deploy/docker/healthcheck.py"} <= set(sources)
     for src in sources:
         assert (ROOT / src).exists(), f"COPY {src}: not in the repository"
         assert not ignored(src, patterns), f"COPY {src}: excluded by .dockerignore"

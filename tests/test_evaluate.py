@@ -16,14 +16,14 @@ import pytest
 import torch
 from torch import nn
 
-from handlers.nets import EncoderArch, FrozenSpec
-from handlers.saliency import methods_for
-from service.modelstore import add_entry
-from service.registry import Registry, RegistryConfig
-from training import metrics as M
-from training.cli_eval import evaluate_main
-from training.datasets.lesions import LESION_LABELS
-from training.evaluate_explanations import RANDOM_ROW, EvalConfig, evaluate, markdown_table, relax_api, write_report
+from xaiserve.handlers.nets import EncoderArch, FrozenSpec
+from xaiserve.handlers.saliency import methods_for
+from xaiserve.service.modelstore import add_entry
+from xaiserve.service.registry import Registry, RegistryConfig
+from xaiserve.training import metrics as M
+from xaiserve.training.cli_eval import evaluate_main
+from xaiserve.training.datasets.lesions import LESION_LABELS
+from xaiserve.training.evaluate_explanations import RANDOM_ROW, EvalConfig, evaluate, markdown_table, relax_api, write_report
 
 SIZE = 32
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
@@ -132,7 +132,7 @@ def test_scenes_encoder_end_to_end(store, tmp_path):
 
     # the harness scores the map of image i against the ground truth of image i: recompute NEM-U's
     # numbers independently from the registry's ONNX session and the dataset split
-    from training.datasets import get_dataset
+    from xaiserve.training.datasets import get_dataset
 
     split = get_dataset("scenes", size=SIZE, sizes=SMALL_SPLIT).split("test")
     x = (torch.from_numpy(split.images[:4]).float() / 255 - 0.5) / 0.25

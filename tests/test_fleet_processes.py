@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from explain.v1 import explainer_pb2 as pb
-from service.client import ExplainerClient
-from service.tensors import from_tensor, to_tensor
+from xaiserve.proto.explain.v1 import explainer_pb2 as pb
+from xaiserve.service.client import ExplainerClient
+from xaiserve.service.tensors import from_tensor, to_tensor
 from tests.serverutil import server_process
 from tests.test_jobs_support import redis_server
 from tests.test_prometheus_scrape import start_worker

@@ -24,9 +24,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from service.config import ServerConfig, load_config
-from service.jobs.redis_backend import parse_redis_url
-from service.security import TokenPolicy, load_tokens
+from xaiserve.service.config import ServerConfig, load_config
+from xaiserve.service.jobs.redis_backend import parse_redis_url
+from xaiserve.service.security import TokenPolicy, load_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm/xaiserve"
@@ -272,7 +272,7 @@ def test_queue_url_is_a_redis_url_built_from_the_password_secret(default):
 
 
 def test_worker_args_parse_with_the_workers_own_parser(default):
-    from service.worker import _parser
+    from xaiserve.service.worker import _parser
 
     c = _container(default, "Deployment", fn("worker"))
     assert c["args"][0] == "worker"

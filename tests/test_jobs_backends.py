@@ -12,11 +12,11 @@ from contextlib import asynccontextmanager
 import pytest
 from prometheus_client import REGISTRY
 
-from explain.v1 import explainer_pb2 as pb
-from service.errors import InvalidArgument, NotFound, ResourceExhausted
-from service.jobs.factory import open_backend
-from service.jobs.options import JobOptions
-from service.jobs.service import JobService
+from xaiserve.proto.explain.v1 import explainer_pb2 as pb
+from xaiserve.errors import InvalidArgument, NotFound, ResourceExhausted
+from xaiserve.service.jobs.factory import open_backend
+from xaiserve.service.jobs.options import JobOptions
+from xaiserve.service.jobs.service import JobService
 from tests.test_jobs_support import count_request, markers, redis_server, run, support_methods, wait_until
 
 _prefix = itertools.count()

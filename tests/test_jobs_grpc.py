@@ -9,12 +9,12 @@ import grpc
 import numpy as np
 import pytest
 
-from explain.v1 import explainer_pb2 as pb
-from explain.v1 import explainer_pb2_grpc as pb_grpc
-from service import cli_jobs
-from service.jobs.factory import build_job_service
-from service.jobs.grpc_adapter import JobServicerMixin
-from service.jobs.options import JobOptions
+from xaiserve.proto.explain.v1 import explainer_pb2 as pb
+from xaiserve.proto.explain.v1 import explainer_pb2_grpc as pb_grpc
+from xaiserve.service import cli_jobs
+from xaiserve.service.jobs.factory import build_job_service
+from xaiserve.service.jobs.grpc_adapter import JobServicerMixin
+from xaiserve.service.jobs.options import JobOptions
 from tests.test_jobs_support import count_request, markers, support_methods
 
 

@@ -8,10 +8,10 @@ import signal
 import subprocess
 import sys
 
-from explain.v1 import explainer_pb2 as pb
-from service.jobs.factory import open_backend
-from service.jobs.options import JobOptions
-from service.jobs.service import JobService
+from xaiserve.proto.explain.v1 import explainer_pb2 as pb
+from xaiserve.service.jobs.factory import open_backend
+from xaiserve.service.jobs.options import JobOptions
+from xaiserve.service.jobs.service import JobService
 from tests.test_jobs_support import ROOT, count_request, markers, run, support_methods, wait_until
 
 

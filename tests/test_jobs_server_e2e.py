@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from explain.v1 import explainer_pb2 as pb
-from explain.v1 import explainer_pb2_grpc as pb_grpc
+from xaiserve.proto.explain.v1 import explainer_pb2 as pb
+from xaiserve.proto.explain.v1 import explainer_pb2_grpc as pb_grpc
 from tests.serverutil import running_server, server_process
 
 

@@ -22,10 +22,10 @@ from typing import Iterator
 
 import numpy as np
 
-from explain.v1 import explainer_pb2 as pb
-from service.errors import InvalidArgument, NotFound
-from service.jobs.contract import JobCancelled
-from service.tensors import to_tensor
+from xaiserve.proto.explain.v1 import explainer_pb2 as pb
+from xaiserve.errors import InvalidArgument, NotFound
+from xaiserve.service.jobs.contract import JobCancelled
+from xaiserve.service.tensors import to_tensor
 
 ROOT = Path(__file__).resolve().parent.parent
 _counter = itertools.count()
@@ -156,12 +156,12 @@ def redis_server(directory: Path, **kw) -> Iterator[RedisServer]:
 
 
 class WorkerProcess:
-    """`python -m service.worker` with the test methods, as the fleet runs it."""
+    """`python -m xaiserve.service.worker` with the test methods, as the fleet runs it."""
 
     def __init__(self, queue: str, *, markers_dir: Path, claim_idle_s: float = 1.0, heartbeat_s: float = 0.2,
                  extra: list[str] | None = None, log_path: Path | None = None):
         env = dict(os.environ, PYTHONPATH=str(ROOT), XAI_TEST_MARKERS=str(markers_dir), OMP_NUM_THREADS="1")
-        args = [sys.executable, "-m", "service.worker", "--queue", queue,
+        args = [sys.executable, "-m", "xaiserve.service.worker", "--queue", queue,
                 "--methods", "tests.test_jobs_support:CountingMethod,tests.test_jobs_support:FailingMethod",
                 "--metrics-port", "0", "--claim-idle-s", str(claim_idle_s), "--heartbeat-s", str(heartbeat_s),
                 "--grace-s", "2", "--no-log-json", *(extra or [])]
@@ -214,8 +214,8 @@ async def wait_until(pred, timeout: float = 20.0, interval: float = 0.02):
 
 async def _serve_embedded(queue: str, claim_idle_s: float) -> None:
     """An embedded-mode 'server' process: a JobService with one worker thread, until killed."""
-    from service.jobs.factory import build_job_service
-    from service.jobs.options import JobOptions
+    from xaiserve.service.jobs.factory import build_job_service
+    from xaiserve.service.jobs.options import JobOptions
 
     opts = JobOptions(embedded_workers=1, claim_idle_s=claim_idle_s, heartbeat_s=claim_idle_s / 4)
     svc = build_job_service(queue, None, opts, methods=support_methods())

@@ -9,8 +9,8 @@ import quantus
 import torch
 from torch import nn
 
-from service.errors import InvalidArgument
-from training import metrics as M
+from xaiserve.errors import InvalidArgument
+from xaiserve.training import metrics as M
 
 H = W = 8
 

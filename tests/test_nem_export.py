@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from handlers.nem import DecoderArch, NemT, NemU
-from handlers.nem.build import arch_of
-from handlers.nem.export import Publication, export_onnx, onnx_parity, ort_session, publish
-from handlers.nets import EncoderArch, FrozenSpec, load_module
-from service.registry import Registry, RegistryConfig
-from training.cli_nem import export_main, train_main
+from xaiserve.handlers.nem import DecoderArch, NemT, NemU
+from xaiserve.handlers.nem.build import arch_of
+from xaiserve.handlers.nem.export import Publication, export_onnx, onnx_parity, ort_session, publish
+from xaiserve.handlers.nets import EncoderArch, FrozenSpec, load_module
+from xaiserve.service.registry import Registry, RegistryConfig
+from xaiserve.training.cli_nem import export_main, train_main
 
 TINY = EncoderArch(stem=4, widths=(8, 8, 8), blocks=(1, 1, 1))
 PARITY_BOUND = 1e-4

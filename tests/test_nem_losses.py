@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from handlers.nem.losses import NemULossConfig, mask_l1, nemt_deletion_loss, nemt_preservation_loss, nemu_loss
-from handlers.nem.smoothing import box_kernel, box_smooth, random_kernels, scaled_size, smooth_with, stochastic_smooth
+from xaiserve.handlers.nem.losses import NemULossConfig, mask_l1, nemt_deletion_loss, nemt_preservation_loss, nemu_loss
+from xaiserve.handlers.nem.smoothing import box_kernel, box_smooth, random_kernels, scaled_size, smooth_with, stochastic_smooth
 
 MASK = torch.tensor([[[[0.5, 1.0], [0.0, 0.5]]]])  # ||m||_1 as the pixel mean = 0.5
 

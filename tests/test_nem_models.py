@@ -5,13 +5,13 @@ import pytest
 import torch
 from torch import nn
 
-from handlers.nem import DecoderArch, NemT, NemU
-from handlers.nem.build import arch_of, build_from_arch
-from handlers.nets import EncoderArch, FrozenSpec, frozen_spec_from_arch, load_module, require_pyramid
-from service.errors import FailedPrecondition, InvalidArgument
-from service.registry import ModelEntry
-from training.datasets.lesions import lesions
-from training.nem_train import NemTrainConfig, nemt_step, nemu_step, relevance_mass, train_nemt, train_nemu
+from xaiserve.handlers.nem import DecoderArch, NemT, NemU
+from xaiserve.handlers.nem.build import arch_of, build_from_arch
+from xaiserve.handlers.nets import EncoderArch, FrozenSpec, frozen_spec_from_arch, load_module, require_pyramid
+from xaiserve.errors import FailedPrecondition, InvalidArgument
+from xaiserve.service.registry import ModelEntry
+from xaiserve.training.datasets.lesions import lesions
+from xaiserve.training.nem_train import NemTrainConfig, nemt_step, nemu_step, relevance_mass, train_nemt, train_nemu
 
 TINY = EncoderArch(stem=4, widths=(8, 8, 8), blocks=(1, 1, 1))
 
@@ -146,7 +146,7 @@ def test_masking_network_arch_round_trip(tmp_path):
 
 
 def test_fused_bank_equals_the_separate_networks():
-    from handlers.nem.decoder import bank_forward
+    from xaiserve.handlers.nem.decoder import bank_forward
 
     torch.manual_seed(0)
     model = NemT(FrozenSpec(TINY, num_classes=4).build(), DecoderArch(widths=(8, 6, 4)), num_classes=4, conditional=False)
@@ -162,7 +162,7 @@ def test_fused_bank_equals_the_separate_networks():
 
 
 def test_interrupted_runs_resume_from_the_checkpoint(tmp_path, tiny_data):
-    from training.supervised import ClassifierConfig, train_classifier
+    from xaiserve.training.supervised import ClassifierConfig, train_classifier
 
     ck = tmp_path / "ckpt.pt"
     _, h2, _ = train_classifier(tiny_data, ClassifierConfig(epochs=2, batch_size=16), TINY, checkpoint=ck, progress=False)
@@ -176,7 +176,7 @@ def test_interrupted_runs_resume_from_the_checkpoint(tmp_path, tiny_data):
 
 
 def test_model_selection_keeps_the_best_validation_epoch_across_a_resume(tmp_path):
-    from training.loop import LoopConfig, train_loop
+    from xaiserve.training.loop import LoopConfig, train_loop
 
     net = nn.Linear(1, 1, bias=False)
     opt = torch.optim.SGD(net.parameters(), lr=1.0)

@@ -41,9 +41,9 @@ def exported_metrics() -> set[str]:
     Prometheus sees them (counters with _total, info with _info; histograms by base name)."""
     from prometheus_client import REGISTRY
 
-    import service.jobs.metrics  # noqa: F401  (job queue and worker metrics)
-    import service.metrics  # noqa: F401  (gateway metrics)
-    import service.security  # noqa: F401  (auth rejections)
+    import xaiserve.service.jobs.metrics  # noqa: F401  (job queue and worker metrics)
+    import xaiserve.service.metrics  # noqa: F401  (gateway metrics)
+    import xaiserve.service.security  # noqa: F401  (auth rejections)
 
     names = set()
     for family in REGISTRY.collect():

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from explain.v1 import explainer_pb2 as pb
-from service.tensors import to_tensor
+from xaiserve.proto.explain.v1 import explainer_pb2 as pb
+from xaiserve.service.tensors import to_tensor
 from tests.serverutil import ROOT, free_port, server_process
 from tests.test_jobs_support import redis_server
 
@@ -23,7 +23,7 @@ def start_worker(queue: str, store: Path, log: Path) -> tuple[subprocess.Popen, 
     import sys
 
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--queue", queue, "--store", str(store),
+    proc = subprocess.Popen([sys.executable, "-m", "xaiserve.service.cli", "worker", "--queue", queue, "--store", str(store),
                              "--methods", "relax", "--metrics-port", "0"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=open(log, "ab"))
     ready = json.loads(proc.stdout.readline().decode() or "{}")
@@ -85,7 +85,7 @@ def test_prometheus_scrapes_gateway_and_worker(tiny_store, tmp_path):
             base = f"http://127.0.0.1:{port}"
             try:
                 wait_ready(base)
-                from service.client import ExplainerClient
+                from xaiserve.service.client import ExplainerClient
 
                 with ExplainerClient(gw.address) as c:
                     img = np.zeros((32, 32, 3), np.uint8)

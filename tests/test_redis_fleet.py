@@ -1,5 +1,5 @@
 """The distributed queue as deployed: a real redis-server, two gateways (JobService instances with no
-workers of their own) and real `python -m service.worker` processes running the test methods."""
+workers of their own) and real `python -m xaiserve.service.worker` processes running the test methods."""
 from __future__ import annotations
 
 import asyncio
@@ -11,10 +11,10 @@ from contextlib import asynccontextmanager, contextmanager
 
 import pytest
 
-from explain.v1 import explainer_pb2 as pb
-from service.jobs.factory import open_backend
-from service.jobs.options import JobOptions
-from service.jobs.service import JobService
+from xaiserve.proto.explain.v1 import explainer_pb2 as pb
+from xaiserve.service.jobs.factory import open_backend
+from xaiserve.service.jobs.options import JobOptions
+from xaiserve.service.jobs.service import JobService
 from tests.test_jobs_support import (
     RedisServer,
     WorkerProcess,

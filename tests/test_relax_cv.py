@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from handlers.relax import Relax, RelaxConfig
-from handlers.relax import control_variate as cv
-from handlers.relax import estimator as est
-from handlers.relax.masks import generate_masks, mask_geometry
-from service.errors import InvalidArgument
+from xaiserve.handlers.relax import Relax, RelaxConfig
+from xaiserve.handlers.relax import control_variate as cv
+from xaiserve.handlers.relax import estimator as est
+from xaiserve.handlers.relax.masks import generate_masks, mask_geometry
+from xaiserve.errors import InvalidArgument
 
 torch.set_num_threads(1)
 

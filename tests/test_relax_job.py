@@ -14,15 +14,15 @@ import torch
 from PIL import Image as PILImage
 from torch import nn
 
-from explain.v1 import explainer_pb2 as pb
-from handlers.relax import Relax, RelaxConfig
-from handlers.relax.job import RelaxJobMethod
-from service.errors import FailedPrecondition, InvalidArgument, NotFound
-from service.images import decode_image, to_model_input
-from service.jobs.contract import JobCancelled
-from service.modelstore import add_entry
-from service.registry import Registry, RegistryConfig
-from service.tensors import from_tensor, to_tensor
+from xaiserve.proto.explain.v1 import explainer_pb2 as pb
+from xaiserve.handlers.relax import Relax, RelaxConfig
+from xaiserve.handlers.relax.job import RelaxJobMethod
+from xaiserve.errors import FailedPrecondition, InvalidArgument, NotFound
+from xaiserve.service.images import decode_image, to_model_input
+from xaiserve.service.jobs.contract import JobCancelled
+from xaiserve.service.modelstore import add_entry
+from xaiserve.service.registry import Registry, RegistryConfig
+from xaiserve.service.tensors import from_tensor, to_tensor
 from tests.test_jobs_support import RecordingContext
 
 torch.set_num_threads(1)
@@ -229,7 +229,7 @@ def test_default_encoder_importance_is_higher_inside_the_object():
     N = 1000) is higher inside the object than outside: on average, and on more than half of a
     fixed set of 12 one-object test scenes (chance: half)."""
     from tests.conftest import DEFAULT_STORE
-    from training.datasets.scenes import Scenes, ScenesConfig
+    from xaiserve.training.datasets.scenes import Scenes, ScenesConfig
 
     reg = Registry(RegistryConfig(store=DEFAULT_STORE, intra_op_threads=1, prefer_cuda=False))
     assert reg.resolve("scenes-simclr").kind == "encoder"

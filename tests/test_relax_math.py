@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 
-from handlers.relax import Relax, RelaxConfig
-from handlers.relax import estimator as est
-from handlers.relax.masking import canny, make_perturbation, rgb_to_lab, lab_to_rgb
-from handlers.relax.masks import generate_masks, mask_geometry
-from handlers.relax.relax import cosine
-from handlers.relax.uncertainty import hoeffding_error, hoeffding_num_masks, threshold, u_relax
-from service.errors import Cancelled, InvalidArgument
+from xaiserve.handlers.relax import Relax, RelaxConfig
+from xaiserve.handlers.relax import estimator as est
+from xaiserve.handlers.relax.masking import canny, make_perturbation, rgb_to_lab, lab_to_rgb
+from xaiserve.handlers.relax.masks import generate_masks, mask_geometry
+from xaiserve.handlers.relax.relax import cosine
+from xaiserve.handlers.relax.uncertainty import hoeffding_error, hoeffding_num_masks, threshold, u_relax
+from xaiserve.errors import Cancelled, InvalidArgument
 
 torch.set_num_threads(1)
 
@@ -403,7 +403,7 @@ def test_png_panels_red_high_blue_low():
     import numpy as np
     from PIL import Image as PILImage
 
-    from handlers.relax.render import render_png
+    from xaiserve.handlers.relax.render import render_png
 
     imp = np.array([[0.2, 0.9], [0.5, 0.3]], np.float32)
     unc = np.array([[0.1, 0.0], [0.4, 0.2]], np.float32)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-from explain.v1 import explainer_pb2 as pb
-from service.tensors import from_tensor
+from xaiserve.proto.explain.v1 import explainer_pb2 as pb
+from xaiserve.service.tensors import from_tensor
 
 
 def _png(size: int = 32) -> bytes:

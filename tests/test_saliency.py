@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from handlers.nets import EncoderArch, FrozenSpec
-from handlers.saliency import METHODS, SaliencyConfig, attribute, methods_for
-from handlers.saliency.methods import GuidedBackprop, IntegratedGradients, Saliency, SmoothGrad
-from service.errors import FailedPrecondition, InvalidArgument
+from xaiserve.handlers.nets import EncoderArch, FrozenSpec
+from xaiserve.handlers.saliency import METHODS, SaliencyConfig, attribute, methods_for
+from xaiserve.handlers.saliency.methods import GuidedBackprop, IntegratedGradients, Saliency, SmoothGrad
+from xaiserve.errors import FailedPrecondition, InvalidArgument
 
 H = W = 12
 PIXEL = (4, 7)

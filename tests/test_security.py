@@ -27,10 +27,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
-from explain.v1 import explainer_pb2 as pb
-from explain.v1 import explainer_pb2_grpc
-from service.errors import InvalidArgument
-from service.security import (
+from xaiserve.proto.explain.v1 import explainer_pb2 as pb
+from xaiserve.proto.explain.v1 import explainer_pb2_grpc
+from xaiserve.errors import InvalidArgument
+from xaiserve.service.security import (
     PERMISSION_DENIED_MESSAGE,
     UNAUTHENTICATED_MESSAGE,
     RedactTokens,

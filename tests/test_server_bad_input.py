@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from explain.v1 import explainer_pb2 as pb
-from service.tensors import to_tensor
+from xaiserve.proto.explain.v1 import explainer_pb2 as pb
+from xaiserve.service.tensors import to_tensor
 
 OK_IMG = np.zeros((32, 32, 3), np.uint8)
 IA, NF, RE = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -11,9 +11,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
-from explain.v1 import explainer_pb2 as pb
-from service.images import InputSpec, to_model_input
-from service.tensors import from_tensor, to_tensor
+from xaiserve.proto.explain.v1 import explainer_pb2 as pb
+from xaiserve.service.images import InputSpec, to_model_input
+from xaiserve.service.tensors import from_tensor, to_tensor
 from tests.tiny_models import MEAN, STD
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.client import ExplainerClient
+from xaiserve.service.client import ExplainerClient
 from tests.serverutil import free_port, server_process
 from tests.test_security import make_pki
 

@@ -11,9 +11,9 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from explain.v1 import explainer_pb2 as pb
-from explain.v1 import explainer_pb2_grpc as pb_grpc
-from service.tensors import to_tensor
+from xaiserve.proto.explain.v1 import explainer_pb2 as pb
+from xaiserve.proto.explain.v1 import explainer_pb2_grpc as pb_grpc
+from xaiserve.service.tensors import to_tensor
 from tests.serverutil import ROOT, server_process
 
 
@@ -56,7 +56,7 @@ def test_cli_explain_and_models_through_a_real_server(tiny_store, tmp_path):
     img_path = tmp_path / "in.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(img_path)
     with server_process(tiny_store, state_dir=tmp_path / "state") as srv:
-        out = subprocess.run([sys.executable, "-m", "service.cli", "explain", str(img_path), "--model", "tiny-nemu",
+        out = subprocess.run([sys.executable, "-m", "xaiserve.service.cli", "explain", str(img_path), "--model", "tiny-nemu",
                               "--out", str(tmp_path / "m.png"), "--fidelity", "--address", srv.address],
                              capture_output=True, text=True, cwd=ROOT, timeout=60)
         assert out.returncode == 0, out.stderr
@@ -65,10 +65,10 @@ def test_cli_explain_and_models_through_a_real_server(tiny_store, tmp_path):
         assert -1.0 <= summary["fidelity"] <= 1.0
         assert Image.open(tmp_path / "m.png").size == (50, 40)
         assert Image.open(summary["overlay"]).size == (50, 40)
-        models = subprocess.run([sys.executable, "-m", "service.cli", "models", "--address", srv.address],
+        models = subprocess.run([sys.executable, "-m", "xaiserve.service.cli", "models", "--address", srv.address],
                                 capture_output=True, text=True, cwd=ROOT, timeout=60)
         assert models.returncode == 0 and "tiny-nemu:1" in models.stdout and "nem_u" in models.stdout
-        bad = subprocess.run([sys.executable, "-m", "service.cli", "explain", str(img_path), "--model", "ghost",
+        bad = subprocess.run([sys.executable, "-m", "xaiserve.service.cli", "explain", str(img_path), "--model", "ghost",
                               "--address", srv.address], capture_output=True, text=True, cwd=ROOT, timeout=60)
         assert bad.returncode == 1 and "NOT_FOUND" in bad.stderr and "available" in bad.stderr
         logs = srv.log_path.read_text()
@@ -81,16 +81,16 @@ def test_cli_explain_and_models_through_a_real_server(tiny_store, tmp_path):
 def test_bad_configuration_is_refused_with_a_message(tmp_path):
     bad = tmp_path / "c.yaml"
     bad.write_text("max_batch: 0\n")
-    r = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--config", str(bad), "--print-config"],
+    r = subprocess.run([sys.executable, "-m", "xaiserve.service.cli", "serve", "--config", str(bad), "--print-config"],
                        capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert r.returncode == 2 and "max_batch must be >= 1" in r.stderr
     bad.write_text("max_bach: 3\n")
-    r = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--config", str(bad), "--print-config"],
+    r = subprocess.run([sys.executable, "-m", "xaiserve.service.cli", "serve", "--config", str(bad), "--print-config"],
                        capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert r.returncode == 2 and "unknown setting 'max_bach'" in r.stderr
     good = tmp_path / "g.yaml"
     good.write_text("max_batch: 8\nport: 6000\n")
-    r = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--config", str(good), "--port", "7000", "--print-config"],
+    r = subprocess.run([sys.executable, "-m", "xaiserve.service.cli", "serve", "--config", str(good), "--port", "7000", "--print-config"],
                        capture_output=True, text=True, cwd=ROOT, timeout=60, env={"XAISERVE_MAX_BATCH": "4", "PATH": "/usr/bin:/bin"})
     cfg = json.loads(r.stdout)
     assert cfg["max_batch"] == 4 and cfg["port"] == 7000

@@ -7,8 +7,8 @@ import grpc
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from explain.v1 import explainer_pb2 as pb
-from service.tensors import to_tensor
+from xaiserve.proto.explain.v1 import explainer_pb2 as pb
+from xaiserve.service.tensors import to_tensor
 
 
 def scrape(url: str) -> dict[tuple, float]:

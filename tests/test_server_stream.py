@@ -8,8 +8,8 @@ import grpc
 import numpy as np
 import pytest
 
-from explain.v1 import explainer_pb2 as pb
-from service.tensors import to_tensor
+from xaiserve.proto.explain.v1 import explainer_pb2 as pb
+from xaiserve.service.tensors import to_tensor
 
 
 def frames(n: int, model: str, size: int, policy=pb.LATEST, max_queue: int = 0, start: int = 0):

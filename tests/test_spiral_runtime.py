@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from handlers.denoise import spiral_runtime as sr
-from handlers.denoise.export import export_onnx, ort_denoise, ort_session
-from handlers.denoise.layers import grid_operator_from
-from handlers.denoise.networks import Denoiser, DenoiserConfig
-from service.registry import OnnxModel, Registry, RegistryConfig
+from xaiserve.handlers.denoise import spiral_runtime as sr
+from xaiserve.handlers.denoise.export import export_onnx, ort_denoise, ort_session
+from xaiserve.handlers.denoise.layers import grid_operator_from
+from xaiserve.handlers.denoise.networks import Denoiser, DenoiserConfig
+from xaiserve.service.registry import OnnxModel, Registry, RegistryConfig
 from tests.tiny_models import perturbed_denoiser
 
 torch.set_num_threads(1)
@@ -181,7 +181,7 @@ def test_grid_operator_is_the_runtime_ribbon() -> None:
 def test_an_onnx_only_spiral_entry_is_served_by_its_graph(tmp_path) -> None:
     """Weights are what the runtime is built from; an entry that ships only its ONNX graph (a
     legitimate store entry) is served by that graph, with the same results."""
-    from service.modelstore import add_entry
+    from xaiserve.service.modelstore import add_entry
 
     m = perturbed_denoiser(DenoiserConfig(arch="spiral", size=32, channels=(4, 8, 16)), seed=2)
     export_onnx(m, tmp_path / "s" / "1" / "model.onnx")

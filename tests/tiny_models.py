@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from service.modelstore import add_entry
+from xaiserve.service.modelstore import add_entry
 
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 
@@ -96,7 +96,7 @@ def build_store(root: Path, size: int = 32, slow: bool = True) -> Path:
 def perturbed_denoiser(config, seed: int = 0):
     """A spiral/cartesian `Denoiser` (eval mode) whose batch-norm statistics, affine terms and
     output gain are off their defaults, so that folding and ordering mistakes show in outputs."""
-    from handlers.denoise.networks import Denoiser
+    from xaiserve.handlers.denoise.networks import Denoiser
 
     torch.manual_seed(seed)
     m = Denoiser(config)

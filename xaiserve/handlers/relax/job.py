@@ -1,0 +1,209 @@
+"""The "relax" job method (service/jobs/contract.py): RELAX / U-RELAX of an encoder, as a queued job.
+
+validate() runs at SubmitJob time and rejects everything that can be known then: an unknown model
+(NOT_FOUND), a model that is not an encoder (a NEM-U model is accepted and its frozen encoder is
+explained), parameters out of range, an image that does not decode or cannot be fed to the model
+(INVALID_ARGUMENT). run() embeds batches of masked images with the encoder's ONNX graph through
+ONNX Runtime (the torch module where a model has no ONNX file), reports progress with the current
+importance map once per batch, checks for cancellation before every batch, and returns the maps as
+float32 tensors, a PNG, the parameters actually used (defaults and seed filled in) and timings.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import torch
+
+from xaiserve.proto.explain.v1 import explainer_pb2 as pb
+from xaiserve.handlers.relax.relax import Embed, Relax, RelaxConfig, RelaxProgress
+from xaiserve.handlers.relax.render import normalise, render_png
+from xaiserve.errors import FailedPrecondition, InvalidArgument
+from xaiserve.service.images import decode_image, to_model_input
+from xaiserve.service.jobs.contract import JobContext
+from xaiserve.service.registry import ModelEntry, OnnxModel, Registry
+from xaiserve.service.tensors import to_tensor
+
+DEFAULT_BATCH_SIZE = 64
+MAX_NUM_MASKS = 100_000
+MAX_BATCH_SIZE = 4096
+
+# proto field -> RelaxConfig field, for the `optional` scalars (unset = the RelaxConfig default)
+_OPTIONAL = ("num_masks", "cells", "p_keep", "noise_mean", "noise_std", "target_error", "gamma", "batch_size", "seed")
+
+
+def onnx_embed(model: OnnxModel) -> Embed:
+    """An embed function over an encoder's ONNX Runtime session: torch batch in, torch embeddings out."""
+    names_in, names_out = model.input_names, model.output_names
+    in_name = "image" if "image" in names_in else names_in[0]
+    out_name = "output" if "output" in names_out else names_out[0]
+
+    def embed(batch: torch.Tensor) -> torch.Tensor:
+        arr = batch.detach().to(torch.float32).contiguous().numpy()
+        return torch.from_numpy(model.session.run([out_name], {in_name: arr})[0])
+
+    return embed
+
+
+def torch_embed(module: torch.nn.Module) -> Embed:
+    def embed(batch: torch.Tensor) -> torch.Tensor:
+        out = module(batch)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    return embed
+
+
+class RelaxJobMethod:
+    """JobMethod "relax". `batch_size` is the default masks per forward batch (the request may
+    override it up to `max_batch_size`); `max_num_masks` bounds N."""
+
+    name = "relax"
+
+    def __init__(
+        self,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        max_num_masks: int = MAX_NUM_MASKS,
+        max_batch_size: int = MAX_BATCH_SIZE,
+    ):
+        if not 1 <= batch_size <= max_batch_size:
+            raise ValueError(f"default batch_size {batch_size} must be in 1..{max_batch_size}")
+        self.batch_size = batch_size
+        self.max_num_masks = max_num_masks
+        self.max_batch_size = max_batch_size
+
+    # -- request -> configuration ----------------------------------------------------------------
+    def config(self, request: pb.JobRequest) -> RelaxConfig:
+        """RelaxConfig from the request's RelaxParams (unset fields: METHODS.md defaults)."""
+        which = request.WhichOneof("params")
+        if which not in (None, "relax"):
+            raise InvalidArgument(f"method 'relax' takes relax parameters (JobRequest.relax), but {which} parameters were given")
+        p = request.relax
+        kw: dict = {"batch_size": self.batch_size}
+        for name in _OPTIONAL:
+            if p.HasField(name):
+                kw[name] = getattr(p, name)
+        for name in ("p_keep", "noise_mean", "noise_std", "target_error", "gamma"):
+            if name in kw:  # float32 on the wire: 0.01 arrives as 0.009999999776; keep the decimal
+                kw[name] = float(np.format_float_positional(np.float32(kw[name]), unique=True))
+        if p.masking:
+            kw["masking"] = p.masking.strip().lower()
+        if p.threshold:
+            kw["threshold"] = p.threshold.strip().lower()
+        if p.estimator:
+            kw["estimator"] = p.estimator.strip().lower()
+        kw["adaptive"] = bool(p.adaptive)
+        kw["two_pass"] = bool(p.two_pass)
+        if "num_masks" in kw and kw["num_masks"] > self.max_num_masks:
+            raise InvalidArgument(
+                f"relax parameter num_masks = {kw['num_masks']} is more than this server's limit of {self.max_num_masks}; "
+                "use fewer masks or adaptive = true with a target_error"
+            )
+        if not 1 <= kw["batch_size"] <= self.max_batch_size:
+            raise InvalidArgument(f"relax parameter batch_size = {kw['batch_size']}: use 1..{self.max_batch_size}")
+        return RelaxConfig(**kw)  # range checks, InvalidArgument naming the parameter
+
+    def models(self, request: pb.JobRequest, registry: Registry) -> tuple[ModelEntry, ModelEntry]:
+        """(the requested entry, the encoder RELAX explains). NotFound / InvalidArgument otherwise."""
+        entry = registry.resolve(request.model)
+        if entry.kind == "encoder":
+            encoder = entry
+        elif entry.kind == "nem_u":
+            encoder = registry.frozen_for(entry)  # NEM-U explains a frozen encoder: RELAX explains it too
+            if encoder.kind != "encoder":
+                raise FailedPrecondition(f"{entry.id} explains {encoder.id}, which is a {encoder.kind}, not an encoder")
+        else:
+            encoders = sorted(e.id for e in registry.entries() if e.kind == "encoder")
+            raise InvalidArgument(
+                f"RELAX explains representations, but model {entry.id} is a {entry.kind}; "
+                f"use an encoder: {', '.join(encoders) or '(none in this store)'}"
+            )
+        if "onnx" in encoder.files:
+            registry.path(encoder, "onnx")  # FailedPrecondition now, not a failed job later
+        elif "state_dict" not in encoder.files:
+            raise FailedPrecondition(f"encoder {encoder.id} has neither an ONNX graph nor a state dict in the model store")
+        return entry, encoder
+
+    def _input(self, request: pb.JobRequest, encoder: ModelEntry, cfg: RelaxConfig) -> np.ndarray:
+        if not request.HasField("image"):
+            raise InvalidArgument("the job has no image: set JobRequest.image (PNG/JPEG bytes or a raw tensor)")
+        x = to_model_input(decode_image(request.image), encoder.input)
+        cfg.check_image(*x.shape)
+        return x
+
+    # -- JobMethod ---------------------------------------------------------------------------------
+    def validate(self, request: pb.JobRequest, registry: Registry) -> None:
+        cfg = self.config(request)
+        _, encoder = self.models(request, registry)
+        self._input(request, encoder, cfg)
+
+    def run(self, request: pb.JobRequest, registry: Registry, ctx: JobContext) -> pb.JobResult:
+        t_start = time.perf_counter()
+        cfg = self.config(request)
+        entry, encoder = self.models(request, registry)
+        x = self._input(request, encoder, cfg)
+        t_decoded = time.perf_counter()
+        if "onnx" in encoder.files:
+            embed, backend = onnx_embed(registry.onnx(encoder)), "onnxruntime"
+        else:
+            embed, backend = torch_embed(registry.torch_module(encoder)), "torch"
+        t_loaded = time.perf_counter()
+        ctx.check_cancelled()
+
+        def progress(p: RelaxProgress) -> None:
+            finite = np.isfinite(p.max_std_error)
+            ctx.report(
+                p.fraction,
+                heatmap=normalise(p.importance.numpy()),
+                score=float(p.max_std_error) if finite else None,
+                metrics={"masks": float(p.num_masks), "masks_per_second": float(p.masks_per_second)},
+                message=f"{p.num_masks} masks" + (f", max standard error {p.max_std_error:.4f}" if finite else ""),
+            )
+
+        def should_stop() -> bool:
+            ctx.check_cancelled()  # raises JobCancelled: checked before every batch of masks
+            return False
+
+        relax = Relax(embed, cfg, mean=encoder.input.mean, std=encoder.input.std)
+        out = relax.attribute(torch.from_numpy(x), progress=progress, should_stop=should_stop)
+        t_relax = time.perf_counter()
+
+        imp, unc, ur = (t.numpy().astype(np.float32) for t in (out.importance, out.uncertainty, out.u_relax))
+        png = render_png(imp, unc, ur)
+        params = {
+            **cfg.to_dict(),
+            "model": entry.id,
+            "encoder": encoder.id,
+            "backend": backend,
+            "input_shape": [int(v) for v in x.shape],
+            "converged": out.converged,
+            "estimator_used": out.estimator,
+        }
+        result = pb.JobResult(
+            relax=pb.RelaxResult(
+                importance=to_tensor(imp),
+                uncertainty=to_tensor(unc),
+                u_relax=to_tensor(ur),
+                threshold=out.threshold,
+                num_masks=out.num_masks,
+                achieved_error=out.achieved_error,
+                png=png,
+                masks_per_second=out.masks_per_second,
+            ),
+            parameters_json=json.dumps(params, sort_keys=True),
+        )
+        t_end = time.perf_counter()
+        result.timings.update(
+            {
+                "run": t_end - t_start,
+                "decode": t_decoded - t_start,
+                "load": t_loaded - t_decoded,
+                "relax": t_relax - t_loaded,
+                "model": out.model_seconds,
+                "mask_wait": out.wait_seconds,
+                "statistics": out.stats_seconds,
+                "render": t_end - t_relax,
+            }
+        )
+        return result

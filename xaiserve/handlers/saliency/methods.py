@@ -1,0 +1,310 @@
+"""Gradient baselines as method objects with one verb, `attribute(x, target) -> raw attribution`.
+
+Raw attributions are [B,C,H,W] input-space tensors (GradCAM: [B,1,H,W] upsampled); reduction to a
+[B,H,W] map in [0,1] happens in `handlers.saliency.attribute` (reduce.py).
+
+Encoders (representations):
+- Saliency          seed 000 eq. 14: (1/D) sum_d grad f_d(x), one backward pass of the mean.
+- GuidedBackprop    seed 000 eq. 15: eq. 14 with negative gradients zeroed at every ReLU.
+- SmoothGrad        seed 000 eq. 16: eq. 14 averaged over M noisy copies x + N(0, sigma^2).
+- IntegratedGradients, GradientShap, LabelFreeSaliency: captum methods on the label-free objective
+  g(x) = <f(x), f(x0)>, x0 = x (Crabbe & van der Schaar 2022; seed 001 sec. 4.2 baselines).
+- GradCam           captum LayerGradCam on the last conv block, label-free objective (seed 003's
+  "Grad-CAM for similarity").
+Classifiers: the same methods on the target-class logit (the classic supervised versions).
+
+Baselines: "absent" in normalised input space is 0, the dataset mean, the same convention as the
+masking (x * m) used by RELAX and NEM. SmoothGrad noise is sigma = 0.15 x (max - min) of each image
+(Smilkov et al. 2017's recommended 10-20%); seed 000 does not state M or sigma.
+"""
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+import weakref
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from xaiserve.handlers.saliency.objectives import LabelFree, RepresentationMean, TargetLogit, model_output
+from xaiserve.errors import FailedPrecondition, InvalidArgument
+
+KINDS = ("encoder", "classifier")
+
+
+@dataclass(frozen=True)
+class SaliencyConfig:
+    """Defaults for the stochastic / path methods (not fixed by seed 000; Smilkov et al. 2017 for SmoothGrad)."""
+
+    smoothgrad_samples: int = 16  # M in eq. 16
+    smoothgrad_noise: float = 0.15  # sigma as a fraction of each image's value range
+    ig_steps: int = 32  # Riemann steps of Integrated Gradients (captum default 50)
+    shap_samples: int = 16  # GradientShap draws per image
+    shap_stdev: float = 0.1  # GradientShap input noise, normalised units
+    shap_baselines: int = 8  # baseline distribution: 0 (dataset mean) + N(0,1) images in normalised space
+    internal_batch: int = 256  # largest batch of expanded inputs per forward/backward
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("smoothgrad_samples", "ig_steps", "shap_samples", "shap_baselines", "internal_batch"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(f"saliency {name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.smoothgrad_noise <= 1 or self.shap_stdev < 0:
+            raise InvalidArgument("smoothgrad_noise must be in [0, 1] and shap_stdev >= 0")
+
+
+# A module is shared (the registry caches one per model): captum's LayerGradCam (and the layer search)
+# register forward hooks on it, which would leak into a concurrent call. One lock per module
+# serialises attributions on that module.
+_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.Lock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def module_lock(module: nn.Module) -> threading.Lock:
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(module)
+        if lock is None:
+            lock = _LOCKS[module] = threading.Lock()
+        return lock
+
+
+class _Method(ABC):
+    """Base: holds the frozen module, the kind and the config; subclasses implement `attribute`."""
+
+    name = ""
+    kinds: tuple[str, ...] = KINDS
+
+    def __init__(self, module: nn.Module, kind: str, config: SaliencyConfig = SaliencyConfig()):
+        self.module = module
+        self.kind = kind
+        self.config = config
+
+    def objective(self, x: torch.Tensor, target: torch.Tensor | None) -> tuple[nn.Module, tuple]:
+        """(objective module returning [B,1], its extra forward args) for this kind.
+
+        Encoders use the label-free objective unless a subclass says eq. 14's mean."""
+        if self.kind == "classifier":
+            return TargetLogit(self.module), (target,)
+        with torch.no_grad():
+            h0 = model_output(self.module, x).detach()
+        return LabelFree(self.module), (h0,)
+
+    @abstractmethod
+    def attribute(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw attribution for a normalised batch x [B,C,H,W] (target: int64 [B] for classifiers)."""
+
+
+def _grad(fn: Callable[..., torch.Tensor], x: torch.Tensor, extra: tuple) -> torch.Tensor:
+    """d sum_b fn(x)_b / dx: samples are independent (eval mode), so this is the per-sample gradient."""
+    x = x.detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(fn(x, *extra).sum(), x)
+    return g
+
+
+class Saliency(_Method):
+    """Encoders: seed 000 eq. 14, S = (1/D) sum_d grad f_d(X); classifiers: grad of the target logit."""
+
+    name = "saliency"
+
+    def objective(self, x, target):
+        if self.kind == "encoder":
+            return RepresentationMean(self.module), ()
+        return super().objective(x, target)
+
+    def attribute(self, x, target=None):
+        from captum.attr import Saliency as CaptumSaliency
+
+        obj, extra = self.objective(x, target)
+        return CaptumSaliency(obj).attribute(x, target=0, abs=False, additional_forward_args=extra or None)
+
+
+class LabelFreeSaliency(_Method):
+    """Encoders only: captum Saliency of g(x) = <f(x), f(x0)> at x0 = x (Crabbe & van der Schaar 2022)."""
+
+    name = "label_free_saliency"
+    kinds = ("encoder",)
+
+    def attribute(self, x, target=None):
+        from captum.attr import Saliency as CaptumSaliency
+
+        obj, extra = self.objective(x, target)
+        return CaptumSaliency(obj).attribute(x, target=0, abs=False, additional_forward_args=extra)
+
+
+class _GuidedReLU(torch.autograd.Function):
+    """ReLU whose backward also zeroes negative incoming gradients (Springenberg et al. 2015)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = x.clamp(min=0)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g.clamp(min=0) * (y > 0).to(g.dtype)
+
+
+_RELUS = {F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
+
+
+class _GuidedMode(TorchFunctionMode):
+    """Routes every ReLU (nn.ReLU, F.relu, torch.relu, Tensor.relu, in-place or not) through _GuidedReLU.
+
+    captum's GuidedBackprop hooks nn.ReLU modules only, and handlers.nets' residual blocks call F.relu:
+    captum would silently guide the stem alone. A torch-function mode is thread-local and sees them all.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _RELUS:
+            return _GuidedReLU.apply(args[0])
+        return func(*args, **(kwargs or {}))
+
+
+class GuidedBackprop(Saliency):
+    """Seed 000 eq. 15: S_GB = (1/D) sum_d grad_GB f_d(X), eq. 14 with negative gradients zeroed at
+    every ReLU in the backward pass (classifiers: the guided gradient of the target logit)."""
+
+    name = "guided_backprop"
+
+    def attribute(self, x, target=None):
+        obj, extra = self.objective(x, target)
+        with _GuidedMode():
+            return _grad(obj, x, extra)
+
+
+class SmoothGrad(Saliency):
+    """Seed 000 eq. 16: S_SG = (1/M) sum_m (1/D) sum_d grad f_d(X_m), X_m = X + N(0, sigma^2),
+    sigma = smoothgrad_noise x (max X - min X) per image. The M copies of a batch run in chunks of
+    `internal_batch` images (one forward/backward per chunk)."""
+
+    name = "smoothgrad"
+
+    def attribute(self, x, target=None):
+        cfg = self.config
+        obj, extra = self.objective(x, target)
+        B, M = x.shape[0], cfg.smoothgrad_samples
+        gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        x = x.detach()
+        span = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).view(B, 1, 1, 1)
+        sigma = (cfg.smoothgrad_noise * span).repeat_interleave(M, 0)
+        xs = x.detach().repeat_interleave(M, 0)
+        xs = xs + sigma * torch.randn(xs.shape, generator=gen).to(x.device)
+        ext = tuple(e.repeat_interleave(M, 0) for e in extra)
+        grads = []
+        for i in range(0, xs.shape[0], cfg.internal_batch):
+            sl = slice(i, i + cfg.internal_batch)
+            grads.append(_grad(obj, xs[sl], tuple(e[sl] for e in ext)))
+        return torch.cat(grads).view(B, M, *x.shape[1:]).mean(1)
+
+
+class IntegratedGradients(_Method):
+    """captum IntegratedGradients from the baseline 0 (the dataset mean), label-free for encoders."""
+
+    name = "integrated_gradients"
+
+    def attribute(self, x, target=None):
+        from captum.attr import IntegratedGradients as CaptumIG
+
+        obj, extra = self.objective(x, target)
+        ig = CaptumIG(obj)
+        return ig.attribute(
+            x,
+            baselines=torch.zeros_like(x),
+            target=0,
+            additional_forward_args=extra,
+            n_steps=self.config.ig_steps,
+            internal_batch_size=self.config.internal_batch,
+        )
+
+
+class GradientShap(_Method):
+    """captum GradientShap; baselines: 0 (dataset mean) and N(0,1) images in normalised space
+    (a draw from each channel's data distribution, as RELAX's noise masking, seed 000 App. A)."""
+
+    name = "gradient_shap"
+
+    def attribute(self, x, target=None):
+        from captum.attr import GradientShap as CaptumGS
+
+        cfg = self.config
+        obj, extra = self.objective(x, target)
+        gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        base = torch.randn((cfg.shap_baselines, *x.shape[1:]), generator=gen).to(x.device)
+        base[0] = 0.0
+        # captum draws the noise and baseline choice from torch's global RNG and the path coefficients
+        # from numpy's: seed both and restore them, so the result is reproducible and the caller's RNG
+        # state is untouched.
+        np_state = np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed)
+                np.random.seed(cfg.seed % 2**32)
+                return CaptumGS(obj).attribute(
+                    x, baselines=base, n_samples=cfg.shap_samples, stdevs=cfg.shap_stdev, target=0,
+                    additional_forward_args=extra,
+                )
+        finally:
+            np.random.set_state(np_state)
+
+
+class GradCam(_Method):
+    """captum LayerGradCam on the last conv block, ReLU of the weighted sum, bilinear upsampling.
+
+    The layer is `module.gradcam_layer` when the model names one, else the last module whose output
+    is a 4-D feature map in a forward pass (the last conv block before pooling)."""
+
+    name = "gradcam"
+
+    def attribute(self, x, target=None):
+        from captum.attr import LayerAttribution, LayerGradCam
+
+        layer = gradcam_layer(self.module, x)
+        obj, extra = self.objective(x, target)
+        cam = LayerGradCam(obj, layer).attribute(x, target=0, additional_forward_args=extra, relu_attributions=True)
+        return LayerAttribution.interpolate(cam, tuple(x.shape[2:]), interpolate_mode="bilinear")
+
+
+_LAYER_CACHE: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
+
+
+def gradcam_layer(module: nn.Module, x: torch.Tensor) -> nn.Module:
+    named = getattr(module, "gradcam_layer", None)
+    if isinstance(named, nn.Module):
+        return named
+    if module in _LAYER_CACHE:
+        return _LAYER_CACHE[module]
+    last: list[nn.Module] = []
+
+    def hook(mod, _inp, out):
+        if isinstance(out, torch.Tensor) and out.ndim == 4:
+            last.append(mod)
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if m is not module]
+    try:
+        with torch.no_grad():
+            module(x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    if not last:
+        raise FailedPrecondition("gradcam needs a convolutional feature map; the model produced no 4-D activation")
+    _LAYER_CACHE[module] = last[-1]
+    return last[-1]
+
+
+METHOD_CLASSES: dict[str, type[_Method]] = {
+    c.name: c
+    for c in (Saliency, GuidedBackprop, SmoothGrad, IntegratedGradients, GradientShap, LabelFreeSaliency, GradCam)
+}
+METHODS = tuple(METHOD_CLASSES)
+
+
+def methods_for(kind: str) -> tuple[str, ...]:
+    return tuple(n for n, c in METHOD_CLASSES.items() if kind in c.kinds)

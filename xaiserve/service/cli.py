@@ -1,0 +1,193 @@
+"""`xaiserve` command line: serve, worker, explain, denoise, jobs, models, train, export, evaluate, bench."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+TRAIN_TARGETS = {
+    "encoder": "xaiserve.training.cli_nem", "classifier": "xaiserve.training.cli_nem", "nem-u": "xaiserve.training.cli_nem",
+    "nemt": "xaiserve.training.cli_nem", "zoo": "xaiserve.training.cli_nem", "denoiser": "xaiserve.training.cli_denoise",
+}
+EXPORT_TARGETS = TRAIN_TARGETS
+EVALUATE_TARGETS = {"explanations": "xaiserve.training.cli_eval", "nem": "xaiserve.training.cli_eval", "denoiser": "xaiserve.training.cli_denoise"}
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _serve_parser(sub) -> None:
+    from xaiserve.service.config import ServerConfig, describe
+
+    p = sub.add_parser("serve", help="run the gRPC server on the model store",
+                       description="Settings: defaults < --config file < XAISERVE_* environment < flags.")
+    p.add_argument("--config", help="YAML or JSON file of settings")
+    p.add_argument("--print-config", action="store_true", help="print the effective configuration and exit")
+    types = {f.name: f.type for f in fields(ServerConfig)}
+    for name, default, comment in describe():
+        flag = "--" + name.replace("_", "-")
+        t = types[name]
+        if t in (bool, "bool"):
+            p.add_argument(flag, dest=name, type=lambda s: s.lower() in ("1", "true", "yes", "on"), default=None,
+                           metavar="BOOL", help=f"{comment} (default {default})")
+        else:
+            p.add_argument(flag, dest=name, default=None, help=f"{comment} (default {default!r})")
+
+
+def _serve(args) -> int:
+    from xaiserve.service.config import ServerConfig, load_config
+    overrides = {f.name: getattr(args, f.name) for f in fields(ServerConfig)}
+    try:
+        cfg = load_config(args.config, **overrides)
+    except ValueError as e:
+        print(f"xaiserve serve: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(json.dumps({f.name: getattr(cfg, f.name) for f in fields(cfg)}, indent=2))
+        return 0
+    from xaiserve.service.logs import setup_logging
+    from xaiserve.service.server import serve_forever
+
+    setup_logging(cfg.log_level, cfg.log_json)
+    asyncio.run(serve_forever(cfg))
+    return 0
+
+
+def _client(args):
+    from xaiserve.service.client import ExplainerClient
+
+    return ExplainerClient(args.address, token=args.token, ca_file=args.ca, cert_file=args.cert, key_file=args.key)
+
+
+def _add_client_flags(p) -> None:
+    p.add_argument("--address", default="127.0.0.1:50051")
+    p.add_argument("--token", default=None, help="bearer token")
+    p.add_argument("--ca", default=None, help="CA certificate (TLS)")
+    p.add_argument("--cert", default=None, help="client certificate (mutual TLS)")
+    p.add_argument("--key", default=None, help="client key (mutual TLS)")
+    p.add_argument("--timeout", type=float, default=30.0)
+
+
+def _explain(args) -> int:
+    import numpy as np
+
+    from xaiserve.service.images import encode_png
+
+    with _client(args) as c:
+        r = c.explain(args.image, args.model, method=args.method, return_output=args.output, fidelity=args.fidelity,
+                      return_png=True, target_label=args.target_label, timeout=args.timeout)
+    out = Path(args.out or Path(args.image).with_suffix(".mask.png").name)
+    out.write_bytes(encode_png(r.mask))
+    ov = out.with_name(out.stem.removesuffix(".mask") + ".overlay.png")
+    ov.write_bytes(r.overlay_png)
+    summary = {
+        "model": r.model, "method": args.method or "mask model", "mask": str(out), "overlay": str(ov),
+        "shape": list(r.mask.shape), "mask_mean": round(float(r.mask.mean()), 4),
+        "mask_max_at": [int(v) for v in np.unravel_index(int(r.mask.argmax()), r.mask.shape)],
+        "target_label": r.target_label, "fidelity": r.fidelity,
+        "server_ms": round(r.timing.total_ms, 3), "inference_ms": round(r.timing.inference_ms, 3),
+    }
+    if r.output is not None:
+        summary["output"] = [round(float(v), 5) for v in r.output.ravel()[:16]]
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _models(args) -> int:
+    with _client(args) as c:
+        ms = c.models(args.kind)
+    if args.json:
+        from google.protobuf.json_format import MessageToDict
+
+        print(json.dumps([{k: v for k, v in MessageToDict(m).items() if k != "card"} for m in ms], indent=2))
+        return 0
+    print(f"{'model':28} {'kind':11} {'input':12} {'explains':20} methods")
+    for m in ms:
+        print(f"{m.name + ':' + m.version:28} {m.kind:11} {f'{m.input.channels}x{m.input.height}x{m.input.width}':12} "
+              f"{m.explains or '-':20} {', '.join(m.methods)}")
+    return 0
+
+
+def _denoise(args) -> int:
+    from xaiserve.handlers.denoise.client_io import read_stack, write_stack
+
+    stack = read_stack(args.stack)
+    with _client(args) as c:
+        den = c.denoise(stack, model=args.model, timeout=args.timeout)
+    out = Path(args.out or Path(args.stack).with_suffix(".denoised.mrcs").name)
+    write_stack(out, den)
+    print(json.dumps({"model": args.model, "particles": int(den.shape[0]), "shape": list(den.shape[1:]), "out": str(out)}))
+    return 0
+
+
+def _dispatch(table: dict[str, str], fn: str, argv: list[str], what: str) -> int:
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in table:
+        print(f"usage: xaiserve {what} TARGET [options]; targets: {', '.join(sorted(table))}", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    mod = importlib.import_module(table[argv[0]])
+    return int(getattr(mod, fn)(argv[0], argv[1:]) or 0)
+
+
+def _bench(argv: list[str]) -> int:
+    names = sorted(p.stem.removeprefix("bench_") for p in (ROOT / "bench").glob("bench_*.py"))
+    if not argv or argv[0] not in names:
+        print(f"usage: xaiserve bench NAME [options]; benchmarks: {', '.join(names)}", file=sys.stderr)
+        return 2
+    return subprocess.call([sys.executable, str(ROOT / "bench" / f"bench_{argv[0]}.py"), *argv[1:]])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # subcommands with their own parsers
+    passthrough = {
+        "train": lambda a: _dispatch(TRAIN_TARGETS, "train_main", a, "train"),
+        "export": lambda a: _dispatch(EXPORT_TARGETS, "export_main", a, "export"),
+        "evaluate": lambda a: _dispatch(EVALUATE_TARGETS, "evaluate_main", a, "evaluate"),
+        "worker": lambda a: int(importlib.import_module("xaiserve.service.worker").main(a) or 0),
+        "jobs": lambda a: int(importlib.import_module("xaiserve.service.cli_jobs").main(a) or 0),
+        "bench": _bench,
+    }
+    if argv and argv[0] in passthrough:
+        return passthrough[argv[0]](argv[1:])
+
+    parser = argparse.ArgumentParser(prog="xaiserve", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    _serve_parser(sub)
+    p = sub.add_parser("explain", help="explain one image through a running server")
+    p.add_argument("image")
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", help="mask PNG path (the overlay goes beside it)")
+    p.add_argument("--method", default="", help="'' (masking network) or a gradient baseline")
+    p.add_argument("--target-label", type=int, default=None)
+    p.add_argument("--fidelity", action="store_true")
+    p.add_argument("--output", action="store_true", help="print the model output")
+    _add_client_flags(p)
+    p = sub.add_parser("models", help="list the models a running server serves")
+    p.add_argument("--kind", default="")
+    p.add_argument("--json", action="store_true")
+    _add_client_flags(p)
+    p = sub.add_parser("denoise", help="denoise an MRC particle stack through a running server")
+    p.add_argument("stack")
+    p.add_argument("--model", default="cryoem-spiral")
+    p.add_argument("--out")
+    _add_client_flags(p)
+    for name in passthrough:
+        sub.add_parser(name, help=f"see `xaiserve {name} --help`")
+    args = parser.parse_args(argv)
+    import grpc
+
+    try:
+        return {"serve": _serve, "explain": _explain, "models": _models, "denoise": _denoise}[args.cmd](args)
+    except grpc.RpcError as e:
+        print(f"xaiserve {args.cmd}: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, IsADirectoryError) as e:
+        print(f"xaiserve {args.cmd}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

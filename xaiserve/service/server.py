@@ -1,0 +1,240 @@
+"""The gRPC server (grpc.aio): Explainer service, health, reflection, metrics, graceful drain."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from xaiserve.proto.explain.v1 import explainer_pb2 as pb
+from xaiserve.proto.explain.v1 import explainer_pb2_grpc as pb_grpc
+from xaiserve.service import metrics
+from xaiserve.service.config import ServerConfig
+from xaiserve.service.rpc import Observed, observed_stream, observed_unary
+from xaiserve.service.fastpath import GRADIENT_METHODS, FastPath
+from xaiserve.service.registry import MASK_KINDS, Registry, RegistryConfig
+from xaiserve.service.streams import StreamSession
+
+log = logging.getLogger("xaiserve.server")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Explainer"].full_name
+VERSION = "0.1.0"
+
+
+def _git_rev() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=2,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _timeout(context: grpc.aio.ServicerContext) -> float | None:
+    return context.time_remaining()
+
+
+def _job_mixin() -> type:
+    from xaiserve.service.jobs.grpc_adapter import JobServicerMixin
+
+    return JobServicerMixin
+
+
+class ExplainerServicer(_job_mixin(), pb_grpc.ExplainerServicer):  # type: ignore[misc]
+    def __init__(self, registry: Registry, fast: FastPath, config: ServerConfig, jobs: Any):
+        self.registry, self.fast, self.config, self.jobs = registry, fast, config, jobs
+
+    async def Explain(self, request: pb.ExplainRequest, context) -> pb.ExplainResponse:
+        async def go(obs: Observed):
+            entry = self.registry.resolve(request.model)
+            obs.model = entry.id
+            return await self.fast.explain(request, timeout=_timeout(context), entry=entry)
+
+        return await observed_unary("Explain", context, go)
+
+    async def Denoise(self, request: pb.DenoiseRequest, context) -> pb.DenoiseResponse:
+        async def go(obs: Observed):
+            entry = self.registry.resolve(request.model)
+            obs.model = entry.id
+            return await self.fast.denoise(request, timeout=_timeout(context), entry=entry)
+
+        return await observed_unary("Denoise", context, go)
+
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        async def go(obs: Observed):
+            return list_models(self.registry, request.kind, self.jobs)
+
+        return await observed_unary("ListModels", context, go)
+
+    async def StreamExplain(self, request_iterator, context) -> AsyncIterator[pb.ExplainFrameResult]:
+        session = StreamSession(self.fast, self.config.stream_default_queue, self.config.stream_max_queue)
+
+        async def body(obs: Observed) -> AsyncIterator[pb.ExplainFrameResult]:
+            metrics.ACTIVE_STREAMS.inc()
+            try:
+                async for res in session.run(request_iterator):
+                    obs.model = session.model_label
+                    yield res
+            finally:
+                obs.model = session.model_label
+                metrics.ACTIVE_STREAMS.dec()
+
+        async for res in observed_stream("StreamExplain", context, body):
+            yield res
+
+
+def list_models(registry: Registry, kind: str, jobs: Any = None) -> pb.ListModelsResponse:
+    from xaiserve.service.errors import InvalidArgument
+    from xaiserve.service.registry import KINDS
+
+    if kind and kind not in KINDS:
+        raise InvalidArgument(f"kind {kind!r} is unknown; use one of {', '.join(KINDS)} or '' for all")
+    job_methods = sorted(jobs.methods) if jobs is not None and hasattr(jobs, "methods") else []
+    out = pb.ListModelsResponse()
+    for e in registry.entries():
+        if kind and e.kind != kind:
+            continue
+        if e.kind in MASK_KINDS:
+            methods = [e.kind, *GRADIENT_METHODS[:3]]
+        elif e.kind == "encoder":
+            methods = [*GRADIENT_METHODS[:5], *[m for m in job_methods if m == "relax"]]
+        elif e.kind == "classifier":
+            methods = [*GRADIENT_METHODS, *[m for m in job_methods if m == "ablation_path"]]
+        else:
+            methods = ["denoise"]
+        card = ""
+        if "card" in e.files and (registry.store / e.files["card"]).exists():
+            card = (registry.store / e.files["card"]).read_text()
+        out.models.append(pb.ModelInfo(
+            name=e.name, version=e.version, kind=e.kind,
+            input=pb.InputSpec(height=e.input.height, width=e.input.width, channels=e.input.channels,
+                               mean=list(e.input.mean), std=list(e.input.std)),
+            labels=list(e.labels), explains=e.explains, description=e.description, methods=methods,
+            loaded=registry.loaded(e), card=card, output_dim=e.output_dim,
+        ))
+    return out
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    metrics_port: int
+    health: health.aio.HealthServicer if hasattr(health, "aio") else Any  # type: ignore[valid-type]
+    fast: FastPath
+    jobs: Any
+    registry: Registry
+    config: ServerConfig
+    _metrics_http: Any = None
+    _health_server: Any = None
+
+    async def drain(self, grace: float | None = None) -> None:
+        """Stop accepting calls, report NOT_SERVING, let in-flight calls finish within the grace period."""
+        grace = self.config.grace_s if grace is None else grace
+        log.info("draining", extra={"grace_s": grace})
+        metrics.SERVING.set(0)
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
+        if self.jobs is not None:
+            await self.jobs.stop()
+        await self.fast.close()
+        if self._metrics_http is not None:
+            self._metrics_http[0].shutdown()
+        log.info("stopped")
+
+
+async def start_server(config: ServerConfig) -> RunningServer:
+    registry = Registry(RegistryConfig(store=Path(config.model_store), intra_op_threads=config.intra_op_threads,
+                                       prefer_cuda=config.prefer_cuda, spiral_runtime=config.spiral_runtime))
+    t0 = time.perf_counter()
+    if config.load_models == "all":
+        registry.load_all()
+        for mid, s in registry.load_seconds.items():
+            metrics.MODEL_LOAD.labels(mid).set(s)
+    log.info("models ready", extra={"models": [e.id for e in registry.entries()], "seconds": round(time.perf_counter() - t0, 3)})
+    metrics.set_build_info(VERSION, _git_rev())
+
+    fast = FastPath(registry, config)
+    from xaiserve.service.jobs.factory import build_job_service
+    from xaiserve.service.jobs.methods import default_methods
+    from xaiserve.service.jobs.options import JobOptions
+
+    jobs = build_job_service(
+        config.queue_url, registry,
+        JobOptions(max_queued=config.job_max_queued, embedded_workers=config.job_workers,
+                   result_ttl_s=config.job_result_ttl_s),
+        methods=default_methods(settings={"relax": {"batch_size": config.relax_batch_size}}),
+    )
+    await jobs.start()
+
+    interceptors = []
+    if config.tokens_file:
+        from xaiserve.service.security import RedactTokens, TokenAuthInterceptor, load_tokens
+
+        auth = TokenAuthInterceptor.from_path(config.tokens_file)
+        interceptors.append(auth)
+        redact = RedactTokens(load_tokens(config.tokens_file).keys())
+        for h in logging.getLogger().handlers:
+            h.addFilter(redact)
+        if not config.tls_cert:
+            log.warning("tokens_file is set without tls_cert: bearer tokens travel unencrypted; set tls_cert/tls_key")
+    mb = config.max_message_mb * 1024 * 1024
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=[("grpc.max_receive_message_length", mb), ("grpc.max_send_message_length", mb),
+                 ("grpc.so_reuseport", 0)],
+    )
+    pb_grpc.add_ExplainerServicer_to_server(ExplainerServicer(registry, fast, config, jobs), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                         reflection.SERVICE_NAME), server)
+    addr = f"{config.host}:{config.port}"
+    if config.tls_cert:
+        from xaiserve.service.security import server_credentials
+
+        port = server.add_secure_port(addr, server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca or None))
+    else:
+        port = server.add_insecure_port(addr)
+    if port == 0:
+        raise RuntimeError(f"could not bind the gRPC port {addr}")
+    await server.start()
+    for svc in ("", SERVICE_NAME):
+        await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
+    metrics.SERVING.set(1)
+    health_server = None
+    if config.health_port:
+        from xaiserve.service.security import health_only_server
+
+        health_server, _ = health_only_server(health_servicer, f"{config.health_host}:{config.health_port}")
+        await health_server.start()
+    http = None
+    mport = -1
+    if config.metrics_port >= 0:
+        http = metrics.start_metrics_http(config.metrics_host, config.metrics_port)
+        mport = http[0].server_port
+    log.info("serving", extra={"grpc": f"{config.host}:{port}", "metrics": f"{config.metrics_host}:{mport}",
+                               "tls": bool(config.tls_cert), "mtls": bool(config.tls_client_ca),
+                               "auth": bool(config.tokens_file), "queue": config.queue_url.split("://")[0]})
+    return RunningServer(server, port, mport, health_servicer, fast, jobs, registry, config, http, health_server)
+
+
+async def serve_forever(config: ServerConfig, ready: Callable[[RunningServer], None] | None = None) -> None:
+    rs = await start_server(config)
+    if ready:
+        ready(rs)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await rs.drain()

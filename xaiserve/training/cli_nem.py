@@ -1,0 +1,184 @@
+"""`xaiserve train|export encoder|classifier|nem-u|nemt|zoo`: train and publish the NEM model family.
+
+    xaiserve train encoder      [--name scenes-simclr]                       SimCLR on scenes
+    xaiserve train classifier   [--dataset lesions|scenes] [--name ...]      supervised classifier
+    xaiserve train nem-u        [--encoder scenes-simclr:1] [--name scenes-nemu]
+    xaiserve train nemt         [--classifier lesions-classifier:1] [--form auto|preservation|deletion] [--conditional]
+    xaiserve train zoo          every default model, in order, each exported to the store
+    xaiserve export TARGET      re-publish a trained result (<out>/<name>/result.pt) to the store
+
+Common options: --seed, --epochs, --resume (continue from <out>/<name>/ checkpoints), --out (runs dir),
+--store (model store), --limit (first N training images), --threads (default 2), --no-progress,
+--no-export (train only), --fashion-mnist DIR (scenes data).
+Each run ends with a summary of its validation metrics; exit code 0 on success, 2 on bad usage or input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from xaiserve.errors import XaiError
+from xaiserve.training.loop import set_threads
+
+TARGETS = ("encoder", "classifier", "nem-u", "nemt", "zoo")
+REPO = Path(__file__).resolve().parents[2]
+
+# the default zoo, in training order (later models need the earlier ones in the store)
+# (epochs are those of the committed models; --epochs overrides them all)
+ZOO: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    # the committed encoder ran 5 epochs (cosine schedule over 5), then was resumed to 12 (schedule over 12
+    # from epoch 6): `stages` replays that, so `train zoo` follows the same learning-rate path
+    ("scenes-simclr", "encoder", {"epochs": 12, "stages": (5,)}),
+    ("lesions-classifier", "classifier", {"dataset": "lesions", "epochs": 5}),
+    ("scenes-nemu", "nem-u", {"encoder": "scenes-simclr:1", "epochs": 10}),
+    ("lesions-nemt", "nemt", {"classifier": "lesions-classifier:1", "form": "auto", "conditional": False, "epochs": 3,
+                              "ablate_smoothing": 21}),
+    ("scenes-classifier", "classifier", {"dataset": "scenes", "epochs": 15}),
+    ("lesions-nemt-cond", "nemt", {"classifier": "lesions-classifier:1", "form": "preservation", "conditional": True, "epochs": 6}),
+)
+DEFAULT_NAMES = {"encoder": "scenes-simclr", "nem-u": "scenes-nemu"}
+
+
+def _parser(cmd: str, target: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"xaiserve {cmd} {target}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", help="model name in the store (default: the zoo name for the target)")
+    p.add_argument("--version", default="1")
+    p.add_argument("--out", type=Path, default=REPO / "runs", help="checkpoints and trained results (default: runs/)")
+    p.add_argument("--store", type=Path, default=REPO / "model_store", help="model store (default: model_store/)")
+    if cmd == "train":
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--epochs", type=int, default=None, help="epochs (default: per model, see the model card)")
+        p.add_argument("--resume", action="store_true", help="continue from the checkpoints under --out")
+        p.add_argument("--limit", type=int, default=None, help="train on the first N training images only")
+        p.add_argument("--threads", type=int, default=2)
+        p.add_argument("--no-progress", action="store_true")
+        p.add_argument("--no-export", action="store_true", help="train only; publish later with `xaiserve export`")
+        p.add_argument("--fashion-mnist", type=Path, default=None, help="directory with the Fashion-MNIST IDX files")
+        p.add_argument("--dataset", choices=("lesions", "scenes"), default="lesions", help="classifier: which dataset")
+        p.add_argument("--encoder", default="scenes-simclr:1", help="nem-u: the frozen encoder (name[:version] in --store)")
+        p.add_argument("--classifier", default="lesions-classifier:1", help="nemt: the frozen classifier")
+        p.add_argument("--form", choices=("auto", "preservation", "deletion"), default="auto",
+                       help="nemt loss form; auto = train both, keep the higher validation relevance mass")
+        p.add_argument("--conditional", action="store_true", help="nemt: one class-conditional (FiLM) network")
+        p.add_argument("--smoothing", type=int, default=None,
+                       help="nemt: neighbourhood size of the smoothing (odd; default: the paper's 21 at 224 px scaled to the "
+                            "image size, 7 at 64 px)")
+        p.add_argument("--ablate-smoothing", type=int, default=None,
+                       help="nemt: also train with this neighbourhood size and report it in the card (not served)")
+        p.add_argument("--only", default=None, help="zoo: comma-separated model names to (re)train")
+    return p
+
+
+def _name(target: str, args: argparse.Namespace) -> str:
+    if args.name:
+        return args.name
+    if target == "classifier":
+        return f"{getattr(args, 'dataset', 'lesions')}-classifier"
+    if target == "nemt":
+        return "lesions-nemt-cond" if getattr(args, "conditional", False) else "lesions-nemt"
+    return DEFAULT_NAMES[target]
+
+
+def _opts(args: argparse.Namespace):
+    from xaiserve.training.zoo import RunOptions
+
+    return RunOptions(out=args.out, store=args.store, version=args.version, seed=args.seed, epochs=args.epochs,
+                      resume=args.resume, progress=not args.no_progress, limit=args.limit, export=not args.no_export,
+                      fashion_mnist=args.fashion_mnist)
+
+
+def _summary(res: dict[str, Any]) -> str:
+    m = res.get("metrics", {})
+    keep = {k: v for k, v in m.items() if k != "form_comparison"}
+    if "form_comparison" in m:
+        keep["form_comparison(val relevance mass)"] = {f: r["val"]["relevance_mass"] for f, r in m["form_comparison"].items()}
+    return f"{res['name']} ({res['kind']}): " + json.dumps(keep, indent=1, default=float)
+
+
+def _train_one(target: str, name: str, args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
+    from dataclasses import replace
+
+    from xaiserve.training import zoo
+
+    opts = _opts(args)
+    if args.epochs is None and "epochs" in extra:
+        opts = replace(opts, epochs=int(extra["epochs"]))
+    stages = tuple(extra.get("stages", ())) if args.epochs is None else ()
+    if target == "encoder":
+        for i, e in enumerate(stages):
+            print(f"stage {i + 1}/{len(stages) + 1}: {e} epochs, then resumed", flush=True)
+            zoo.run_encoder(replace(opts, epochs=int(e), resume=opts.resume or i > 0), name)
+        res = zoo.run_encoder(replace(opts, resume=opts.resume or bool(stages)), name)
+    elif target == "classifier":
+        res = zoo.run_classifier(opts, name, extra.get("dataset", args.dataset))
+    elif target == "nem-u":
+        res = zoo.run_nemu(opts, name, extra.get("encoder", args.encoder))
+    elif target == "nemt":
+        res = zoo.run_nemt(opts, name, extra.get("classifier", args.classifier), form=extra.get("form", args.form),
+                           conditional=extra.get("conditional", args.conditional), smoothing=args.smoothing,
+                           ablate_smoothing=extra.get("ablate_smoothing", args.ablate_smoothing))
+    else:
+        raise ValueError(target)
+    print("validation summary: " + _summary(res), flush=True)
+    if opts.export:
+        entry = zoo.publish_result(opts, name)
+        print(f"exported {entry['name']}:{entry['version']} to {opts.store} (ORT vs torch max abs diff "
+              f"{entry['metrics']['onnx_max_abs_diff']})", flush=True)
+    return res
+
+
+def train_main(target: str, argv: Sequence[str] | None = None) -> int:
+    if target not in TARGETS:
+        print(f"unknown train target {target!r}; use one of {', '.join(TARGETS)}", file=sys.stderr)
+        return 2
+    args = _parser("train", target).parse_args(list(argv or []))
+    set_threads(args.threads)
+    try:
+        if target == "zoo":
+            only = set(args.only.split(",")) if args.only else None
+            t0 = time.perf_counter()
+            for name, tgt, extra in ZOO:
+                if only is None or name in only:
+                    print(f"== {name} ({tgt})", flush=True)
+                    _train_one(tgt, name, args, extra)
+            print(f"zoo done in {time.perf_counter() - t0:.0f} s", flush=True)
+        else:
+            _train_one(target, _name(target, args), args, {})
+    except XaiError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def export_main(target: str, argv: Sequence[str] | None = None) -> int:
+    if target not in TARGETS:
+        print(f"unknown export target {target!r}; use one of {', '.join(TARGETS)}", file=sys.stderr)
+        return 2
+    p = _parser("export", target)
+    p.add_argument("--conditional", action="store_true", help="nemt: the class-conditional model's default name")
+    p.add_argument("--dataset", choices=("lesions", "scenes"), default="lesions")
+    args = p.parse_args(list(argv or []))
+    from xaiserve.training.zoo import RunOptions, publish_result
+
+    opts = RunOptions(out=args.out, store=args.store, version=args.version)
+    names = [n for n, _, _ in ZOO] if target == "zoo" else [_name(target, args)]
+    try:
+        for name in names:
+            entry = publish_result(opts, name)
+            print(f"exported {entry['name']}:{entry['version']} (ORT vs torch max abs diff {entry['metrics']['onnx_max_abs_diff']})")
+    except XaiError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # python -m xaiserve.training.cli_nem train zoo ...
+    if len(sys.argv) < 3 or sys.argv[1] not in ("train", "export"):
+        print("usage: python -m xaiserve.training.cli_nem train|export TARGET [options]", file=sys.stderr)
+        sys.exit(2)
+    fn = train_main if sys.argv[1] == "train" else export_main
+    sys.exit(fn(sys.argv[2], sys.argv[3:]))

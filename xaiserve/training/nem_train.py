@@ -1,0 +1,235 @@
+"""Training of the masking networks: NEM-U (seed 001) and NEMt (seed 002), plus a held-out check.
+
+Only the decoders train; the frozen model runs in eval mode with its parameters frozen, and the
+gradient reaches the mask through it. Masking is applied to the normalised input (x * m: 0 is the
+dataset mean), as the server's fidelity check does. Optimiser: Prodigy (seed 001 sec. 4.2; the
+authors' code uses lr = 1, weight_decay = 0.01, safeguard_warmup = True, no augmentation).
+
+NEMt: a bank of per-class decoders, decoder t trained to explain target t (one masking network per
+label, seed 002 sec. 6) on every training image of class t plus as many other images drawn afresh each
+epoch, or one class-conditional decoder trained with the true label as target for half of the images
+and a uniformly random target for the other half (beyond the papers). Why the class balance: trained
+on all images, the network of a class that is a quarter of the data collapsed to an all-zero mask
+(the L1 term of the other three quarters wins and the sigmoid saturates). The mask passes through stochastic
+weighted neighbourhood averaging during training (random kernel per sample and forward pass).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from prodigyopt import Prodigy
+from torch import nn
+
+from xaiserve.handlers.nem.decoder import DecoderArch
+from xaiserve.handlers.nem.losses import NEMT_FORMS, NemTLossConfig, NemULossConfig, nemt_deletion_loss, nemt_preservation_loss, nemu_loss
+from xaiserve.handlers.nem.models import NemT, NemU
+from xaiserve.errors import InvalidArgument
+from xaiserve.training.datasets.base import SyntheticDataset
+from xaiserve.training.loop import LoopConfig, train_loop
+
+NEMU_DECODER = DecoderArch(widths=(32, 16, 8))
+NEMT_BANK_DECODER = DecoderArch(widths=(16, 8))
+NEMT_COND_DECODER = DecoderArch(widths=(32, 16, 8))
+
+
+@dataclass(frozen=True)
+class NemTrainConfig:
+    epochs: int = 5
+    batch_size: int = 64
+    weight_decay: float = 0.01
+    seed: int = 0
+
+
+def prodigy(params) -> torch.optim.Optimizer:
+    """Prodigy as in the authors' code (lr 1, weight decay 0.01, safeguard warm-up); its constructor's print is muted."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return Prodigy(params, lr=1.0, weight_decay=0.01, safeguard_warmup=True)
+
+
+def _batches(ds: SyntheticDataset, bs: int, seed: int, limit: int | None, focus: int | None = None):
+    """Training batches (normalised images, labels). focus=c: every image of class c plus as many
+    randomly drawn others, fresh each epoch (the per-class network of c sees its class half the time)."""
+    split = ds.split("train")
+    n = len(split) if limit is None else min(limit, len(split))
+    pool = np.arange(n)
+    if focus is not None:
+        pos = pool[split.labels[:n] == focus]
+        n = 2 * len(pos) if 0 < len(pos) <= n // 2 else n
+
+    def gen(epoch: int):
+        rng = np.random.default_rng([seed, epoch, 7, 0 if focus is None else focus + 1])
+        if focus is None or n == len(pool):
+            order = rng.permutation(pool)
+        else:
+            others = pool[split.labels[pool] != focus]
+            order = rng.permutation(np.concatenate([pos, rng.choice(others, len(pos), replace=False)]))
+        for i in range(0, n, bs):
+            idx = np.sort(order[i : i + bs])
+            yield ds.normalise(split.images[idx]), torch.from_numpy(split.labels[idx])
+
+    return gen, (n + bs - 1) // bs
+
+
+def minmax(m: torch.Tensor) -> torch.Tensor:
+    """Per-image min-max normalisation of masks [B,1,H,W] or [B,H,W] (METHODS.md: before every metric)."""
+    flat = m.flatten(1)
+    lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+    return ((flat - lo) / (hi - lo).clamp_min(1e-12)).view_as(m)
+
+
+def relevance_mass(mask: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """Positive (min-max normalised) mask mass inside the ground truth / all positive mass, per image."""
+    m = minmax(mask.float()).flatten(1).clamp_min(0)
+    g = gt.flatten(1).float()
+    return (m * g).sum(1) / m.sum(1).clamp_min(1e-12)
+
+
+# -- NEM-U ---------------------------------------------------------------------------------------
+def nemu_step(model: NemU, x: torch.Tensor, cfg: NemULossConfig = NemULossConfig()) -> tuple[torch.Tensor, dict[str, float]]:
+    mask, z = model(x)
+    z_m = model.frozen(x * mask)  # eq. 6
+    z_bar = model.frozen(x * (1 - mask))  # eq. 7
+    loss, parts = nemu_loss(z, z_m, z_bar, mask, cfg)
+    return loss, {k: float(v) for k, v in parts.items()}
+
+
+def evaluate_nemu(model: NemU, ds: SyntheticDataset, split: str = "val", limit: int | None = None) -> dict[str, float]:
+    """Relevance mass, mask size and fidelity cos(Phi(x), Phi(x*m)) on a held-out split."""
+    model.eval()
+    rm, size, fid = [], [], []
+    with torch.no_grad():
+        for x, _, gt in ds.batches(split, 256, limit=limit):
+            mask, z = model(x)
+            rm.append(relevance_mass(mask, gt))
+            size.append(mask.flatten(1).mean(1))
+            fid.append(torch.nn.functional.cosine_similarity(z, model.frozen(x * mask), dim=1))
+    return {"relevance_mass": float(torch.cat(rm).mean()), "mask_mean": float(torch.cat(size).mean()),
+            "fidelity_cos": float(torch.cat(fid).mean())}
+
+
+def train_nemu(frozen: nn.Module, ds: SyntheticDataset, cfg: NemTrainConfig, *, decoder: DecoderArch = NEMU_DECODER,
+               loss: NemULossConfig = NemULossConfig(), checkpoint: Path | None = None, resume: bool = False,
+               progress: bool = True, limit: int | None = None) -> tuple[NemU, list[dict], dict[str, Any]]:
+    torch.manual_seed(cfg.seed)
+    model = NemU(frozen, decoder)
+    opt = prodigy(model.decoder.parameters())
+    gen, steps = _batches(ds, cfg.batch_size, cfg.seed, limit)
+    history = train_loop(
+        # the decoder of the epoch with the highest validation relevance mass is kept: the loss (eq. 5-9)
+        # trades mask size against fidelity and the masks' localisation swings from epoch to epoch
+        LoopConfig(epochs=cfg.epochs, checkpoint=checkpoint, resume=resume, progress=progress, desc="nem-u",
+                   select="relevance_mass"),
+        model, opt, gen, steps, lambda b: nemu_step(model, b[0], loss),
+        validate=lambda e: evaluate_nemu(model, ds, "val", limit=512),
+        run_config={**asdict(cfg), "decoder": decoder.to_dict(), "loss": asdict(loss), "dataset": ds.describe(), "limit": limit},
+    )
+    model.eval()
+    return model, history, {"val": evaluate_nemu(model, ds, "val"), "test": evaluate_nemu(model, ds, "test")}
+
+
+# -- NEMt ----------------------------------------------------------------------------------------
+def nemt_step(model: NemT, x: torch.Tensor, target: torch.Tensor, form: str, only: int | None = None,
+              loss: NemTLossConfig | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """One NEMt loss evaluation; `only` trains one decoder of a per-class bank (target = that class)."""
+    loss = loss or NemTLossConfig(form=form)
+    with torch.no_grad():
+        logits, pyr = model.frozen.features(x)
+    mask = model.mask_from(pyr, target, only=only, stochastic=True)
+    if form == "preservation":
+        out, parts = nemt_preservation_loss(logits, model.frozen(x * mask), mask, target, loss.preservation_weight)
+    elif form == "deletion":
+        out, parts = nemt_deletion_loss(logits, model.frozen(x * (1 - mask)), mask, target, loss.deletion_lambda1)
+    else:
+        raise InvalidArgument(f"unknown NEMt loss form {form!r}; use one of {NEMT_FORMS}")
+    return out, {k: float(v) for k, v in parts.items()}
+
+
+def evaluate_nemt(model: NemT, ds: SyntheticDataset, split: str = "val", limit: int | None = None,
+                  target: str = "label") -> dict[str, float]:
+    """Held-out relevance mass etc. of the served masks (eval mode, box smoothing).
+
+    target="label": explain the true class (as the ground truth marks the lesion of that class);
+    target="argmax": explain the predicted class (target -1)."""
+    model.eval()
+    rm, size, keep, drop = [], [], [], []
+    with torch.no_grad():
+        for x, y, gt in ds.batches(split, 256, limit=limit):
+            t = y if target == "label" else torch.full_like(y, -1)
+            mask, logits, label = model(x, t)
+            rm.append(relevance_mass(mask, gt))
+            size.append(mask.flatten(1).mean(1))
+            p = logits.softmax(1).gather(1, label[:, None])[:, 0]
+            keep.append(model.frozen(x * mask).softmax(1).gather(1, label[:, None])[:, 0] - p)
+            drop.append(model.frozen(x * (1 - mask)).softmax(1).gather(1, label[:, None])[:, 0] - p)
+    return {"relevance_mass": float(torch.cat(rm).mean()), "mask_mean": float(torch.cat(size).mean()),
+            "prob_change_keep_mask": float(torch.cat(keep).mean()), "prob_change_delete_mask": float(torch.cat(drop).mean())}
+
+
+COND_HEAD_BIAS = 2.0  # initial mask logit of the class-conditional NEMt (see train_nemt)
+
+
+def train_nemt(frozen: nn.Module, ds: SyntheticDataset, cfg: NemTrainConfig, *, form: str = "preservation",
+               conditional: bool = False, decoder: DecoderArch | None = None, smoothing: int = 21,
+               checkpoint: Path | None = None, resume: bool = False, progress: bool = True,
+               limit: int | None = None) -> tuple[NemT, list[dict], dict[str, Any]]:
+    """Train a per-class NEMt bank (each decoder in turn) or one class-conditional NEMt."""
+    if form not in NEMT_FORMS:
+        raise InvalidArgument(f"unknown NEMt loss form {form!r}; use one of {NEMT_FORMS}")
+    torch.manual_seed(cfg.seed)
+    k = int(frozen.output_dim)
+    decoder = decoder or (NEMT_COND_DECODER if conditional else NEMT_BANK_DECODER)
+    model = NemT(frozen, decoder, num_classes=k, conditional=conditional, smoothing=smoothing)
+    base = {**asdict(cfg), "form": form, "conditional": conditional, "decoder": decoder.to_dict(), "smoothing": smoothing,
+            "dataset": ds.describe(), "limit": limit}
+    history: list[dict] = []
+    if conditional:
+        # Start from masks that keep most of the image (sigmoid(2) = 0.88) and let the L1 term shrink
+        # them: from the default start (0.5) the shared network drove every mask of one class to 0
+        # within the first epoch (sigmoid saturated, no gradient back), for every target label.
+        with torch.no_grad():
+            model.decoders[0].head.bias.fill_(COND_HEAD_BIAS)
+        opt = prodigy(model.decoders.parameters())
+        gen, steps = _batches(ds, cfg.batch_size, cfg.seed, limit)
+        g = torch.Generator().manual_seed(cfg.seed)
+
+        def step(b):
+            # half the targets are the true label, half uniformly random (as the per-class networks see
+            # their own class half the time)
+            x, y = b
+            rand = torch.randint(0, k, (len(x),), generator=g)
+            t = torch.where(torch.rand(len(x), generator=g) < 0.5, y, rand)
+            return nemt_step(model, x, t, form)
+
+        ck = checkpoint.with_name(checkpoint.stem + "-cond.pt") if checkpoint else None
+        # one network for every label can fall into "empty mask for a whole class" (sigmoid saturated,
+        # no gradient left); the epoch with the highest validation relevance mass is kept
+        history = train_loop(LoopConfig(epochs=cfg.epochs, checkpoint=ck, resume=resume, progress=progress, desc=f"nemt-cond[{form}]",
+                                        select="relevance_mass"),
+                             model, opt, gen, steps, step, run_config=base,
+                             validate=lambda e: evaluate_nemt(model, ds, "val", limit=512))
+    else:
+        for c in range(k):
+            opt = prodigy(model.decoders[c].parameters())
+            gen, steps = _batches(ds, cfg.batch_size, cfg.seed, limit, focus=c)
+            ck = checkpoint.with_name(f"{checkpoint.stem}-class{c}.pt") if checkpoint else None
+            h = train_loop(
+                LoopConfig(epochs=cfg.epochs, checkpoint=ck, resume=resume and ck is not None and ck.exists(), progress=progress,
+                           desc=f"nemt[{form}] class {c}"),
+                model.decoders[c], opt, gen, steps,
+                lambda b, c=c: nemt_step(model, b[0], torch.full((len(b[0]),), c, dtype=torch.int64), form, only=c),
+                run_config={**base, "class": c},
+            )
+            history += [{**r, "class": c} for r in h]
+    model.eval()
+    metrics = {
+        "val": evaluate_nemt(model, ds, "val"),
+        "test": evaluate_nemt(model, ds, "test"),
+        "test_argmax": evaluate_nemt(model, ds, "test", target="argmax"),
+    }
+    return model, history, metrics
