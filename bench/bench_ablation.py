@@ -1,4 +1,4 @@
-"""Benchmarks of optimised ablation paths (seed 004, Part II ch. 2), as ratios measured in one run.
+"""Benchmarks of optimised ablation paths ([THESIS], Part II ch. 2), as ratios measured in one run.
 
 1. overhead:   time per Algorithm 2 iteration vs the T (or 2T) batched forward+backward passes of
                the classifier alone, the limit. Goal: non-classifier work <= 10 % of an iteration.
@@ -26,7 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from xaiserve.paths import checkout_root  # noqa: E402
+
+ROOT = checkout_root()  # the repository: its model_store/ and tests/ helpers
 sys.path.insert(0, str(ROOT))
 
 from xaiserve.handlers.ablation import AblationConfig, AblationPath  # noqa: E402

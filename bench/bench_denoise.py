@@ -1,4 +1,4 @@
-"""Spiral vs cartesian denoiser latency per particle on CPU (issue 6 target: <= 1.5x at 64 x 64).
+"""Spiral vs cartesian denoiser latency per particle on CPU (target: <= 1.5x at 64 x 64).
 
     python bench/bench_denoise.py [--store model_store] [--threads 1] [--batches 1,32] [--rounds 15]
 
@@ -25,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
+from xaiserve.paths import checkout_root  # noqa: E402
+
+ROOT = checkout_root()  # the repository: its model_store/ and tests/ helpers
 sys.path.insert(0, str(ROOT))
 
 LIMIT = 1.5

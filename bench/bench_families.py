@@ -1,4 +1,4 @@
-"""Speed of the two explanation families on the same encoder (seed 001 Table 1 analog, issue 4).
+"""Speed of the two explanation families on the same encoder ([NEM-U] Table 1 analog).
 
 NEM-U (one ONNX Runtime call returns the mask and the embedding) per explanation, against RELAX on
 the same frozen encoder (ONNX Runtime, batched masks) with N = 3000 and with the adaptive rule
@@ -17,10 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from xaiserve.paths import checkout_root  # noqa: E402
+
+ROOT = checkout_root()  # the repository: its model_store/ and tests/ helpers
+sys.path.insert(0, str(ROOT))
 from xaiserve.handlers.relax import Relax, RelaxConfig  # noqa: E402
-from xaiserve.handlers.relax.job import onnx_embed  # noqa: E402
-from xaiserve.service.modelstore import DEFAULT_STORE  # noqa: E402
+from xaiserve.service.jobs.relax import onnx_embed  # noqa: E402
 from xaiserve.service.registry import Registry, RegistryConfig  # noqa: E402
 from xaiserve.training.datasets.scenes import scenes  # noqa: E402
 
@@ -29,7 +31,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=50)
-    ap.add_argument("--store", default=str(DEFAULT_STORE))
+    ap.add_argument("--store", default=str(ROOT / "model_store"))
     args = ap.parse_args()
     reg = Registry(RegistryConfig(store=Path(args.store)))
     nemu, enc = reg.resolve("scenes-nemu"), reg.resolve("scenes-simclr")

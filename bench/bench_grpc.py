@@ -1,4 +1,4 @@
-"""Fast-path benchmarks (issue 2), printed as ratios measured in one run.
+"""Fast-path benchmarks, printed as ratios measured in one run.
 
 1. gRPC overhead: Explain round trip vs the same ONNX Runtime call in-process, p50/p99, batch 1,
    at 64x64 and 224x224 RGB. Goal: overhead p50 <= 1 ms (64) and <= 3 ms (224).
@@ -23,10 +23,14 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from xaiserve.paths import checkout_root  # noqa: E402
+
+ROOT = checkout_root()  # the repository: its model_store/ and tests/ helpers
+REPO_STORE = ROOT / "model_store"
+sys.path.insert(0, str(ROOT))
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb  # noqa: E402
 from xaiserve.proto.explain.v1 import explainer_pb2_grpc as pb_grpc  # noqa: E402
-from xaiserve.service.modelstore import DEFAULT_STORE, add_entry  # noqa: E402
+from xaiserve.service.modelstore import add_entry  # noqa: E402
 from xaiserve.service.tensors import to_tensor  # noqa: E402
 from tests.serverutil import server_process  # noqa: E402
 from tests.tiny_models import TinyEncoder, TinyNemU, _entry, _export  # noqa: E402
@@ -53,14 +57,14 @@ def build(store: Path) -> list[tuple[str, int]]:
         models.append((name, size))
     import json
 
-    if (DEFAULT_STORE / "manifest.json").exists():
-        entries = {e["name"]: e for e in json.loads((DEFAULT_STORE / "manifest.json").read_text())["models"]}
+    if (REPO_STORE / "manifest.json").exists():
+        entries = {e["name"]: e for e in json.loads((REPO_STORE / "manifest.json").read_text())["models"]}
         if "scenes-nemu" in entries and "scenes-simclr" in entries:
             for n in ("scenes-nemu", "scenes-simclr"):
                 e = entries[n]
                 for rel in e["files"].values():
                     (store / rel).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy(DEFAULT_STORE / rel, store / rel)
+                    shutil.copy(REPO_STORE / rel, store / rel)
                 add_entry(store, e)
             models.append(("scenes-nemu", int(entries["scenes-nemu"]["input"]["height"])))
     return models

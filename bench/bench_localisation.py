@@ -1,16 +1,16 @@
-"""Localisation of RELAX and U-RELAX against the gradient baselines (seed 000 Table 1 analog).
+"""Localisation of RELAX and U-RELAX against the gradient baselines ([RELAX] Table 1 analog).
 
 On the scenes test split, with the default SSL encoder (scenes-simclr; `--frozen scenes-classifier` for
-the supervised column), prints the seed 000 Table 1 scores, pointing game, top-k intersection and
-relevance rank, plus relevance mass (not in Table 1; seed 001/002 use it), as mean ± standard error
-over images, for RELAX, U-RELAX and the baselines of seed 000 sec. 4.2 (saliency eq. 14, guided
+the supervised column), prints the [RELAX] Table 1 scores, pointing game, top-k intersection and
+relevance rank, plus relevance mass (not in Table 1; [NEM-U]/[NEMt] use it), as mean ± standard error
+over images, for RELAX, U-RELAX and the baselines of [RELAX] sec. 4.2 (saliency eq. 14, guided
 backprop eq. 15, SmoothGrad eq. 16) and the random reference. Top-k uses Quantus's k = 1000 scaled by
 area to the image size (k = 82 on 64 x 64; training/metrics.py `top_k_for`).
 
 Verdict, per metric: is RELAX (and U-RELAX) above the best gradient baseline of this run, and does the
 difference exceed (a) the combined standard error sqrt(se_RELAX^2 + se_baseline^2) of the two means
 and (b) the paired standard error of the per-image differences (every method is scored on the same
-images, so the paired one is the sharper test). Seed 000 Table 1 ordering: RELAX above every gradient
+images, so the paired one is the sharper test). [RELAX] Table 1 ordering: RELAX above every gradient
 baseline on all three Table 1 scores. The best baseline is picked after seeing the means, which
 slightly favours the baselines.
 
@@ -30,9 +30,11 @@ import numpy as np
 from xaiserve.training.evaluate_explanations import RANDOM_ROW, EvalConfig, EvalResult, evaluate, relax_api
 from xaiserve.training.metrics import top_k_for
 
-ROOT = Path(__file__).resolve().parent.parent
+from xaiserve.paths import checkout_root  # noqa: E402
+
+ROOT = checkout_root()  # the repository: its model_store/ and tests/ helpers
 BASELINES = ("saliency", "guided_backprop", "smoothgrad")
-# Seed 000 Table 1 order; relevance mass last, reported but not part of the Table 1 verdict.
+# [RELAX] Table 1 order; relevance mass last, reported but not part of the Table 1 verdict.
 TABLE1 = (("pointing_game", "pointing game"), ("top_k_intersection", "top-k intersection"),
           ("relevance_rank", "relevance rank"))
 EXTRA = (("relevance_mass", "relevance mass*"),)
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, s in summ.items():
         cells = "".join(f"{s[key]['mean']:>14.3f} ± {s[key]['sem']:.3f}" for key, _ in METRICS)
         print(f"{name:28s}{cells}{s['seconds']['mean']:>12.4f}")
-    print("(mean ± standard error over images; * relevance mass is not in seed 000 Table 1: "
+    print("(mean ± standard error over images; * relevance mass is not in [RELAX] Table 1: "
           "reported for reference, not part of the verdict)")
     print("random reference: " + ", ".join(f"{t.rstrip('*')} {summ[RANDOM_ROW][key]['mean']:.3f}" for key, t in METRICS))
 
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({clear} by more than the paired SE, {below_clear} below by more than the paired SE)")
     ok = all(c["above"] for c in verdict["RELAX"])
     firm = all(c["above"] and c["beyond_combined"] for c in verdict["RELAX"])
-    print("seed 000 Table 1 ordering (RELAX above every gradient baseline on pointing game, top-k, relevance rank): "
+    print("[RELAX] Table 1 ordering (RELAX above every gradient baseline on pointing game, top-k, relevance rank): "
           + ("reproduced" + (" (every difference beyond the combined SE)" if firm else
                              " (but not every difference beyond the combined SE)") if ok else "NOT reproduced"))
     return 0

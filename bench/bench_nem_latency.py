@@ -5,7 +5,7 @@
 For each mask model in the store (kinds nem_u, nemt) and the frozen model it explains, the ONNX
 sessions are timed in interleaved rounds (so that load from other processes hits all of them alike);
 the median per-image latency and the ratio mask model / frozen model are printed, with the limit
-(at most 2x, issue 3). Exit code 1 if any ratio exceeds the limit.
+(at most 2x). Exit code 1 if any ratio exceeds the limit.
 """
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
+from xaiserve.paths import checkout_root  # noqa: E402
+
+ROOT = checkout_root()  # the repository: its model_store/ and tests/ helpers
 sys.path.insert(0, str(ROOT))
 
 from xaiserve.service.registry import Registry, RegistryConfig  # noqa: E402

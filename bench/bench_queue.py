@@ -1,4 +1,4 @@
-"""Job-queue benchmarks (issue 7), printed as ratios measured in one run.
+"""Job-queue benchmarks, printed as ratios measured in one run.
 
 1. Throughput scaling: jobs/s with 1, 2 and 4 `xaiserve worker` processes on one Redis, and the
    scaling efficiency E(n) = throughput(n) / (n * throughput(1)). Two job kinds:
@@ -30,7 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from xaiserve.paths import checkout_root  # noqa: E402
+
+ROOT = checkout_root()  # the repository: its model_store/ and tests/ helpers
 sys.path.insert(0, str(ROOT))
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb  # noqa: E402
 from xaiserve.service.jobs.factory import open_backend  # noqa: E402

@@ -1,8 +1,8 @@
-"""RELAX throughput, measured in one run on one model and one image (issue 4, benchmarks):
+"""RELAX throughput, measured in one run on one model and one image:
 
 1. RELAX masks per second (batched, ONNX Runtime) vs the bare batched forward throughput of the
    same ONNX graph on the same batch size: the limit. Goal >= 0.9x.
-2. vs the authors' reference algorithm: seed 000 Algorithm 1, a per-mask Python loop over the torch
+2. vs the authors' reference algorithm: [RELAX] Algorithm 1, a per-mask Python loop over the torch
    module in eager mode, same model, image and N. Goal >= 2x faster. (Algorithm 1 computes
    h = f(x) inside the loop; we hoist it out, which only helps the reference.)
 3. The adaptive rule (stop when every pixel's standard error of R < t) vs the reference at N = 3000:
@@ -30,12 +30,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from xaiserve.paths import checkout_root  # noqa: E402
+
+ROOT = checkout_root()  # the repository: its model_store/ and tests/ helpers
 sys.path.insert(0, str(ROOT))
 
 from xaiserve.handlers.relax import Relax, RelaxConfig  # noqa: E402
 from xaiserve.handlers.relax import estimator as est  # noqa: E402
-from xaiserve.handlers.relax.job import onnx_embed, torch_embed  # noqa: E402
+from xaiserve.service.jobs.relax import onnx_embed, torch_embed  # noqa: E402
 from xaiserve.handlers.relax.masks import generate_masks, mask_geometry  # noqa: E402
 from xaiserve.handlers.relax.relax import cosine  # noqa: E402
 from xaiserve.service.registry import OnnxModel, Registry, RegistryConfig  # noqa: E402
@@ -135,7 +137,7 @@ def interleaved_ratio(embed, cfg: RelaxConfig, x: torch.Tensor) -> tuple[float, 
 
 
 def reference_relax(module: torch.nn.Module, x: torch.Tensor, n: int, cells: int, seed: int):
-    """seed 000 Algorithm 1: one mask at a time, torch eager, batch of one."""
+    """[RELAX] Algorithm 1: one mask at a time, torch eager, batch of one."""
     h_, w_ = x.shape[1:]
     geom = mask_geometry(h_, w_, cells)
     g = torch.Generator().manual_seed(seed)
@@ -164,7 +166,7 @@ def corr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def compare_adaptive(embed, size: int, mean, std, a, n: int, bs: int) -> None:
-    """The adaptive rule's maps against N = n maps on several scenes (issue 4, part 4)."""
+    """The adaptive rule's maps against N = n maps on several scenes."""
     try:
         from xaiserve.training.datasets.scenes import scenes
 

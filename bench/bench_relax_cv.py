@@ -1,5 +1,5 @@
 """RELAX "to the same error": the authors' reference loop vs the adaptive rule with the plain and
-the control-variate estimator (issue 4, benchmark goal ">= 5x faster to the same error").
+the control-variate estimator (goal: ">= 5x faster to the same error").
 
 "Same error" is measured, not assumed: for each image a high-precision map R* is built first, and
 every estimate's ACTUAL error against R* is reported (max and RMS over pixels), next to the
@@ -12,7 +12,7 @@ two must agree within their combined standard errors, and the errors are also re
 the plain map to show the conclusions do not depend on which one is R*.
 
 Per image:
-  (i)   the reference: seed 000 Algorithm 1, a per-mask Python loop over the torch module in eager
+  (i)   the reference: [RELAX] Algorithm 1, a per-mask Python loop over the torch module in eager
         mode (bench_relax.reference_relax), N = 3000: time, reported max standard error t_ref,
         actual max / RMS error. One run of it is one draw of a noisy error, so the batched plain
         estimator (the same estimator, same N) is also run with --seeds seeds for the error's mean.
@@ -41,13 +41,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from xaiserve.paths import checkout_root  # noqa: E402
+
+ROOT = checkout_root()  # the repository: its model_store/ and tests/ helpers
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_relax import load_model, reference_relax  # noqa: E402
 from xaiserve.handlers.relax import Relax, RelaxConfig  # noqa: E402
-from xaiserve.handlers.relax.job import onnx_embed  # noqa: E402
+from xaiserve.service.jobs.relax import onnx_embed  # noqa: E402
 
 
 def load_images(size: int, mean, std, count: int) -> list[tuple[torch.Tensor, str]]:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image as PILImage
 
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
-from xaiserve.handlers.ablation.job import AblationJobMethod
+from xaiserve.service.jobs.ablation import AblationJobMethod
 from xaiserve.handlers.nets import EncoderArch, FrozenSpec
 from xaiserve.errors import FailedPrecondition, InvalidArgument, NotFound
 from xaiserve.service.jobs.contract import JobCancelled

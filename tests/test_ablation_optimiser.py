@@ -1,4 +1,4 @@
-"""Algorithm 2 (seed 004, sec. 2.6.3) on a classifier whose evidence is known: a bright-blob detector.
+"""Algorithm 2 ([THESIS], sec. 2.6.3) on a classifier whose evidence is known: a bright-blob detector.
 
 Every returned path satisfies the axioms (Definition 1); the heatmaps of all four scores point into
 the blob; the blurred baseline is the smallest blur that changes the decision (sec. 2.7.1); a

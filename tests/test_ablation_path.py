@@ -1,4 +1,4 @@
-"""Ablation-path math (seed 004, sec. 2.5-2.6): the vectorised monotone projection is L-inf-optimal
+"""Ablation-path math ([THESIS], sec. 2.5-2.6): the vectorised monotone projection is L-inf-optimal
 (against the O(T^2) brute-force bound) and idempotent, the per-pixel Algorithm 1 port agrees, the
 constant-speed re-parametrisation (Lemma 7) keeps the masks of a monotone path, and the soft
 constraints (blur, saturation, pinching) have the properties the projection relies on."""

@@ -1,4 +1,4 @@
-"""Simulated Cryo-EM particles and MRC stacks (seed 004, sec. 6.1-6.3)."""
+"""Simulated Cryo-EM particles and MRC stacks ([THESIS], sec. 6.1-6.3)."""
 from __future__ import annotations
 
 import mrcfile

@@ -1,4 +1,4 @@
-"""Spiral geometry and resampling operators (seed 004, sec. 7.3.1-7.3.3, eq. 7.5-7.7)."""
+"""Spiral geometry and resampling operators ([THESIS], sec. 7.3.1-7.3.3, eq. 7.5-7.7)."""
 from __future__ import annotations
 
 import math

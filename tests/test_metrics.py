@@ -185,7 +185,7 @@ def test_accuracy_per_complexity_reproduces_table3_arithmetic():
     half = np.zeros((1, H, W))
     half[0, :, :4] = 1.0
     assert M.mask_size(quarter)[0] == 0.25 and M.mask_size(half)[0] == 0.5
-    # seed 001 Table 3, NEM-U supervised VOC: accuracy 0.87, complexity 0.25 -> 3.48
+    # [NEM-U] Table 3, NEM-U supervised VOC: accuracy 0.87, complexity 0.25 -> 3.48
     assert M.accuracy_per_complexity(np.array([0.87]), quarter)[0] == pytest.approx(3.48)
     # the naive solution (remove half the pixels): 0.70 / 0.50 = 1.40 (Table 3 prints 1.41 from unrounded values)
     assert M.accuracy_per_complexity(np.array([0.70]), half)[0] == pytest.approx(1.40)

@@ -9,8 +9,9 @@ import torch
 
 from xaiserve.handlers.nem import DecoderArch, NemT, NemU
 from xaiserve.handlers.nem.build import arch_of
-from xaiserve.handlers.nem.export import Publication, export_onnx, onnx_parity, ort_session, publish
-from xaiserve.handlers.nets import EncoderArch, FrozenSpec, load_module
+from xaiserve.training.nem_export import Publication, export_onnx, onnx_parity, ort_session, publish
+from xaiserve.handlers.loading import load_module
+from xaiserve.handlers.nets import EncoderArch, FrozenSpec
 from xaiserve.service.registry import Registry, RegistryConfig
 from xaiserve.training.cli_nem import export_main, train_main
 

@@ -7,7 +7,8 @@ from torch import nn
 
 from xaiserve.handlers.nem import DecoderArch, NemT, NemU
 from xaiserve.handlers.nem.build import arch_of, build_from_arch
-from xaiserve.handlers.nets import EncoderArch, FrozenSpec, frozen_spec_from_arch, load_module, require_pyramid
+from xaiserve.handlers.loading import load_module
+from xaiserve.handlers.nets import EncoderArch, FrozenSpec, frozen_spec_from_arch, require_pyramid
 from xaiserve.errors import FailedPrecondition, InvalidArgument
 from xaiserve.service.registry import ModelEntry
 from xaiserve.training.datasets.lesions import lesions

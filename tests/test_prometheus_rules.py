@@ -1,4 +1,4 @@
-"""Alerting rules and the Grafana dashboard (issue 7, part 7), checked with the real promtool.
+"""Alerting rules and the Grafana dashboard, checked with the real promtool.
 
 - `promtool check rules` on deploy/prometheus/alerts.yml;
 - `promtool test rules` on deploy/prometheus/alerts_test.yml: synthetic series in, expected alerts
@@ -21,7 +21,7 @@ ALERTS = ROOT / "deploy/prometheus/alerts.yml"
 ALERTS_TEST = ROOT / "deploy/prometheus/alerts_test.yml"
 DASHBOARD = ROOT / "deploy/grafana/xaiserve-dashboard.json"
 
-# What the dashboard must show (issue 2 and 7): gateway metrics (service/metrics.py) and the job
+# What the dashboard must show: gateway metrics (service/metrics.py) and the job
 # queue's (service/jobs/metrics.py). Histograms are listed by base name. Note: the queue exports
 # xaiserve_job_queue_depth / xaiserve_job_oldest_queued_age_seconds (singular "job"), which is what
 # the rules use; `exported_metrics` below is the authority, so a rename on either side fails here.
@@ -72,7 +72,7 @@ def test_alerting_rules_pass_promtool_check():
     rules = [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
     assert f"SUCCESS: {len(rules)} rules found" in proc.stdout
     names = {r["alert"] for r in rules}
-    # what the issue asks for: queue age and error rate
+    # the alerts an operator cannot do without: queue age and error rate
     assert {"XaiserveJobQueueBacklog", "XaiserveJobQueueStalled", "XaiserveHighErrorRate", "XaiserveNoWorkers"} <= names
     for r in rules:
         assert r["labels"]["severity"] in ("info", "warning", "critical"), r["alert"]

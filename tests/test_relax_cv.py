@@ -1,5 +1,5 @@
 """The control-variate estimator of RELAX importance (handlers/relax/control_variate.py; beyond
-seed 000, it estimates R of eq. 12): C_ij = E[M_ij f(M)] / E[M_ij] in closed form against a
+[RELAX], it estimates R of eq. 12): C_ij = E[M_ij f(M)] / E[M_ij] in closed form against a
 brute-force enumeration of every grid and crop offset, exactness when the similarity is a function
 the regression can represent, agreement with the plain estimator on a real network, the
 integration (progress, two-pass, stopping) and configuration validation."""

@@ -16,7 +16,7 @@ from torch import nn
 
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.handlers.relax import Relax, RelaxConfig
-from xaiserve.handlers.relax.job import RelaxJobMethod
+from xaiserve.service.jobs.relax import RelaxJobMethod
 from xaiserve.errors import FailedPrecondition, InvalidArgument, NotFound
 from xaiserve.service.images import decode_image, to_model_input
 from xaiserve.service.jobs.contract import JobCancelled
@@ -225,7 +225,7 @@ def test_cancellation_stops_within_one_batch(registry):
 
 # --- the default SSL encoder on scenes with one object ---------------------------------------------
 def test_default_encoder_importance_is_higher_inside_the_object():
-    """Issue 4: on scenes with one object, RELAX importance (scenes-simclr, the paper's defaults,
+    """On scenes with one object, RELAX importance (scenes-simclr, the paper's defaults,
     N = 1000) is higher inside the object than outside: on average, and on more than half of a
     fixed set of 12 one-object test scenes (chance: half)."""
     from tests.conftest import DEFAULT_STORE

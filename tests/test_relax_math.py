@@ -1,6 +1,6 @@
-"""RELAX math (seed 000): masks (sec. 3.1), the batched one-pass estimator against Algorithm 1
+"""RELAX math ([RELAX]): masks (sec. 3.1), the batched one-pass estimator against Algorithm 1
 mask by mask, the two-pass estimator, uncertainty and U-RELAX against hand-computed values
-(eq. 9-13), the adaptive stopping rule, and the masking strategies (Appendix A, seed 003)."""
+(eq. 9-13), the adaptive stopping rule, and the masking strategies (Appendix A, [SSL-XAI])."""
 from __future__ import annotations
 
 import math
@@ -403,7 +403,7 @@ def test_png_panels_red_high_blue_low():
     import numpy as np
     from PIL import Image as PILImage
 
-    from xaiserve.handlers.relax.render import render_png
+    from xaiserve.service.render.relax import render_png
 
     imp = np.array([[0.2, 0.9], [0.5, 0.3]], np.float32)
     unc = np.array([[0.1, 0.0], [0.4, 0.2]], np.float32)

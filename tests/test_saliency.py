@@ -1,4 +1,4 @@
-"""handlers.saliency: gradient baselines (seed 000 eq. 14-16, captum) on hand-made models."""
+"""handlers.saliency: gradient baselines ([RELAX] eq. 14-16, captum) on hand-made models."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""TLS, mutual TLS and bearer-token authentication against a real grpc.aio server (issue 7, part 4).
+"""TLS, mutual TLS and bearer-token authentication against a real grpc.aio server.
 
 The server runs the real Explainer service definition (a minimal servicer defined here, so the test
 does not depend on models), grpc.health.v1 and reflection, on 127.0.0.1 with a free port, in its own

@@ -7,6 +7,7 @@ import importlib
 import json
 import subprocess
 import sys
+import typing
 from dataclasses import fields
 from pathlib import Path
 
@@ -16,32 +17,32 @@ TRAIN_TARGETS = {
 }
 EXPORT_TARGETS = TRAIN_TARGETS
 EVALUATE_TARGETS = {"explanations": "xaiserve.training.cli_eval", "nem": "xaiserve.training.cli_eval", "denoiser": "xaiserve.training.cli_denoise"}
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _serve_parser(sub) -> None:
-    from xaiserve.service.config import ServerConfig, describe
+    from xaiserve.service.config import ServerConfig, describe, flag_name
 
     p = sub.add_parser("serve", help="run the gRPC server on the model store",
                        description="Settings: defaults < --config file < XAISERVE_* environment < flags.")
     p.add_argument("--config", help="YAML or JSON file of settings")
     p.add_argument("--print-config", action="store_true", help="print the effective configuration and exit")
-    types = {f.name: f.type for f in fields(ServerConfig)}
+    # Every flag is taken as text and read by config.parse_setting, the parser of the file and the
+    # environment too, so that a value is accepted or refused the same way whatever its source.
+    hints = typing.get_type_hints(ServerConfig)
     for name, default, comment in describe():
-        flag = "--" + name.replace("_", "-")
-        t = types[name]
-        if t in (bool, "bool"):
-            p.add_argument(flag, dest=name, type=lambda s: s.lower() in ("1", "true", "yes", "on"), default=None,
-                           metavar="BOOL", help=f"{comment} (default {default})")
+        if hints[name] is bool:
+            p.add_argument(flag_name(name), dest=name, default=None, metavar="BOOL",
+                           help=f"{comment} (true/false, yes/no, on/off, 1/0; default {str(default).lower()})")
         else:
-            p.add_argument(flag, dest=name, default=None, help=f"{comment} (default {default!r})")
+            p.add_argument(flag_name(name), dest=name, default=None, help=f"{comment} (default {default!r})")
 
 
 def _serve(args) -> int:
     from xaiserve.service.config import ServerConfig, load_config
-    overrides = {f.name: getattr(args, f.name) for f in fields(ServerConfig)}
+
+    flags = {f.name: getattr(args, f.name) for f in fields(ServerConfig)}
     try:
-        cfg = load_config(args.config, **overrides)
+        cfg = load_config(args.config, flags=flags)
     except ValueError as e:
         print(f"xaiserve serve: {e}", file=sys.stderr)
         return 2
@@ -132,11 +133,20 @@ def _dispatch(table: dict[str, str], fn: str, argv: list[str], what: str) -> int
 
 
 def _bench(argv: list[str]) -> int:
-    names = sorted(p.stem.removeprefix("bench_") for p in (ROOT / "bench").glob("bench_*.py"))
-    if not argv or argv[0] not in names:
-        print(f"usage: xaiserve bench NAME [options]; benchmarks: {', '.join(names)}", file=sys.stderr)
+    # The benchmarks are scripts of the source checkout (bench/), not part of the installed package.
+    from xaiserve.paths import find_checkout
+
+    root = find_checkout()
+    if root is None or not (root / "bench").is_dir():
+        print("xaiserve bench: the benchmarks are the scripts in bench/ of a source checkout, which an installed "
+              "package does not include; clone the repository, `pip install -e .` in it, and run `xaiserve bench` "
+              "from inside it", file=sys.stderr)
         return 2
-    return subprocess.call([sys.executable, str(ROOT / "bench" / f"bench_{argv[0]}.py"), *argv[1:]])
+    names = sorted(p.stem.removeprefix("bench_") for p in (root / "bench").glob("bench_*.py"))
+    if not argv or argv[0] not in names:
+        print(f"usage: xaiserve bench NAME [options]; benchmarks ({root / 'bench'}): {', '.join(names)}", file=sys.stderr)
+        return 2
+    return subprocess.call([sys.executable, str(root / "bench" / f"bench_{argv[0]}.py"), *argv[1:]])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,10 +20,13 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 
+from xaiserve.methods import JOB_METHODS, METHODS
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 
-# Which JobRequest.params field a method's --param values go to.
-PARAMS_FIELD = {"relax": "relax", "ablation_path": "ablation"}
+# Which JobRequest.params field a method's --param values go to: the field whose message is the
+# method's parameters message in the methods table.
+_PARAM_FIELDS = {f.message_type.name: f.name for f in pb.JobRequest.DESCRIPTOR.oneofs_by_name["params"].fields}
+PARAMS_FIELD = {name: _PARAM_FIELDS[METHODS[name].params] for name in JOB_METHODS if METHODS[name].params in _PARAM_FIELDS}
 
 
 def _add_client_flags(p: argparse.ArgumentParser) -> None:
@@ -41,11 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     s = sub.add_parser("submit", help="submit a job; prints its id")
     s.add_argument("image", help="image file (PNG, JPEG, ...)")
-    s.add_argument("--method", required=True, help="relax or ablation_path")
+    s.add_argument("--method", required=True, help=" or ".join(JOB_METHODS))
     s.add_argument("--model", required=True, help="model name or name:version")
     s.add_argument("--param", action="append", default=[], metavar="K=V",
                    help="a RelaxParams / AblationParams field, e.g. num_masks=2000 (repeatable)")
-    s.add_argument("--params", choices=("relax", "ablation"), default=None,
+    s.add_argument("--params", choices=sorted(set(PARAMS_FIELD.values())), default=None,
                    help="which parameter message --param fills (default: from --method)")
     s.add_argument("--priority", type=int, default=0, help="higher runs first")
     s.add_argument("--deadline", type=float, default=0.0, help="seconds; past it the job ends EXPIRED")

@@ -2,17 +2,184 @@
 
 Every field is documented here and in the README; `xaiserve serve --print-config` shows the
 effective configuration.
+
+One parser for every source: `parse_setting` turns a value from a flag, the environment, a config
+file or code into the field's type with the same rules everywhere (booleans: 1/0, true/false,
+yes/no, on/off; integers in decimal; finite floats; lists as comma-separated text or a YAML/JSON
+list), and a value it cannot read is a `ConfigError` that names the setting and where it came from
+(`--prefer-cuda maybe` and XAISERVE_PREFER_CUDA=maybe fail alike). `gather` applies it to a
+settings dataclass (ServerConfig here, the worker's settings in service/worker.py).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
-from dataclasses import dataclass, field, fields
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from xaiserve.service.modelstore import DEFAULT_STORE
+from xaiserve.errors import quote
+
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+ENV_PREFIX = "XAISERVE_"
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names the setting and its source."""
+
+    def __init__(self, message: str, setting: str = "", source: str = ""):
+        super().__init__(message)
+        self.setting, self.source = setting, source
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def parse_setting(name: str, value: Any, typ: Any, source: str) -> Any:
+    """`value` (text from a flag or the environment, or a YAML/JSON/Python value) as type `typ`.
+
+    The rules do not depend on the source: a native value of the right type is taken as it is,
+    anything else is read as text with the rules of its type. Raises ConfigError naming the setting
+    and `source` (e.g. "flag --prefer-cuda", "environment XAISERVE_PREFER_CUDA").
+    """
+
+    def bad(what: str) -> ConfigError:
+        return ConfigError(f"setting {name} ({source}): {quote(value)} is not {what}", name, source)
+
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if value is None and len(inner) < len(args):
+            return None
+        if len(inner) != 1:
+            raise TypeError(f"setting {name}: unsupported type {typ!r}")
+        return parse_setting(name, value, inner[0], source)
+    if value is None:
+        raise bad("set (an empty value); leave the setting out to keep its default")
+    if origin is Literal:
+        text = value if isinstance(value, str) else str(value)
+        if text.strip() not in args:
+            raise bad("one of " + ", ".join(map(str, args)))
+        return text.strip()
+    if origin in (tuple, list):
+        item = args[0] if args else str
+        if isinstance(value, str):
+            parts: Iterable[Any] = [v.strip() for v in value.split(",") if v.strip()]
+        elif isinstance(value, (list, tuple)):
+            parts = value
+        else:
+            raise bad("a list (comma-separated text or a list)")
+        return tuple(parse_setting(f"{name}[{i}]", v, item, source) for i, v in enumerate(parts))
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower() if isinstance(value, (str, int)) else None
+        if text in TRUE_WORDS:
+            return True
+        if text in FALSE_WORDS:
+            return False
+        raise bad("a boolean (true/false, yes/no, on/off, 1/0)")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip(), 10)
+            except ValueError:
+                pass
+        raise bad("an integer")
+    if typ is float:
+        number: float | None = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                pass
+        if number is None or not math.isfinite(number):
+            raise bad("a finite number")
+        return number
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # a YAML number where text is meant (e.g. a host or a path)
+        raise bad("text")
+    raise TypeError(f"setting {name}: unsupported type {typ!r}")
+
+
+def read_settings_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping of settings in a YAML (.yaml/.yml) or JSON file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist", source=f"config file {p}")
+    text = p.read_text()
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - yaml.YAMLError or json.JSONDecodeError: say where
+        raise ConfigError(f"config file {p} is not valid {'YAML' if p.suffix in ('.yaml', '.yml') else 'JSON'}: {e}",
+                          source=f"config file {p}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of settings", source=f"config file {p}")
+    return data
+
+
+def gather(cls: type, *, file: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
+           env_settings: Iterable[str] | None = None, flags: Mapping[str, Any] | None = None,
+           overrides: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """Values for the fields of dataclass `cls` from, in rising precedence, `file`, `env` (the
+    XAISERVE_<NAME> variable of each field in `env_settings`, default all), `flags` (command-line
+    text) and `overrides` (Python values from code); None means "not given" in flags and overrides.
+
+    Returns (values, sources): the parsed values and, per setting, where it came from. Unknown
+    settings in the file, flags or overrides are errors, not silently ignored.
+    """
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in fields(cls)]
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+
+    def put(name: str, raw: Any, source: str) -> None:
+        values[name] = parse_setting(name, raw, hints[name], source)
+        sources[name] = source
+
+    if file:
+        where = f"config file {Path(file)}"
+        for k, v in read_settings_file(file).items():
+            name = str(k).replace("-", "_")
+            if name not in hints:
+                raise ConfigError(f"{where}: unknown setting {k!r}; known: {', '.join(sorted(known))}", str(k), where)
+            put(name, v, where)
+    env = os.environ if env is None else env
+    for name in known if env_settings is None else env_settings:
+        raw = env.get(env_name(name))
+        if raw is not None:
+            put(name, raw, f"environment {env_name(name)}")
+    for given, label in ((flags, "flag"), (overrides, "argument")):
+        for name, raw in (given or {}).items():
+            if raw is None:
+                continue
+            if name not in hints:
+                raise ConfigError(f"unknown setting {name!r}; known: {', '.join(sorted(known))}", name, label)
+            put(name, raw, f"flag {flag_name(name)}" if label == "flag" else f"argument {name}")
+    return values, sources
 
 
 @dataclass(frozen=True)
@@ -24,8 +191,10 @@ class ServerConfig:
     metrics_port: int = 9100  # 0 picks a free port; -1 disables the HTTP endpoint
     max_message_mb: int = 64  # largest request or response message
     # models
-    model_store: str = str(DEFAULT_STORE)
-    load_models: str = "all"  # "all": load and warm every model at start; "lazy": on first use
+    # folder holding manifest.json and the model files; a relative path is read from the working
+    # directory (the repository root holds the default models: see docs/MODEL_STORE.md)
+    model_store: str = "model_store"
+    load_models: Literal["all", "lazy"] = "all"  # "all": load and warm every model at start; "lazy": on first use
     intra_op_threads: int = 0  # ONNX Runtime threads per session (0 = runtime default)
     prefer_cuda: bool = True  # use the CUDA execution provider when present
     spiral_runtime: bool = True  # spiral denoisers with compiled resampling (False: their single ONNX graph)
@@ -69,79 +238,45 @@ class ServerConfig:
         return self.queue or f"sqlite:///{Path(self.state_dir).resolve() / 'jobs.sqlite'}"
 
 
-def _coerce(name: str, value: Any, typ: Any) -> Any:
-    t = typ if isinstance(typ, type) else {"int": int, "float": float, "bool": bool, "str": str}[str(typ)]
-    if t is bool:
-        if isinstance(value, bool):
-            return value
-        s = str(value).strip().lower()
-        if s in ("1", "true", "yes", "on"):
-            return True
-        if s in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"config {name}: {value!r} is not a boolean (true/false)")
-    try:
-        return t(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"config {name}: {value!r} is not a valid {t.__name__}") from None
-
-
-def load_config(file: str | os.PathLike | None = None, env: dict[str, str] | None = None, **overrides: Any) -> ServerConfig:
-    """Build the effective config. Unknown keys in the file or flags are errors, not silently ignored."""
-    known = {f.name: f.type for f in fields(ServerConfig)}
-    values: dict[str, Any] = {}
-    if file:
-        p = Path(file)
-        if not p.exists():
-            raise ValueError(f"config file {p} does not exist")
-        text = p.read_text()
-        if p.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {p} must hold a mapping of settings")
-        for k, v in data.items():
-            k2 = k.replace("-", "_")
-            if k2 not in known:
-                raise ValueError(f"config file {p}: unknown setting {k!r}; known: {', '.join(sorted(known))}")
-            values[k2] = _coerce(k2, v, known[k2])
-    env = os.environ if env is None else env
-    for k, typ in known.items():
-        ev = env.get(f"XAISERVE_{k.upper()}")
-        if ev is not None:
-            values[k] = _coerce(k, ev, typ)
-    for k, v in overrides.items():
-        if v is None:
-            continue
-        if k not in known:
-            raise ValueError(f"unknown setting {k!r}")
-        values[k] = _coerce(k, v, known[k])
+def load_config(file: str | os.PathLike | None = None, env: Mapping[str, str] | None = None, *,
+                flags: Mapping[str, Any] | None = None, **overrides: Any) -> ServerConfig:
+    """The effective config: defaults < `file` < `env` (default os.environ) < `flags` (text from the
+    command line) < `overrides` (values from code). Raises ConfigError naming setting and source."""
+    values, sources = gather(ServerConfig, file=file, env=env, flags=flags, overrides=overrides)
     cfg = ServerConfig(**values)
-    validate(cfg)
+    validate(cfg, sources)
     return cfg
 
 
-def validate(cfg: ServerConfig) -> None:
-    checks = [
-        (cfg.max_batch >= 1, "max_batch must be >= 1"),
-        (cfg.max_delay_ms >= 0, "max_delay_ms must be >= 0"),
-        (cfg.max_queue >= 1, "max_queue must be >= 1"),
-        (cfg.max_message_mb >= 1, "max_message_mb must be >= 1"),
-        (cfg.grace_s >= 0, "grace_s must be >= 0"),
-        (cfg.load_models in ("all", "lazy"), "load_models must be 'all' or 'lazy'"),
-        (bool(cfg.tls_cert) == bool(cfg.tls_key), "tls_cert and tls_key go together"),
-        (not cfg.tls_client_ca or bool(cfg.tls_cert), "tls_client_ca (mutual TLS) needs tls_cert and tls_key"),
-        (1 <= cfg.stream_default_queue <= cfg.stream_max_queue, "need 1 <= stream_default_queue <= stream_max_queue"),
-        (cfg.inference_threads >= 1, "inference_threads must be >= 1"),
-        (cfg.health_port >= 0, "health_port must be >= 0 (0 = off)"),
-        (1 <= cfg.relax_batch_size <= 4096, "relax_batch_size must be in 1..4096"),
+def validate(cfg: ServerConfig, sources: Mapping[str, str] | None = None) -> None:
+    """Rules across settings; the message says where each setting involved came from."""
+    checks: list[tuple[bool, tuple[str, ...], str]] = [
+        (0 <= cfg.port <= 65535, ("port",), "port must be in 0..65535 (0 picks a free port)"),
+        (-1 <= cfg.metrics_port <= 65535, ("metrics_port",), "metrics_port must be in -1..65535 (0 picks a free port, -1 disables)"),
+        (0 <= cfg.health_port <= 65535, ("health_port",), "health_port must be in 0..65535 (0 = off)"),
+        (cfg.max_batch >= 1, ("max_batch",), "max_batch must be >= 1"),
+        (cfg.max_delay_ms >= 0, ("max_delay_ms",), "max_delay_ms must be >= 0"),
+        (cfg.max_queue >= 1, ("max_queue",), "max_queue must be >= 1"),
+        (cfg.max_message_mb >= 1, ("max_message_mb",), "max_message_mb must be >= 1"),
+        (cfg.max_denoise_batch >= 1, ("max_denoise_batch",), "max_denoise_batch must be >= 1"),
+        (cfg.intra_op_threads >= 0, ("intra_op_threads",), "intra_op_threads must be >= 0 (0 = runtime default)"),
+        (cfg.job_workers >= 0, ("job_workers",), "job_workers must be >= 0 (0 = gateway only)"),
+        (cfg.job_max_queued >= 1, ("job_max_queued",), "job_max_queued must be >= 1"),
+        (cfg.job_result_ttl_s > 0, ("job_result_ttl_s",), "job_result_ttl_s must be > 0"),
+        (cfg.grace_s >= 0, ("grace_s",), "grace_s must be >= 0"),
+        (cfg.load_models in ("all", "lazy"), ("load_models",), "load_models must be 'all' or 'lazy'"),
+        (bool(cfg.tls_cert) == bool(cfg.tls_key), ("tls_cert", "tls_key"), "tls_cert and tls_key go together"),
+        (not cfg.tls_client_ca or bool(cfg.tls_cert), ("tls_client_ca", "tls_cert"),
+         "tls_client_ca (mutual TLS) needs tls_cert and tls_key"),
+        (1 <= cfg.stream_default_queue <= cfg.stream_max_queue, ("stream_default_queue", "stream_max_queue"),
+         "need 1 <= stream_default_queue <= stream_max_queue"),
+        (cfg.inference_threads >= 1, ("inference_threads",), "inference_threads must be >= 1"),
+        (1 <= cfg.relax_batch_size <= 4096, ("relax_batch_size",), "relax_batch_size must be in 1..4096"),
     ]
-    for ok, msg in checks:
+    for ok, names, msg in checks:
         if not ok:
-            raise ValueError(f"invalid configuration: {msg}")
+            where = ", ".join(f"{n} from {(sources or {}).get(n, 'the default')}" for n in names)
+            raise ConfigError(f"invalid configuration: {msg} ({where})", names[0], (sources or {}).get(names[0], "default"))
 
 
 def describe() -> list[tuple[str, Any, str]]:

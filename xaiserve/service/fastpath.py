@@ -2,24 +2,120 @@
 
 Thin adapter: validation and preprocessing (service.images), one batcher per model (service.batcher),
 the model math lives in the exported graphs and in handlers/.
+
+The event loop only does I/O. Per request it runs the cheap checks (model, options, the image's
+header or tensor shape, the response size against max_message_mb) and hands every pixel-sized step
+(decoding, resizing, MRC parsing, rendering, response building) to a bounded CPU pool (`CpuPool`)
+and the model calls to the batchers' inference pool. `Admission` bounds the requests in progress
+(and optionally per caller): beyond the bound a request is refused at once, before any decoding,
+so an overloaded server answers refusals in microseconds and spends its cores on work it accepted.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter as _Tally
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import numpy as np
 
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.service.batcher import MicroBatcher
 from xaiserve.service.config import ServerConfig
-from xaiserve.service.errors import FailedPrecondition, InvalidArgument
-from xaiserve.service.images import decode_image, encode_png, overlay, resize_mask, to_model_input
-from xaiserve.service.registry import MASK_KINDS, ModelEntry, Registry
-from xaiserve.service.tensors import to_tensor
+from prometheus_client import Counter
 
-GRADIENT_METHODS = ("saliency", "guided_backprop", "smoothgrad", "integrated_gradients", "gradient_shap", "gradcam")
+from xaiserve.service.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from xaiserve.service.images import ImageHeader, decode_image, png_bound, probe_image, render_pngs, resize_mask, to_model_input
+from xaiserve.methods import GRADIENT_METHODS, MASK_KINDS, METHODS
+from xaiserve.service.registry import ModelEntry, Registry
+from xaiserve.service.tensors import tensor_message_bytes, to_tensor
+
+__all__ = ["GRADIENT_METHODS", "Admission", "CpuPool", "FastPath"]
+
+T = TypeVar("T")
+# Low cardinality: why a request was refused before any work ("server", "caller", "cpu_pool").
+REFUSED = Counter("xaiserve_admission_refused", "Requests refused at admission, before any decoding", ["reason"])
+# A response above this size is serialised in the CPU pool rather than by grpc on the event loop.
+OFFLOAD_SERIALIZE_BYTES = 1 << 20
+
+
+class CpuPool:
+    """A fixed set of threads for decoding and encoding, with a bounded backlog.
+
+    Pillow, numpy, zlib and mrcfile release the GIL on large buffers, so the event loop keeps
+    answering while these threads work. A task beyond `max_pending` (running + waiting) is refused
+    with RESOURCE_EXHAUSTED instead of queueing without bound."""
+
+    def __init__(self, threads: int, max_pending: int, name: str = "cpu"):
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+        self.threads, self.max_pending = threads, max_pending
+        self._lock = threading.Lock()
+        self._pending = 0
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def _done(self, _f: Future) -> None:
+        with self._lock:
+            self._pending -= 1
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        with self._lock:
+            if self._pending >= self.max_pending:
+                REFUSED.labels("cpu_pool").inc()
+                raise ResourceExhausted(f"the server's decode pool has {self.max_pending} tasks waiting; retry with backoff")
+            self._pending += 1
+        try:
+            fut = self._pool.submit(fn, *args)
+        except RuntimeError:  # shut down
+            self._done(None)  # type: ignore[arg-type]
+            raise Unavailable("the server is shutting down; retry on another replica") from None
+        # The count drops when the thread is done, not when the caller stops waiting: a cancelled
+        # call whose decode already runs still occupies its thread.
+        fut.add_done_callback(self._done)
+        return await asyncio.wrap_future(fut)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class Admission:
+    """Bounds the fast-path requests in progress, overall and (optionally) per principal.
+
+    Used on the event loop only (no lock). `slot` raises RESOURCE_EXHAUSTED at once when full:
+    the refusal costs no decoding and no queueing."""
+
+    def __init__(self, limit: int, per_principal: int = 0):
+        self.limit, self.per_principal = limit, per_principal
+        self.inflight = 0
+        self._by: _Tally[str] = _Tally()
+
+    @contextlib.contextmanager
+    def slot(self, principal: str = "") -> Iterator[None]:
+        if self.inflight >= self.limit:
+            REFUSED.labels("server").inc()
+            raise ResourceExhausted(
+                f"the server is at its limit of {self.limit} requests in progress (max_inflight); "
+                "retry with backoff or add replicas")
+        if self.per_principal and self._by[principal] >= self.per_principal:
+            REFUSED.labels("caller").inc()
+            raise ResourceExhausted(
+                f"this caller already has {self.per_principal} requests in progress (max_inflight_per_principal); "
+                "wait for answers before sending more")
+        self.inflight += 1
+        self._by[principal] += 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+            self._by[principal] -= 1
+            if not self._by[principal]:
+                del self._by[principal]
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -35,6 +131,11 @@ class FastPath:
         self.config = config
         self.executor = ThreadPoolExecutor(max_workers=config.inference_threads, thread_name_prefix="infer")
         self._batchers: dict[str, MicroBatcher] = {}
+        # Streams run frames through explain() without an admission slot; each holds at most two
+        # frames, hence the backlog allowance beyond max_inflight.
+        self.cpu = CpuPool(config.decode_threads, 2 * config.max_inflight, "decode")
+        self.admission = Admission(config.max_inflight, config.max_inflight_per_principal)
+        self.max_message_bytes = config.max_message_mb * 1024 * 1024
 
     def batcher(self, entry: ModelEntry) -> MicroBatcher:
         b = self._batchers.get(entry.id)
@@ -52,6 +153,48 @@ class FastPath:
         for b in self._batchers.values():
             await b.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.cpu.shutdown()
+
+    # -- admission and offloading ----------------------------------------------------------------
+    def check_response_size(self, bound: int, what: str, hint: str) -> None:
+        """Refuse up front a request whose response could exceed max_message_mb."""
+        if bound > self.max_message_bytes:
+            raise ResourceExhausted(
+                f"the response would need up to {bound} bytes ({what}), more than max_message_mb = "
+                f"{self.config.max_message_mb} ({self.max_message_bytes} bytes); {hint}")
+
+    def _explain_bound(self, hdr: ImageHeader, opts: pb.ExplainOptions, frozen: ModelEntry) -> tuple[int, str, str]:
+        h, w = hdr.height, hdr.width
+        n = tensor_message_bytes((h, w)) + tensor_message_bytes((max(frozen.output_dim, len(frozen.labels), 1),)) + 512
+        what = f"a {h} x {w} float32 mask"
+        per_pixel = 4
+        if opts.return_png:
+            n += png_bound(h, w, 1) + png_bound(h, w, 3)
+            what += " and its two PNG renderings"
+            per_pixel += 4
+        side = int((self.max_message_bytes / per_pixel) ** 0.5)
+        hint = f"send a smaller image (about {side} x {side} pixels at most)" + (" or leave return_png off" if opts.return_png else "")
+        return n, what, hint
+
+    @staticmethod
+    def _prepare(image: pb.Image, spec) -> tuple[np.ndarray, np.ndarray]:
+        arr = decode_image(image)
+        return arr, to_model_input(arr, spec)[None]
+
+    @staticmethod
+    def _render(resp: pb.ExplainResponse, image: np.ndarray, mask: np.ndarray, return_png: bool) -> None:
+        h, w = image.shape[:2]
+        full = resize_mask(mask, h, w)
+        resp.mask.CopyFrom(to_tensor(full.astype(np.float32)))
+        if return_png:
+            resp.mask_png, resp.overlay_png = render_pngs(image, full)
+
+    async def serialize(self, resp: Any) -> Any:
+        """The response as bytes, serialised in the CPU pool when it is large (grpc would do it on
+        the event loop); small ones are returned as they are."""
+        if resp.ByteSize() > OFFLOAD_SERIALIZE_BYTES:
+            return await self.cpu.run(resp.SerializeToString)
+        return resp
 
     # ---------------------------------------------------------------------------------------
     async def explain(self, request: pb.ExplainRequest, *, timeout: float | None, entry: ModelEntry | None = None) -> pb.ExplainResponse:
@@ -59,15 +202,20 @@ class FastPath:
         entry = entry or self.registry.resolve(request.model)
         opts = request.options
         method = opts.method.strip()
-        if method and method not in GRADIENT_METHODS:
-            raise InvalidArgument(f"options.method {method!r} is unknown; use '' (the model's masking network) or one of {', '.join(GRADIENT_METHODS)}")
-        if not method and entry.kind not in MASK_KINDS:
-            raise InvalidArgument(
-                f"model {entry.id} is a {entry.kind}, not a masking network; name a nem_u/nemt model, "
-                f"or set options.method to one of {', '.join(GRADIENT_METHODS)} to explain it with a gradient baseline"
-            )
-        if entry.kind == "denoiser":
-            raise InvalidArgument(f"model {entry.id} is a denoiser; call Denoise")
+        if not method:
+            if entry.kind not in MASK_KINDS:
+                offered = [m for m in self.registry.methods(entry) if METHODS[m].rpc == "Explain"]
+                raise InvalidArgument(
+                    f"model {entry.id} is a {entry.kind}, not a masking network; name a nem_u/nemt model, "
+                    f"or set options.method to one of {', '.join(offered) or '(none for this model)'}"
+                )
+            method = entry.kind
+        spec = self.registry.check_method(entry, method)
+        if spec.rpc != "Explain":
+            raise InvalidArgument(f"method {method!r} is served by {spec.rpc}, not Explain"
+                                  + ("; submit it as a job" if spec.rpc == "SubmitJob" else ""))
+        own = spec.own
+        method = "" if own else method
         frozen = self.registry.frozen_for(entry)
         n_labels = len(frozen.labels) or frozen.output_dim
         target = -1
@@ -77,8 +225,8 @@ class FastPath:
             if not 0 <= opts.target_label < n_labels:
                 raise InvalidArgument(f"target_label {opts.target_label} is out of range for {frozen.id}: labels 0..{n_labels - 1} ({', '.join(frozen.labels)})")
             target = int(opts.target_label)
-        image = decode_image(request.image)
-        x = to_model_input(image, entry.input)[None]
+        self.check_response_size(*self._explain_bound(probe_image(request.image), opts, frozen))
+        image, x = await self.cpu.run(self._prepare, request.image, entry.input)
 
         resp = pb.ExplainResponse(model=entry.id, target_label=-1, method=method or entry.kind)
         if method:
@@ -101,12 +249,7 @@ class FastPath:
             resp.output.CopyFrom(to_tensor(out.astype(np.float32)))
         if opts.fidelity:
             resp.fidelity = float(await self._fidelity(frozen, x, mask, out, self._left(t0, timeout)))
-        h, w = image.shape[:2]
-        full = resize_mask(mask, h, w)
-        resp.mask.CopyFrom(to_tensor(full.astype(np.float32)))
-        if opts.return_png:
-            resp.mask_png = encode_png(full)
-            resp.overlay_png = encode_png(overlay(image, full))
+        await self.cpu.run(self._render, resp, image, mask, opts.return_png)
         resp.timing.queue_ms = queue_s * 1e3
         resp.timing.inference_ms = infer_s * 1e3
         resp.timing.batch_size = bsize
@@ -118,7 +261,7 @@ class FastPath:
         return None if timeout is None else timeout - (time.perf_counter() - t0)
 
     async def _fidelity(self, frozen: ModelEntry, x: np.ndarray, mask: np.ndarray, out: np.ndarray | None, timeout: float | None) -> float:
-        """cos(Phi(x), Phi(x*m)) on the normalised input (seed 001 sec. 3.1, last paragraph)."""
+        """cos(Phi(x), Phi(x*m)) on the normalised input ([NEM-U] sec. 3.1, last paragraph)."""
         if "onnx" not in frozen.files:
             raise FailedPrecondition(f"fidelity needs the ONNX graph of {frozen.id}, which the store does not have")
         m = mask.astype(np.float32)
@@ -131,7 +274,7 @@ class FastPath:
         return float(_cosine(ref, o[-1:])[0])
 
     async def _gradient(self, method: str, frozen: ModelEntry, x: np.ndarray, target: int, timeout: float | None):
-        """Gradient baselines (seed 000 sec. 4.2) on the frozen torch module, in the thread pool."""
+        """Gradient baselines ([RELAX] sec. 4.2) on the frozen torch module, in the thread pool."""
         if frozen.kind not in ("encoder", "classifier"):
             raise InvalidArgument(f"{method} needs an encoder or classifier; {frozen.id} is a {frozen.kind}")
         from xaiserve.handlers import saliency
@@ -160,17 +303,24 @@ class FastPath:
     async def denoise(self, request: pb.DenoiseRequest, *, timeout: float | None, entry: ModelEntry | None = None) -> pb.DenoiseResponse:
         t0 = time.perf_counter()
         entry = entry or self.registry.resolve(request.model)
-        if entry.kind != "denoiser":
-            raise InvalidArgument(f"model {entry.id} is a {entry.kind}, not a denoiser; use ListModels(kind='denoiser')")
-        from xaiserve.handlers.denoise.serving import particles_from_request, to_mrc_bytes
+        self.registry.check_method(entry, "denoise")  # a denoiser with its graph (the methods table)
+        from xaiserve.service.denoise import particles_from_request, to_mrc_bytes
 
-        particles = particles_from_request(request, entry, self.config.max_denoise_batch)
+        particles = await self.cpu.run(particles_from_request, request, entry, self.config.max_denoise_batch)
+        n, _, h, w = particles.shape
+        bound = tensor_message_bytes((n, h, w)) * (2 if request.return_mrc else 1) + 1024 + 512
+        self.check_response_size(bound, f"{n} denoised particles of {h} x {w}" + (" as a tensor and as MRC" if request.return_mrc else ""),
+                                 "send fewer particles per request" + (" or leave return_mrc off" if request.return_mrc else ""))
         res, bt = await self.batcher(entry).submit({"particles": particles}, timeout=timeout)
-        den = res["denoised"][:, 0].astype(np.float32)
         resp = pb.DenoiseResponse(model=entry.id)
-        resp.denoised.CopyFrom(to_tensor(den))
-        if request.return_mrc:
-            resp.mrc = to_mrc_bytes(den)
+
+        def build() -> None:
+            den = res["denoised"][:, 0].astype(np.float32)
+            resp.denoised.CopyFrom(to_tensor(den))
+            if request.return_mrc:
+                resp.mrc = to_mrc_bytes(den)
+
+        await self.cpu.run(build)
         resp.timing.queue_ms = bt.queue_s * 1e3
         resp.timing.inference_ms = bt.inference_s * 1e3
         resp.timing.batch_size = bt.batch_rows

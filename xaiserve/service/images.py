@@ -8,6 +8,8 @@ masked-out pixel is the dataset mean (see METHODS.md, "pixel scaling").
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,12 +17,18 @@ from PIL import Image as PILImage, UnidentifiedImageError
 
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.service.errors import InvalidArgument, ResourceExhausted
-from xaiserve.service.tensors import from_tensor
+from xaiserve.service.tensors import check_tensor, from_tensor
 
 MAX_SIDE = 4096
 MAX_PIXELS = 4096 * 4096
 # Pillow refuses decompression bombs above this; we check ourselves with a clearer message.
 PILImage.MAX_IMAGE_PIXELS = MAX_PIXELS * 2
+# Encoded formats we decode. Pillow knows dozens; each is decoder code an untrusted byte string
+# reaches, so only the formats a client has a reason to send are opened.
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
+# zlib level of the PNG renderings: 1 is within ~10 % of the size of level 6 for masks and photos
+# at a fraction of the time (bench/bench_grpc.py, part 4).
+PNG_LEVEL = 1
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,72 @@ def _check_size(h: int, w: int) -> None:
         raise ResourceExhausted(f"image is {h} x {w}; the largest accepted side is {MAX_SIDE} pixels")
 
 
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an Image message will decode to, read without decoding any pixel."""
+
+    height: int
+    width: int
+    channels: int  # of the decoded array: 1, 3 or 4
+
+
+def _undecodable(data: bytes, e: BaseException) -> InvalidArgument:
+    return InvalidArgument(
+        f"image.encoded ({len(data)} bytes) could not be decoded as an image ({e.__class__.__name__}); "
+        "send PNG or JPEG bytes, or a raw tensor in image.tensor"
+    )
+
+
+def _open(data: bytes) -> PILImage.Image:
+    try:
+        return PILImage.open(io.BytesIO(data), formats=FORMATS)
+    except PILImage.DecompressionBombError:
+        raise ResourceExhausted(f"image is larger than {MAX_PIXELS} pixels") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError, struct.error,
+            EOFError, IndexError, KeyError, ZeroDivisionError, OverflowError, MemoryError) as e:
+        # Pillow's header parsers raise a zoo of built-ins on malformed input.
+        raise _undecodable(data, e) from None
+
+
+def _channels_of(mode: str, bands: tuple[str, ...]) -> int:
+    if mode in ("L", "RGB", "RGBA"):
+        return len(bands)
+    return 4 if "A" in bands else 3
+
+
+def _check_tensor_image(t: pb.Tensor) -> tuple[int, int, int]:
+    if len(t.shape) not in (2, 3):
+        raise InvalidArgument(f"image.tensor shape {list(t.shape)[:8]} must be [H, W] or [H, W, C]")
+    if len(t.shape) == 3 and t.shape[2] not in (1, 3, 4):
+        raise InvalidArgument(
+            f"image.tensor has {t.shape[2]} channels (shape {list(t.shape)}); give 1, 3 or 4 as the last dimension (HWC)"
+        )
+    if all(s > 0 for s in t.shape):
+        _check_size(int(t.shape[0]), int(t.shape[1]))
+    if t.dtype in ("int32", "int64"):
+        raise InvalidArgument(f"image.tensor dtype {t.dtype} is not an image dtype; use uint8 or float32")
+    check_tensor(t, what="image.tensor")
+    return int(t.shape[0]), int(t.shape[1]), int(t.shape[2]) if len(t.shape) == 3 else 1
+
+
+def probe_image(image: pb.Image) -> ImageHeader:
+    """Size and channels of an Image message from its header (encoded) or its shape (tensor),
+    with every check that needs no pixel: the admission step before any decoding work.
+    Reading a PNG or JPEG header costs microseconds, whatever the image's size."""
+    which = image.WhichOneof("source")
+    if which is None:
+        raise InvalidArgument("image is empty: set image.encoded (PNG/JPEG bytes) or image.tensor")
+    if which == "tensor":
+        return ImageHeader(*_check_tensor_image(image.tensor))
+    data = image.encoded
+    if not data:
+        raise InvalidArgument("image.encoded is empty: send PNG or JPEG bytes")
+    with _open(data) as im:
+        w, h = im.size
+        _check_size(h, w)
+        return ImageHeader(h, w, _channels_of(im.mode, im.getbands()))
+
+
 def decode_image(image: pb.Image) -> np.ndarray:
     """Decode an Image message to HWC float32 in [0, 1] (C = 1, 3 or 4), checking everything."""
     which = image.WhichOneof("source")
@@ -50,31 +124,26 @@ def decode_image(image: pb.Image) -> np.ndarray:
         data = image.encoded
         if not data:
             raise InvalidArgument("image.encoded is empty: send PNG or JPEG bytes")
+        im = _open(data)
         try:
-            with PILImage.open(io.BytesIO(data)) as im:
-                w, h = im.size
-                _check_size(h, w)
-                im.load()
-                if im.mode not in ("L", "RGB", "RGBA"):
-                    im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
-                arr = np.asarray(im, dtype=np.float32) / 255.0
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise InvalidArgument(
-                f"image.encoded ({len(data)} bytes) could not be decoded as an image ({e.__class__.__name__}); "
-                "send PNG or JPEG bytes, or a raw tensor in image.tensor"
-            ) from None
+            w, h = im.size
+            _check_size(h, w)
+            im.load()
+            if im.mode not in ("L", "RGB", "RGBA"):
+                im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
+            arr = np.asarray(im, dtype=np.float32) / 255.0
         except PILImage.DecompressionBombError:
             raise ResourceExhausted(f"image is larger than {MAX_PIXELS} pixels") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError, struct.error,
+                EOFError, IndexError, KeyError, ZeroDivisionError, OverflowError) as e:
+            raise _undecodable(data, e) from None
+        finally:
+            im.close()
+        if arr.ndim not in (2, 3) or arr.shape[:2] != (h, w):
+            raise InvalidArgument(f"image.encoded decoded to shape {list(arr.shape)}, not the {h} x {w} its header declares")
     else:
         t = image.tensor
-        if len(t.shape) not in (2, 3):
-            raise InvalidArgument(f"image.tensor shape {list(t.shape)} must be [H, W] or [H, W, C]")
-        if len(t.shape) == 3 and t.shape[2] not in (1, 3, 4):
-            raise InvalidArgument(
-                f"image.tensor has {t.shape[2]} channels (shape {list(t.shape)}); give 1, 3 or 4 as the last dimension (HWC)"
-            )
-        if len(t.shape) >= 2 and all(s > 0 for s in t.shape):
-            _check_size(int(t.shape[0]), int(t.shape[1]))
+        _check_tensor_image(t)
         a = from_tensor(t, what="image.tensor")
         if t.dtype == "uint8":
             arr = a.astype(np.float32) / 255.0
@@ -135,16 +204,51 @@ def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.clip(out, 0.0, 1.0)
 
 
-def encode_png(arr: np.ndarray) -> bytes:
-    """PNG bytes of an HW or HWC array in [0,1] (float) or uint8."""
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(body, zlib.crc32(kind)))
+
+
+def encode_png(arr: np.ndarray, level: int = PNG_LEVEL) -> bytes:
+    """PNG bytes of an HW or HWC (C = 1, 3, 4) array in [0,1] (float) or uint8.
+
+    Written here rather than by Pillow: Pillow tries five row filters on every row and keeps the
+    best, which costs more than the compression itself (x3-x5 at level 1). One 'sub' filter and
+    zlib's run-length strategy keep smooth masks small; level 0 stores without compressing."""
     a = np.asarray(arr)
     if a.dtype != np.uint8:
         a = (np.clip(a, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[:, :, 0]
-    buf = io.BytesIO()
-    PILImage.fromarray(a).save(buf, format="PNG")
-    return buf.getvalue()
+    if a.ndim == 2:
+        color, bpp = 0, 1
+    elif a.ndim == 3 and a.shape[2] in (3, 4):
+        color, bpp = (2 if a.shape[2] == 3 else 6), a.shape[2]
+    else:
+        raise ValueError(f"encode_png takes HW or HWC with C in 1, 3, 4; got shape {list(a.shape)}")
+    h, w = a.shape[:2]
+    if h == 0 or w == 0:
+        raise ValueError(f"encode_png: empty image {h} x {w}")
+    rows = a.reshape(h, w * bpp)
+    raw = np.empty((h, w * bpp + 1), np.uint8)
+    if level <= 0:
+        raw[:, 0] = 0  # filter 'none'
+        raw[:, 1:] = rows
+        comp = zlib.compressobj(0)
+    else:
+        raw[:, 0] = 1  # filter 'sub': each byte minus the byte one pixel to its left (mod 256)
+        raw[:, 1:1 + bpp] = rows[:, :bpp]
+        np.subtract(rows[:, bpp:], rows[:, :-bpp], out=raw[:, 1 + bpp:])
+        comp = zlib.compressobj(min(int(level), 9), zlib.DEFLATED, 15, 8, zlib.Z_RLE)
+    idat = comp.compress(raw.data) + comp.flush()
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+def png_bound(height: int, width: int, channels: int) -> int:
+    """Largest size encode_png can produce for an image of this shape (zlib's deflateBound plus the
+    PNG container): the admission step refuses a response that could not fit before rendering it."""
+    raw = height * (width * channels + 1)
+    return raw + (raw >> 12) + (raw >> 14) + (raw >> 25) + 13 + 6 + 8 + 3 * 12 + 13
 
 
 def heat_colormap(values: np.ndarray) -> np.ndarray:
@@ -156,6 +260,29 @@ def heat_colormap(values: np.ndarray) -> np.ndarray:
     low = blue + (white - blue) * (v * 2.0)
     high = white + (red - white) * (v * 2.0 - 1.0)
     return np.where(v < 0.5, low, high)
+
+
+# heat_colormap at the 256 levels a PNG can hold, as a Pillow palette: colouring an 8-bit mask is
+# then one table look-up per pixel in C.
+_HEAT_PALETTE = (heat_colormap(np.arange(256, dtype=np.float32) / 255.0) * 255.0 + 0.5).astype(np.uint8).tobytes()
+
+
+def to_uint8(arr: np.ndarray) -> np.ndarray:
+    """[0,1] float -> uint8 with rounding (what a PNG of the array holds)."""
+    return (np.clip(np.asarray(arr, dtype=np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def render_pngs(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5, level: int = PNG_LEVEL) -> tuple[bytes, bytes]:
+    """(mask PNG, overlay PNG) of an HW [0,1] mask over its HWC [0,1] image (same height and
+    width): the same pixels as encode_png(mask) and encode_png(overlay(image, mask)) up to
+    rounding of one level, computed in 8 bits (colour map by palette, blend in Pillow)."""
+    q = to_uint8(mask)
+    h, w = q.shape
+    heat = PILImage.frombuffer("P", (w, h), q.tobytes(), "raw", "P", 0, 1)
+    heat.putpalette(_HEAT_PALETTE)
+    base = PILImage.fromarray(to_uint8(to_channels(image, 3)), mode="RGB")
+    blend = PILImage.blend(base, heat.convert("RGB"), alpha)
+    return encode_png(q, level), encode_png(np.asarray(blend), level)
 
 
 def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Writing to the model store: add or replace a manifest entry atomically (used by `xaiserve export`)."""
+"""The model store: where it is (`xaiserve.paths`), whether it serves anything, and adding or
+replacing a manifest entry atomically (used by `xaiserve export`)."""
 from __future__ import annotations
 
 import fcntl
@@ -8,9 +9,24 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from xaiserve.paths import DEFAULT_STORE, default_model_store
 from xaiserve.service.registry import ModelEntry
 
-DEFAULT_STORE = Path(__file__).resolve().parents[2] / "model_store"
+__all__ = ["DEFAULT_STORE", "add_entry", "default_model_store", "store_problem"]
+
+POINT_AT_A_STORE = ("point the server at a store with --model-store DIR, XAISERVE_MODEL_STORE=DIR or model_store in the "
+                    "config file (a checkout's model_store/ holds the default models; see docs/MODEL_STORE.md)")
+
+
+def store_problem(store: Path, models: int) -> str | None:
+    """None when `store` lists models; otherwise what is wrong with it, as a warning to print."""
+    if models:
+        return None
+    if not store.exists():
+        return f"model store {store} does not exist: serving no models; {POINT_AT_A_STORE}"
+    if not (store / "manifest.json").is_file():
+        return f"model store {store} has no manifest.json: serving no models; {POINT_AT_A_STORE}"
+    return f"model store {store} lists no models in its manifest.json: serving none; add some with `xaiserve export ...` or {POINT_AT_A_STORE}"
 
 
 def add_entry(store: Path, entry: dict[str, Any]) -> None:

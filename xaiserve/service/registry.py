@@ -20,17 +20,18 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
-from xaiserve.service.errors import FailedPrecondition, InvalidArgument, NotFound
+from xaiserve.errors import FailedPrecondition, InvalidArgument, NotFound, quote
+from xaiserve.methods import KINDS as KIND_TABLE
+from xaiserve.methods import JOB_METHODS, MASK_KINDS, METHODS, MethodSpec, supported_methods, why_not
 from xaiserve.service.images import InputSpec
 
 log = logging.getLogger("xaiserve.registry")
 
-KINDS = ("nem_u", "nemt", "encoder", "classifier", "denoiser")
-MASK_KINDS = ("nem_u", "nemt")
+KINDS = tuple(KIND_TABLE)
 
 
 @dataclass(frozen=True)
@@ -220,8 +221,15 @@ class Registry:
         if "state_dict" not in entry.files:
             log.info("spiral denoiser without weights; serving its ONNX graph", extra={"model": entry.id})
             return None
-        from xaiserve.handlers.denoise.spiral_runtime import SpiralRuntime, SpiralRuntimeUnavailable
-
+        try:
+            from xaiserve.handlers.denoise.spiral_runtime import SpiralRuntime, SpiralRuntimeUnavailable
+        except ModuleNotFoundError as e:
+            if (e.name or "").split(".")[0] not in ("numba", "llvmlite"):
+                raise
+            # numba is the optional [spiral] extra: the single ONNX graph computes the same map
+            log.warning("spiral runtime unavailable: numba is not installed (pip install 'xaiserve[spiral]'); "
+                        "serving the ONNX graph", extra={"model": entry.id, "reason": f"no module named {e.name!r}"})
+            return None
         try:
             return SpiralRuntime(self.torch_module(entry), threads=self.config.intra_op_threads)
         except SpiralRuntimeUnavailable as e:
@@ -244,7 +252,7 @@ class Registry:
         with self._lock:
             mod = self._torch.get(entry.id)
             if mod is None:
-                from xaiserve.handlers.nets import load_module
+                from xaiserve.handlers.loading import load_module
 
                 mod = load_module(entry, self.store)
                 mod.eval()
@@ -252,6 +260,59 @@ class Registry:
                     p.requires_grad_(False)
                 self._torch[entry.id] = mod
             return mod
+
+    def forms(self, entry: ModelEntry) -> frozenset[str]:
+        """The model forms this store has for `entry` (see xaiserve.methods): "onnx" when its ONNX
+        graph is there, "torch" when a torch module can be built from its files. Decided from the
+        manifest and the files present, without loading anything, so ListModels stays cheap."""
+        have = set()
+        if self._present(entry, "onnx"):
+            have.add("onnx")
+        if self._present(entry, "state_dict"):
+            if entry.kind in ("encoder", "classifier"):
+                from xaiserve.handlers.nets.encoder import ARCH_TYPE
+
+                if entry.arch.get("type") == ARCH_TYPE and entry.arch.get("pyramid"):
+                    have.add("torch")
+            else:
+                have.add("torch")  # masking networks and denoisers are rebuilt from their own arch
+        return frozenset(have)
+
+    def methods(self, entry: ModelEntry, job_methods: Iterable[str] | None = None) -> list[str]:
+        """What this server accepts for `entry`, from the methods table (ListModels advertises it)."""
+        frozen = self._frozen_or_none(entry)
+        return supported_methods(entry.kind, self.forms(entry), frozen.kind if frozen else None,
+                                 self.forms(frozen) if frozen else frozenset(), job_methods=job_methods)
+
+    def check_method(self, entry: ModelEntry, method: str, job_methods: Iterable[str] | None = None) -> MethodSpec:
+        """The table's spec of `method` if it applies to `entry`; else InvalidArgument (unknown method,
+        wrong kind) or FailedPrecondition (the store lacks the model form it needs), saying what applies."""
+        spec = METHODS.get(method)
+        jobs = set(JOB_METHODS if job_methods is None else job_methods)
+        offered = self.methods(entry, job_methods)
+        if spec is None or (spec.rpc == "SubmitJob" and method not in jobs):
+            known = ", ".join(n for n in METHODS if n not in JOB_METHODS or n in jobs)
+            raise InvalidArgument(f"method {quote(method, 64)} is unknown; known: {known}. "
+                                  f"{entry.id} supports: {', '.join(offered) or '(none)'}")
+        if method in offered:
+            return spec
+        frozen = self._frozen_or_none(entry)
+        reason = why_not(spec, entry.id, entry.kind, self.forms(entry), frozen.id if frozen else entry.id,
+                         frozen.kind if frozen else entry.kind, self.forms(frozen) if frozen else frozenset())
+        exc = InvalidArgument if (entry.kind not in spec.kinds and (frozen is None or frozen.kind not in spec.kinds)) else FailedPrecondition
+        others = [e.id for e in self.entries() if e.id != entry.id and method in self.methods(e, job_methods)]
+        raise exc(f"{reason}. {entry.id} supports: {', '.join(offered) or '(none)'}; "
+                  f"models in this store with {method!r}: {', '.join(others[:20]) or '(none)'}")
+
+    def _frozen_or_none(self, entry: ModelEntry) -> ModelEntry | None:
+        try:
+            return self.frozen_for(entry)
+        except (NotFound, FailedPrecondition, InvalidArgument):
+            return None
+
+    def _present(self, entry: ModelEntry, key: str) -> bool:
+        rel = entry.files.get(key)
+        return bool(rel) and (self.store / rel).exists()
 
     def loaded(self, entry: ModelEntry) -> bool:
         return entry.id in self._onnx or entry.id in self._torch

@@ -1,4 +1,4 @@
-"""Transport security and caller authentication for the gRPC server (issue 7, part 4).
+"""Transport security and caller authentication for the gRPC server.
 
 Three independent layers, each optional, wired by service/server.py from ServerConfig:
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -15,26 +15,20 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from xaiserve.paths import code_version
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.proto.explain.v1 import explainer_pb2_grpc as pb_grpc
 from xaiserve.service import metrics
 from xaiserve.service.config import ServerConfig
+from xaiserve.service.modelstore import store_problem
 from xaiserve.service.rpc import Observed, observed_stream, observed_unary
-from xaiserve.service.fastpath import GRADIENT_METHODS, FastPath
+from xaiserve.service.fastpath import FastPath
 from xaiserve.service.registry import MASK_KINDS, Registry, RegistryConfig
 from xaiserve.service.streams import StreamSession
 
 log = logging.getLogger("xaiserve.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Explainer"].full_name
 VERSION = "0.1.0"
-
-
-def _git_rev() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=2,
-                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def _timeout(context: grpc.aio.ServicerContext) -> float | None:
@@ -96,19 +90,13 @@ def list_models(registry: Registry, kind: str, jobs: Any = None) -> pb.ListModel
 
     if kind and kind not in KINDS:
         raise InvalidArgument(f"kind {kind!r} is unknown; use one of {', '.join(KINDS)} or '' for all")
+    # no job service (or one without a method) means SubmitJob refuses it: then it is not advertised
     job_methods = sorted(jobs.methods) if jobs is not None and hasattr(jobs, "methods") else []
     out = pb.ListModelsResponse()
     for e in registry.entries():
         if kind and e.kind != kind:
             continue
-        if e.kind in MASK_KINDS:
-            methods = [e.kind, *GRADIENT_METHODS[:3]]
-        elif e.kind == "encoder":
-            methods = [*GRADIENT_METHODS[:5], *[m for m in job_methods if m == "relax"]]
-        elif e.kind == "classifier":
-            methods = [*GRADIENT_METHODS, *[m for m in job_methods if m == "ablation_path"]]
-        else:
-            methods = ["denoise"]
+        methods = registry.methods(e, job_methods)
         card = ""
         if "card" in e.files and (registry.store / e.files["card"]).exists():
             card = (registry.store / e.files["card"]).read_text()
@@ -153,15 +141,21 @@ class RunningServer:
 
 
 async def start_server(config: ServerConfig) -> RunningServer:
-    registry = Registry(RegistryConfig(store=Path(config.model_store), intra_op_threads=config.intra_op_threads,
+    store = Path(config.model_store).expanduser().resolve()  # a relative store is read from the working directory
+    registry = Registry(RegistryConfig(store=store, intra_op_threads=config.intra_op_threads,
                                        prefer_cuda=config.prefer_cuda, spiral_runtime=config.spiral_runtime))
+    log.info("model store", extra={"model_store": str(store), "models": len(registry.entries())})
+    problem = store_problem(store, len(registry.entries()))
+    if problem:  # loudly: a server without models answers every call NOT_FOUND
+        log.warning(problem, extra={"model_store": str(store)})
+        print(f"xaiserve serve: WARNING: {problem}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     if config.load_models == "all":
         registry.load_all()
         for mid, s in registry.load_seconds.items():
             metrics.MODEL_LOAD.labels(mid).set(s)
     log.info("models ready", extra={"models": [e.id for e in registry.entries()], "seconds": round(time.perf_counter() - t0, 3)})
-    metrics.set_build_info(VERSION, _git_rev())
+    metrics.set_build_info(VERSION, code_version())
 
     fast = FastPath(registry, config)
     from xaiserve.service.jobs.factory import build_job_service

@@ -6,7 +6,7 @@ import math
 import numpy as np
 
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
-from xaiserve.service.errors import InvalidArgument, ResourceExhausted
+from xaiserve.service.errors import InvalidArgument, ResourceExhausted, quote
 
 DTYPES: dict[str, np.dtype] = {
     "float32": np.dtype("<f4"),
@@ -16,6 +16,7 @@ DTYPES: dict[str, np.dtype] = {
     "int32": np.dtype("<i4"),
     "int64": np.dtype("<i8"),
 }
+MAX_RANK = 8  # no tensor of ours has more dimensions; a longer shape is a malformed message
 
 
 def to_tensor(array: np.ndarray) -> pb.Tensor:
@@ -28,13 +29,17 @@ def to_tensor(array: np.ndarray) -> pb.Tensor:
     return pb.Tensor(dtype=name, shape=list(a.shape), data=a.tobytes())
 
 
-def from_tensor(t: pb.Tensor, *, what: str = "tensor", max_elements: int | None = None) -> np.ndarray:
-    """Decode a Tensor message, checking dtype, shape and byte length; raise InvalidArgument."""
+def check_tensor(t: pb.Tensor, *, what: str = "tensor", max_elements: int | None = None) -> tuple[tuple[int, ...], np.dtype]:
+    """Check a Tensor message's dtype, shape and byte length without touching its data (the
+    admission step: nothing is allocated); returns (shape, dtype) or raises InvalidArgument /
+    ResourceExhausted."""
     if t.dtype not in DTYPES:
-        raise InvalidArgument(f"{what}: dtype {t.dtype!r} is not supported; use one of {sorted(DTYPES)}")
-    shape = tuple(int(s) for s in t.shape)
-    if not shape:
+        raise InvalidArgument(f"{what}: dtype {quote(t.dtype)} is not supported; use one of {sorted(DTYPES)}")
+    if not t.shape:
         raise InvalidArgument(f"{what}: shape is empty; give the tensor's dimensions, e.g. [H, W, 3]")
+    if len(t.shape) > MAX_RANK:
+        raise InvalidArgument(f"{what}: shape has {len(t.shape)} dimensions; at most {MAX_RANK} are accepted")
+    shape = tuple(int(s) for s in t.shape)
     if any(s <= 0 for s in shape):
         raise InvalidArgument(f"{what}: shape {list(shape)} has a zero or negative dimension")
     n = math.prod(shape)
@@ -46,4 +51,17 @@ def from_tensor(t: pb.Tensor, *, what: str = "tensor", max_elements: int | None 
         raise InvalidArgument(
             f"{what}: {len(t.data)} bytes of data but dtype {t.dtype} x shape {list(shape)} needs {expected}"
         )
+    return shape, dt
+
+
+def from_tensor(t: pb.Tensor, *, what: str = "tensor", max_elements: int | None = None) -> np.ndarray:
+    """Decode a Tensor message, checking dtype, shape and byte length; raise InvalidArgument."""
+    shape, dt = check_tensor(t, what=what, max_elements=max_elements)
     return np.frombuffer(t.data, dtype=dt).reshape(shape)
+
+
+def tensor_message_bytes(shape: tuple[int, ...], itemsize: int = 4) -> int:
+    """Serialized size of a Tensor of this shape (data, dtype name, packed shape, tags), an upper
+    bound used to refuse a response that could not fit the message limit before computing it."""
+    data = math.prod(shape) * itemsize
+    return data + 10 * len(shape) + 32

@@ -23,41 +23,107 @@ import signal
 import sys
 import threading
 import time
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Literal
 
 log = logging.getLogger("xaiserve.worker")
 
 
-def _parser() -> argparse.ArgumentParser:
-    from xaiserve.service.modelstore import DEFAULT_STORE
+@dataclass(frozen=True)
+class WorkerConfig:
+    """The worker's settings: defaults < --config file < environment (XAISERVE_QUEUE,
+    XAISERVE_MODEL_STORE) < flags, read by the server's parser (service.config.parse_setting)."""
 
+    queue: str = ""
+    model_store: str = "model_store"
+    methods: tuple[str, ...] = ("relax", "ablation_path")
+    concurrency: int = 1
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: int = 0
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9101
+    worker_id: str = ""
+    max_queued: int | None = None
+    result_ttl_s: float | None = None
+    claim_idle_s: float | None = None
+    heartbeat_s: float | None = None
+    max_attempts: int | None = None
+    progress_min_interval_s: float | None = None
+    grace_s: float | None = None
+    log_level: str = "INFO"
+    log_json: bool = True
+
+
+# Only these two come from the environment: the other XAISERVE_* variables are the server's (a
+# gateway and a worker may share one environment, e.g. XAISERVE_METRICS_PORT).
+WORKER_ENV = ("queue", "model_store")
+
+
+def _flag(name: str):
+    """argparse `type=` for a setting: config.parse_setting, the parser of the config file and the
+    environment too, so a value is accepted or refused the same way whatever its source."""
+    from xaiserve.service.config import flag_name, parse_setting
+
+    hint = typing.get_type_hints(WorkerConfig)[name]
+
+    def convert(text: str):
+        try:
+            return parse_setting(name, text, hint, f"flag {flag_name(name)}")
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = name  # argparse names the type in its own messages
+    return convert
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xaiserve worker", description=__doc__.split("\n\n")[0])
-    p.add_argument("--queue", default=os.environ.get("XAISERVE_QUEUE", ""),
+    # default None = not given: the config file, the environment or WorkerConfig's default applies
+    p.add_argument("--config", default=None, help="YAML or JSON file of worker settings (WorkerConfig field names)")
+    p.add_argument("--queue", type=_flag("queue"),
                    help="redis://host:port/db (or sqlite:///path/jobs.sqlite shared on one host); env XAISERVE_QUEUE")
-    p.add_argument("--store", default=os.environ.get("XAISERVE_MODEL_STORE", str(DEFAULT_STORE)), help="model store")
-    p.add_argument("--methods", default="relax,ablation_path",
-                   help="comma-separated job methods: relax, ablation_path, or module:Class")
-    p.add_argument("--concurrency", type=int, default=1, help="jobs run at once in this process (threads)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto: CUDA when present, else CPU")
-    p.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: leave torch's default)")
-    p.add_argument("--metrics-host", default="127.0.0.1", help="bind address of /metrics (0.0.0.0 in containers)")
-    p.add_argument("--metrics-port", type=int, default=9101, help="0 picks a free port, -1 disables /metrics")
-    p.add_argument("--worker-id", default="", help="default: worker@HOST:PID")
-    p.add_argument("--max-queued", type=int, default=None)
-    p.add_argument("--result-ttl-s", type=float, default=None)
-    p.add_argument("--claim-idle-s", type=float, default=None)
-    p.add_argument("--heartbeat-s", type=float, default=None)
-    p.add_argument("--max-attempts", type=int, default=None)
-    p.add_argument("--progress-min-interval-s", type=float, default=None)
-    p.add_argument("--grace-s", type=float, default=None, help="SIGTERM: time the running job may take to finish")
-    p.add_argument("--log-level", default="INFO")
-    p.add_argument("--log-json", dest="log_json", action="store_true", default=True)
-    p.add_argument("--no-log-json", dest="log_json", action="store_false")
+    p.add_argument("--store", "--model-store", dest="store", type=_flag("model_store"),
+                   help="model store folder (default ./model_store); env XAISERVE_MODEL_STORE")
+    # kept as text: the list rule of parse_setting splits it (as it does XAISERVE_* and file values)
+    p.add_argument("--methods", help="comma-separated job methods: relax, ablation_path, or module:Class (default relax,ablation_path)")
+    p.add_argument("--concurrency", type=_flag("concurrency"), help="jobs run at once in this process (threads; default 1)")
+    p.add_argument("--device", type=_flag("device"), help="auto (CUDA when present, else CPU), cpu or cuda (default auto)")
+    p.add_argument("--torch-threads", type=_flag("torch_threads"), help="torch intra-op threads (0: leave torch's default)")
+    p.add_argument("--metrics-host", type=_flag("metrics_host"), help="bind address of /metrics (default 127.0.0.1; 0.0.0.0 in containers)")
+    p.add_argument("--metrics-port", type=_flag("metrics_port"), help="default 9101; 0 picks a free port, -1 disables /metrics")
+    p.add_argument("--worker-id", type=_flag("worker_id"), help="default: worker@HOST:PID")
+    for name in ("max_queued", "result_ttl_s", "claim_idle_s", "heartbeat_s", "max_attempts", "progress_min_interval_s"):
+        p.add_argument("--" + name.replace("_", "-"), type=_flag(name))
+    p.add_argument("--grace-s", type=_flag("grace_s"), help="SIGTERM: time the running job may take to finish")
+    p.add_argument("--log-level", type=_flag("log_level"))
+    p.add_argument("--log-json", dest="log_json", action="store_const", const=True, default=None)
+    p.add_argument("--no-log-json", dest="log_json", action="store_const", const=False)
     return p
 
 
-def _options(args):
+def load_worker_config(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> WorkerConfig:
+    """Flags, --config file and environment as a WorkerConfig; a bad value is a ConfigError (or,
+    for a flag, argparse's exit 2) naming the setting and its source."""
+    from xaiserve.service.config import ConfigError, gather
+
+    args = _parser().parse_args(argv)
+    flags = {f.name: getattr(args, "store" if f.name == "model_store" else f.name) for f in fields(WorkerConfig)}
+    values, sources = gather(WorkerConfig, file=args.config, env=os.environ if env is None else env,
+                             env_settings=WORKER_ENV, flags=flags)
+    cfg = WorkerConfig(**values)
+    if not cfg.queue:
+        raise ConfigError("--queue is required (redis://host:port/db or sqlite:///path); or set XAISERVE_QUEUE", "queue")
+    if cfg.concurrency < 1:
+        raise ConfigError(f"--concurrency must be >= 1 (from {sources.get('concurrency')})", "concurrency")
+    if not cfg.methods:
+        raise ConfigError(f"--methods names no method (from {sources.get('methods', 'the default')})", "methods")
+    return cfg
+
+
+def _options(args: WorkerConfig):
     from xaiserve.service.jobs.options import JobOptions
 
     kw = {k: v for k, v in {
@@ -82,16 +148,14 @@ def _prefer_cuda(device: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = load_worker_config(argv)
+    except ValueError as e:
+        print(f"xaiserve worker: {e}", file=sys.stderr)
+        return 2
     from xaiserve.service.logs import setup_logging
 
     setup_logging(args.log_level, args.log_json)
-    if not args.queue:
-        print("xaiserve worker: --queue is required (redis://host:port/db or sqlite:///path)", file=sys.stderr)
-        return 2
-    if args.concurrency < 1:
-        print("xaiserve worker: --concurrency must be >= 1", file=sys.stderr)
-        return 2
     if args.torch_threads > 0:
         import torch
 
@@ -105,8 +169,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         options = _options(args)
-        methods = default_methods([m for m in args.methods.split(",") if m.strip()])
-        registry = Registry(RegistryConfig(store=Path(args.store), prefer_cuda=_prefer_cuda(args.device), warmup=True))
+        methods = default_methods(list(args.methods))
+        registry = Registry(RegistryConfig(store=Path(args.model_store).expanduser(), prefer_cuda=_prefer_cuda(args.device),
+                                           warmup=True))
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"xaiserve worker: {e}", file=sys.stderr)
         return 2

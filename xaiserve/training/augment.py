@@ -1,4 +1,4 @@
-"""SimCLR augmentations in plain torch, batched (Chen et al. 2020, the CIFAR recipe; seed 003 sec. 3.1).
+"""SimCLR augmentations in plain torch, batched (Chen et al. 2020, the CIFAR recipe; [SSL-XAI] sec. 3.1).
 
 Input and output: float images [B,3,H,W] in [0,1] (normalisation comes after). Per sample:
 random resized crop (scale 0.25-1, aspect 3/4-4/3) with horizontal flip, colour jitter with p = 0.8

@@ -6,7 +6,7 @@
     xaiserve evaluate denoiser [--runs-root runs/denoiser | --run RUN ...]
         held-out test metrics of every run, the comparison table (spiral vs cartesian per SNR and
         augmentation) printed and saved as summary.json, and the training curves of both
-        architectures (Fig. 7.7-7.9 of seed 004) as denoiser_curves.png.
+        architectures (Fig. 7.7-7.9 of [THESIS]) as denoiser_curves.png.
     xaiserve export denoiser --run RUN [--name cryoem-spiral] [--store model_store]
         ONNX (parity-checked against torch), state dict, model card, metrics log and curves into
         model_store/NAME/VERSION/, manifest entry (kind "denoiser").
@@ -18,12 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
+
+from xaiserve.paths import code_version
 
 TARGET = "denoiser"
 DEFAULT_RUNS = Path("runs") / "denoiser"
@@ -170,14 +171,6 @@ def _data_cfg(d: dict[str, Any]):
     d = {k: v for k, v in d.items() if k in known}
     d["atoms"], d["domains"] = tuple(d["atoms"]), tuple(d["domains"])
     return CryoEMConfig(**d)
-
-
-def code_version() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 # -- evaluate -----------------------------------------------------------------------------------
@@ -367,7 +360,7 @@ def plot_curves(runs: list[Path], path: Path) -> Path:
 
 
 SERVED_SPIRAL_NOTE = """
-How the served spiral gets there (issue 6): the single ONNX graph spends more time resampling than convolving (profiled
+How the served spiral gets there (the goal: at most 1.5x the cartesian latency at 64 x 64): the single ONNX graph spends more time resampling than convolving (profiled
 at batch 32, 1 thread: GridSample for the outer ribbon rows ~28 %, the level-change Gathers with their Transposes ~25 %,
 NCHWc layout reorders ~12 %, the convolutions ~35 %), because ONNX Runtime has no fused operator for a fixed sparse
 resampling and its Python wheel ships no headers for a custom one. The server therefore runs the same network, from
@@ -425,13 +418,14 @@ def latency_section(bench: dict | None, extra: dict | None = None) -> str:
 
 
 def export_parser() -> argparse.ArgumentParser:
-    from xaiserve.service.modelstore import DEFAULT_STORE
+    from xaiserve.paths import default_model_store
 
     p = argparse.ArgumentParser(prog="xaiserve export denoiser", description="Export a trained denoiser run to the model store (ONNX + card + manifest).")
     p.add_argument("--run", type=Path, required=True, help="run directory with model.pt (from `xaiserve train denoiser`)")
     p.add_argument("--name", default=None, help="model name (default cryoem-ARCH)")
     p.add_argument("--version", default="1")
-    p.add_argument("--store", type=Path, default=DEFAULT_STORE)
+    p.add_argument("--store", type=Path, default=default_model_store(),
+                   help="model store (default: $XAISERVE_MODEL_STORE, else ./model_store)")
     p.add_argument("--summary", type=Path, default=None, help="summary.json of `xaiserve evaluate denoiser` to quote in the card (default: next to the run, if present)")
     p.add_argument("--bench", type=Path, default=None, help="JSON of bench/bench_denoise.py --json to quote in the card (default: next to the run, if present)")
     p.add_argument("--bench-extra", type=Path, default=None, help="JSON of a second bench run (e.g. --threads 2) shown for information (default: bench-threads2.json next to the run, if present)")
@@ -449,7 +443,7 @@ def export_main(target: str, argv: list[str]) -> int:
     from xaiserve.handlers.denoise.card import write_card
     from xaiserve.handlers.denoise.export import export_onnx, load_checkpoint, onnx_parity, ort_denoise, ort_session
     from xaiserve.handlers.denoise.metrics import as_tensor, disc_psnr
-    from xaiserve.handlers.denoise.serving import DEFAULT_POLICY
+    from xaiserve.handlers.denoise.resample import DEFAULT_POLICY
     from xaiserve.service.modelstore import add_entry
     from xaiserve.training.datasets.cryoem import CryoEMSimulator
 
@@ -493,7 +487,7 @@ def export_main(target: str, argv: list[str]) -> int:
         "name": name,
         "version": str(args.version),
         "kind": "denoiser",
-        "description": f"{cfg.arch} CNN Cryo-EM particle denoiser (seed 004 ch. 7), trained on simulated particles at SNR {_snr_text(data_cfg.snr)}",
+        "description": f"{cfg.arch} CNN Cryo-EM particle denoiser ([THESIS] ch. 7), trained on simulated particles at SNR {_snr_text(data_cfg.snr)}",
         "files": files,
         "input": {"height": cfg.size, "width": cfg.size, "channels": 1, "mean": [0.0], "std": [1.0]},
         "particles": dict(DEFAULT_POLICY),

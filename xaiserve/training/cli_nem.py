@@ -1,7 +1,7 @@
 """`xaiserve train|export encoder|classifier|nem-u|nemt|zoo`: train and publish the NEM model family.
 
     xaiserve train encoder      [--name scenes-simclr]                       SimCLR on scenes
-    xaiserve train classifier   [--dataset lesions|scenes] [--name ...]      supervised classifier
+    xaiserve train classifier   [--dataset lesions|scenes|ct-phantoms] [--name ...]  supervised classifier
     xaiserve train nem-u        [--encoder scenes-simclr:1] [--name scenes-nemu]
     xaiserve train nemt         [--classifier lesions-classifier:1] [--form auto|preservation|deletion] [--conditional]
     xaiserve train zoo          every default model, in order, each exported to the store
@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from xaiserve.errors import XaiError
+from xaiserve.paths import default_model_store
 from xaiserve.training.loop import set_threads
 
 TARGETS = ("encoder", "classifier", "nem-u", "nemt", "zoo")
-REPO = Path(__file__).resolve().parents[2]
 
 # the default zoo, in training order (later models need the earlier ones in the store)
 # (epochs are those of the committed models; --epochs overrides them all)
@@ -39,6 +39,9 @@ ZOO: tuple[tuple[str, str, dict[str, Any]], ...] = (
                               "ablate_smoothing": 21}),
     ("scenes-classifier", "classifier", {"dataset": "scenes", "epochs": 15}),
     ("lesions-nemt-cond", "nemt", {"classifier": "lesions-classifier:1", "form": "preservation", "conditional": True, "epochs": 6}),
+    # the DICOM demo: synthetic CT phantoms, window stack as channels (xaiserve/training/datasets/phantoms.py)
+    ("ct-phantoms-classifier", "classifier", {"dataset": "ct-phantoms", "epochs": 4}),
+    ("ct-phantoms-nemt", "nemt", {"classifier": "ct-phantoms-classifier:1", "form": "preservation", "conditional": True, "epochs": 3}),
 )
 DEFAULT_NAMES = {"encoder": "scenes-simclr", "nem-u": "scenes-nemu"}
 
@@ -47,8 +50,10 @@ def _parser(cmd: str, target: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"xaiserve {cmd} {target}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", help="model name in the store (default: the zoo name for the target)")
     p.add_argument("--version", default="1")
-    p.add_argument("--out", type=Path, default=REPO / "runs", help="checkpoints and trained results (default: runs/)")
-    p.add_argument("--store", type=Path, default=REPO / "model_store", help="model store (default: model_store/)")
+    # relative to the working directory (the repository root in a checkout), not to the package
+    p.add_argument("--out", type=Path, default=Path("runs"), help="checkpoints and trained results (default: ./runs)")
+    p.add_argument("--store", type=Path, default=default_model_store(),
+                   help="model store (default: $XAISERVE_MODEL_STORE, else ./model_store)")
     if cmd == "train":
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--epochs", type=int, default=None, help="epochs (default: per model, see the model card)")
@@ -58,7 +63,7 @@ def _parser(cmd: str, target: str) -> argparse.ArgumentParser:
         p.add_argument("--no-progress", action="store_true")
         p.add_argument("--no-export", action="store_true", help="train only; publish later with `xaiserve export`")
         p.add_argument("--fashion-mnist", type=Path, default=None, help="directory with the Fashion-MNIST IDX files")
-        p.add_argument("--dataset", choices=("lesions", "scenes"), default="lesions", help="classifier: which dataset")
+        p.add_argument("--dataset", choices=("lesions", "scenes", "ct-phantoms"), default="lesions", help="classifier: which dataset")
         p.add_argument("--encoder", default="scenes-simclr:1", help="nem-u: the frozen encoder (name[:version] in --store)")
         p.add_argument("--classifier", default="lesions-classifier:1", help="nemt: the frozen classifier")
         p.add_argument("--form", choices=("auto", "preservation", "deletion"), default="auto",
@@ -160,7 +165,7 @@ def export_main(target: str, argv: Sequence[str] | None = None) -> int:
         return 2
     p = _parser("export", target)
     p.add_argument("--conditional", action="store_true", help="nemt: the class-conditional model's default name")
-    p.add_argument("--dataset", choices=("lesions", "scenes"), default="lesions")
+    p.add_argument("--dataset", choices=("lesions", "scenes", "ct-phantoms"), default="lesions")
     args = p.parse_args(list(argv or []))
     from xaiserve.training.zoo import RunOptions, publish_result
 

@@ -1,11 +1,11 @@
-"""Evaluate explanation methods on a held-out test split (issue 3 item 9, issue 4 benchmarks).
+"""Evaluate explanation methods on a held-out test split: the papers' scores and speed, one table per model.
 
 For one dataset and one frozen model from the model store, every method explains the same first n
 test images one at a time (batch 1, as a client would ask), and each map is scored against the
 image's ground truth (union of object masks) with training/metrics.py:
 
     pointing game, top-k intersection, relevance rank, relevance mass, complexity, sparseness (maps vs ground truth),
-    fidelity cos(Phi(x), Phi(x*m)) and accuracy-per-complexity (seed 001 Appendix A, Table 3; for a
+    fidelity cos(Phi(x), Phi(x*m)) and accuracy-per-complexity ([NEM-U] Appendix A, Table 3; for a
     classifier Phi = its softmax probabilities, see `_score`),
     monotonicity (Nguyen & Martinez 2020; classifiers only), mean seconds per image.
 
@@ -17,7 +17,7 @@ Methods (rows):
 - gradient baselines (handlers.saliency) on the frozen torch module;
 - "random (reference)": i.i.d. uniform noise maps, the chance level of every metric.
 
-Targets for classifiers are the true labels, as in seed 002 sec. 4.2 ("we explain the channel
+Targets for classifiers are the true labels, as in [NEMt] sec. 4.2 ("we explain the channel
 belonging to the true target label"). Timing: wall time of each explanation call after one warm-up
 call, same thread count for torch and ONNX Runtime; the metric computation is not timed.
 """
@@ -36,6 +36,7 @@ import torch
 
 from xaiserve.handlers.saliency import SaliencyConfig, attribute, methods_for
 from xaiserve.errors import FailedPrecondition, InvalidArgument, NotFound
+from xaiserve.paths import DEFAULT_STORE
 from xaiserve.service.registry import ModelEntry, Registry, RegistryConfig
 from xaiserve.training import metrics as M
 
@@ -71,7 +72,7 @@ class EvalConfig:
     dataset: str
     out: Path
     n: int = 200
-    store: Path = Path(__file__).resolve().parents[2] / "model_store"
+    store: Path = DEFAULT_STORE  # ./model_store of the working directory
     mask_models: tuple[str, ...] | None = None  # None: the dataset's defaults; () = none
     frozen: str = ""  # "" = what the mask models explain (or the dataset's default frozen model)
     methods: tuple[str, ...] | None = None  # gradient baselines; None = all for the model's kind
@@ -363,9 +364,9 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     rows = _run(cfg, _build_runners(registry, cfg, frozen, masks, module, notes), x, targets)
     _score(cfg, rows, module, kind, x, gt, labels)
     notes.append("fidelity = cos(Phi(x), Phi(x*m)) of the " + ("softmax probabilities" if kind == "classifier" else "embeddings")
-                 + ", m = the min-max normalised map; acc./complexity = fidelity / mean(m) (seed 001 Table 3).")
+                 + ", m = the min-max normalised map; acc./complexity = fidelity / mean(m) ([NEM-U] Table 3).")
     if kind == "classifier":
-        notes.append("targets: the true labels (seed 002 sec. 4.2).")
+        notes.append("targets: the true labels ([NEMt] sec. 4.2).")
         if cfg.monotonicity:
             mc = cfg.monotonicity_config
             notes.append(f"monotonicity: {mc.patch}x{mc.patch} patches, {mc.baseline} baseline, {mc.n_samples} draws per patch.")

@@ -1,12 +1,12 @@
 """Explanation metrics: localisation, complexity, faithfulness (pure numpy / torch).
 
-Definitions follow the seeds (seed 000 sec. 4.1, seed 001 sec. 4.2 and Appendix A / Table 3,
-seed 002 sec. 4.3) and METHODS.md "Evaluation metrics":
+Definitions follow the papers ([RELAX] sec. 4.1, [NEM-U] sec. 4.2 and Appendix A / Table 3,
+[NEMt] sec. 4.3) and METHODS.md "Evaluation metrics":
 
-- every attribution map is min-max normalised per image first (seed 001 sec. 4.2, seed 002 sec. 4.3);
+- every attribution map is min-max normalised per image first ([NEM-U] sec. 4.2, [NEMt] sec. 4.3);
   a constant map carries no ranking and is normalised to all ones (uniform attribution), so it
   scores chance level on localisation rather than NaN;
-- the ground truth is the union of the object masks of an image (seed 000 sec. 4.1: "collected into
+- the ground truth is the union of the object masks of an image ([RELAX] sec. 4.1: "collected into
   one unified segmentation mask").
 
 Shapes: attribution maps `a` are [B,H,W] (or [H,W], treated as B = 1), ground truth `gt` is bool
@@ -19,7 +19,7 @@ Relation to Quantus 0.6.0 (tests/test_metrics.py checks each relation on random 
 - relevance rank: same as Quantus's RelevanceRankAccuracy (top-k, k = |GT|, fraction inside GT) for
   maps without ties; Quantus breaks ties by argsort order, here tied pixels at the k-th value count
   at their expectation under a random tie-break (deterministic, and not biased to the image top).
-  Seed 002 sec. 4.3 describes an IoU of the top-k set with the box instead; with k = |GT| that is
+  [NEMt] sec. 4.3 describes an IoU of the top-k set with the box instead; with k = |GT| that is
   r / (2 - r) of this score r (a monotone transform, so rankings of methods agree).
 - top-k intersection: same as Quantus's TopKIntersection for maps without ties; k defaults to
   Quantus's k = 1000 scaled by area to our image size (82 on 64 x 64), ties as in relevance rank.
@@ -66,7 +66,7 @@ def _as_maps(a: np.ndarray | torch.Tensor, what: str = "attribution") -> np.ndar
 
 
 def ground_truth(gt: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Union of the object masks: bool [B,H,W] from [H,W], [B,H,W] or [B,K,H,W] (seed 000 sec. 4.1)."""
+    """Union of the object masks: bool [B,H,W] from [H,W], [B,H,W] or [B,K,H,W] ([RELAX] sec. 4.1)."""
     if isinstance(gt, torch.Tensor):
         gt = gt.detach().cpu().numpy()
     g = np.asarray(gt) > 0
@@ -90,7 +90,7 @@ def _pair(a, gt) -> tuple[np.ndarray, np.ndarray]:
 
 
 def normalise_maps(a: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Min-max normalise each map to [0, 1] (seed 001 sec. 4.2: m' = (m - min m) / (max m - min m)).
+    """Min-max normalise each map to [0, 1] ([NEM-U] sec. 4.2: m' = (m - min m) / (max m - min m)).
 
     A constant map has no ranking; it becomes all ones (uniform attribution) instead of 0/0.
     """
@@ -105,7 +105,7 @@ def normalise_maps(a: np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 def pointing_game(a, gt) -> np.ndarray:
-    """Is the most important pixel inside the ground truth (seed 000 sec. 4.1, Zhang et al. 2018).
+    """Is the most important pixel inside the ground truth ([RELAX] sec. 4.1, Zhang et al. 2018).
 
     With ties for the maximum, the score is the fraction of maximal pixels inside the ground truth
     (1 or 0 for a unique maximum).
@@ -118,7 +118,7 @@ def pointing_game(a, gt) -> np.ndarray:
 
 def relevance_rank(a, gt) -> np.ndarray:
     """Fraction of the k most important pixels inside the ground truth, k = |GT| (Arras et al. 2022;
-    seed 001 sec. 4.2).
+    [NEM-U] sec. 4.2).
 
     Ties at the k-th value (saturated masks have many pixels at exactly 1) are counted at their
     expectation under a random tie-break: the pixels strictly above the k-th value, plus the
@@ -140,21 +140,21 @@ def _top_k_hits(flat: np.ndarray, gflat: np.ndarray, k: np.ndarray) -> np.ndarra
     return (above & gflat).sum(axis=1) + slots * (tied & gflat).sum(axis=1) / tied.sum(axis=1)
 
 
-# Quantus 0.6.0's TopKIntersection default, k = 1000 pixels of a 224 x 224 image (seed 000's setting).
+# Quantus 0.6.0's TopKIntersection default, k = 1000 pixels of a 224 x 224 image ([RELAX]'s setting).
 QUANTUS_TOP_K = 1000
 QUANTUS_TOP_K_AREA = 224 * 224
 
 
 def top_k_for(h: int, w: int) -> int:
     """Quantus's default k scaled to an h x w image by area: round(1000 * h*w / 224^2), at least 1
-    (82 for 64 x 64, 20 for 32 x 32): the same fraction (2.0 %) of the image as in seed 000."""
+    (82 for 64 x 64, 20 for 32 x 32): the same fraction (2.0 %) of the image as in [RELAX]."""
     return max(1, round(QUANTUS_TOP_K * h * w / QUANTUS_TOP_K_AREA))
 
 
 def top_k_intersection(a, gt, k: int | None = None) -> np.ndarray:
-    """Top-k intersection (seed 000 sec. 4.1, Table 1 "top k"; Theiner et al. 2021 via Quantus
+    """Top-k intersection ([RELAX] sec. 4.1, Table 1 "top k"; Theiner et al. 2021 via Quantus
     TopKIntersection): binarise the map to its k most important pixels and measure the intersection
-    with the ground truth, divided by k. Seed 000 gives no k; it used Quantus, whose default is k = 1000
+    with the ground truth, divided by k. [RELAX] gives no k; it used Quantus, whose default is k = 1000
     on 224 x 224 inputs. Our images are smaller, so k = None scales that default by area
     (`top_k_for`: k = round(1000 * 64*64 / 224^2) = 82 on the 64 x 64 scenes); pass k to fix it.
 
@@ -174,7 +174,7 @@ def top_k_intersection(a, gt, k: int | None = None) -> np.ndarray:
 
 def relevance_mass(a, gt) -> np.ndarray:
     """Positive attribution inside the ground truth / all positive attribution (Arras et al. 2022;
-    seed 001 sec. 4.2, seed 002 sec. 4.3). After min-max normalisation every value is >= 0."""
+    [NEM-U] sec. 4.2, [NEMt] sec. 4.3). After min-max normalisation every value is >= 0."""
     m, g = _pair(a, gt)
     flat, gflat = m.reshape(len(m), -1), g.reshape(len(g), -1)
     pos = np.clip(flat, 0.0, None)
@@ -183,7 +183,7 @@ def relevance_mass(a, gt) -> np.ndarray:
 
 def complexity(a) -> np.ndarray:
     """Entropy (nats) of the normalised attribution as a distribution over pixels, p = |m| / sum |m|
-    (Bhatt et al. 2020; seed 001 sec. 4.2). Lower is simpler; log(H*W) for a uniform map."""
+    (Bhatt et al. 2020; [NEM-U] sec. 4.2). Lower is simpler; log(H*W) for a uniform map."""
     m = normalise_maps(a)
     flat = np.abs(m.reshape(len(m), -1))
     p = flat / flat.sum(axis=1, keepdims=True)
@@ -192,7 +192,7 @@ def complexity(a) -> np.ndarray:
 
 
 def sparseness(a) -> np.ndarray:
-    """Gini index of |m| (Chalasani et al. 2020; seed 001 sec. 4.2): 0 for a uniform map, -> 1 for one
+    """Gini index of |m| (Chalasani et al. 2020; [NEM-U] sec. 4.2): 0 for a uniform map, -> 1 for one
     pixel. Gini = sum_i (2i - n - 1) m_(i) / (n sum m) over the ascending sorted values."""
     m = normalise_maps(a)
     flat = np.sort(np.abs(m.reshape(len(m), -1)), axis=1)
@@ -208,7 +208,7 @@ Forward = Callable[[torch.Tensor], torch.Tensor]
 
 @torch.no_grad()
 def fidelity(forward: Forward, x: torch.Tensor, a, *, batch_size: int = 64) -> np.ndarray:
-    """cos(Phi(x), Phi(x * m)) with m the min-max normalised map broadcast over channels (seed 001
+    """cos(Phi(x), Phi(x * m)) with m the min-max normalised map broadcast over channels ([NEM-U]
     Appendix A, Table 3 "accuracy"). `forward` maps a normalised batch [B,C,H,W] to representations
     (an encoder's embedding, a classifier's logits); x * m is pixel scaling in normalised space, so a
     removed pixel becomes the dataset mean (METHODS.md)."""
@@ -225,13 +225,13 @@ def fidelity(forward: Forward, x: torch.Tensor, a, *, batch_size: int = 64) -> n
 
 
 def mask_size(a) -> np.ndarray:
-    """L1 norm of the normalised mask per pixel, mean(m) in [0, 1] (seed 001 Table 3 "complexity":
+    """L1 norm of the normalised mask per pixel, mean(m) in [0, 1] ([NEM-U] Table 3 "complexity":
     the naive mask that removes half of the pixels scores 0.50)."""
     return normalise_maps(a).reshape(len(_as_maps(a)), -1).mean(axis=1)
 
 
 def accuracy_per_complexity(fidelity_scores: np.ndarray, a) -> np.ndarray:
-    """Seed 001 Appendix A, Table 3: score = accuracy / complexity, with accuracy = cos(Phi(x), Phi(x*m))
+    """[NEM-U] Appendix A, Table 3: score = accuracy / complexity, with accuracy = cos(Phi(x), Phi(x*m))
     (`fidelity`) and complexity = ||m||_1 / (H*W) (`mask_size`). Higher is better; a map of all ones
     scores its fidelity (1.0), a map that keeps 25% of the image with fidelity 0.87 scores 3.48."""
     size = mask_size(a)
@@ -244,11 +244,11 @@ def accuracy_per_complexity(fidelity_scores: np.ndarray, a) -> np.ndarray:
 
 @dataclass(frozen=True)
 class MonotonicityConfig:
-    """Nguyen & Martinez 2020 monotonicity (seed 000 sec. 4.1, seed 001 Table 4, seed 002 sec. 4.3).
+    """Nguyen & Martinez 2020 monotonicity ([RELAX] sec. 4.1, [NEM-U] Table 4, [NEMt] sec. 4.3).
 
     patch: side of the square features (all channels of a patch are one feature);
     baseline: "noise" replaces a feature by N(0, 1) draws in normalised space (the data distribution
-    per channel, as RELAX's noise masking, seed 000 Appendix A), "zero" by 0 (the dataset mean);
+    per channel, as RELAX's noise masking, [RELAX] Appendix A), "zero" by 0 (the dataset mean);
     n_samples: perturbation draws per feature ("zero" needs only one).
     """
 

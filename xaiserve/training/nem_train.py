@@ -1,12 +1,12 @@
-"""Training of the masking networks: NEM-U (seed 001) and NEMt (seed 002), plus a held-out check.
+"""Training of the masking networks: NEM-U ([NEM-U]) and NEMt ([NEMt]), plus a held-out check.
 
 Only the decoders train; the frozen model runs in eval mode with its parameters frozen, and the
 gradient reaches the mask through it. Masking is applied to the normalised input (x * m: 0 is the
-dataset mean), as the server's fidelity check does. Optimiser: Prodigy (seed 001 sec. 4.2; the
+dataset mean), as the server's fidelity check does. Optimiser: Prodigy ([NEM-U] sec. 4.2; the
 authors' code uses lr = 1, weight_decay = 0.01, safeguard_warmup = True, no augmentation).
 
 NEMt: a bank of per-class decoders, decoder t trained to explain target t (one masking network per
-label, seed 002 sec. 6) on every training image of class t plus as many other images drawn afresh each
+label, [NEMt] sec. 6) on every training image of class t plus as many other images drawn afresh each
 epoch, or one class-conditional decoder trained with the true label as target for half of the images
 and a uniformly random target for the other half (beyond the papers). Why the class balance: trained
 on all images, the network of a class that is a quarter of the data collapsed to an all-zero mask

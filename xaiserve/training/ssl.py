@@ -1,4 +1,4 @@
-"""SimCLR (Chen et al. 2020; seed 003 sec. 3.1) on the scenes dataset, and a linear probe.
+"""SimCLR (Chen et al. 2020; [SSL-XAI] sec. 3.1) on the scenes dataset, and a linear probe.
 
 NT-Xent: for a batch of B images, two augmented views give 2B embeddings z (after a projection
 head, L2-normalised); for each anchor i its positive is the other view of the same image, and the

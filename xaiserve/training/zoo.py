@@ -15,10 +15,11 @@ from typing import Any
 import torch
 
 from xaiserve.handlers.nem.build import arch_of, build_from_arch
-from xaiserve.handlers.nem.export import Publication, publish
+from xaiserve.training.nem_export import Publication, publish
 from xaiserve.handlers.nem.losses import NemTLossConfig, NemULossConfig
 from xaiserve.handlers.nem.smoothing import scaled_size
-from xaiserve.handlers.nets import FrozenSpec, frozen_spec_from_arch, load_into, load_module, load_state_dict_file
+from xaiserve.handlers.loading import load_module
+from xaiserve.handlers.nets import EncoderArch, FrozenSpec, frozen_spec_from_arch, load_into, load_state_dict_file
 from xaiserve.errors import FailedPrecondition, NotFound
 from xaiserve.service.registry import read_manifest
 from xaiserve.training.datasets import get_dataset
@@ -41,6 +42,16 @@ LESIONS_DATA = (
     "shape, border and colour pattern, and class-independent distractors (hairs, ruler marks, dermoscope vignette). "
     "Ground truth = the lesion mask (pixel-exact). Nothing here says anything about real skin lesions; "
     "do not use these models clinically."
+)
+PHANTOMS_DATA = (
+    "**ct-phantoms — SYNTHETIC data, not real patients.** Procedurally generated CT-like axial slices rendered in "
+    "Hounsfield units (xaiserve/training/datasets/phantoms.py): an elliptical body with a fat rim, two lungs with vessel "
+    "dots, a vertebra, sometimes the scanner table, CT noise, and one finding whose class (lung nodule, calcification, "
+    "hypodense lesion, lytic bone lesion) needs a different window to see. The model input is the window stack lung "
+    "(C -600 / W 1500), soft tissue (C 40 / W 400) and bone (C 400 / W 1800) as its three channels, the mapping the "
+    "manifest declares in input.dicom, so a DICOM CT slice served to it is windowed the way it was trained. Ground truth "
+    "= the finding's disc (pixel-exact). This model exists to demonstrate the DICOM path end to end; it has never seen a "
+    "real scan, says nothing about real findings, and must not be used clinically."
 )
 
 
@@ -66,7 +77,11 @@ def dataset(name: str, opts: RunOptions) -> SyntheticDataset:
 
 def input_spec(ds: SyntheticDataset) -> dict[str, Any]:
     mean, std = ds.stats()
-    return {"height": ds.size, "width": ds.size, "channels": 3, "mean": list(mean), "std": list(std)}
+    spec = {"height": ds.size, "width": ds.size, "channels": 3, "mean": list(mean), "std": list(std)}
+    dicom = getattr(ds, "dicom_input", None)  # how a greyscale DICOM image becomes the channels (manifest input.dicom)
+    if dicom is not None:
+        spec["dicom"] = dicom.to_dict()
+    return spec
 
 
 def save_result(opts: RunOptions, name: str, payload: dict[str, Any]) -> Path:
@@ -140,10 +155,14 @@ def run_encoder(opts: RunOptions, name: str = "scenes-simclr") -> dict[str, Any]
     return res
 
 
+# classifiers smaller than the default EncoderArch, per dataset (the DICOM demo model stays under 3 MB with its NEMt)
+CLASSIFIER_ARCH = {"ct-phantoms": EncoderArch(stem=8, widths=(16, 32, 64))}
+
+
 def run_classifier(opts: RunOptions, name: str, data: str) -> dict[str, Any]:
     ds = dataset(data, opts)
     cfg = ClassifierConfig(seed=opts.seed, **({"epochs": opts.epochs} if opts.epochs else {}))
-    spec = FrozenSpec(num_classes=ds.num_classes)
+    spec = FrozenSpec(encoder=CLASSIFIER_ARCH.get(data, EncoderArch()), num_classes=ds.num_classes)
     t0 = time.perf_counter()
     model, history, metrics = train_classifier(ds, cfg, spec.encoder, checkpoint=opts.out / name / "ckpt.pt", resume=opts.resume,
                                                progress=opts.progress, limit=opts.limit)
@@ -213,7 +232,7 @@ def run_nemt(opts: RunOptions, name: str, classifier: str = "lesions-classifier:
 # -- publishing ----------------------------------------------------------------------------------
 def _card(res: dict[str, Any]) -> dict[str, str]:
     kind = res["kind"]
-    data = LESIONS_DATA if res["dataset"]["name"] == "lesions" else SCENES_DATA
+    data = {"lesions": LESIONS_DATA, "ct-phantoms": PHANTOMS_DATA}.get(res["dataset"]["name"], SCENES_DATA)
     ds = res["dataset"]
     sections = {
         "Data": data + f"\n\nSplit sizes: {ds['splits']} (seed {ds['seed']}); labels: {', '.join(ds['labels'])}."
@@ -261,7 +280,7 @@ def _card(res: dict[str, Any]) -> dict[str, str]:
             )
     elif kind == "nem_u":
         sections["Model"] = (
-            f"NEM-U (seed 001, sec. 3.3): U-Net decoder (blocks of widths {arch['decoder']['widths']}, deepest first, on the "
+            f"NEM-U ([NEM-U], sec. 3.3): U-Net decoder (blocks of widths {arch['decoder']['widths']}, deepest first, on the "
             f"{len(arch['decoder']['widths'])} deepest pyramid taps of the frozen encoder `{res['explains']}`; the mask logits are "
             "bilinearly upsampled to 64 x 64, then a sigmoid). Only the decoder trains. Loss eq. 5-9: "
             "(lambda1 - N_d) P_d + lambda2 ||m||_1 with lambda1 = 1.5, lambda2 = 1, ||m||_1 as the pixel mean, pixel scaling on the "
@@ -299,7 +318,7 @@ def _card(res: dict[str, Any]) -> dict[str, str]:
              f"mass (512 images) is kept (epoch {_selected_epoch(res) or 'the last'}): from the default start the shared network once "
              "collapsed every mask of the nevus class to zero, for every target label, within the first epoch."
              if cond else
-             f"NEMt (seed 002): one masking network per target label ({res['output_dim']} U-Net decoders; decoder c is trained to "
+             f"NEMt ([NEMt]): one masking network per target label ({res['output_dim']} U-Net decoders; decoder c is trained to "
              "explain label c on all training images of class c plus as many other images drawn afresh each epoch), bundled in one "
              "ONNX graph: the decoders run fused (grouped convolutions), the `target` input selects one.")
             + f" Decoder widths {arch['decoder']['widths']} on the deepest pyramid taps of the frozen classifier `{res['explains']}`; "
@@ -328,7 +347,7 @@ def _card(res: dict[str, Any]) -> dict[str, str]:
                 rows.append(f"| {k_}x{k_}{' (served)' if int(k_) == arch['smoothing'] else ''} | {r['val']['relevance_mass']:.4f} | "
                             f"{r['test']['relevance_mass']:.4f} | {r['test']['mask_mean']:.4f} | {r['test']['prob_change_keep_mask']:+.4f} |")
             sections["Smoothing neighbourhood (ablation)"] = (
-                "The paper's 21 x 21 neighbourhood was chosen for 224 x 224 images (seed 002, Table A.2: robust to the size); at 64 x 64 "
+                "The paper's 21 x 21 neighbourhood was chosen for 224 x 224 images ([NEMt], Table A.2: robust to the size); at 64 x 64 "
                 "it spans a third of the image. **Deviation from METHODS.md (which fixes 21 x 21):** the served network keeps the "
                 "paper's relative extent, 21 * 64 / 224 rounded up to the odd 7 x 7; the literal 21 x 21 was trained with the same "
                 "loss form and budget for comparison (`--smoothing 21` serves it):\n\n"
@@ -341,8 +360,8 @@ def _card(res: dict[str, Any]) -> dict[str, str]:
 DESCRIPTIONS = {
     "encoder": "SimCLR ResNet-style encoder on scenes (Fashion-MNIST composites); exposes a feature pyramid",
     "classifier": "ResNet-style classifier",
-    "nem_u": "NEM-U masking network (seed 001)",
-    "nemt": "NEMt masking network with target labels (seed 002)",
+    "nem_u": "NEM-U masking network ([NEM-U])",
+    "nemt": "NEMt masking network with target labels ([NEMt])",
 }
 
 
@@ -356,7 +375,8 @@ def publish_result(opts: RunOptions, name: str) -> dict[str, Any]:
     load_into(module, res["state_dict"], name)
     desc = DESCRIPTIONS[kind]
     if kind == "classifier":
-        desc += f" on {res['dataset']['name']}" + (" (synthetic lesions)" if res["dataset"]["name"] == "lesions" else " (Fashion-MNIST composites)")
+        desc += f" on {res['dataset']['name']}" + {"lesions": " (synthetic lesions)", "ct-phantoms": " (synthetic CT phantoms, window stack)"}.get(
+            res["dataset"]["name"], " (Fashion-MNIST composites)")
     if kind == "nemt":
         desc += (", class-conditional (FiLM)" if res["arch"].get("conditional") else ", per-class networks") + f", {res['metrics'].get('loss_form')} loss"
     metrics = {k: v for k, v in res["metrics"].items() if k not in ("form_comparison", "smoothing_ablation")}

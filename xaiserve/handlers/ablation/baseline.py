@@ -1,4 +1,4 @@
-"""The default baseline image: the target blurred just enough to change the decision (seed 004, sec. 2.7.1).
+"""The default baseline image: the target blurred just enough to change the decision ([THESIS], sec. 2.7.1).
 
 x_BL = gamma_sigma * x_Tg (eq. 2.32) with the smallest sigma in [4, 100] pixels for which
 argmax F(x_BL) != argmax F(x_Tg). The blur is linear and preserves constants, so blurring the

@@ -1,4 +1,4 @@
-"""Projected gradient ascent on ablation paths (seed 004, sec. 2.6.3, Algorithm 2).
+"""Projected gradient ascent on ablation paths ([THESIS], sec. 2.6.3, Algorithm 2).
 
     AblationPath(classifier, AblationConfig(...)).attribute(x, baseline=None, target=None,
                  progress=None, should_stop=None) -> AblationOutput
@@ -206,7 +206,7 @@ class AblationPath:
                 raise FailedPrecondition(
                     f"no Gaussian blur with sigma in [{cfg.baseline_sigma_min:g}, {cfg.baseline_sigma_max:g}] px changes the "
                     "classifier's decision on this image, so the blurred baseline would not lie in another class "
-                    "(seed 004 sec. 2.7.1); send a baseline image of another class in params.baseline"
+                    "([THESIS] sec. 2.7.1); send a baseline image of another class in params.baseline"
                 )
             baseline, baseline_sigma = bl.image, bl.sigma
         else:

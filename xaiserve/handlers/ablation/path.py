@@ -1,4 +1,4 @@
-"""Ablation-path representation and the projection onto the path axioms (seed 004, Part II ch. 2).
+"""Ablation-path representation and the projection onto the path axioms ([THESIS], Part II ch. 2).
 
 A path is stored as a tensor `phi` of shape [T, h, w]: the T interior slices phi(t_k) at
 t_k = k / (T + 1), k = 1..T (eq. 2.30); phi(0) = 0 and phi(1) = 1 are implicit (sec. 2.6.2A) and
@@ -48,7 +48,7 @@ def with_boundaries(phi: torch.Tensor) -> torch.Tensor:
 def monotone_envelope(p: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """L-infinity-optimal non-decreasing approximation of p along `dim`, for every other index at once.
 
-    Replaces the per-pixel Algorithm 1 of seed 004 (sec. 2.6.2B, optimal by Lemma 6) with the
+    Replaces the per-pixel Algorithm 1 of [THESIS] (sec. 2.6.2B, optimal by Lemma 6) with the
     midpoint of the two monotone envelopes: L = running maximum from the left (cummax, the
     smallest non-decreasing function >= p) and U = running minimum from the right (reverse
     cummin, the largest non-decreasing function <= p). Both are non-decreasing, so their mean is;
@@ -96,7 +96,7 @@ def project_monotone_clamped(phi: torch.Tensor) -> torch.Tensor:
 # -- constant speed (sec. 2.6.2C) ------------------------------------------------------------------
 
 def constant_speed(phi: torch.Tensor) -> torch.Tensor:
-    """Re-parametrise a monotone path so that mean(phi(t_k)) = t_k exactly (Lemma 7, seed 004).
+    """Re-parametrise a monotone path so that mean(phi(t_k)) = t_k exactly (Lemma 7, [THESIS]).
 
     The discrete path is read as the continuous, piecewise-linear path through the slices
     phi(0)=0, phi(t_1), ..., phi(t_T), phi(1)=1. Its mass m(s) = mean(phi(s)) is non-decreasing,

@@ -1,4 +1,4 @@
-"""Heatmap reductions of ablation paths (seed 004, sec. 2.7.2, eq. 2.33-2.37).
+"""Heatmap reductions of ablation paths ([THESIS], sec. 2.7.2, eq. 2.33-2.37).
 
 Orientation (a decision, written here because the thesis is not consistent about it): our paths
 run from the target (phi = 0) to the baseline (phi = 1), so a retaining path keeps the evidence

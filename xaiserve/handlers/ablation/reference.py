@@ -1,4 +1,4 @@
-"""Per-pixel loop port of the thesis's monotonisation (seed 004, sec. 2.6.2B, Algorithm 1).
+"""Per-pixel loop port of the thesis's monotonisation ([THESIS], sec. 2.6.2B, Algorithm 1).
 
 Reference only, for tests and bench/bench_ablation.py: serving uses the vectorised
 `path.monotone_envelope`, which is L-infinity-optimal too and orders of magnitude faster.

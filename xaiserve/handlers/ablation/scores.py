@@ -1,4 +1,4 @@
-"""Score functions of ablation paths (seed 004, sec. 2.3, eq. 2.13-2.16).
+"""Score functions of ablation paths ([THESIS], sec. 2.3, eq. 2.13-2.16).
 
 F(x) is the classifier's softmax probability of the target class. The image along a path is
 `(1 - phi(t)) * x_target + phi(t) * x_baseline` on the normalised tensor (METHODS.md; the

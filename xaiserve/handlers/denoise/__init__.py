@@ -1,4 +1,4 @@
-"""Rotation-equivariant spiral-CNN Cryo-EM denoiser (seed 004, ch. 6-7) and its cartesian baseline.
+"""Rotation-equivariant spiral-CNN Cryo-EM denoiser ([THESIS], ch. 6-7) and its cartesian baseline.
 
 Modules (one job each):
     geometry      spiral sampling (eq. 7.5-7.7), ribbon, Delaunay/barycentric resampling operators

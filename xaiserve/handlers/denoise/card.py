@@ -131,7 +131,7 @@ def write_card(path: Path, entry: dict, model: Denoiser, summary: dict | None, h
 ## What it does
 Takes raw single-particle images (float32, {cfg.size} x {cfg.size}, any units) and returns the denoised
 particles in the same units. ONNX graph: `particles` [B,1,{cfg.size},{cfg.size}] -> `denoised` [B,1,{cfg.size},{cfg.size}].{served}
-Inside the graph: the particle is restricted to the unit disc inscribed in the box (eq. 7.1-7.2 of seed 004),
+Inside the graph: the particle is restricted to the unit disc inscribed in the box (eq. 7.1-7.2 of [THESIS]),
 scaled per particle (x / std over the disc), denoised, and the scaling is undone; pixels outside the disc are
 returned as 0. The mean is not subtracted (at SNR 1/64 it is mostly noise, and the network needs it to estimate
 the particle's offset), so particles are expected with a zero-mean background, as Cryo-EM pipelines normalise them;

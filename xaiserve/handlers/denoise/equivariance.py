@@ -1,4 +1,4 @@
-"""Rotation of particle images and the equivariance error of a denoiser (seed 004, sec. 7.1, 7.4).
+"""Rotation of particle images and the equivariance error of a denoiser ([THESIS], sec. 7.1, 7.4).
 
 Rotation R_theta acts on the disc by (r, theta) -> (r, theta + dtheta) (eq. 7.3) and on images by
 (R x)(p) = x(R^-1 p), evaluated by interpolation, two ways:

@@ -1,4 +1,4 @@
-"""Spiral geometry and the fixed resampling operators of the spiral CNN (seed 004, sec. 7.3).
+"""Spiral geometry and the fixed resampling operators of the spiral CNN ([THESIS], sec. 7.3).
 
 Coordinates: the particle lives on the unit disc D^2 (eq. 7.1-7.2). An H x W pixel grid spans the
 square [-1, 1]^2 with pixel centres at x_j = (2 j + 1 - W) / W (so the disc touches the image edge),

@@ -1,4 +1,4 @@
-"""Torch layers of the spiral CNN and of its cartesian twin (seed 004, sec. 7.3.2-7.3.3).
+"""Torch layers of the spiral CNN and of its cartesian twin ([THESIS], sec. 7.3.2-7.3.3).
 
 The spiral side keeps every resampling operator of `geometry.py` as buffers: (index, weight)
 pairs applied by one `index_select` (ONNX Gather) and a weighted sum, and the ribbons as

@@ -1,4 +1,4 @@
-"""Denoising fidelity on the unit disc (seed 004, sec. 7.1 objective 1: ||F(x) - x_sig|| small).
+"""Denoising fidelity on the unit disc ([THESIS], sec. 7.1 objective 1: ||F(x) - x_sig|| small).
 
 Per particle, over the pixels of the unit disc (eq. 7.2):
     MSE  = mean (F(x) - x_sig)^2

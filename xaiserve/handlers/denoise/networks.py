@@ -1,4 +1,4 @@
-"""Spiral and cartesian denoisers (seed 004, sec. 7.3.3), one definition, two geometries.
+"""Spiral and cartesian denoisers ([THESIS], sec. 7.3.3), one definition, two geometries.
 
 Graph (what the ONNX export contains; service/registry.py's denoiser contract):
     particles [B,1,H,W], raw units

@@ -6,7 +6,7 @@ that pay ~2 ns per interpolated value where a loop specialised to "two taps alon
 pays well under 1 ns, and the level changes need transposes to be gathered at all. ONNX Runtime
 has no operator for a fixed sparse resampling, and a custom operator needs its C headers, which
 its Python wheel does not ship. So the network runs as a pipeline:
-  - every ribbon convolution (sec. 7.3.2, seed 004) is one small ONNX Runtime graph (its own
+  - every ribbon convolution (sec. 7.3.2, [THESIS]) is one small ONNX Runtime graph (its own
     session): Conv 1 x k over each input part (the middle ribbon row is the spiral itself) plus
     Conv (rows - 1) x k over the part's interpolated outer rows, batch norm folded, bias, ReLU:
     the regrouping of `layers.SpiralOps.ribbon_conv`, optimised by ONNX Runtime into its NCHWc

@@ -1,4 +1,4 @@
-"""Training of the spiral / cartesian denoisers and their per-epoch curves (seed 004, sec. 7.4).
+"""Training of the spiral / cartesian denoisers and their per-epoch curves ([THESIS], sec. 7.4).
 
 Loss: MSE on the disc between the network's estimate and the clean particle, both in the
 per-particle normalised units of the graph (x / std of the noisy particle, see

@@ -1,4 +1,4 @@
-"""NEM-U and NEMt masking networks: decoder, losses, smoothing, modules, export (seeds 001 and 002)."""
+"""NEM-U and NEMt masking networks: decoder, losses, smoothing, modules, export ([NEM-U] and [NEMt])."""
 from xaiserve.handlers.nem.decoder import DecoderArch, UNetDecoder
 from xaiserve.handlers.nem.losses import NEMT_FORMS, NemTLossConfig, NemULossConfig, nemt_deletion_loss, nemt_preservation_loss, nemu_loss
 from xaiserve.handlers.nem.models import NemT, NemU, freeze

@@ -1,4 +1,4 @@
-"""U-Net decoder on a frozen encoder's feature pyramid (seed 001, sec. 3.3), optionally class-conditional.
+"""U-Net decoder on a frozen encoder's feature pyramid ([NEM-U], sec. 3.3), optionally class-conditional.
 
 The decoder starts at the deepest pyramid level, and at each shallower level upsamples x2, concatenates
 the skip tap and applies a 3x3 conv + batch norm + ReLU (as in standard U-Net decoders; without the

@@ -1,13 +1,13 @@
 """Training losses of the masking networks, as pure functions on tensors.
 
-NEM-U (seed 001, eq. 5-9), per image x with mask m = Psi(x) and frozen model Phi:
+NEM-U ([NEM-U], eq. 5-9), per image x with mask m = Psi(x) and frozen model Phi:
     x_m = m * x (eq. 6), x_bar = (1 - m) * x (eq. 7),
     P_d = -cos(Phi(x), Phi(x_m)) (eq. 8), N_d = -cos(Phi(x_m), Phi(x_bar)) (eq. 9),
     L = (lambda1 - N_d) * P_d + lambda2 * ||m||_1 (eq. 5), lambda1 = 1.5, lambda2 = 1.
   ||m||_1 is taken as the mean over pixels (METHODS.md), so lambda2 does not depend on resolution,
   and the sum over the data set is taken as the batch mean (only the scale of the step changes).
 
-NEMt (seed 002, eq. 2 and the authors' code), target class c per image:
+NEMt ([NEMt], eq. 2 and the authors' code), target class c per image:
   - "preservation" (the authors' code, `Masking_Loss.supervised_loss`, inverse=False):
         L = ||m||_1 + w * (softmax(Phi(x*m))_c - softmax(Phi(x))_c)^2,  w = 2:
     keep the smallest region that preserves the target probability.
@@ -32,7 +32,7 @@ NEMT_FORMS = ("preservation", "deletion")
 
 @dataclass(frozen=True)
 class NemULossConfig:
-    """seed 001, sec. 4.1: lambda1 = 1.5, lambda2 = 1."""
+    """[NEM-U], sec. 4.1: lambda1 = 1.5, lambda2 = 1."""
 
     lambda1: float = 1.5
     lambda2: float = 1.0
@@ -54,7 +54,7 @@ def mask_l1(mask: torch.Tensor) -> torch.Tensor:
 
 def nemu_loss(z: torch.Tensor, z_m: torch.Tensor, z_bar: torch.Tensor, mask: torch.Tensor,
               cfg: NemULossConfig = NemULossConfig()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Eq. 5-9 of seed 001. z = Phi(x), z_m = Phi(m*x), z_bar = Phi((1-m)*x), each [B,D]; mask [B,1,H,W].
+    """Eq. 5-9 of [NEM-U]. z = Phi(x), z_m = Phi(m*x), z_bar = Phi((1-m)*x), each [B,D]; mask [B,1,H,W].
 
     Returns the batch-mean loss and its parts (per-batch means) for logging."""
     p_d = -F.cosine_similarity(z, z_m, dim=1)  # eq. 8
@@ -81,7 +81,7 @@ def nemt_preservation_loss(logits: torch.Tensor, logits_m: torch.Tensor, mask: t
 
 def nemt_deletion_loss(logits: torch.Tensor, logits_del: torch.Tensor, mask: torch.Tensor, target: torch.Tensor,
                        lambda1: float = 0.5) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Eq. 2 of seed 002 (deletion reading, see module docstring): -(Phi(x)_c - Phi(x*(1-m))_c)^2 + lambda1 ||m||_1."""
+    """Eq. 2 of [NEMt] (deletion reading, see module docstring): -(Phi(x)_c - Phi(x*(1-m))_c)^2 + lambda1 ||m||_1."""
     change = (_pick(logits, target) - _pick(logits_del, target)) ** 2
     l1 = mask_l1(mask)
     per = -change + lambda1 * l1

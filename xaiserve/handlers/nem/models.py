@@ -1,13 +1,13 @@
 """The NEM-U and NEMt masking networks as torch modules (frozen model + trained decoder).
 
 Both return the mask together with the frozen model's output from ONE forward pass of the frozen
-model (seed 001, sec. 3.1: the mask is produced "in parallel" with the representation): the decoder
+model ([NEM-U], sec. 3.1: the mask is produced "in parallel" with the representation): the decoder
 reads the pyramid taps of that same pass. H and W must be multiples of the encoder's deepest stride (8);
 the served models take 64 x 64. Masking is applied to the normalised input (x * m, so a
 masked-out pixel is the dataset mean), exactly as the server's fidelity check does.
 
-- NemU (seed 001, sec. 3.3): image -> (mask [B,1,H,W], embedding [B,D]).
-- NemT (seed 002, sec. 3.2): image, target [B] int64 (-1 = the classifier's argmax)
+- NemU ([NEM-U], sec. 3.3): image -> (mask [B,1,H,W], embedding [B,D]).
+- NemT ([NEMt], sec. 3.2): image, target [B] int64 (-1 = the classifier's argmax)
   -> (mask [B,1,H,W], logits [B,K], label [B] int64). Either a bank of per-class decoders (one
   masking network per target label, as in the paper; all run, the label selects one) or one
   class-conditional decoder (FiLM). The mask goes through stochastic weighted neighbourhood averaging

@@ -1,9 +1,7 @@
-"""Frozen models in plain torch (encoder with a feature pyramid, classifier) and `load_module`.
-
-`load_module(entry, store)` rebuilds the torch module of a manifest entry from `entry.arch` and
-`files["state_dict"]`: the frozen encoder/classifier for kinds encoder/classifier, the whole masking
-network (frozen model + trained decoder) for kinds nem_u/nemt. Every failure is a FailedPrecondition
-that names the file and what to do.
+"""Frozen models in plain torch (encoder with a feature pyramid, classifier) and the helpers that
+load their weights: `frozen_spec_from_arch`, `load_state_dict_file`, `load_into`. Rebuilding a
+manifest entry of any kind is `xaiserve.handlers.loading.load_module`. Every failure is a
+FailedPrecondition that names the file and what to do.
 """
 from __future__ import annotations
 
@@ -24,7 +22,6 @@ __all__ = [
     "PyramidEncoder",
     "frozen_spec_from_arch",
     "load_into",
-    "load_module",
     "load_state_dict_file",
     "require_pyramid",
 ]
@@ -91,28 +88,3 @@ def load_into(module: nn.Module, state: dict[str, Any], what: str) -> nn.Module:
             "the manifest entry and weights.pt come from different exports: re-run `xaiserve export ...`"
         ) from None
     return module
-
-
-def load_module(entry, store: Path) -> nn.Module:
-    """Rebuild the torch module of a manifest entry (eval mode). See the module docstring."""
-    store = Path(store)
-    if entry.kind == "denoiser":
-        from xaiserve.handlers.denoise.export import load_denoiser
-
-        return load_denoiser(entry, store)
-    rel = entry.files.get("state_dict")
-    if not rel:
-        raise FailedPrecondition(f"model {entry.id} has no 'state_dict' file in its manifest entry; it can only be served via ONNX")
-    state = load_state_dict_file(store / rel, what=f"model {entry.id} weights")
-    if entry.kind in ("encoder", "classifier"):
-        spec = frozen_spec_from_arch(entry.arch, what=f"model {entry.id}")
-        if (entry.kind == "classifier") != bool(spec.num_classes):
-            raise FailedPrecondition(f"model {entry.id}: kind {entry.kind} but arch num_classes={spec.num_classes}")
-        module = spec.build()
-    elif entry.kind in ("nem_u", "nemt"):
-        from xaiserve.handlers.nem.build import build_from_arch
-
-        module = build_from_arch(entry.kind, entry.arch, what=f"model {entry.id}")
-    else:
-        raise FailedPrecondition(f"model {entry.id} of kind {entry.kind!r} has no torch module in handlers.nets")
-    return load_into(module, state, f"model {entry.id}").eval()

@@ -1,7 +1,7 @@
 """A small ResNet-style encoder in plain torch that exposes its feature pyramid, and a classifier on it.
 
 The pyramid (one tap per resolution: the stem at full resolution, then one per stage at 1/2, 1/4,
-1/8) is what the NEM-U decoder uses as U-Net skip connections (seed 001, sec. 3.3: "the frozen model
+1/8) is what the NEM-U decoder uses as U-Net skip connections ([NEM-U], sec. 3.3: "the frozen model
 acts as the U-Net encoder"). Both modules share one interface used by the masking networks:
 
     features(x) -> (output, pyramid)   output = embedding [B,D] (encoder) or logits [B,K] (classifier)

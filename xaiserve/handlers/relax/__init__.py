@@ -1,7 +1,7 @@
-"""RELAX and U-RELAX (seed 000): representation explanations with uncertainty.
+"""RELAX and U-RELAX ([RELAX]): representation explanations with uncertainty.
 
 `from handlers.relax import Relax, RelaxConfig, RelaxOutput`. The job method (ONNX Runtime,
-progress, cancellation) is handlers.relax.job.RelaxJobMethod.
+progress, cancellation) is xaiserve.service.jobs.relax.RelaxJobMethod.
 """
 from xaiserve.handlers.relax.relax import Relax, RelaxConfig, RelaxOutput, RelaxProgress
 

@@ -1,10 +1,10 @@
-"""A control-variate (regression-adjusted) estimator of the RELAX importance R (beyond seed 000).
+"""A control-variate (regression-adjusted) estimator of the RELAX importance R (beyond [RELAX]).
 
-Seed 000 estimates R_ij = E[M_ij s] / E[M_ij] (eq. 12 in the limit; the Parzen form of eq. 7) by
+[RELAX] estimates R_ij = E[M_ij s] / E[M_ij] (eq. 12 in the limit; the Parzen form of eq. 7) by
 the weighted mean sum_n M_n(ij) s_n / sum_n M_n(ij) (Algorithm 1). Its standard error falls like
 1/sqrt(N), so the only way to reach the same error with fewer masks (fewer forward passes) is to
 reduce the variance. This module does that with a standard Monte Carlo control variate; it is NOT
-in seed 000 and it estimates exactly the same quantity R of eq. 12.
+in [RELAX] and it estimates exactly the same quantity R of eq. 12.
 
 The idea. The similarity s_n of a mask is largely predictable from where the mask keeps the image:
 with cheap mask features f(M) (the mask average-pooled to a coarse grid, and by default also the
@@ -157,7 +157,7 @@ def _axis_terms(cells: int, up: int, size: int, offsets: int, k: int) -> list[to
 @lru_cache(maxsize=16)
 def feature_expectations(geometry: MaskGeometry, p_keep: float, spec: FeatureSpec) -> torch.Tensor:
     """C [H*W, F] float64 with C[ij] = E[M_ij f(M)] / E[M_ij] under the mask distribution of
-    masks.py (sec. 3.1, seed 000), in closed form (module docstring). Cached per geometry: treat
+    masks.py (sec. 3.1, [RELAX]), in closed form (module docstring). Cached per geometry: treat
     the result as read-only."""
     g, p = geometry, float(p_keep)
     if not 0.0 < p < 1.0:

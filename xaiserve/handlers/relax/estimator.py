@@ -1,4 +1,4 @@
-"""Running weighted mean and variance of RELAX similarity scores (seed 000, eq. 12-13, Algorithm 1).
+"""Running weighted mean and variance of RELAX similarity scores ([RELAX], eq. 12-13, Algorithm 1).
 
 Per pixel (i, j), every mask n contributes the similarity s_n = s(h, h_bar_n) with weight M_ij(n).
 Algorithm 1 keeps, mask by mask (West 1979):
@@ -54,7 +54,7 @@ def init_stats(shape: tuple[int, ...], *, w_init: float = 1e-8, dtype: torch.dty
 
 
 def sequential_update(stats: WeightedStats, mask: torch.Tensor, s: float | torch.Tensor) -> WeightedStats:
-    """One mask of Algorithm 1 (seed 000), literally: the reference the batched update is tested against."""
+    """One mask of Algorithm 1 ([RELAX]), literally: the reference the batched update is tested against."""
     m = mask.to(stats.mean.dtype)
     s = torch.as_tensor(s, dtype=stats.mean.dtype)
     w = stats.weight + m
@@ -145,7 +145,7 @@ def two_pass(
     w_init: float = 1e-8,
     dtype: torch.dtype = STATS_DTYPE,
 ) -> WeightedStats:
-    """The two-pass estimator (seed 000 sec. 3.4, Appendix D): R by eq. 2 (weighted as in eq. 12),
+    """The two-pass estimator ([RELAX] sec. 3.4, Appendix D): R by eq. 2 (weighted as in eq. 12),
     then U = sum_n M(n) (s_n - R)^2 (eq. 9) in a second pass over the same masks.
 
     `batches()` must yield the same masks, in order, every time it is called (we replay a saved

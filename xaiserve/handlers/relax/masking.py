@@ -1,4 +1,4 @@
-"""How a mask removes information from the image (seed 000 sec. 3.1 and Appendix A; seed 003 sec.
+"""How a mask removes information from the image ([RELAX] sec. 3.1 and Appendix A; [SSL-XAI] sec.
 3.2.3 and 5.4).
 
 Every strategy has the form   x_bar = fill + M_eff * (keep - fill),   broadcast over channels, on the
@@ -9,13 +9,13 @@ model's normalised input; the reference representation is always h = f(x) (eq. 1
 - "noise" (Appendix A, eq. A1): fill = D with D_ij ~ N(mu, sigma) drawn afresh for every mask, in
   normalised units (so N(0, 1) is the per-channel data distribution). Eq. A1 prints
   X*M - D*(1-M); the minus sign is a typo for the blend described in the text (METHODS.md).
-- Perceptual components (seed 003): the masked-out part is replaced by the image deprived of one
+- Perceptual components ([SSL-XAI]): the masked-out part is replaced by the image deprived of one
   concept, computed in pixel space ([0, 1], undoing the model's mean/std):
   - "colour":     fill = grayscale(x) (ITU-R 601 luma), exactly X_MC of sec. 3.2.3.
   - "shape":      keep = edge map E(x) (Canny), fill = 0 (black): X_MS = E * M of sec. 3.2.3, the
                   masks applied directly to the edge map (sec. 5.4).
   - "texture":    fill = Gaussian blur of x, and M_eff = max(M, E) so edges are never blurred
-                  (M_t = M OR E of sec. 3.2.3). Deviation: the seed blurs and keeps the *grayscale*
+                  (M_t = M OR E of sec. 3.2.3). Deviation: [SSL-XAI] blurs and keeps the *grayscale*
                   image; we blur the colour image and keep x, so the masked-out part loses only its
                   texture and the reference stays h = f(x) as for every other strategy.
   - "brightness": fill = x with the CIE-LAB lightness lowered by `brightness_delta` (sec. 5.4).
@@ -24,7 +24,7 @@ model's normalised input; the reference representation is always h = f(x) (eq. 1
                   sharpened image and the input).
   The estimator always weights by the random mask M (not M_eff).
 - Canny here is the textbook pipeline in torch (Gaussian sigma 1, Sobel, non-maximum suppression,
-  hysteresis with thresholds 0.1 / 0.2 of the largest gradient magnitude); the seed uses OpenCV's.
+  hysteresis with thresholds 0.1 / 0.2 of the largest gradient magnitude); [SSL-XAI] uses OpenCV's.
 """
 from __future__ import annotations
 
@@ -144,7 +144,7 @@ def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
 
 
 def darken(img: torch.Tensor, delta_l: float) -> torch.Tensor:
-    """Lower the CIE-LAB lightness by delta_l (seed 003 sec. 5.4, "Brightness"); gray stays gray."""
+    """Lower the CIE-LAB lightness by delta_l ([SSL-XAI] sec. 5.4, "Brightness"); gray stays gray."""
     rgb = img if img.shape[0] == 3 else img[:1].expand(3, -1, -1)
     lab = rgb_to_lab(rgb)
     lab = torch.stack([(lab[0] - delta_l).clamp(0, 100), lab[1], lab[2]])
@@ -153,7 +153,7 @@ def darken(img: torch.Tensor, delta_l: float) -> torch.Tensor:
 
 
 def sharpen(img: torch.Tensor) -> torch.Tensor:
-    """Laplacian sharpening x - lap(x), kernel [[0,-1,0],[-1,5,-1],[0,-1,0]] (seed 003 sec. 5.4)."""
+    """Laplacian sharpening x - lap(x), kernel [[0,-1,0],[-1,5,-1],[0,-1,0]] ([SSL-XAI] sec. 5.4)."""
     k = torch.tensor([[0.0, -1.0, 0.0], [-1.0, 5.0, -1.0], [0.0, -1.0, 0.0]], dtype=img.dtype).view(1, 1, 3, 3)
     out = F.conv2d(F.pad(img[:, None], (1, 1, 1, 1), mode="replicate"), k)[:, 0]
     return out.clamp(0, 1)

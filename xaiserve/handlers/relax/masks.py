@@ -1,4 +1,4 @@
-"""RELAX / RISE mask distribution (seed 000, sec. 3.1, "Masking distribution").
+"""RELAX / RISE mask distribution ([RELAX], sec. 3.1, "Masking distribution").
 
 N binary grids of h x w cells, each cell kept with probability p, are upsampled bilinearly to
 (h+1)*C_H x (w+1)*C_W with C_H x C_W = floor(H/h) x floor(W/w) the cell size, and an H x W window
@@ -73,7 +73,7 @@ def generate_masks(
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """n masks [n, H, W] in [0, 1] (seed 000 sec. 3.1), drawn from `generator` in a fixed order:
+    """n masks [n, H, W] in [0, 1] ([RELAX] sec. 3.1), drawn from `generator` in a fixed order:
     first the n grids, then the n row offsets, then the n column offsets.
 
     Bilinear upsampling is separable and linear, so the cropped upsampled mask is

@@ -1,4 +1,4 @@
-"""RELAX and U-RELAX (seed 000, sec. 3): the method object, pure torch, no I/O.
+"""RELAX and U-RELAX ([RELAX], sec. 3): the method object, pure torch, no I/O.
 
     relax = Relax(embed, RelaxConfig(num_masks=3000))
     out = relax.attribute(x)            # x [C,H,W], normalised as the model expects
@@ -18,7 +18,7 @@ batch at which every pixel's standard error of R is below `target_error` (never 
 `min_masks`; at most `num_masks`). Theorem 1's bound is distribution-free and much larger (26,492
 masks for t = delta = 0.01); the standard error uses the observed variance instead.
 
-Estimator of R (`estimator`, beyond seed 000): "plain" is Algorithm 1's weighted mean of s;
+Estimator of R (`estimator`, beyond [RELAX]): "plain" is Algorithm 1's weighted mean of s;
 "control_variate" (control_variate.py) estimates the same R (eq. 12) from similarities adjusted by
 a regression on pooled mask features fitted on earlier batches, with a smaller standard error for
 the same N; "auto" (default) is plain for a fixed N (the paper's estimator) and the control
@@ -53,7 +53,7 @@ ESTIMATORS = ("auto", "plain", "control_variate")
 
 @dataclass(frozen=True)
 class RelaxConfig:
-    """RELAX parameters; defaults from METHODS.md / seed 000 (N = 3000, 7x7 cells, p = 0.5, zero
+    """RELAX parameters; defaults from METHODS.md / [RELAX] (N = 3000, 7x7 cells, p = 0.5, zero
     masking, U-RELAX threshold = median with gamma = 1)."""
 
     num_masks: int = 3000  # fixed N; with adaptive, the maximum
@@ -73,7 +73,7 @@ class RelaxConfig:
     w_init: float = 1e-8  # Algorithm 1's initial W ("small positive number")
     blur_sigma: float = 0.0  # texture masking blur in pixels; 0 = max(1, min(H, W) / 32)
     brightness_delta: float = 30.0  # brightness masking: CIE-LAB lightness decrease (of 100)
-    # estimator of R: "plain" (Algorithm 1), "control_variate" (control_variate.py, beyond seed 000)
+    # estimator of R: "plain" (Algorithm 1), "control_variate" (control_variate.py, beyond [RELAX])
     # or "auto" = plain for a fixed N, control variate with `adaptive`
     estimator: str = "auto"
     cv_grid: int = 8  # control variate: masks average-pooled to cv_grid x cv_grid (capped by the image size)
@@ -192,7 +192,7 @@ def cosine(h: torch.Tensor, hb: torch.Tensor) -> torch.Tensor:
 
 
 class Relax:
-    """RELAX with uncertainty (seed 000). `mean`/`std` (the model's normalisation) are needed only
+    """RELAX with uncertainty ([RELAX]). `mean`/`std` (the model's normalisation) are needed only
     by the perceptual maskings, which work in pixel space."""
 
     def __init__(

@@ -1,4 +1,4 @@
-"""U-RELAX: uncertainty-filtered importance (seed 000, eq. 10-11) and the mask-count bound (Theorem 1).
+"""U-RELAX: uncertainty-filtered importance ([RELAX], eq. 10-11) and the mask-count bound (Theorem 1).
 
 eq. 10:  R'_ij = R_ij if U_ij < eps, else 0
 eq. 11:  eps = gamma / (H W) * sum_ij U_ij     ("mean" rule), or eps = gamma * median(U) ("median")

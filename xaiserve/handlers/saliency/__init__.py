@@ -1,11 +1,11 @@
-"""Gradient baselines for encoders and classifiers (seed 000 sec. 4.2, eq. 14-16; captum).
+"""Gradient baselines for encoders and classifiers ([RELAX] sec. 4.2, eq. 14-16; captum).
 
     attribute(method, module, x, *, kind, target=None) -> np.ndarray [B,H,W] float32 in [0,1]
 
-method: "saliency", "guided_backprop", "smoothgrad" (seed 000 eq. 14-16; representation versions for
+method: "saliency", "guided_backprop", "smoothgrad" ([RELAX] eq. 14-16; representation versions for
 encoders, target-class versions for classifiers), "integrated_gradients", "gradient_shap" (label-free
 wrappers for encoders), "gradcam" (last conv block), and "label_free_saliency" (encoders: the
-label-free Saliency baseline of seed 001 sec. 4.2, which weights dimensions by f(x) where eq. 14
+label-free Saliency baseline of [NEM-U] sec. 4.2, which weights dimensions by f(x) where eq. 14
 weights them equally).
 
 The method objects underneath (`METHOD_CLASSES`, captum style: construct with the module, call
@@ -79,7 +79,7 @@ def attribute(
     kind: "encoder" (explain the representation; no target) or "classifier" (explain the logit of
     `target`, default the predicted class). Returns float32 [B,H,W] in [0,1]: the raw attribution
     reduced over channels by the mean of its absolute value (signs of R, G, B gradients do not cancel;
-    seed 000 does not say how it reduces channels), then min-max normalised per image (a map with no
+    [RELAX] does not say how it reduces channels), then min-max normalised per image (a map with no
     gradient at all is all zeros).
     """
     if kind not in KINDS:

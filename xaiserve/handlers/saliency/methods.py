@@ -4,18 +4,18 @@ Raw attributions are [B,C,H,W] input-space tensors (GradCAM: [B,1,H,W] upsampled
 [B,H,W] map in [0,1] happens in `handlers.saliency.attribute` (reduce.py).
 
 Encoders (representations):
-- Saliency          seed 000 eq. 14: (1/D) sum_d grad f_d(x), one backward pass of the mean.
-- GuidedBackprop    seed 000 eq. 15: eq. 14 with negative gradients zeroed at every ReLU.
-- SmoothGrad        seed 000 eq. 16: eq. 14 averaged over M noisy copies x + N(0, sigma^2).
+- Saliency          [RELAX] eq. 14: (1/D) sum_d grad f_d(x), one backward pass of the mean.
+- GuidedBackprop    [RELAX] eq. 15: eq. 14 with negative gradients zeroed at every ReLU.
+- SmoothGrad        [RELAX] eq. 16: eq. 14 averaged over M noisy copies x + N(0, sigma^2).
 - IntegratedGradients, GradientShap, LabelFreeSaliency: captum methods on the label-free objective
-  g(x) = <f(x), f(x0)>, x0 = x (Crabbe & van der Schaar 2022; seed 001 sec. 4.2 baselines).
-- GradCam           captum LayerGradCam on the last conv block, label-free objective (seed 003's
+  g(x) = <f(x), f(x0)>, x0 = x (Crabbe & van der Schaar 2022; [NEM-U] sec. 4.2 baselines).
+- GradCam           captum LayerGradCam on the last conv block, label-free objective ([SSL-XAI]'s
   "Grad-CAM for similarity").
 Classifiers: the same methods on the target-class logit (the classic supervised versions).
 
 Baselines: "absent" in normalised input space is 0, the dataset mean, the same convention as the
 masking (x * m) used by RELAX and NEM. SmoothGrad noise is sigma = 0.15 x (max - min) of each image
-(Smilkov et al. 2017's recommended 10-20%); seed 000 does not state M or sigma.
+(Smilkov et al. 2017's recommended 10-20%); [RELAX] does not state M or sigma.
 """
 from __future__ import annotations
 
@@ -33,13 +33,15 @@ from torch.overrides import TorchFunctionMode
 
 from xaiserve.handlers.saliency.objectives import LabelFree, RepresentationMean, TargetLogit, model_output
 from xaiserve.errors import FailedPrecondition, InvalidArgument
+from xaiserve.methods import FROZEN_KINDS
+from xaiserve.methods import METHODS as METHODS_TABLE
 
-KINDS = ("encoder", "classifier")
+KINDS = FROZEN_KINDS  # the kinds gradient baselines explain (xaiserve.methods)
 
 
 @dataclass(frozen=True)
 class SaliencyConfig:
-    """Defaults for the stochastic / path methods (not fixed by seed 000; Smilkov et al. 2017 for SmoothGrad)."""
+    """Defaults for the stochastic / path methods (not fixed by [RELAX]; Smilkov et al. 2017 for SmoothGrad)."""
 
     smoothgrad_samples: int = 16  # M in eq. 16
     smoothgrad_noise: float = 0.15  # sigma as a fraction of each image's value range
@@ -77,7 +79,6 @@ class _Method(ABC):
     """Base: holds the frozen module, the kind and the config; subclasses implement `attribute`."""
 
     name = ""
-    kinds: tuple[str, ...] = KINDS
 
     def __init__(self, module: nn.Module, kind: str, config: SaliencyConfig = SaliencyConfig()):
         self.module = module
@@ -107,7 +108,7 @@ def _grad(fn: Callable[..., torch.Tensor], x: torch.Tensor, extra: tuple) -> tor
 
 
 class Saliency(_Method):
-    """Encoders: seed 000 eq. 14, S = (1/D) sum_d grad f_d(X); classifiers: grad of the target logit."""
+    """Encoders: [RELAX] eq. 14, S = (1/D) sum_d grad f_d(X); classifiers: grad of the target logit."""
 
     name = "saliency"
 
@@ -127,7 +128,6 @@ class LabelFreeSaliency(_Method):
     """Encoders only: captum Saliency of g(x) = <f(x), f(x0)> at x0 = x (Crabbe & van der Schaar 2022)."""
 
     name = "label_free_saliency"
-    kinds = ("encoder",)
 
     def attribute(self, x, target=None):
         from captum.attr import Saliency as CaptumSaliency
@@ -151,7 +151,20 @@ class _GuidedReLU(torch.autograd.Function):
         return g.clamp(min=0) * (y > 0).to(g.dtype)
 
 
-_RELUS = {F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
+# the aten overloads are what torch.export graphs (handlers.nets.forms.GraphForm) call
+_RELUS = {F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_,
+          torch.ops.aten.relu.default, torch.ops.aten.relu_.default}
+
+
+def _refuse_opaque(module: nn.Module, method: str) -> None:
+    """Compiled TorchScript hides its layers and ReLUs: hooks and torch-function modes cannot reach them."""
+    if getattr(module, "opaque", False) or isinstance(module, torch.jit.ScriptModule):
+        why = getattr(module, "reason", "")
+        raise FailedPrecondition(
+            f"{method} needs the model's layers, and its TorchScript could not be converted to a graph"
+            + (f" ({why})" if why else "") + "; add the model as a torch.export ExportedProgram (.pt2) "
+            "(`xaiserve models add NAME model.onnx --torch model.pt2`)"
+        )
 
 
 class _GuidedMode(TorchFunctionMode):
@@ -168,19 +181,20 @@ class _GuidedMode(TorchFunctionMode):
 
 
 class GuidedBackprop(Saliency):
-    """Seed 000 eq. 15: S_GB = (1/D) sum_d grad_GB f_d(X), eq. 14 with negative gradients zeroed at
+    """[RELAX] eq. 15: S_GB = (1/D) sum_d grad_GB f_d(X), eq. 14 with negative gradients zeroed at
     every ReLU in the backward pass (classifiers: the guided gradient of the target logit)."""
 
     name = "guided_backprop"
 
     def attribute(self, x, target=None):
+        _refuse_opaque(self.module, self.name)
         obj, extra = self.objective(x, target)
         with _GuidedMode():
             return _grad(obj, x, extra)
 
 
 class SmoothGrad(Saliency):
-    """Seed 000 eq. 16: S_SG = (1/M) sum_m (1/D) sum_d grad f_d(X_m), X_m = X + N(0, sigma^2),
+    """[RELAX] eq. 16: S_SG = (1/M) sum_m (1/D) sum_d grad f_d(X_m), X_m = X + N(0, sigma^2),
     sigma = smoothgrad_noise x (max X - min X) per image. The M copies of a batch run in chunks of
     `internal_batch` images (one forward/backward per chunk)."""
 
@@ -226,7 +240,7 @@ class IntegratedGradients(_Method):
 
 class GradientShap(_Method):
     """captum GradientShap; baselines: 0 (dataset mean) and N(0,1) images in normalised space
-    (a draw from each channel's data distribution, as RELAX's noise masking, seed 000 App. A)."""
+    (a draw from each channel's data distribution, as RELAX's noise masking, [RELAX] App. A)."""
 
     name = "gradient_shap"
 
@@ -275,28 +289,22 @@ _LAYER_CACHE: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKe
 
 
 def gradcam_layer(module: nn.Module, x: torch.Tensor) -> nn.Module:
+    """`module.gradcam_layer` when the model names one (graph forms name a tap after their last
+    convolution), else the last conv block: the last module to finish whose output is a 4-D map
+    larger than 1x1 and that is or contains an nn.Conv2d (not a global pool's [B,C,1,1])."""
+    _refuse_opaque(module, "gradcam")
     named = getattr(module, "gradcam_layer", None)
     if isinstance(named, nn.Module):
         return named
     if module in _LAYER_CACHE:
         return _LAYER_CACHE[module]
-    last: list[nn.Module] = []
+    from xaiserve.handlers.nets.forms import last_conv_module
 
-    def hook(mod, _inp, out):
-        if isinstance(out, torch.Tensor) and out.ndim == 4:
-            last.append(mod)
-
-    handles = [m.register_forward_hook(hook) for m in module.modules() if m is not module]
-    try:
-        with torch.no_grad():
-            module(x[:1])
-    finally:
-        for h in handles:
-            h.remove()
-    if not last:
-        raise FailedPrecondition("gradcam needs a convolutional feature map; the model produced no 4-D activation")
-    _LAYER_CACHE[module] = last[-1]
-    return last[-1]
+    layer = last_conv_module(module, x)
+    if layer is None:
+        raise FailedPrecondition("gradcam needs a convolutional feature map; the model has no Conv2d with a 4-D output")
+    _LAYER_CACHE[module] = layer
+    return layer
 
 
 METHOD_CLASSES: dict[str, type[_Method]] = {
@@ -307,4 +315,5 @@ METHODS = tuple(METHOD_CLASSES)
 
 
 def methods_for(kind: str) -> tuple[str, ...]:
-    return tuple(n for n, c in METHOD_CLASSES.items() if kind in c.kinds)
+    """The gradient methods for a model kind, as the methods table (xaiserve.methods) declares them."""
+    return tuple(n for n in METHOD_CLASSES if n in METHODS_TABLE and kind in METHODS_TABLE[n].kinds)

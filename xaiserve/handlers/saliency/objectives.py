@@ -1,10 +1,10 @@
 """Scalar objectives whose input gradients the gradient baselines explain (pure torch).
 
-- Representation mean (seed 000 eq. 14): s(x) = (1/D) sum_d f_d(x). Its gradient is the mean over
+- Representation mean ([RELAX] eq. 14): s(x) = (1/D) sum_d f_d(x). Its gradient is the mean over
   embedding dimensions of d f_d / dx, obtained with ONE backward pass instead of D (the gradient of
   a sum is the sum of the gradients).
 - Label-free (Crabbe & van der Schaar 2022, "Label-free explainability for unsupervised models",
-  used by seed 001 sec. 4.2): g(x) = <f(x), f(x0)> with f(x0) held fixed and evaluated at x0 = x, so
+  used by [NEM-U] sec. 4.2): g(x) = <f(x), f(x0)> with f(x0) held fixed and evaluated at x0 = x, so
   the attribution of x explains the direction of its own representation.
 - Target class (classifiers): the logit of class c.
 
@@ -31,7 +31,7 @@ def model_output(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class RepresentationMean(nn.Module):
-    """s(x) = (1/D) sum_d f_d(x) (seed 000 eq. 14-16: the gradient of s is the mean gradient)."""
+    """s(x) = (1/D) sum_d f_d(x) ([RELAX] eq. 14-16: the gradient of s is the mean gradient)."""
 
     def __init__(self, module: nn.Module):
         super().__init__()

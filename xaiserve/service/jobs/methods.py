@@ -4,12 +4,12 @@ from __future__ import annotations
 import importlib
 from typing import Iterable
 
+from xaiserve.methods import JOB_METHODS, METHODS
 from xaiserve.service.jobs.contract import JobMethod
 
-# name -> (module, class); see the team names: "relax" and "ablation_path".
+# name -> (module, class), from the methods table (xaiserve.methods): "relax", "ablation_path".
 KNOWN_METHODS: dict[str, tuple[str, str]] = {
-    "relax": ("xaiserve.handlers.relax.job", "RelaxJobMethod"),
-    "ablation_path": ("xaiserve.handlers.ablation.job", "AblationJobMethod"),
+    name: tuple(METHODS[name].impl.split(":", 1)) for name in JOB_METHODS  # type: ignore[misc]
 }
 
 

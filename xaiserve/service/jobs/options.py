@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 
 @dataclass(frozen=True)
 class JobOptions:
-    """Job-queue settings; defaults are the production defaults of issue 4 / issue 7.
+    """Job-queue settings; the defaults are meant for production as they are.
 
     max_queued:              QUEUED jobs allowed at once; SubmitJob answers RESOURCE_EXHAUSTED beyond.
     embedded_workers:        worker threads inside the serving process (0 = a gateway that only queues).

@@ -1,6 +1,6 @@
 """Distributed job store on Redis, for gateway replicas and a fleet of `xaiserve worker` processes.
 
-Why this pattern (issue 7 asks us to say why):
+Why this pattern:
 
 * Ready queue = one sorted set per method, all scores 0, members "<inverted priority:10><fifo:16>:<id>".
   Equal scores sort lexicographically, so ZRANGE 0 0 is the highest priority, then the oldest job.

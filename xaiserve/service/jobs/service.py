@@ -17,6 +17,7 @@ import time
 import uuid
 from typing import AsyncIterator, Awaitable, Callable, Mapping, TypeVar
 
+from xaiserve.methods import METHODS
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.service.errors import InvalidArgument, NotFound, Unavailable
 from xaiserve.service.jobs import metrics
@@ -87,12 +88,20 @@ class JobService:
             raise InvalidArgument(f"deadline_seconds must be >= 0 (0 = none), got {d}")
         if len(request.idempotency_key) > MAX_IDEMPOTENCY_KEY:
             raise InvalidArgument(f"idempotency_key is longer than {MAX_IDEMPOTENCY_KEY} characters")
-        # The method checks model, parameters and image now: a job never fails later for these.
-        await asyncio.to_thread(method.validate, request, self.registry)
+        # The methods table decides whether the method applies to the model (what ListModels
+        # advertises); then the method checks parameters and image: a job never fails later for these.
+        await asyncio.to_thread(self._validate, method, request)
         job, created = await self._call(self.backend.submit, request, job_id=uuid.uuid4().hex, now=time.time())
         if created:
             metrics.JOBS.labels(request.method, "queued").inc()
         return job
+
+    def _validate(self, method: JobMethod, request: pb.JobRequest) -> None:
+        # methods registered in the table (relax, ablation_path) are checked against it; a custom
+        # JobMethod given as module:Class (not in the table) validates its requests alone
+        if request.method in METHODS and self.registry is not None and hasattr(self.registry, "check_method"):
+            self.registry.check_method(self.registry.resolve(request.model), request.method, self.methods)
+        method.validate(request, self.registry)
 
     async def get(self, ref: pb.JobRef | str, *, include_result: bool | None = None) -> pb.Job:
         job_id = self._job_id(ref)

@@ -3,7 +3,7 @@
 Why SQLite: the embedded mode must survive a crash of the serving process without an extra service.
 WAL lets readers (GetJob, WatchJob) proceed while a worker writes; every transition is one short
 `BEGIN IMMEDIATE` transaction, so a job is never half-claimed. `synchronous=NORMAL` in WAL mode keeps
-every committed transaction across a *process* crash (the case the issue asks for); on a power loss
+every committed transaction across a *process* crash (the crash the embedded mode must survive); on a power loss
 the last few commits may be lost - set `synchronous="FULL"` for that (costs an fsync per event).
 
 Several processes may share the file (e.g. `xaiserve worker --queue sqlite:///...` on one host):

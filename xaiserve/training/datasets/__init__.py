@@ -6,7 +6,7 @@ from pathlib import Path
 from xaiserve.errors import InvalidArgument
 from xaiserve.training.datasets.base import SPLITS, Split, SyntheticDataset
 
-DATASETS = ("scenes", "lesions")
+DATASETS = ("scenes", "lesions", "ct-phantoms")
 
 
 def get_dataset(name: str, *, seed: int = 0, size: int = 64, root: Path | str | None = None,
@@ -20,6 +20,10 @@ def get_dataset(name: str, *, seed: int = 0, size: int = 64, root: Path | str | 
         from xaiserve.training.datasets.lesions import lesions
 
         return lesions(seed=seed, size=size, sizes=sizes)
+    if name == "ct-phantoms":
+        from xaiserve.training.datasets.phantoms import phantoms
+
+        return phantoms(seed=seed, size=size, sizes=sizes)
     raise InvalidArgument(f"unknown dataset {name!r}; use one of {DATASETS}")
 
 

@@ -1,4 +1,4 @@
-"""Simulated single-particle Cryo-EM projections (seed 004, sec. 6.1-6.3 and 7.1).
+"""Simulated single-particle Cryo-EM projections ([THESIS], sec. 6.1-6.3 and 7.1).
 
 SYNTHETIC data, no real micrographs. Like the thesis ("a simple static density projection",
 sec. 6.1) a particle is the projection of a 3-D density made of Gaussian "atoms":

@@ -4,7 +4,7 @@ validate() checks everything knowable before the job is queued (INVALID_ARGUMENT
 the model is a classifier, the image and an optional baseline image decode, the target label is
 in range, and every AblationParams field is in range (AblationConfig.check). run() loads the
 frozen classifier as a torch module (Registry.torch_module -> handlers.nets.load_module),
-optimises the path (Algorithm 2, seed 004), reports progress every iteration, stops within one
+optimises the path (Algorithm 2, [THESIS]), reports progress every iteration, stops within one
 iteration of a cancellation and returns pb.JobResult(ablation=pb.AblationResult(...)).
 """
 from __future__ import annotations
@@ -15,8 +15,9 @@ import time
 import numpy as np
 import torch
 
+from xaiserve.methods import MASK_KINDS
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
-from xaiserve.handlers.ablation import render
+from xaiserve.service.render import ablation as render
 from xaiserve.handlers.ablation.optimiser import AblationConfig, AblationOutput, AblationPath, AblationProgress
 from xaiserve.handlers.ablation.path import affine_path, saturation, upsample, with_boundaries
 from xaiserve.handlers.ablation.scores import interpolate
@@ -58,7 +59,11 @@ def _usable(e: ModelEntry) -> bool:
 
 
 def _classifier(request: pb.JobRequest, registry: Registry) -> ModelEntry:
+    """The classifier to explain: the requested model, or the classifier a NEMt network explains
+    (the methods table's rule for methods that are not the masking network itself)."""
     entry = registry.resolve(request.model)
+    if entry.kind in MASK_KINDS:
+        entry = registry.frozen_for(entry)
     if not _usable(entry):
         names = sorted({e.id for e in registry.entries() if _usable(e)})
         why = (f"is a {entry.kind}; ablation paths explain a classifier's decision" if entry.kind != "classifier" else
@@ -126,7 +131,7 @@ def _inputs(request: pb.JobRequest, entry: ModelEntry) -> tuple[np.ndarray, np.n
 
 
 class AblationJobMethod:
-    """JobMethod "ablation_path": optimised ablation paths (seed 004, Part II ch. 2) as a queued job."""
+    """JobMethod "ablation_path": optimised ablation paths ([THESIS], Part II ch. 2) as a queued job."""
 
     name = "ablation_path"
 

@@ -18,7 +18,7 @@ import torch
 
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.handlers.relax.relax import Embed, Relax, RelaxConfig, RelaxProgress
-from xaiserve.handlers.relax.render import normalise, render_png
+from xaiserve.service.render.relax import normalise, render_png
 from xaiserve.errors import FailedPrecondition, InvalidArgument
 from xaiserve.service.images import decode_image, to_model_input
 from xaiserve.service.jobs.contract import JobContext

@@ -10,7 +10,6 @@ ONNX I/O (dynamic batch axis everywhere):
 from __future__ import annotations
 
 import datetime as _dt
-import subprocess
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from xaiserve.paths import code_version
 from xaiserve.service.modelstore import add_entry
 
 OPSET = 17
@@ -98,7 +98,7 @@ def onnx_parity(module: nn.Module, kind: str, path: Path, inputs: tuple[torch.Te
 def latency_ratio(model_path: Path, frozen_path: Path, feeds: dict[str, np.ndarray], *, rounds: int = 15,
                   reps: int = 10) -> dict[str, float]:
     """Median ORT latency per image at batch 1 of a mask model and of its frozen model (interleaved
-    rounds, one intra-op thread), and their ratio (the issue's limit: at most 2x)."""
+    rounds, one intra-op thread), and their ratio (the latency goal: at most 2x)."""
     import time
 
     sm, sf = ort_session(model_path), ort_session(frozen_path)
@@ -116,19 +116,6 @@ def latency_ratio(model_path: Path, frozen_path: Path, feeds: dict[str, np.ndarr
             acc.append((time.perf_counter() - t0) / reps)
     m, f = float(np.median(tm)), float(np.median(tf))
     return {"ms_per_image": round(m * 1e3, 3), "frozen_ms_per_image": round(f * 1e3, 3), "ratio": round(m / f, 3)}
-
-
-def code_version() -> str:
-    """`git rev-parse HEAD` of the checkout (plus "+dirty" when there are local changes), or "unknown"."""
-    root = Path(__file__).resolve().parents[3]
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        if rev.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10)
-        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""PNG renderings of an ablation path for people (seed 004, sec. 2.9: the path is the main result).
+"""PNG renderings of an ablation path for people ([THESIS], sec. 2.9: the path is the main result).
 
 strip_png: one column per t (0, the T interior slices, 1): the intervened image on top, the
 ablation mask phi(t) below it (white = still the target, black = replaced by the baseline), and

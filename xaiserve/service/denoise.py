@@ -22,12 +22,12 @@ import numpy as np
 
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.handlers.denoise.mrc import MrcTooLarge, mrc_bytes, parse_mrc_bytes
+from xaiserve.handlers.denoise.resample import DEFAULT_POLICY, fourier_resample
 from xaiserve.errors import InvalidArgument, ResourceExhausted
 from xaiserve.service.registry import ModelEntry
 from xaiserve.service.tensors import DTYPES, from_tensor
 
 FLOAT_DTYPES = ("float32", "float64", "float16")
-DEFAULT_POLICY = {"size_policy": "resample", "min_side": 16, "max_side_factor": 8}
 
 
 def input_policy(entry: ModelEntry) -> dict:
@@ -35,29 +35,6 @@ def input_policy(entry: ModelEntry) -> dict:
     pol = dict(DEFAULT_POLICY)
     pol.update(entry.raw.get("particles", {}) or {})
     return pol
-
-
-def fourier_resample(stack: np.ndarray, side: int) -> np.ndarray:
-    """Square [N,s,s] -> [N,side,side] by cropping / zero-padding the centred 2-D spectrum.
-
-    Scaled by (side/s)^2 so pixel values (and the mean) keep their units. The box centres are
-    kept aligned (pixel centres at (2j + 1 - N) / N as in handlers.denoise.geometry): plain DFT
-    cropping keeps pixel 0 fixed instead, a shift of half a source pixel when halving the size,
-    so the spectrum first gets the phase ramp of that sub-pixel shift.
-    """
-    n, s, _ = stack.shape
-    if s == side:
-        return stack.astype(np.float32, copy=False)
-    spec = np.fft.fft2(stack.astype(np.float64))
-    delta = 0.5 * (s / side - 1.0)  # target pixel m samples source position (m + 1/2) s/side - 1/2
-    ramp = np.exp(2j * np.pi * np.fft.fftfreq(s) * delta)
-    spec = np.fft.fftshift(spec * ramp[None, :, None] * ramp[None, None, :], axes=(-2, -1))
-    out = np.zeros((n, side, side), np.complex128)
-    m = min(s, side)
-    src0, dst0 = s // 2 - m // 2, side // 2 - m // 2  # keep DC (index size // 2 after fftshift) aligned
-    out[:, dst0 : dst0 + m, dst0 : dst0 + m] = spec[:, src0 : src0 + m, src0 : src0 + m]
-    res = np.fft.ifft2(np.fft.ifftshift(out, axes=(-2, -1))).real * (side * side) / (s * s)
-    return res.astype(np.float32)
 
 
 def _check_batch(n: int, max_batch: int) -> None:

@@ -1,0 +1,86 @@
+"""Two user architectures that are not handlers.nets's, built in the tests, and their files.
+
+- VGGish: plain conv-ReLU pairs with max-pooling (VGG layout), global pool, MLP head (classifier).
+- MobileNetish: 7x7 stride-2 stem, max-pool, depthwise-separable blocks with batch norm, projection
+  head (encoder).
+
+Widths are small so a forward pass at 224 x 224 takes milliseconds on a CPU core. The batch norm
+statistics are randomised so eval-mode normalisation is not the identity (a training-mode export
+would then differ visibly).
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class VGGish(nn.Module):
+    def __init__(self, classes: int = 3, widths: tuple[int, ...] = (4, 8, 8)):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = 3
+        for w in widths:
+            layers += [nn.Conv2d(c, w, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(w, w, 3, padding=1),
+                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            c = w
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c, 16), nn.ReLU(), nn.Linear(16, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pool(self.features(x)))
+
+
+class Separable(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.dw = nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False)
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.pw = nn.Conv2d(cin, cout, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn2(self.pw(self.act(self.bn1(self.dw(x))))))
+
+
+class MobileNetish(nn.Module):
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 7, 2, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+        self.blocks = nn.Sequential(Separable(8, 12, 1), Separable(12, 16, 2), Separable(16, 24, 2), Separable(24, 32, 2))
+        self.head = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
+
+
+def make(arch: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    m = VGGish() if arch == "vgg" else MobileNetish()
+    g = torch.Generator().manual_seed(seed + 1)
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.copy_(torch.randn(mod.num_features, generator=g) * 0.1)
+            mod.running_var.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
+    return m.eval()
+
+
+def save_forms(module: nn.Module, out: Path, size: tuple[int, int] = (224, 224), *, in_name: str = "input",
+               out_name: str = "logits", static_batch: bool = False) -> dict[str, Path]:
+    """model.onnx (IO names in_name/out_name, dynamic batch), model.ts (traced), model.pt2 (exported)."""
+    out.mkdir(parents=True, exist_ok=True)
+    x = torch.randn(2, 3, *size)
+    paths = {"onnx": out / "model.onnx", "torchscript": out / "model.ts", "exported_program": out / "model.pt2"}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (x,), str(paths["onnx"]), input_names=[in_name], output_names=[out_name],
+                          dynamic_axes=None if static_batch else {in_name: {0: "b"}, out_name: {0: "b"}},
+                          opset_version=17, dynamo=False)
+        torch.jit.save(torch.jit.trace(module, x), str(paths["torchscript"]))
+        dyn = None if static_batch else ({0: torch.export.Dim("batch")},)
+        torch.export.save(torch.export.export(module, (x,), dynamic_shapes=dyn), str(paths["exported_program"]))
+    return paths

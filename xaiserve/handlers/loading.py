@@ -1,0 +1,39 @@
+"""Rebuild the torch module of a manifest entry, whatever its kind (`load_module`).
+
+One dispatch on the model kind, above the families it dispatches to (nets, nem, denoise), so that no
+family imports another through it: the frozen encoder/classifier for kinds encoder/classifier (from
+`entry.arch` and `files["state_dict"]`), the whole masking network (frozen model + trained decoder)
+for kinds nem_u/nemt, the denoiser for kind denoiser. Every failure is a FailedPrecondition that
+names the file and what to do.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from xaiserve.errors import FailedPrecondition
+from xaiserve.handlers.denoise.export import load_denoiser
+from xaiserve.handlers.nem.build import build_from_arch
+from xaiserve.handlers.nets import frozen_spec_from_arch, load_into, load_state_dict_file
+
+
+def load_module(entry, store: Path) -> nn.Module:
+    """Rebuild the torch module of a manifest entry (eval mode). See the module docstring."""
+    store = Path(store)
+    if entry.kind == "denoiser":
+        return load_denoiser(entry, store)
+    rel = entry.files.get("state_dict")
+    if not rel:
+        raise FailedPrecondition(f"model {entry.id} has no 'state_dict' file in its manifest entry; it can only be served via ONNX")
+    state = load_state_dict_file(store / rel, what=f"model {entry.id} weights")
+    if entry.kind in ("encoder", "classifier"):
+        spec = frozen_spec_from_arch(entry.arch, what=f"model {entry.id}")
+        if (entry.kind == "classifier") != bool(spec.num_classes):
+            raise FailedPrecondition(f"model {entry.id}: kind {entry.kind} but arch num_classes={spec.num_classes}")
+        module = spec.build()
+    elif entry.kind in ("nem_u", "nemt"):
+        module = build_from_arch(entry.kind, entry.arch, what=f"model {entry.id}")
+    else:
+        raise FailedPrecondition(f"model {entry.id} of kind {entry.kind!r} has no torch module in handlers.nets")
+    return load_into(module, state, f"model {entry.id}").eval()
