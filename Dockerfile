@@ -42,10 +42,11 @@ RUN case "${FLAVOR}" in \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY xaiserve ./xaiserve
-# torch is already in the venv (the pinned CPU or CUDA build), so pip keeps it. In the CUDA image
-# onnxruntime-gpu provides the `onnxruntime` module; the CPU wheel that the project's dependency
-# list pulls in would shadow it, so it is removed again.
-RUN pip install --no-cache-dir . \
+# torch is already in the venv (the pinned CPU or CUDA build), so pip keeps it. The serving core
+# plus the [spiral] extra (numba: the spiral denoiser's compiled runtime); no training extras. In
+# the CUDA image onnxruntime-gpu provides the `onnxruntime` module; the CPU wheel that the
+# project's dependency list pulls in would shadow it, so it is removed again.
+RUN pip install --no-cache-dir "./[spiral]" \
  && if [ "${FLAVOR}" = "cuda" ]; then \
         pip uninstall -y onnxruntime \
         && pip install --no-cache-dir --force-reinstall --no-deps "onnxruntime-gpu==${ONNXRUNTIME_VERSION}"; \

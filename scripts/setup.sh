@@ -16,7 +16,9 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 PY=${PYTHON:-python3}
-# torch first, pinned, so that nothing below pulls a multi-GB CUDA build
+# torch first, pinned, so that nothing below pulls a multi-GB CUDA build (the package metadata
+# only asks for a compatible range, which this wheel satisfies)
 $PY -m pip install -q --disable-pip-version-check torch==2.13.0
-$PY -m pip install -q --disable-pip-version-check -e ".[test]"
+# every extra: training (train), the spiral runtime's numba (spiral), tests and linters (test, dev)
+$PY -m pip install -q --disable-pip-version-check -e ".[train,spiral,test,dev]"
 echo "setup: done ($($PY -c 'import torch, onnxruntime; print("torch", torch.__version__, "onnxruntime", onnxruntime.__version__)'))"

@@ -113,6 +113,7 @@ def running_server(store: Path | str | None = None, **overrides) -> Iterator[Ser
 
 @contextlib.contextmanager
 def server_process(store: Path | str | None = None, *args: str, env: dict | None = None, ready_port: int | None = None,
+                   cwd: Path | str | None = None,
                    **overrides) -> Iterator[ServerHandle]:
     """`xaiserve serve` as a real subprocess (for SIGTERM/drain tests); waits until health is SERVING
     (on `ready_port`, a plain health port, when the main port speaks TLS)."""
@@ -129,7 +130,7 @@ def server_process(store: Path | str | None = None, *args: str, env: dict | None
     import tempfile
 
     log_file = tempfile.NamedTemporaryFile(prefix="xaiserve-log-", suffix=".jsonl", delete=False)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=log_file, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=cwd or ROOT, env=e, stdout=log_file, stderr=subprocess.STDOUT, text=True)
     h = ServerHandle(f"127.0.0.1:{port}", f"http://127.0.0.1:{mport}/metrics", ServerConfig(), process=proc)
     h.log_path = Path(log_file.name)
     try:

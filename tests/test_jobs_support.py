@@ -107,13 +107,18 @@ def support_methods() -> dict:
 
 
 class RedisServer:
-    """A real redis-server (Debian package) on a free localhost port, data in `directory`."""
+    """A real redis-server (Debian package) on a free localhost port, data in `directory`.
 
-    def __init__(self, directory: Path, *, appendonly: bool = False, port: int | None = None):
+    It persists as gateways and workers require (an append-only file, fsync once a second);
+    `appendonly=True` fsyncs every write (restart tests), `volatile=True` persists nothing (the
+    durability check's refusal)."""
+
+    def __init__(self, directory: Path, *, appendonly: bool = False, volatile: bool = False, port: int | None = None):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.volatile = volatile
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -126,6 +131,8 @@ class RedisServer:
                 "--protected-mode", "no", "--maxmemory-policy", "noeviction", "--loglevel", "warning"]
         if self.appendonly:
             args += ["--appendonly", "yes", "--appendfsync", "always"]
+        elif not self.volatile:
+            args += ["--appendonly", "yes", "--appendfsync", "everysec"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         import redis
 
@@ -158,13 +165,15 @@ def redis_server(directory: Path, **kw) -> Iterator[RedisServer]:
 class WorkerProcess:
     """`python -m xaiserve.service.worker` with the test methods, as the fleet runs it."""
 
-    def __init__(self, queue: str, *, markers_dir: Path, claim_idle_s: float = 1.0, heartbeat_s: float = 0.2,
-                 extra: list[str] | None = None, log_path: Path | None = None):
+    def __init__(self, queue: str, *, markers_dir: Path, claim_idle_s: float | None = 1.0,
+                 heartbeat_s: float | None = 0.2, extra: list[str] | None = None, log_path: Path | None = None):
+        """claim_idle_s / heartbeat_s None: the worker's defaults."""
         env = dict(os.environ, PYTHONPATH=str(ROOT), XAI_TEST_MARKERS=str(markers_dir), OMP_NUM_THREADS="1")
+        timing = [*(["--claim-idle-s", str(claim_idle_s)] if claim_idle_s is not None else []),
+                  *(["--heartbeat-s", str(heartbeat_s)] if heartbeat_s is not None else [])]
         args = [sys.executable, "-m", "xaiserve.service.worker", "--queue", queue,
                 "--methods", "tests.test_jobs_support:CountingMethod,tests.test_jobs_support:FailingMethod",
-                "--metrics-port", "0", "--claim-idle-s", str(claim_idle_s), "--heartbeat-s", str(heartbeat_s),
-                "--grace-s", "2", "--no-log-json", *(extra or [])]
+                "--metrics-port", "0", *timing, "--grace-s", "2", "--no-log-json", *(extra or [])]
         self.log_path = log_path
         self._log = open(log_path, "ab") if log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(args, cwd=str(ROOT), env=env, stdout=subprocess.PIPE, stderr=self._log)

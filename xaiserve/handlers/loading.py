@@ -23,6 +23,13 @@ def load_module(entry, store: Path) -> nn.Module:
     store = Path(store)
     if entry.kind == "denoiser":
         return load_denoiser(entry, store)
+    if entry.kind in ("encoder", "classifier") and "state_dict" not in entry.files:
+        from xaiserve.handlers.nets.forms import TORCH_FILE_KEYS, load_torch_form
+
+        key = next((k for k in TORCH_FILE_KEYS if k in entry.files), None)
+        if key is not None:  # a user's own model: TorchScript or torch.export
+            s = entry.input
+            return load_torch_form(store / entry.files[key], key, channels=s.channels, height=s.height, width=s.width)
     rel = entry.files.get("state_dict")
     if not rel:
         raise FailedPrecondition(f"model {entry.id} has no 'state_dict' file in its manifest entry; it can only be served via ONNX")

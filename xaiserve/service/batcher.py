@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -66,6 +65,7 @@ class MicroBatcher:
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=max_queue)
         self._task: asyncio.Task | None = None
         self._carry: _Item | None = None
+        self._busy = False  # a batch was taken from the queue and is not answered yet
         self._depth = metrics.BATCHER_QUEUE.labels(name)
 
     def start(self) -> None:
@@ -80,6 +80,13 @@ class MicroBatcher:
             except asyncio.CancelledError:
                 pass
             self._task = None
+
+    async def drain_and_stop(self, poll_s: float = 0.05) -> None:
+        """Stop once every request already queued has its answer (a model version a reload retired:
+        nothing new arrives, what is queued finishes on this model)."""
+        while self._busy or self._carry is not None or not self._queue.empty():
+            await asyncio.sleep(poll_s)
+        await self.stop()
 
     async def submit(self, feeds: Feeds, *, timeout: float | None = None) -> tuple[dict[str, np.ndarray], BatchTiming]:
         """Queue one request (rows = leading dim of its arrays); await its slice of the batch output."""
@@ -105,6 +112,7 @@ class MicroBatcher:
 
     async def _next_batch(self) -> list[_Item]:
         first = self._carry or await self._queue.get()
+        self._busy = True
         self._carry = None
         batch, rows = [first], first.rows
         end = time.perf_counter() + self.max_delay
@@ -130,6 +138,7 @@ class MicroBatcher:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            self._busy = False
             batch = await self._next_batch()
             start = time.perf_counter()
             live: list[_Item] = []

@@ -31,7 +31,8 @@ def _serve_parser(sub) -> None:
     hints = typing.get_type_hints(ServerConfig)
     for name, default, comment in describe():
         if hints[name] is bool:
-            p.add_argument(flag_name(name), dest=name, default=None, metavar="BOOL",
+            # a bare flag (`--allow-volatile-queue`) means true
+            p.add_argument(flag_name(name), dest=name, default=None, metavar="BOOL", nargs="?", const="true",
                            help=f"{comment} (true/false, yes/no, on/off, 1/0; default {str(default).lower()})")
         else:
             p.add_argument(flag_name(name), dest=name, default=None, help=f"{comment} (default {default!r})")
@@ -53,7 +54,13 @@ def _serve(args) -> int:
     from xaiserve.service.server import serve_forever
 
     setup_logging(cfg.log_level, cfg.log_json)
-    asyncio.run(serve_forever(cfg))
+    from xaiserve.service.jobs.factory import VolatileQueue
+
+    try:
+        asyncio.run(serve_forever(cfg))
+    except VolatileQueue as e:
+        print(f"xaiserve serve: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

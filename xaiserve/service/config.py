@@ -84,10 +84,10 @@ def parse_setting(name: str, value: Any, typ: Any, source: str) -> Any:
     if typ is bool:
         if isinstance(value, bool):
             return value
-        text = str(value).strip().lower() if isinstance(value, (str, int)) else None
-        if text in TRUE_WORDS:
+        word = str(value).strip().lower() if isinstance(value, (str, int)) else None
+        if word in TRUE_WORDS:
             return True
-        if text in FALSE_WORDS:
+        if word in FALSE_WORDS:
             return False
         raise bad("a boolean (true/false, yes/no, on/off, 1/0)")
     if typ is int:
@@ -206,6 +206,10 @@ class ServerConfig:
     max_queue: int = 256  # requests waiting per model; beyond: RESOURCE_EXHAUSTED
     max_denoise_batch: int = 512  # particles per Denoise request
     inference_threads: int = 2  # threads running model calls off the event loop
+    decode_threads: int = 2  # threads decoding images / MRC stacks and building responses off the event loop
+    # Explain/Denoise calls in progress at once; beyond, RESOURCE_EXHAUSTED at once (before any decoding)
+    max_inflight: int = 64
+    max_inflight_per_principal: int = 0  # the same bound per caller (token / client certificate); 0 = off
     # streams
     stream_max_queue: int = 64  # upper bound of ExplainFrame.max_queue (policy ALL)
     stream_default_queue: int = 8
@@ -215,6 +219,9 @@ class ServerConfig:
     job_workers: int = 1  # in-process job workers (embedded queue); 0 = gateway only
     job_max_queued: int = 1000
     job_result_ttl_s: float = 86400.0
+    # start even when the Redis queue does not persist (no appendonly, no RDB save policy): a Redis
+    # restart then loses every queued and running job
+    allow_volatile_queue: bool = False
     relax_batch_size: int = 64  # RELAX masks per forward batch when a job does not say
     # lifecycle
     grace_s: float = 10.0  # SIGTERM: drain in-flight calls for at most this long
@@ -223,6 +230,8 @@ class ServerConfig:
     tls_key: str = ""
     tls_client_ca: str = ""  # set for mutual TLS
     tokens_file: str = ""  # bearer tokens with per-token method allow-lists
+    # principals that see every job ("token:NAME" or "cert:IDENTITY", comma-separated); others see their own
+    job_admins: tuple[str, ...] = ()
     # plain grpc.health.v1 port beside a TLS port, for Kubernetes probes (0 = off)
     health_port: int = 0
     health_host: str = "0.0.0.0"
@@ -271,6 +280,10 @@ def validate(cfg: ServerConfig, sources: Mapping[str, str] | None = None) -> Non
         (1 <= cfg.stream_default_queue <= cfg.stream_max_queue, ("stream_default_queue", "stream_max_queue"),
          "need 1 <= stream_default_queue <= stream_max_queue"),
         (cfg.inference_threads >= 1, ("inference_threads",), "inference_threads must be >= 1"),
+        (cfg.decode_threads >= 1, ("decode_threads",), "decode_threads must be >= 1"),
+        (cfg.max_inflight >= 1, ("max_inflight",), "max_inflight must be >= 1"),
+        (cfg.max_inflight_per_principal >= 0, ("max_inflight_per_principal",),
+         "max_inflight_per_principal must be >= 0 (0 = off)"),
         (1 <= cfg.relax_batch_size <= 4096, ("relax_batch_size",), "relax_batch_size must be in 1..4096"),
     ]
     for ok, names, msg in checks:

@@ -29,7 +29,7 @@ from xaiserve.service.config import ServerConfig
 from prometheus_client import Counter
 
 from xaiserve.service.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
-from xaiserve.service.images import ImageHeader, decode_image, png_bound, probe_image, render_pngs, resize_mask, to_model_input
+from xaiserve.service.images import ImageHeader, decode_image, png_bound, probe_image, render_pngs, resize_mask, to_input_geometry, to_model_input
 from xaiserve.methods import GRADIENT_METHODS, MASK_KINDS, METHODS
 from xaiserve.service.registry import ModelEntry, Registry
 from xaiserve.service.tensors import tensor_message_bytes, to_tensor
@@ -138,7 +138,9 @@ class FastPath:
         self.max_message_bytes = config.max_message_mb * 1024 * 1024
 
     def batcher(self, entry: ModelEntry) -> MicroBatcher:
-        b = self._batchers.get(entry.id)
+        # per entry key (id + content digest): after a reload swaps a version, calls that resolved
+        # the old entry finish on its batcher and session
+        b = self._batchers.get(entry.key)
         if b is None:
             onnx = self.registry.onnx(entry)
             b = MicroBatcher(
@@ -146,8 +148,15 @@ class FastPath:
                 max_rows=self.config.max_batch if entry.kind != "denoiser" else max(self.config.max_batch, 64),
                 max_delay_ms=self.config.max_delay_ms, max_queue=self.config.max_queue,
             )
-            self._batchers[entry.id] = b
+            self._batchers[entry.key] = b
         return b
+
+    def retire(self, keys) -> None:
+        """Stop the batchers of entries a reload removed or replaced, once their queued calls are answered."""
+        for k in keys:
+            b = self._batchers.pop(k, None)
+            if b is not None:
+                asyncio.get_running_loop().create_task(b.drain_and_stop(), name=f"retire-{k}")
 
     async def close(self) -> None:
         for b in self._batchers.values():
@@ -182,9 +191,10 @@ class FastPath:
         return arr, to_model_input(arr, spec)[None]
 
     @staticmethod
-    def _render(resp: pb.ExplainResponse, image: np.ndarray, mask: np.ndarray, return_png: bool) -> None:
+    def _render(resp: pb.ExplainResponse, image: np.ndarray, mask: np.ndarray, return_png: bool, spec=None) -> None:
         h, w = image.shape[:2]
-        full = resize_mask(mask, h, w)
+        # back over the original image, undoing the model's resize (letterbox padding cut away)
+        full = resize_mask(mask, h, w) if spec is None else to_input_geometry(mask, spec, h, w)
         resp.mask.CopyFrom(to_tensor(full.astype(np.float32)))
         if return_png:
             resp.mask_png, resp.overlay_png = render_pngs(image, full)
@@ -249,7 +259,7 @@ class FastPath:
             resp.output.CopyFrom(to_tensor(out.astype(np.float32)))
         if opts.fidelity:
             resp.fidelity = float(await self._fidelity(frozen, x, mask, out, self._left(t0, timeout)))
-        await self.cpu.run(self._render, resp, image, mask, opts.return_png)
+        await self.cpu.run(self._render, resp, image, mask, opts.return_png, entry.input)
         resp.timing.queue_ms = queue_s * 1e3
         resp.timing.inference_ms = infer_s * 1e3
         resp.timing.batch_size = bsize

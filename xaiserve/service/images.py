@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image as PILImage, UnidentifiedImageError
 
+from xaiserve.clinical.windowing import DicomDefaults
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
+from xaiserve.service.dicom_in import is_dicom_image
 from xaiserve.service.errors import InvalidArgument, ResourceExhausted
 from xaiserve.service.tensors import check_tensor, from_tensor
 
@@ -31,15 +33,62 @@ FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
 PNG_LEVEL = 1
 
 
+RESIZE_MODES = ("stretch", "letterbox", "center-crop")
+
+
 @dataclass(frozen=True)
 class InputSpec:
-    """What a model takes: size, channels and per-channel normalisation."""
+    """What a model takes: size, channels, per-channel normalisation, and how an image of another
+    size or aspect ratio is fitted to it (`resize`, one of RESIZE_MODES; see `fit`)."""
 
     height: int
     width: int
     channels: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    resize: str = "stretch"
+    # how a greyscale DICOM image becomes the channels (window / window stack; manifest input.dicom)
+    dicom: DicomDefaults | None = None
+
+
+@dataclass(frozen=True)
+class Fit:
+    """Where an h x w image lands in the model's input: it is scaled to `content` (height, width)
+    and placed at `offset` (top, left), which is negative when the model sees a crop of it.
+
+    stretch      content = the model size, offset 0 (the aspect ratio is not kept)
+    letterbox    the largest size that fits inside, centred; the border is padded with the
+                 normalisation mean (0 after normalising, what masking calls "absent")
+    center-crop  the smallest size that covers, centred; the overhang is cut off
+    """
+
+    height: int
+    width: int
+    content: tuple[int, int]
+    offset: tuple[int, int]
+
+
+def fit(h: int, w: int, spec: InputSpec) -> Fit:
+    """The geometry of `to_model_input` for an h x w image (see Fit)."""
+    H, W = spec.height, spec.width
+    if spec.resize == "stretch" or (h * W == w * H):
+        return Fit(H, W, (H, W), (0, 0))
+    if spec.resize not in RESIZE_MODES:
+        raise InvalidArgument(f"input.resize {spec.resize!r} is not one of {', '.join(RESIZE_MODES)}")
+    scale = min(H / h, W / w) if spec.resize == "letterbox" else max(H / h, W / w)
+    ch, cw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+    return Fit(H, W, (ch, cw), ((H - ch) // 2, (W - cw) // 2))
+
+
+def _place(content: np.ndarray, f: Fit, fill: np.ndarray | float) -> np.ndarray:
+    """Put HWC `content` (f.content sized) into an f.height x f.width canvas at f.offset."""
+    out = np.empty((f.height, f.width, content.shape[2]), dtype=np.float32)
+    out[...] = fill
+    top, left = f.offset
+    ys, xs = max(0, top), max(0, left)
+    ye, xe = min(f.height, top + f.content[0]), min(f.width, left + f.content[1])
+    out[ys:ye, xs:xe] = content[ys - top : ye - top, xs - left : xe - left]
+    return out
 
 
 def _check_size(h: int, w: int) -> None:
@@ -106,6 +155,10 @@ def probe_image(image: pb.Image) -> ImageHeader:
         raise InvalidArgument("image is empty: set image.encoded (PNG/JPEG bytes) or image.tensor")
     if which == "tensor":
         return ImageHeader(*_check_tensor_image(image.tensor))
+    if is_dicom_image(image):  # the DICOM header: rows x columns, frames, bit layout, transfer syntax
+        from xaiserve.service.dicom_in import probe_dicom
+
+        return ImageHeader(*probe_dicom(image))
     data = image.encoded
     if not data:
         raise InvalidArgument("image.encoded is empty: send PNG or JPEG bytes")
@@ -115,8 +168,22 @@ def probe_image(image: pb.Image) -> ImageHeader:
         return ImageHeader(h, w, _channels_of(im.mode, im.getbands()))
 
 
-def decode_image(image: pb.Image) -> np.ndarray:
-    """Decode an Image message to HWC float32 in [0, 1] (C = 1, 3 or 4), checking everything."""
+def decode_image_source(image: pb.Image, spec: InputSpec | None = None):
+    """decode_image, and for a DICOM image the service.dicom_in.DicomSource a DICOM result references
+    (None for other images)."""
+    if is_dicom_image(image):
+        from xaiserve.service.dicom_in import decode_dicom
+
+        d = decode_dicom(image, spec.dicom if spec else None, spec.channels if spec else 1)
+        return d.pixels, d.source
+    return decode_image(image, spec), None
+
+
+def decode_image(image: pb.Image, spec: InputSpec | None = None) -> np.ndarray:
+    """Decode an Image message to HWC float32 in [0, 1] (C = 1, 3 or 4), checking everything.
+    DICOM goes through service.dicom_in, windowed as `spec` (the model's input) says."""
+    if is_dicom_image(image):
+        return decode_image_source(image, spec)[0]
     which = image.WhichOneof("source")
     if which is None:
         raise InvalidArgument("image is empty: set image.encoded (PNG/JPEG bytes) or image.tensor")
@@ -191,11 +258,46 @@ def resize(arr: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def to_model_input(arr: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """HWC [0,1] of any size -> CHW float32 at the model's size, normalised (x - mean) / std."""
-    a = resize(to_channels(arr, spec.channels), spec.height, spec.width)
+    """HWC [0,1] of any size -> CHW float32 at the model's size, normalised (x - mean) / std,
+    fitted by spec.resize (see Fit); `to_input_geometry` maps a map at the model's size back."""
+    a = to_channels(arr, spec.channels)
     mean = np.asarray(spec.mean, dtype=np.float32)
     std = np.asarray(spec.std, dtype=np.float32)
+    f = fit(a.shape[0], a.shape[1], spec)
+    if f.content == (spec.height, spec.width) and f.offset == (0, 0):
+        a = resize(a, spec.height, spec.width)
+    else:
+        a = _place(resize(a, *f.content), f, mean)
     return np.ascontiguousarray(((a - mean) / std).transpose(2, 0, 1), dtype=np.float32)
+
+
+def to_input_geometry(values: np.ndarray, spec: InputSpec, height: int, width: int, *, clip: bool = True) -> np.ndarray:
+    """A map [..., h_m, w_m] at the model's input size -> [..., height, width] over the original
+    image, undoing `to_model_input`'s fit: letterbox padding is cut away; with center-crop the
+    border the model never saw is 0. A map at a coarser grid than the model's input (a RELAX or
+    ablation mask grid at the same aspect) is first scaled to the model's size."""
+    a = np.asarray(values, dtype=np.float32)
+    lead = a.shape[:-2]
+    flat = a.reshape(-1, a.shape[-2], a.shape[-1])
+    f = fit(height, width, spec)
+    out = np.empty((flat.shape[0], height, width), dtype=np.float32)
+    for i, m in enumerate(flat):
+        if m.shape != (spec.height, spec.width):
+            m = resize(m[:, :, None], spec.height, spec.width)[:, :, 0]
+        if f.content == (spec.height, spec.width) and f.offset == (0, 0):
+            out[i] = resize(m[:, :, None], height, width)[:, :, 0]
+            continue
+        top, left = f.offset
+        ch, cw = f.content
+        # the part of the content the model saw, in model and in content coordinates
+        ys, xs = max(0, top), max(0, left)
+        ye, xe = min(spec.height, top + ch), min(spec.width, left + cw)
+        seen = np.zeros((ch, cw), dtype=np.float32)
+        seen[ys - top : ye - top, xs - left : xe - left] = m[ys:ye, xs:xe]
+        out[i] = resize(seen[:, :, None], height, width)[:, :, 0]
+    if clip:
+        out = np.clip(out, 0.0, 1.0)
+    return out.reshape(*lead, height, width)
 
 
 def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -40,7 +40,7 @@ def add_entry(store: Path, entry: dict[str, Any]) -> None:
     path = store / "manifest.json"
     with open(store / ".manifest.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        data = json.loads(path.read_text()) if path.exists() else {"format": 1, "models": []}
+        data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"format": 1, "models": []}
         models = [m for m in data["models"] if not (m["name"] == entry["name"] and str(m["version"]) == str(entry["version"]))]
         models.append(entry)
         models.sort(key=lambda m: (m["name"], str(m["version"])))

@@ -14,19 +14,21 @@ ONNX graph contract (batch axis dynamic everywhere):
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
 from xaiserve.errors import FailedPrecondition, InvalidArgument, NotFound, quote
 from xaiserve.methods import KINDS as KIND_TABLE
 from xaiserve.methods import JOB_METHODS, MASK_KINDS, METHODS, MethodSpec, supported_methods, why_not
+from xaiserve.clinical.windowing import parse_dicom_defaults
 from xaiserve.service.images import InputSpec
 
 log = logging.getLogger("xaiserve.registry")
@@ -48,10 +50,20 @@ class ModelEntry:
     arch: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
+    # the kind's tensor names -> the ONNX graph's names, where they differ (OnnxModel infers the rest)
+    io: dict[str, str] = field(default_factory=dict)
 
     @property
     def id(self) -> str:
         return f"{self.name}:{self.version}"
+
+    @property
+    def key(self) -> str:
+        """The id plus a digest of the entry's content: sessions and batchers are cached under it, so
+        an entry rewritten under the same name:version gets fresh ones while in-flight calls finish
+        on the old."""
+        blob = json.dumps(self.raw, sort_keys=True, default=str).encode()
+        return f"{self.id}@{hashlib.sha1(blob).hexdigest()[:12]}"
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "ModelEntry":
@@ -63,6 +75,9 @@ class ModelEntry:
                 channels=int(inp.get("channels", 1)),
                 mean=tuple(float(v) for v in inp.get("mean", [0.0] * int(inp.get("channels", 1)))),
                 std=tuple(float(v) for v in inp.get("std", [1.0] * int(inp.get("channels", 1)))),
+                resize=str(inp.get("resize", "stretch")),
+                dicom=parse_dicom_defaults(inp.get("dicom"), int(inp.get("channels", 1)),
+                                           what=f"{d.get('name', '?')}:{d.get('version', '?')}"),
             )
             kind = str(d["kind"])
             if kind not in KINDS:
@@ -80,6 +95,7 @@ class ModelEntry:
                 arch=dict(d.get("arch", {})),
                 metrics=dict(d.get("metrics", {})),
                 raw=dict(d),
+                io={str(k): str(v) for k, v in d.get("io", {}).items()},
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"manifest entry {d.get('name', '?')}:{d.get('version', '?')} is malformed: {e}") from e
@@ -92,12 +108,90 @@ def _version_key(v: str) -> tuple:
     return tuple(parts)
 
 
-def read_manifest(store: Path) -> list[ModelEntry]:
+@dataclass(frozen=True)
+class BadEntry:
+    """A manifest entry that is not served, and why (ListModels shows it as unavailable)."""
+
+    name: str
+    version: str
+    kind: str
+    reason: str
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}:{self.version}"
+
+
+def scan_manifest(store: Path) -> tuple[list[ModelEntry], list[BadEntry]]:
+    """(valid entries, bad entries with the reason) of store/manifest.json: the JSON Schema and the
+    checks of service.manifest_schema, duplicates, and missing model files. Raises FileNotFoundError
+    when there is no manifest and ValueError when it is not JSON (there is nothing to serve then)."""
+    from xaiserve.service.manifest_schema import MODEL_FILES, entry_problems, unknown_fields
+
+    store = Path(store)
     path = store / "manifest.json"
     if not path.exists():
         raise FileNotFoundError(f"no manifest at {path}; run `xaiserve train ...` and `xaiserve export ...`, or point --model-store at a store")
-    data = json.loads(path.read_text())
-    return [ModelEntry.from_dict(d) for d in data.get("models", [])]
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); fix it, or restore it from git") from None
+    models = data.get("models", []) if isinstance(data, dict) else None
+    if not isinstance(models, list):
+        raise ValueError(f"{path} must be an object with a 'models' list")
+    good: list[ModelEntry] = []
+    bad: list[BadEntry] = []
+    seen: set[str] = set()
+    for d in models:
+        name = str(d.get("name", "?")) if isinstance(d, dict) else "?"
+        version = str(d.get("version", "?")) if isinstance(d, dict) else "?"
+        kind = str(d.get("kind", "")) if isinstance(d, dict) else ""
+        problems = entry_problems(d)
+        if not problems and f"{name}:{version}" in seen:
+            problems = [f"a second entry for {name}:{version}; the first is served"]
+        if not problems:
+            missing = [f"files.{k}: {d['files'][k]} is missing from the store" for k in MODEL_FILES
+                       if k in d["files"] and not (store / d["files"][k]).exists()]
+            problems = missing
+        if not problems:
+            try:
+                good.append(ModelEntry.from_dict(d))
+            except ValueError as e:
+                problems = [str(e)]
+        if problems:
+            bad.append(BadEntry(name, version, kind, "; ".join(problems), d if isinstance(d, dict) else {}))
+            continue
+        seen.add(f"{name}:{version}")
+        extra = unknown_fields(d)
+        if extra:
+            log.warning("manifest entry has fields the registry does not read (typos?)",
+                        extra={"model": f"{name}:{version}", "fields": extra})
+    # a masking network whose frozen model is not served cannot be served either
+    ids = {e.id for e in good} | {e.name for e in good}
+    for e in [e for e in good if e.kind in MASK_KINDS and e.explains not in ids]:
+        good.remove(e)
+        why = next((b.reason for b in bad if e.explains in (b.id, b.name)), "it is not in the manifest")
+        bad.append(BadEntry(e.name, e.version, e.kind, f"explains {e.explains}, which is unavailable: {why}", e.raw))
+    return good, bad
+
+
+def manifest_stamp(store: Path) -> tuple[int, int, int] | None:
+    """(mtime_ns, inode, size) of store/manifest.json, None when there is none: what the reload
+    watcher compares (an atomic replace changes the inode even within one mtime tick)."""
+    try:
+        st = (Path(store) / "manifest.json").stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_mtime_ns, st.st_ino, st.st_size)
+
+
+def read_manifest(store: Path) -> list[ModelEntry]:
+    """The valid entries of store/manifest.json; bad ones are logged with the reason and skipped."""
+    good, bad = scan_manifest(Path(store))
+    for b in bad:
+        log.error("manifest entry skipped", extra={"model": b.id, "reason": b.reason})
+    return good
 
 
 def ort_providers(prefer_cuda: bool = True) -> list[str]:
@@ -109,10 +203,62 @@ def ort_providers(prefer_cuda: bool = True) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-class OnnxModel:
-    """One ONNX Runtime session; `run` is thread-safe (ORT sessions are)."""
+def io_map(kind: str, inputs: list[tuple[str, str, list]], outputs: list[str], io: dict[str, str],
+           what: str = "the ONNX graph") -> tuple[dict[str, str], dict[str, str]]:
+    """The kind's tensor names (xaiserve.methods KINDS) -> the graph's, for inputs and outputs.
 
-    def __init__(self, path: Path, *, intra_op_threads: int = 0, inter_op_threads: int = 1, prefer_cuda: bool = True):
+    inputs: (name, element type, shape) of the graph's inputs. A name comes from `io` when the
+    manifest maps it, else is the kind's own name when the graph has it, else is inferred when that
+    is unambiguous: the only rank-4 float input is the image, the only output left is the output.
+    FailedPrecondition otherwise, naming the graph's tensors and the `io` entry that would fix it."""
+    spec = KIND_TABLE[kind]
+    in_names = [n for n, _, _ in inputs]
+    listing = (f"{what} has inputs {', '.join(f'{n} {t}{list(s)}' for n, t, s in inputs)} and outputs "
+               f"{', '.join(outputs)}")
+    for k, v in io.items():
+        if v not in in_names and v not in outputs:
+            raise FailedPrecondition(f"io.{k} names {quote(v, 80)}, which {what} does not have; {listing}")
+
+    def pick(canon: str, avail: list[str], candidates: list[str]) -> str:
+        if canon in io:
+            return io[canon]
+        if canon in avail:
+            return canon
+        if len(candidates) == 1:
+            return candidates[0]
+        example = ", ".join(f'"{c}": "..."' for c in (*spec.inputs, *spec.outputs))
+        raise FailedPrecondition(
+            f"cannot tell which tensor is {canon!r}: {listing}; map them in the manifest entry's io "
+            f"({{{example}}}, or `xaiserve models add ... --io {canon}=NAME`)"
+        )
+
+    ins: dict[str, str] = {}
+    for canon in spec.inputs:
+        left = [n for n, t, sh in inputs if n not in ins.values()]
+        if canon in ("image", "particles"):
+            cands = [n for n, t, sh in inputs if n in left and "float" in t and len(sh) == 4]
+        else:
+            cands = [n for n, t, sh in inputs if n in left and "int" in t]
+        ins[canon] = pick(canon, left, cands)
+    extra = [n for n in in_names if n not in ins.values()]
+    if extra:
+        raise FailedPrecondition(f"{what} takes inputs {', '.join(extra)} that a {kind} does not feed; {listing}")
+    outs: dict[str, str] = {}
+    for canon in spec.outputs:
+        left = [n for n in outputs if n not in outs.values()]
+        outs[canon] = pick(canon, left, left if len(spec.outputs) == 1 else [])
+    return ins, outs
+
+
+class OnnxModel:
+    """One ONNX Runtime session; `run` is thread-safe (ORT sessions are).
+
+    With `kind`, feeds and results use the kind's tensor names (image, output, ...) whatever the
+    graph calls them (`io_map`), and a graph with a fixed batch of 1 is run row by row. Without it,
+    the graph's own names pass through."""
+
+    def __init__(self, path: Path, *, intra_op_threads: int = 0, inter_op_threads: int = 1, prefer_cuda: bool = True,
+                 kind: str | None = None, io: dict[str, str] | None = None):
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -121,13 +267,69 @@ class OnnxModel:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
         self.path = path
-        self.session = ort.InferenceSession(str(path), sess_options=so, providers=ort_providers(prefer_cuda))
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=so, providers=ort_providers(prefer_cuda))
+        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types on a bad file
+            raise FailedPrecondition(
+                f"{Path(path).name} is not an ONNX graph ONNX Runtime can load ({e.__class__.__name__}: "
+                f"{quote(str(e).splitlines()[0] if str(e) else '', 200)})"
+            ) from None
+        graph_in = [(i.name, i.type, i.shape) for i in self.session.get_inputs()]
+        graph_out = [o.name for o in self.session.get_outputs()]
+        if kind is None:
+            self._in = {n: n for n, _, _ in graph_in}
+            self._out = {n: n for n in graph_out}
+        else:
+            self._in, self._out = io_map(kind, graph_in, graph_out, dict(io or {}), what=Path(path).name)
+        self.input_names = list(self._in)
+        self.output_names = list(self._out)
+        self._fetch = list(self._out.values())
+        first = next((sh for n, _, sh in graph_in if n == self._in.get("image", self._in.get("particles"))), None)
+        self.fixed_batch = first[0] if first and isinstance(first[0], int) else None
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outs = self.session.run(None, feeds)
-        return dict(zip(self.output_names, outs))
+        graph_feeds = {self._in[k]: v for k, v in feeds.items()}
+        rows = int(next(iter(feeds.values())).shape[0])
+        if self.fixed_batch == 1 and rows > 1:
+            parts = [self.session.run(self._fetch, {k: v[i : i + 1] for k, v in graph_feeds.items()}) for i in range(rows)]
+            outs = [np.concatenate(col, axis=0) for col in zip(*parts)]
+        else:
+            outs = self.session.run(self._fetch, graph_feeds)
+        return dict(zip(self._out, outs))
+
+
+def _reason(exc: BaseException) -> str:
+    """One line saying why a model could not be loaded (the XaiError message, or type: message)."""
+    from xaiserve.errors import XaiError
+
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = text if isinstance(exc, XaiError) else f"{exc.__class__.__name__}: {text}"
+    return text if len(text) <= 400 else text[:400] + "..."
+
+
+def _check_outputs(entry: ModelEntry, out: dict[str, np.ndarray]) -> None:
+    """The warm-up's outputs have the kind's shapes ([2,D] / [2,1,H,W] ...) and the manifest's sizes."""
+    s = entry.input
+    if entry.kind in ("encoder", "classifier", "nem_u", "nemt"):
+        o = out["output"]
+        if o.ndim != 2 or o.shape[0] != 2:
+            raise FailedPrecondition(f"its output {list(o.shape)} on a batch of 2 is not [2, D]")
+        if entry.output_dim and o.shape[1] != entry.output_dim:
+            raise FailedPrecondition(f"its output has {o.shape[1]} values but the manifest says output_dim {entry.output_dim}")
+        if entry.kind in ("classifier", "nemt") and entry.labels and o.shape[1] != len(entry.labels):
+            raise FailedPrecondition(f"it returns {o.shape[1]} logits for {len(entry.labels)} labels")
+    if entry.kind in MASK_KINDS:
+        mk = out["mask"]
+        if mk.shape != (2, 1, s.height, s.width):
+            raise FailedPrecondition(f"its mask is {list(mk.shape)}, not [2, 1, {s.height}, {s.width}]")
+
+
+@dataclass(frozen=True)
+class ReloadReport:
+    added: list[str]
+    removed: list[str]
+    retired: list[str]  # cache keys dropped (removed or rewritten entries)
+    unavailable: list[str]
 
 
 @dataclass
@@ -149,33 +351,113 @@ class Registry:
         self.config = config
         self.store = Path(config.store)
         self._lock = threading.RLock()
+        self._reload_lock = threading.Lock()
+        # sessions and modules are cached per ModelEntry.key (id + content digest)
         self._onnx: dict[str, OnnxModel] = {}
         self._torch: dict[str, Any] = {}
         self.load_seconds: dict[str, float] = {}
+        self._by_name: dict[str, dict[str, ModelEntry]] = {}
+        self._unavailable: dict[str, BadEntry] = {}
+        self._listeners: list[Callable[[set[str]], None]] = []
+        self.manifest_stamp: tuple[int, int, int] | None = None  # (mtime_ns, inode, size) of the manifest read last
         self.reload()
 
     # -- manifest ------------------------------------------------------------------------------
-    def reload(self) -> None:
-        entries = read_manifest(self.store) if (self.store / "manifest.json").exists() else []
-        by_name: dict[str, dict[str, ModelEntry]] = {}
-        for e in entries:
-            by_name.setdefault(e.name, {})[e.version] = e
-        with self._lock:
-            self._by_name = by_name
+    def reload(self, *, load: bool = False) -> "ReloadReport":
+        """Re-read the manifest and swap the served set in one step (see service/reload.py).
+
+        Entries that are new or changed are checked (schema, files) and, with `load`, loaded and
+        warmed BEFORE the swap: a bad one is left out with its reason, and until the swap every call
+        resolves against the previous set. After the swap the sessions of removed or replaced
+        entries are dropped from the caches (calls that hold them finish on them) and listeners
+        hear their keys. A manifest that is not JSON keeps the current set (ValueError)."""
+        with self._reload_lock:
+            path = self.store / "manifest.json"
+            stamp = manifest_stamp(self.store)
+            good, bad = scan_manifest(self.store) if path.exists() else ([], [])
+            old = {e.key: e for e in self.entries()}
+            fresh = [e for e in good if e.key not in old]
+            if load:
+                for e in list(fresh):
+                    if "onnx" not in e.files:
+                        continue
+                    try:
+                        self._load(e)
+                    except Exception as exc:  # noqa: BLE001 - any failure makes this entry (only) unavailable
+                        good.remove(e)
+                        bad.append(BadEntry(e.name, e.version, e.kind, _reason(exc), e.raw))
+                # masking networks whose frozen model just failed to load
+                ids = {e.id for e in good} | {e.name for e in good}
+                for e in [e for e in good if e.kind in MASK_KINDS and e.explains not in ids]:
+                    good.remove(e)
+                    bad.append(BadEntry(e.name, e.version, e.kind, f"explains {e.explains}, which is unavailable", e.raw))
+            by_name: dict[str, dict[str, ModelEntry]] = {}
+            for e in good:
+                by_name.setdefault(e.name, {})[e.version] = e
+            keep = {e.key for e in good}
+            with self._lock:
+                self._by_name = by_name
+                self._unavailable = {b.id: b for b in bad}
+                retired = {k for k in (*self._onnx, *self._torch) if k not in keep}
+                for k in retired:
+                    self._onnx.pop(k, None)
+                    self._torch.pop(k, None)
+                self.manifest_stamp = stamp
+            for b in bad:
+                log.error("model unavailable", extra={"model": b.id, "reason": b.reason})
+            gone = retired | {k for k in old if k not in keep}
+            report = ReloadReport(added=sorted(e.id for e in fresh if e in good),
+                                  removed=sorted({e.id for e in old.values()} - {e.id for e in good}),
+                                  retired=sorted(gone), unavailable=sorted(b.id for b in bad))
+            for fn in list(self._listeners):
+                try:
+                    fn(gone)
+                except Exception:  # noqa: BLE001 - a listener must not stop the reload
+                    log.exception("reload listener failed")
+            return report
+
+    def add_listener(self, fn: Callable[[set[str]], None]) -> None:
+        """Call fn(keys of entries no longer served) after every reload (the fast path retires their batchers)."""
+        self._listeners.append(fn)
 
     def entries(self) -> list[ModelEntry]:
         return [e for vs in self._by_name.values() for e in sorted(vs.values(), key=lambda e: _version_key(e.version))]
+
+    def unavailable(self) -> list[BadEntry]:
+        """Entries the manifest lists but the server does not serve, with the reason (ListModels)."""
+        return sorted(self._unavailable.values(), key=lambda b: (b.name, _version_key(b.version)))
+
+    def _mark_unavailable(self, entry: ModelEntry, exc: BaseException) -> BadEntry:
+        bad = BadEntry(entry.name, entry.version, entry.kind, _reason(exc), entry.raw)
+        log.error("model unavailable", extra={"model": entry.id, "reason": bad.reason})
+        with self._lock:
+            versions = self._by_name.get(entry.name, {})
+            if versions.get(entry.version) is entry:
+                by_name = {n: dict(vs) for n, vs in self._by_name.items()}
+                del by_name[entry.name][entry.version]
+                if not by_name[entry.name]:
+                    del by_name[entry.name]
+                self._by_name = by_name
+                self._unavailable = {**self._unavailable, bad.id: bad}
+        return bad
 
     def resolve(self, model_id: str) -> ModelEntry:
         if not model_id or not model_id.strip():
             raise InvalidArgument(f"model is empty; name one of: {', '.join(sorted(self._by_name)) or '(none loaded)'}")
         name, _, version = model_id.strip().partition(":")
-        versions = self._by_name.get(name)
+        by_name, unavailable = self._by_name, self._unavailable
+        versions = by_name.get(name)
+        if version and f"{name}:{version}" in unavailable and (not versions or version not in versions):
+            raise FailedPrecondition(f"model {name}:{version} is unavailable: {unavailable[f'{name}:{version}'].reason}")
         if not versions:
-            raise NotFound(f"model {name!r} is not in the store; available: {', '.join(sorted(self._by_name)) or '(none)'}")
+            down = [b for b in unavailable.values() if b.name == name]
+            if down:
+                b = max(down, key=lambda b: _version_key(b.version))
+                raise FailedPrecondition(f"model {b.id} is unavailable: {b.reason}")
+            raise NotFound(f"model {quote(name)} is not in the store; available: {', '.join(sorted(by_name)) or '(none)'}")
         if version:
             if version not in versions:
-                raise NotFound(f"model {name!r} has no version {version!r}; versions: {', '.join(sorted(versions, key=_version_key))}")
+                raise NotFound(f"model {quote(name)} has no version {quote(version)}; versions: {', '.join(sorted(versions, key=_version_key))}")
             return versions[version]
         return versions[max(versions, key=_version_key)]
 
@@ -190,9 +472,23 @@ class Registry:
 
     # -- loading -------------------------------------------------------------------------------
     def onnx(self, model: str | ModelEntry) -> OnnxModel:
+        """The entry's ONNX session (loaded and warmed once). A graph that does not load or run
+        makes the entry unavailable (FailedPrecondition with the reason, now and on later calls)."""
         entry = model if isinstance(model, ModelEntry) else self.resolve(model)
+        m = self._onnx.get(entry.key)
+        if m is not None:
+            return m
+        if not self._present(entry, "onnx"):
+            self.path(entry, "onnx")  # FailedPrecondition: no ONNX file in the entry
+        try:
+            return self._load(entry)
+        except Exception as exc:  # noqa: BLE001 - recorded as the entry's reason, re-raised as FailedPrecondition
+            bad = self._mark_unavailable(entry, exc)
+            raise FailedPrecondition(f"model {entry.id} is unavailable: {bad.reason}") from None
+
+    def _load(self, entry: ModelEntry) -> OnnxModel:
         with self._lock:
-            m = self._onnx.get(entry.id)
+            m = self._onnx.get(entry.key)
             if m is None:
                 t0 = time.perf_counter()
                 m = self._spiral_runtime(entry) or OnnxModel(
@@ -200,10 +496,12 @@ class Registry:
                     intra_op_threads=self.config.intra_op_threads,
                     inter_op_threads=self.config.inter_op_threads,
                     prefer_cuda=self.config.prefer_cuda,
+                    kind=entry.kind,
+                    io=entry.io,
                 )
                 if self.config.warmup:
                     self._warm(entry, m)
-                self._onnx[entry.id] = m
+                self._onnx[entry.key] = m
                 self.load_seconds[entry.id] = time.perf_counter() - t0
                 backend = "onnxruntime" if isinstance(m, OnnxModel) else "spiral_runtime"
                 log.info("model loaded", extra={"model": entry.id, "backend": backend, "seconds": round(self.load_seconds[entry.id], 4)})
@@ -244,13 +542,23 @@ class Registry:
             feeds = {"image": np.zeros((1, s.channels, s.height, s.width), np.float32)}
             if "target" in m.input_names:
                 feeds["target"] = np.full((1,), -1, np.int64)
-        m.run(feeds)
+        try:
+            out = m.run({k: np.concatenate([v, v]) for k, v in feeds.items()})
+        except Exception as e:  # noqa: BLE001 - ORT raises its own types; the message says what failed
+            raise FailedPrecondition(
+                f"its ONNX graph does not run on a {s.channels}x{s.height}x{s.width} input (batch 2) "
+                f"({e.__class__.__name__}: {quote(str(e).splitlines()[0] if str(e) else '', 200)}); "
+                "check input.height/width/channels in the manifest entry"
+            ) from None
+        _check_outputs(entry, out)
 
     def torch_module(self, model: str | ModelEntry):
-        """The frozen torch module (eval mode, no grad on parameters), for methods that need gradients."""
+        """The frozen torch module (eval mode, no grad on parameters), for methods that need gradients:
+        rebuilt from arch + state_dict (the project's networks), or loaded from the entry's TorchScript
+        or torch.export file (handlers.nets.forms)."""
         entry = model if isinstance(model, ModelEntry) else self.resolve(model)
         with self._lock:
-            mod = self._torch.get(entry.id)
+            mod = self._torch.get(entry.key)
             if mod is None:
                 from xaiserve.handlers.loading import load_module
 
@@ -258,7 +566,7 @@ class Registry:
                 mod.eval()
                 for p in mod.parameters():
                     p.requires_grad_(False)
-                self._torch[entry.id] = mod
+                self._torch[entry.key] = mod
             return mod
 
     def forms(self, entry: ModelEntry) -> frozenset[str]:
@@ -268,6 +576,9 @@ class Registry:
         have = set()
         if self._present(entry, "onnx"):
             have.add("onnx")
+        if entry.kind in ("encoder", "classifier") and (
+                self._present(entry, "torchscript") or self._present(entry, "exported_program")):
+            have.add("torch")  # a user's own model (handlers.nets.forms)
         if self._present(entry, "state_dict"):
             if entry.kind in ("encoder", "classifier"):
                 from xaiserve.handlers.nets.encoder import ARCH_TYPE
@@ -315,13 +626,21 @@ class Registry:
         return bool(rel) and (self.store / rel).exists()
 
     def loaded(self, entry: ModelEntry) -> bool:
-        return entry.id in self._onnx or entry.id in self._torch
+        return entry.key in self._onnx or entry.key in self._torch
 
     def load_all(self) -> None:
-        """Load and warm every model that has an ONNX file (at server start)."""
+        """Load and warm every model that has an ONNX file (at server start); one that fails is
+        logged and left unavailable with the reason, and the others serve."""
         for e in self.entries():
             if "onnx" in e.files:
-                self.onnx(e)
+                try:
+                    self.onnx(e)
+                except FailedPrecondition:
+                    pass  # recorded by onnx() as the entry's unavailable reason
+        # masking networks whose frozen model failed
+        for e in self.entries():
+            if e.kind in MASK_KINDS and self._frozen_or_none(e) is None:
+                self._mark_unavailable(e, FailedPrecondition(f"explains {e.explains}, which is unavailable"))
 
     def frozen_for(self, entry: ModelEntry) -> ModelEntry:
         """The frozen model a mask model explains (itself for encoders and classifiers)."""

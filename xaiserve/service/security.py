@@ -24,6 +24,11 @@ method, the reason and (for PERMISSION_DENIED) the token's *name*. `RedactTokens
 filter that scrubs bearer values and configured tokens from any record, as a second line of defence
 for log lines written elsewhere (for example a library that dumps metadata).
 
+Principals (`Principals`): whoever calls is one principal, "token:<name>" for a bearer token (its
+name in the tokens file, never the secret), else "cert:<identity>" for a mutual-TLS client
+certificate (its common name, else its first subject alternative name), else "anonymous". Jobs
+belong to the principal that submitted them; principals in the admin allow-list see all jobs.
+
 Client side: `channel_credentials` (TLS / mTLS) and `token_call_credentials` (attaches the bearer
 token on a secure channel) or `bearer_metadata` (explicit metadata, also on plaintext channels, which
 should only be used on a trusted loopback since the token then travels in clear).
@@ -494,6 +499,47 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
             log.warning("rejected call: method=%s token_name=%s status=PERMISSION_DENIED", method, policy.name)
             return _abort_handler(await continuation(handler_call_details), grpc.StatusCode.PERMISSION_DENIED, PERMISSION_DENIED_MESSAGE)
         return await continuation(handler_call_details)
+
+
+# -------------------------------------------------------------------------------------- principals
+ANONYMOUS = "anonymous"
+
+
+def certificate_identity(auth_context: Mapping[str, Sequence[bytes]] | None) -> str:
+    """The verified client certificate's identity from grpc's auth context: its common name, else
+    its first subject alternative name; "" without a client certificate."""
+    for key in ("x509_common_name", "x509_subject_alternative_name"):
+        values = (auth_context or {}).get(key) or ()
+        for v in values:
+            text = v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+            if text.strip():
+                return text.strip()
+    return ""
+
+
+class Principals:
+    """Says who calls (see the module docstring) and whether that principal is an admin.
+
+    With tokens on, the token decides (the interceptor has already refused calls without a known
+    token); otherwise a mutual-TLS identity; otherwise everyone is the one anonymous principal."""
+
+    def __init__(self, auth: TokenAuthInterceptor | None = None, admins: Iterable[str] = ()) -> None:
+        self.auth = auth
+        self.admins = frozenset(a.strip() for a in admins if a and a.strip())
+
+    def of(self, context: Any) -> str:
+        if self.auth is not None:
+            policy, _ = self.auth.authenticate(context.invocation_metadata())
+            if policy is not None:
+                return f"token:{policy.name}"
+        try:
+            ident = certificate_identity(context.auth_context())
+        except Exception:  # noqa: BLE001 - a context without transport details (tests, in-process)
+            ident = ""
+        return f"cert:{ident}" if ident else ANONYMOUS
+
+    def is_admin(self, principal: str) -> bool:
+        return principal in self.admins
 
 
 # ----------------------------------------------------------------------------------------- logging

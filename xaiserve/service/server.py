@@ -21,7 +21,7 @@ from xaiserve.proto.explain.v1 import explainer_pb2_grpc as pb_grpc
 from xaiserve.service import metrics
 from xaiserve.service.config import ServerConfig
 from xaiserve.service.modelstore import store_problem
-from xaiserve.service.rpc import Observed, observed_stream, observed_unary
+from xaiserve.service.rpc import Observed, add_service, observed_stream, observed_unary
 from xaiserve.service.fastpath import FastPath
 from xaiserve.service.registry import MASK_KINDS, Registry, RegistryConfig
 from xaiserve.service.streams import StreamSession
@@ -42,14 +42,18 @@ def _job_mixin() -> type:
 
 
 class ExplainerServicer(_job_mixin(), pb_grpc.ExplainerServicer):  # type: ignore[misc]
-    def __init__(self, registry: Registry, fast: FastPath, config: ServerConfig, jobs: Any):
+    """Registered by service.rpc.add_service (never-raising deserializers, admission before a
+    request is parsed); Explain and Denoise answer bytes serialised off the event loop when large."""
+
+    def __init__(self, registry: Registry, fast: FastPath, config: ServerConfig, jobs: Any, principals: Any = None):
         self.registry, self.fast, self.config, self.jobs = registry, fast, config, jobs
+        self.principals = principals
 
     async def Explain(self, request: pb.ExplainRequest, context) -> pb.ExplainResponse:
         async def go(obs: Observed):
             entry = self.registry.resolve(request.model)
             obs.model = entry.id
-            return await self.fast.explain(request, timeout=_timeout(context), entry=entry)
+            return await self.fast.serialize(await self.fast.explain(request, timeout=_timeout(context), entry=entry))
 
         return await observed_unary("Explain", context, go)
 
@@ -57,7 +61,7 @@ class ExplainerServicer(_job_mixin(), pb_grpc.ExplainerServicer):  # type: ignor
         async def go(obs: Observed):
             entry = self.registry.resolve(request.model)
             obs.model = entry.id
-            return await self.fast.denoise(request, timeout=_timeout(context), entry=entry)
+            return await self.fast.serialize(await self.fast.denoise(request, timeout=_timeout(context), entry=entry))
 
         return await observed_unary("Denoise", context, go)
 
@@ -136,7 +140,7 @@ class RunningServer:
             await self.jobs.stop()
         await self.fast.close()
         if self._metrics_http is not None:
-            self._metrics_http[0].shutdown()
+            self._metrics_http.shutdown()
         log.info("stopped")
 
 
@@ -167,10 +171,14 @@ async def start_server(config: ServerConfig) -> RunningServer:
         JobOptions(max_queued=config.job_max_queued, embedded_workers=config.job_workers,
                    result_ttl_s=config.job_result_ttl_s),
         methods=default_methods(settings={"relax": {"batch_size": config.relax_batch_size}}),
+        allow_volatile=config.allow_volatile_queue, admins=config.job_admins,
     )
     await jobs.start()
 
+    from xaiserve.service.security import Principals
+
     interceptors = []
+    auth = None
     if config.tokens_file:
         from xaiserve.service.security import RedactTokens, TokenAuthInterceptor, load_tokens
 
@@ -187,7 +195,13 @@ async def start_server(config: ServerConfig) -> RunningServer:
         options=[("grpc.max_receive_message_length", mb), ("grpc.max_send_message_length", mb),
                  ("grpc.so_reuseport", 0)],
     )
-    pb_grpc.add_ExplainerServicer_to_server(ExplainerServicer(registry, fast, config, jobs), server)
+    principals = Principals(auth, config.job_admins)
+
+    def admit(context):  # Explain / Denoise: refused at once when full, before the request is parsed
+        return fast.admission.slot(principals.of(context) if fast.admission.per_principal else "")
+
+    add_service(server, ExplainerServicer(registry, fast, config, jobs, principals),
+                pb.DESCRIPTOR.services_by_name["Explainer"], pool=fast.cpu, admit={"Explain": admit, "Denoise": admit})
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -214,12 +228,34 @@ async def start_server(config: ServerConfig) -> RunningServer:
     http = None
     mport = -1
     if config.metrics_port >= 0:
-        http = metrics.start_metrics_http(config.metrics_host, config.metrics_port)
-        mport = http[0].server_port
+        http = _ops_server(config, registry, jobs, asyncio.get_running_loop())
+        mport = http.port
     log.info("serving", extra={"grpc": f"{config.host}:{port}", "metrics": f"{config.metrics_host}:{mport}",
                                "tls": bool(config.tls_cert), "mtls": bool(config.tls_client_ca),
                                "auth": bool(config.tokens_file), "queue": config.queue_url.split("://")[0]})
     return RunningServer(server, port, mport, health_servicer, fast, jobs, registry, config, http, health_server)
+
+
+def _ops_server(config: ServerConfig, registry: Registry, jobs: Any, loop: asyncio.AbstractEventLoop):
+    """The HTTP port (service.httpd): /metrics, /healthz (the event loop answers), /readyz (serving,
+    models loaded, job queue reachable)."""
+    from xaiserve.service.httpd import BoundedCheck, OpsServer, loop_responsive
+
+    def serving() -> tuple[bool, str]:
+        value = metrics.SERVING.collect()[0].samples[0].value
+        return (True, "ok") if value == 1 else (False, "draining or not started")
+
+    def models() -> tuple[bool, str]:
+        if config.load_models != "all":
+            return True, f"lazy loading ({len(registry.entries())} models in the store)"
+        missing = [e.id for e in registry.entries() if "onnx" in e.files and not registry.loaded(e)]
+        return (False, f"not loaded: {', '.join(missing[:10])}") if missing else (True, f"{len(registry.entries())} loaded")
+
+    ready = {"serving": serving, "models": models}
+    if jobs is not None:
+        ready["queue"] = BoundedCheck(jobs.backend.ping, 1.0, f"the job queue ({jobs.backend.kind})")
+    return OpsServer(config.metrics_host, config.metrics_port, live={"event_loop": loop_responsive(loop)},
+                     ready=ready).start()
 
 
 async def serve_forever(config: ServerConfig, ready: Callable[[RunningServer], None] | None = None) -> None:

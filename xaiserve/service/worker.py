@@ -27,7 +27,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 log = logging.getLogger("xaiserve.worker")
 
@@ -53,6 +53,7 @@ class WorkerConfig:
     max_attempts: int | None = None
     progress_min_interval_s: float | None = None
     grace_s: float | None = None
+    allow_volatile_queue: bool = False  # start on a Redis that does not persist (its restart loses the jobs)
     log_level: str = "INFO"
     log_json: bool = True
 
@@ -98,6 +99,8 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("max_queued", "result_ttl_s", "claim_idle_s", "heartbeat_s", "max_attempts", "progress_min_interval_s"):
         p.add_argument("--" + name.replace("_", "-"), type=_flag(name))
     p.add_argument("--grace-s", type=_flag("grace_s"), help="SIGTERM: time the running job may take to finish")
+    p.add_argument("--allow-volatile-queue", dest="allow_volatile_queue", action="store_const", const=True, default=None,
+                   help="start even when the Redis queue neither appends nor snapshots (a Redis restart loses every job)")
     p.add_argument("--log-level", type=_flag("log_level"))
     p.add_argument("--log-json", dest="log_json", action="store_const", const=True, default=None)
     p.add_argument("--no-log-json", dest="log_json", action="store_const", const=False)
@@ -126,7 +129,7 @@ def load_worker_config(argv: list[str] | None = None, env: Mapping[str, str] | N
 def _options(args: WorkerConfig):
     from xaiserve.service.jobs.options import JobOptions
 
-    kw = {k: v for k, v in {
+    kw: dict[str, Any] = {k: v for k, v in {
         "max_queued": args.max_queued, "result_ttl_s": args.result_ttl_s, "claim_idle_s": args.claim_idle_s,
         "heartbeat_s": args.heartbeat_s, "max_attempts": args.max_attempts,
         "progress_min_interval_s": args.progress_min_interval_s, "stop_grace_s": args.grace_s,
@@ -183,6 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - e.g. Redis unreachable: exit non-zero so the supervisor restarts us
         print(f"xaiserve worker: cannot open the job queue: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    from xaiserve.service.jobs.factory import VolatileQueue, check_durability
+
+    try:
+        check_durability(backend, allow_volatile=args.allow_volatile_queue)
+    except VolatileQueue as e:
+        print(f"xaiserve worker: {e}", file=sys.stderr)
+        backend.close()
+        return 2
     backend.observer = count
     ident = args.worker_id or worker_identity("worker")
 
@@ -198,10 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     mport = -1
     http = None
     if args.metrics_port >= 0:
-        from prometheus_client import start_http_server
+        from xaiserve.service.httpd import BoundedCheck, OpsServer
 
-        http = start_http_server(args.metrics_port, addr=args.metrics_host)
-        mport = http[0].server_port
+        # /metrics, /healthz (the process runs), /readyz (the queue answers); 404 elsewhere
+        http = OpsServer(args.metrics_host, args.metrics_port, live={"process": lambda: (True, "ok")},
+                         ready={"queue": BoundedCheck(backend.ping, 1.0, f"the job queue ({backend.kind})")}).start()
+        mport = http.port
 
     workers = [JobWorker(backend, methods, registry, options, ident if args.concurrency == 1 else f"{ident}#{i}",
                          stop=stop, hand_back=hand_back) for i in range(args.concurrency)]
@@ -251,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         backend.close()
     if http is not None:
-        http[0].shutdown()
+        http.shutdown()
     log.info("worker stopped", extra={"worker": ident})
     return 0
 

@@ -348,7 +348,7 @@ def _card(res: dict[str, Any]) -> dict[str, str]:
                             f"{r['test']['relevance_mass']:.4f} | {r['test']['mask_mean']:.4f} | {r['test']['prob_change_keep_mask']:+.4f} |")
             sections["Smoothing neighbourhood (ablation)"] = (
                 "The paper's 21 x 21 neighbourhood was chosen for 224 x 224 images ([NEMt], Table A.2: robust to the size); at 64 x 64 "
-                "it spans a third of the image. **Deviation from METHODS.md (which fixes 21 x 21):** the served network keeps the "
+                "it spans a third of the image. **Deviation from the paper (the default of docs/METHODS.md since 2026-12):** the served network keeps the "
                 "paper's relative extent, 21 * 64 / 224 rounded up to the odd 7 x 7; the literal 21 x 21 was trained with the same "
                 "loss form and budget for comparison (`--smoothing 21` serves it):\n\n"
                 + "\n".join(rows))

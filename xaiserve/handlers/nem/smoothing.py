@@ -23,7 +23,7 @@ def scaled_size(image_size: int, paper_size: int = DEFAULT_SIZE) -> int:
     """The paper's neighbourhood scaled to the input resolution: the odd size nearest above
     paper_size * image_size / 224 (7 at 64 x 64, 21 at 224 x 224).
 
-    Deviation from METHODS.md, which fixes 21 x 21: [NEMt] chose 21 for 224 x 224 images, where it
+    Why (the default of docs/METHODS.md; it fixed 21 x 21 before 2026-12): [NEMt] chose 21 for 224 x 224 images, where it
     spans 9 % of the width; at our 64 x 64 it would span a third of the image and blur a lesion
     into its surroundings. Keeping the relative extent instead raised the held-out relevance mass
     of the lesion NEMt from 0.49 (21 x 21) to 0.86 (7 x 7) at the same training budget (both are

@@ -27,7 +27,9 @@ from __future__ import annotations
 import abc
 import math
 import os
+import secrets
 import socket
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -57,6 +59,31 @@ def state_name(state: int) -> str:
 
 # Distinguishes this process from an earlier one with the same pid (a container restarted as pid 1).
 PROCESS_NONCE = os.urandom(3).hex()
+
+
+ANONYMOUS = "anonymous"  # the owner of jobs submitted without a token or client certificate
+_ID_VERSION = "7"  # 13th hex digit of our ids (as in a UUIDv7); uuid4 hex ids of older releases have "4"
+
+
+def new_job_id(now: float) -> str:
+    """32 hex digits: the creation time in ms (12), a version digit, 19 random digits (76 bits).
+
+    The time in the id lets GetJob say, for an id the queue does not know, when it was created
+    (long ago: purged; recently: lost or never ours) instead of guessing."""
+    return f"{int(now * 1000) & 0xFFFFFFFFFFFF:012x}{_ID_VERSION}{secrets.token_hex(10)[:19]}"
+
+
+def job_id_time(job_id: str) -> float | None:
+    """The creation time carried by a new_job_id id (unix seconds), None for any other string."""
+    if len(job_id) != 32 or job_id[12] != _ID_VERSION:
+        return None
+    try:
+        ms = int(job_id[:12], 16)
+        int(job_id[13:], 16)
+    except ValueError:
+        return None
+    t = ms / 1000.0
+    return t if 1.5e9 < t < time.time() + 86400.0 else None
 
 
 def worker_identity(role: str = "worker") -> str:
@@ -144,6 +171,7 @@ def job_message(row: dict[str, Any], *, result: bytes | None = None, queue_posit
         priority=int(row.get("priority") or 0),
         attempts=int(row.get("attempts") or 0),
         queue_position=int(queue_position),
+        owner=str(row.get("owner") or ANONYMOUS),
     )
     if result:
         job.result.ParseFromString(result)
@@ -166,12 +194,29 @@ class JobBackend(abc.ABC):
 
     # -- gateway side --------------------------------------------------------------------------
     @abc.abstractmethod
-    def submit(self, request: pb.JobRequest, *, job_id: str, now: float) -> tuple[pb.Job, bool]:
-        """Store a QUEUED job; returns (job, created). A known idempotency key returns (existing, False).
+    def submit(self, request: pb.JobRequest, *, job_id: str, now: float, owner: str = ANONYMOUS) -> tuple[pb.Job, bool]:
+        """Store a QUEUED job of `owner`; returns (job, created). An idempotency key `owner` used
+        before returns (existing, False); keys are scoped per owner (two owners never share a job).
 
         Raises ResourceExhausted when max_queued jobs are queued, InvalidArgument when the key names a
         job with a different request.
         """
+
+    def durability(self) -> tuple[bool, str]:
+        """(survives a restart of the store, how): the gateway and workers refuse a volatile store
+        at start unless allowed."""
+        return True, f"{self.kind} file"
+
+    def check_integrity(self, *, now: float) -> str | None:
+        """Called by housekeeping: a message when the store lost its data since the last call
+        (a Redis restarted without persistence), else None. Such a loss is logged, never silent."""
+        return None
+
+    #: When this process last saw the store lose its data (unix seconds; 0 = never).
+    lost_at: float = 0.0
+
+    def ping(self) -> None:
+        """Raise one of transient_errors when the store is unreachable (readiness probe)."""
 
     @abc.abstractmethod
     def get(self, job_id: str, *, include_result: bool = False) -> pb.Job | None: ...

@@ -37,6 +37,8 @@ RETRIES = Counter("xaiserve_job_retries", "Jobs put back in the queue (error: th
 WORKER_JOBS = Counter("xaiserve_worker_jobs", "Jobs this worker process ran, by outcome", ["method", "state"])
 WORKER_BUSY = Gauge("xaiserve_worker_busy", "Worker threads of this process running a job")
 WORKER_THREADS = Gauge("xaiserve_worker_threads", "Worker threads of this process")
+STORE_DATA_LOST = Counter("xaiserve_job_store_data_lost", "Times this process found the job store had lost its "
+                          "data (Redis restarted without persistence, flushed or evicting)")
 
 _seen_lock = threading.Lock()
 _seen_methods: set[str] = set()

@@ -13,7 +13,9 @@ class JobOptions:
     embedded_workers:        worker threads inside the serving process (0 = a gateway that only queues).
     result_ttl_s:            finished jobs (and their results and events) are purged this long after they end.
     purge_interval_s:        how often the housekeeping loop purges finished jobs.
-    claim_idle_s:            a running job whose worker has not heart-beaten for this long is handed to another.
+    claim_idle_s:            a running job whose worker has not heart-beaten for this long is handed to another
+                             (three heartbeats: a killed worker's job runs again within claim_idle_s plus half of
+                             it, the housekeeping interval, i.e. <= 4.5 s with the defaults).
     heartbeat_s:             how often a running job's worker proves it is alive (must be < claim_idle_s).
     progress_min_interval_s: partial heatmaps are published at most this often per job; progress numbers
                              at most every progress_min_interval_s / 5 (they are small).
@@ -30,8 +32,8 @@ class JobOptions:
     embedded_workers: int = 1
     result_ttl_s: float = 86400.0
     purge_interval_s: float = 60.0
-    claim_idle_s: float = 30.0
-    heartbeat_s: float = 5.0
+    claim_idle_s: float = 3.0
+    heartbeat_s: float = 1.0
     progress_min_interval_s: float = 0.5
     max_attempts: int = 3
     stop_grace_s: float = 10.0

@@ -27,6 +27,14 @@ Why this pattern:
   max_queued. Finished jobs get PEXPIRE result_ttl_s on all their keys: Redis purges them itself.
 * Workers block on BLPOP of per-method wake-up lists (pushed by submit/re-queue) instead of polling.
 
+* Owners: the job hash holds its owner; an idempotency key lives at `idem:<len>:<owner>:<key>`, so
+  two principals using the same key get two jobs.
+* Durability: gateways and workers call `durability()` at start and refuse a Redis that neither
+  appends (appendonly) nor snapshots (an RDB save policy), unless allowed. An `epoch` key written at
+  start and checked by housekeeping tells when Redis lost its data anyway (a restart without
+  persistence, a FLUSHALL): that is logged as an error and counted, and GetJob says so for the
+  jobs submitted before it.
+
 Deployment notes: one Redis primary (optionally with replicas / Sentinel), not Redis Cluster (the
 scripts compute key names); `maxmemory-policy noeviction` (an evicted job would be lost); enable
 `appendonly yes` so queued jobs survive a Redis restart.
@@ -35,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from typing import Any, Sequence
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -44,8 +53,8 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
-from xaiserve.service.errors import InvalidArgument, ResourceExhausted
-from xaiserve.service.jobs.backend import Claim, JobBackend, QueueStats, Recovered, deadline_from, job_message
+from xaiserve.service.errors import InvalidArgument, ResourceExhausted, quote
+from xaiserve.service.jobs.backend import ANONYMOUS, Claim, JobBackend, QueueStats, Recovered, deadline_from, job_message
 from xaiserve.service.jobs.options import JobOptions
 
 log = logging.getLogger("xaiserve.jobs.redis")
@@ -84,7 +93,7 @@ local function release_lease(h)
 end
 local function terminate(id, state, now, err, ttl_ms, maxlen)
   local h = jk(id)
-  local f = redis.call('HMGET', h, 'method', 'qm', 'progress', 'idem')
+  local f = redis.call('HMGET', h, 'method', 'qm', 'progress', 'idemk')
   release_lease(h)
   redis.call('ZREM', P .. ':q:' .. f[1], f[2])
   redis.call('ZREM', P .. ':qtime', id)
@@ -120,13 +129,14 @@ local function expired_msg(h, now, when)
 end
 """
 
-# ARGV: P id method model priority now deadline idem request max_queued maxlen prio10
+# ARGV: P id method model priority now deadline idem request max_queued maxlen prio10 owner idemkey
 _SUBMIT = _PRELUDE + r"""
 local id, method, idem, request = ARGV[2], ARGV[3], ARGV[8], ARGV[9]
 local now, deadline = ARGV[6], tonumber(ARGV[7])
+local owner, idemk = ARGV[13], ARGV[14]
 if redis.call('EXISTS', jk(id)) == 1 then return {'exists', id} end
 if idem ~= '' then
-  local existing = redis.call('GET', P .. ':idem:' .. idem)
+  local existing = redis.call('GET', P .. ':idem:' .. idemk)
   if existing and redis.call('EXISTS', jk(existing)) == 1 then
     if redis.call('GET', P .. ':req:' .. existing) ~= request then return {'mismatch', existing} end
     return {'exists', existing}
@@ -142,12 +152,12 @@ local qm = ARGV[12] .. string.format('%016d', n) .. ':' .. id
 redis.call('HSET', jk(id), 'id', id, 'method', method, 'model', ARGV[4], 'state', QUEUED, 'priority', ARGV[5],
            'progress', 0, 'error', '', 'last_error', '', 'created', now, 'queued_at', now, 'started', 0,
            'finished', 0, 'deadline', ARGV[7], 'idem', idem, 'attempts', 0, 'worker', '', 'entry', '',
-           'seq', 0, 'qm', qm, 'heartbeat', 0)
+           'seq', 0, 'qm', qm, 'heartbeat', 0, 'owner', owner, 'idemk', idemk)
 redis.call('SET', P .. ':req:' .. id, request)
 redis.call('ZADD', P .. ':q:' .. method, 0, qm)
 redis.call('ZADD', P .. ':qtime', now, id)
 redis.call('SADD', P .. ':methods', method)
-if idem ~= '' then redis.call('SET', P .. ':idem:' .. idem, id) end
+if idem ~= '' then redis.call('SET', P .. ':idem:' .. idemk, id) end
 if deadline > 0 then redis.call('ZADD', P .. ':deadlines', deadline, id) end
 emit(id, now, 1, 0, '', ARGV[11])
 wake(method)
@@ -339,6 +349,7 @@ class RedisBackend(JobBackend):
             ("expire", _EXPIRE))}
         self._ensure_group()
         self._check_policy()
+        self._epoch = self._read_epoch()
 
     # -- plumbing ------------------------------------------------------------------------------
     def _k(self, *parts: str) -> str:
@@ -362,6 +373,39 @@ class RedisBackend(JobBackend):
             return
         if policy != "noeviction":
             log.warning("redis maxmemory-policy is not noeviction: jobs may be evicted", extra={"policy": policy})
+
+    def _read_epoch(self) -> str:
+        """The store's epoch: a random value set once per Redis dataset; it vanishes with the data."""
+        self.r.set(self._k("epoch"), uuid.uuid4().hex, nx=True)
+        return _s(self.r.get(self._k("epoch")) or b"")
+
+    def durability(self) -> tuple[bool, str]:
+        try:
+            aof = _s(self.r.config_get("appendonly").get("appendonly", "no"))
+            save = _s(self.r.config_get("save").get("save", ""))
+        except redis.ResponseError:  # CONFIG is disabled (managed Redis): ask INFO instead
+            info = self.r.info("persistence")
+            if int(info.get("aof_enabled", 0)):
+                return True, "append-only file enabled (INFO persistence)"
+            return False, ("CONFIG is disabled and INFO persistence shows no append-only file, so whether "
+                           "RDB snapshots are configured cannot be told")
+        if aof == "yes":
+            return True, "appendonly yes"
+        if save.strip():
+            return True, f"RDB snapshots (save {save})"
+        return False, "appendonly is no and no RDB save policy is set (save \"\")"
+
+    def check_integrity(self, *, now: float) -> str | None:
+        current = _s(self.r.get(self._k("epoch")) or b"")
+        if current and current == self._epoch:
+            return None
+        self._epoch = self._read_epoch()
+        self.lost_at = now
+        return ("the Redis job store lost its data (its epoch key is gone: a restart without persistence, "
+                "a FLUSHALL or an eviction); jobs queued or running before now are lost")
+
+    def ping(self) -> None:
+        self.r.ping()
 
     def _run(self, name: str, args: Sequence[Any]) -> Any:
         try:
@@ -398,13 +442,15 @@ class RedisBackend(JobBackend):
         return ev
 
     # -- gateway side --------------------------------------------------------------------------
-    def submit(self, request: pb.JobRequest, *, job_id: str, now: float) -> tuple[pb.Job, bool]:
+    def submit(self, request: pb.JobRequest, *, job_id: str, now: float, owner: str = ANONYMOUS) -> tuple[pb.Job, bool]:
         data = request.SerializeToString(deterministic=True)
         prio = int(request.priority)
+        idem = request.idempotency_key
+        idem_key = f"{len(owner)}:{owner}:{idem}" if idem else ""  # unambiguous whatever the owner holds
         status, ref = self._run("submit", [
             job_id, request.method, request.model, prio, repr(now), repr(deadline_from(request, now)),
-            request.idempotency_key, data, self.options.max_queued, self.options.events_per_job,
-            f"{_PRIO_OFFSET - prio:010d}",
+            idem, data, self.options.max_queued, self.options.events_per_job,
+            f"{_PRIO_OFFSET - prio:010d}", owner, idem_key,
         ])
         status, ref = _s(status), _s(ref)
         if status == "full":
@@ -413,7 +459,7 @@ class RedisBackend(JobBackend):
             )
         if status == "mismatch":
             raise InvalidArgument(
-                f"idempotency key {request.idempotency_key!r} already names job {ref} with a different request; "
+                f"idempotency key {quote(request.idempotency_key)} already names job {ref} with a different request; "
                 "use a new key for a new job"
             )
         job = self.get(ref)

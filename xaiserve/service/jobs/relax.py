@@ -34,14 +34,15 @@ _OPTIONAL = ("num_masks", "cells", "p_keep", "noise_mean", "noise_std", "target_
 
 
 def onnx_embed(model: OnnxModel) -> Embed:
-    """An embed function over an encoder's ONNX Runtime session: torch batch in, torch embeddings out."""
+    """An embed function over an encoder's ONNX Runtime session: torch batch in, torch embeddings out.
+    OnnxModel.run takes and returns the kind's names (image -> output) whatever the graph calls them."""
     names_in, names_out = model.input_names, model.output_names
     in_name = "image" if "image" in names_in else names_in[0]
     out_name = "output" if "output" in names_out else names_out[0]
 
     def embed(batch: torch.Tensor) -> torch.Tensor:
         arr = batch.detach().to(torch.float32).contiguous().numpy()
-        return torch.from_numpy(model.session.run([out_name], {in_name: arr})[0])
+        return torch.from_numpy(model.run({in_name: arr})[out_name])
 
     return embed
 

@@ -262,6 +262,10 @@ class Housekeeper:
 
     def tick(self) -> list[Recovered]:
         now = time.time()
+        lost = self.backend.check_integrity(now=now)
+        if lost:
+            metrics.STORE_DATA_LOST.inc()
+            log.error(lost, extra={"backend": self.backend.kind})
         done = self.backend.recover(now=now, reclaimer=self.reclaimer) + self.backend.expire_due(now=now)
         count(done)
         if time.monotonic() - self._last_purge >= self.options.purge_interval_s:

@@ -5,6 +5,12 @@ the store calls off the event loop, runs the embedded workers (threads: torch an
 the GIL, and a method that raises never takes the server down) and a housekeeping task (recover jobs
 of dead workers, expire, purge, refresh gauges).
 
+Tenancy: every call names the calling principal (service.security.Principals; "anonymous" without
+tokens or client certificates). A job records the principal that submitted it; GetJob, WatchJob and
+CancelJob of another principal's job answer NOT_FOUND with the message an unknown id gets (never
+confirming the job exists), idempotency keys are scoped per principal, and principals in `admins`
+see every job.
+
 Lifecycle:  svc = JobService(backend, methods, registry, options); await svc.start(); ...; await svc.stop()
 """
 from __future__ import annotations
@@ -14,14 +20,23 @@ import logging
 import math
 import threading
 import time
-import uuid
+from datetime import datetime, timezone
 from typing import AsyncIterator, Awaitable, Callable, Mapping, TypeVar
 
 from xaiserve.methods import METHODS
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
-from xaiserve.service.errors import InvalidArgument, NotFound, Unavailable
+from xaiserve.service.errors import InvalidArgument, NotFound, Unavailable, quote
 from xaiserve.service.jobs import metrics
-from xaiserve.service.jobs.backend import TERMINAL_EVENT, TERMINAL_EVENT_TYPES, TERMINAL_STATES, JobBackend, worker_identity
+from xaiserve.service.jobs.backend import (
+    ANONYMOUS,
+    TERMINAL_EVENT,
+    TERMINAL_EVENT_TYPES,
+    TERMINAL_STATES,
+    JobBackend,
+    job_id_time,
+    new_job_id,
+    worker_identity,
+)
 from xaiserve.service.jobs.contract import JobMethod
 from xaiserve.service.jobs.options import JobOptions
 from xaiserve.service.jobs.runner import Housekeeper, JobWorker, count
@@ -37,7 +52,8 @@ class JobService:
     """Durable, cancellable jobs over a JobBackend (SQLite embedded or Redis distributed)."""
 
     def __init__(self, backend: JobBackend, methods: Mapping[str, JobMethod], registry,
-                 options: JobOptions | None = None, *, role: str = "gateway"):
+                 options: JobOptions | None = None, *, role: str = "gateway",
+                 admins: frozenset[str] | set[str] | tuple[str, ...] = ()):
         self.backend = backend
         self.methods: dict[str, JobMethod] = dict(methods)
         for name, m in self.methods.items():
@@ -45,6 +61,7 @@ class JobService:
                 raise ValueError(f"job method registered as {name!r} calls itself {m.name!r}")
         self.registry = registry
         self.options = options or JobOptions()
+        self.admins = frozenset(admins)
         self.identity = worker_identity(role)
         self.backend.observer = count
         self._stop = threading.Event()
@@ -71,27 +88,50 @@ class JobService:
         if not job_id:
             raise InvalidArgument("job id is empty: pass the id SubmitJob returned")
         if len(job_id) > 128:
-            raise InvalidArgument("job id is longer than 128 characters; it is not one of ours")
+            raise InvalidArgument(f"job id {quote(job_id)} is longer than 128 characters; it is not one of ours")
         return job_id
 
     def _not_found(self, job_id: str) -> NotFound:
-        return NotFound(f"job {job_id!r} not found: unknown, or purged {self.options.result_ttl_s:g} s after it finished")
+        """What GetJob/WatchJob/CancelJob say for an id this principal cannot see: the same for an id
+        that never existed, one that was purged or lost, and another principal's job. It says what
+        the id itself tells (when it was created), never whether the job exists."""
+        created = job_id_time(job_id)
+        if created is None:
+            return NotFound(f"job {quote(job_id)} not found: it is not an id this queue issued "
+                            "(use the id SubmitJob returned)")
+        now = time.time()
+        when = datetime.fromtimestamp(created, timezone.utc).isoformat(timespec="seconds")
+        head = f"job {job_id} (submitted {when}, {now - created:.0f} s ago) not found"
+        ttl = self.options.result_ttl_s
+        if now - created > ttl:
+            return NotFound(f"{head}: finished jobs are purged {ttl:g} s after they end, so it has likely been purged")
+        lost = self.backend.lost_at
+        if lost and created < lost:
+            return NotFound(f"{head}: the job store lost its data at "
+                            f"{datetime.fromtimestamp(lost, timezone.utc).isoformat(timespec='seconds')} "
+                            "(a restart without persistence?); submit the job again")
+        return NotFound(f"{head}: this queue has no job with this id visible to this caller (it may belong to "
+                        "another caller or another queue, or the store lost it)")
+
+    def _visible(self, job: pb.Job | None, principal: str) -> bool:
+        return job is not None and (job.owner == principal or principal in self.admins)
 
     # -- API -----------------------------------------------------------------------------------
-    async def submit(self, request: pb.JobRequest) -> pb.Job:
+    async def submit(self, request: pb.JobRequest, *, principal: str = ANONYMOUS) -> pb.Job:
         method = self.methods.get(request.method)
         if method is None:
             avail = ", ".join(sorted(self.methods)) or "(none configured)"
-            raise InvalidArgument(f"unknown job method {request.method!r}; this server runs: {avail}")
+            raise InvalidArgument(f"unknown job method {quote(request.method)}; this server runs: {avail}")
         d = request.deadline_seconds
         if not math.isfinite(d) or d < 0:
             raise InvalidArgument(f"deadline_seconds must be >= 0 (0 = none), got {d}")
         if len(request.idempotency_key) > MAX_IDEMPOTENCY_KEY:
-            raise InvalidArgument(f"idempotency_key is longer than {MAX_IDEMPOTENCY_KEY} characters")
+            raise InvalidArgument(f"idempotency_key {quote(request.idempotency_key)} is longer than {MAX_IDEMPOTENCY_KEY} characters")
         # The methods table decides whether the method applies to the model (what ListModels
         # advertises); then the method checks parameters and image: a job never fails later for these.
         await asyncio.to_thread(self._validate, method, request)
-        job, created = await self._call(self.backend.submit, request, job_id=uuid.uuid4().hex, now=time.time())
+        now = time.time()
+        job, created = await self._call(self.backend.submit, request, job_id=new_job_id(now), now=now, owner=principal)
         if created:
             metrics.JOBS.labels(request.method, "queued").inc()
         return job
@@ -103,18 +143,19 @@ class JobService:
             self.registry.check_method(self.registry.resolve(request.model), request.method, self.methods)
         method.validate(request, self.registry)
 
-    async def get(self, ref: pb.JobRef | str, *, include_result: bool | None = None) -> pb.Job:
+    async def get(self, ref: pb.JobRef | str, *, include_result: bool | None = None,
+                  principal: str = ANONYMOUS) -> pb.Job:
         job_id = self._job_id(ref)
         inc = include_result if include_result is not None else (ref.include_result if isinstance(ref, pb.JobRef) else True)
         job = await self._call(self.backend.get, job_id, include_result=inc)
-        if job is None:
+        if not self._visible(job, principal):
             raise self._not_found(job_id)
         return job
 
-    async def cancel(self, ref: pb.JobRef | str) -> pb.Job:
+    async def cancel(self, ref: pb.JobRef | str, *, principal: str = ANONYMOUS) -> pb.Job:
         job_id = self._job_id(ref)
         before = await self._call(self.backend.get, job_id)
-        if before is None:
+        if not self._visible(before, principal):
             raise self._not_found(job_id)
         job = await self._call(self.backend.cancel, job_id, now=time.time())
         if job is None:
@@ -122,14 +163,14 @@ class JobService:
         if before.state not in TERMINAL_STATES and job.state == pb.CANCELLED:
             metrics.JOBS.labels(job.method, "cancelled").inc()
         if isinstance(ref, pb.JobRef) and ref.include_result and job.state == pb.SUCCEEDED:
-            job = await self.get(job_id, include_result=True)
+            job = await self.get(job_id, include_result=True, principal=principal)
         return job
 
-    async def watch(self, ref: pb.JobRef | str) -> AsyncIterator[pb.JobEvent]:
+    async def watch(self, ref: pb.JobRef | str, *, principal: str = ANONYMOUS) -> AsyncIterator[pb.JobEvent]:
         """The job's current state first (with the latest partial heatmap), then live events to the end."""
         job_id = self._job_id(ref)
         snap = await self._call(self.backend.snapshot, job_id)
-        if snap is None:
+        if snap is None or not self._visible(snap[0], principal):
             raise self._not_found(job_id)
         job, cursor = snap
         if job.state in TERMINAL_STATES:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
-from xaiserve.service.errors import InvalidArgument, ResourceExhausted
+from xaiserve.service.errors import InvalidArgument, ResourceExhausted, quote
 from xaiserve.service.jobs.backend import (
     TERMINAL_EVENT,
     TERMINAL_STATES,
@@ -62,9 +62,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     heartbeat REAL NOT NULL DEFAULT 0,
     seq INTEGER NOT NULL DEFAULT 0,
     request BLOB NOT NULL,
-    result BLOB
+    result BLOB,
+    owner TEXT NOT NULL DEFAULT 'anonymous'
 );
-CREATE UNIQUE INDEX IF NOT EXISTS jobs_idem ON jobs(idem) WHERE idem IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs(state, method, priority DESC, rid);
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(state, finished);
 CREATE TABLE IF NOT EXISTS events (
@@ -76,8 +76,18 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE TABLE IF NOT EXISTS workers (id TEXT PRIMARY KEY, last_seen REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+# Idempotency keys are scoped per owner. Files written before jobs had owners get the column (their
+# jobs belong to "anonymous") and lose the old store-wide unique index.
+_OWNER_MIGRATION = """
+ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT 'anonymous';
+"""
+_OWNER_INDEX = """
+DROP INDEX IF EXISTS jobs_idem;
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_owner_idem ON jobs(owner, idem) WHERE idem IS NOT NULL;
+"""
 _COLUMNS = ("id", "method", "model", "state", "priority", "progress", "error", "created", "queued_at",
-            "started", "finished", "deadline", "idem", "attempts", "worker", "rid", "seq", "last_error", "heartbeat")
+            "started", "finished", "deadline", "idem", "attempts", "worker", "rid", "seq", "last_error", "heartbeat",
+            "owner")
 _SELECT = "SELECT " + ", ".join(_COLUMNS) + " FROM jobs"
 
 
@@ -143,6 +153,9 @@ class SqliteBackend(JobBackend):
             self._conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
             self._conn.execute("PRAGMA busy_timeout=30000")
             self._conn.executescript(_SCHEMA)
+            if "owner" not in {r[1] for r in self._conn.execute("PRAGMA table_info(jobs)")}:
+                self._conn.executescript(_OWNER_MIGRATION)
+            self._conn.executescript(_OWNER_INDEX)
             self._conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,))
         self._work = threading.Condition()
         self._wakeups = 0  # in-process submits not yet seen by a waiting worker (no lost wake-ups)
@@ -207,18 +220,18 @@ class SqliteBackend(JobBackend):
         self._append(c, row["id"], transition_event(TERMINAL_EVENT[state], now=now, progress=progress, message=error))
 
     # -- gateway side --------------------------------------------------------------------------
-    def submit(self, request: pb.JobRequest, *, job_id: str, now: float) -> tuple[pb.Job, bool]:
+    def submit(self, request: pb.JobRequest, *, job_id: str, now: float, owner: str = "anonymous") -> tuple[pb.Job, bool]:
         data = request.SerializeToString(deterministic=True)
         idem = request.idempotency_key or None
         with self._tx() as c:
             if idem is not None:
-                t = c.execute(_SELECT + " WHERE idem = ?", (idem,)).fetchone()
+                t = c.execute(_SELECT + " WHERE idem = ? AND owner = ?", (idem, owner)).fetchone()
                 if t is not None:
                     row = self._row(t)
                     stored = c.execute("SELECT request FROM jobs WHERE id = ?", (row["id"],)).fetchone()[0]
                     if bytes(stored) != data:
                         raise InvalidArgument(
-                            f"idempotency key {idem!r} already names job {row['id']} with a different request; "
+                            f"idempotency key {quote(idem)} already names job {row['id']} with a different request; "
                             "use a new key for a new job"
                         )
                     return job_message(row, queue_position=self._queue_position(c, row)), False
@@ -228,10 +241,10 @@ class SqliteBackend(JobBackend):
                     f"the job queue is full ({queued} jobs queued, limit {self.options.max_queued}); retry later"
                 )
             c.execute(
-                "INSERT INTO jobs(id, method, model, state, priority, created, queued_at, deadline, idem, request) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs(id, method, model, state, priority, created, queued_at, deadline, idem, request, owner) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job_id, request.method, request.model, pb.QUEUED, int(request.priority), now, now,
-                 deadline_from(request, now), idem, data),
+                 deadline_from(request, now), idem, data, owner),
             )
             self._append(c, job_id, transition_event(pb.EVENT_QUEUED, now=now))
             row = self._row(c.execute(_SELECT + " WHERE id = ?", (job_id,)).fetchone())
@@ -470,6 +483,12 @@ class SqliteBackend(JobBackend):
         for method, state, n in rows:
             (st.queued if state == pb.QUEUED else st.running)[method] = int(n)
         return st
+
+    def durability(self) -> tuple[bool, str]:
+        return True, f"SQLite file {self.path} (WAL)"
+
+    def ping(self) -> None:
+        self._read("SELECT 1")
 
     def touch_worker(self, worker_id: str, *, now: float) -> None:
         with self._tx() as c:

@@ -63,12 +63,26 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Image(_message.Message):
-    __slots__ = ("encoded", "tensor")
+    __slots__ = ("encoded", "tensor", "content_type", "dicom")
     ENCODED_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    DICOM_FIELD_NUMBER: _ClassVar[int]
     encoded: bytes
     tensor: Tensor
-    def __init__(self, encoded: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    content_type: str
+    dicom: DicomOptions
+    def __init__(self, encoded: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., content_type: _Optional[str] = ..., dicom: _Optional[_Union[DicomOptions, _Mapping]] = ...) -> None: ...
+
+class DicomOptions(_message.Message):
+    __slots__ = ("frame", "window_center", "window_width")
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_CENTER_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    frame: int
+    window_center: float
+    window_width: float
+    def __init__(self, frame: _Optional[int] = ..., window_center: _Optional[float] = ..., window_width: _Optional[float] = ...) -> None: ...
 
 class Timing(_message.Message):
     __slots__ = ("queue_ms", "inference_ms", "total_ms", "batch_size")
@@ -83,18 +97,22 @@ class Timing(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class ExplainOptions(_message.Message):
-    __slots__ = ("method", "return_output", "fidelity", "return_png", "target_label")
+    __slots__ = ("method", "return_output", "fidelity", "return_png", "target_label", "output_format", "dicom_overlay")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     RETURN_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     FIDELITY_FIELD_NUMBER: _ClassVar[int]
     RETURN_PNG_FIELD_NUMBER: _ClassVar[int]
     TARGET_LABEL_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    DICOM_OVERLAY_FIELD_NUMBER: _ClassVar[int]
     method: str
     return_output: bool
     fidelity: bool
     return_png: bool
     target_label: int
-    def __init__(self, method: _Optional[str] = ..., return_output: _Optional[bool] = ..., fidelity: _Optional[bool] = ..., return_png: _Optional[bool] = ..., target_label: _Optional[int] = ...) -> None: ...
+    output_format: str
+    dicom_overlay: bool
+    def __init__(self, method: _Optional[str] = ..., return_output: bool = ..., fidelity: bool = ..., return_png: bool = ..., target_label: _Optional[int] = ..., output_format: _Optional[str] = ..., dicom_overlay: bool = ...) -> None: ...
 
 class ExplainRequest(_message.Message):
     __slots__ = ("model", "image", "options")
@@ -107,7 +125,7 @@ class ExplainRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., options: _Optional[_Union[ExplainOptions, _Mapping]] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
-    __slots__ = ("model", "mask", "output", "fidelity", "mask_png", "overlay_png", "target_label", "timing", "method")
+    __slots__ = ("model", "mask", "output", "fidelity", "mask_png", "overlay_png", "target_label", "timing", "method", "dicom", "dicom_overlay")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MASK_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +135,8 @@ class ExplainResponse(_message.Message):
     TARGET_LABEL_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
+    DICOM_FIELD_NUMBER: _ClassVar[int]
+    DICOM_OVERLAY_FIELD_NUMBER: _ClassVar[int]
     model: str
     mask: Tensor
     output: Tensor
@@ -126,7 +146,9 @@ class ExplainResponse(_message.Message):
     target_label: int
     timing: Timing
     method: str
-    def __init__(self, model: _Optional[str] = ..., mask: _Optional[_Union[Tensor, _Mapping]] = ..., output: _Optional[_Union[Tensor, _Mapping]] = ..., fidelity: _Optional[float] = ..., mask_png: _Optional[bytes] = ..., overlay_png: _Optional[bytes] = ..., target_label: _Optional[int] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., method: _Optional[str] = ...) -> None: ...
+    dicom: bytes
+    dicom_overlay: bytes
+    def __init__(self, model: _Optional[str] = ..., mask: _Optional[_Union[Tensor, _Mapping]] = ..., output: _Optional[_Union[Tensor, _Mapping]] = ..., fidelity: _Optional[float] = ..., mask_png: _Optional[bytes] = ..., overlay_png: _Optional[bytes] = ..., target_label: _Optional[int] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., method: _Optional[str] = ..., dicom: _Optional[bytes] = ..., dicom_overlay: _Optional[bytes] = ...) -> None: ...
 
 class ExplainFrame(_message.Message):
     __slots__ = ("frame_id", "image", "model", "options", "policy", "max_queue", "client_timestamp_us")
@@ -172,7 +194,7 @@ class DenoiseRequest(_message.Message):
     tensor: Tensor
     mrc: bytes
     return_mrc: bool
-    def __init__(self, model: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., mrc: _Optional[bytes] = ..., return_mrc: _Optional[bool] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., mrc: _Optional[bytes] = ..., return_mrc: bool = ...) -> None: ...
 
 class DenoiseResponse(_message.Message):
     __slots__ = ("model", "denoised", "mrc", "timing")
@@ -216,7 +238,7 @@ class RelaxParams(_message.Message):
     two_pass: bool
     seed: int
     estimator: str
-    def __init__(self, num_masks: _Optional[int] = ..., cells: _Optional[int] = ..., p_keep: _Optional[float] = ..., masking: _Optional[str] = ..., noise_mean: _Optional[float] = ..., noise_std: _Optional[float] = ..., adaptive: _Optional[bool] = ..., target_error: _Optional[float] = ..., threshold: _Optional[str] = ..., gamma: _Optional[float] = ..., batch_size: _Optional[int] = ..., two_pass: _Optional[bool] = ..., seed: _Optional[int] = ..., estimator: _Optional[str] = ...) -> None: ...
+    def __init__(self, num_masks: _Optional[int] = ..., cells: _Optional[int] = ..., p_keep: _Optional[float] = ..., masking: _Optional[str] = ..., noise_mean: _Optional[float] = ..., noise_std: _Optional[float] = ..., adaptive: bool = ..., target_error: _Optional[float] = ..., threshold: _Optional[str] = ..., gamma: _Optional[float] = ..., batch_size: _Optional[int] = ..., two_pass: bool = ..., seed: _Optional[int] = ..., estimator: _Optional[str] = ...) -> None: ...
 
 class AblationParams(_message.Message):
     __slots__ = ("score", "num_slices", "mask_size", "sigma_regu", "saturation", "ramp_saturation", "max_iterations", "step_size", "target_label", "reduction", "window", "return_images", "baseline", "stop_saturation", "seed")
@@ -250,10 +272,10 @@ class AblationParams(_message.Message):
     baseline: Image
     stop_saturation: float
     seed: int
-    def __init__(self, score: _Optional[str] = ..., num_slices: _Optional[int] = ..., mask_size: _Optional[int] = ..., sigma_regu: _Optional[float] = ..., saturation: _Optional[float] = ..., ramp_saturation: _Optional[bool] = ..., max_iterations: _Optional[int] = ..., step_size: _Optional[float] = ..., target_label: _Optional[int] = ..., reduction: _Optional[str] = ..., window: _Optional[int] = ..., return_images: _Optional[bool] = ..., baseline: _Optional[_Union[Image, _Mapping]] = ..., stop_saturation: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    def __init__(self, score: _Optional[str] = ..., num_slices: _Optional[int] = ..., mask_size: _Optional[int] = ..., sigma_regu: _Optional[float] = ..., saturation: _Optional[float] = ..., ramp_saturation: bool = ..., max_iterations: _Optional[int] = ..., step_size: _Optional[float] = ..., target_label: _Optional[int] = ..., reduction: _Optional[str] = ..., window: _Optional[int] = ..., return_images: bool = ..., baseline: _Optional[_Union[Image, _Mapping]] = ..., stop_saturation: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class JobRequest(_message.Message):
-    __slots__ = ("method", "model", "image", "relax", "ablation", "idempotency_key", "priority", "deadline_seconds")
+    __slots__ = ("method", "model", "image", "relax", "ablation", "idempotency_key", "priority", "deadline_seconds", "output_format", "dicom_overlay")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
@@ -262,6 +284,8 @@ class JobRequest(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    DICOM_OVERLAY_FIELD_NUMBER: _ClassVar[int]
     method: str
     model: str
     image: Image
@@ -270,7 +294,9 @@ class JobRequest(_message.Message):
     idempotency_key: str
     priority: int
     deadline_seconds: float
-    def __init__(self, method: _Optional[str] = ..., model: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., relax: _Optional[_Union[RelaxParams, _Mapping]] = ..., ablation: _Optional[_Union[AblationParams, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., priority: _Optional[int] = ..., deadline_seconds: _Optional[float] = ...) -> None: ...
+    output_format: str
+    dicom_overlay: bool
+    def __init__(self, method: _Optional[str] = ..., model: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., relax: _Optional[_Union[RelaxParams, _Mapping]] = ..., ablation: _Optional[_Union[AblationParams, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., priority: _Optional[int] = ..., deadline_seconds: _Optional[float] = ..., output_format: _Optional[str] = ..., dicom_overlay: bool = ...) -> None: ...
 
 class RelaxResult(_message.Message):
     __slots__ = ("importance", "uncertainty", "u_relax", "threshold", "num_masks", "achieved_error", "png", "masks_per_second")
@@ -327,7 +353,7 @@ class AblationResult(_message.Message):
     def __init__(self, path: _Optional[_Union[Tensor, _Mapping]] = ..., times: _Optional[_Union[Tensor, _Mapping]] = ..., probabilities: _Optional[_Union[Tensor, _Mapping]] = ..., heatmap: _Optional[_Union[Tensor, _Mapping]] = ..., score_history: _Optional[_Iterable[float]] = ..., saturation_history: _Optional[_Iterable[float]] = ..., stop_reason: _Optional[str] = ..., target_label: _Optional[int] = ..., score: _Optional[float] = ..., baseline_sigma: _Optional[float] = ..., images: _Optional[_Union[Tensor, _Mapping]] = ..., strip_png: _Optional[bytes] = ..., heatmap_png: _Optional[bytes] = ..., iterations: _Optional[int] = ..., path_down: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class JobResult(_message.Message):
-    __slots__ = ("relax", "ablation", "timings", "parameters_json")
+    __slots__ = ("relax", "ablation", "timings", "parameters_json", "dicom", "dicom_overlay")
     class TimingsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -339,14 +365,18 @@ class JobResult(_message.Message):
     ABLATION_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_JSON_FIELD_NUMBER: _ClassVar[int]
+    DICOM_FIELD_NUMBER: _ClassVar[int]
+    DICOM_OVERLAY_FIELD_NUMBER: _ClassVar[int]
     relax: RelaxResult
     ablation: AblationResult
     timings: _containers.ScalarMap[str, float]
     parameters_json: str
-    def __init__(self, relax: _Optional[_Union[RelaxResult, _Mapping]] = ..., ablation: _Optional[_Union[AblationResult, _Mapping]] = ..., timings: _Optional[_Mapping[str, float]] = ..., parameters_json: _Optional[str] = ...) -> None: ...
+    dicom: bytes
+    dicom_overlay: bytes
+    def __init__(self, relax: _Optional[_Union[RelaxResult, _Mapping]] = ..., ablation: _Optional[_Union[AblationResult, _Mapping]] = ..., timings: _Optional[_Mapping[str, float]] = ..., parameters_json: _Optional[str] = ..., dicom: _Optional[bytes] = ..., dicom_overlay: _Optional[bytes] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "method", "model", "state", "progress", "error", "created_unix", "started_unix", "finished_unix", "result", "idempotency_key", "priority", "attempts", "queue_position")
+    __slots__ = ("id", "method", "model", "state", "progress", "error", "created_unix", "started_unix", "finished_unix", "result", "idempotency_key", "priority", "attempts", "queue_position", "owner")
     ID_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -361,6 +391,7 @@ class Job(_message.Message):
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     id: str
     method: str
     model: str
@@ -375,7 +406,8 @@ class Job(_message.Message):
     priority: int
     attempts: int
     queue_position: int
-    def __init__(self, id: _Optional[str] = ..., method: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., progress: _Optional[float] = ..., error: _Optional[str] = ..., created_unix: _Optional[float] = ..., started_unix: _Optional[float] = ..., finished_unix: _Optional[float] = ..., result: _Optional[_Union[JobResult, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., priority: _Optional[int] = ..., attempts: _Optional[int] = ..., queue_position: _Optional[int] = ...) -> None: ...
+    owner: str
+    def __init__(self, id: _Optional[str] = ..., method: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., progress: _Optional[float] = ..., error: _Optional[str] = ..., created_unix: _Optional[float] = ..., started_unix: _Optional[float] = ..., finished_unix: _Optional[float] = ..., result: _Optional[_Union[JobResult, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., priority: _Optional[int] = ..., attempts: _Optional[int] = ..., queue_position: _Optional[int] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class JobRef(_message.Message):
     __slots__ = ("id", "include_result")
@@ -383,7 +415,7 @@ class JobRef(_message.Message):
     INCLUDE_RESULT_FIELD_NUMBER: _ClassVar[int]
     id: str
     include_result: bool
-    def __init__(self, id: _Optional[str] = ..., include_result: _Optional[bool] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., include_result: bool = ...) -> None: ...
 
 class JobEvent(_message.Message):
     __slots__ = ("job_id", "type", "progress", "partial_heatmap", "score", "metrics", "message", "unix_time", "job", "sequence")
@@ -460,7 +492,7 @@ class ModelInfo(_message.Message):
     loaded: bool
     card: str
     output_dim: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., kind: _Optional[str] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., labels: _Optional[_Iterable[str]] = ..., explains: _Optional[str] = ..., description: _Optional[str] = ..., methods: _Optional[_Iterable[str]] = ..., loaded: _Optional[bool] = ..., card: _Optional[str] = ..., output_dim: _Optional[int] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., kind: _Optional[str] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., labels: _Optional[_Iterable[str]] = ..., explains: _Optional[str] = ..., description: _Optional[str] = ..., methods: _Optional[_Iterable[str]] = ..., loaded: bool = ..., card: _Optional[str] = ..., output_dim: _Optional[int] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

@@ -5,7 +5,7 @@ import warnings
 
 from xaiserve.proto.explain.v1 import explainer_pb2 as xaiserve_dot_proto_dot_explain_dot_v1_dot_explainer__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.72.2'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in xaiserve/proto/explain/v1/explainer_pb2_grpc.py depends on'
+        + f' but the generated code in xaiserve/proto/explain/v1/explainer_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class ExplainerStub:
+class ExplainerStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -76,7 +76,7 @@ class ExplainerStub:
                 _registered_method=True)
 
 
-class ExplainerServicer:
+class ExplainerServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def Explain(self, request, context):
@@ -183,7 +183,7 @@ def add_ExplainerServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class Explainer:
+class Explainer(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod

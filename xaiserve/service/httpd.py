@@ -1,0 +1,151 @@
+"""The plain-HTTP operations port of the gateway and of workers: three routes, 404 for the rest.
+
+    GET /metrics   Prometheus text format (prometheus_client's default registry)
+    GET /healthz   liveness: 200 while the process's event loop answers within `live_timeout_s`
+                   (a loop blocked by a runaway call is a process to restart), else 503
+    GET /readyz    readiness: 200 when serving (not draining), the models are loaded and the job
+                   queue answers a ping; 503 with the failing check otherwise
+
+Every other path (and every method but GET / HEAD) answers 404 / 405: the port never answers an
+unknown path with the metrics page, so a probe pointed at a wrong path fails instead of passing.
+/healthz and /readyz answer a small JSON document saying which check failed. The server runs in
+its own threads (http.server.ThreadingHTTPServer), so the probes work while the event loop is busy
+and tell when it is stuck.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+log = logging.getLogger("xaiserve.http")
+
+ROUTES = ("/metrics", "/healthz", "/readyz")
+Check = Callable[[], tuple[bool, str]]
+
+
+class BoundedCheck:
+    """Runs a blocking check (a queue ping) in its own thread with a time limit; at most one runs at
+    a time, so a store that hangs cannot pile up probe threads."""
+
+    def __init__(self, fn: Callable[[], Any], timeout_s: float, what: str):
+        self.fn, self.timeout_s, self.what = fn, timeout_s, what
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="probe")
+        self._lock = threading.Lock()
+        self._fut: Future | None = None
+
+    def __call__(self) -> tuple[bool, str]:
+        with self._lock:
+            if self._fut is None or self._fut.done():
+                self._fut = self._pool.submit(self.fn)
+            fut = self._fut
+        try:
+            fut.result(timeout=self.timeout_s)
+        except FutureTimeout:
+            return False, f"{self.what} did not answer within {self.timeout_s:g} s"
+        except Exception as e:  # noqa: BLE001 - any failure of the check is "not ready", with its reason
+            return False, f"{self.what} failed: {type(e).__name__}"
+        return True, "ok"
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class OpsServer:
+    """The HTTP port; `live` and `ready` map check names to callables returning (ok, detail)."""
+
+    def __init__(self, host: str, port: int, *, live: dict[str, Check] | None = None,
+                 ready: dict[str, Check] | None = None):
+        self.live, self.ready = dict(live or {}), dict(ready or {})
+        ops = self
+
+        class Handler(BaseHTTPRequestHandler):
+            server_version = "xaiserve"
+            sys_version = ""
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's name
+                pass  # probes every few seconds would flood the log; failures are in the answers
+
+            def _send(self, code: int, body: bytes, ctype: str) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Cache-Control", "no-store")
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def _checks(self, checks: dict[str, Check]) -> None:
+                results = {}
+                ok = True
+                for name, check in checks.items():
+                    try:
+                        good, detail = check()
+                    except Exception as e:  # noqa: BLE001
+                        good, detail = False, f"check raised {type(e).__name__}"
+                    results[name] = detail
+                    ok = ok and good
+                doc = {"status": "ok" if ok else "failing", "checks": results}
+                self._send(200 if ok else 503, (json.dumps(doc) + "\n").encode(), "application/json")
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._send(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    self._checks(ops.live)
+                elif path == "/readyz":
+                    self._checks(ops.ready)
+                else:
+                    body = json.dumps({"status": "not found", "routes": list(ROUTES)}) + "\n"
+                    self._send(404, body.encode(), "application/json")
+
+            do_HEAD = do_GET  # noqa: N815
+
+            def _not_allowed(self) -> None:
+                self.send_response(405)
+                self.send_header("Allow", "GET, HEAD")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed  # noqa: N815
+
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="ops-http", daemon=True)
+
+    def start(self) -> "OpsServer":
+        self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        for checks in (self.live, self.ready):
+            for c in checks.values():
+                if isinstance(c, BoundedCheck):
+                    c.close()
+
+
+def loop_responsive(loop: Any, timeout_s: float = 2.0) -> Check:
+    """A liveness check: the asyncio loop runs a no-op callback within timeout_s."""
+
+    def check() -> tuple[bool, str]:
+        done = threading.Event()
+        try:
+            loop.call_soon_threadsafe(done.set)
+        except RuntimeError:
+            return False, "the event loop is closed"
+        if not done.wait(timeout_s):
+            return False, f"the event loop did not run a callback within {timeout_s:g} s"
+        return True, "ok"
+
+    return check
