@@ -5,10 +5,12 @@
 2. Batching: throughput with 16 concurrent clients vs sequential calls. Goal: >= 1.5x.
 3. Streaming: answered frames/s vs model-only throughput (goal >= 0.9x); with a sender at 2x the
    model's rate and policy LATEST, p99 frame latency vs model latency (goal <= 2x).
+4. Renderings: Explain of a 640 x 480 photo-like image with return_png (mask and overlay PNGs at the
+   input's resolution) vs the same call without, interleaved call by call. Goal: <= 1.5x.
 
 The server runs as a separate `xaiserve serve` process on this machine; the models are tiny
 stand-ins of the NEM-U graph contract (tests/tiny_models.py) plus the default scenes-nemu when
-the store has it. Usage: python bench/bench_grpc.py [--n 300]
+the store has it. Usage: python bench/bench_grpc.py [--n 300] [--parts 1,2,3,4]
 """
 from __future__ import annotations
 
@@ -149,16 +151,51 @@ def stream_run(stub, name: str, size: int, n: int, period: float | None, policy,
     return count / (time.perf_counter() - t), lat, count
 
 
+def photo(h: int, w: int) -> np.ndarray:
+    """A smooth, photo-like uint8 image (noise compresses unlike any photo)."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(0)
+    return (gaussian_filter(rng.random((h, w, 3)), (4, 4, 0)) * 255).astype(np.uint8)
+
+
+def png_cost(stub, name: str, n: int, h: int = 480, w: int = 640) -> tuple[list[float], list[float]]:
+    """Round trips without and with return_png, alternating so both see the same machine load."""
+    img = pb.Image(tensor=to_tensor(photo(h, w)))
+    plain = pb.ExplainRequest(model=name, image=img)
+    pngs = pb.ExplainRequest(model=name, image=img, options=pb.ExplainOptions(return_png=True))
+    for _ in range(10):
+        stub.Explain(plain, timeout=30)
+        stub.Explain(pngs, timeout=30)
+    a, b = [], []
+    for i in range(n):
+        for req, out in ((plain, a), (pngs, b)) if i % 2 == 0 else ((pngs, b), (plain, a)):
+            t = time.perf_counter()
+            stub.Explain(req, timeout=30)
+            out.append(time.perf_counter() - t)
+    return a, b
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=300)
+    ap.add_argument("--parts", default="1,2,3,4", help="which parts to run, e.g. 4")
     args = ap.parse_args()
+    parts = {int(p) for p in args.parts.split(",") if p.strip()}
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "store"
         models = build(store)
         with server_process(store, state_dir=Path(tmp) / "state", job_workers=0) as srv:
             ch = grpc.insecure_channel(srv.address)
             stub = pb_grpc.ExplainerStub(ch)
+            if 4 in parts:
+                name = "scenes-nemu" if any(m == "scenes-nemu" for m, _ in models) else models[0][0]
+                a, b = png_cost(stub, name, max(20, args.n // 3))
+                print(f"== 4. return_png at 640 x 480 ({name}): p50 without {pct(a, 50):.2f} ms, with {pct(b, 50):.2f} ms, "
+                      f"ratio {pct(b, 50) / pct(a, 50):.2f}x (goal <= 1.5x); p90 {pct(a, 90):.2f} / {pct(b, 90):.2f} ms\n")
+            if not parts & {1, 2, 3}:
+                ch.close()
+                return
             print("== 1. gRPC overhead, batch 1 (ms) ==")
             print(f"{'model':18} {'size':>5} {'ORT p50':>8} {'ORT p99':>8} {'gRPC p50':>9} {'gRPC p99':>9} {'overhead p50':>13} {'overhead p99':>13} goal")
             for name, size in models:

@@ -1,12 +1,12 @@
 """Two user architectures that are not handlers.nets's, built in the tests, and their files.
 
-- VGGish: plain conv-ReLU pairs with max-pooling (VGG layout), global pool, MLP head (classifier).
+- VGGish: plain conv-ReLU pairs with max-pooling, 7 x 7 pooling and a fully connected head (VGG layout).
 - MobileNetish: 7x7 stride-2 stem, max-pool, depthwise-separable blocks with batch norm, projection
   head (encoder).
 
 Widths are small so a forward pass at 224 x 224 takes milliseconds on a CPU core. The batch norm
-statistics are randomised so eval-mode normalisation is not the identity (a training-mode export
-would then differ visibly).
+statistics are measured on random images, so eval-mode normalisation is not the identity (a
+training-mode export would differ visibly).
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ class VGGish(nn.Module):
                        nn.ReLU(inplace=True), nn.MaxPool2d(2)]
             c = w
         self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c, 16), nn.ReLU(), nn.Linear(16, classes))
+        self.pool = nn.AdaptiveAvgPool2d(7)  # VGG's 7 x 7 before the flattened fully connected head
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c * 49, 16), nn.ReLU(), nn.Linear(16, classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.pool(self.features(x)))
@@ -58,14 +58,26 @@ class MobileNetish(nn.Module):
         return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
 
 
-def make(arch: str, seed: int = 0) -> nn.Module:
+def make(arch: str, seed: int = 0, size: tuple[int, int] = (224, 224)) -> nn.Module:
+    """A randomly initialised network whose output depends visibly on its input: He-initialised
+    convolutions, and batch-norm statistics measured on random images (as training would leave
+    them; with default statistics the random MobileNet's embedding is the same for every image)."""
     torch.manual_seed(seed)
     m = VGGish() if arch == "vgg" else MobileNetish()
-    g = torch.Generator().manual_seed(seed + 1)
     for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.copy_(torch.randn(mod.num_features, generator=g) * 0.1)
-            mod.running_var.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
+        if isinstance(mod, nn.Conv2d):
+            nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
+    bns = [mod for mod in m.modules() if isinstance(mod, nn.BatchNorm2d)]
+    if bns:
+        g = torch.Generator().manual_seed(seed + 1)
+        for bn in bns:
+            bn.momentum = None  # cumulative average over the calibration batches
+        m.train()
+        with torch.no_grad():
+            for _ in range(2):
+                m(torch.rand(4, 3, *size, generator=g))
+        for bn in bns:
+            bn.momentum = 0.1
     return m.eval()
 
 

@@ -1,3 +1,8 @@
+"""Fixtures shared by the test modules: the stores and the real servers on them, a redis-server,
+and the marker directory of the job tests' methods.
+
+Fast target: `python -m pytest -m "not slow"` (well under a minute); `.ci/run` runs everything.
+"""
 from __future__ import annotations
 
 import os
@@ -31,3 +36,31 @@ def server(tiny_store):
 @pytest.fixture(scope="session")
 def stub(server):
     return server.stub()
+
+
+@pytest.fixture(scope="session")
+def zoo():
+    """The real server on the committed default models (model_store/), loaded once per session."""
+    from tests.serverutil import running_server
+
+    with running_server(DEFAULT_STORE, job_workers=1) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def redis_srv(tmp_path_factory):
+    """A real redis-server (Debian package) on a free port, one per test module; tests keep apart
+    by key prefix."""
+    from tests.jobs_support import redis_server
+
+    with redis_server(tmp_path_factory.mktemp("redis")) as srv:
+        yield srv
+
+
+@pytest.fixture
+def marks(tmp_path, monkeypatch):
+    """The directory where the job tests' methods (tests/jobs_support.py) leave their run markers."""
+    d = tmp_path / "markers"
+    d.mkdir()
+    monkeypatch.setenv("XAI_TEST_MARKERS", str(d))
+    return d

@@ -24,7 +24,7 @@ from xaiserve.service.jobs.contract import JobCancelled
 from xaiserve.service.modelstore import add_entry
 from xaiserve.service.registry import Registry, RegistryConfig
 from xaiserve.service.tensors import from_tensor, to_tensor
-from tests.test_jobs_support import RecordingContext
+from tests.jobs_support import RecordingContext
 
 torch.set_num_threads(1)
 
@@ -160,7 +160,7 @@ def test_bad_models_and_images(registry):
     m = AblationJobMethod()
     with pytest.raises(InvalidArgument, match=r"enc:1 is a encoder.*Classifiers with torch weights in this store: flat:1, squares:1"):
         m.validate(_request("enc"), registry)
-    with pytest.raises(InvalidArgument, match=r"onnx-only:1 has no torch weights.*flat:1, squares:1"):
+    with pytest.raises(InvalidArgument, match=r"onnx-only:1 has no torch form.*flat:1, squares:1"):
         m.validate(_request("onnx-only"), registry)
     with pytest.raises(NotFound, match="nope"):
         m.validate(_request("nope"), registry)

@@ -49,6 +49,7 @@ def _evidence_images(module, entry, count: int = 3):
     raise AssertionError(f"only {len(found)} test images of chunk 0 have the lesion as the classifier's evidence")
 
 
+@pytest.mark.slow
 def test_class_transition_heatmap_points_into_the_lesion(classifier):
     module, entry = classifier
     for i, x, label, lesion in _evidence_images(module, entry):

@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -16,6 +18,7 @@ def _bench():
     return mod
 
 
+@pytest.mark.slow
 def test_bench_times_the_served_spiral_its_graph_and_the_baseline_and_the_card_quotes_them(tmp_path, capsys) -> None:
     from xaiserve.training.cli_denoise import latency_section
 

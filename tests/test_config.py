@@ -180,6 +180,7 @@ def test_worker_flags_fail_with_the_setting_and_the_flag(capsys):
     assert "--concurrency must be >= 1 (from flag --concurrency)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_prefer_cuda_maybe_fails_in_a_real_process_as_the_environment_does():
     """The case a user types: before, `--prefer-cuda maybe` silently meant false."""
     base = [sys.executable, "-m", "xaiserve.service.cli", "serve", "--print-config"]

@@ -57,6 +57,7 @@ def test_splits_are_fixed_by_seed_and_disjoint(le):
     assert not np.array_equal(le.split("train").images[:20], le.split("val").images)
 
 
+@pytest.mark.slow
 def test_batches_are_normalised_with_the_dataset_statistics(sc):
     x, y, m = next(sc.batches("train", 16))
     assert x.shape == (16, 3, 64, 64) and y.shape == (16,) and m.shape == (16, 64, 64)

@@ -17,19 +17,13 @@ from PIL import Image
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.service.tensors import from_tensor, to_tensor
 from tests.conftest import DEFAULT_STORE
-from tests.serverutil import ROOT, running_server
+from tests.serverutil import ROOT
 
 DEFAULTS = {
     "scenes-simclr": "encoder", "scenes-classifier": "classifier", "lesions-classifier": "classifier",
     "scenes-nemu": "nem_u", "lesions-nemt": "nemt", "lesions-nemt-cond": "nemt",
     "cryoem-spiral": "denoiser", "cryoem-cartesian": "denoiser",
 }
-
-
-@pytest.fixture(scope="module")
-def zoo():
-    with running_server(DEFAULT_STORE, job_workers=1) as srv:
-        yield srv
 
 
 @pytest.fixture(scope="module")

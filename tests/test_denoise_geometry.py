@@ -71,6 +71,7 @@ def test_grid_operator_is_a_delaunay_barycentric_map():
     assert tent.max() <= 1.0 + 1e-6
 
 
+@pytest.mark.slow
 def test_ribbon_rows_lie_on_neighbouring_windings(spec64):
     rows = geo.ribbon_points(spec64, 3)
     p = geo.spiral_points(spec64)

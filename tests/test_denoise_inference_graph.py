@@ -110,6 +110,7 @@ def test_ribbon_conv_equals_the_full_ribbon_conv(kernel):
     torch.testing.assert_close(fast, ref, rtol=0, atol=1e-4 * float(ref.abs().max()))
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_inference_graph_matches_the_reference_network_in_torch_and_onnx(trained_looking, tmp_path):
     m = trained_looking

@@ -200,6 +200,7 @@ def test_tiny_training_run_lowers_the_loss(tmp_path):
     assert m.ops.portable  # training's fast gathers are switched back off
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["spiral", "cartesian"])
 def test_onnx_export_matches_torch(tmp_path, arch, particles32):
     torch.manual_seed(0)

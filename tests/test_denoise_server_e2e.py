@@ -16,6 +16,9 @@ from xaiserve.service.tensors import from_tensor, to_tensor
 from tests.serverutil import running_server
 from xaiserve.training.datasets.cryoem import CryoEMConfig, CryoEMSimulator
 
+# the module's store is a spiral denoiser exported through torch.onnx (dynamo): ~5 s to build
+pytestmark = pytest.mark.slow
+
 SIZE = 32
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from xaiserve.handlers.denoise.export import ort_denoise, ort_session
 from xaiserve.handlers.denoise.spiral_runtime import SpiralRuntime
@@ -13,6 +14,7 @@ from xaiserve.service.registry import Registry, RegistryConfig
 from xaiserve.training.cli_denoise import export_main, train_main
 
 
+@pytest.mark.slow
 def test_a_trained_and_exported_spiral_denoiser_is_served_by_the_runtime(tmp_path) -> None:
     run = tmp_path / "runs" / "spiral"
     assert train_main("denoiser", [

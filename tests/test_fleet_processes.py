@@ -3,15 +3,17 @@ jobs submitted to one gateway are watched and fetched from the other, and each r
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.service.client import ExplainerClient
 from xaiserve.service.tensors import from_tensor, to_tensor
 from tests.serverutil import server_process
-from tests.test_jobs_support import redis_server
+from tests.jobs_support import redis_server
 from tests.test_prometheus_scrape import start_worker
 
 
+@pytest.mark.slow
 def test_two_gateways_two_workers_over_grpc(tiny_store, tmp_path):
     img = pb.Image(tensor=to_tensor(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)))
     with redis_server(tmp_path / "redis") as redis, \

@@ -1,12 +1,13 @@
 """One suite, two backends: the embedded SQLite queue and the Redis queue must behave the same.
 
 Real SQLite files and a real redis-server (Debian package) on a free port; small test JobMethods
-(tests/test_jobs_support.py), so nothing here depends on RELAX.
+(tests/jobs_support.py), so nothing here depends on RELAX.
 """
 from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from contextlib import asynccontextmanager
 
 import pytest
@@ -17,30 +18,16 @@ from xaiserve.errors import InvalidArgument, NotFound, ResourceExhausted
 from xaiserve.service.jobs.factory import open_backend
 from xaiserve.service.jobs.options import JobOptions
 from xaiserve.service.jobs.service import JobService
-from tests.test_jobs_support import count_request, markers, redis_server, run, support_methods, wait_until
+from tests.jobs_support import count_request, markers, run, support_methods, wait_until
 
 _prefix = itertools.count()
 
 
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    with redis_server(tmp_path_factory.mktemp("redis")) as srv:
-        yield srv.url
-
-
 @pytest.fixture(params=["sqlite", "redis"])
-def queue(request, tmp_path, redis_url) -> str:
+def queue(request, tmp_path, redis_srv) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/jobs.sqlite"
-    return f"{redis_url}?prefix=t{next(_prefix)}"  # a fresh keyspace per test
-
-
-@pytest.fixture
-def marks(tmp_path, monkeypatch):
-    d = tmp_path / "markers"
-    d.mkdir()
-    monkeypatch.setenv("XAI_TEST_MARKERS", str(d))
-    return d
+    return f"{redis_srv.url}?prefix=t{next(_prefix)}"  # a fresh keyspace per test
 
 
 FAST = dict(claim_idle_s=1.0, heartbeat_s=0.2, progress_min_interval_s=0.05, purge_interval_s=0.2,
@@ -295,35 +282,49 @@ def test_metrics_count_jobs_with_low_cardinality_labels(queue, marks):
     run(go())
 
 
+class Clock:
+    """The `now=` given to the backends. The SQLite backend judges leases only by it, so its clock
+    is advanced without waiting; Redis measures a lease's idle time with its own clock
+    (XAUTOCLAIM's min-idle-time), so for Redis the test waits as well."""
+
+    def __init__(self, queue: str):
+        self.t, self.wait = time.time(), queue.startswith("redis")
+
+    def advance(self, seconds: float) -> None:
+        if self.wait:
+            time.sleep(seconds)
+        self.t += seconds
+
+
 def test_dead_workers_job_is_rerun_then_failed_and_stale_claims_are_fenced(queue):
     """At-least-once with exactly one stored outcome: a claim that lost its job can write nothing."""
     import socket
-    import time
 
     opts = JobOptions(claim_idle_s=0.2, heartbeat_s=0.05, max_attempts=3)
     backend = open_backend(queue, opts)
+    clock = Clock(queue)
     try:
-        job, created = backend.submit(count_request("ghost"), job_id="g" * 32, now=time.time())
+        job, created = backend.submit(count_request("ghost"), job_id="g" * 32, now=clock.t)
         assert created
         ghost = f"worker@{socket.gethostname()}:1"  # pid 1 is alive: only the missed heartbeats count
         claims = []
         for attempt in (1, 2, 3):
-            c = backend.claim(f"{ghost}#{attempt}", ["count"], now=time.time())
+            c = backend.claim(f"{ghost}#{attempt}", ["count"], now=clock.t)
             assert c is not None and c.attempt == attempt and c.job_id == job.id
             claims.append(c)
-            assert backend.claim("other", ["count"], now=time.time()) is None  # nobody else gets it
-            time.sleep(0.3)  # no heartbeat for longer than claim_idle_s
-            done = backend.recover(now=time.time(), reclaimer="reclaimer")
+            assert backend.claim("other", ["count"], now=clock.t) is None  # nobody else gets it
+            clock.advance(0.3)  # no heartbeat for longer than claim_idle_s
+            done = backend.recover(now=clock.t, reclaimer="reclaimer")
             assert [(r.job_id, r.outcome) for r in done] == [(job.id, "requeued" if attempt < 3 else "failed")]
         final = backend.get(job.id)
         assert final.state == pb.FAILED and final.attempts == 3
         assert "failed after 3 attempts" in final.error and "#3" in final.error
         stale = claims[0]
         assert not backend.is_current(stale)
-        assert not backend.heartbeat(stale, now=time.time())
-        assert not backend.progress(stale, pb.JobEvent(type=pb.EVENT_PROGRESS, progress=0.5, unix_time=time.time()))
-        assert not backend.finish(stale, pb.SUCCEEDED, now=time.time(), result=pb.JobResult(parameters_json="{}"))
-        assert not backend.requeue(stale, now=time.time(), reason="x", count_attempt=True)
+        assert not backend.heartbeat(stale, now=clock.t)
+        assert not backend.progress(stale, pb.JobEvent(type=pb.EVENT_PROGRESS, progress=0.5, unix_time=clock.t))
+        assert not backend.finish(stale, pb.SUCCEEDED, now=clock.t, result=pb.JobResult(parameters_json="{}"))
+        assert not backend.requeue(stale, now=clock.t, reason="x", count_attempt=True)
         assert backend.get(job.id, include_result=True).state == pb.FAILED
         ends = [e for e in backend.events_after(job.id, 0) if e.type in (pb.EVENT_SUCCEEDED, pb.EVENT_FAILED)]
         assert len(ends) == 1
@@ -332,18 +333,17 @@ def test_dead_workers_job_is_rerun_then_failed_and_stale_claims_are_fenced(queue
 
 
 def test_heartbeats_keep_a_long_job_with_its_worker(queue):
-    import time
-
     opts = JobOptions(claim_idle_s=0.3, heartbeat_s=0.05)
     backend = open_backend(queue, opts)
+    clock = Clock(queue)
     try:
-        backend.submit(count_request("alive"), job_id="h" * 32, now=time.time())
-        c = backend.claim("worker@elsewhere:1", ["count"], now=time.time())
+        backend.submit(count_request("alive"), job_id="h" * 32, now=clock.t)
+        c = backend.claim("worker@elsewhere:1", ["count"], now=clock.t)
         for _ in range(8):  # 0.8 s, well past claim_idle_s, heart-beating all along
-            time.sleep(0.1)
-            assert backend.heartbeat(c, now=time.time())
-            assert backend.recover(now=time.time(), reclaimer="reclaimer") == []
-        assert backend.finish(c, pb.SUCCEEDED, now=time.time(), result=pb.JobResult(parameters_json="{}"))
+            clock.advance(0.1)
+            assert backend.heartbeat(c, now=clock.t)
+            assert backend.recover(now=clock.t, reclaimer="reclaimer") == []
+        assert backend.finish(c, pb.SUCCEEDED, now=clock.t, result=pb.JobResult(parameters_json="{}"))
         assert backend.get(c.job_id, include_result=True).result.parameters_json == "{}"
     finally:
         backend.close()

@@ -15,7 +15,7 @@ from xaiserve.service import cli_jobs
 from xaiserve.service.jobs.factory import build_job_service
 from xaiserve.service.jobs.grpc_adapter import JobServicerMixin
 from xaiserve.service.jobs.options import JobOptions
-from tests.test_jobs_support import count_request, markers, support_methods
+from tests.jobs_support import count_request, markers, support_methods
 
 
 class JobsOnlyServicer(JobServicerMixin, pb_grpc.ExplainerServicer):
@@ -58,14 +58,6 @@ def jobs_server(tmp_path_factory):
 def stub(jobs_server):
     with grpc.insecure_channel(jobs_server) as ch:
         yield pb_grpc.ExplainerStub(ch)
-
-
-@pytest.fixture
-def marks(tmp_path, monkeypatch):
-    d = tmp_path / "markers"
-    d.mkdir()
-    monkeypatch.setenv("XAI_TEST_MARKERS", str(d))
-    return d
 
 
 def test_rpcs_over_a_real_channel(stub, marks):

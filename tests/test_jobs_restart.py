@@ -8,21 +8,24 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.service.jobs.factory import open_backend
 from xaiserve.service.jobs.options import JobOptions
 from xaiserve.service.jobs.service import JobService
-from tests.test_jobs_support import ROOT, count_request, markers, run, support_methods, wait_until
+from tests.jobs_support import ROOT, count_request, markers, run, support_methods, wait_until
 
 
 def _embedded_process(queue: str, marks) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT), XAI_TEST_MARKERS=str(marks), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "tests.test_jobs_support", "embedded", queue], cwd=str(ROOT),
+    proc = subprocess.Popen([sys.executable, "-m", "tests.jobs_support", "embedded", queue], cwd=str(ROOT),
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert json.loads(proc.stdout.readline())["event"] == "ready"
     return proc
 
 
+@pytest.mark.slow
 def test_killed_server_reruns_its_job_after_restart(tmp_path, monkeypatch):
     queue = f"sqlite:///{tmp_path}/state/jobs.sqlite"
     marks = tmp_path / "markers"

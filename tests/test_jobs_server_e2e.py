@@ -51,6 +51,7 @@ def test_job_rpcs_on_the_real_server(tiny_store, tmp_path):
         assert 'xaiserve_job_queue_wait_seconds_count{method="relax"}' in text
 
 
+@pytest.mark.slow
 def test_killed_server_finishes_the_job_after_restart(tiny_store, tmp_path):
     state = str(tmp_path / "state")
     with server_process(tiny_store, state_dir=state, job_workers=1, load_models="lazy") as srv:

@@ -77,6 +77,11 @@ def _call(stub, m: pb.ModelInfo, method: str):
         a, b = (int(np.flatnonzero(ds.labels == c)[0]) for c in np.unique(ds.labels)[:2])
         req.image.CopyFrom(_chw(ds.images[a]))
         req.ablation.CopyFrom(pb.AblationParams(num_slices=4, max_iterations=2, mask_size=16, baseline=_chw(ds.images[b])))
+    elif method in ("sift_ablation", "sift_rise"):
+        # a real image: uniform noise has hundreds of SIFT keypoints; small settings keep it to seconds
+        req.image.CopyFrom(_chw(_dataset(m.name).images[0]))
+        req.sift.CopyFrom(pb.SiftParams(num_slices=4, max_iterations=2) if method == "sift_ablation"
+                          else pb.SiftParams(num_masks=32, batch_size=32))
     job = stub.SubmitJob(req, timeout=120)
     terminal = (pb.EVENT_SUCCEEDED, pb.EVENT_FAILED, pb.EVENT_CANCELLED, pb.EVENT_EXPIRED)
     for ev in stub.WatchJob(pb.JobRef(id=job.id), timeout=300):

@@ -5,7 +5,6 @@ import warnings
 
 import numpy as np
 import pytest
-import quantus
 import torch
 from torch import nn
 
@@ -235,6 +234,15 @@ def sample():
     return a, gt, x
 
 
+@pytest.fixture(scope="module")
+def quantus():
+    """The reference library, imported only by the tests that compare with it (its import, with
+    pandas, scikit-learn and OpenCV, takes seconds)."""
+    import quantus
+
+    return quantus
+
+
 def _quantus(metric, a, gt, x) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -243,7 +251,8 @@ def _quantus(metric, a, gt, x) -> np.ndarray:
             s_batch=gt[:, None].astype(np.float64)), dtype=np.float64)
 
 
-def test_localisation_matches_quantus(sample):
+@pytest.mark.slow  # compares with quantus
+def test_localisation_matches_quantus(sample, quantus):
     a, gt, x = sample
     # unique maxima, no ties: the same numbers on the raw maps (Quantus normalises by the max)
     np.testing.assert_array_equal(M.pointing_game(a, gt), _quantus(quantus.PointingGame, a, gt, x))
@@ -258,7 +267,8 @@ def test_localisation_matches_quantus(sample):
     np.testing.assert_allclose(M.relevance_mass(a, gt), _quantus(quantus.RelevanceMassAccuracy, m, gt, x), atol=1e-9)
 
 
-def test_complexity_and_sparseness_match_quantus_on_normalised_maps(sample):
+@pytest.mark.slow  # compares with quantus
+def test_complexity_and_sparseness_match_quantus_on_normalised_maps(sample, quantus):
     a, gt, x = sample
     m = M.normalise_maps(a)
     np.testing.assert_allclose(M.complexity(a), _quantus(quantus.Complexity, m, gt, x), atol=1e-5)
@@ -267,7 +277,8 @@ def test_complexity_and_sparseness_match_quantus_on_normalised_maps(sample):
     assert np.abs(M.sparseness(a) - _quantus(quantus.Sparseness, a, gt, x)).max() > 1e-2
 
 
-def test_pointing_game_with_ties_is_never_above_quantus(sample):
+@pytest.mark.slow  # compares with quantus
+def test_pointing_game_with_ties_is_never_above_quantus(sample, quantus):
     a, gt, x = sample
     tied = np.round(M.normalise_maps(a), 1)  # many ties, including for the maximum
     tied[0] = 0.5  # constant map: Quantus always scores a hit, we score chance level
@@ -290,7 +301,8 @@ class _TinyClassifier(nn.Module):
         return self.fc(torch.tanh(self.conv(x)).flatten(1))
 
 
-def test_monotonicity_matches_quantus_per_pixel():
+@pytest.mark.slow  # compares with quantus
+def test_monotonicity_matches_quantus_per_pixel(quantus):
     clf = _TinyClassifier().eval()
     rng = np.random.default_rng(5)
     x = rng.normal(size=(3, 1, 6, 6)).astype(np.float32)

@@ -56,6 +56,7 @@ def test_a_missing_or_empty_store_is_warned_about_in_the_log_and_on_stderr(case,
     assert f"xaiserve serve: WARNING: model store {store} {want}" in err and "XAISERVE_MODEL_STORE" in err
 
 
+@pytest.mark.slow
 def test_xaiserve_serve_reads_the_store_of_the_environment_and_says_so(tiny_store, tmp_path):
     """The real command, started from a folder without a store, pointed at one by XAISERVE_MODEL_STORE."""
     with server_process(None, cwd=tmp_path, env={"XAISERVE_MODEL_STORE": str(tiny_store)}, load_models="lazy",

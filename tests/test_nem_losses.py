@@ -77,6 +77,7 @@ def test_smoothing_keeps_constants_and_range():
     assert s.min() >= m.min() - 1e-6 and s.max() <= m.max() + 1e-6  # a convex combination
 
 
+@pytest.mark.slow
 def test_inference_smoothing_is_deterministic_and_the_expected_kernel():
     m = torch.rand(3, 1, 32, 32)
     a = stochastic_smooth(m, 21, training=False)

@@ -22,6 +22,7 @@ def tiny_data():
     return lesions(size=32, sizes={"train": 48, "val": 16, "test": 16})
 
 
+@pytest.mark.slow
 def test_nemu_training_lowers_the_loss_and_leaves_the_encoder_frozen(tiny_data):
     torch.manual_seed(0)
     enc = FrozenSpec(TINY).build()
@@ -43,6 +44,7 @@ def test_nemu_training_lowers_the_loss_and_leaves_the_encoder_frozen(tiny_data):
         assert torch.equal(v, before_enc[k]), f"frozen parameter {k} changed"
 
 
+@pytest.mark.slow
 def test_nemt_bank_training_lowers_the_loss(tiny_data):
     torch.manual_seed(0)
     cls = FrozenSpec(TINY, num_classes=4).build()
@@ -162,6 +164,7 @@ def test_fused_bank_equals_the_separate_networks():
     torch.testing.assert_close(bank_forward(model.decoders, pyr), torch.cat([d(pyr) for d in model.decoders], 1), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_interrupted_runs_resume_from_the_checkpoint(tmp_path, tiny_data):
     from xaiserve.training.supervised import ClassifierConfig, train_classifier
 

@@ -29,6 +29,8 @@ GATEWAY_METRICS = {
     "xaiserve_request_latency_seconds", "xaiserve_requests_total", "xaiserve_inflight_requests",
     "xaiserve_batch_size", "xaiserve_queue_wait_seconds", "xaiserve_inference_seconds",
     "xaiserve_stream_frames_total", "xaiserve_model_load_seconds", "xaiserve_build_info",
+    "xaiserve_frame_latency_seconds", "xaiserve_frame_queue_wait_seconds", "xaiserve_stream_duration_seconds",
+    "xaiserve_active_streams",
 }
 JOB_METRICS = {
     "xaiserve_job_queue_depth", "xaiserve_job_oldest_queued_age_seconds", "xaiserve_jobs_total",

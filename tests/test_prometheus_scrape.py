@@ -10,11 +10,12 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.service.tensors import to_tensor
 from tests.serverutil import ROOT, free_port, server_process
-from tests.test_jobs_support import redis_server
+from tests.jobs_support import redis_server
 
 
 def start_worker(queue: str, store: Path, log: Path) -> tuple[subprocess.Popen, int]:
@@ -64,6 +65,7 @@ def wait_value(base: str, query: str, expected: float, timeout: float = 60) -> f
     raise AssertionError(f"{query} = {got}, expected {expected}")
 
 
+@pytest.mark.slow
 def test_prometheus_scrapes_gateway_and_worker(tiny_store, tmp_path):
     exe = shutil.which("prometheus") or "/usr/bin/prometheus"
     with redis_server(tmp_path / "redis") as redis, \

@@ -15,12 +15,11 @@ from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.service.jobs.factory import open_backend
 from xaiserve.service.jobs.options import JobOptions
 from xaiserve.service.jobs.service import JobService
-from tests.test_jobs_support import (
+from tests.jobs_support import (
     RedisServer,
     WorkerProcess,
     count_request,
     markers,
-    redis_server,
     run,
     support_methods,
     wait_until,
@@ -30,23 +29,9 @@ _prefix = itertools.count()
 GATEWAY = JobOptions(embedded_workers=0, claim_idle_s=1.0, heartbeat_s=0.2, progress_min_interval_s=0.05)
 
 
-@pytest.fixture(scope="module")
-def redis_srv(tmp_path_factory):
-    with redis_server(tmp_path_factory.mktemp("redis")) as srv:
-        yield srv
-
-
 @pytest.fixture
 def queue(redis_srv) -> str:
     return f"{redis_srv.url}?prefix=fleet{next(_prefix)}"
-
-
-@pytest.fixture
-def marks(tmp_path, monkeypatch):
-    d = tmp_path / "markers"
-    d.mkdir()
-    monkeypatch.setenv("XAI_TEST_MARKERS", str(d))
-    return d
 
 
 @asynccontextmanager
@@ -117,6 +102,7 @@ def test_two_gateways_two_workers_each_job_once(queue, marks, tmp_path):
     run(go(), timeout=90)
 
 
+@pytest.mark.slow
 def test_sigkill_worker_mid_job_another_finishes_it_once(queue, marks, tmp_path):
     async def go():
         async with gateways(queue) as (a, b):
@@ -153,6 +139,7 @@ def test_cancel_reaches_the_worker(queue, marks, tmp_path):
     run(go(), timeout=60)
 
 
+@pytest.mark.slow
 def test_sigterm_hands_the_job_back(queue, marks, tmp_path):
     async def go():
         async with gateways(queue, n=1) as (a,):

@@ -146,6 +146,7 @@ class NonlinearSimilarity(nn.Module):
         return torch.stack([s, torch.sqrt(1 - s * s)], 1)
 
 
+@pytest.mark.slow
 def test_control_variate_is_unbiased_and_its_standard_error_is_calibrated():
     """Over 200 independent runs of 192 masks, the mean of R_cv is the exact R (eq. 12, by
     enumeration) within its Monte Carlo error, with a regression that cannot fit s exactly; the

@@ -18,12 +18,12 @@ from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.handlers.relax import Relax, RelaxConfig
 from xaiserve.service.jobs.relax import RelaxJobMethod
 from xaiserve.errors import FailedPrecondition, InvalidArgument, NotFound
-from xaiserve.service.images import decode_image, to_model_input
+from xaiserve.service.images import decode_image, to_input_geometry, to_model_input
 from xaiserve.service.jobs.contract import JobCancelled
 from xaiserve.service.modelstore import add_entry
 from xaiserve.service.registry import Registry, RegistryConfig
 from xaiserve.service.tensors import from_tensor, to_tensor
-from tests.test_jobs_support import RecordingContext
+from tests.jobs_support import RecordingContext
 
 torch.set_num_threads(1)
 
@@ -162,14 +162,16 @@ def test_job_runs_end_to_end_with_onnx(registry, store):
     res = RelaxJobMethod().run(req, registry, ctx)
     r = res.relax
     imp, unc, ur = (from_tensor(t) for t in (r.importance, r.uncertainty, r.u_relax))
-    assert imp.shape == unc.shape == ur.shape == (SIZE, SIZE) and imp.dtype == np.float32
+    # at the request image's own resolution (40 x 40), not the model's 32 x 32
+    assert imp.shape == unc.shape == ur.shape == (40, 40) and imp.dtype == np.float32
     assert r.num_masks == 256 and r.masks_per_second > 0
     assert np.isfinite(unc).all() and (unc >= 0).all()
     # U-RELAX keeps R exactly where U < eps (the median, by default)
-    assert r.threshold == pytest.approx(float(np.median(unc)), rel=1e-5)
+    # (the median of U at the model's resolution; resampling to 40 x 40 moves the median a little)
+    assert r.threshold == pytest.approx(float(np.median(unc)), rel=2e-2)
     np.testing.assert_array_equal(ur, np.where(unc < r.threshold, imp, 0.0))
     png = PILImage.open(io.BytesIO(r.png))
-    assert png.size == (3 * 128 + 2 * 2, 128)  # three panels, 32 px enlarged 4x, 2 px gaps
+    assert png.size[1] >= 128 and png.size[0] == 3 * png.size[1] + 2 * 2  # three panels, 2 px gaps
 
     params = json.loads(res.parameters_json)
     assert params["seed"] == 7 and params["num_masks"] == 256 and params["cells"] == 7 and params["p_keep"] == 0.5
@@ -189,8 +191,9 @@ def test_job_runs_end_to_end_with_onnx(registry, store):
     entry = registry.resolve("enc")
     x = torch.from_numpy(to_model_input(decode_image(req.image), entry.input))
     ref = Relax(store[1], RelaxConfig(num_masks=256, batch_size=64, seed=7)).attribute(x)
-    np.testing.assert_allclose(imp, ref.importance.numpy(), atol=2e-5)
-    np.testing.assert_allclose(unc, ref.uncertainty.numpy(), rtol=1e-2, atol=1e-6)
+    back = lambda a: to_input_geometry(a.numpy(), entry.input, 40, 40, clip=False)  # noqa: E731
+    np.testing.assert_allclose(imp, back(ref.importance), atol=2e-5)
+    np.testing.assert_allclose(unc, back(ref.uncertainty), rtol=1e-2, atol=1e-6)
 
     # a NEM-U model explains its frozen encoder: the same result
     res2 = RelaxJobMethod().run(_request("nemu", num_masks=256, batch_size=64, seed=7), registry, RecordingContext())
@@ -224,6 +227,7 @@ def test_cancellation_stops_within_one_batch(registry):
 
 
 # --- the default SSL encoder on scenes with one object ---------------------------------------------
+@pytest.mark.slow
 def test_default_encoder_importance_is_higher_inside_the_object():
     """On scenes with one object, RELAX importance (scenes-simclr, the paper's defaults,
     N = 1000) is higher inside the object than outside: on average, and on more than half of a

@@ -9,32 +9,60 @@ import time
 
 import grpc
 import numpy as np
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.proto.explain.v1 import explainer_pb2_grpc as pb_grpc
 from xaiserve.service.tensors import to_tensor
-from tests.serverutil import ROOT, server_process
+from tests.serverutil import ROOT, free_port, server_process
 
 
+def _wait_until_all_accepted(metrics_url: str, futs: list) -> None:
+    """Until every call has reached its handler (in flight or done): the drain lets accepted calls
+    finish, while calls still queued in the transport when it starts are refused, as gRPC does."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        done = sum(f.done() for f in futs)  # read before the gauge, so that no call is counted twice
+        text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+        inflight = sum(s.value for fam in text_string_to_metric_families(text) if fam.name == "xaiserve_inflight_requests"
+                       for s in fam.samples if s.labels.get("rpc") == "Explain")
+        if done + inflight >= len(futs):
+            return
+        time.sleep(0.01)
+    raise AssertionError("the server did not accept the calls in 30 s")
+
+
+@pytest.mark.slow
 def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(tiny_store, tmp_path):
-    with server_process(tiny_store, state_dir=tmp_path / "state", grace_s=20, max_batch=1) as srv:
+    # The main port stops taking calls (health checks too) as soon as the drain starts; the plain
+    # health port, the probes' endpoint, stays up until the in-flight calls are done.
+    health_port = free_port()
+    with server_process(tiny_store, state_dir=tmp_path / "state", grace_s=20, max_batch=1, health_port=health_port) as srv:
         ch = grpc.insecure_channel(srv.address)
         stub = pb_grpc.ExplainerStub(ch)
         img = pb.Image(tensor=to_tensor(np.zeros((64, 64, 3), np.uint8)))
-        # a queue of slow calls: the later ones are still waiting when SIGTERM arrives
-        futs = [stub.Explain.future(pb.ExplainRequest(model="slow-nemu", image=img), timeout=60) for _ in range(6)]
-        time.sleep(0.3)
+        # a queue of slow calls (about 60 ms each, one at a time): most are still waiting when SIGTERM arrives
+        futs = [stub.Explain.future(pb.ExplainRequest(model="slow-nemu", image=img), timeout=60) for _ in range(40)]
+        _wait_until_all_accepted(srv.metrics_url, futs)
         srv.process.send_signal(signal.SIGTERM)
-        health = health_pb2_grpc.HealthStub(ch)
-        seen_not_serving = False
+        hch = grpc.insecure_channel(f"127.0.0.1:{health_port}")
+        health = health_pb2_grpc.HealthStub(hch)
+        statuses = []
         t_end = time.time() + 10
-        while time.time() < t_end and not seen_not_serving:
+        while time.time() < t_end and health_pb2.HealthCheckResponse.NOT_SERVING not in statuses:
             try:
-                r = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                seen_not_serving = r.status == health_pb2.HealthCheckResponse.NOT_SERVING
-            except grpc.RpcError:
-                break  # the port closed: the server is past the health phase
+                statuses.append(health.Check(health_pb2.HealthCheckRequest(), timeout=1).status)
+            except grpc.RpcError as e:
+                raise AssertionError(f"the health port closed before reporting NOT_SERVING: {e.code()}") from None
+            time.sleep(0.02)
+        assert statuses[-1] == health_pb2.HealthCheckResponse.NOT_SERVING, "a draining server must report NOT_SERVING"
+        assert not all(f.done() for f in futs), "NOT_SERVING must be reported while calls are still in flight"
+        hch.close()
         results = [f.result() for f in futs]  # all in-flight calls finish with OK
         assert all(r.mask.shape == [64, 64] for r in results)
         with grpc.insecure_channel(srv.address) as ch2:
@@ -50,6 +78,7 @@ def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(tiny_store, tmp_pat
         ch.close()
 
 
+@pytest.mark.slow
 def test_cli_explain_and_models_through_a_real_server(tiny_store, tmp_path):
     from PIL import Image
 

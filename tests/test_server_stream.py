@@ -60,13 +60,14 @@ def test_bad_first_frame(stub, first, code, fragment):
     assert e.value.code() == code and fragment in e.value.details()
 
 
-def test_non_increasing_frame_ids_and_bad_images_end_the_stream_with_the_frame_id(stub):
+def test_non_increasing_frame_ids_end_the_stream_and_a_bad_image_does_with_max_consecutive_errors_1(stub):
     msgs = list(frames(2, "tiny-nemu", 32))
     msgs[1].frame_id = 0
     with pytest.raises(grpc.RpcError) as e:
         list(stub.StreamExplain(iter(msgs), timeout=30))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "increase" in e.value.details()
     msgs = list(frames(2, "tiny-nemu", 32))
+    msgs[0].max_consecutive_errors = 1  # fail fast: the first failed frame ends the stream
     msgs[1].image.CopyFrom(pb.Image(encoded=b"junk"))
     with pytest.raises(grpc.RpcError) as e:
         list(stub.StreamExplain(iter(msgs), timeout=30))

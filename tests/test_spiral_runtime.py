@@ -155,6 +155,7 @@ def test_the_registry_serves_spiral_denoisers_through_the_runtime_unless_told_no
     assert _rel(got, want) < 2e-5
 
 
+@pytest.mark.slow
 def test_an_exported_graph_and_the_runtime_of_the_same_module_agree(tmp_path) -> None:
     """The portable artefact and the serving form stay two views of one network (kernel 5: five
     ribbon rows, four of them interpolated)."""
@@ -178,6 +179,7 @@ def test_grid_operator_is_the_runtime_ribbon() -> None:
     np.testing.assert_array_equal(rt.ribbons[1].w1, w.view(3, -1, 2)[[0, 2]].numpy()[..., 1])
 
 
+@pytest.mark.slow
 def test_an_onnx_only_spiral_entry_is_served_by_its_graph(tmp_path) -> None:
     """Weights are what the runtime is built from; an entry that ships only its ONNX graph (a
     legitimate store entry) is served by that graph, with the same results."""

@@ -101,6 +101,12 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("ablation_path", "SubmitJob", frozenset({"classifier"}), frozenset({"torch"}), params="AblationParams",
                    impl="xaiserve.service.jobs.ablation:AblationJobMethod", targeted=True,
                    doc="optimised ablation path [THESIS] ch. 2"),
+        MethodSpec("sift_ablation", "SubmitJob", frozenset({"classifier"}), frozenset({"torch"}), params="SiftParams",
+                   impl="xaiserve.service.jobs.sift:SiftAblationJobMethod", targeted=True,
+                   doc="ablation path over SIFT keypoint gains [THESIS] ch. 4 (eq. 4.44)"),
+        MethodSpec("sift_rise", "SubmitJob", frozenset({"encoder", "classifier"}), frozenset({"onnx", "torch"}),
+                   params="SiftParams", impl="xaiserve.service.jobs.sift:SiftRiseJobMethod",
+                   doc="random on/off SIFT keypoint gains with RELAX's estimator (beyond [THESIS] ch. 4, sec. 4.4)"),
         MethodSpec("denoise", "Denoise", frozenset({"denoiser"}), frozenset({"onnx"}), own=True,
                    doc="Cryo-EM particle denoising [THESIS] ch. 7"),
     )

@@ -88,10 +88,13 @@ def apply_window(values: np.ndarray, window: Window, *, slope: float = 1.0, inte
         z = np.float32(-4.0 / window.width) * (m - np.float32(window.center))
         return (1.0 / (1.0 + np.exp(np.clip(z, -80.0, 80.0)))).astype(np.float32)
     lo, scale = _affine(window)
-    a = np.float32(slope * scale)
-    b = np.float32((intercept - lo) * scale)
-    out = x.astype(np.float32) * a
-    out += b
+    # (slope * x + intercept - lo) * scale: the offset before the scale keeps float32 exact for the
+    # integer stored values of CT / MR (x * a + b would cancel digits at large x and narrow windows)
+    out = x.astype(np.float32)
+    if slope != 1.0:
+        out *= np.float32(slope)
+    out += np.float32(intercept - lo)
+    out *= np.float32(scale)
     np.clip(out, 0.0, 1.0, out=out)
     if scale >= 1e30:  # the w == 1 step: exactly 0 or 1
         out = (out > 0).astype(np.float32)

@@ -15,7 +15,7 @@ TRAIN_TARGETS = {
     "encoder": "xaiserve.training.cli_nem", "classifier": "xaiserve.training.cli_nem", "nem-u": "xaiserve.training.cli_nem",
     "nemt": "xaiserve.training.cli_nem", "zoo": "xaiserve.training.cli_nem", "denoiser": "xaiserve.training.cli_denoise",
 }
-EXPORT_TARGETS = TRAIN_TARGETS
+EXPORT_TARGETS = {**TRAIN_TARGETS, "torchserve": "xaiserve.service.torchserve"}
 EVALUATE_TARGETS = {"explanations": "xaiserve.training.cli_eval", "nem": "xaiserve.training.cli_eval", "denoiser": "xaiserve.training.cli_denoise"}
 
 
@@ -84,9 +84,19 @@ def _explain(args) -> int:
 
     from xaiserve.service.images import encode_png
 
+    from xaiserve.service import cli_dicom
+
+    fmt = cli_dicom.output_format(args)  # DICOM image + .dcm out: a DICOM Segmentation (or --format)
     with _client(args) as c:
         r = c.explain(args.image, args.model, method=args.method, return_output=args.output, fidelity=args.fidelity,
-                      return_png=True, target_label=args.target_label, timeout=args.timeout)
+                      return_png=not fmt, target_label=args.target_label, timeout=args.timeout,
+                      output_format=fmt, dicom_overlay=args.overlay, dicom=cli_dicom.dicom_options(args))
+    if fmt:
+        summary = {"model": r.model, "method": args.method or "mask model", **cli_dicom.write_explain(r, args, fmt),
+                   "shape": list(r.mask.shape), "mask_mean": round(float(r.mask.mean()), 4), "target_label": r.target_label,
+                   "server_ms": round(r.timing.total_ms, 3)}
+        print(json.dumps(summary, indent=2))
+        return 0
     out = Path(args.out or Path(args.image).with_suffix(".mask.png").name)
     out.write_bytes(encode_png(r.mask))
     ov = out.with_name(out.stem.removesuffix(".mask") + ".overlay.png")
@@ -169,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     if argv and argv[0] in passthrough:
         return passthrough[argv[0]](argv[1:])
+    if argv and argv[0] == "models":  # add|list|show|remove|schema work on a store; otherwise ask a server
+        from xaiserve.service import cli_models
+
+        if cli_models.is_store_command(argv[1:]):
+            return cli_models.main(argv[1:])
 
     parser = argparse.ArgumentParser(prog="xaiserve", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
@@ -176,13 +191,16 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("explain", help="explain one image through a running server")
     p.add_argument("image")
     p.add_argument("--model", required=True)
-    p.add_argument("--out", help="mask PNG path (the overlay goes beside it)")
+    p.add_argument("--out", help="mask PNG path (the overlay goes beside it); a .dcm path for a DICOM result")
     p.add_argument("--method", default="", help="'' (masking network) or a gradient baseline")
     p.add_argument("--target-label", type=int, default=None)
     p.add_argument("--fidelity", action="store_true")
     p.add_argument("--output", action="store_true", help="print the model output")
+    importlib.import_module("xaiserve.service.cli_dicom").add_flags(p)
     _add_client_flags(p)
-    p = sub.add_parser("models", help="list the models a running server serves")
+    p = sub.add_parser("models", help="list the models a running server serves (`xaiserve models add|list|show|remove "
+                                      "--store DIR` manage a store: see `xaiserve models add --help`)")
+    p.add_argument("action", nargs="?", choices=["list"], help="list (the default) with --address: ask that server")
     p.add_argument("--kind", default="")
     p.add_argument("--json", action="store_true")
     _add_client_flags(p)

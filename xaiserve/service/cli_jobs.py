@@ -22,6 +22,7 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from xaiserve.methods import JOB_METHODS, METHODS
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
+from xaiserve.service import cli_dicom
 
 # Which JobRequest.params field a method's --param values go to: the field whose message is the
 # method's parameters message in the methods table.
@@ -55,14 +56,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--idempotency-key", default="", help="a retry with the same key returns the same job")
     s.add_argument("--watch", action="store_true", help="then watch it with a progress bar")
     s.add_argument("--out", default=None, help="with --watch: write the result here")
+    cli_dicom.add_flags(s, jobs=True)
     _add_client_flags(s)
     w = sub.add_parser("watch", help="progress bar until the job ends")
     w.add_argument("id")
     w.add_argument("--out", default=None, help="write the result here when it succeeds")
+    w.add_argument("--source", default=None, help="the submitted .dcm file: its patient data completes a DICOM result")
     _add_client_flags(w)
     g = sub.add_parser("get", help="print the job; --out writes the result files")
     g.add_argument("id")
     g.add_argument("--out", default=None)
+    g.add_argument("--source", default=None, help="the submitted .dcm file: its patient data completes a DICOM result")
     _add_client_flags(g)
     c = sub.add_parser("cancel", help="cancel a queued or running job")
     c.add_argument("id")
@@ -114,6 +118,10 @@ def build_request(args: argparse.Namespace) -> pb.JobRequest:
         raise UsageError(f"image {args.image!r} is not a file")
     req = pb.JobRequest(method=args.method, model=args.model, image=pb.Image(encoded=image.read_bytes()),
                         priority=args.priority, deadline_seconds=args.deadline, idempotency_key=args.idempotency_key)
+    req.output_format, req.dicom_overlay = cli_dicom.output_format(args, jobs=True), args.overlay
+    dicom = cli_dicom.dicom_options(args)
+    if dicom is not None:
+        req.image.dicom.CopyFrom(dicom)
     which = args.params or PARAMS_FIELD.get(args.method)
     if args.param and which is None:
         raise UsageError(f"method {args.method!r}: say which parameters --param sets with --params relax|ablation")
@@ -148,7 +156,7 @@ def job_summary(job: pb.Job) -> dict[str, Any]:
     return d
 
 
-def write_result(job: pb.Job, out: Path) -> list[Path]:
+def write_result(job: pb.Job, out: Path, source: Path | None = None) -> list[Path]:
     """Write result tensors as <field>.npy, PNG renderings as <field>.png, the rest as result.json."""
     import numpy as np
 
@@ -183,13 +191,18 @@ def write_result(job: pb.Job, out: Path) -> list[Path]:
             else:
                 scalars[field.name] = value
         meta[which] = scalars
+    if job.result.dicom:  # <method>.seg.dcm / .pmap.dcm, patient data restored from the local source
+        written += cli_dicom.write_job_dicom(job.result, out, source)
+        if source is None:
+            print("note: the DICOM result has empty patient and study attributes (the server stores none); "
+                  "pass --source scan.dcm to copy them from the submitted file", file=sys.stderr)
     p = out / "result.json"
     p.write_text(json.dumps(meta, indent=2, default=str))
     written.append(p)
     return written
 
 
-def watch(client, job_id: str, out: str | None) -> int:
+def watch(client, job_id: str, out: str | None, source: Path | None = None) -> int:
     from tqdm import tqdm
 
     final: pb.Job | None = None
@@ -218,7 +231,7 @@ def watch(client, job_id: str, out: str | None) -> int:
         return 1
     print(json.dumps(job_summary(final)))
     if final.state == pb.SUCCEEDED and out:
-        for p in write_result(final, Path(out)):
+        for p in write_result(final, Path(out), source):
             print(f"wrote {p}", file=sys.stderr)
     return 0 if final.state == pb.SUCCEEDED else 1
 
@@ -236,9 +249,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(job.id, flush=True)
                 print(f"job {job.id}: {pb.JobState.Name(job.state)}"
                       + (f", {job.queue_position} ahead" if job.state == pb.QUEUED else ""), file=sys.stderr)
-                return watch(client, job.id, args.out) if args.watch else 0
+                return watch(client, job.id, args.out, Path(args.image)) if args.watch else 0
             if args.cmd == "watch":
-                return watch(client, args.id, args.out)
+                return watch(client, args.id, args.out, Path(args.source) if args.source else None)
             if args.cmd == "get":
                 job = client.stub.GetJob(pb.JobRef(id=args.id, include_result=bool(args.out)), timeout=timeout, metadata=md)
                 print(json.dumps(job_summary(job)))
@@ -246,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                     if job.state != pb.SUCCEEDED:
                         print(f"job {job.id} is {pb.JobState.Name(job.state)}: no result to write", file=sys.stderr)
                         return 1
-                    for p in write_result(job, Path(args.out)):
+                    for p in write_result(job, Path(args.out), Path(args.source) if args.source else None):
                         print(f"wrote {p}", file=sys.stderr)
                 return 0
             if args.cmd == "cancel":

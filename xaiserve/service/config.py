@@ -189,15 +189,25 @@ class ServerConfig:
     port: int = 50051  # gRPC port; 0 picks a free port
     metrics_host: str = "127.0.0.1"  # /metrics and /healthz HTTP bind address
     metrics_port: int = 9100  # 0 picks a free port; -1 disables the HTTP endpoint
+    web: bool = True  # the web viewer (/) and its JSON API (/api/...) on the metrics HTTP port
     max_message_mb: int = 64  # largest request or response message
     # models
     # folder holding manifest.json and the model files; a relative path is read from the working
     # directory (the repository root holds the default models: see docs/MODEL_STORE.md)
     model_store: str = "model_store"
     load_models: Literal["all", "lazy"] = "all"  # "all": load and warm every model at start; "lazy": on first use
-    intra_op_threads: int = 0  # ONNX Runtime threads per session (0 = runtime default)
+    # ONNX Runtime threads per session; 0 = auto: the cores this process may use (CPU affinity and
+    # cgroup quota) divided by the model calls that can run at once (min(inference_threads, models)),
+    # at least 1. On 2 cores with the default store that is 1, which measured lowest in both latency
+    # and CPU per frame (bench/bench_stream.py; the runtime's own default spins 2 threads)
+    intra_op_threads: int = 0
+    # ONNX Runtime's idle worker threads spin-wait for work (session.intra_op.allow_spinning): a faster
+    # hand-off between calls, paid with a busy core; off, they sleep (less CPU per answered frame)
+    ort_spinning: bool = False
     prefer_cuda: bool = True  # use the CUDA execution provider when present
     spiral_runtime: bool = True  # spiral denoisers with compiled resampling (False: their single ONNX graph)
+    # poll manifest.json this often and swap in added/removed/changed models (0 = off; SIGHUP always reloads)
+    reload_interval_s: float = 1.0
     # fast path
     max_batch: int = 16  # micro-batch size limit
     # extra wait for a batch to fill; 0 = natural batching: requests that arrive while the model
@@ -213,6 +223,8 @@ class ServerConfig:
     # streams
     stream_max_queue: int = 64  # upper bound of ExplainFrame.max_queue (policy ALL)
     stream_default_queue: int = 8
+    # failed frames in a row that end a stream (ExplainFrame.max_consecutive_errors = 0 takes this)
+    stream_max_consecutive_errors: int = 10
     # jobs
     queue: str = ""  # "sqlite:///path/jobs.sqlite" (default: jobs.sqlite in state_dir) or "redis://host:port/db"
     state_dir: str = "./xaiserve-state"
@@ -224,7 +236,9 @@ class ServerConfig:
     allow_volatile_queue: bool = False
     relax_batch_size: int = 64  # RELAX masks per forward batch when a job does not say
     # lifecycle
-    grace_s: float = 10.0  # SIGTERM: drain in-flight calls for at most this long
+    # SIGTERM: drain in-flight calls for at most this long; open streams get a DrainNotice at once and
+    # are ended (UNAVAILABLE, "xaiserve-draining" trailer) shortly before it runs out
+    grace_s: float = 10.0
     # security (see docs/DEPLOY.md)
     tls_cert: str = ""
     tls_key: str = ""
@@ -268,12 +282,15 @@ def validate(cfg: ServerConfig, sources: Mapping[str, str] | None = None) -> Non
         (cfg.max_queue >= 1, ("max_queue",), "max_queue must be >= 1"),
         (cfg.max_message_mb >= 1, ("max_message_mb",), "max_message_mb must be >= 1"),
         (cfg.max_denoise_batch >= 1, ("max_denoise_batch",), "max_denoise_batch must be >= 1"),
-        (cfg.intra_op_threads >= 0, ("intra_op_threads",), "intra_op_threads must be >= 0 (0 = runtime default)"),
+        (cfg.intra_op_threads >= 0, ("intra_op_threads",), "intra_op_threads must be >= 0 (0 = auto)"),
+        (cfg.stream_max_consecutive_errors >= 1, ("stream_max_consecutive_errors",),
+         "stream_max_consecutive_errors must be >= 1"),
         (cfg.job_workers >= 0, ("job_workers",), "job_workers must be >= 0 (0 = gateway only)"),
         (cfg.job_max_queued >= 1, ("job_max_queued",), "job_max_queued must be >= 1"),
         (cfg.job_result_ttl_s > 0, ("job_result_ttl_s",), "job_result_ttl_s must be > 0"),
         (cfg.grace_s >= 0, ("grace_s",), "grace_s must be >= 0"),
         (cfg.load_models in ("all", "lazy"), ("load_models",), "load_models must be 'all' or 'lazy'"),
+        (cfg.reload_interval_s >= 0, ("reload_interval_s",), "reload_interval_s must be >= 0 (0 = off)"),
         (bool(cfg.tls_cert) == bool(cfg.tls_key), ("tls_cert", "tls_key"), "tls_cert and tls_key go together"),
         (not cfg.tls_client_ca or bool(cfg.tls_cert), ("tls_client_ca", "tls_cert"),
          "tls_client_ca (mutual TLS) needs tls_cert and tls_key"),

@@ -273,6 +273,13 @@ def _header(image: pb.Image) -> _Header:
     if not data:
         raise InvalidArgument("image.encoded is empty: send the .dcm file's bytes")
     ds = _read(data, force=not has_preamble(data))
+    meta = getattr(ds, "file_meta", None)
+    if has_preamble(data) and (meta is None or "TransferSyntaxUID" not in meta):
+        raise InvalidArgument(
+            f"image.encoded ({len(data)} bytes) has the DICOM preamble ('DICM' at byte 128) but no File Meta "
+            "Information (group 0002, with the Transfer Syntax UID) after it: it is not a DICOM Part 10 file; send the "
+            "complete .dcm file as stored by the modality or PACS"
+        )
     if "PixelData" not in ds:
         other = [k for k in ("FloatPixelData", "DoubleFloatPixelData") if k in ds]
         sop = ds.get("SOPClassUID")
@@ -306,7 +313,7 @@ def _header(image: pb.Image) -> _Header:
     if photometric not in GREY + COLOUR:
         raise InvalidArgument(f"Photometric Interpretation {quote(photometric, 32)} is not supported; "
                               f"send {', '.join(GREY + COLOUR)}")
-    if (photometric in GREY) != (samples == 1):
+    if (photometric in GREY or photometric == "PALETTE COLOR") != (samples == 1):
         raise InvalidArgument(f"Photometric Interpretation {photometric} with {samples} samples per pixel is inconsistent; fix the file")
     opts = _options(image)
     index = int(opts.frame) if opts.HasField("frame") else 0

@@ -29,7 +29,10 @@ from xaiserve.service.config import ServerConfig
 from prometheus_client import Counter
 
 from xaiserve.service.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
-from xaiserve.service.images import ImageHeader, decode_image, png_bound, probe_image, render_pngs, resize_mask, to_input_geometry, to_model_input
+from xaiserve.service import dicom_out
+from xaiserve.service.images import ImageHeader, decode_image_source, png_bound, probe_image, resize_mask, to_model_input
+from xaiserve.service.mask_wire import fill_mask
+from xaiserve.service.model_input import fast_model_input
 from xaiserve.methods import GRADIENT_METHODS, MASK_KINDS, METHODS
 from xaiserve.service.registry import ModelEntry, Registry
 from xaiserve.service.tensors import tensor_message_bytes, to_tensor
@@ -55,6 +58,7 @@ class CpuPool:
         self.threads, self.max_pending = threads, max_pending
         self._lock = threading.Lock()
         self._pending = 0
+        self.submitted = 0  # tasks accepted so far (tests and operators: was any work done?)
 
     @property
     def pending(self) -> int:
@@ -70,6 +74,7 @@ class CpuPool:
                 REFUSED.labels("cpu_pool").inc()
                 raise ResourceExhausted(f"the server's decode pool has {self.max_pending} tasks waiting; retry with backoff")
             self._pending += 1
+            self.submitted += 1
         try:
             fut = self._pool.submit(fn, *args)
         except RuntimeError:  # shut down
@@ -172,32 +177,39 @@ class FastPath:
                 f"the response would need up to {bound} bytes ({what}), more than max_message_mb = "
                 f"{self.config.max_message_mb} ({self.max_message_bytes} bytes); {hint}")
 
+    @staticmethod
+    def _explain_size(h: int, w: int, out_dim: int, png: bool) -> int:
+        n = tensor_message_bytes((h, w)) + tensor_message_bytes((max(out_dim, 1),)) + 512
+        return n + (png_bound(h, w, 1) + png_bound(h, w, 3) if png else 0)
+
     def _explain_bound(self, hdr: ImageHeader, opts: pb.ExplainOptions, frozen: ModelEntry) -> tuple[int, str, str]:
-        h, w = hdr.height, hdr.width
-        n = tensor_message_bytes((h, w)) + tensor_message_bytes((max(frozen.output_dim, len(frozen.labels), 1),)) + 512
-        what = f"a {h} x {w} float32 mask"
-        per_pixel = 4
-        if opts.return_png:
-            n += png_bound(h, w, 1) + png_bound(h, w, 3)
-            what += " and its two PNG renderings"
-            per_pixel += 4
-        side = int((self.max_message_bytes / per_pixel) ** 0.5)
-        hint = f"send a smaller image (about {side} x {side} pixels at most)" + (" or leave return_png off" if opts.return_png else "")
+        h, w, png = hdr.height, hdr.width, opts.return_png
+        out_dim = max(frozen.output_dim, len(frozen.labels))
+        n = self._explain_size(h, w, out_dim, png)
+        what = f"a {h} x {w} float32 mask" + (" and its two PNG renderings" if png else "")
+        if n <= self.max_message_bytes:
+            return n, what, ""
+        lo, hi = 1, max(h, w)  # the largest square image whose answer fits, for the message
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self._explain_size(mid, mid, out_dim, png) <= self.max_message_bytes else (lo, mid - 1)
+        hint = f"send a smaller image (at most {lo * lo} pixels, e.g. {lo} x {lo})" + (" or leave return_png off" if png else "")
         return n, what, hint
 
     @staticmethod
-    def _prepare(image: pb.Image, spec) -> tuple[np.ndarray, np.ndarray]:
-        arr = decode_image(image)
-        return arr, to_model_input(arr, spec)[None]
+    def _prepare(image: pb.Image, spec, pixels: bool = True) -> tuple[np.ndarray, np.ndarray, Any]:
+        if not pixels:  # only the model input and the image's size are needed: no full float copy
+            fast = fast_model_input(image, spec)  # service/model_input.py; None: not an 8-bit PNG/JPEG
+            if fast is not None:
+                return fast[0], fast[1], None
+        arr, source = decode_image_source(image, spec)  # source: what a DICOM result references (DICOM input)
+        return arr, to_model_input(arr, spec)[None], source
 
     @staticmethod
-    def _render(resp: pb.ExplainResponse, image: np.ndarray, mask: np.ndarray, return_png: bool, spec=None) -> None:
-        h, w = image.shape[:2]
-        # back over the original image, undoing the model's resize (letterbox padding cut away)
-        full = resize_mask(mask, h, w) if spec is None else to_input_geometry(mask, spec, h, w)
-        resp.mask.CopyFrom(to_tensor(full.astype(np.float32)))
-        if return_png:
-            resp.mask_png, resp.overlay_png = render_pngs(image, full)
+    def _render(resp: pb.ExplainResponse, image: np.ndarray, mask: np.ndarray, opts: pb.ExplainOptions, spec=None) -> None:
+        # the mask in the encoding and on the grid opts ask for (float32 over the input by default),
+        # undoing the model's resize (letterbox padding cut away): service/mask_wire.py
+        fill_mask(resp, image, mask, opts, spec)
 
     async def serialize(self, resp: Any) -> Any:
         """The response as bytes, serialised in the CPU pool when it is large (grpc would do it on
@@ -207,7 +219,11 @@ class FastPath:
         return resp
 
     # ---------------------------------------------------------------------------------------
-    async def explain(self, request: pb.ExplainRequest, *, timeout: float | None, entry: ModelEntry | None = None) -> pb.ExplainResponse:
+    async def explain(self, request: pb.ExplainRequest, *, timeout: float | None, entry: ModelEntry | None = None,
+                      prepared: tuple[np.ndarray, np.ndarray] | None = None) -> pb.ExplainResponse:
+        """`prepared`: (image HWC in [0, 1], model input [1, C, H, W]) that the caller has already
+        made (the Open Inference Protocol's raw tensors, in the model's input layout); request.image
+        is then not read."""
         t0 = time.perf_counter()
         entry = entry or self.registry.resolve(request.model)
         opts = request.options
@@ -235,8 +251,19 @@ class FastPath:
             if not 0 <= opts.target_label < n_labels:
                 raise InvalidArgument(f"target_label {opts.target_label} is out of range for {frozen.id}: labels 0..{n_labels - 1} ({', '.join(frozen.labels)})")
             target = int(opts.target_label)
-        self.check_response_size(*self._explain_bound(probe_image(request.image), opts, frozen))
-        image, x = await self.cpu.run(self._prepare, request.image, entry.input)
+        fmt = dicom_out.check_output_format(opts.output_format, opts.dicom_overlay)
+        hdr = probe_image(request.image) if prepared is None else ImageHeader(*prepared[0].shape)
+        size, what, hint = self._explain_bound(hdr, opts, frozen)
+        if fmt:  # the DICOM result comes on top of the mask
+            size += dicom_out.bound(hdr.height, hdr.width, 1, fmt, opts.dicom_overlay)
+            what, hint = f"{what} and its DICOM result", hint or "send a smaller image, or leave dicom_overlay off"
+        self.check_response_size(size, what, hint)
+        if prepared is None:
+            image, x, source = await self.cpu.run(self._prepare, request.image, entry.input, bool(opts.return_png or fmt))
+        else:
+            (image, x), source = prepared, None
+        if fmt:
+            dicom_out.check_source(fmt, dicom_out.require_source(source))
 
         resp = pb.ExplainResponse(model=entry.id, target_label=-1, method=method or entry.kind)
         if method:
@@ -259,9 +286,13 @@ class FastPath:
             resp.output.CopyFrom(to_tensor(out.astype(np.float32)))
         if opts.fidelity:
             resp.fidelity = float(await self._fidelity(frozen, x, mask, out, self._left(t0, timeout)))
-        await self.cpu.run(self._render, resp, image, mask, opts.return_png, entry.input)
+        await self.cpu.run(self._render, resp, image, mask, opts, entry.input)
+        if fmt:
+            resp.dicom, resp.dicom_overlay = await self.cpu.run(
+                dicom_out.explain_result, fmt, source, image, mask, entry, resp.method, resp.target_label, opts.dicom_overlay)
         resp.timing.queue_ms = queue_s * 1e3
         resp.timing.inference_ms = infer_s * 1e3
+        resp.timing.inference_share_ms = infer_s * 1e3 / max(bsize, 1)  # this request is one row of the batch
         resp.timing.batch_size = bsize
         resp.timing.total_ms = (time.perf_counter() - t0) * 1e3
         return resp
@@ -333,6 +364,7 @@ class FastPath:
         await self.cpu.run(build)
         resp.timing.queue_ms = bt.queue_s * 1e3
         resp.timing.inference_ms = bt.inference_s * 1e3
+        resp.timing.inference_share_ms = bt.inference_s * 1e3 * n / max(bt.batch_rows, 1)
         resp.timing.batch_size = bt.batch_rows
         resp.timing.total_ms = (time.perf_counter() - t0) * 1e3
         return resp

@@ -11,6 +11,10 @@ unknown path with the metrics page, so a probe pointed at a wrong path fails ins
 /healthz and /readyz answer a small JSON document saying which check failed. The server runs in
 its own threads (http.server.ThreadingHTTPServer), so the probes work while the event loop is busy
 and tell when it is stuck.
+
+Mounted routes (`mounts`): a path, or a prefix ending in "*", mapped to a callable that answers
+the request on the handler itself (GET / HEAD / POST); the gateway mounts the web viewer and its
+/api there (service/web). The three routes above always win; unmounted paths still answer 404.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ log = logging.getLogger("xaiserve.http")
 
 ROUTES = ("/metrics", "/healthz", "/readyz")
 Check = Callable[[], tuple[bool, str]]
+Mount = Callable[[BaseHTTPRequestHandler], None]
 
 
 class BoundedCheck:
@@ -62,8 +67,9 @@ class OpsServer:
     """The HTTP port; `live` and `ready` map check names to callables returning (ok, detail)."""
 
     def __init__(self, host: str, port: int, *, live: dict[str, Check] | None = None,
-                 ready: dict[str, Check] | None = None):
+                 ready: dict[str, Check] | None = None, mounts: dict[str, Mount] | None = None):
         self.live, self.ready = dict(live or {}), dict(ready or {})
+        self.mounts = dict(mounts or {})
         ops = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -103,8 +109,10 @@ class OpsServer:
                     self._checks(ops.live)
                 elif path == "/readyz":
                     self._checks(ops.ready)
+                elif (mount := ops.mount_for(path)) is not None:
+                    mount(self)
                 else:
-                    body = json.dumps({"status": "not found", "routes": list(ROUTES)}) + "\n"
+                    body = json.dumps({"status": "not found", "routes": list(ROUTES) + list(ops.mounts)}) + "\n"
                     self._send(404, body.encode(), "application/json")
 
             do_HEAD = do_GET  # noqa: N815
@@ -115,12 +123,28 @@ class OpsServer:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-            do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed  # noqa: N815
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                mount = ops.mount_for(self.path.split("?", 1)[0])
+                if mount is None:
+                    self._not_allowed()
+                else:
+                    mount(self)
+
+            do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed  # noqa: N815
 
         self.httpd = ThreadingHTTPServer((host, port), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="ops-http", daemon=True)
+
+    def mount_for(self, path: str) -> Mount | None:
+        """The mounted callable answering `path` (exact keys first, then the longest "*" prefix)."""
+        if path in ROUTES:
+            return None
+        if path in self.mounts:
+            return self.mounts[path]
+        best = max((k for k in self.mounts if k.endswith("*") and path.startswith(k[:-1])), key=len, default=None)
+        return self.mounts[best] if best is not None else None
 
     def start(self) -> "OpsServer":
         self._thread.start()

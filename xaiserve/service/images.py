@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,9 +29,15 @@ PILImage.MAX_IMAGE_PIXELS = MAX_PIXELS * 2
 # Encoded formats we decode. Pillow knows dozens; each is decoder code an untrusted byte string
 # reaches, so only the formats a client has a reason to send are opened.
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
-# zlib level of the PNG renderings: 1 is within ~10 % of the size of level 6 for masks and photos
-# at a fraction of the time (bench/bench_grpc.py, part 4).
+# Compression level of the PNG renderings: 0 stores, 1 is the fastest that compresses (part 4 of
+# bench/bench_grpc.py measures it). With ISA-L (the `isal` package, a dependency) levels 1-4 run
+# ISA-L's levels 0-3: deflate streams any PNG reader inflates, at 3-4x the speed of zlib's level 1
+# and within ~20 % of its size; without it, zlib at the given level.
 PNG_LEVEL = 1
+try:
+    from isal import isal_zlib as _isal
+except ImportError:  # pragma: no cover - isal is a declared dependency; zlib keeps PNGs working
+    _isal = None
 
 
 RESIZE_MODES = ("stretch", "letterbox", "center-crop")
@@ -300,6 +307,13 @@ def to_input_geometry(values: np.ndarray, spec: InputSpec, height: int, width: i
     return out.reshape(*lead, height, width)
 
 
+def preview_shape(height: int, width: int, limit: int) -> tuple[int, int]:
+    """The image's own aspect ratio with the longer side at most `limit` (progress previews of a job:
+    the geometry of the result without its full resolution)."""
+    scale = min(1.0, limit / max(height, width))
+    return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
+
+
 def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
     """Bilinear resize of an [h, w] mask to [height, width], kept in [0, 1]."""
     out = resize(mask[:, :, None].astype(np.float32), height, width)[:, :, 0]
@@ -314,8 +328,8 @@ def encode_png(arr: np.ndarray, level: int = PNG_LEVEL) -> bytes:
     """PNG bytes of an HW or HWC (C = 1, 3, 4) array in [0,1] (float) or uint8.
 
     Written here rather than by Pillow: Pillow tries five row filters on every row and keeps the
-    best, which costs more than the compression itself (x3-x5 at level 1). One 'sub' filter and
-    zlib's run-length strategy keep smooth masks small; level 0 stores without compressing."""
+    best, which costs more than the compression itself (x3-x5 at level 1). One 'up' filter (each
+    row minus the row above) makes smooth masks and photos compress well; level 0 stores."""
     a = np.asarray(arr)
     if a.dtype != np.uint8:
         a = (np.clip(a, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
@@ -335,13 +349,15 @@ def encode_png(arr: np.ndarray, level: int = PNG_LEVEL) -> bytes:
     if level <= 0:
         raw[:, 0] = 0  # filter 'none'
         raw[:, 1:] = rows
-        comp = zlib.compressobj(0)
+        idat = zlib.compress(raw.data, 0)
     else:
-        raw[:, 0] = 1  # filter 'sub': each byte minus the byte one pixel to its left (mod 256)
-        raw[:, 1:1 + bpp] = rows[:, :bpp]
-        np.subtract(rows[:, bpp:], rows[:, :-bpp], out=raw[:, 1 + bpp:])
-        comp = zlib.compressobj(min(int(level), 9), zlib.DEFLATED, 15, 8, zlib.Z_RLE)
-    idat = comp.compress(raw.data) + comp.flush()
+        raw[:, 0] = 2  # filter 'up' (mod 256); the row above the first is zeros
+        raw[0, 1:] = rows[0]
+        np.subtract(rows[1:], rows[:-1], out=raw[1:, 1:])
+        if _isal is not None:
+            idat = _isal.compress(raw.data, min(int(level) - 1, 3))
+        else:
+            idat = zlib.compress(raw.data, min(int(level), 9))
     ihdr = struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
 
@@ -374,17 +390,34 @@ def to_uint8(arr: np.ndarray) -> np.ndarray:
     return (np.clip(np.asarray(arr, dtype=np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def render_pngs(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5, level: int = PNG_LEVEL) -> tuple[bytes, bytes]:
-    """(mask PNG, overlay PNG) of an HW [0,1] mask over its HWC [0,1] image (same height and
-    width): the same pixels as encode_png(mask) and encode_png(overlay(image, mask)) up to
-    rounding of one level, computed in 8 bits (colour map by palette, blend in Pillow)."""
+def mask_png(mask: np.ndarray, level: int = PNG_LEVEL) -> bytes:
+    """The grayscale PNG of an HW [0,1] mask."""
+    return encode_png(to_uint8(mask), level)
+
+
+def overlay_png(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5, level: int = PNG_LEVEL) -> bytes:
+    """The PNG of an HW [0,1] mask in heat_colormap over its HWC [0,1] image (same height and
+    width): the pixels of encode_png(overlay(image, mask, alpha)) up to one level of rounding,
+    computed in 8 bits (the colour map as a palette look-up, the blend in Pillow)."""
     q = to_uint8(mask)
     h, w = q.shape
     heat = PILImage.frombuffer("P", (w, h), q.tobytes(), "raw", "P", 0, 1)
     heat.putpalette(_HEAT_PALETTE)
     base = PILImage.fromarray(to_uint8(to_channels(image, 3)), mode="RGB")
-    blend = PILImage.blend(base, heat.convert("RGB"), alpha)
-    return encode_png(q, level), encode_png(np.asarray(blend), level)
+    return encode_png(np.asarray(PILImage.blend(base, heat.convert("RGB"), alpha)), level)
+
+
+# One helper thread encodes the mask PNG while the calling (decode-pool) thread renders the overlay:
+# both compressors release the GIL, so the two PNGs cost about the longer one. Callers are the
+# decode pool's threads, so at most that many encodes wait here.
+_MASK_ENCODER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="png")
+
+
+def render_pngs(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5, level: int = PNG_LEVEL) -> tuple[bytes, bytes]:
+    """(mask_png, overlay_png) of one mask and image, the two encoded at the same time."""
+    fut = _MASK_ENCODER.submit(mask_png, mask, level)
+    ov = overlay_png(image, mask, alpha, level)
+    return fut.result(), ov
 
 
 def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:

@@ -16,10 +16,16 @@ LATENCY_BUCKETS = (
     0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256, 512)
+# Streaming calls last seconds to a day; in the request-latency buckets they all landed in +Inf.
+STREAM_DURATION_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0, 86400.0)
 
 REQUEST_LATENCY = Histogram(
-    "xaiserve_request_latency_seconds", "End-to-end server-side latency per RPC and model",
+    "xaiserve_request_latency_seconds", "End-to-end server-side latency per unary RPC and model",
     ["rpc", "model"], buckets=LATENCY_BUCKETS,
+)
+STREAM_DURATION = Histogram(
+    "xaiserve_stream_duration_seconds", "Duration of streaming RPCs (StreamExplain, WatchJob), open to end",
+    ["rpc", "model"], buckets=STREAM_DURATION_BUCKETS,
 )
 REQUESTS = Counter("xaiserve_requests", "Finished RPCs by status code", ["rpc", "model", "code"])
 INFLIGHT = Gauge("xaiserve_inflight_requests", "RPCs being served", ["rpc"])
@@ -32,13 +38,34 @@ INFERENCE = Histogram(
 )
 BATCH_SIZE = Histogram("xaiserve_batch_size", "Requests per micro-batch", ["model"], buckets=BATCH_BUCKETS)
 BATCHER_QUEUE = Gauge("xaiserve_batcher_queue_depth", "Requests waiting for a micro-batch", ["model"])
+STREAM_EVENTS = ("received", "answered", "failed", "dropped")
 STREAM_FRAMES = Counter(
-    "xaiserve_stream_frames", "StreamExplain frames by event (received, answered, dropped)", ["model", "event"],
+    "xaiserve_stream_frames", "StreamExplain frames by event (received, answered, failed = answered with an error "
+    "status, dropped = replaced by a newer frame)", ["model", "event"],
+)
+FRAME_LATENCY = Histogram(
+    "xaiserve_frame_latency_seconds", "StreamExplain, per answered frame: received to answer sent", ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+FRAME_QUEUE_WAIT = Histogram(
+    "xaiserve_frame_queue_wait_seconds", "StreamExplain, per answered frame: received to work starting on it "
+    "(waiting behind the stream's earlier frames)", ["model"], buckets=LATENCY_BUCKETS,
 )
 ACTIVE_STREAMS = Gauge("xaiserve_active_streams", "Open StreamExplain calls")
 MODEL_LOAD = Gauge("xaiserve_model_load_seconds", "Time to load and warm a model", ["model"])
 BUILD = Info("xaiserve_build", "Build information")
 SERVING = Gauge("xaiserve_serving", "1 while the server accepts calls, 0 while draining")
+
+
+def init_stream_series(models: list[str]) -> None:
+    """Create the per-model stream series at 0 (a rate() over a series that appears with the first
+    stream misses its first increments, and dashboards show "no data" instead of 0)."""
+    for m in models:
+        for ev in STREAM_EVENTS:
+            STREAM_FRAMES.labels(m, ev)
+        FRAME_LATENCY.labels(m)
+        FRAME_QUEUE_WAIT.labels(m)
+        STREAM_DURATION.labels("StreamExplain", m)
 
 
 def set_build_info(version: str, git: str) -> None:

@@ -18,6 +18,11 @@ from pathlib import Path
 
 # The version pinned in pyproject.toml's [test] extra; keep the two equal.
 GRPCIO_TOOLS = "1.72.2"
+# Packages whose stubs register in a pool of their own (the package's POOL) instead of protobuf's
+# default pool: other libraries ship the same wire package (tritonclient and KServe both define
+# `inference`), and one full name defined twice in one pool refuses to load.
+PRIVATE_POOLS = {"inference": "xaiserve.proto.inference"}
+_DEFAULT_POOL = "DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile("
 
 # Source files of the package itself (not data): the .proto files live beside their stubs.
 PROTO_ROOT = Path(__file__).resolve().parent.parent / "proto"
@@ -59,7 +64,19 @@ def generate(out_dir: Path, proto_root: Path = PROTO_ROOT) -> list[Path]:
     ]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed on {protos}")
+    for package, module in PRIVATE_POOLS.items():
+        for stub in (out_dir / Path(*module.split("."))).rglob("*_pb2.py"):
+            _use_private_pool(stub, module)
     return sorted(p for p in out_dir.rglob("*_pb2*.py*") if p.suffix in (".py", ".pyi"))
+
+
+def _use_private_pool(stub: Path, module: str) -> None:
+    """Point a generated *_pb2.py at `module`.POOL (see PRIVATE_POOLS)."""
+    text = stub.read_text()
+    if text.count(_DEFAULT_POOL) != 1:
+        raise RuntimeError(f"{stub}: protoc's output changed shape; cannot move it to {module}.POOL")
+    text = text.replace(_DEFAULT_POOL, f"from {module} import POOL as _POOL\nDESCRIPTOR = _POOL.AddSerializedFile(")
+    stub.write_text(text)
 
 
 def main() -> int:

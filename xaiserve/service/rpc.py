@@ -35,29 +35,39 @@ T = TypeVar("T")
 class Observed:
     """Per-call bookkeeping; handlers set `model` once they resolved it (low-cardinality label)."""
 
-    def __init__(self, rpc: str):
+    def __init__(self, rpc: str, duration: Any = None):
         self.rpc, self.model, self.code = rpc, "unknown", "OK"
+        # streaming calls go to their own long-bucket histogram (metrics.STREAM_DURATION)
+        self.duration = metrics.REQUEST_LATENCY if duration is None else duration
         self.t0 = time.perf_counter()
         metrics.INFLIGHT.labels(rpc).inc()
 
     def done(self) -> None:
         metrics.INFLIGHT.labels(self.rpc).dec()
         metrics.REQUESTS.labels(self.rpc, self.model, self.code).inc()
-        metrics.REQUEST_LATENCY.labels(self.rpc, self.model).observe(time.perf_counter() - self.t0)
+        self.duration.labels(self.rpc, self.model).observe(time.perf_counter() - self.t0)
+
+
+def failure(obs: Observed, e: BaseException) -> tuple[str, str]:
+    """(status code name, message) that `e` stands for, recorded in `obs.code`; anything but an
+    XaiError or a timeout is INTERNAL, logged with a reference the message gives. Shared by the
+    gRPC calls (`abort`) and the web API (service/web/api.py)."""
+    if isinstance(e, XaiError):
+        obs.code = e.code
+        return e.code, str(e)
+    if isinstance(e, asyncio.TimeoutError):
+        obs.code = "DEADLINE_EXCEEDED"
+        return obs.code, "the call's deadline passed before the work finished"
+    ref = uuid.uuid4().hex[:12]
+    log.error("internal error", exc_info=e, extra={"rpc": obs.rpc, "model": obs.model, "error_ref": ref})
+    obs.code = "INTERNAL"
+    return obs.code, f"internal error (reference {ref} in the server log)"
 
 
 async def abort(context: grpc.aio.ServicerContext, obs: Observed, e: BaseException) -> None:
     """End the call with the status that `e` stands for (always raises)."""
-    if isinstance(e, XaiError):
-        obs.code = e.code
-        await context.abort(status_of(e), str(e))
-    if isinstance(e, asyncio.TimeoutError):
-        obs.code = "DEADLINE_EXCEEDED"
-        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed before the work finished")
-    ref = uuid.uuid4().hex[:12]
-    log.error("internal error", exc_info=e, extra={"rpc": obs.rpc, "model": obs.model, "error_ref": ref})
-    obs.code = "INTERNAL"
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (reference {ref} in the server log)")
+    code, message = failure(obs, e)
+    await context.abort(status_of(e) if isinstance(e, XaiError) else getattr(grpc.StatusCode, code), message)
 
 
 async def observed_unary(rpc: str, context: grpc.aio.ServicerContext, body: Callable[[Observed], Awaitable[T]]) -> T:
@@ -78,7 +88,7 @@ async def observed_unary(rpc: str, context: grpc.aio.ServicerContext, body: Call
 
 async def observed_stream(rpc: str, context: grpc.aio.ServicerContext,
                           body: Callable[[Observed], AsyncIterator[T]]) -> AsyncIterator[T]:
-    obs = Observed(rpc)
+    obs = Observed(rpc, metrics.STREAM_DURATION)
     try:
         async for item in body(obs):
             yield item

@@ -5,6 +5,7 @@ import asyncio
 import logging
 import signal
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -13,7 +14,6 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from xaiserve.paths import code_version
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
@@ -24,7 +24,7 @@ from xaiserve.service.modelstore import store_problem
 from xaiserve.service.rpc import Observed, add_service, observed_stream, observed_unary
 from xaiserve.service.fastpath import FastPath
 from xaiserve.service.registry import MASK_KINDS, Registry, RegistryConfig
-from xaiserve.service.streams import StreamSession
+from xaiserve.service.streams import StreamHub, StreamSession
 
 log = logging.getLogger("xaiserve.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Explainer"].full_name
@@ -45,9 +45,11 @@ class ExplainerServicer(_job_mixin(), pb_grpc.ExplainerServicer):  # type: ignor
     """Registered by service.rpc.add_service (never-raising deserializers, admission before a
     request is parsed); Explain and Denoise answer bytes serialised off the event loop when large."""
 
-    def __init__(self, registry: Registry, fast: FastPath, config: ServerConfig, jobs: Any, principals: Any = None):
+    def __init__(self, registry: Registry, fast: FastPath, config: ServerConfig, jobs: Any, principals: Any = None,
+                 streams: StreamHub | None = None):
         self.registry, self.fast, self.config, self.jobs = registry, fast, config, jobs
         self.principals = principals
+        self.streams = streams if streams is not None else StreamHub()  # open streams, for the drain notice
 
     async def Explain(self, request: pb.ExplainRequest, context) -> pb.ExplainResponse:
         async def go(obs: Observed):
@@ -67,12 +69,14 @@ class ExplainerServicer(_job_mixin(), pb_grpc.ExplainerServicer):  # type: ignor
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         async def go(obs: Observed):
-            return list_models(self.registry, request.kind, self.jobs)
+            from xaiserve.service.reload import with_availability
+
+            return with_availability(list_models(self.registry, request.kind, self.jobs), self.registry, request.kind)
 
         return await observed_unary("ListModels", context, go)
 
     async def StreamExplain(self, request_iterator, context) -> AsyncIterator[pb.ExplainFrameResult]:
-        session = StreamSession(self.fast, self.config.stream_default_queue, self.config.stream_max_queue)
+        session = StreamSession(self.fast, self.config, self.streams, context)
 
         async def body(obs: Observed) -> AsyncIterator[pb.ExplainFrameResult]:
             metrics.ACTIVE_STREAMS.inc()
@@ -126,12 +130,21 @@ class RunningServer:
     config: ServerConfig
     _metrics_http: Any = None
     _health_server: Any = None
+    watcher: Any = None  # service.reload.ManifestWatcher
+    streams: StreamHub | None = None
+    serving: Any = None  # threading.Event: set while serving, cleared when draining (readiness)
 
     async def drain(self, grace: float | None = None) -> None:
         """Stop accepting calls, report NOT_SERVING, let in-flight calls finish within the grace period."""
         grace = self.config.grace_s if grace is None else grace
         log.info("draining", extra={"grace_s": grace})
+        if self.watcher is not None:
+            await self.watcher.stop()
+        if self.streams is not None:  # a DrainNotice now; each stream ends itself just before `grace`
+            self.streams.drain(grace)
         metrics.SERVING.set(0)
+        if self.serving is not None:
+            self.serving.clear()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         if self._health_server is not None:
@@ -147,7 +160,8 @@ class RunningServer:
 async def start_server(config: ServerConfig) -> RunningServer:
     store = Path(config.model_store).expanduser().resolve()  # a relative store is read from the working directory
     registry = Registry(RegistryConfig(store=store, intra_op_threads=config.intra_op_threads,
-                                       prefer_cuda=config.prefer_cuda, spiral_runtime=config.spiral_runtime))
+                                       prefer_cuda=config.prefer_cuda, spiral_runtime=config.spiral_runtime,
+                                       allow_spinning=config.ort_spinning, concurrent_calls=config.inference_threads))
     log.info("model store", extra={"model_store": str(store), "models": len(registry.entries())})
     problem = store_problem(store, len(registry.entries()))
     if problem:  # loudly: a server without models answers every call NOT_FOUND
@@ -158,7 +172,9 @@ async def start_server(config: ServerConfig) -> RunningServer:
         registry.load_all()
         for mid, s in registry.load_seconds.items():
             metrics.MODEL_LOAD.labels(mid).set(s)
-    log.info("models ready", extra={"models": [e.id for e in registry.entries()], "seconds": round(time.perf_counter() - t0, 3)})
+    log.info("models ready", extra={"models": [e.id for e in registry.entries()], "seconds": round(time.perf_counter() - t0, 3),
+                                    "intra_op_threads": registry.onnx_intra_op_threads(), "ort_spinning": config.ort_spinning})
+    metrics.init_stream_series([e.id for e in registry.entries() if e.kind in MASK_KINDS])
     metrics.set_build_info(VERSION, code_version())
 
     fast = FastPath(registry, config)
@@ -200,12 +216,19 @@ async def start_server(config: ServerConfig) -> RunningServer:
     def admit(context):  # Explain / Denoise: refused at once when full, before the request is parsed
         return fast.admission.slot(principals.of(context) if fast.admission.per_principal else "")
 
-    add_service(server, ExplainerServicer(registry, fast, config, jobs, principals),
+    streams = StreamHub()
+    servicer = ExplainerServicer(registry, fast, config, jobs, principals, streams)
+    add_service(server, servicer,
                 pb.DESCRIPTOR.services_by_name["Explainer"], pool=fast.cpu, admit={"Explain": admit, "Denoise": admit})
+    from xaiserve.service.oip import add_inference_service
+    from xaiserve.service.reflection import enable_reflection
+
+    # the Open Inference Protocol v2 on the same port, over the same registry, fast path and admission
+    inference = add_inference_service(server, registry, fast, version=VERSION, admit=admit)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                                         reflection.SERVICE_NAME), server)
+    enable_reflection(server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                               inference.service_name), (pb.DESCRIPTOR, health_pb2.DESCRIPTOR, inference.file))
     addr = f"{config.host}:{config.port}"
     if config.tls_cert:
         from xaiserve.service.security import server_credentials
@@ -219,6 +242,9 @@ async def start_server(config: ServerConfig) -> RunningServer:
     for svc in ("", SERVICE_NAME):
         await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
     metrics.SERVING.set(1)
+    serving = threading.Event()  # per server: the metric is process-wide
+    serving.set()
+    inference.ready = serving.is_set
     health_server = None
     if config.health_port:
         from xaiserve.service.security import health_only_server
@@ -228,22 +254,29 @@ async def start_server(config: ServerConfig) -> RunningServer:
     http = None
     mport = -1
     if config.metrics_port >= 0:
-        http = _ops_server(config, registry, jobs, asyncio.get_running_loop())
+        http = _ops_server(config, registry, jobs, asyncio.get_running_loop(), serving,
+                           servicer if config.web else None)
         mport = http.port
     log.info("serving", extra={"grpc": f"{config.host}:{port}", "metrics": f"{config.metrics_host}:{mport}",
                                "tls": bool(config.tls_cert), "mtls": bool(config.tls_client_ca),
                                "auth": bool(config.tokens_file), "queue": config.queue_url.split("://")[0]})
-    return RunningServer(server, port, mport, health_servicer, fast, jobs, registry, config, http, health_server)
+    from xaiserve.service.reload import ManifestWatcher
+
+    # models added, removed or changed in the manifest are swapped in without a restart (service/reload.py)
+    watcher = ManifestWatcher(registry, fast, interval_s=config.reload_interval_s, load=config.load_models == "all")
+    watcher.start()
+    return RunningServer(server, port, mport, health_servicer, fast, jobs, registry, config, http, health_server, watcher,
+                         streams=streams, serving=serving)
 
 
-def _ops_server(config: ServerConfig, registry: Registry, jobs: Any, loop: asyncio.AbstractEventLoop):
+def _ops_server(config: ServerConfig, registry: Registry, jobs: Any, loop: asyncio.AbstractEventLoop,
+                serving_flag: threading.Event, servicer: Any = None):
     """The HTTP port (service.httpd): /metrics, /healthz (the event loop answers), /readyz (serving,
-    models loaded, job queue reachable)."""
+    models loaded, job queue reachable); with `servicer`, the web viewer and its /api (service.web)."""
     from xaiserve.service.httpd import BoundedCheck, OpsServer, loop_responsive
 
     def serving() -> tuple[bool, str]:
-        value = metrics.SERVING.collect()[0].samples[0].value
-        return (True, "ok") if value == 1 else (False, "draining or not started")
+        return (True, "ok") if serving_flag.is_set() else (False, "draining")
 
     def models() -> tuple[bool, str]:
         if config.load_models != "all":
@@ -254,8 +287,13 @@ def _ops_server(config: ServerConfig, registry: Registry, jobs: Any, loop: async
     ready = {"serving": serving, "models": models}
     if jobs is not None:
         ready["queue"] = BoundedCheck(jobs.backend.ping, 1.0, f"the job queue ({jobs.backend.kind})")
+    web = {}
+    if servicer is not None:
+        from xaiserve.service.web import mounts
+
+        web = mounts(servicer, loop, serving_flag)
     return OpsServer(config.metrics_host, config.metrics_port, live={"event_loop": loop_responsive(loop)},
-                     ready=ready).start()
+                     ready=ready, mounts=web).start()
 
 
 async def serve_forever(config: ServerConfig, ready: Callable[[RunningServer], None] | None = None) -> None:
@@ -266,5 +304,6 @@ async def serve_forever(config: ServerConfig, ready: Callable[[RunningServer], N
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, rs.watcher.trigger)  # reload the model store now
     await stop.wait()
     await rs.drain()

@@ -1,4 +1,5 @@
-"""StreamExplain: frames in, masks out, in frame order, with a drop policy.
+"""StreamExplain: frames in, masks out, in frame order, with a drop policy, per-frame errors,
+flow-control figures and a drain notice.
 
 - LATEST (default): one frame runs at a time; of the frames that arrive meanwhile only the newest
   waits (a newer one replaces it and the replaced one is counted as dropped). Memory per stream is
@@ -7,52 +8,157 @@
   RESOURCE_EXHAUSTED. Two frames may be in flight so the model is never idle between frames.
 A client that stops reading blocks our writes (HTTP/2 flow control); the reader keeps bounded
 state, so server memory does not grow.
+
+A frame that fails (its image does not decode, is too large, the model queue is full ...) is
+answered with its own FrameStatus and no result; the stream goes on. Only errors about the stream
+itself (no or unknown model, frame ids that do not increase, an ALL queue overflowing) end it, and
+so do `max_consecutive_errors` failed frames in a row (a sender whose every frame is broken).
+
+Every answer carries dropped_total and answer_fps (answers per second over about the last second),
+so a sender can pace itself. On drain (SIGTERM) every open stream gets a DrainNotice at once and on
+each later answer; shortly before the grace period ends the stream is ended with UNAVAILABLE and
+the trailing metadata "xaiserve-draining: 1", rather than cut by the server's shutdown.
+
+Each frame runs through FastPath.explain, so decoding, resizing and building the mask happen in
+the fast path's CPU pool and the model call in its micro-batcher: frames of concurrent streams
+share batches.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+import grpc
 
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.service import metrics
-from xaiserve.service.errors import InvalidArgument, ResourceExhausted, XaiError
+from xaiserve.service.config import ServerConfig
+from xaiserve.service.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable, XaiError, status_of
 from xaiserve.service.fastpath import FastPath
+from xaiserve.service.mask_wire import with_stream_defaults
 from xaiserve.service.registry import ModelEntry
+
+log = logging.getLogger("xaiserve.streams")
+
+DRAIN_METADATA = ("xaiserve-draining", "1")
+RATE_WINDOW_S = 1.0  # answer_fps is measured over about this long
 
 
 def _now_us() -> int:
     return time.time_ns() // 1000
 
 
+def drain_margin(grace_s: float) -> float:
+    """How long before the end of the grace period streams are ended by us (with a status and the
+    drain trailer) rather than cancelled by the server's shutdown."""
+    return min(1.0, 0.2 * grace_s)
+
+
 @dataclass
 class _Frame:
     msg: pb.ExplainFrame
     received_us: int
+    received: float  # perf_counter
+
+
+class StreamHub:
+    """The open streams of one server: the drain path tells each of them at once."""
+
+    def __init__(self) -> None:
+        self._sessions: set[StreamSession] = set()
+        self.drain_deadline: float | None = None  # time.monotonic() when the server stops
+        self.drain_end: float | None = None  # when streams end themselves, a margin before that
+
+    def open(self, session: "StreamSession") -> None:
+        self._sessions.add(session)
+        if self.drain_deadline is not None and self.drain_end is not None:
+            session.drain(self.drain_deadline, self.drain_end)
+
+    def close(self, session: "StreamSession") -> None:
+        self._sessions.discard(session)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def drain(self, grace_s: float) -> None:
+        """Every open stream: notice now, ended shortly before `grace_s` from now (event loop only)."""
+        self.drain_deadline = time.monotonic() + grace_s
+        self.drain_end = self.drain_deadline - drain_margin(grace_s)
+        for s in list(self._sessions):
+            s.drain(self.drain_deadline, self.drain_end)
+
+
+class _Rate:
+    """Events per second over about the last `window` seconds."""
+
+    def __init__(self, window: float = RATE_WINDOW_S):
+        self.window = window
+        self._t: deque[float] = deque()
+
+    def tick(self, now: float) -> None:
+        self._t.append(now)
+        while len(self._t) > 2 and now - self._t[0] > self.window:
+            self._t.popleft()
+
+    def per_second(self) -> float:
+        if len(self._t) < 2:
+            return 0.0
+        span = self._t[-1] - self._t[0]
+        return (len(self._t) - 1) / span if span > 0 else 0.0
 
 
 class StreamSession:
-    def __init__(self, fast: FastPath, stream_default_queue: int, stream_max_queue: int):
+    def __init__(self, fast: FastPath, config: ServerConfig, hub: StreamHub | None = None,
+                 context: grpc.aio.ServicerContext | None = None):
         self.fast = fast
-        self.default_queue = stream_default_queue
-        self.max_queue_limit = stream_max_queue
+        self.default_queue = config.stream_default_queue
+        self.max_queue_limit = config.stream_max_queue
+        self.max_errors = config.stream_max_consecutive_errors
+        self.hub, self.context = hub, context
         self.entry: ModelEntry | None = None
-        self.options = pb.ExplainOptions()
+        self.options = with_stream_defaults(pb.ExplainOptions())
         self.policy = pb.LATEST
-        self.max_queue = stream_default_queue
+        self.max_queue = config.stream_default_queue
         self.dropped = 0
+        self.failed_in_a_row = 0
         self.last_id: int | None = None
         self._pending: deque[_Frame] = deque()
         self._wake = asyncio.Event()
         self._error: XaiError | None = None
         self._eof = False
+        self._rate = _Rate()
+        self._drain_deadline: float | None = None  # time.monotonic() when the server stops
+        self._drain_end: float | None = None  # when this stream ends itself
+        self._notice_sent = False
 
     @property
     def model_label(self) -> str:
         return self.entry.id if self.entry else "unknown"
 
+    # -- drain ---------------------------------------------------------------------------------
+    def drain(self, deadline: float, end: float) -> None:
+        self._drain_deadline, self._drain_end = deadline, end
+        self._wake.set()
+
+    def _notice(self) -> pb.DrainNotice | None:
+        if self._drain_deadline is None:
+            return None
+        left = max(0.0, self._drain_deadline - time.monotonic())
+        return pb.DrainNotice(seconds_left=left, message=(
+            f"the server is draining (shutting down) and ends this stream in about {left:.1f} s; "
+            "reconnect to another replica now"))
+
+    async def _end_for_drain(self) -> None:
+        if self.context is not None:
+            self.context.set_trailing_metadata((DRAIN_METADATA,))
+        raise Unavailable("the server is draining (shutting down); reconnect to another replica "
+                          f"(last frame answered: {self.last_id if self.last_id is not None else 'none'})")
+
+    # -- reading -------------------------------------------------------------------------------
     def _configure(self, f: pb.ExplainFrame) -> None:
         if self.entry is None:
             if not f.model:
@@ -64,10 +170,12 @@ class StreamSession:
                 if not 1 <= q <= self.max_queue_limit:
                     raise InvalidArgument(f"max_queue {q} is out of range 1..{self.max_queue_limit}")
                 self.max_queue = q
+            if f.max_consecutive_errors:
+                self.max_errors = int(f.max_consecutive_errors)
         elif f.model and self.fast.registry.resolve(f.model).id != self.entry.id:
             raise InvalidArgument(f"frame {f.frame_id}: a stream serves one model ({self.entry.id}); open another stream for {f.model}")
         if f.HasField("options"):
-            self.options = f.options
+            self.options = with_stream_defaults(f.options)
         if self.last_id is not None and f.frame_id <= self.last_id:
             raise InvalidArgument(f"frame ids must increase: got {f.frame_id} after {self.last_id}")
         self.last_id = f.frame_id
@@ -75,10 +183,10 @@ class StreamSession:
     async def _read(self, requests: AsyncIterator[pb.ExplainFrame]) -> None:
         try:
             async for f in requests:
-                received = _now_us()
+                received_us, received = _now_us(), time.perf_counter()
                 self._configure(f)
                 metrics.STREAM_FRAMES.labels(self.model_label, "received").inc()
-                frame = _Frame(f, received)
+                frame = _Frame(f, received_us, received)
                 if self.policy == pb.ALL:
                     if len(self._pending) >= self.max_queue:
                         raise ResourceExhausted(
@@ -99,33 +207,91 @@ class StreamSession:
             self._eof = True
             self._wake.set()
 
-    async def _run(self, frame: _Frame) -> pb.ExplainFrameResult:
+    # -- one frame -----------------------------------------------------------------------------
+    async def _run(self, frame: _Frame) -> tuple[pb.ExplainFrameResult, BaseException | None]:
+        """The frame's answer: its result, or its status when it failed (and the error)."""
+        fid = frame.msg.frame_id
+        metrics.FRAME_QUEUE_WAIT.labels(self.model_label).observe(time.perf_counter() - frame.received)
+        out = pb.ExplainFrameResult(frame_id=fid, received_unix_us=frame.received_us,
+                                    client_timestamp_us=frame.msg.client_timestamp_us)
         req = pb.ExplainRequest(model=self.entry.id, image=frame.msg.image, options=self.options)
         try:
-            resp = await self.fast.explain(req, timeout=None, entry=self.entry)
+            out.result.CopyFrom(await self.fast.explain(req, timeout=None, entry=self.entry))
+            return out, None
         except XaiError as e:
-            raise type(e)(f"frame {frame.msg.frame_id}: {e}") from None
-        return pb.ExplainFrameResult(
-            frame_id=frame.msg.frame_id, result=resp, received_unix_us=frame.received_us,
-            client_timestamp_us=frame.msg.client_timestamp_us,
-        )
+            code, message, err = status_of(e), f"frame {fid}: {e}", e
+        except asyncio.TimeoutError as e:
+            code, message, err = grpc.StatusCode.DEADLINE_EXCEEDED, f"frame {fid}: the model did not answer in time", e
+        except Exception as e:  # noqa: BLE001 - one frame's failure is that frame's answer, not the stream's end
+            ref = uuid.uuid4().hex[:12]
+            log.error("frame failed", exc_info=e, extra={"model": self.model_label, "error_ref": ref})
+            code, message, err = grpc.StatusCode.INTERNAL, f"frame {fid}: internal error (reference {ref} in the server log)", e
+        out.status.CopyFrom(pb.FrameStatus(code=code.value[0], message=message))
+        return out, err
+
+    def _finish(self, res: pb.ExplainFrameResult, frame_received: float | None) -> pb.ExplainFrameResult:
+        now = time.perf_counter()
+        self._rate.tick(now)
+        res.answered_unix_us = _now_us()
+        res.dropped_total = self.dropped
+        res.answer_fps = self._rate.per_second()
+        notice = self._notice()
+        if notice is not None:
+            res.drain.CopyFrom(notice)
+        if frame_received is not None:
+            metrics.FRAME_LATENCY.labels(self.model_label).observe(now - frame_received)
+        return res
+
+    def _too_many_errors(self, res: pb.ExplainFrameResult, err: BaseException) -> XaiError:
+        n = self.failed_in_a_row
+        tail = (f" ({n} frames in a row failed; this stream ends after max_consecutive_errors = {self.max_errors})"
+                if self.max_errors > 1 else "")
+        message = res.status.message + tail
+        if isinstance(err, XaiError):
+            return type(err)(message)
+        if isinstance(err, asyncio.TimeoutError):
+            return DeadlineExceeded(message)
+        return XaiError(message)  # INTERNAL
+
+    # -- the stream ----------------------------------------------------------------------------
+    def _launch(self, inflight: deque) -> None:
+        """Start waiting frames while fewer than the policy's depth run (known once the first
+        frame has been read): one for LATEST, two for ALL so that the model never idles between frames."""
+        depth = 2 if self.policy == pb.ALL else 1
+        while self._pending and len(inflight) < depth:
+            frame = self._pending.popleft()
+            inflight.append((asyncio.ensure_future(self._run(frame)), frame))
 
     async def run(self, requests: AsyncIterator[pb.ExplainFrame]) -> AsyncIterator[pb.ExplainFrameResult]:
+        if self.hub is not None:
+            self.hub.open(self)
         reader = asyncio.get_running_loop().create_task(self._read(requests))
-        depth = 2 if self.policy == pb.ALL else 1
-        inflight: deque[asyncio.Task] = deque()
+        inflight: deque[tuple[asyncio.Task, _Frame]] = deque()
         try:
             while True:
-                # policy is known once the first frame has been read
-                depth = 2 if self.policy == pb.ALL else 1
-                while self._pending and len(inflight) < depth:
-                    inflight.append(asyncio.ensure_future(self._run(self._pending.popleft())))
+                if self._drain_deadline is not None:
+                    if not self._notice_sent:
+                        self._notice_sent = True
+                        yield self._finish(pb.ExplainFrameResult(), None)
+                    if self._drain_end is not None and time.monotonic() >= self._drain_end:
+                        await self._end_for_drain()
+                self._launch(inflight)
                 if inflight:
-                    res = await inflight.popleft()
-                    res.answered_unix_us = _now_us()
-                    res.dropped_total = self.dropped
-                    metrics.STREAM_FRAMES.labels(self.model_label, "answered").inc()
-                    yield res
+                    task, frame = inflight.popleft()
+                    res, err = await task
+                    # the next frame starts before this answer is written: writing can wait on the
+                    # network, and a frame left waiting meanwhile would be replaced (dropped)
+                    self._launch(inflight)
+                    if err is None:
+                        self.failed_in_a_row = 0
+                        metrics.STREAM_FRAMES.labels(self.model_label, "answered").inc()
+                        yield self._finish(res, frame.received)
+                        continue
+                    self.failed_in_a_row += 1
+                    metrics.STREAM_FRAMES.labels(self.model_label, "failed").inc()
+                    if self.failed_in_a_row >= self.max_errors:
+                        raise self._too_many_errors(res, err)
+                    yield self._finish(res, None)
                     continue
                 if self._error is not None:
                     raise self._error
@@ -133,8 +299,16 @@ class StreamSession:
                     return
                 self._wake.clear()
                 if not self._pending and not self._eof:
-                    await self._wake.wait()
+                    end = self._drain_end
+                    timeout = None if end is None else max(0.0, end - time.monotonic())
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), timeout)
+                    except asyncio.TimeoutError:
+                        pass
         finally:
+            if self.hub is not None:
+                self.hub.close(self)
             reader.cancel()
-            for t in inflight:
+            for t, _ in inflight:
                 t.cancel()
+

@@ -40,8 +40,8 @@ ZOO: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("scenes-classifier", "classifier", {"dataset": "scenes", "epochs": 15}),
     ("lesions-nemt-cond", "nemt", {"classifier": "lesions-classifier:1", "form": "preservation", "conditional": True, "epochs": 6}),
     # the DICOM demo: synthetic CT phantoms, window stack as channels (xaiserve/training/datasets/phantoms.py)
-    ("ct-phantoms-classifier", "classifier", {"dataset": "ct-phantoms", "epochs": 4}),
-    ("ct-phantoms-nemt", "nemt", {"classifier": "ct-phantoms-classifier:1", "form": "preservation", "conditional": True, "epochs": 3}),
+    ("ct-phantoms-classifier", "classifier", {"dataset": "ct-phantoms", "epochs": 8}),
+    ("ct-phantoms-nemt", "nemt", {"classifier": "ct-phantoms-classifier:1", "form": "preservation", "conditional": False, "epochs": 3}),
 )
 DEFAULT_NAMES = {"encoder": "scenes-simclr", "nem-u": "scenes-nemu"}
 

@@ -221,7 +221,9 @@ def load_torchscript(path: Path, example: torch.Tensor) -> nn.Module:
     """``torch.jit.load`` -> GraphForm via TS2EPConverter (see the module docstring), else ScriptForm."""
     path = Path(path)
     try:
-        script = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated upstream, still served here
+            script = torch.jit.load(str(path), map_location="cpu")
     except Exception as e:  # noqa: BLE001 - torch.jit.load raises RuntimeError/ValueError/... on foreign bytes
         raise FailedPrecondition(
             f"{path.name} is not a TorchScript file ({e.__class__.__name__}: {quote(str(e), 160)}); "
@@ -237,8 +239,9 @@ def load_torchscript(path: Path, example: torch.Tensor) -> nn.Module:
         _check_eval_graph(ep, path)
         form = GraphForm(ep.module(), "torchscript")
         with torch.no_grad():
-            diff = float((first_tensor(script(example)) - form(example)).abs().max())
-        if not diff <= 1e-4 * (1.0 + float(first_tensor(script(example)).abs().max())):
+            ref = first_tensor(script(example))
+            diff = float((ref - form(example)).abs().max())
+        if not diff <= 1e-4 * (1.0 + float(ref.abs().max())):
             raise ValueError(f"converted graph differs from the TorchScript module by {diff:.3g}")
         return form
     except FailedPrecondition:
@@ -443,3 +446,38 @@ def tapped(module: nn.Module, x: torch.Tensor, taps: Sequence[str] | None = None
     with torch.no_grad():
         d = int(first_tensor(module(x[:1])).shape[1])
     return TappedModel(module, find_pyramid(module, x, taps), d)
+
+
+# -- ONNX export of a torch form ------------------------------------------------------------------------
+class _ExportWrapper(nn.Module):
+    """Forward-only view for torch.onnx.export: its train() does not reach exported graphs."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def train(self, mode: bool = True) -> "_ExportWrapper":
+        self.training = mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return first_tensor(self.module(x))
+
+
+def export_onnx(module: nn.Module, path: Path, example: torch.Tensor, *, opset: int = 17) -> Path:
+    """The ONNX graph of a frozen encoder/classifier (input "image", output "output", dynamic batch),
+    through the TorchScript-based exporter (it traces exported graphs and TorchScript alike)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dynamic: dict | None = {"image": {0: "batch"}, "output": {0: "batch"}}
+    if isinstance(module, RowWise):  # a fixed batch of 1 stays one (OnnxModel runs it row by row)
+        module, example, dynamic = module.inner, example[:1], None
+    target = module.script if isinstance(module, ScriptForm) else _ExportWrapper(module)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(target, (example,), str(path), input_names=["image"], output_names=["output"],
+                          dynamic_axes=dynamic, opset_version=opset, dynamo=False, do_constant_folding=True)
+    import onnx
+
+    onnx.checker.check_model(onnx.load(str(path)))
+    return path

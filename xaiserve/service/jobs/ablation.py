@@ -23,7 +23,7 @@ from xaiserve.handlers.ablation.path import affine_path, saturation, upsample, w
 from xaiserve.handlers.ablation.scores import interpolate
 from xaiserve.handlers.saliency.methods import module_lock
 from xaiserve.errors import InvalidArgument
-from xaiserve.service.images import decode_image, to_model_input
+from xaiserve.service.images import decode_image, preview_shape, to_channels, to_input_geometry, to_model_input
 from xaiserve.service.registry import ModelEntry, Registry
 from xaiserve.service.tensors import to_tensor
 
@@ -53,9 +53,12 @@ def _num_classes(entry: ModelEntry) -> int:
     return entry.output_dim or len(entry.labels)
 
 
-def _usable(e: ModelEntry) -> bool:
-    """A classifier with torch weights: ablation paths need gradients, which ONNX Runtime does not give."""
-    return e.kind == "classifier" and "state_dict" in e.files
+def _usable(e: ModelEntry, registry: Registry | None = None) -> bool:
+    """A classifier with a torch form (state dict, TorchScript or torch.export): ablation paths need
+    gradients, which ONNX Runtime does not give."""
+    if e.kind != "classifier":
+        return False
+    return "torch" in registry.forms(e) if registry is not None else "state_dict" in e.files
 
 
 def _classifier(request: pb.JobRequest, registry: Registry) -> ModelEntry:
@@ -64,11 +67,12 @@ def _classifier(request: pb.JobRequest, registry: Registry) -> ModelEntry:
     entry = registry.resolve(request.model)
     if entry.kind in MASK_KINDS:
         entry = registry.frozen_for(entry)
-    if not _usable(entry):
-        names = sorted({e.id for e in registry.entries() if _usable(e)})
+    if not _usable(entry, registry):
+        names = sorted({e.id for e in registry.entries() if _usable(e, registry)})
         why = (f"is a {entry.kind}; ablation paths explain a classifier's decision" if entry.kind != "classifier" else
-               "has no torch weights (files.state_dict) in its manifest entry; ablation paths need the classifier's "
-               "gradients, which the ONNX graph alone does not give")
+               "has no torch form (files.state_dict, torchscript or exported_program) in its manifest entry; ablation "
+               "paths need the classifier's gradients, which the ONNX graph alone does not give (add one with "
+               f"`xaiserve models add {entry.name} model.onnx --torch model.pt2 --kind classifier`)")
         raise InvalidArgument(
             f"model {entry.id} {why}. Classifiers with torch weights in this store: {', '.join(names) if names else '(none)'}"
         )
@@ -118,13 +122,13 @@ def _inputs(request: pb.JobRequest, entry: ModelEntry) -> tuple[np.ndarray, np.n
     """(image HWC [0,1] at the model's size, x normalised CHW, baseline normalised CHW or None)."""
     if not request.HasField("image"):
         raise InvalidArgument("image is missing: set image.encoded (PNG/JPEG bytes) or image.tensor")
-    arr = decode_image(request.image)
+    arr = decode_image(request.image, entry.input)
     x = to_model_input(arr, entry.input)
     params = request.ablation
     baseline = None
     if params.HasField("baseline"):
         try:
-            baseline = to_model_input(decode_image(params.baseline), entry.input)
+            baseline = to_model_input(decode_image(params.baseline, entry.input), entry.input)
         except InvalidArgument as e:
             raise InvalidArgument(f"params.baseline: {e}") from None
     return arr, x, baseline
@@ -145,7 +149,9 @@ class AblationJobMethod:
         entry = _classifier(request, registry)
         params = _params(request)
         cfg, target = build_config(params, entry)
-        _, x_np, baseline_np = _inputs(request, entry)
+        arr, x_np, baseline_np = _inputs(request, entry)
+        h, w = int(arr.shape[0]), int(arr.shape[1])
+        ph, pw = preview_shape(h, w, max(entry.input.height, entry.input.width))
         ctx.check_cancelled()
         t0 = time.perf_counter()
         module = _Serialised(registry.torch_module(entry))
@@ -165,7 +171,7 @@ class AblationJobMethod:
             done[0] = max(done[0], min(0.99, max(p.fraction, by_saturation)))
             ctx.report(
                 done[0],
-                heatmap=p.heatmap.numpy(),
+                heatmap=to_input_geometry(p.heatmap.numpy(), entry.input, ph, pw),
                 score=p.score,
                 metrics={"saturation": p.saturation, "iteration": float(p.iteration)},
                 message=f"iteration {p.iteration}/{p.max_iterations}",
@@ -177,7 +183,7 @@ class AblationJobMethod:
         )
         ctx.check_cancelled()  # a "stopped" path is never returned as a result
         t0 = time.perf_counter()
-        result = to_result(out, x, entry, return_images=params.return_images)
+        result = to_result(out, x, entry, return_images=params.return_images, image=arr)
         timings = dict(out.timings)
         timings.update({"render": time.perf_counter() - t0, "load": load_s, "run": time.perf_counter() - t_run})
         parameters = dict(cfg.to_dict())
@@ -195,9 +201,17 @@ class AblationJobMethod:
         return pb.JobResult(ablation=result, timings=timings, parameters_json=json.dumps(parameters, sort_keys=True))
 
 
-def to_result(out: AblationOutput, x: torch.Tensor, entry: ModelEntry, *, return_images: bool = False) -> pb.AblationResult:
-    """Every field of pb.AblationResult from an AblationOutput (path and heatmap at the model's input size)."""
+def to_result(out: AblationOutput, x: torch.Tensor, entry: ModelEntry, *, return_images: bool = False,
+              image: np.ndarray | None = None) -> pb.AblationResult:
+    """Every field of pb.AblationResult from an AblationOutput. With `image` (the decoded request
+    image, HWC) the path, path_down, heatmap and heatmap PNG are at its resolution and geometry
+    (the model's resize undone, letterbox padding cut away); the strip PNG and `images` show what
+    the model saw, at its input size."""
     spec = entry.input
+
+    def back(a: np.ndarray) -> np.ndarray:
+        return a if image is None else to_input_geometry(a, spec, int(image.shape[0]), int(image.shape[1]))
+
     images = render.denormalise(out.path_images(x).numpy(), spec.mean, spec.std)  # [T+2, H, W, C]
     masks = with_boundaries(out.path_image).numpy()
     probs = out.probabilities.numpy()
@@ -212,9 +226,10 @@ def to_result(out: AblationOutput, x: torch.Tensor, entry: ModelEntry, *, return
     times = out.times.numpy()
     strip = render.strip_png(images, masks, probs[:, out.target], times,
                              title=f"{entry.id}: {label} (target {out.target}), score {out.score:.3f}", down=down)
-    heat = out.heatmap.numpy()
+    heat = back(out.heatmap.numpy())
+    shown = images[0] if image is None else to_channels(image, 3)
     result = pb.AblationResult(
-        path=to_tensor(out.path_image.numpy().astype(np.float32)),
+        path=to_tensor(back(out.path_image.numpy()).astype(np.float32)),
         times=to_tensor(times.astype(np.float32)),
         probabilities=to_tensor(probs.astype(np.float32)),
         heatmap=to_tensor(heat.astype(np.float32)),
@@ -225,11 +240,11 @@ def to_result(out: AblationOutput, x: torch.Tensor, entry: ModelEntry, *, return
         score=out.score,
         baseline_sigma=out.baseline_sigma,
         strip_png=strip,
-        heatmap_png=render.heatmap_png(images[0], heat),
+        heatmap_png=render.heatmap_png(shown, heat),
         iterations=out.iterations,
     )
     if return_images:
         result.images.CopyFrom(to_tensor(images.astype(np.float32)))
     if path_down_image is not None:
-        result.path_down.CopyFrom(to_tensor(path_down_image.numpy().astype(np.float32)))
+        result.path_down.CopyFrom(to_tensor(back(path_down_image.numpy()).astype(np.float32)))
     return result

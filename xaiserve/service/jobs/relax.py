@@ -20,7 +20,7 @@ from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.handlers.relax.relax import Embed, Relax, RelaxConfig, RelaxProgress
 from xaiserve.service.render.relax import normalise, render_png
 from xaiserve.errors import FailedPrecondition, InvalidArgument
-from xaiserve.service.images import decode_image, to_model_input
+from xaiserve.service.images import decode_image, preview_shape, to_input_geometry, to_model_input
 from xaiserve.service.jobs.contract import JobContext
 from xaiserve.service.registry import ModelEntry, OnnxModel, Registry
 from xaiserve.service.tensors import to_tensor
@@ -122,16 +122,18 @@ class RelaxJobMethod:
             )
         if "onnx" in encoder.files:
             registry.path(encoder, "onnx")  # FailedPrecondition now, not a failed job later
-        elif "state_dict" not in encoder.files:
-            raise FailedPrecondition(f"encoder {encoder.id} has neither an ONNX graph nor a state dict in the model store")
+        elif "torch" not in registry.forms(encoder):
+            raise FailedPrecondition(f"encoder {encoder.id} has neither an ONNX graph nor a torch form in the model store")
         return entry, encoder
 
-    def _input(self, request: pb.JobRequest, encoder: ModelEntry, cfg: RelaxConfig) -> np.ndarray:
+    def _input(self, request: pb.JobRequest, encoder: ModelEntry, cfg: RelaxConfig) -> tuple[np.ndarray, tuple[int, int]]:
+        """(the normalised model input, the image's own height and width)."""
         if not request.HasField("image"):
             raise InvalidArgument("the job has no image: set JobRequest.image (PNG/JPEG bytes or a raw tensor)")
-        x = to_model_input(decode_image(request.image), encoder.input)
+        arr = decode_image(request.image, encoder.input)
+        x = to_model_input(arr, encoder.input)
         cfg.check_image(*x.shape)
-        return x
+        return x, (int(arr.shape[0]), int(arr.shape[1]))
 
     # -- JobMethod ---------------------------------------------------------------------------------
     def validate(self, request: pb.JobRequest, registry: Registry) -> None:
@@ -143,8 +145,12 @@ class RelaxJobMethod:
         t_start = time.perf_counter()
         cfg = self.config(request)
         entry, encoder = self.models(request, registry)
-        x = self._input(request, encoder, cfg)
+        x, (h, w) = self._input(request, encoder, cfg)
         t_decoded = time.perf_counter()
+        spec = encoder.input
+        # results at the image's own resolution and geometry (letterbox padding cut away); progress
+        # previews in the same geometry at the model's scale
+        ph, pw = preview_shape(h, w, max(spec.height, spec.width))
         if "onnx" in encoder.files:
             embed, backend = onnx_embed(registry.onnx(encoder)), "onnxruntime"
         else:
@@ -156,7 +162,7 @@ class RelaxJobMethod:
             finite = np.isfinite(p.max_std_error)
             ctx.report(
                 p.fraction,
-                heatmap=normalise(p.importance.numpy()),
+                heatmap=normalise(to_input_geometry(p.importance.numpy(), spec, ph, pw, clip=False)),
                 score=float(p.max_std_error) if finite else None,
                 metrics={"masks": float(p.num_masks), "masks_per_second": float(p.masks_per_second)},
                 message=f"{p.num_masks} masks" + (f", max standard error {p.max_std_error:.4f}" if finite else ""),
@@ -170,7 +176,10 @@ class RelaxJobMethod:
         out = relax.attribute(torch.from_numpy(x), progress=progress, should_stop=should_stop)
         t_relax = time.perf_counter()
 
-        imp, unc, ur = (t.numpy().astype(np.float32) for t in (out.importance, out.uncertainty, out.u_relax))
+        imp, unc = (to_input_geometry(t.numpy().astype(np.float32), spec, h, w, clip=False)
+                    for t in (out.importance, out.uncertainty))
+        # U-RELAX ([RELAX] eq. 13) re-applied at the image's resolution: R where U < the threshold
+        ur = np.where(unc < out.threshold, imp, 0.0).astype(np.float32)
         png = render_png(imp, unc, ur)
         params = {
             **cfg.to_dict(),
@@ -178,6 +187,8 @@ class RelaxJobMethod:
             "encoder": encoder.id,
             "backend": backend,
             "input_shape": [int(v) for v in x.shape],
+            "image_size": [h, w],
+            "resize": spec.resize,
             "converged": out.converged,
             "estimator_used": out.estimator,
         }

@@ -175,6 +175,10 @@ class JobWorker:
             method = self.methods[method_name]
             ctx.check_cancelled()
             result = method.run(claim.request, self.registry, ctx)
+            if claim.request.output_format and isinstance(result, pb.JobResult):  # DICOM results
+                from xaiserve.service.dicom_out import add_job_dicom
+
+                add_job_dicom(claim.request, result, self.registry)
         except BaseException as e:  # noqa: BLE001 - every outcome of a method is handled below
             error = e
             if not isinstance(e, Exception):  # KeyboardInterrupt / SystemExit: hand back, re-raise below

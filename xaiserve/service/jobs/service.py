@@ -26,6 +26,7 @@ from typing import AsyncIterator, Awaitable, Callable, Mapping, TypeVar
 from xaiserve.methods import METHODS
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.service.errors import InvalidArgument, NotFound, Unavailable, quote
+from xaiserve.service.dicom_out import prepare_job_request
 from xaiserve.service.jobs import metrics
 from xaiserve.service.jobs.backend import (
     ANONYMOUS,
@@ -130,6 +131,8 @@ class JobService:
         # The methods table decides whether the method applies to the model (what ListModels
         # advertises); then the method checks parameters and image: a job never fails later for these.
         await asyncio.to_thread(self._validate, method, request)
+        # DICOM: the result format is checked now, and the store gets the image without patient data
+        request = await asyncio.to_thread(prepare_job_request, request)
         now = time.time()
         job, created = await self._call(self.backend.submit, request, job_id=new_job_id(now), now=now, owner=principal)
         if created:

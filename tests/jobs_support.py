@@ -1,6 +1,6 @@
 """Helpers for the job-queue tests (no tests here): small JobMethods and a real redis-server.
 
-The methods are importable by worker subprocesses as `tests.test_jobs_support:CountingMethod`, so the
+The methods are importable by worker subprocesses as `tests.jobs_support:CountingMethod`, so the
 queue tests never depend on RELAX. Each run leaves marker files in $XAI_TEST_MARKERS named
 `<tag>.<event>.<pid>.<n>` (tag = request.model), so a test can count runs across processes.
 """
@@ -172,7 +172,7 @@ class WorkerProcess:
         timing = [*(["--claim-idle-s", str(claim_idle_s)] if claim_idle_s is not None else []),
                   *(["--heartbeat-s", str(heartbeat_s)] if heartbeat_s is not None else [])]
         args = [sys.executable, "-m", "xaiserve.service.worker", "--queue", queue,
-                "--methods", "tests.test_jobs_support:CountingMethod,tests.test_jobs_support:FailingMethod",
+                "--methods", "tests.jobs_support:CountingMethod,tests.jobs_support:FailingMethod",
                 "--metrics-port", "0", *timing, "--grace-s", "2", "--no-log-json", *(extra or [])]
         self.log_path = log_path
         self._log = open(log_path, "ab") if log_path else subprocess.DEVNULL
@@ -259,9 +259,9 @@ class RecordingContext:
 
 
 if __name__ == "__main__":
-    # python -m tests.test_jobs_support embedded sqlite:////tmp/x/jobs.sqlite
+    # python -m tests.jobs_support embedded sqlite:////tmp/x/jobs.sqlite
     if len(sys.argv) >= 3 and sys.argv[1] == "embedded":
         asyncio.run(_serve_embedded(sys.argv[2], float(sys.argv[3]) if len(sys.argv) > 3 else 30.0))
     else:
-        sys.exit("usage: python -m tests.test_jobs_support embedded QUEUE_URL [CLAIM_IDLE_S]")
+        sys.exit("usage: python -m tests.jobs_support embedded QUEUE_URL [CLAIM_IDLE_S]")
 

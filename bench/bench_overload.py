@@ -1,0 +1,172 @@
+"""Overload: what an overloaded server answers, and how fast (127.0.0.1 only).
+
+1. Capacity: closed loop, `--clients` concurrent callers of Explain for `--duration` s: answers/s.
+2. Open loop at 2x and 5x that rate for `--duration` s each: every call gets a deadline; the server
+   must refuse what it cannot take with RESOURCE_EXHAUSTED at once (admission: max_inflight) and
+   keep its cores on the calls it accepted. Printed per load:
+   - refusal latency p50 / p99 (goal p99 <= 5 ms),
+   - goodput / capacity: answers/s during the window vs the capacity of part 1 (goal >= 0.9 at 2x),
+   - latency of the answered calls, other statuses (deadline, unavailable), and
+   - the server's resident memory before, at the peak sampled, and after (growth).
+
+The server is a separate `xaiserve serve` process on this machine, on the tiny test models (the
+slow-nemu graph by default: its model call, not Python, bounds the capacity); the client is one
+asyncio process sending pre-serialised requests. On a shared 2-core machine the client's own CPU
+competes with the server's: the figures are for this machine, measured in one run.
+
+    python bench/bench_overload.py [--duration 8] [--model slow-nemu] [--max-inflight 64]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+from PIL import Image
+
+from xaiserve.paths import checkout_root
+
+ROOT = checkout_root()
+sys.path.insert(0, str(ROOT))
+from xaiserve.proto.explain.v1 import explainer_pb2 as pb  # noqa: E402
+from tests.serverutil import server_process  # noqa: E402
+from tests.tiny_models import build_store  # noqa: E402
+
+METHOD = "/explain.v1.Explainer/Explain"
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+class RssSampler:
+    def __init__(self, pid: int):
+        self.pid, self.peak = pid, rss_mb(pid)
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            self.peak = max(self.peak, rss_mb(self.pid))
+
+    def __enter__(self) -> "RssSampler":
+        self.before = rss_mb(self.pid)
+        self.peak = self.before
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+        self.after = rss_mb(self.pid)
+
+
+def request_bytes(model: str, size: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return pb.ExplainRequest(model=model, image=pb.Image(encoded=buf.getvalue())).SerializeToString()
+
+
+async def capacity(address: str, req: bytes, clients: int, duration: float) -> float:
+    async with grpc.aio.insecure_channel(address) as ch:
+        call = ch.unary_unary(METHOD, request_serializer=None, response_deserializer=None)
+        for _ in range(20):
+            await call(req, timeout=30)
+        done = 0
+        end = time.perf_counter() + duration
+
+        async def worker():
+            nonlocal done
+            while time.perf_counter() < end:
+                await call(req, timeout=30)
+                done += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        return done / (time.perf_counter() - t0)
+
+
+async def offered(address: str, req: bytes, rate: float, duration: float, deadline: float) -> dict:
+    """Send at `rate` per second for `duration` s (open loop); returns what came back."""
+    results: list[tuple[float, float, str]] = []  # (sent, took, status)
+    async with grpc.aio.insecure_channel(address) as ch:
+        call = ch.unary_unary(METHOD, request_serializer=None, response_deserializer=None)
+
+        async def one(sent: float) -> None:
+            try:
+                await call(req, timeout=deadline)
+                code = "OK"
+            except grpc.aio.AioRpcError as e:
+                code = e.code().name
+            results.append((sent, time.perf_counter() - sent, code))
+
+        tasks = []
+        t0 = time.perf_counter()
+        n = int(rate * duration)
+        for i in range(n):
+            due = t0 + i / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(one(time.perf_counter())))
+        sent_for = time.perf_counter() - t0
+        await asyncio.gather(*tasks)
+    window_end = t0 + duration
+    ok_in_window = sum(1 for s, d, c in results if c == "OK" and s + d <= window_end)
+    return {"results": results, "sent_rate": n / sent_for, "goodput": ok_in_window / duration}
+
+
+def pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs) * 1e3, q)) if xs else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--duration", type=float, default=8.0, help="seconds per phase")
+    ap.add_argument("--model", default="slow-nemu")
+    ap.add_argument("--size", type=int, default=64, help="side of the (random, PNG) images sent")
+    ap.add_argument("--clients", type=int, default=32, help="closed-loop callers measuring capacity")
+    ap.add_argument("--max-inflight", type=int, default=64)
+    ap.add_argument("--deadline", type=float, default=10.0, help="per-call deadline (s) in the open loop")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = build_store(Path(tmp) / "store")
+        with server_process(store, state_dir=Path(tmp) / "state", job_workers=0,
+                            max_inflight=args.max_inflight, host="127.0.0.1") as srv:
+            pid = srv.process.pid
+            req = request_bytes(args.model, args.size)
+            with RssSampler(pid) as mem0:
+                cap = asyncio.run(capacity(srv.address, req, args.clients, args.duration))
+            print(f"== capacity ({args.model}, {args.size} x {args.size} PNG, {args.clients} closed-loop clients, "
+                  f"max_inflight {args.max_inflight}): {cap:.1f} answers/s; RSS {mem0.before:.0f} -> {mem0.after:.0f} MB")
+            print(f"{'load':>5} {'sent/s':>8} {'answers/s':>10} {'goodput/cap':>12} {'refused':>8} {'refusal p50':>12} "
+                  f"{'refusal p99':>12} {'answer p50':>11} {'answer p99':>11} {'other':>16} {'RSS before/peak/after MB':>26}")
+            for k in (2, 5):
+                with RssSampler(pid) as mem:
+                    r = asyncio.run(offered(srv.address, req, k * cap, args.duration, args.deadline))
+                res = r["results"]
+                refused = [d for _, d, c in res if c == "RESOURCE_EXHAUSTED"]
+                answered = [d for _, d, c in res if c == "OK"]
+                other: dict[str, int] = {}
+                for _, _, c in res:
+                    if c not in ("OK", "RESOURCE_EXHAUSTED"):
+                        other[c] = other.get(c, 0) + 1
+                ratio = r["goodput"] / cap
+                goal = " (goal p99 <= 5 ms" + (", goodput >= 0.9)" if k == 2 else ")")
+                print(f"{k:>4}x {r['sent_rate']:8.1f} {r['goodput']:10.1f} {ratio:12.2f} {len(refused):8d} "
+                      f"{pct(refused, 50):10.2f}ms {pct(refused, 99):10.2f}ms {pct(answered, 50):9.1f}ms {pct(answered, 99):9.1f}ms "
+                      f"{str(other or '-'):>16} {mem.before:8.0f}/{mem.peak:.0f}/{mem.after:.0f}{goal}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""DICOM in and DICOM out through a real server over gRPC, on pydicom's bundled sample files.
+
+The default store's models: lesions-nemt (3 channels, no DICOM defaults: a grey image is windowed
+by the file / request and replicated) and the DICOM demo pair ct-phantoms-classifier /
+ct-phantoms-nemt (window stack lung / soft tissue / bone as channels, manifest input.dicom).
+"""
+from __future__ import annotations
+
+import io
+
+import grpc
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.encaps import encapsulate
+
+from tests.dicomutil import edited, sample
+from tests.serverutil import ROOT, running_server
+from xaiserve.proto.explain.v1 import explainer_pb2 as pb
+from xaiserve.service.mask_wire import decode_mask
+from xaiserve.training.datasets.phantoms import phantom_dicom, phantom_slice
+
+MODEL = "lesions-nemt"
+DEMO = "ct-phantoms-nemt"
+
+
+@pytest.fixture(scope="module")
+def stub():
+    with running_server(store=ROOT / "model_store", load_models="lazy", max_delay_ms=1) as srv:
+        yield srv.stub()
+
+
+def explain(stub, data: bytes, model: str = MODEL, *, dicom: pb.DicomOptions | None = None, **opts) -> pb.ExplainResponse:
+    img = pb.Image(encoded=data)
+    if dicom is not None:
+        img.dicom.CopyFrom(dicom)
+    return stub.Explain(pb.ExplainRequest(model=model, image=img, options=pb.ExplainOptions(**opts)), timeout=120)
+
+
+def refused(stub, data: bytes, model: str = MODEL, *, dicom=None, **opts) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as e:
+        explain(stub, data, model, dicom=dicom, **opts)
+    return e.value
+
+
+# -- DICOM out --------------------------------------------------------------------------------------
+def test_segmentation_references_the_source_and_holds_the_mask(stub):
+    data = sample("CT_small.dcm")
+    src = pydicom.dcmread(io.BytesIO(data))
+    r = explain(stub, data, output_format="dicom-seg")
+    mask = decode_mask(r)
+    assert mask.shape == (src.Rows, src.Columns)
+    seg = hd.seg.segread(io.BytesIO(r.dicom))
+    assert seg.segmentation_type == hd.seg.SegmentationTypeValues.FRACTIONAL
+    assert seg.get_source_image_uids() == [(src.StudyInstanceUID, src.SeriesInstanceUID, src.SOPInstanceUID)]
+    assert seg.StudyInstanceUID == src.StudyInstanceUID and seg.SeriesInstanceUID != src.SeriesInstanceUID
+    desc = seg.get_segment_description(1)
+    algo = desc.algorithm_identification
+    assert algo[0].AlgorithmName == "lesions-nemt" and algo[0].AlgorithmVersion == "1"
+    assert "method=nemt" in algo[0].AlgorithmParameters
+    stored = seg.get_pixels_by_source_instance([src.SOPInstanceUID], segment_numbers=[1], rescale_fractional=True)
+    np.testing.assert_allclose(stored[0, :, :, 0], mask, atol=0.5 / 255 + 1e-6)
+    # the patient module comes from the caller's own file (Explain stores nothing)
+    assert seg.PatientID == src.PatientID
+
+
+def test_parametric_map_holds_the_float_mask(stub):
+    data = sample("MR_small.dcm")
+    src = pydicom.dcmread(io.BytesIO(data))
+    r = explain(stub, data, output_format="dicom-pmap", dicom_overlay=True)
+    pm = pydicom.dcmread(io.BytesIO(r.dicom))
+    assert pm.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"
+    values = np.frombuffer(pm.FloatPixelData, "<f4").reshape(src.Rows, src.Columns)
+    np.testing.assert_array_equal(values, decode_mask(r))
+    refs = pm.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0].SourceImageSequence[0]
+    assert refs.ReferencedSOPInstanceUID == src.SOPInstanceUID and refs.ReferencedSOPClassUID == src.SOPClassUID
+    sc = pydicom.dcmread(io.BytesIO(r.dicom_overlay))
+    assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and sc.StudyInstanceUID == src.StudyInstanceUID
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+    assert sc.pixel_array.shape == (src.Rows, src.Columns, 3)
+
+
+def test_multiframe_uses_the_chosen_frame_and_references_it(stub):
+    hu, _, _ = phantom_slice(64, seed=3)
+    data = phantom_dicom(hu, frames=4)  # frame k = the slice + k HU
+    one = phantom_dicom(hu + 2)
+    r2 = explain(stub, data, DEMO, dicom=pb.DicomOptions(frame=2), output_format="dicom-seg")
+    r_single = explain(stub, one, DEMO)
+    np.testing.assert_allclose(decode_mask(r2), decode_mask(r_single), atol=1e-6)  # frame 2 and nothing else
+    seg = pydicom.dcmread(io.BytesIO(r2.dicom))
+    src = seg.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0].SourceImageSequence[0]
+    assert int(src.ReferencedFrameNumber) == 3  # 1-based
+    assert src.ReferencedSOPInstanceUID == pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID
+
+
+def test_monochrome1_is_inverted(stub):
+    hu, _, _ = phantom_slice(64, seed=5)
+    m2 = decode_mask(explain(stub, phantom_dicom(hu), DEMO))
+    m1 = decode_mask(explain(stub, phantom_dicom(hu, photometric="MONOCHROME1"), DEMO))
+    np.testing.assert_allclose(m1, m2, atol=1e-6)
+
+
+def test_request_window_overrides_the_file(stub):
+    data = sample("CT_small.dcm")
+    base = decode_mask(explain(stub, data))
+    narrow = decode_mask(explain(stub, data, dicom=pb.DicomOptions(window_center=40, window_width=80)))
+    assert np.abs(base - narrow).max() > 1e-3
+
+
+# -- DICOM in: every transfer syntax with a plugin --------------------------------------------------
+def test_lossless_syntaxes_decode_to_the_same_mask(stub):
+    ref = decode_mask(explain(stub, sample("MR_small.dcm")))
+    for name in ("MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm",
+                 "MR_small_bigendian.dcm", "MR_small_implicit.dcm"):
+        np.testing.assert_array_equal(decode_mask(explain(stub, sample(name))), ref, err_msg=name)
+
+
+@pytest.mark.parametrize("name", ["SC_rgb_jpeg_dcmtk.dcm", "SC_rgb_jpeg_gdcm.dcm", "JPGExtended.dcm", "693_J2KI.dcm",
+                                  "GDCMJ2K_TextGBR.dcm", "SC_rgb_jls_lossy_line.dcm", "JPEGLSNearLossless_16.dcm",
+                                  "examples_palette.dcm", "SC_ybr_full_422_uncompressed.dcm"])
+def test_compressed_and_colour_files_decode(stub, name):
+    ds = pydicom.dcmread(get_file(name), stop_before_pixels=True)
+    if not all(k in ds for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")):  # a bare pixel sample (the JPEG-LS ones): decodes, but a result cannot reference it
+        assert decode_mask(explain(stub, sample(name))).shape == (ds.Rows, ds.Columns)
+        e = refused(stub, sample(name), output_format="dicom-seg")
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "no StudyInstanceUID" in e.details()
+        return
+    r = explain(stub, sample(name), output_format="dicom-seg")
+    assert decode_mask(r).shape == (ds.Rows, ds.Columns)
+    assert hd.seg.segread(io.BytesIO(r.dicom)).get_source_image_uids()[0][2] == ds.SOPInstanceUID
+
+
+def get_file(name: str):
+    from pydicom.data import get_testdata_file
+
+    return get_testdata_file(name)
+
+
+def test_stream_explain_takes_dicom_frames(stub):
+    hu, _, _ = phantom_slice(64, seed=1)
+    data = phantom_dicom(hu, frames=3)
+
+    def frames():
+        for k in range(3):
+            f = pb.ExplainFrame(frame_id=k, image=pb.Image(encoded=data, dicom=pb.DicomOptions(frame=k)))
+            if k == 0:
+                f.model, f.policy = DEMO, pb.ALL
+                f.options.CopyFrom(pb.ExplainOptions(output_format="dicom-seg"))
+            yield f
+
+    out = [a for a in stub.StreamExplain(frames(), timeout=120) if a.HasField("result")]
+    assert [a.frame_id for a in out] == [0, 1, 2]
+    numbers = [int(pydicom.dcmread(io.BytesIO(a.result.dicom)).PerFrameFunctionalGroupsSequence[0]
+                   .DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber) for a in out]
+    assert numbers == [1, 2, 3]
+
+
+# -- bad input: each INVALID_ARGUMENT (or RESOURCE_EXHAUSTED) with what to do -----------------------
+def test_preamble_without_dicom(stub):
+    e = refused(stub, b"\0" * 128 + b"DICM" + b"this is not DICOM at all" * 20)
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a DICOM Part 10 file" in e.details() and "complete .dcm file" in e.details()
+
+
+def test_no_pixel_data(stub):
+    e = refused(stub, sample("rtplan.dcm"))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "no Pixel Data" in e.details() and "send an image instance" in e.details()
+
+
+def test_unsupported_transfer_syntax(stub):
+    ds = pydicom.dcmread(get_file("CT_small.dcm"))
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.102"  # MPEG-4 AVC/H.264: pydicom has no decoder
+    ds.PixelData = encapsulate([ds.PixelData])
+    ds["PixelData"].is_undefined_length = True
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    e = refused(stub, buf.getvalue())
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "1.2.840.10008.1.2.4.102" in e.details() and "transcode" in e.details()
+
+
+def test_frame_out_of_range(stub):
+    e = refused(stub, sample("CT_small.dcm"), dicom=pb.DicomOptions(frame=1))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "frame 1 is out of range" in e.details() and "1 frame" in e.details()
+    e = refused(stub, sample("examples_ybr_color.dcm"), dicom=pb.DicomOptions(frame=30))
+    assert "30 frames (0..29" in e.details()
+
+
+@pytest.mark.parametrize("width", [0.0, -400.0])
+def test_window_width_not_positive(stub, width):
+    e = refused(stub, sample("CT_small.dcm"), dicom=pb.DicomOptions(window_center=40, window_width=width))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "window width must be > 0" in e.details() and "e.g. centre 40 width 400" in e.details()
+
+
+def test_bits_stored_above_16(stub):
+    e = refused(stub, edited("CT_small.dcm", BitsStored=17, HighBit=16))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "Bits Stored is 17" in e.details() and "at most 16 bits" in e.details()
+
+
+def test_header_larger_than_the_limits_is_refused_before_decoding(stub):
+    e = refused(stub, edited("CT_small.dcm", Rows=20000, Columns=20000))
+    assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "20000 x 20000" in e.details()
+
+
+def test_output_format_needs_dicom_input_and_a_known_format(stub):
+    from xaiserve.service.images import encode_png
+
+    png = encode_png(np.zeros((32, 32, 3), np.float32))
+    e = refused(stub, png, output_format="dicom-seg")
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "DICOM source image" in e.details()
+    e = refused(stub, sample("CT_small.dcm"), output_format="nifti")
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "'dicom-seg'" in e.details()
+    e = refused(stub, sample("SC_rgb_jpeg_dcmtk.dcm"), output_format="dicom-pmap")  # no Frame of Reference
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "dicom-seg' instead" in e.details()
+
+
+def test_window_on_colour_and_on_a_window_stack_model(stub):
+    e = refused(stub, sample("SC_rgb_jpeg_dcmtk.dcm"), dicom=pb.DicomOptions(window_center=40, window_width=400))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "greyscale" in e.details()
+    e = refused(stub, sample("CT_small.dcm"), DEMO, dicom=pb.DicomOptions(window_center=40, window_width=400))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "window stack" in e.details()
+
+
+def test_content_type(stub):
+    data = sample("CT_small.dcm")
+    r = stub.Explain(pb.ExplainRequest(model=MODEL, image=pb.Image(encoded=data, content_type="application/dicom")), timeout=60)
+    assert decode_mask(r).shape == (128, 128)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Explain(pb.ExplainRequest(model=MODEL, image=pb.Image(encoded=data, content_type="video/mp4")), timeout=60)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "application/dicom" in e.value.details()
