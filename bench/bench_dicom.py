@@ -7,10 +7,11 @@
 2. Encode: a 512 x 512 mask as a DICOM Segmentation (FRACTIONAL, 8 bits) and as a Parametric Map
    (float32), vs the PNG rendering the fast path makes (images.render_pngs: mask PNG + overlay PNG),
    and vs the mask PNG alone. Goal: SEG <= 2x the PNG rendering.
-3. End to end: Explain over gRPC on the same model (ct-phantoms-nemt) and the same 512 x 512 slice:
-   DICOM in + SEG out, vs PNG in (the window stack as 8-bit RGB) + tensor out, server in-process.
+3. End to end: Explain over gRPC on the same model and method (ct-phantoms-classifier, saliency)
+   and the same 512 x 512 slice: DICOM in + SEG out, vs PNG in (the window stack as 8-bit RGB) +
+   tensor out, server in-process.
 
-Usage: python bench/bench_dicom.py [--rounds 40] [--calls 30]
+Usage: python bench/bench_dicom.py [--rounds 40] [--calls 30] [--parts 1,2,3] [--size 512]
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def part_decode(data: bytes, hu: np.ndarray, rounds: int) -> None:
         "png 16-bit grey": lambda: decode_image(img_16),
         "png 8-bit rgb": lambda: decode_image(img_rgb),
     }, rounds, reps=5)
-    print(f"\n1. decode + windowing, 512 x 512 (DICOM {len(data)} B, PNG16 {len(p16)} B, PNG RGB {len(rgb)} B), median ms:")
+    print(f"\n1. decode + windowing, {hu.shape[0]} x {hu.shape[1]} (DICOM {len(data)} B, PNG16 {len(p16)} B, PNG RGB {len(rgb)} B), median ms:")
     for k, v in t.items():
         print(f"   {k:30s} {v * 1e3:7.3f}")
     for k in ("dicom, window stack (3 ch)", "dicom, one window"):
@@ -75,11 +76,11 @@ def part_decode(data: bytes, hu: np.ndarray, rounds: int) -> None:
               "   (goal <= 2x)")
 
 
-def part_encode(data: bytes, rounds: int) -> None:
+def part_encode(data: bytes, rounds: int, size: int = 512) -> None:
     image, source = decode_image_source(pb.Image(encoded=data), InputSpec(64, 64, 3, (0.5,) * 3, (0.25,) * 3, dicom=DICOM_INPUT))
-    yy, xx = np.mgrid[:512, :512]
+    yy, xx = np.mgrid[:size, :size] * (512.0 / size)
     mask = np.exp(-(((yy - 260) / 60.0) ** 2 + ((xx - 200) / 80.0) ** 2)).astype(np.float32)
-    algo = dicom_out.Algorithm("ct-phantoms-nemt", "1", "nemt")
+    algo = dicom_out.Algorithm("ct-phantoms-classifier", "1", "saliency")
     maps = [dicom_out.Map("mask", mask, "bench mask")]
     t = interleaved({
         "dicom seg (fractional)": lambda: dicom_out.segmentation(source, maps, algo),
@@ -87,7 +88,7 @@ def part_encode(data: bytes, rounds: int) -> None:
         "png rendering (mask+overlay)": lambda: render_pngs(image, mask),
         "png mask alone": lambda: encode_png(mask),
     }, rounds)
-    print("\n2. encoding a 512 x 512 mask, median ms:")
+    print(f"\n2. encoding a {size} x {size} mask, median ms:")
     for k, v in t.items():
         print(f"   {k:30s} {v * 1e3:7.3f}")
     for k in ("dicom seg (fractional)", "dicom parametric map"):
@@ -101,9 +102,9 @@ def part_e2e(data: bytes, hu: np.ndarray, calls: int) -> None:
     rgb = encode_png(grey_to_channels(hu, WINDOWS))
     with running_server(store=ROOT / "model_store", load_models="lazy", max_delay_ms=0) as srv:
         stub = srv.stub()
-        req_d = pb.ExplainRequest(model="ct-phantoms-nemt", image=pb.Image(encoded=data),
-                                  options=pb.ExplainOptions(output_format="dicom-seg"))
-        req_p = pb.ExplainRequest(model="ct-phantoms-nemt", image=pb.Image(encoded=rgb))
+        req_d = pb.ExplainRequest(model="ct-phantoms-classifier", image=pb.Image(encoded=data),
+                                  options=pb.ExplainOptions(output_format="dicom-seg", method="saliency"))
+        req_p = pb.ExplainRequest(model="ct-phantoms-classifier", image=pb.Image(encoded=rgb), options=pb.ExplainOptions(method="saliency"))
         server = {"dicom": [], "png": []}
 
         def call(req, key):
@@ -111,7 +112,7 @@ def part_e2e(data: bytes, hu: np.ndarray, calls: int) -> None:
             server[key].append(r.timing.total_ms / 1e3)
 
         t = interleaved({"dicom in, seg out": lambda: call(req_d, "dicom"), "png in, tensor out": lambda: call(req_p, "png")}, calls)
-    print(f"\n3. Explain end to end, ct-phantoms-nemt, 512 x 512, median of {calls} interleaved calls (ms):")
+    print(f"\n3. Explain end to end, ct-phantoms-classifier + saliency, {hu.shape[0]} x {hu.shape[1]}, median of {calls} interleaved calls (ms):")
     for k, v in t.items():
         print(f"   {k:30s} {v * 1e3:7.2f} round trip")
     print(f"   server-side total: dicom {np.median(server['dicom']) * 1e3:.2f}, png {np.median(server['png']) * 1e3:.2f}")
@@ -123,15 +124,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--calls", type=int, default=30)
     ap.add_argument("--parts", default="1,2,3")
+    ap.add_argument("--size", type=int, default=512, help="slice side (the goals are stated for 512)")
     a = ap.parse_args()
-    hu, label, _ = phantom_slice(512, seed=7)
+    hu, label, _ = phantom_slice(a.size, seed=7)
     data = phantom_dicom(hu)
-    print(f"phantom slice 512 x 512, finding {label}; DICOM {len(data)} bytes")
+    print(f"phantom slice {a.size} x {a.size}, finding {label}; DICOM {len(data)} bytes; one process, contestants interleaved")
     parts = {int(p) for p in a.parts.split(",")}
     if 1 in parts:
         part_decode(data, hu, a.rounds)
     if 2 in parts:
-        part_encode(data, a.rounds)
+        part_encode(data, a.rounds, a.size)
     if 3 in parts:
         part_e2e(data, hu, a.calls)
 

@@ -7,6 +7,10 @@ cd "$(dirname "$0")/.."
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)  # DICOM IOD validator of the DICOM output tests
+# headless browser of the web viewer's tests (tests/test_web_browser.py, driven by selenium)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need+=(dataset-fashion-mnist)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
@@ -19,6 +23,7 @@ PY=${PYTHON:-python3}
 # torch first, pinned, so that nothing below pulls a multi-GB CUDA build (the package metadata
 # only asks for a compatible range, which this wheel satisfies)
 $PY -m pip install -q --disable-pip-version-check torch==2.13.0
-# every extra: training (train), the spiral runtime's numba (spiral), tests and linters (test, dev)
-$PY -m pip install -q --disable-pip-version-check -e ".[train,spiral,test,dev]"
+# every extra: training (train), the spiral runtime's numba (spiral), tests and linters (test, dev),
+# PyAV for bench/bench_stream.py (bench)
+$PY -m pip install -q --disable-pip-version-check -e ".[train,spiral,test,dev,bench]"
 echo "setup: done ($($PY -c 'import torch, onnxruntime; print("torch", torch.__version__, "onnxruntime", onnxruntime.__version__)'))"

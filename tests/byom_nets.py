@@ -1,6 +1,6 @@
 """Two user architectures that are not handlers.nets's, built in the tests, and their files.
 
-- VGGish: plain conv-ReLU pairs with max-pooling, 7 x 7 pooling and a fully connected head (VGG layout).
+- VGGish: plain conv-ReLU pairs with max-pooling, pooling to 7 x 7 (at 224 px) and a fully connected head (VGG layout).
 - MobileNetish: 7x7 stride-2 stem, max-pool, depthwise-separable blocks with batch norm, projection
   head (encoder).
 
@@ -18,7 +18,7 @@ from torch import nn
 
 
 class VGGish(nn.Module):
-    def __init__(self, classes: int = 3, widths: tuple[int, ...] = (4, 8, 8)):
+    def __init__(self, classes: int = 3, widths: tuple[int, ...] = (4, 8, 8), pool: tuple[int, int] = (7, 7)):
         super().__init__()
         layers: list[nn.Module] = []
         c = 3
@@ -27,8 +27,9 @@ class VGGish(nn.Module):
                        nn.ReLU(inplace=True), nn.MaxPool2d(2)]
             c = w
         self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(7)  # VGG's 7 x 7 before the flattened fully connected head
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c * 49, 16), nn.ReLU(), nn.Linear(16, classes))
+        # VGG's 7 x 7 (at 224 x 224; input / 32 in general, which ONNX exports as a plain average pool)
+        self.pool = nn.AdaptiveAvgPool2d(pool)
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c * pool[0] * pool[1], 16), nn.ReLU(), nn.Linear(16, classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.pool(self.features(x)))
@@ -63,7 +64,7 @@ def make(arch: str, seed: int = 0, size: tuple[int, int] = (224, 224)) -> nn.Mod
     convolutions, and batch-norm statistics measured on random images (as training would leave
     them; with default statistics the random MobileNet's embedding is the same for every image)."""
     torch.manual_seed(seed)
-    m = VGGish() if arch == "vgg" else MobileNetish()
+    m = VGGish(pool=(max(1, size[0] // 32), max(1, size[1] // 32))) if arch == "vgg" else MobileNetish()
     for mod in m.modules():
         if isinstance(mod, nn.Conv2d):
             nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")

@@ -47,5 +47,19 @@ def with_phi(data: bytes) -> bytes:
 def marker_strings() -> list[str]:
     """What must never appear anywhere: each marker, and the name's parts."""
     out = set(MARKERS.values())
-    out |= {p for v in MARKERS.values() for p in v.replace("^", " ").split() if len(p) >= 8}
+    out |= {p for v in MARKERS.values() for p in v.split("^") if len(p) >= 8}
     return sorted(out)
+
+
+def unsupported_syntax(name: str = "CT_small.dcm", uid: str = "1.2.840.10008.1.2.4.102") -> bytes:
+    """A sample re-labelled with a transfer syntax pydicom has no decoder for (default MPEG-4 AVC/H.264),
+    its pixel data encapsulated as that syntax requires."""
+    from pydicom.encaps import encapsulate
+
+    ds = pydicom.dcmread(get_testdata_file(name))
+    ds.file_meta.TransferSyntaxUID = uid
+    ds.PixelData = encapsulate([ds.PixelData])
+    ds["PixelData"].is_undefined_length = True
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()

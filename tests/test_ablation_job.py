@@ -26,6 +26,9 @@ from xaiserve.service.registry import Registry, RegistryConfig
 from xaiserve.service.tensors import from_tensor, to_tensor
 from tests.jobs_support import RecordingContext
 
+# the module's store holds a classifier trained by its fixture
+pytestmark = pytest.mark.slow
+
 torch.set_num_threads(1)
 
 SIZE = 32

@@ -70,6 +70,7 @@ def test_envelope_acts_per_pixel_along_t():
     assert torch.allclose(P.linf_monotone_bound(phi), (q - phi).abs().amax(dim=0))
 
 
+@pytest.mark.slow
 def test_clamped_projection_is_optimal_for_the_box_constrained_problem():
     """With the read-only boundaries phi(0)=0, phi(1)=1 the feasible set is 0 <= q_1 <= ... <= q_T <= 1;
     its optimal L-inf distance is max(isotonic bound, box violation)."""

@@ -19,10 +19,13 @@ from xaiserve.service.tensors import from_tensor, to_tensor
 from tests.conftest import DEFAULT_STORE
 from tests.serverutil import ROOT
 
+# the default zoo's server, its datasets and every method on every model: ~30 s
+pytestmark = pytest.mark.slow
+
 DEFAULTS = {
     "scenes-simclr": "encoder", "scenes-classifier": "classifier", "lesions-classifier": "classifier",
     "scenes-nemu": "nem_u", "lesions-nemt": "nemt", "lesions-nemt-cond": "nemt",
-    "cryoem-spiral": "denoiser", "cryoem-cartesian": "denoiser",
+    "cryoem-spiral": "denoiser", "cryoem-cartesian": "denoiser", "ct-phantoms-classifier": "classifier",
 }
 
 

@@ -131,6 +131,7 @@ def test_spiral_to_coarser_spiral_averages_and_back_interpolates(spec64):
     assert rel_d < 0.01 and rel_u < 0.01
 
 
+@pytest.mark.slow
 def test_gaussian_input_resampling_makes_pixel_noise_uniform(spec64):
     """Barycentric interpolation of white pixel noise leaves a variance pattern tied to the pixel
     grid (1 on a pixel centre, down to 1/3 between); the Gaussian average (the spiral network's

@@ -148,6 +148,7 @@ def test_graph_is_raw_units_in_and_out_and_scale_equivariant(particles32):
     assert torch.isfinite(m(const)).all()  # zero variance does not divide by zero
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_spiral_is_more_equivariant_than_cartesian_at_initialisation(particles32):
     """Sec. 7.4: 'the spiral denoiser is nearly (rotation-) equivariant already right from the
@@ -178,6 +179,7 @@ def test_state_dict_carries_the_geometry():
     torch.testing.assert_close(m3(x), 2.0 * m(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_tiny_training_run_lowers_the_loss(tmp_path):
     cfg = CryoEMConfig(size=32, snr=1 / 4, sizes={"train": 96, "val": 32, "test": 8})
     sim = CryoEMSimulator(cfg)

@@ -2,7 +2,6 @@
 and `xaiserve jobs submit scan.dcm ... --watch --out DIR` against a real server."""
 from __future__ import annotations
 
-import io
 import json
 
 import highdicom as hd
@@ -21,6 +20,7 @@ def address():
         yield srv.address
 
 
+@pytest.mark.slow
 def test_explain_writes_a_segmentation(address, tmp_path, capsys):
     scan = tmp_path / "CT_small.dcm"
     scan.write_bytes(sample("CT_small.dcm"))
@@ -47,3 +47,27 @@ def test_explain_frame_window_and_pmap(address, tmp_path, capsys):
     made_by = [e for e in pm.ContributingEquipmentSequence if e.get("ManufacturerModelName") == "lesions-nemt:1"]
     assert made_by and "input_window=C=40 W=400 (request)" in made_by[0].ContributionDescription
     assert "method=nemt" in made_by[0].ContributionDescription
+
+
+def test_jobs_submit_writes_dicom_with_the_patient_restored(address, tmp_path):
+    scan = tmp_path / "scan.dcm"
+    scan.write_bytes(with_phi(sample("CT_small.dcm")))
+    out = tmp_path / "res"
+    rc = cli_jobs.main(["submit", str(scan), "--method", "relax", "--model", "scenes-simclr", "--param", "num_masks=64",
+                        "--param", "batch_size=32", "--format", "dicom-pmap", "--overlay", "--watch", "--out", str(out),
+                        "--address", address])
+    assert rc == 0
+    pm = pydicom.dcmread(out / "relax.pmap.dcm")
+    src = pydicom.dcmread(scan)
+    # the server stored and returned no patient data; the CLI copied it from the local file
+    assert pm.PatientID == src.PatientID and str(pm.PatientName) == str(src.PatientName)
+    assert pm.StudyInstanceUID == src.StudyInstanceUID
+    labels = [m.LUTLabel for m in pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence] \
+        if "RealWorldValueMappingSequence" in pm.SharedFunctionalGroupsSequence[0] else \
+        [m.LUTLabel for g in pm.PerFrameFunctionalGroupsSequence for m in g.RealWorldValueMappingSequence]
+    assert set(labels) == {"importance", "uncertainty"}
+    assert len(pm.FloatPixelData) == 128 * 128 * 4 * 2  # two channels at the source's 128 x 128
+    sc = pydicom.dcmread(out / "relax.overlay.dcm")
+    assert sc.PatientID == src.PatientID and sc.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+    made_by = [e for e in pm.ContributingEquipmentSequence if e.get("ManufacturerModelName") == "scenes-simclr:1"]
+    assert made_by and "method=relax" in made_by[0].ContributionDescription

@@ -1,8 +1,8 @@
 """DICOM in and DICOM out through a real server over gRPC, on pydicom's bundled sample files.
 
 The default store's models: lesions-nemt (3 channels, no DICOM defaults: a grey image is windowed
-by the file / request and replicated) and the DICOM demo pair ct-phantoms-classifier /
-ct-phantoms-nemt (window stack lung / soft tissue / bone as channels, manifest input.dicom).
+by the file / request and replicated) and the DICOM demo ct-phantoms-classifier (window stack lung /
+soft tissue / bone as channels, manifest input.dicom), explained with saliency.
 """
 from __future__ import annotations
 
@@ -13,16 +13,15 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from pydicom.encaps import encapsulate
 
-from tests.dicomutil import edited, sample
+from tests.dicomutil import edited, sample, unsupported_syntax
 from tests.serverutil import ROOT, running_server
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.service.mask_wire import decode_mask
 from xaiserve.training.datasets.phantoms import phantom_dicom, phantom_slice
 
 MODEL = "lesions-nemt"
-DEMO = "ct-phantoms-nemt"
+DEMO = "ct-phantoms-classifier"  # the DICOM demo (window stack as channels), explained with saliency
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +84,8 @@ def test_multiframe_uses_the_chosen_frame_and_references_it(stub):
     hu, _, _ = phantom_slice(64, seed=3)
     data = phantom_dicom(hu, frames=4)  # frame k = the slice + k HU
     one = phantom_dicom(hu + 2)
-    r2 = explain(stub, data, DEMO, dicom=pb.DicomOptions(frame=2), output_format="dicom-seg")
-    r_single = explain(stub, one, DEMO)
+    r2 = explain(stub, data, DEMO, dicom=pb.DicomOptions(frame=2), output_format="dicom-seg", method="saliency")
+    r_single = explain(stub, one, DEMO, method="saliency")
     np.testing.assert_allclose(decode_mask(r2), decode_mask(r_single), atol=1e-6)  # frame 2 and nothing else
     seg = pydicom.dcmread(io.BytesIO(r2.dicom))
     src = seg.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0].SourceImageSequence[0]
@@ -94,11 +93,18 @@ def test_multiframe_uses_the_chosen_frame_and_references_it(stub):
     assert src.ReferencedSOPInstanceUID == pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID
 
 
-def test_monochrome1_is_inverted(stub):
+def test_monochrome1_is_inverted():
+    """The same stored values labelled MONOCHROME1 display inverted, after the Modality LUT and the
+    window (the model's window stack, and the file's window alike)."""
+    from xaiserve.service.images import decode_image
+    from xaiserve.service.registry import read_manifest
+
+    spec = next(e.input for e in read_manifest(ROOT / "model_store") if e.name == DEMO)
     hu, _, _ = phantom_slice(64, seed=5)
-    m2 = decode_mask(explain(stub, phantom_dicom(hu), DEMO))
-    m1 = decode_mask(explain(stub, phantom_dicom(hu, photometric="MONOCHROME1"), DEMO))
-    np.testing.assert_allclose(m1, m2, atol=1e-6)
+    m2, m1 = pb.Image(encoded=phantom_dicom(hu)), pb.Image(encoded=phantom_dicom(hu, photometric="MONOCHROME1"))
+    np.testing.assert_allclose(decode_image(m1, spec), 1.0 - decode_image(m2, spec), atol=1e-6)
+    np.testing.assert_allclose(decode_image(m1), 1.0 - decode_image(m2), atol=1e-6)
+    assert decode_image(m2, spec).shape == (64, 64, 3) and decode_image(m2).shape == (64, 64, 1)
 
 
 def test_request_window_overrides_the_file(stub):
@@ -146,7 +152,7 @@ def test_stream_explain_takes_dicom_frames(stub):
             f = pb.ExplainFrame(frame_id=k, image=pb.Image(encoded=data, dicom=pb.DicomOptions(frame=k)))
             if k == 0:
                 f.model, f.policy = DEMO, pb.ALL
-                f.options.CopyFrom(pb.ExplainOptions(output_format="dicom-seg"))
+                f.options.CopyFrom(pb.ExplainOptions(output_format="dicom-seg", method="saliency"))
             yield f
 
     out = [a for a in stub.StreamExplain(frames(), timeout=120) if a.HasField("result")]
@@ -170,13 +176,7 @@ def test_no_pixel_data(stub):
 
 
 def test_unsupported_transfer_syntax(stub):
-    ds = pydicom.dcmread(get_file("CT_small.dcm"))
-    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.102"  # MPEG-4 AVC/H.264: pydicom has no decoder
-    ds.PixelData = encapsulate([ds.PixelData])
-    ds["PixelData"].is_undefined_length = True
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    e = refused(stub, buf.getvalue())
+    e = refused(stub, unsupported_syntax())  # MPEG-4 AVC/H.264: pydicom has no decoder
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "1.2.840.10008.1.2.4.102" in e.details() and "transcode" in e.details()
 
@@ -222,7 +222,8 @@ def test_output_format_needs_dicom_input_and_a_known_format(stub):
 def test_window_on_colour_and_on_a_window_stack_model(stub):
     e = refused(stub, sample("SC_rgb_jpeg_dcmtk.dcm"), dicom=pb.DicomOptions(window_center=40, window_width=400))
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "greyscale" in e.details()
-    e = refused(stub, sample("CT_small.dcm"), DEMO, dicom=pb.DicomOptions(window_center=40, window_width=400))
+    e = refused(stub, sample("CT_small.dcm"), DEMO, dicom=pb.DicomOptions(window_center=40, window_width=400),
+                method="saliency")
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "window stack" in e.details()
 
 
@@ -233,3 +234,48 @@ def test_content_type(stub):
     with pytest.raises(grpc.RpcError) as e:
         stub.Explain(pb.ExplainRequest(model=MODEL, image=pb.Image(encoded=data, content_type="video/mp4")), timeout=60)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "application/dicom" in e.value.details()
+
+
+@pytest.mark.slow
+def test_objects_validate_with_dciodvfy(stub, tmp_path):
+    """dciodvfy (dicom3tools) finds no error in a SEG, a Parametric Map and a Secondary Capture, from
+    a single-frame CT and from frame 4 of a multi-frame ultrasound cine."""
+    import shutil
+    import subprocess
+
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy is not installed (Debian package dicom3tools; scripts/setup.sh installs it)")
+    made = []
+    r = explain(stub, sample("CT_small.dcm"), output_format="dicom-pmap", dicom_overlay=True)
+    made += [("ct.pmap.dcm", r.dicom), ("ct.sc.dcm", r.dicom_overlay)]
+    made.append(("ct.seg.dcm", explain(stub, sample("CT_small.dcm"), output_format="dicom-seg").dicom))
+    r = explain(stub, sample("examples_ybr_color.dcm"), dicom=pb.DicomOptions(frame=3), output_format="dicom-seg",
+                dicom_overlay=True)
+    made += [("us.seg.dcm", r.dicom), ("us.sc.dcm", r.dicom_overlay)]
+    for name, data in made:
+        path = tmp_path / name
+        path.write_bytes(data)
+        out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+        errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+        assert not errors, f"{name}: {errors}"
+
+
+@pytest.mark.parametrize("name,frame", [("CT_small.dcm", None), ("examples_ybr_color.dcm", 7), ("examples_palette.dcm", None),
+                                        ("MR_small_jp2klossless.dcm", None), ("SC_rgb_rle_16bit_2frame.dcm", 1), ("6154", None)])
+def test_the_stored_frame_view_decodes_like_the_original(name, frame):
+    """What a job stores (service.dicom_in.reduced_file) decodes to the same pixels and references
+    the same instance and frame as the file it came from, and holds no patient attribute."""
+    from xaiserve.service.dicom_in import STORE_KEEP, image_for_storage
+    from xaiserve.service.images import decode_image_source
+
+    img = pb.Image(encoded=sample(name))
+    if frame is not None:
+        img.dicom.frame = frame
+    stored = image_for_storage(img)
+    a, src_a = decode_image_source(img)
+    b, src_b = decode_image_source(stored)
+    np.testing.assert_array_equal(a, b)
+    assert (src_a.frame_number, src_a.number_of_frames, src_a.uids) == (src_b.frame_number, src_b.number_of_frames, src_b.uids)
+    ds = pydicom.dcmread(io.BytesIO(stored.encoded))
+    assert {e.keyword for e in ds if e.tag.group != 0x0009} <= set(STORE_KEEP) | {"PixelData", "PlanarConfiguration"}
+    assert not stored.dicom.HasField("frame") and image_for_storage(stored).encoded == stored.encoded

@@ -193,6 +193,7 @@ def run_healthcheck(port: int, *extra: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_healthcheck_script_against_a_real_health_service(health_server):
     servicer, port = health_server
     servicer.set("", health_pb2.HealthCheckResponse.SERVING)

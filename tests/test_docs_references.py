@@ -13,6 +13,8 @@ import re
 import tokenize
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCES = ROOT / "docs" / "REFERENCES.md"
 
@@ -83,6 +85,7 @@ def test_the_five_papers_have_a_key_and_a_full_citation():
         assert re.search(r"\b20\d\d\b|no year stated", entry), f"[{key}] states no year (or that there is none)"
 
 
+@pytest.mark.slow
 def test_every_cited_key_is_defined_in_references():
     keys = set(defined_keys())
     files = _files("xaiserve", "bench", "tests", "docs", "model_store", "README.md")

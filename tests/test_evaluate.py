@@ -25,6 +25,9 @@ from xaiserve.training.cli_eval import evaluate_main
 from xaiserve.training.datasets.lesions import LESION_LABELS
 from xaiserve.training.evaluate_explanations import RANDOM_ROW, EvalConfig, evaluate, markdown_table, relax_api, write_report
 
+# end-to-end evaluations with trained tiny models
+pytestmark = pytest.mark.slow
+
 SIZE = 32
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 ARCH = EncoderArch(stem=4, widths=(8, 8), blocks=(1, 1))

@@ -27,6 +27,9 @@ from xaiserve.service.modelstore import add_entry
 from xaiserve.service.tensors import to_tensor
 from tests.serverutil import server_process
 
+# the store's spiral denoiser is exported through torch.onnx (dynamo) first
+pytestmark = pytest.mark.slow
+
 IA, NF, RE = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED
 GARBAGE = [b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01", b"\x0a\x64abc", b"\x0f\x00", b"\x0c", b"\x0a\x02\xc3\x28"]
 RPCS = {"Explain": "unary_unary", "Denoise": "unary_unary", "ListModels": "unary_unary", "SubmitJob": "unary_unary",
@@ -128,7 +131,7 @@ def corpus() -> list[tuple[str, str, object, grpc.StatusCode]]:
     denoise("mrc bad machine stamp", mrc=good[:212] + b"\x00\x00\x00\x00" + good[216:])
     denoise("mrc random bytes", mrc=rng.integers(0, 256, 5000, dtype=np.uint8).tobytes())
     denoise("no particles")
-    for dtype in ("uint8", "int64", "complex64"):
+    for dtype in ("uint8", "int64", "complex64", "f" * 10_000):
         denoise(f"particles {dtype}", tensor=pb.Tensor(dtype=dtype, shape=[1, DN, DN], data=b"\0" * DN * DN * 8))
     denoise("particles nan", tensor=to_tensor(np.full((2, DN, DN), np.nan, np.float32)))
     denoise("particles not square", tensor=to_tensor(np.zeros((2, DN, DN + 2), np.float32)))
@@ -224,6 +227,7 @@ def send(ch: grpc.Channel, rpc: str, payload) -> grpc.StatusCode:
     return grpc.StatusCode.OK, ""
 
 
+@pytest.mark.slow  # a server process and a denoiser export: about a minute on 2 shared cores
 def test_corpus_of_bad_inputs_gets_precise_statuses(store, tmp_path):
     cases = corpus()
     assert len(cases) >= 200

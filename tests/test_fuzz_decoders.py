@@ -75,6 +75,7 @@ def _check_image(arr: np.ndarray) -> None:
     assert np.isfinite(arr).all() and arr.min() >= 0.0 and arr.max() <= 1.0
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.one_of(mutated(SEEDS), st.binary(max_size=2048)))
 def test_encoded_images_decode_or_raise_our_errors(data):

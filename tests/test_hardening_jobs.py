@@ -160,6 +160,7 @@ def test_mutual_tls_identities_are_principals(tiny_store, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- Redis
+@pytest.mark.slow
 def test_a_redis_that_does_not_persist_is_refused_unless_allowed(tmp_path, tiny_store):
     with redis_server(tmp_path / "volatile", volatile=True) as r:
         with pytest.raises(VolatileQueue) as e:
@@ -214,6 +215,7 @@ def test_a_redis_data_loss_is_logged_and_named_by_getjob(redis_srv, caplog):
     run(go())
 
 
+@pytest.mark.slow
 def test_a_killed_workers_job_is_reclaimed_within_5_s_with_default_timings(redis_srv, tmp_path):
     queue = f"{redis_srv.url}?prefix=reclaim{next(_prefix)}"
     opts = JobOptions(embedded_workers=0)  # the defaults: heartbeat 1 s, claim_idle 3 s
@@ -253,6 +255,7 @@ def test_a_killed_workers_job_is_reclaimed_within_5_s_with_default_timings(redis
     assert took <= 5.0, f"reclaimed {took:.2f} s after kill -9"
 
 
+@pytest.mark.slow
 def test_readyz_follows_the_queue(tiny_store, tmp_path):
     srv_r = RedisServer(tmp_path / "r").start()
     try:
@@ -277,3 +280,38 @@ def test_readyz_follows_the_queue(tiny_store, tmp_path):
                 time.sleep(0.2)
     finally:
         srv_r.stop(kill=True)
+
+
+def test_a_job_file_from_before_owners_is_migrated(tmp_path):
+    """A jobs.sqlite written before jobs had owners: its jobs belong to "anonymous", and idempotency
+    keys become per owner (the store-wide unique index is replaced)."""
+    import sqlite3
+
+    from xaiserve.service.jobs.sqlite_backend import SqliteBackend
+
+    path = tmp_path / "jobs.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript("""
+        CREATE TABLE jobs (rid INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, method TEXT NOT NULL,
+            model TEXT NOT NULL, state INTEGER NOT NULL, priority INTEGER NOT NULL DEFAULT 0,
+            progress REAL NOT NULL DEFAULT 0, error TEXT NOT NULL DEFAULT '', last_error TEXT NOT NULL DEFAULT '',
+            created REAL NOT NULL, queued_at REAL NOT NULL, started REAL NOT NULL DEFAULT 0,
+            finished REAL NOT NULL DEFAULT 0, deadline REAL NOT NULL DEFAULT 0, idem TEXT,
+            attempts INTEGER NOT NULL DEFAULT 0, worker TEXT NOT NULL DEFAULT '', heartbeat REAL NOT NULL DEFAULT 0,
+            seq INTEGER NOT NULL DEFAULT 0, request BLOB NOT NULL, result BLOB);
+        CREATE UNIQUE INDEX jobs_idem ON jobs(idem) WHERE idem IS NOT NULL;
+    """)
+    req = count_request("old", idempotency_key="k1")
+    old.execute("INSERT INTO jobs(id, method, model, state, created, queued_at, idem, request) VALUES (?,?,?,?,?,?,?,?)",
+                ("a" * 32, "count", "old", pb.QUEUED, time.time(), time.time(), "k1", req.SerializeToString(deterministic=True)))
+    old.commit()
+    old.close()
+    b = SqliteBackend(path, JobOptions(embedded_workers=0))
+    try:
+        assert b.get("a" * 32).owner == "anonymous"
+        again, created = b.submit(req, job_id=new_job_id(time.time()), now=time.time(), owner="anonymous")
+        assert not created and again.id == "a" * 32
+        other, created = b.submit(req, job_id=new_job_id(time.time()), now=time.time(), owner="token:bob")
+        assert created and other.owner == "token:bob" and other.id != "a" * 32
+    finally:
+        b.close()

@@ -126,6 +126,7 @@ def test_messages_quote_at_most_200_characters_of_user_values(srv, label, call, 
         assert "characters)" in details, details[:300]  # the quote says how long the value was
 
 
+@pytest.mark.slow
 def test_largest_image_that_cannot_fit_is_refused_before_any_work(srv):
     """A 49 kB PNG of 4096 x 4096 used to be decoded and resized (9.5 s on the loop) and then fail
     with "Sent message larger than max"; now its header decides, before a pixel is decoded."""
@@ -159,6 +160,7 @@ def test_a_large_image_that_fits_is_answered_at_its_resolution(srv):
     assert Image.open(io.BytesIO(r.overlay_png)).size == (1200, 1500)
 
 
+@pytest.mark.slow
 def test_health_and_listmodels_answer_while_slow_decodes_saturate_the_server(tiny_store):
     """Decoding and resizing used to run on the event loop: a concurrent ListModels took 8.9 s."""
     with running_server(tiny_store, job_workers=0, decode_threads=1) as s:
@@ -191,6 +193,7 @@ def test_health_and_listmodels_answer_while_slow_decodes_saturate_the_server(tin
             assert max(v) < 0.25, (k, ms)
 
 
+@pytest.mark.slow
 def test_admission_refuses_at_once_when_full(tiny_store):
     with running_server(tiny_store, job_workers=0, decode_threads=1, max_inflight=2) as s:
         stub = big_stub(s)
@@ -228,13 +231,15 @@ def test_http_port_answers_only_its_routes(srv):
     code, body = _get(base + "/readyz")
     doc = json.loads(body)
     assert code == 200 and doc["status"] == "ok" and set(doc["checks"]) == {"serving", "models", "queue"}
-    for path in ("/", "/debug", "/config", "/metrics/x", "/healthz/../metrics", "/favicon.ico"):
+    for path in ("/debug", "/config", "/metrics/x", "/healthz/../metrics", "/favicon.ico", "/api"):
         code, body = _get(base + path)
         assert code == 404, path
         assert b"xaiserve_requests" not in body
+    assert b"xaiserve_requests" not in _get(base + "/")[1]  # "/" is the web viewer's page (config web)
     assert _get(base + "/metrics", "POST")[0] == 405
 
 
+@pytest.mark.slow
 def test_healthz_fails_when_the_event_loop_is_stuck(tiny_store):
     with running_server(tiny_store, job_workers=0, load_models="lazy") as s:
         base = s.metrics_url.rsplit("/", 1)[0]

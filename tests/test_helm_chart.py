@@ -111,6 +111,7 @@ def test_helm_lint_has_no_warnings_or_errors(values):
     assert not bad and not report["errors"], report
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["default", "hardened", "example"])
 def test_every_manifest_is_valid_for_kubernetes(which, request):
     r: Rendered = request.getfixturevalue(which)

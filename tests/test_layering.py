@@ -6,6 +6,9 @@ import sys
 
 import pytest
 
+# each case imports a module in a fresh interpreter (torch included): seconds each
+pytestmark = pytest.mark.slow
+
 FAMILIES = [
     "xaiserve.handlers.relax.relax", "xaiserve.handlers.ablation.optimiser", "xaiserve.handlers.saliency",
     "xaiserve.handlers.nem.models", "xaiserve.handlers.denoise.networks", "xaiserve.handlers.loading",

@@ -44,6 +44,10 @@ def _image(m: pb.ModelInfo) -> pb.Image:
 
 
 def _dataset(name: str):
+    if name.startswith("ct-phantoms"):
+        from xaiserve.training.datasets.phantoms import phantoms
+
+        return phantoms().split("test")
     if name.startswith("lesions"):
         from xaiserve.training.datasets.lesions import lesions
 
@@ -122,10 +126,10 @@ def test_what_the_defaults_advertise(models):
 
 
 def test_the_table_rule_on_forms():
-    """An ONNX-only classifier gets no gradient method; one with a torch form gets them all."""
-    assert supported_methods("classifier", {"onnx"}) == []
+    """An ONNX-only classifier gets no gradient method (only forward-only ones); one with a torch form gets them all."""
+    assert supported_methods("classifier", {"onnx"}) == ["sift_rise"]
     assert set(supported_methods("classifier", {"torch"})) >= {"saliency", "gradcam", "ablation_path"}
-    assert supported_methods("nemt", {"onnx"}, "classifier", {"onnx"}) == ["nemt"]
+    assert supported_methods("nemt", {"onnx"}, "classifier", {"onnx"}) == ["nemt", "sift_rise"]
     assert applies(METHODS["relax"], "nem_u", {"onnx"}, "encoder", {"onnx"})
     assert not applies(METHODS["relax"], "nem_u", {"onnx"}, "classifier", {"onnx", "torch"})
     for name, k in KINDS.items():

@@ -82,6 +82,7 @@ def test_nemt_labels_argmax_and_range_checks():
         model(x, torch.tensor([-2, 0, 0, 0]))
 
 
+@pytest.mark.slow
 def test_conditional_nemt_depends_on_the_label():
     torch.manual_seed(0)
     cls = FrozenSpec(TINY, num_classes=3).build()
@@ -148,6 +149,7 @@ def test_masking_network_arch_round_trip(tmp_path):
         build_from_arch("nem_u", arch)
 
 
+@pytest.mark.slow
 def test_fused_bank_equals_the_separate_networks():
     from xaiserve.handlers.nem.decoder import bank_forward
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import textwrap
 import tomllib
 import venv
@@ -113,3 +112,10 @@ def test_stubs_import_at_the_declared_floor(tmp_path):
     # (without tritonclient: its 2.73 needs a newer grpcio than xaiserve's floor)
     got = run_in_venv(tmp_path, [*pins, str(declared("numpy")), str(declared("pillow"))])
     assert got["protobuf"] == floor(declared("protobuf")).split("==")[1], got
+
+
+def test_stubs_import_at_the_top_of_the_declared_range(tmp_path):
+    """The newest protobuf the range allows (7.x, what grpcio-reflection's newest releases need)."""
+    got = run_in_venv(tmp_path, [str(declared(n)) for n in CLIENT_DEPS])
+    assert int(got["protobuf"].split(".")[0]) == 7, got
+    assert got["protobuf"] in declared("protobuf").specifier

@@ -66,6 +66,7 @@ def result_pid(job: pb.Job) -> int:
     return json.loads(job.result.parameters_json)["pid"]
 
 
+@pytest.mark.slow
 def test_two_gateways_two_workers_each_job_once(queue, marks, tmp_path):
     async def go():
         async with gateways(queue) as (a, b):

@@ -52,6 +52,7 @@ def test_feature_expectations_equal_brute_force_enumeration(quadratic):
     torch.testing.assert_close(c, num / den[:, None], rtol=0, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_feature_expectations_match_sampled_masks():
     geom = mask_geometry(24, 24, 4)
     spec = cv.FeatureSpec(8, 8, True)
@@ -228,6 +229,7 @@ def _image(size: int = 24) -> torch.Tensor:
     return x
 
 
+@pytest.mark.slow
 def test_progress_two_pass_and_stop_with_the_control_variate():
     torch.manual_seed(0)
     enc = SmallEncoder().eval()

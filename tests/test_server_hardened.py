@@ -11,6 +11,9 @@ from xaiserve.service.client import ExplainerClient
 from tests.serverutil import free_port, server_process
 from tests.test_security import make_pki
 
+# certificates are generated and a TLS server started for the module
+pytestmark = pytest.mark.slow
+
 ADMIN = "adm1n-token-0123456789abcdef"
 VIDEO = "v1deo-token-0123456789abcdef"
 

@@ -107,6 +107,7 @@ def test_cli_explain_and_models_through_a_real_server(tiny_store, tmp_path):
     assert all(len(line) < 4000 for line in logs.splitlines())
 
 
+@pytest.mark.slow
 def test_bad_configuration_is_refused_with_a_message(tmp_path):
     bad = tmp_path / "c.yaml"
     bad.write_text("max_batch: 0\n")

@@ -66,6 +66,7 @@ def test_list_models_advertises_them_where_the_table_says(stub):
     assert not {"sift_ablation", "sift_rise"} & set(models["cryoem-spiral"])
 
 
+@pytest.mark.slow
 def test_sift_ablation_job_succeeds_with_the_path_and_heatmaps(stub, lesions):
     label = int(lesions.labels[1])
     req = pb.JobRequest(method="sift_ablation", model="lesions-classifier", image=_image(lesions.images[1], (80, 72)),
@@ -93,6 +94,7 @@ def test_sift_ablation_job_succeeds_with_the_path_and_heatmaps(stub, lesions):
     assert params["num_keypoints"] == K and params["cells"]["eta"] == 4.0 and params["score"] == "contrastive"
 
 
+@pytest.mark.slow
 def test_sift_rise_job_succeeds_on_a_classifier_and_an_encoder(stub, lesions):
     for model in ("lesions-classifier", "scenes-simclr"):
         req = pb.JobRequest(method="sift_rise", model=model, image=_image(lesions.images[2]),

@@ -58,6 +58,7 @@ def _check_path(gains: torch.Tensor, weights: torch.Tensor | None = None) -> Non
     assert torch.allclose(mass, interior_times(T), atol=2e-3)  # constant speed (Lemma 7)
 
 
+@pytest.mark.slow
 def test_ablation_path_over_keypoint_gains(model, lesion, decoder):
     module, spec = model
     x, label = lesion
@@ -81,6 +82,7 @@ def test_ablation_path_over_keypoint_gains(model, lesion, decoder):
     assert out.path_images().shape == (8, 3, 64, 64)
 
 
+@pytest.mark.slow
 def test_metric_weights_change_the_time_normalisation(model, lesion, decoder):
     module, spec = model
     x, label = lesion

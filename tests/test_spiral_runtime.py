@@ -49,6 +49,7 @@ def test_runtime_equals_the_torch_module_on_both_layouts(predict: str) -> None:
         assert any(any(c.in_blocked.values()) for c in convs)
 
 
+@pytest.mark.slow
 def test_runtime_on_the_store_model_equals_its_onnx_graph_at_several_batch_sizes() -> None:
     reg = Registry(RegistryConfig(store=STORE, warmup=False, prefer_cuda=False))
     entry = reg.resolve("cryoem-spiral")
@@ -210,6 +211,7 @@ def test_batches_above_the_chunk_size_and_shrinking_batches_give_the_same_result
         assert _rel(rt.denoise(x[:b]), want[:b]) < 2e-5, b
 
 
+@pytest.mark.slow
 def test_a_batch_split_over_threads_gives_the_single_thread_results() -> None:
     m = perturbed_denoiser(DenoiserConfig(arch="spiral", size=32, channels=(4, 8, 16)), seed=7)
     one, two = sr.SpiralRuntime(m, threads=1), sr.SpiralRuntime(m, threads=2)

@@ -8,9 +8,13 @@ import time
 
 import grpc
 import numpy as np
+import pytest
 
 from tests.serverutil import server_process
 from xaiserve.service.client import ExplainerClient, is_notice
+
+# a real server process drained by SIGTERM
+pytestmark = pytest.mark.slow
 
 GRACE_S = 3.0
 

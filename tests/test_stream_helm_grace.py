@@ -43,3 +43,8 @@ def test_termination_grace_covers_prestop_drain_and_margin(chart, values):
 def test_a_grace_period_too_short_for_the_drain_fails_rendering(chart, values):
     with pytest.raises(helm_python.HelmError, match=re.escape("must be at least gateway.preStopSleepSeconds + config.grace_s")):
         chart.render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_a_zero_grace_needs_only_the_prestop_sleep_and_the_margin(chart):
+    pod, config = gateway(chart, {"config": {"grace_s": 0}, "gateway": {"terminationGracePeriodSeconds": 10}})
+    assert config["grace_s"] == 0 and pod["terminationGracePeriodSeconds"] == 10

@@ -36,6 +36,7 @@ def run(address: str, pace, window: int = 2):
     return out, ahead
 
 
+@pytest.mark.slow
 def test_auto_pacing_slows_a_fast_sender_so_nothing_is_dropped(server):
     unpaced, ahead_unpaced = run(server.address, None)
     assert unpaced[-1].frame_id == N - 1
@@ -61,6 +62,7 @@ def test_a_fixed_rate_and_bad_pace_values(server):
             next(iter(c.stream([], "slow-nemu", window=0)))
 
 
+@pytest.mark.slow
 def test_policy_all_with_auto_pacing_never_overflows_a_small_queue(server):
     src = CountingFrames(N)
     with ExplainerClient(server.address) as c:

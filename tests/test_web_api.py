@@ -130,6 +130,17 @@ def test_the_page_and_its_files_are_served_beside_the_ops_routes(base):
     assert call(base, "/metrics", method="POST", raw=b"").status == 405
 
 
+def test_calls_another_site_could_forge_are_refused(base):
+    body = json.dumps({"model": "lesions-nemt", "image": {"encoded": B64(LESION)}}).encode()
+    e = error_of(call(base, "/api/explain", raw=body, headers={"Content-Type": "text/plain"}))
+    assert e["code"] == "INVALID_ARGUMENT" and "application/json" in e["message"]
+    e = error_of(call(base, "/api/jobs/nope/cancel", raw=b"{}", headers={"Origin": "http://evil.example"}))
+    assert e["code"] == "PERMISSION_DENIED" and e["status"] == 403 and "evil.example" in e["message"]
+    assert call(base, "/api/models", headers={"Origin": "null"}).status == 403
+    same = base.split("//")[1]
+    assert call(base, "/api/explain", raw=body, headers={"Origin": f"http://{same}"}).status == 200
+
+
 def test_unknown_routes_and_methods_say_what_exists(base):
     e = error_of(call(base, "/api/nothing"))
     assert e["code"] == "NOT_FOUND" and "/api/models" in e["message"] and "/api/jobs/ID/events" in e["message"]
@@ -184,6 +195,18 @@ def test_preview_is_the_image_as_the_server_decodes_it(base):
     assert e["code"] == "INVALID_ARGUMENT" and "image" in e["message"]
 
 
+def test_dicom_is_previewed_and_explained_at_its_own_resolution(base):
+    from tests.dicomutil import sample
+
+    dcm = {"encoded": B64(sample("CT_small.dcm"))}
+    doc = call(base, "/api/preview", {"model": "lesions-classifier", "image": dcm}).json()
+    assert (doc["height"], doc["width"], doc["channels"]) == (128, 128, 1), "a greyscale CT, windowed"
+    grey = np.asarray(Image.open(io.BytesIO(base64.b64decode(doc["png"]))))
+    assert grey.shape == (128, 128) and grey.max() > grey.min()
+    ex = call(base, "/api/explain", {"model": "lesions-classifier", "image": dcm, "options": {"method": "saliency"}}).json()
+    assert [int(s) for s in ex["mask"]["shape"]] == [128, 128]
+
+
 def test_explain_answers_what_the_grpc_explain_answers(zoo, base):
     body = {"model": "lesions-nemt", "image": {"encoded": B64(LESION)}, "options": {"fidelity": True, "target_label": 2}}
     doc = call(base, "/api/explain", body).json()
@@ -228,6 +251,7 @@ def test_malformed_bodies_are_refused_and_counted(base):
     host, port = base.split("//")[1].split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     conn.putrequest("POST", "/api/explain")
+    conn.putheader("Content-Type", "application/json")
     conn.putheader("Transfer-Encoding", "chunked")
     conn.endheaders()
     conn.send(b"2\r\n{}\r\n0\r\n\r\n")

@@ -72,6 +72,8 @@ def test_the_wheel_holds_one_package_and_declares_the_extras(wheel):
     assert tops == {"xaiserve", dist}, sorted(tops)
     assert top_level == ["xaiserve"]
     assert "xaiserve/proto/explain/v1/explainer.proto" in names and "xaiserve/proto/explain/v1/explainer_pb2.pyi" in names
+    for web in ("index.html", "app.js", "style.css", "vendor/marked.umd.js", "vendor/purify.min.js", "samples/particles.mrcs"):
+        assert f"xaiserve/service/web/static/{web}" in names, f"the web viewer's {web} is not in the wheel"
     requires = [line.removeprefix("Requires-Dist: ") for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
     core = {r.split(";")[0].split("<")[0].split(">")[0].split("=")[0].strip() for r in requires if ";" not in r}
     assert "torch<3,>=2.4" in requires and not any(r.startswith("torch==") for r in requires)
@@ -153,7 +155,7 @@ def test_xaiserve_serve_from_the_wheel_serves_the_default_models_without_the_ext
     finally:
         assert _stop(proc) == 0
     manifest = json.loads((DEFAULT_STORE / "manifest.json").read_text())["models"]
-    assert len(manifest) == 8 and sorted(m.name for m in models) == sorted(e["name"] for e in manifest)
+    assert len(manifest) == 9 and sorted(m.name for m in models) == sorted(e["name"] for e in manifest)
     records = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     (store,) = [r for r in records if r.get("message") == "model store"]
     assert store["model_store"] == str(DEFAULT_STORE.resolve()) and store["models"] == 8

@@ -56,9 +56,11 @@ def _serve(args) -> int:
     setup_logging(cfg.log_level, cfg.log_json)
     from xaiserve.service.jobs.factory import VolatileQueue
 
+    from xaiserve.service.registry import ManifestError
+
     try:
         asyncio.run(serve_forever(cfg))
-    except VolatileQueue as e:
+    except (VolatileQueue, ManifestError) as e:
         print(f"xaiserve serve: {e}", file=sys.stderr)
         return 2
     return 0

@@ -186,8 +186,9 @@ def write_result(job: pb.Job, out: Path, source: Path | None = None) -> list[Pat
                 p = out / name
                 p.write_bytes(value)
                 written.append(p)
-            elif field.is_repeated:
-                scalars[field.name] = list(value)
+            elif field.is_repeated:  # repeated messages (SiftResult.keypoints) as JSON objects
+                scalars[field.name] = ([json_format.MessageToDict(v) for v in value]
+                                       if field.type == FieldDescriptor.TYPE_MESSAGE else list(value))
             else:
                 scalars[field.name] = value
         meta[which] = scalars

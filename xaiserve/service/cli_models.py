@@ -201,7 +201,10 @@ def add_model(args: argparse.Namespace) -> dict[str, Any]:
         lp = Path(args.labels)
         if not lp.is_file():
             raise UsageError(f"--labels {lp} does not exist")
-        labels = [ln.strip() for ln in lp.read_text().splitlines() if ln.strip()]
+        try:
+            labels = [ln.strip() for ln in lp.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except UnicodeDecodeError:
+            raise UsageError(f"--labels {lp} is not a UTF-8 text file (one label per line, in output order)") from None
     if labels and args.kind != "classifier":
         raise UsageError("--labels applies to classifiers")
 
@@ -210,6 +213,7 @@ def add_model(args: argparse.Namespace) -> dict[str, Any]:
     out = store / rel
     if out.exists() and any(out.iterdir()) and not args.force:
         raise UsageError(f"{out} already holds files; choose another --version, or --force to replace it")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
     notes: list[str] = []
@@ -294,8 +298,10 @@ def add_model(args: argparse.Namespace) -> dict[str, Any]:
         (out / "card.md").write_text(render_card(entry, methods, notes, ins, outs, torch_key))
         add_entry(store, entry)
     except BaseException:
-        if not args.keep_on_error:
+        if created and not args.keep_on_error:
             shutil.rmtree(out, ignore_errors=True)
+            if out.parent.is_dir() and not any(out.parent.iterdir()):
+                out.parent.rmdir()
         raise
     entry["_methods"] = methods
     entry["_notes"] = notes
@@ -368,7 +374,9 @@ def render_card(entry: dict[str, Any], methods: list[str], notes: list[str], ins
     train = "nemt --classifier" if entry["kind"] == "classifier" else "nem-u --encoder"
     lines += ["", "## Masking network", "",
               f"Train one on a folder of its images: `xaiserve train {train} {entry['name']}:{entry['version']} --images DIR`"
-              + (" (class subfolders or --labels labels.csv give the labels)" if entry["kind"] == "classifier" else ""),
+              + (" (class subfolders or --labels labels.csv give the labels)" if entry["kind"] == "classifier" else "")
+              + ("" if torch_key else "; the decoder reads the model's inner feature maps, which needs the torch form "
+                 "(add it first, as above)"),
               "", f"Files: {', '.join(f'`{v}`' for v in entry['files'].values())}", ""]
     return "\n".join(lines)
 

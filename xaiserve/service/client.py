@@ -12,9 +12,10 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -46,7 +47,7 @@ def is_notice(result: pb.ExplainFrameResult) -> bool:
     return not result.HasField("result") and not result.HasField("status")
 
 
-def _mask_choice(table: dict[str, int], value: str | int | None, what: str) -> int:
+def _mask_choice(table: Mapping[str, int], value: str | int | None, what: str) -> Any:
     if value is None or value == "":
         return 0
     if isinstance(value, int):

@@ -23,7 +23,7 @@ import numpy as np
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.handlers.denoise.mrc import MrcTooLarge, mrc_bytes, parse_mrc_bytes
 from xaiserve.handlers.denoise.resample import DEFAULT_POLICY, fourier_resample
-from xaiserve.errors import InvalidArgument, ResourceExhausted
+from xaiserve.errors import InvalidArgument, ResourceExhausted, quote
 from xaiserve.service.registry import ModelEntry
 from xaiserve.service.tensors import DTYPES, from_tensor
 
@@ -48,8 +48,8 @@ def _check_batch(n: int, max_batch: int) -> None:
 
 def _from_tensor(t: pb.Tensor, max_batch: int, max_side: int) -> np.ndarray:
     if t.dtype not in FLOAT_DTYPES:
-        hint = "" if t.dtype in DTYPES else f" (dtype {t.dtype!r} is unknown)"
-        raise InvalidArgument(f"particles tensor has dtype {t.dtype!r}{hint}; send float32 [N, H, W] or [H, W]")
+        hint = "" if t.dtype in DTYPES else " (an unknown dtype)"
+        raise InvalidArgument(f"particles tensor has dtype {quote(t.dtype)}{hint}; send float32 [N, H, W] or [H, W]")
     shape = [int(s) for s in t.shape]
     if len(shape) == 4 and shape[1] == 1:
         shape = [shape[0], shape[2], shape[3]]

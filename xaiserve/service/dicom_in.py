@@ -29,6 +29,7 @@ silenced here, once, for the whole process.
 """
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import warnings
@@ -224,7 +225,7 @@ def frame_view(ds, index: int):
                 "NumberOfFrames", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
                 "FrameIncrementPointer", "ExtendedOffsetTable", "ExtendedOffsetTableLengths"):
             continue
-        view.add(elem)
+        view.add(copy.copy(elem))  # own elements: the flattening below must not write into `ds`
     if hasattr(ds, "file_meta"):
         view.file_meta = ds.file_meta
     groups = []
@@ -421,8 +422,31 @@ def _grey(h: _Header, view, arr: np.ndarray, image: pb.Image, defaults: DicomDef
     return out, tuple(windows), source
 
 
+def _guarded(what: str):
+    """Turn anything pydicom raises while applying a file's LUTs or writing a dataset into an
+    INVALID_ARGUMENT that names the step, never its text (which may quote header values)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def guard():
+        try:
+            yield
+        except InvalidArgument:
+            raise
+        except Exception as e:  # noqa: BLE001 - malformed LUTs and headers raise many built-ins
+            raise InvalidArgument(f"the DICOM file's {what} could not be applied ({e.__class__.__name__}): the header "
+                                  "is inconsistent with its pixel data; fix or re-export the image") from None
+
+    return guard()
+
+
 def decode_dicom(image: pb.Image, defaults: DicomDefaults | None = None, channels: int = 1) -> DecodedDicom:
     """Decode the chosen frame of a DICOM image to HWC float32 in [0, 1] (see the module docstring)."""
+    with _guarded("Modality LUT, VOI LUT or palette"):
+        return _decode_dicom(image, defaults, channels)
+
+
+def _decode_dicom(image: pb.Image, defaults: DicomDefaults | None, channels: int) -> DecodedDicom:
     h = _header(image)
     arr = _frame_pixels(h)
     view = frame_view(h.ds, h.index)
@@ -462,6 +486,11 @@ def reduced_file(image: pb.Image) -> bytes:
     """A minimal DICOM Part 10 file of the chosen frame: STORE_KEEP attributes of its frame view,
     the frame's pixels uncompressed (colour as RGB), and a private block with the frame number and
     frame count of the source instance, so a result still references the right frame."""
+    with _guarded("header (rewriting the frame for the job store)"):
+        return _reduced_file(image)
+
+
+def _reduced_file(image: pb.Image) -> bytes:
     pydicom = _pydicom()
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.sequence import Sequence

@@ -162,10 +162,12 @@ def _single_frame_header(source: DicomSource):
     from highdicom._standard_utils import is_multiframe_image
     from pydicom.dataset import Dataset
 
+    import copy
+
     h = source.header
     out = Dataset()
     for elem in h:
-        out.add(elem)
+        out.add(copy.copy(elem))  # own elements: setting a value below must not change the source header
     if "PixelSpacing" in h and "SliceThickness" not in h:
         # highdicom copies Pixel Spacing into a Pixel Measures Sequence that then lacks Slice Thickness
         # (type 1 there) and refuses to read its own object back: such a source (SC, CR, NM ...) gets a
@@ -191,16 +193,23 @@ def _fix_references(ds, source: DicomSource) -> None:
     """Every reference of the source instance names its real SOP class and, for a multi-frame
     source, the frame the result was made from (Referenced Frame Number, PS3.3 C.10.5 Image SOP
     Instance Reference Macro)."""
+    import copy
+
     uid, sop = source.uids["SOPInstanceUID"], source.uids["SOPClassUID"]
+    image_refs = ("SourceImageSequence", "ReferencedImageSequence")  # Image SOP Instance Reference Macro
 
     def walk(d) -> None:
         for elem in d:
             if elem.VR == "SQ":
-                for item in elem.value:
+                for i, item in enumerate(elem.value):
                     if item.get("ReferencedSOPInstanceUID") == uid:
+                        item = copy.deepcopy(item)  # highdicom shares items between sequences
+                        elem.value[i] = item
                         item.ReferencedSOPClassUID = sop
-                        if source.number_of_frames > 1 and elem.keyword in ("SourceImageSequence", "ReferencedImageSequence"):
+                        if source.number_of_frames > 1 and elem.keyword in image_refs:
                             item.ReferencedFrameNumber = source.frame_number
+                        elif "ReferencedFrameNumber" in item:
+                            del item.ReferencedFrameNumber
                     walk(item)
 
     walk(ds)
@@ -222,6 +231,22 @@ def check_source(fmt: str, source: DicomSource) -> None:
             f"Frame of Reference UID, Image Orientation / Position (Patient), Pixel Spacing); this one (SOP Class {sop}) lacks "
             "them: ask for output_format 'dicom-seg' instead"
         )
+
+
+def _finish(ds, source: DicomSource) -> None:
+    """What dciodvfy asks of every object that highdicom leaves out: the local coding scheme declared
+    (PS3.3 C.12.1.1.5), Patient Orientation when there is no patient geometry (General Image, type 2C)
+    and Laterality (General Series, type 2C: copied, or empty = unknown)."""
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    item.CodingSchemeDesignator, item.CodingSchemeName = SCHEME, "xaiserve explanation codes"
+    item.CodingSchemeResponsibleOrganization = MANUFACTURER
+    ds.CodingSchemeIdentificationSequence = [item]
+    if "FrameOfReferenceUID" not in source.header and "PatientOrientation" not in ds:
+        ds.PatientOrientation = source.header.get("PatientOrientation", "")
+    if "Laterality" not in ds and ds.SOPClassUID != "1.2.840.10008.5.1.4.1.1.66.4":  # (highdicom's SEG decides it)
+        ds.Laterality = source.header.get("Laterality", "")
 
 
 def _save(ds) -> bytes:
@@ -284,6 +309,7 @@ def segmentation(source: DicomSource, maps: Sequence[Map], algo: Algorithm) -> b
         series_description=f"xaiserve {algo.method} {algo.model}"[:64], contributing_equipment=[_equipment(algo)],
     )
     _fix_references(seg, source)
+    _finish(seg, source)
     return _save(seg)
 
 
@@ -312,11 +338,13 @@ def parametric_map(source: DicomSource, maps: Sequence[Map], algo: Algorithm) ->
         instance_number=1, manufacturer=MANUFACTURER, manufacturer_model_name=MANUFACTURER,
         software_versions=_software(), device_serial_number="0", contains_recognizable_visual_features=False,
         real_world_value_mappings=mappings if len(maps) > 1 else mappings[0],
-        voi_lut_transformations=[hd.VOILUTTransformation(window_center=(lo + hi) / 2.0, window_width=max(hi - lo, 1e-6))],
+        voi_lut_transformations=[hd.VOILUTTransformation(window_center=(lo + hi) / 2.0, window_width=max(hi - lo, 1e-6),
+                                                         voi_lut_function="LINEAR_EXACT")],
         content_description=_description(source, algo), content_label="XAI",
         series_description=f"xaiserve {algo.method} {algo.model}"[:64], contributing_equipment=[_equipment(algo)],
     )
     _fix_references(pm, source)
+    _finish(pm, source)
     return _save(pm)
 
 
@@ -345,6 +373,7 @@ def secondary_capture(source: DicomSource, image: np.ndarray, heat: np.ndarray, 
     sc.SeriesDescription = f"xaiserve overlay {algo.method} {algo.model}"[:64]
     sc.BurnedInAnnotation = "NO"
     _fix_references(sc, source)
+    _finish(sc, source)
     return _save(sc)
 
 
@@ -361,8 +390,9 @@ def encode(fmt: str, source: DicomSource, maps: Sequence[Map], algo: Algorithm, 
             what = "Secondary Capture overlay"
             heat = overlay_map if overlay_map is not None else _unit_range(maps[0].values)[0]
             over = secondary_capture(source, overlay_image, heat, algo)
-    except (ValueError, TypeError, AttributeError, KeyError, RuntimeError) as e:
-        # highdicom refuses sources whose header it cannot build the object from (never quoted: values)
+    except InvalidArgument:
+        raise
+    except Exception as e:  # noqa: BLE001 - highdicom refuses headers it cannot build from; never quoted (values)
         raise InvalidArgument(
             f"a DICOM {what} could not be built for this source image (SOP Class {source.uids['SOPClassUID']}; "
             f"{e.__class__.__name__}): its header lacks what the object must copy or reference; "

@@ -386,8 +386,12 @@ _HEAT_PALETTE = (heat_colormap(np.arange(256, dtype=np.float32) / 255.0) * 255.0
 
 
 def to_uint8(arr: np.ndarray) -> np.ndarray:
-    """[0,1] float -> uint8 with rounding (what a PNG of the array holds)."""
-    return (np.clip(np.asarray(arr, dtype=np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    """[0,1] float -> uint8 with rounding (what a PNG of the array holds); in place on one
+    temporary, as this runs on every pixel of every rendering."""
+    t = np.multiply(arr, 255.0, dtype=np.float32)
+    t += 0.5
+    np.clip(t, 0.0, 255.0, out=t)
+    return t.astype(np.uint8)
 
 
 def mask_png(mask: np.ndarray, level: int = PNG_LEVEL) -> bytes:

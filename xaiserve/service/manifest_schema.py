@@ -52,6 +52,9 @@ ENTRY_SCHEMA: dict[str, Any] = {
                 "mean": {"type": "array", "items": {"type": "number"}, "minItems": 1},
                 "std": {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0}, "minItems": 1},
                 "resize": {"enum": list(RESIZE_MODES)},
+                # greyscale DICOM -> channels (xaiserve.clinical.windowing.parse_dicom_defaults checks the rest)
+                "dicom": {"type": "object", "properties": {"grey_to_channels": {"enum": ["replicate", "window_stack"]},
+                                                           "windows": {"type": "array"}}},
             },
         },
         "io": {

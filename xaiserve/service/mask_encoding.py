@@ -96,7 +96,7 @@ def _bilinear(a: np.ndarray, height: int, width: int) -> np.ndarray:
     if a.shape == (height, width):
         return a.astype(np.float32, copy=False)
     img = PILImage.fromarray(np.ascontiguousarray(a, dtype=np.float32), mode="F")
-    return np.asarray(img.resize((width, height), PILImage.BILINEAR), dtype=np.float32)
+    return np.asarray(img.resize((width, height), PILImage.Resampling.BILINEAR), dtype=np.float32)
 
 
 def to_input(mask: np.ndarray, geometry: MaskGeometry) -> np.ndarray:

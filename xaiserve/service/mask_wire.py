@@ -64,7 +64,7 @@ def fill_mask(resp: pb.ExplainResponse, image: np.ndarray, mask: np.ndarray, opt
     mask_png / mask_geometry, and with return_png the overlay over `image` (HWC, the input)."""
     enc, res = choice(opts)
     h, w = image.shape[:2]
-    full = None
+    full = np.zeros((0, 0), np.float32)  # over the input: only computed when something needs it
     if res == pb.MASK_AT_INPUT or opts.return_png:
         # back over the original image, undoing the model's resize (letterbox padding cut away)
         full = resize_mask(mask, h, w) if spec is None else to_input_geometry(mask, spec, h, w)

@@ -39,7 +39,7 @@ def _resized_bands(im: PILImage.Image, size: tuple[int, int]) -> list[np.ndarray
     for band in im.split():
         f = band.convert("F")
         if f.size != (w, h):
-            f = f.resize((w, h), PILImage.BILINEAR)
+            f = f.resize((w, h), PILImage.Resampling.BILINEAR)
         out.append(np.asarray(f, dtype=np.float32))
     return out
 
@@ -50,7 +50,7 @@ def fast_model_input(image: pb.Image, spec: InputSpec) -> tuple[np.ndarray, np.n
     if image.WhichOneof("source") != "encoded" or not image.encoded.startswith(_MAGIC):
         return None
     try:
-        im = PILImage.open(io.BytesIO(image.encoded), formats=("PNG", "JPEG"))
+        im: PILImage.Image = PILImage.open(io.BytesIO(image.encoded), formats=("PNG", "JPEG"))
     except Exception:  # noqa: BLE001 - the full path decodes again and names the problem
         return None
     try:

@@ -245,7 +245,7 @@ Admit = Callable[[Any], ContextManager[Any]]
 def _serving() -> bool:
     from xaiserve.service import metrics
 
-    return metrics.SERVING.collect()[0].samples[0].value == 1
+    return list(metrics.SERVING.collect())[0].samples[0].value == 1
 
 
 def _deadline(context: Any, opts: Options) -> float | None:
@@ -463,12 +463,13 @@ class InferenceServicer:
         if inp.datatype == "BYTES":
             if len(inp.items or ()) != 1:
                 raise InvalidArgument(f"input particles as BYTES is one MRC stack: shape [1], not {list(inp.shape)}")
-            req = pb.DenoiseRequest(model=entry.id, mrc=inp.items[0])
+            req = pb.DenoiseRequest(model=entry.id, mrc=inp.items[0])  # type: ignore[index]
         else:
             if inp.datatype != "FP32" or len(inp.shape) != 4 or inp.shape[1] != 1:
                 raise InvalidArgument(f"input particles is {inp.datatype} {list(inp.shape)}; model {entry.id} takes "
                                       f"FP32 [B, 1, {s.height}, {s.width}] (raw units) or BYTES [1] (an MRC stack)")
             arr = inp.array
+            assert arr is not None  # read_inputs fills `array` for every numeric datatype
             req = pb.DenoiseRequest(model=entry.id, tensor=pb.Tensor(dtype="float32", shape=[arr.shape[0], *arr.shape[2:]],
                                                                      data=arr.tobytes()))
         out = await self.fast.denoise(req, timeout=timeout, entry=entry)

@@ -2,9 +2,12 @@
 
 Manifest entry (one per model version), see docs/MODEL_STORE.md:
     name, version, kind (nem_u | nemt | encoder | classifier | denoiser), description,
-    files {onnx, state_dict, card, ...} relative to the store, input {height, width, channels,
-    mean, std}, labels, output_dim, explains ("name:version" of the frozen model), arch (what
-    handlers.nets needs to rebuild the torch module), metrics.
+    files {onnx, state_dict | torchscript | exported_program, card, ...} relative to the store,
+    input {height, width, channels, mean, std, resize}, io (the kind's tensor names -> the ONNX
+    graph's, where they differ), labels, output_dim, explains ("name:version" of the frozen model),
+    arch (what handlers.nets needs to rebuild the torch module), metrics. Checked against the JSON
+    Schema of service/manifest_schema.py: a bad entry is skipped with its reason (`unavailable()`),
+    and the others serve. `reload()` swaps the served set atomically (service/reload.py).
 
 ONNX graph contract (batch axis dynamic everywhere):
     nem_u      image[B,C,H,W] -> mask[B,1,H,W], output[B,D]
@@ -14,6 +17,7 @@ ONNX graph contract (batch axis dynamic everywhere):
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -57,11 +61,11 @@ class ModelEntry:
     def id(self) -> str:
         return f"{self.name}:{self.version}"
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         """The id plus a digest of the entry's content: sessions and batchers are cached under it, so
         an entry rewritten under the same name:version gets fresh ones while in-flight calls finish
-        on the old."""
+        on the old. (Computed once per entry: it is read on every call.)"""
         blob = json.dumps(self.raw, sort_keys=True, default=str).encode()
         return f"{self.id}@{hashlib.sha1(blob).hexdigest()[:12]}"
 
@@ -108,6 +112,10 @@ def _version_key(v: str) -> tuple:
     return tuple(parts)
 
 
+class ManifestError(ValueError):
+    """The manifest file itself cannot be read (not JSON, no models list): nothing in it can be served."""
+
+
 @dataclass(frozen=True)
 class BadEntry:
     """A manifest entry that is not served, and why (ListModels shows it as unavailable)."""
@@ -136,10 +144,10 @@ def scan_manifest(store: Path) -> tuple[list[ModelEntry], list[BadEntry]]:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); fix it, or restore it from git") from None
+        raise ManifestError(f"{path} is not valid JSON ({e}); fix it, or restore it from git") from None
     models = data.get("models", []) if isinstance(data, dict) else None
     if not isinstance(models, list):
-        raise ValueError(f"{path} must be an object with a 'models' list")
+        raise ManifestError(f"{path} must be an object with a 'models' list")
     good: list[ModelEntry] = []
     bad: list[BadEntry] = []
     seen: set[str] = set()
@@ -167,12 +175,14 @@ def scan_manifest(store: Path) -> tuple[list[ModelEntry], list[BadEntry]]:
         if extra:
             log.warning("manifest entry has fields the registry does not read (typos?)",
                         extra={"model": f"{name}:{version}", "fields": extra})
-    # a masking network whose frozen model is not served cannot be served either
+    # a masking network whose frozen model is listed but bad is not served either (one whose frozen
+    # model is not listed at all still serves its own graph; methods on the frozen model are refused)
     ids = {e.id for e in good} | {e.name for e in good}
     for e in [e for e in good if e.kind in MASK_KINDS and e.explains not in ids]:
-        good.remove(e)
-        why = next((b.reason for b in bad if e.explains in (b.id, b.name)), "it is not in the manifest")
-        bad.append(BadEntry(e.name, e.version, e.kind, f"explains {e.explains}, which is unavailable: {why}", e.raw))
+        why = next((b.reason for b in bad if e.explains in (b.id, b.name)), None)
+        if why is not None:
+            good.remove(e)
+            bad.append(BadEntry(e.name, e.version, e.kind, f"explains {e.explains}, which is unavailable: {why}", e.raw))
     return good, bad
 
 
@@ -420,7 +430,8 @@ class Registry:
                         bad.append(BadEntry(e.name, e.version, e.kind, _reason(exc), e.raw))
                 # masking networks whose frozen model just failed to load
                 ids = {e.id for e in good} | {e.name for e in good}
-                for e in [e for e in good if e.kind in MASK_KINDS and e.explains not in ids]:
+                failed = {b.id for b in bad} | {b.name for b in bad}
+                for e in [e for e in good if e.kind in MASK_KINDS and e.explains not in ids and e.explains in failed]:
                     good.remove(e)
                     bad.append(BadEntry(e.name, e.version, e.kind, f"explains {e.explains}, which is unavailable", e.raw))
             by_name: dict[str, dict[str, ModelEntry]] = {}
@@ -679,8 +690,9 @@ class Registry:
                 except FailedPrecondition:
                     pass  # recorded by onnx() as the entry's unavailable reason
         # masking networks whose frozen model failed
+        failed = {b.id for b in self._unavailable.values()} | {b.name for b in self._unavailable.values()}
         for e in self.entries():
-            if e.kind in MASK_KINDS and self._frozen_or_none(e) is None:
+            if e.kind in MASK_KINDS and e.explains in failed and self._frozen_or_none(e) is None:
                 self._mark_unavailable(e, FailedPrecondition(f"explains {e.explains}, which is unavailable"))
 
     def frozen_for(self, entry: ModelEntry) -> ModelEntry:

@@ -18,7 +18,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any, ContextManager, TypeVar
+from typing import Any, ContextManager, Protocol, TypeVar
 
 import grpc
 from google.protobuf import message_factory
@@ -32,6 +32,19 @@ log = logging.getLogger("xaiserve.rpc")
 T = TypeVar("T")
 
 
+_children: dict[tuple, Any] = {}
+
+
+def _child(metric: Any, *labels: str) -> Any:
+    """metric.labels(*labels), remembered: labels() takes a lock and builds its key on every call,
+    which an overloaded event loop pays three times per call (the label sets are few)."""
+    key = (id(metric), *labels)
+    c = _children.get(key)
+    if c is None:
+        c = _children[key] = metric.labels(*labels)
+    return c
+
+
 class Observed:
     """Per-call bookkeeping; handlers set `model` once they resolved it (low-cardinality label)."""
 
@@ -40,12 +53,12 @@ class Observed:
         # streaming calls go to their own long-bucket histogram (metrics.STREAM_DURATION)
         self.duration = metrics.REQUEST_LATENCY if duration is None else duration
         self.t0 = time.perf_counter()
-        metrics.INFLIGHT.labels(rpc).inc()
+        _child(metrics.INFLIGHT, rpc).inc()
 
     def done(self) -> None:
-        metrics.INFLIGHT.labels(self.rpc).dec()
-        metrics.REQUESTS.labels(self.rpc, self.model, self.code).inc()
-        self.duration.labels(self.rpc, self.model).observe(time.perf_counter() - self.t0)
+        _child(metrics.INFLIGHT, self.rpc).dec()
+        _child(metrics.REQUESTS, self.rpc, self.model, self.code).inc()
+        _child(self.duration, self.rpc, self.model).observe(time.perf_counter() - self.t0)
 
 
 def failure(obs: Observed, e: BaseException) -> tuple[str, str]:
@@ -154,7 +167,7 @@ def serialize_response(message: Message | bytes) -> bytes:
     return message if isinstance(message, (bytes, bytearray)) else message.SerializeToString()
 
 
-class Pool:  # the part of fastpath.CpuPool this module needs
+class Pool(Protocol):  # the part of fastpath.CpuPool this module needs
     async def run(self, fn: Callable[..., T], *args: Any) -> T: ...
 
 

@@ -2,8 +2,9 @@
 flow-control figures and a drain notice.
 
 - LATEST (default): one frame runs at a time; of the frames that arrive meanwhile only the newest
-  waits (a newer one replaces it and the replaced one is counted as dropped). Memory per stream is
-  bounded by two frames whatever the sender or reader does.
+  waits (a newer one replaces it and the replaced one is counted as dropped). The next frame starts
+  as soon as one is done, before its answer is written. Memory per stream is bounded by three
+  frames (being answered, running, waiting) whatever the sender or reader does.
 - ALL: every frame runs, in order; at most `max_queue` wait; beyond that the stream ends with
   RESOURCE_EXHAUSTED. Two frames may be in flight so the model is never idle between frames.
 A client that stops reading blocks our writes (HTTP/2 flow control); the reader keeps bounded
@@ -37,7 +38,7 @@ import grpc
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.service import metrics
 from xaiserve.service.config import ServerConfig
-from xaiserve.service.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable, XaiError, status_of
+from xaiserve.service.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable, XaiError, quote, status_of
 from xaiserve.service.fastpath import FastPath
 from xaiserve.service.mask_wire import with_stream_defaults
 from xaiserve.service.registry import ModelEntry
@@ -125,7 +126,8 @@ class StreamSession:
         self.max_queue = config.stream_default_queue
         self.dropped = 0
         self.failed_in_a_row = 0
-        self.last_id: int | None = None
+        self.last_id: int | None = None  # of the frames received
+        self.last_answered: int | None = None
         self._pending: deque[_Frame] = deque()
         self._wake = asyncio.Event()
         self._error: XaiError | None = None
@@ -156,7 +158,7 @@ class StreamSession:
         if self.context is not None:
             self.context.set_trailing_metadata((DRAIN_METADATA,))
         raise Unavailable("the server is draining (shutting down); reconnect to another replica "
-                          f"(last frame answered: {self.last_id if self.last_id is not None else 'none'})")
+                          f"(last frame answered: {self.last_answered if self.last_answered is not None else 'none'})")
 
     # -- reading -------------------------------------------------------------------------------
     def _configure(self, f: pb.ExplainFrame) -> None:
@@ -173,7 +175,7 @@ class StreamSession:
             if f.max_consecutive_errors:
                 self.max_errors = int(f.max_consecutive_errors)
         elif f.model and self.fast.registry.resolve(f.model).id != self.entry.id:
-            raise InvalidArgument(f"frame {f.frame_id}: a stream serves one model ({self.entry.id}); open another stream for {f.model}")
+            raise InvalidArgument(f"frame {f.frame_id}: a stream serves one model ({self.entry.id}); open another stream for {quote(f.model)}")
         if f.HasField("options"):
             self.options = with_stream_defaults(f.options)
         if self.last_id is not None and f.frame_id <= self.last_id:
@@ -233,6 +235,8 @@ class StreamSession:
         now = time.perf_counter()
         self._rate.tick(now)
         res.answered_unix_us = _now_us()
+        if res.frame_id or res.HasField("result") or res.HasField("status"):
+            self.last_answered = res.frame_id
         res.dropped_total = self.dropped
         res.answer_fps = self._rate.per_second()
         notice = self._notice()

@@ -247,8 +247,9 @@ class XaiserveHandler:
         from xaiserve.service.images import resize_mask
 
         x, m = r.x, np.asarray(r.answer["_mask"], dtype=np.float32)
-        if m.shape != x.shape[2:]:  # type: ignore[union-attr]
-            m = resize_mask(m, x.shape[2], x.shape[3])  # type: ignore[union-attr]
+        assert x is not None  # rows reach inference decoded
+        if m.shape != x.shape[2:]:
+            m = resize_mask(m, x.shape[2], x.shape[3])
         o = self.registry.onnx(self.frozen).run({"image": x * m[None, None]})["output"]
         ref = np.asarray(r.answer["output"], dtype=np.float32)[None]
         return float(_cosine(ref, o)[0])

@@ -5,6 +5,8 @@
     xaiserve train nem-u        [--encoder scenes-simclr:1] [--name scenes-nemu]
     xaiserve train nemt         [--classifier lesions-classifier:1] [--form auto|preservation|deletion] [--conditional]
     xaiserve train zoo          every default model, in order, each exported to the store
+    xaiserve train nem-u --encoder NAME --images DIR [--masks DIR] [--taps a,b]   for any CNN in the store
+    xaiserve train nemt --classifier NAME --images DIR [--labels labels.csv]       (training/byom_nem.py)
     xaiserve export TARGET      re-publish a trained result (<out>/<name>/result.pt) to the store
 
 Common options: --seed, --epochs, --resume (continue from <out>/<name>/ checkpoints), --out (runs dir),
@@ -39,9 +41,9 @@ ZOO: tuple[tuple[str, str, dict[str, Any]], ...] = (
                               "ablate_smoothing": 21}),
     ("scenes-classifier", "classifier", {"dataset": "scenes", "epochs": 15}),
     ("lesions-nemt-cond", "nemt", {"classifier": "lesions-classifier:1", "form": "preservation", "conditional": True, "epochs": 6}),
-    # the DICOM demo: synthetic CT phantoms, window stack as channels (xaiserve/training/datasets/phantoms.py)
+    # the DICOM demo: synthetic CT phantoms, window stack as channels (xaiserve/training/datasets/phantoms.py),
+    # served with the gradient methods (its card says why there is no NEMt for it)
     ("ct-phantoms-classifier", "classifier", {"dataset": "ct-phantoms", "epochs": 8}),
-    ("ct-phantoms-nemt", "nemt", {"classifier": "ct-phantoms-classifier:1", "form": "preservation", "conditional": False, "epochs": 3}),
 )
 DEFAULT_NAMES = {"encoder": "scenes-simclr", "nem-u": "scenes-nemu"}
 
@@ -75,6 +77,17 @@ def _parser(cmd: str, target: str) -> argparse.ArgumentParser:
         p.add_argument("--ablate-smoothing", type=int, default=None,
                        help="nemt: also train with this neighbourhood size and report it in the card (not served)")
         p.add_argument("--only", default=None, help="zoo: comma-separated model names to (re)train")
+        # a masking network for any CNN in the store (training/byom_nem.py)
+        p.add_argument("--images", type=Path, default=None,
+                       help="nem-u/nemt: train on this folder of images (the model's own size and preprocessing); "
+                            "nemt: class subfolders give the labels")
+        p.add_argument("--masks", type=Path, default=None, help="with --images: ground-truth masks (same relative paths)")
+        p.add_argument("--labels", type=Path, default=None, help="nemt with --images: a CSV of path,label rows")
+        p.add_argument("--taps", default=None, help="with --images: the frozen model's layers to use as the pyramid, "
+                                                    "comma-separated (default: found by a probe forward pass)")
+        p.add_argument("--decoder-widths", default=None, help="with --images: decoder channels, deepest first (e.g. 48,32,16,8)")
+        p.add_argument("--batch-size", type=int, default=16, help="with --images: images per training step")
+        p.add_argument("--val-fraction", type=float, default=0.2, help="with --images: held-out share (validation + test)")
     return p
 
 
@@ -136,6 +149,27 @@ def _train_one(target: str, name: str, args: argparse.Namespace, extra: dict[str
     return res
 
 
+def _train_user(target: str, args: argparse.Namespace) -> dict[str, Any]:
+    """`--images`: a masking network for any encoder/classifier of the store, on the user's folder."""
+    from xaiserve.training.byom_nem import UserNemOptions, train_user_nem
+
+    frozen = args.encoder if target == "nem-u" else args.classifier
+    name = args.name or f"{frozen.partition(':')[0]}-{'nemu' if target == 'nem-u' else 'nemt'}"
+    form = "preservation" if args.form == "auto" else args.form
+    opts = UserNemOptions(
+        images=args.images, store=args.store, name=name, version=args.version, masks=args.masks, labels_csv=args.labels,
+        taps=tuple(t.strip() for t in args.taps.split(",") if t.strip()) if args.taps else (),
+        widths=tuple(int(w) for w in args.decoder_widths.split(",")) if args.decoder_widths else (),
+        epochs=args.epochs or 5, batch_size=args.batch_size, val_fraction=args.val_fraction, seed=args.seed,
+        limit=args.limit, conditional=args.conditional, form=form, smoothing=args.smoothing, progress=not args.no_progress)
+    entry = train_user_nem("nem_u" if target == "nem-u" else "nemt", frozen, opts)
+    m = entry["metrics"]
+    print(json.dumps({"exported": f"{entry['name']}:{entry['version']}", "explains": entry["explains"], "store": str(args.store),
+                      "onnx_max_abs_diff": m.get("onnx_max_abs_diff"), "training_seconds": m.get("training_seconds"),
+                      "test": m.get("test"), "latency": m.get("latency")}, indent=2, default=float), flush=True)
+    return entry
+
+
 def train_main(target: str, argv: Sequence[str] | None = None) -> int:
     if target not in TARGETS:
         print(f"unknown train target {target!r}; use one of {', '.join(TARGETS)}", file=sys.stderr)
@@ -143,6 +177,18 @@ def train_main(target: str, argv: Sequence[str] | None = None) -> int:
     args = _parser("train", target).parse_args(list(argv or []))
     set_threads(args.threads)
     try:
+        if args.images is not None or args.masks is not None or args.labels is not None or args.taps:
+            if target not in ("nem-u", "nemt"):
+                print("--images, --masks, --labels and --taps apply to `train nem-u` and `train nemt`", file=sys.stderr)
+                return 2
+            if args.images is None:
+                print("--masks, --labels and --taps need --images DIR (the folder to train on)", file=sys.stderr)
+                return 2
+            if args.no_export:
+                print("--no-export: a masking network trained with --images is published when it is trained", file=sys.stderr)
+                return 2
+            _train_user(target, args)
+            return 0
         if target == "zoo":
             only = set(args.only.split(",")) if args.only else None
             t0 = time.perf_counter()

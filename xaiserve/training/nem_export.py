@@ -46,9 +46,11 @@ IO = {
 }
 
 
-def example_inputs(kind: str, channels: int, size: int, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, ...]:
+def example_inputs(kind: str, channels: int, size: int, batch: int = 2, seed: int = 0,
+                   width: int | None = None) -> tuple[torch.Tensor, ...]:
+    """Random normalised inputs size x size (size x width for a non-square model)."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, channels, size, size, generator=g)
+    x = torch.randn(batch, channels, size, width or size, generator=g)
     if kind == "nemt":
         return x, torch.full((batch,), -1, dtype=torch.int64)
     return (x,)
@@ -103,7 +105,7 @@ def latency_ratio(model_path: Path, frozen_path: Path, feeds: dict[str, np.ndarr
 
     sm, sf = ort_session(model_path), ort_session(frozen_path)
     fm = {i.name: feeds[i.name] for i in sm.get_inputs()}
-    ff = {"image": feeds["image"]}
+    ff = {sf.get_inputs()[0].name: feeds["image"]}  # a user's frozen graph may call its input otherwise
     tm, tf = [], []
     for s_, f_ in ((sm, fm), (sf, ff)):
         for _ in range(reps):
@@ -155,28 +157,36 @@ def render_card(pub: Publication, files: dict[str, str], version: str) -> str:
 
 
 def publish(store: Path, pub: Publication, module: nn.Module, *, parity_batch: int = 3,
-            frozen_onnx: Path | None = None) -> dict[str, Any]:
+            frozen_onnx: Path | None = None, decoder_only: bool = False) -> dict[str, Any]:
     """Write model.onnx, weights.pt, card.md under store/<name>/<version>/ and the manifest entry.
 
     Returns the manifest entry (with the ORT-vs-torch parity in metrics["onnx_max_abs_diff"], and for
-    mask models whose frozen model's ONNX is given, the batch-1 latency ratio in metrics["latency"])."""
+    mask models whose frozen model's ONNX is given, the batch-1 latency ratio in metrics["latency"]).
+    decoder_only: the masking network of a user's model, which handlers.nets cannot rebuild from an
+    arch: only the trained decoder weights are kept (files.decoder_state, for the record) and the
+    ONNX graph is what serves."""
     store = Path(store)
     rel = Path(pub.name) / pub.version
     out = store / rel
     out.mkdir(parents=True, exist_ok=True)
     module = module.eval()
-    inputs = example_inputs(pub.kind, int(pub.input["channels"]), int(pub.input["height"]), batch=parity_batch)
+    inputs = example_inputs(pub.kind, int(pub.input["channels"]), int(pub.input["height"]), batch=parity_batch,
+                            width=int(pub.input["width"]))
     if pub.kind == "nemt":  # exercise both argmax and explicit targets in the parity check
         targets = (torch.arange(parity_batch, dtype=torch.int64) - 1).clamp(max=max(pub.output_dim - 1, 0))  # -1, 0, 1, ...
         inputs = (inputs[0], targets)
     export_onnx(module, pub.kind, out / "model.onnx", inputs)
     parity = onnx_parity(module, pub.kind, out / "model.onnx", inputs)
-    torch.save(module.state_dict(), out / "weights.pt")
+    if decoder_only:
+        torch.save({k: v for k, v in module.state_dict().items() if not k.startswith("frozen.")}, out / "decoder.pt")
+    else:
+        torch.save(module.state_dict(), out / "weights.pt")
     latency = None
     if frozen_onnx is not None and Path(frozen_onnx).exists():
         one = {"image": inputs[0][:1].numpy(), "target": np.full((1,), -1, np.int64)}
         latency = latency_ratio(out / "model.onnx", Path(frozen_onnx), one)
-    files = {"onnx": str(rel / "model.onnx"), "state_dict": str(rel / "weights.pt"), "card": str(rel / "card.md")}
+    files = {"onnx": str(rel / "model.onnx"), "card": str(rel / "card.md"),
+             **({"decoder_state": str(rel / "decoder.pt")} if decoder_only else {"state_dict": str(rel / "weights.pt")})}
     metrics = dict(pub.metrics)
     metrics["onnx_max_abs_diff"] = {k: float(f"{v:.3g}") for k, v in parity.items()}
     if latency is not None:

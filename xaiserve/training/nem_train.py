@@ -104,13 +104,25 @@ def evaluate_nemu(model: NemU, ds: SyntheticDataset, split: str = "val", limit: 
     model.eval()
     rm, size, fid = [], [], []
     with torch.no_grad():
-        for x, _, gt in ds.batches(split, 256, limit=limit):
+        for x, _, gt in ds.batches(split, _eval_batch(ds), limit=limit):
             mask, z = model(x)
             rm.append(relevance_mass(mask, gt))
             size.append(mask.flatten(1).mean(1))
             fid.append(torch.nn.functional.cosine_similarity(z, model.frozen(x * mask), dim=1))
-    return {"relevance_mass": float(torch.cat(rm).mean()), "mask_mean": float(torch.cat(size).mean()),
-            "fidelity_cos": float(torch.cat(fid).mean())}
+    out = {"relevance_mass": float(torch.cat(rm).mean()), "mask_mean": float(torch.cat(size).mean()),
+           "fidelity_cos": float(torch.cat(fid).mean())}
+    return out if getattr(ds, "has_masks", True) else {k: v for k, v in out.items() if k != "relevance_mass"}
+
+
+def _eval_batch(ds) -> int:
+    """Images per evaluation batch: 256 for the 64-px synthetic sets, the dataset's own for a user's
+    (a 224-px model at 256 images would hold gigabytes of activations)."""
+    return int(getattr(ds, "eval_batch", 256))
+
+
+def _select(ds, metric: str, without_masks: str | None) -> str | None:
+    """The validation metric that picks the epoch: relevance mass needs ground-truth masks."""
+    return metric if getattr(ds, "has_masks", True) else without_masks
 
 
 def train_nemu(frozen: nn.Module, ds: SyntheticDataset, cfg: NemTrainConfig, *, decoder: DecoderArch = NEMU_DECODER,
@@ -124,7 +136,7 @@ def train_nemu(frozen: nn.Module, ds: SyntheticDataset, cfg: NemTrainConfig, *, 
         # the decoder of the epoch with the highest validation relevance mass is kept: the loss (eq. 5-9)
         # trades mask size against fidelity and the masks' localisation swings from epoch to epoch
         LoopConfig(epochs=cfg.epochs, checkpoint=checkpoint, resume=resume, progress=progress, desc="nem-u",
-                   select="relevance_mass"),
+                   select=_select(ds, "relevance_mass", "fidelity_cos")),
         model, opt, gen, steps, lambda b: nemu_step(model, b[0], loss),
         validate=lambda e: evaluate_nemu(model, ds, "val", limit=512),
         run_config={**asdict(cfg), "decoder": decoder.to_dict(), "loss": asdict(loss), "dataset": ds.describe(), "limit": limit},
@@ -159,7 +171,7 @@ def evaluate_nemt(model: NemT, ds: SyntheticDataset, split: str = "val", limit: 
     model.eval()
     rm, size, keep, drop = [], [], [], []
     with torch.no_grad():
-        for x, y, gt in ds.batches(split, 256, limit=limit):
+        for x, y, gt in ds.batches(split, _eval_batch(ds), limit=limit):
             t = y if target == "label" else torch.full_like(y, -1)
             mask, logits, label = model(x, t)
             rm.append(relevance_mass(mask, gt))
@@ -167,8 +179,9 @@ def evaluate_nemt(model: NemT, ds: SyntheticDataset, split: str = "val", limit: 
             p = logits.softmax(1).gather(1, label[:, None])[:, 0]
             keep.append(model.frozen(x * mask).softmax(1).gather(1, label[:, None])[:, 0] - p)
             drop.append(model.frozen(x * (1 - mask)).softmax(1).gather(1, label[:, None])[:, 0] - p)
-    return {"relevance_mass": float(torch.cat(rm).mean()), "mask_mean": float(torch.cat(size).mean()),
-            "prob_change_keep_mask": float(torch.cat(keep).mean()), "prob_change_delete_mask": float(torch.cat(drop).mean())}
+    out = {"relevance_mass": float(torch.cat(rm).mean()), "mask_mean": float(torch.cat(size).mean()),
+           "prob_change_keep_mask": float(torch.cat(keep).mean()), "prob_change_delete_mask": float(torch.cat(drop).mean())}
+    return out if getattr(ds, "has_masks", True) else {k: v for k, v in out.items() if k != "relevance_mass"}
 
 
 COND_HEAD_BIAS = 2.0  # initial mask logit of the class-conditional NEMt (see train_nemt)
@@ -210,7 +223,7 @@ def train_nemt(frozen: nn.Module, ds: SyntheticDataset, cfg: NemTrainConfig, *, 
         # one network for every label can fall into "empty mask for a whole class" (sigmoid saturated,
         # no gradient left); the epoch with the highest validation relevance mass is kept
         history = train_loop(LoopConfig(epochs=cfg.epochs, checkpoint=ck, resume=resume, progress=progress, desc=f"nemt-cond[{form}]",
-                                        select="relevance_mass"),
+                                        select=_select(ds, "relevance_mass", "prob_change_keep_mask")),
                              model, opt, gen, steps, step, run_config=base,
                              validate=lambda e: evaluate_nemt(model, ds, "val", limit=512))
     else:

@@ -115,7 +115,8 @@ app.kubernetes.io/component: {{ .component }}
 {{- if and (eq .Values.modelStore.source "volume") (not .Values.modelStore.volume) -}}
 {{- fail "modelStore.source=volume needs modelStore.volume (a volume source, e.g. persistentVolumeClaim)" -}}
 {{- end -}}
-{{- $grace := int (ceil (float64 (default 10 .Values.config.grace_s))) -}}
+{{- $grace := 10 -}}{{- /* ServerConfig.grace_s's default */ -}}
+{{- if hasKey .Values.config "grace_s" -}}{{- $grace = int (ceil (float64 .Values.config.grace_s)) -}}{{- end -}}
 {{- $needed := add (int .Values.gateway.preStopSleepSeconds) $grace (int .Values.gateway.shutdownMarginSeconds) -}}
 {{- if gt $needed (int .Values.gateway.terminationGracePeriodSeconds) -}}
 {{- fail (printf "gateway.terminationGracePeriodSeconds (%d) must be at least gateway.preStopSleepSeconds + config.grace_s + gateway.shutdownMarginSeconds (%d): streams get their drain notice and end within grace_s after the preStop sleep" (int .Values.gateway.terminationGracePeriodSeconds) $needed) -}}

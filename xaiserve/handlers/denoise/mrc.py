@@ -91,7 +91,7 @@ def check_header(data: bytes, *, max_values: int | None = None) -> tuple[int, in
     expected = HEADER_BYTES + nsymbt + n * MODE_BYTES[mode]
     if size != expected:
         raise ValueError(
-            f"MRC header declares {nz} x {ny} x {nx} values of mode {mode} ({REAL_MODES[mode]}) after a {nsymbt}-byte "
+            f"MRC file is corrupt: its header declares {nz} x {ny} x {nx} values of mode {mode} ({REAL_MODES[mode]}) after a {nsymbt}-byte "
             f"extended header, {expected} bytes in all, but the file has {size} bytes"
             + ("; it is truncated" if size < expected else "; trailing bytes follow the data"))
     return nx, ny, nz, mode, nsymbt

@@ -31,17 +31,24 @@ class DecoderArch:
     widths: tuple[int, ...] = (48, 32, 16, 8)
     num_classes: int = 0  # > 0: FiLM-conditioned on a target label in [0, num_classes)
     norm: bool = True  # batch norm after each conv (folded into the conv on export)
+    # input strides of the pyramid levels, shallow to deep (a user model's taps, e.g. 2, 4, 8, 16, 32);
+    # empty: 1, 2, 4, ... (handlers.nets' pyramid). Consecutive levels may be any integer factor apart.
+    strides: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["widths"] = list(self.widths)
+        if self.strides:
+            d["strides"] = list(self.strides)
+        else:
+            d.pop("strides")  # entries of handlers.nets pyramids stay as they were
         return d
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "DecoderArch":
         # entries written before `norm` existed had no batch norm
         return DecoderArch(widths=tuple(int(v) for v in d["widths"]), num_classes=int(d.get("num_classes", 0)),
-                           norm=bool(d.get("norm", False)))
+                           norm=bool(d.get("norm", False)), strides=tuple(int(v) for v in d.get("strides", ())))
 
 
 class UNetDecoder(nn.Module):
@@ -54,7 +61,13 @@ class UNetDecoder(nn.Module):
             raise ValueError(f"decoder has {len(arch.widths)} blocks but the pyramid has {len(chans)} levels")
         self.arch = arch
         self.levels = len(arch.widths)
-        self.stride = 2 ** (len(chans) - self.levels)  # of the shallowest level used, relative to the input
+        strides = list(arch.strides) if arch.strides else [2**i for i in range(len(chans))]
+        if len(strides) != len(chans) or any(b % a for a, b in zip(strides, strides[1:])) or strides != sorted(set(strides)):
+            raise ValueError(f"pyramid strides {strides} must rise by integer factors, one per level of {len(chans)}")
+        used = strides[::-1][: self.levels]  # deep -> shallow
+        self.stride = used[-1]  # of the shallowest level used, relative to the input
+        # upsampling factor before block i (i >= 1): 2 between handlers.nets levels, any integer for a user model
+        self.factors = [used[i - 1] // used[i] for i in range(1, self.levels)]
         deep = chans[::-1][: self.levels]
         blocks = [nn.Conv2d(deep[0], arch.widths[0], 3, 1, 1)]
         for i in range(1, len(deep)):
@@ -78,7 +91,7 @@ class UNetDecoder(nn.Module):
         h = feats[0]
         for i, conv in enumerate(self.blocks):
             if i > 0:
-                h = upsample2(h)
+                h = upsample(h, self.factors[i - 1])
                 h = torch.cat([h, feats[i]], dim=1)
             h = conv(h)
             if self.norms is not None:
@@ -89,6 +102,13 @@ class UNetDecoder(nn.Module):
                 off += 2 * w
             h = F.relu(h)
         return self.head(h)
+
+
+def upsample(h: torch.Tensor, factor: int) -> torch.Tensor:
+    """Bilinear x factor between pyramid levels (a constant scale, as upsample2)."""
+    if factor == 2:
+        return upsample2(h)
+    return F.interpolate(h, scale_factor=float(factor), mode="bilinear", align_corners=False)
 
 
 def upsample2(h: torch.Tensor) -> torch.Tensor:
@@ -123,7 +143,7 @@ def bank_forward(decoders: Sequence[UNetDecoder], pyramid: Sequence[torch.Tensor
     h = F.conv2d(feats[0], torch.cat([f[0][0] for f in folded]), torch.cat([f[0][1] for f in folded]), padding=1)
     h = F.relu(h)
     for i in range(1, len(feats)):
-        h = upsample2(h)
+        h = upsample(h, decoders[0].factors[i - 1])
         prev = arch.widths[i - 1]
         w_h = torch.cat([f[i][0][:, :prev] for f in folded])  # [K*w_i, prev, 3, 3]
         w_f = torch.cat([f[i][0][:, prev:] for f in folded])  # [K*w_i, c_i, 3, 3]

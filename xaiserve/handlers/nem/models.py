@@ -15,6 +15,7 @@ masked-out pixel is the dataset mean), exactly as the server's fidelity check do
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 import torch
@@ -30,6 +31,15 @@ from xaiserve.errors import InvalidArgument
 def _exporting() -> bool:
     exporting = getattr(torch.compiler, "is_exporting", lambda: False)
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling() or exporting()
+
+
+def with_strides(arch: DecoderArch, frozen: nn.Module) -> DecoderArch:
+    """The decoder arch with the frozen model's pyramid strides (`pyramid_strides` of a tapped user
+    model, handlers.nets.forms.TappedModel); handlers.nets' pyramids (1, 2, 4, ...) keep the default."""
+    strides = tuple(int(s) for s in getattr(frozen, "pyramid_strides", ()) or ())
+    if arch.strides or not strides or strides == tuple(2**i for i in range(len(strides))):
+        return arch
+    return replace(arch, strides=strides)
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -49,7 +59,7 @@ class NemU(nn.Module):
         super().__init__()
         chans = require_pyramid(frozen, "the encoder NEM-U explains")
         self.frozen = freeze(frozen)
-        self.decoder = UNetDecoder(chans, decoder_arch)
+        self.decoder = UNetDecoder(chans, with_strides(decoder_arch, frozen))
 
     def train(self, mode: bool = True) -> "NemU":
         super().train(mode)
@@ -75,10 +85,12 @@ class NemT(nn.Module):
         self.conditional = bool(conditional)
         self.smoothing = int(smoothing)
         if self.conditional:
-            arch = DecoderArch(widths=decoder_arch.widths, num_classes=self.num_classes, norm=decoder_arch.norm)
+            arch = DecoderArch(widths=decoder_arch.widths, num_classes=self.num_classes, norm=decoder_arch.norm,
+                               strides=with_strides(decoder_arch, frozen).strides)
             self.decoders = nn.ModuleList([UNetDecoder(chans, arch)])
         else:
-            arch = DecoderArch(widths=decoder_arch.widths, num_classes=0, norm=decoder_arch.norm)
+            arch = DecoderArch(widths=decoder_arch.widths, num_classes=0, norm=decoder_arch.norm,
+                               strides=with_strides(decoder_arch, frozen).strides)
             self.decoders = nn.ModuleList([UNetDecoder(chans, arch) for _ in range(self.num_classes)])
 
     def train(self, mode: bool = True) -> "NemT":

@@ -231,8 +231,7 @@ class SiftAblation:
                 break
             t0 = time.perf_counter()
             state = paths.clone().requires_grad_(True)
-            value, probs = self._evaluate(decoder, state, target, f0, f1)
-            (grad,) = torch.autograd.grad(value, state)
+            value, probs, grad = self._gradient(decoder, state, target, f0, f1)
             timings["model"] += time.perf_counter() - t0
             _check_gradient(grad, value, i)
             score_history.append(float(value.detach()))
@@ -277,6 +276,28 @@ class SiftAblation:
             iterations=iterations, target=target, baseline_changes_class=bool(int(p_baseline.argmax()) != target),
             metric_weights=None if weights is None else weights[0], timings=timings,
         )
+
+    def _gradient(self, decoder: SiftDecoder, state: torch.Tensor, target: int, f0: float, f1: float):
+        """(score, class probabilities, gradient direction of the score with respect to the path).
+
+        The score is differentiated in float64 down to the logits and the logits' gradient scaled to
+        a largest entry of 1 before it goes back through the float32 classifier and decoder: for a
+        confident classifier (logit gap of a few hundred) dP/dlogits is ~1e-120, exact in float64
+        but zero in float32. Only the direction matters (the step is L-inf normalised, sec. 2.8.2).
+        """
+        masks = S.slice_masks(self.config.score, state)
+        logits = self.classifier(decoder.decode(1.0 - masks[:, 0, :]))
+        if logits.dim() != 2:
+            raise FailedPrecondition(f"the classifier returned shape {tuple(logits.shape)}; a classifier must return logits [B, K]")
+        leaf = logits.detach().double().requires_grad_(True)
+        probs = torch.log_softmax(leaf, dim=1).exp()
+        value = S.score_value(self.config.score, probs[:, target], f0, f1, state.shape[1])
+        (g,) = torch.autograd.grad(value, leaf)
+        top = g.abs().max()
+        if torch.isfinite(top) and top > 0:
+            g = g / top
+        (grad,) = torch.autograd.grad(logits, state, grad_outputs=g.to(logits.dtype))
+        return value.detach().float(), probs.detach().float(), grad
 
     def _evaluate(self, decoder: SiftDecoder, paths: torch.Tensor, target: int, f0: float, f1: float):
         """One batched pass: (score, class probabilities of the evaluated slices), differentiable in paths."""

@@ -291,6 +291,7 @@ class WebApi:
                                status=405, headers={"Allow": allow})
         r, m = route
         try:
+            self._same_origin(h)
             authorization = self._authorize(h, r.permission)
         except Aborted as e:
             return self._error(h, e.code, e.message)
@@ -310,6 +311,23 @@ class WebApi:
         finally:
             obs.done()
         self._error(h, code, message)
+
+    @staticmethod
+    def _same_origin(h: BaseHTTPRequestHandler) -> None:
+        """Refuse what another web site's page could make a visitor's browser send (cross-site
+        request forgery): a POST must be JSON, which a cross-origin page can only send after a CORS
+        preflight this server never grants, and a call whose Origin is not this host is refused."""
+        origin = h.headers.get("Origin")
+        if origin is not None:
+            host = (h.headers.get("Host") or "").strip().lower()
+            if origin == "null" or urlsplit(origin).netloc.lower() != host:
+                raise Aborted("PERMISSION_DENIED", f"cross-origin call from {quote(origin)} refused: the web API "
+                                                   "answers its own page only")
+        if h.command == "POST":
+            ctype = (h.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
+            if ctype != "application/json":
+                raise Aborted("INVALID_ARGUMENT", f"Content-Type {quote(ctype or '(none)')} is not JSON; send the body "
+                                                  "with Content-Type: application/json")
 
     def _authorize(self, h: BaseHTTPRequestHandler, permission: str) -> str | None:
         """The Authorization header to hand on when the caller may call `permission`; raises Aborted

@@ -162,7 +162,8 @@ def phantom_dicom(hu: np.ndarray, *, patient_name: str = "Phantom^Synthetic", pa
                   window: Window | None = WINDOWS[1]) -> bytes:
     """A CT Image Storage Part 10 file of HU slice(s): stored = HU + 1024 (12 of 16 bits, unsigned),
     Rescale Intercept -1024. `frames` > 1 repeats the slice as a multi-frame image (frame k offset by
-    k HU, so frames are distinguishable). The patient attributes are whatever the caller passes (tests
+    k HU, so frames are distinguishable). `photometric` only labels the same stored values
+    (MONOCHROME1: displayed inverted). The patient attributes are whatever the caller passes (tests
     use marker strings to check nothing leaks)."""
     import io
 
@@ -172,8 +173,6 @@ def phantom_dicom(hu: np.ndarray, *, patient_name: str = "Phantom^Synthetic", pa
     hu = np.asarray(hu, np.float32)
     stack = np.stack([hu + k for k in range(frames)]) if frames > 1 else hu[None]
     stored = np.clip(np.rint(stack + 1024.0), 0, 4095).astype(np.uint16)
-    if photometric == "MONOCHROME1":
-        stored = (4095 - stored).astype(np.uint16)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()

@@ -187,8 +187,10 @@
   }
 
   /** A [H, W] map over `base` (an ImageBitmap, drawn scaled), blended like the server's overlay:
-   * (1 - a) * image + a * heat(map). `lo`/`hi` map values to the colour range (default [0, 1]). */
-  function drawOverlay(canvas, base, map, opacity, lo = 0, hi = 1) {
+   * (1 - a) * image + a * heat(map). `lo`/`hi` map values to the colour range (default [0, 1]);
+   * with `fadeZeros`, pixels whose value is exactly 0 show the image faded to grey (U-RELAX's
+   * "too uncertain to say"). */
+  function drawOverlay(canvas, base, map, opacity, lo = 0, hi = 1, fadeZeros = false) {
     const [H, W] = map.shape;
     const ctx = sized(canvas, W, H);
     ctx.imageSmoothingEnabled = true;
@@ -202,22 +204,27 @@
     const a = base ? opacity : 1;
     const s = hi > lo ? 255 / (hi - lo) : 0;
     for (let i = 0; i < H * W; i++) {
-      const q = Math.max(0, Math.min(255, Math.round((map.data[i] - lo) * s))) * 3;
       const o = i * 4;
+      d[o + 3] = 255;
+      if (fadeZeros && map.data[i] === 0) {
+        const lum = base ? 0.299 * d[o] + 0.587 * d[o + 1] + 0.114 * d[o + 2] : 0;
+        d[o] = d[o + 1] = d[o + 2] = 150 + 0.35 * lum;
+        continue;
+      }
+      const q = Math.max(0, Math.min(255, Math.round((map.data[i] - lo) * s))) * 3;
       d[o] = (1 - a) * d[o] + a * HEAT[q];
       d[o + 1] = (1 - a) * d[o + 1] + a * HEAT[q + 1];
       d[o + 2] = (1 - a) * d[o + 2] + a * HEAT[q + 2];
-      d[o + 3] = 255;
     }
     ctx.putImageData(img, 0, 0);
   }
 
-  /** A [H, W] map in grey, lo -> black, hi -> white. */
+  /** A [H, W] map in grey, lo -> black, hi -> white (lo > hi inverts). */
   function drawGray(canvas, map, lo, hi) {
     const [H, W] = map.shape;
     const ctx = sized(canvas, W, H);
     const img = ctx.createImageData(W, H);
-    const s = hi > lo ? 255 / (hi - lo) : 0;
+    const s = hi !== lo ? 255 / (hi - lo) : 0;
     for (let i = 0; i < H * W; i++) {
       const v = Math.max(0, Math.min(255, (map.data[i] - lo) * s));
       img.data.set([v, v, v, 255], i * 4);
@@ -248,6 +255,7 @@
 
   // ------------------------------------------------------------------------------ notices, token
   let noticeTimer = null;
+  $("#notice").addEventListener("click", () => ($("#notice").hidden = true));
 
   function notice(text, kind = "error") {
     const n = $("#notice");
@@ -355,8 +363,31 @@
           m.labels && m.labels.length ? [el("dt", { text: "labels" }), el("dd", { text: m.labels.join(", ") })] : null,
           m.output_dim ? [el("dt", { text: "output" }), el("dd", { text: `${m.output_dim} values` })] : null,
           el("dt", { text: "methods" }), el("dd.chips", {}, chips.length ? chips : "none")),
+        available(m) ? el("div.actions", {}, ...modelActions(m)) : null,
         card);
     }));
+  }
+
+  /** Buttons that open the model in the tab that serves its methods. */
+  function modelActions(m) {
+    const id = modelId(m);
+    const jobMethods = (m.methods || []).filter((n) => state.methods.jobs[n]);
+    const go = (tab, sel, value, after) => () => {
+      location.hash = "#" + tab;
+      if (sel === "#job-method") {
+        $(sel).value = value;
+        jobMethodChanged();
+        $("#job-model").value = id;
+      } else {
+        $(sel).value = value;
+        if (after) after();
+      }
+    };
+    return [
+      fastMethods(m).length ? el("button", { text: "Explain", onclick: go("explain", "#explain-model", id, explainModelChanged) }) : null,
+      ...jobMethods.map((n) => el("button", { text: `${n} job`, onclick: go("jobs", "#job-method", n) })),
+      m.kind === "denoiser" ? el("button", { text: "Denoise", onclick: go("denoise", "#denoise-model", id) }) : null,
+    ];
   }
 
   // ------------------------------------------------------------------------------------- images
@@ -720,13 +751,13 @@
       const c1 = el("canvas.view", { dataset: { map: "importance" } });
       const c2 = el("canvas.view", { dataset: { map: "uncertainty" } });
       const c3 = el("canvas.view", { dataset: { map: "u_relax" } });
-      drawOverlay(c1, rec.base, imp, 0.6, lo, hi);
+      drawOverlay(c1, rec.base, imp, 0.75, lo, hi);
       drawOverlay(c2, null, unc, 1, ulo, uhi);
-      drawOverlay(c3, rec.base, ur, 0.6, lo, hi);
+      drawOverlay(c3, rec.base, ur, 0.75, lo, hi, true);
       out.replaceChildren(
         figure(c1, `importance R [${fmt(lo, 3)}, ${fmt(hi, 3)}]`),
         figure(c2, `uncertainty U [${fmt(ulo, 4)}, ${fmt(uhi, 4)}]`),
-        figure(c3, `U-RELAX (R where U < ε = ${fmt(rx.threshold, 4)})`),
+        figure(c3, `U-RELAX: R where U < ε = ${fmt(rx.threshold, 4)}, grey where too uncertain`),
         el("p.meta", { text: `${rx.num_masks} masks · max standard error ${fmt(rx.achieved_error, 4)} · ${fmt(rx.masks_per_second, 0)} masks/s` }));
     } else if (res.ablation) {
       const ab = res.ablation;
@@ -769,7 +800,15 @@
     if (!id) return notice("choose a finished ablation-path job or enter its id");
     $("#path-status").textContent = "loading…";
     try {
-      const job = await api(`jobs/${encodeURIComponent(id)}?include_result=1`);
+      let job = await api(`jobs/${encodeURIComponent(id)}?include_result=1`);
+      if (job.method === "ablation_path" && !TERMINAL.includes(job.state)) {
+        // not finished yet: follow its events and show the path when it ends
+        $("#path-status").textContent = `job ${id} is ${job.state}: waiting for it to finish…`;
+        await watchEvents(id, (type, ev) => {
+          if (ev.job && ev.job.id && TERMINAL.includes(ev.job.state)) job = ev.job;
+          else $("#path-status").textContent = `job ${id} is running: ${Math.round((ev.progress || 0) * 100)} %, ${ev.message || ""}`;
+        });
+      }
       if (job.state !== "SUCCEEDED" || !job.result || !job.result.ablation) {
         $("#path-status").textContent = "";
         return notice(`job ${id} is ${job.state}${job.result && job.result.relax ? " (a RELAX job)" : ""}: only a finished ablation-path job has a path`);
@@ -822,7 +861,10 @@
   /** φ drawn as the server's strip draws it (service/render/ablation.py): white where the image is
    * kept (φ = 0), black where the baseline replaced it (φ = 1). */
   function drawPhi(canvas, phi) {
-    drawGray(canvas, phi, 1, 0);
+    const [lo, hi] = range(phi.data);
+    if ($("#path-stretch").checked && hi - lo > 1e-6) drawGray(canvas, phi, hi, lo);
+    else drawGray(canvas, phi, 1, 0);
+    return [lo, hi];
   }
 
   function renderPathStatic() {
@@ -888,7 +930,9 @@
     const k = Number($("#path-slider").value);
     const t = p.times.data[k];
     const phi = phiAt(p.path, k, p.T, p.H, p.W);
-    drawPhi($("#path-phi"), phi);
+    const [plo, phiHi] = drawPhi($("#path-phi"), phi);
+    $("#path-phi-caption").textContent = `φ(t) in [${fmt(plo, 3)}, ${fmt(phiHi, 3)}]: white = the image kept, black = replaced by the baseline`
+      + ($("#path-stretch").checked ? " (stretched)" : "");
     $("#path-phi").dataset.slice = String(k);
     if (p.down) drawPhi($("#path-phi-down"), phiAt(p.down, k, p.T, p.H, p.W));
     const imgCanvas = $("#path-image");
@@ -930,6 +974,7 @@
   }
 
   $("#path-slider").addEventListener("input", renderSlice);
+  $("#path-stretch").addEventListener("change", renderSlice);
   $("#path-play").addEventListener("click", togglePlay);
   $("#path-load").addEventListener("click", loadPath);
   $("#path-job").addEventListener("change", () => {
