@@ -44,7 +44,9 @@ import grpc
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
+from xaiserve.paths import checkout_root
+
+ROOT = checkout_root()  # the repository: its model_store/ and tests/ helpers
 sys.path.insert(0, str(ROOT))
 
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb  # noqa: E402

@@ -112,7 +112,8 @@ def _png(square: bool = True, size: int = SIZE) -> bytes:
     return buf.getvalue()
 
 
-SMALL = dict(num_slices=6, mask_size=16, sigma_regu=1.5, max_iterations=12)
+# saturation off: the end-to-end test counts every one of the 12 iterations (no saturation stop)
+SMALL = dict(num_slices=6, mask_size=16, sigma_regu=1.5, max_iterations=12, saturation=0.0)
 
 
 def _request(model: str = "squares", image: bytes | None = None, **params) -> pb.JobRequest:
@@ -148,7 +149,7 @@ def test_valid_requests_pass(registry):
     (dict(max_iterations=100000), "max_iterations"),
     (dict(step_size=0.0), "step_size"),
     (dict(saturation=-0.5), "saturation"),
-    (dict(ramp_saturation=True), "ramp_saturation needs saturation > 0"),
+    (dict(min_iterations=-1), "min_iterations"),
     (dict(stop_saturation=1.5), "stop_saturation"),
     (dict(window=-3), "window"),
     (dict(baseline=pb.Image(encoded=b"not an image")), "params.baseline"),
@@ -217,6 +218,9 @@ def test_job_runs_end_to_end_and_fills_every_field(registry):
     assert params["model"] == "squares:1" and params["num_slices"] == 6 and params["target_label"] == 1
     assert params["target_source"] == "argmax" and params["baseline"] == "blur" and params["seed"] == 5
     assert params["reduction"] == "transition" and params["score"] == "retaining" and params["stop_saturation"] == 0.8
+    # unset fields take the thesis's and the authors' defaults (METHODS.md, decision 2026-12)
+    assert params["step_size"] == 0.5 and params["min_iterations"] == 6 and params["ramp_saturation"] is True
+    assert params["saturation"] == 3.0 and params["transition_floor"] == 0.25 and params["sigma_regu"] == 1.5
     assert {"run", "model", "baseline", "render"} <= set(res.timings)
     # one progress report per iteration, with the current heatmap, score and saturation
     assert len(ctx.reports) == 12

@@ -55,7 +55,9 @@ def in_blob(heat: torch.Tensor) -> bool:
 
 
 def config(**kw) -> AblationConfig:
-    base = dict(num_slices=8, mask_size=16, sigma_regu=1.5, max_iterations=25)
+    # saturation off and no iteration floor unless a test asks: these tests count iterations
+    base = dict(num_slices=8, mask_size=16, sigma_regu=1.5, max_iterations=25, saturation=0.0, ramp_saturation=False,
+                min_iterations=0)
     base.update(kw)
     return AblationConfig(**base)
 
@@ -113,6 +115,9 @@ def test_requested_target_and_saturation_stop():
     assert_axioms(out.path, 1e-5)
     ramp = AblationPath(model, config(saturation=3.0, ramp_saturation=True, max_iterations=5)).attribute(x)
     assert_axioms(ramp.path, 1e-5)
+    # the saturation stop waits for min_iterations
+    late = AblationPath(model, config(saturation=3.0, max_iterations=60, min_iterations=out.iterations + 3)).attribute(x, target=0)
+    assert late.stop_reason == "saturation" and late.iterations == out.iterations + 3
     with pytest.raises(InvalidArgument, match="target label 3 is out of range"):
         AblationPath(model, config()).attribute(x, target=3)
 
@@ -262,6 +267,17 @@ def test_transition_index_rules():
     phi = P.affine_path(5, 4, 4)
     heat, k = R.transition(phi, probs([1, 1, 1, 0, 0, 0, 0]), 1)
     assert k == 2 and torch.allclose(heat, 1 - phi[1])
+    # the authors' floor: never below 25 % of the path (T = 5: t_k >= 0.25 means k >= 2; T = 14: k >= 4)
+    assert R.transition_index(probs([1, 1, 0, 0, 0, 0, 0]), 1, floor=0.25) == 2
+    p16 = probs([1, 1, 1] + [0] * 13)
+    assert R.transition_index(p16, 1) == 2 and R.transition_index(p16, 1, floor=0.25) == 4
+    assert R.transition_index(probs([1, 1, 1, 1, 1, 1, 0]), 1, floor=0.25) == 5  # above the floor: unchanged
+    # dissipating mirrors it: never above 75 % (T = 14: k <= 11)
+    p16 = probs([1] * 13 + [0] * 3)  # first interior slice no longer dominated: k = 13
+    assert R.transition_index(p16, 1, dissipating=True) == 13
+    assert R.transition_index(p16, 1, dissipating=True, floor=0.25) == 11
+    heat, k = R.transition(phi, probs([1, 1, 0, 0, 0, 0, 0]), 1, floor=0.25)
+    assert k == 2 and torch.allclose(heat, 1 - phi[1])
 
 
 def test_reductions_orientation_and_units():
@@ -297,7 +313,8 @@ def test_reductions_orientation_and_units():
     (dict(step_size=-0.1), "step_size"),
     (dict(step_size=2.0), "step_size"),
     (dict(saturation=-1.0), "saturation"),
-    (dict(ramp_saturation=True), "ramp_saturation"),
+    (dict(min_iterations=-1), "min_iterations"),
+    (dict(transition_floor=1.0), "transition_floor"),
     (dict(max_iterations=0), "max_iterations"),
     (dict(stop_saturation=0.0), "stop_saturation"),
     (dict(window=-1), "window"),
@@ -305,6 +322,16 @@ def test_reductions_orientation_and_units():
 def test_config_errors_name_the_parameter(kw, word):
     with pytest.raises(InvalidArgument, match=word):
         AblationConfig(**kw).check()
+
+
+def test_defaults_are_the_thesis_and_authors_values():
+    cfg = AblationConfig()
+    assert (cfg.step_size, cfg.min_iterations, cfg.max_iterations, cfg.transition_floor) == (0.5, 6, 100, 0.25)
+    assert cfg.ramp_saturation and cfg.saturation > 0 and cfg.sigma_regu == 7.0
+    # sigma in image pixels, scaled to the mask grid by sqrt(mask area / image area)
+    assert cfg.mask_sigma(64, 64) == pytest.approx(7.0)
+    assert cfg.mask_sigma(224, 224) == pytest.approx(7.0 * 64 / 224)
+    assert AblationConfig(mask_size=32).mask_sigma(64, 128) == pytest.approx(7.0 * math.sqrt(32 * 32 / (64 * 128)))
 
 
 def test_mask_larger_than_image_is_rejected():

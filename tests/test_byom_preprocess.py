@@ -80,6 +80,7 @@ def files(tmp_path_factory):
     return {a: save_forms(make(a, size=(64, 64)), root / a, size=(64, 64)) for a in ("vgg", "mobile")} | {"root": root}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,kind", [("vgg", "classifier"), ("mobile", "encoder")])
 @pytest.mark.parametrize("key", ["torchscript", "exported_program"])
 def test_torch_forms_equal_the_module_and_run_every_gradient_method(files, arch, kind, key):
@@ -96,6 +97,7 @@ def test_torch_forms_equal_the_module_and_run_every_gradient_method(files, arch,
             np.testing.assert_allclose(got, saliency.attribute(method, ref, x[:1], kind=kind), atol=1e-4, err_msg=method)
 
 
+@pytest.mark.slow
 def test_gradcam_layer_is_the_last_conv_block_not_the_global_pool(files):
     mod = load_torch_form(files["vgg"]["exported_program"], "exported_program", channels=3, height=64, width=64)
     seen = []
@@ -110,6 +112,7 @@ def test_gradcam_layer_is_the_last_conv_block_not_the_global_pool(files):
     assert gradcam_layer(ref, torch.randn(1, 3, 64, 64)) is ref.features
 
 
+@pytest.mark.slow
 def test_feature_pyramid_found_by_probe_and_overridden_by_taps(files):
     mod = load_torch_form(files["mobile"]["exported_program"], "exported_program", channels=3, height=64, width=64)
     taps = find_pyramid(mod, torch.randn(1, 3, 64, 64))
@@ -126,6 +129,7 @@ def test_feature_pyramid_found_by_probe_and_overridden_by_taps(files):
     assert [t.stride for t in find_pyramid(ref, torch.randn(1, 3, 64, 64))] == [2, 4, 8, 16, 32]
 
 
+@pytest.mark.slow
 def test_fixed_batch_graph_runs_row_by_row(files):
     root = files["root"]
     paths = save_forms(make("vgg", size=(64, 64)), root / "static", size=(64, 64), static_batch=True)
@@ -136,6 +140,7 @@ def test_fixed_batch_graph_runs_row_by_row(files):
     assert saliency.attribute("smoothgrad", mod, torch.randn(1, 3, 64, 64), kind="classifier").shape == (1, 64, 64)
 
 
+@pytest.mark.slow
 def test_training_mode_export_and_foreign_files_are_refused(files, tmp_path):
     m = make("mobile", size=(64, 64)).train()
     with warnings.catch_warnings():

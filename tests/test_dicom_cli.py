@@ -34,6 +34,7 @@ def test_explain_writes_a_segmentation(address, tmp_path, capsys):
     assert pydicom.dcmread(summary["dicom_overlay"]).SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
 
 
+@pytest.mark.slow
 def test_explain_frame_window_and_pmap(address, tmp_path, capsys):
     hu, _, _ = phantom_slice(64, seed=2)
     scan = tmp_path / "cine.dcm"

@@ -112,6 +112,7 @@ def tensors(draw) -> pb.Tensor:
     return pb.Tensor(dtype=dtype, shape=shape, data=fill * length)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(tensors())
 def test_raw_tensors_decode_or_raise_our_errors(t):

@@ -177,6 +177,7 @@ def test_cancel_queued_and_running(queue, marks):
     run(go())
 
 
+@pytest.mark.slow
 def test_deadlines_expire_queued_and_running_jobs(queue, marks):
     async def go():
         async with service(queue, embedded_workers=0) as svc:
@@ -239,6 +240,7 @@ def test_finished_jobs_are_purged_after_the_ttl(queue, marks):
     run(go())
 
 
+@pytest.mark.slow
 def test_stop_hands_the_running_job_back(queue, marks):
     async def go():
         async with service(queue, stop_grace_s=0.1) as svc:

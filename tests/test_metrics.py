@@ -178,6 +178,20 @@ def test_fidelity_is_cosine_of_masked_and_original_representation():
     np.testing.assert_allclose(M.fidelity(f, x, np.ones((2, H, W))), 1.0, rtol=1e-6)
 
 
+def test_classifier_fidelity_is_the_target_probability_on_the_masked_image():
+    f = _Linear(3, 4)
+    x = torch.randn(2, 3, H, W)
+    a = np.random.default_rng(1).random((2, H, W))
+    m = torch.from_numpy(M.normalise_maps(a)).float()[:, None]
+    targets = np.array([3, 1])
+    expected = torch.softmax(f(x * m).double(), dim=1)[torch.arange(2), torch.as_tensor(targets)].detach().numpy()
+    got = M.fidelity(f, x, a, kind="classifier", targets=targets)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    assert ((got > 0) & (got < 1)).all()  # a probability, never a (possibly negative) logit cosine
+    with pytest.raises(InvalidArgument, match="target"):
+        M.fidelity(f, x, a, kind="classifier")
+
+
 def test_accuracy_per_complexity_reproduces_table3_arithmetic():
     quarter = np.zeros((1, H, W))
     quarter[0, :4, :4] = 1.0  # 16 of 64 pixels: ||m||_1 / HW = 0.25
@@ -330,3 +344,26 @@ def test_monotonicity_with_shared_variance_equals_the_direct_computation():
         np.testing.assert_array_equal(M.monotonicity(clf, x, a, y, cfg), M.monotonicity(None, x, a, config=cfg, variance=var))
     with pytest.raises(InvalidArgument, match="precomputed variance"):
         M.monotonicity(None, x, rng.random((2, 6, 6)), config=cfg)
+
+
+def test_fidelity_vs_random_is_one_for_a_permutation_invariant_model():
+    """A model that only sees the image's mean cannot tell a map from its pixel permutation: ratio 1."""
+    class MeanOnly(torch.nn.Module):
+        def forward(self, x):
+            return torch.stack([x.mean(dim=(1, 2, 3)), 1 + 0 * x.mean(dim=(1, 2, 3))], dim=1)
+
+    x = torch.full((3, 3, H, W), 0.7)  # a uniform image: only the map's values matter, not their places
+    a = np.random.default_rng(2).random((3, H, W))
+    np.testing.assert_allclose(M.fidelity_vs_random(MeanOnly(), x, a, kind="classifier", targets=[0, 0, 0]),
+                               1.0, rtol=1e-4)
+    # a model that reads one pixel: a map that keeps that pixel beats its permutation
+    class OnePixel(torch.nn.Module):
+        def forward(self, x):
+            v = x[:, 0, 0, 0]
+            return torch.stack([4 * v, torch.zeros_like(v)], dim=1)
+
+    keep = np.zeros((3, H, W))
+    keep[:, 0, 0] = 1.0
+    keep[:, 1:4, 1:4] = 1.0
+    ratio = M.fidelity_vs_random(OnePixel(), torch.ones(3, 3, H, W), keep, kind="classifier", targets=[0, 0, 0])
+    assert (ratio > 1.5).all()

@@ -95,3 +95,25 @@ def test_bench_lists_the_checkouts_benchmarks_from_a_subfolder(monkeypatch, caps
     assert cli.main(["bench"]) == 2
     err = capsys.readouterr().err
     assert f"benchmarks ({ROOT / 'bench'}):" in err and "grpc" in err and "denoise" in err
+
+
+@pytest.mark.slow
+def test_a_worker_without_a_store_warns_loudly_too(tmp_path):
+    import os
+    import signal
+    import subprocess
+
+    from tests.conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XAISERVE_")}
+    proc = subprocess.Popen([sys.executable, "-m", "xaiserve.service.worker", "--queue", f"sqlite:///{tmp_path}/jobs.sqlite",
+                             "--metrics-port", "-1", "--no-log-json"], cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = json.loads(proc.stdout.readline())
+        assert ready["event"] == "worker ready"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    assert f"xaiserve worker: WARNING: model store {tmp_path / 'model_store'} does not exist" in err

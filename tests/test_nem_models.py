@@ -63,6 +63,7 @@ def test_nemt_bank_training_lowers_the_loss(tiny_data):
     assert {r["class"] for r in history} == {0, 1, 2, 3}
 
 
+@pytest.mark.slow
 def test_nemt_labels_argmax_and_range_checks():
     torch.manual_seed(0)
     cls = FrozenSpec(TINY, num_classes=3).build()

@@ -27,6 +27,9 @@ from xaiserve.service.tensors import from_tensor, to_tensor
 from tests.conftest import DEFAULT_STORE
 from tests.serverutil import running_server
 
+# the default zoo's server for the module
+pytestmark = pytest.mark.slow
+
 MODELS = {e.name: e for e in read_manifest(DEFAULT_STORE)}
 
 

@@ -125,6 +125,7 @@ def test_sigkill_worker_mid_job_another_finishes_it_once(queue, marks, tmp_path)
     run(go(), timeout=90)
 
 
+@pytest.mark.slow
 def test_cancel_reaches_the_worker(queue, marks, tmp_path):
     async def go():
         async with gateways(queue) as (a, b):
@@ -157,6 +158,7 @@ def test_sigterm_hands_the_job_back(queue, marks, tmp_path):
     run(go(), timeout=60)
 
 
+@pytest.mark.slow
 def test_queued_jobs_survive_a_redis_restart(tmp_path, marks):
     srv = RedisServer(tmp_path / "aof", appendonly=True).start()
     queue = srv.url

@@ -101,6 +101,7 @@ class PooledSimilarity(nn.Module):
         return torch.stack([s, torch.sqrt(1 - s * s)], 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quadratic", [False, True])
 def test_control_variate_is_exact_when_the_regression_is(quadratic):
     size, cells = 12, 3
@@ -201,6 +202,7 @@ class SmallEncoder(nn.Module):
         return self.head(self.body(x))
 
 
+@pytest.mark.slow
 def test_control_variate_agrees_with_plain_on_a_real_encoder():
     torch.manual_seed(0)
     enc = SmallEncoder().eval()

@@ -225,6 +225,7 @@ def test_relax_equals_the_reference_loop_on_the_same_masks():
     torch.testing.assert_close(out.u_relax, torch.where(out.uncertainty < out.threshold, out.importance, torch.zeros(())))
 
 
+@pytest.mark.slow
 def test_relax_two_pass_option_matches_one_pass():
     x, f = _image(), Quadrants()
     one = Relax(f, RelaxConfig(num_masks=200, cells=4)).attribute(x)

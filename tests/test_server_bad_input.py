@@ -90,6 +90,7 @@ def test_expired_deadline_is_deadline_exceeded(stub):
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+@pytest.mark.slow
 def test_client_cancellation_is_counted_and_server_keeps_serving(server, stub):
     from prometheus_client.parser import text_string_to_metric_families
     import urllib.request

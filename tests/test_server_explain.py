@@ -44,9 +44,12 @@ def test_explain_nem_u_returns_mask_at_input_resolution_and_output(stub, tiny_st
     assert 0.0 <= mask.min() and mask.max() <= 1.0
     x, ref = reference(tiny_store, "tiny-nemu", img)
     np.testing.assert_allclose(from_tensor(r.output), ref["output"][0], atol=1e-5)
-    # the fidelity score is cos(Phi(x), Phi(x*m)) computed with the frozen encoder
+    # the fidelity score is cos(Phi(x), Phi(x*m)) computed with the frozen encoder, m the min-max
+    # normalised mask (the evaluation's definition, handlers/fidelity.py)
     enc = ort.InferenceSession(str(tiny_store / "tiny-encoder/1/model.onnx"), providers=["CPUExecutionProvider"])
-    phi_xm = enc.run(None, {"image": x * ref["mask"]})[0][0]
+    m = ref["mask"]
+    m = (m - m.min()) / (m.max() - m.min())
+    phi_xm = enc.run(None, {"image": (x * m).astype(np.float32)})[0][0]
     phi_x = ref["output"][0]
     cos = float(phi_x @ phi_xm / np.linalg.norm(phi_x) / np.linalg.norm(phi_xm))
     assert r.fidelity == pytest.approx(cos, abs=1e-4)

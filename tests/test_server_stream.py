@@ -74,6 +74,7 @@ def test_non_increasing_frame_ids_end_the_stream_and_a_bad_image_does_with_max_c
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "frame 1" in e.value.details()
 
 
+@pytest.mark.slow
 def test_a_client_that_stops_reading_does_not_stall_other_callers(server):
     stub = server.stub()
     stop = threading.Event()

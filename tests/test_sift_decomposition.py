@@ -71,6 +71,7 @@ def test_keypoints_are_scale_space_points_inside_the_image(kp):
     DecompositionConfig(sparsity=0.2, layers_per_octave=2),  # aggressive cutoff: the redistribution restores the mass
     DecompositionConfig(resolution_sigmas=()),  # every layer at full resolution
 ], ids=["default", "eta1", "hard", "sparse", "fullres"])
+@pytest.mark.slow
 def test_all_gains_one_reconstruct_the_image(x, kp, cfg):
     dec = decompose(x, kp, cfg)
     err = float((dec.decode(torch.ones(len(kp)))[0] - x).abs().max())

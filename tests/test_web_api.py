@@ -170,14 +170,19 @@ def test_methods_document_has_the_table_and_job_defaults(zoo, base):
     doc = call(base, "/api/methods").json()
     assert set(doc["methods"]) == set(METHODS)
     assert doc["methods"]["relax"]["rpc"] == "SubmitJob" and doc["methods"]["nemt"]["own"] is True
+    from xaiserve.handlers.ablation.optimiser import AblationConfig
+    from xaiserve.handlers.relax.relax import RelaxConfig
+
     relax = {f["name"]: f for f in doc["jobs"]["relax"]["fields"]}
     assert doc["jobs"]["relax"]["params"] == "relax"
-    assert relax["num_masks"]["default"] == 3000 and relax["num_masks"]["type"] == "int" and relax["num_masks"]["optional"]
+    assert relax["num_masks"]["default"] == RelaxConfig().num_masks and relax["num_masks"]["type"] == "int"
+    assert relax["num_masks"]["optional"] and relax["p_keep"]["default"] == RelaxConfig().p_keep
     assert relax["batch_size"]["default"] == zoo.config.relax_batch_size
     assert "zero" in relax["masking"]["choices"] and "median" in relax["threshold"]["choices"]
     assert "fixed N" in relax["num_masks"]["help"], "field help comes from the .proto comments"
     abl = {f["name"]: f for f in doc["jobs"]["ablation_path"]["fields"]}
-    assert abl["num_slices"]["default"] == 14 and abl["max_iterations"]["default"] == 60
+    assert abl["num_slices"]["default"] == AblationConfig().num_slices
+    assert abl["max_iterations"]["default"] == AblationConfig().max_iterations
     assert abl["mask_size"]["default"] == 64 and "straddling" in abl["score"]["choices"]
     assert abl["baseline"]["type"] == "image" and abl["return_images"]["type"] == "bool"
     assert doc["auth"] is False
@@ -270,22 +275,22 @@ def test_explain_calls_count_in_the_grpc_metrics(base):
 
 # ------------------------------------------------------------------------------------- denoise
 def test_denoise_answers_the_grpc_denoise_with_the_particles_the_model_saw(zoo, base):
-    doc = call(base, "/api/denoise?particles=1", {"model": "cryoem-spiral", "mrc": B64(PARTICLES)}).json()
+    doc = call(base, "/api/denoise?particles=1", {"model": "cryoem-cartesian", "mrc": B64(PARTICLES)}).json()
     den = np.frombuffer(base64.b64decode(doc["denoised"]["data"]), np.float32).reshape(8, 64, 64)
     seen = np.frombuffer(base64.b64decode(doc["particles"]["data"]), np.float32).reshape(8, 64, 64)
-    ref = zoo.stub().Denoise(pb.DenoiseRequest(model="cryoem-spiral", mrc=PARTICLES), timeout=60)
+    ref = zoo.stub().Denoise(pb.DenoiseRequest(model="cryoem-cartesian", mrc=PARTICLES), timeout=60)
     np.testing.assert_allclose(den, from_tensor(ref.denoised), atol=1e-5)
     assert seen.std() > 2 * den.std(), "the input is the noisy stack, the output the denoised one"
-    plain = call(base, "/api/denoise", {"model": "cryoem-spiral", "mrc": B64(PARTICLES)}).json()
+    plain = call(base, "/api/denoise", {"model": "cryoem-cartesian", "mrc": B64(PARTICLES)}).json()
     assert "particles" not in plain and [int(s) for s in plain["denoised"]["shape"]] == [8, 64, 64]
 
 
 @pytest.mark.parametrize("path,body,code", [
-    ("/api/denoise", {"model": "cryoem-spiral", "mrc": B64(b"not an mrc file at all" * 20)}, "INVALID_ARGUMENT"),
-    ("/api/denoise", {"model": "cryoem-spiral"}, "INVALID_ARGUMENT"),
+    ("/api/denoise", {"model": "cryoem-cartesian", "mrc": B64(b"not an mrc file at all" * 20)}, "INVALID_ARGUMENT"),
+    ("/api/denoise", {"model": "cryoem-cartesian"}, "INVALID_ARGUMENT"),
     ("/api/denoise", {"model": "scenes-nemu", "mrc": B64(PARTICLES)}, "INVALID_ARGUMENT"),
     ("/api/denoise", {"model": "cryoem-nope", "mrc": B64(PARTICLES)}, "NOT_FOUND"),
-    ("/api/denoise?particles=maybe", {"model": "cryoem-spiral", "mrc": B64(PARTICLES)}, "INVALID_ARGUMENT"),
+    ("/api/denoise?particles=maybe", {"model": "cryoem-cartesian", "mrc": B64(PARTICLES)}, "INVALID_ARGUMENT"),
 ])
 def test_denoise_bad_input(base, path, body, code):
     assert error_of(call(base, path, body))["code"] == code

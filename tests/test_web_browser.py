@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 # Without the background-networking flags Chromium's own connections (updates, sync, QUIC probes)
 # are refused on a closed network and slow every start.
-CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--disable-dev-shm-usage", "--window-size=1440,1100")
 
@@ -306,15 +306,47 @@ def test_a_running_job_is_cancelled_from_the_page(zoo, browser):
     assert not by_css(d, "#job-cancel").is_enabled()
 
 
+def test_the_page_s_jobs_survive_a_reload(zoo, browser):
+    d = browser
+    open_tab(d, zoo.base, "jobs")
+    before = {r.get_attribute("data-job"): r.get_attribute("data-state") for r in all_css(d, "#jobs-table tbody tr")}
+    d.refresh()
+    wait(d, lambda drv: by_css(drv, "body").get_attribute("data-ready") == "1", 30)
+    after = {r.get_attribute("data-job"): r.get_attribute("data-state") for r in all_css(d, "#jobs-table tbody tr")}
+    assert after == before and len(after) >= 3 and "CANCELLED" in after.values(), (before, after)
+    relax = next(r for r in all_css(d, "#jobs-table tbody tr") if r.find_elements("xpath", "./td[2][text()='relax']"))
+    relax.find_element("css selector", "button").click()  # its result is fetched again
+    wait(d, lambda drv: len(all_css(drv, "#job-result canvas")) == 3, 20, "the restored RELAX job shows no maps")
+
+
+def test_a_server_with_tokens_asks_for_one(tiny_store, tmp_path, browser):
+    token = "t0ken-for-the-browser-test-0123456789"
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text(f"tokens:\n  - {{name: viewer, token: {token}}}\n")
+    with running_server(tiny_store, tokens_file=str(tokens), job_workers=0) as srv:
+        base = srv.metrics_url.rsplit("/", 1)[0]
+        d = browser
+        d.get(base + "/#models")
+        wait(d, lambda drv: by_css(drv, "#notice").is_displayed(), 20, "no notice that a token is needed")
+        assert "authentication required" in by_css(d, "#notice").text
+        assert "wanted" in by_css(d, "#auth").get_attribute("class")
+        by_css(d, "#token").send_keys(token)
+        by_css(d, "#auth button").click()
+        wait(d, lambda drv: len(all_css(drv, "article.model")) == 5, 20, "the models did not load with the token")
+        d.execute_script("sessionStorage.clear()")
+    # the 401 answers are logged by Chromium as failed resources: they are expected here
+    d.get_log("browser")
+
+
 def test_denoise_shows_noisy_and_denoised_particles_side_by_side(zoo, browser, shots):
     d = browser
     open_tab(d, zoo.base, "denoise")
-    select(d, "#denoise-model", "cryoem-spiral:1")
+    select(d, "#denoise-model", "cryoem-cartesian:1")
     by_css(d, "#denoise-sample").click()
     wait(d, lambda drv: "loaded" in by_css(drv, "#denoise-status").text, 10)
     by_css(d, "#denoise-run").click()
     wait(d, lambda drv: len(all_css(drv, ".pair")) == 8, 60, "no particles shown")
-    assert "8 particles of 64 × 64 through cryoem-spiral:1" in by_css(d, "#denoise-status").text
+    assert "8 particles of 64 × 64 through cryoem-cartesian:1" in by_css(d, "#denoise-status").text
     assert not by_css(d, "#denoise-pager").is_displayed()
     noisy = pixels(d, "canvas[data-particle='0'][data-which=noisy]")
     clean = pixels(d, "canvas[data-particle='0'][data-which=denoised]")

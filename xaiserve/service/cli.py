@@ -57,10 +57,11 @@ def _serve(args) -> int:
     from xaiserve.service.jobs.factory import VolatileQueue
 
     from xaiserve.service.registry import ManifestError
+    from xaiserve.devices import DeviceUnavailable
 
     try:
         asyncio.run(serve_forever(cfg))
-    except (VolatileQueue, ManifestError) as e:
+    except (VolatileQueue, ManifestError, DeviceUnavailable) as e:
         print(f"xaiserve serve: {e}", file=sys.stderr)
         return 2
     return 0

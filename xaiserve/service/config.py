@@ -204,7 +204,17 @@ class ServerConfig:
     # ONNX Runtime's idle worker threads spin-wait for work (session.intra_op.allow_spinning): a faster
     # hand-off between calls, paid with a busy core; off, they sleep (less CPU per answered frame)
     ort_spinning: bool = False
-    prefer_cuda: bool = True  # use the CUDA execution provider when present
+    prefer_cuda: bool = True  # use the CUDA execution provider when present (never with device = cpu)
+    # where torch work runs (gradient baselines, ablation paths, RELAX on a torch encoder, SIFT
+    # methods): cpu, cuda, cuda:N or auto (the first CUDA device when torch sees one, else the CPU);
+    # cuda:N also picks ONNX Runtime's CUDA device. Checked at start: cuda without a CUDA device fails
+    device: str = "auto"
+    # autocast of the frozen models' forwards in RELAX's torch path: auto = bfloat16 on CUDA, float32
+    # on the CPU (docs/METHODS.md "Devices and precision"); gradients and estimators stay float32/float64
+    precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # on a GPU, RELAX and ablation jobs that do not set a batch size take the largest that fits in
+    # half the free device memory (at least relax_batch_size); off: relax_batch_size / all slices
+    batch_by_memory: bool = True
     spiral_runtime: bool = True  # spiral denoisers with compiled resampling (False: their single ONNX graph)
     # poll manifest.json this often and swap in added/removed/changed models (0 = off; SIGHUP always reloads)
     reload_interval_s: float = 1.0
@@ -220,6 +230,10 @@ class ServerConfig:
     # Explain/Denoise calls in progress at once; beyond, RESOURCE_EXHAUSTED at once (before any decoding)
     max_inflight: int = 64
     max_inflight_per_principal: int = 0  # the same bound per caller (token / client certificate); 0 = off
+    # calls that reached the server but not yet its event loop; beyond, grpc itself cancels new calls at
+    # once (status CANCELLED; some at first, all at twice this): the one refusal that costs no Python
+    # when the loop falls behind
+    max_pending_calls: int = 64
     # streams
     stream_max_queue: int = 64  # upper bound of ExplainFrame.max_queue (policy ALL)
     stream_default_queue: int = 8
@@ -299,14 +313,26 @@ def validate(cfg: ServerConfig, sources: Mapping[str, str] | None = None) -> Non
         (cfg.inference_threads >= 1, ("inference_threads",), "inference_threads must be >= 1"),
         (cfg.decode_threads >= 1, ("decode_threads",), "decode_threads must be >= 1"),
         (cfg.max_inflight >= 1, ("max_inflight",), "max_inflight must be >= 1"),
+        (cfg.max_pending_calls >= 1, ("max_pending_calls",), "max_pending_calls must be >= 1"),
         (cfg.max_inflight_per_principal >= 0, ("max_inflight_per_principal",),
          "max_inflight_per_principal must be >= 0 (0 = off)"),
         (1 <= cfg.relax_batch_size <= 4096, ("relax_batch_size",), "relax_batch_size must be in 1..4096"),
+        (_device_ok(cfg.device), ("device",), "device must be cpu, cuda, cuda:N (a device index) or auto"),
     ]
     for ok, names, msg in checks:
         if not ok:
             where = ", ".join(f"{n} from {(sources or {}).get(n, 'the default')}" for n in names)
             raise ConfigError(f"invalid configuration: {msg} ({where})", names[0], (sources or {}).get(names[0], "default"))
+
+
+def _device_ok(text: str) -> bool:
+    from xaiserve.devices import check_device_setting
+
+    try:
+        check_device_setting(text)
+    except ValueError:
+        return False
+    return True
 
 
 def describe() -> list[tuple[str, Any, str]]:

@@ -34,6 +34,7 @@ from xaiserve.service.images import ImageHeader, decode_image_source, png_bound,
 from xaiserve.service.mask_wire import fill_mask
 from xaiserve.service.model_input import fast_model_input
 from xaiserve.methods import GRADIENT_METHODS, MASK_KINDS, METHODS
+from xaiserve.handlers import fidelity as fid_score
 from xaiserve.service.registry import ModelEntry, Registry
 from xaiserve.service.tensors import tensor_message_bytes, to_tensor
 
@@ -44,6 +45,8 @@ T = TypeVar("T")
 REFUSED = Counter("xaiserve_admission_refused", "Requests refused at admission, before any decoding", ["reason"])
 # A response above this size is serialised in the CPU pool rather than by grpc on the event loop.
 OFFLOAD_SERIALIZE_BYTES = 1 << 20
+# NEMt: the target counts as present in the kept region when x * m gives it more than this probability
+ABSENT_BELOW = 0.5
 
 
 class CpuPool:
@@ -121,13 +124,6 @@ class Admission:
             self._by[principal] -= 1
             if not self._by[principal]:
                 del self._by[principal]
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a.reshape(a.shape[0], -1).astype(np.float64)
-    b = b.reshape(b.shape[0], -1).astype(np.float64)
-    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return (a * b).sum(axis=1) / np.maximum(den, 1e-12)
 
 
 class FastPath:
@@ -284,8 +280,14 @@ class FastPath:
                 res, _ = await self.batcher(frozen).submit({"image": x}, timeout=self._left(t0, timeout))
                 out = res["output"][0]
             resp.output.CopyFrom(to_tensor(out.astype(np.float32)))
-        if opts.fidelity:
-            resp.fidelity = float(await self._fidelity(frozen, x, mask, out, self._left(t0, timeout)))
+        if opts.fidelity or entry.kind == "nemt":
+            fid, p_kept = await self._fidelity(frozen, x, mask, out, label, entry.kind == "nemt", self._left(t0, timeout))
+            if opts.fidelity:
+                resp.fidelity = fid
+            if p_kept is not None:
+                # NEMt: "where is class k" may have no answer; say so instead of a silent empty mask
+                resp.target_probability = p_kept
+                resp.target_absent = bool(float(mask.max()) < 0.5 or not p_kept > ABSENT_BELOW)
         await self.cpu.run(self._render, resp, image, mask, opts, entry.input)
         if fmt:
             resp.dicom, resp.dicom_overlay = await self.cpu.run(
@@ -301,18 +303,33 @@ class FastPath:
     def _left(t0: float, timeout: float | None) -> float | None:
         return None if timeout is None else timeout - (time.perf_counter() - t0)
 
-    async def _fidelity(self, frozen: ModelEntry, x: np.ndarray, mask: np.ndarray, out: np.ndarray | None, timeout: float | None) -> float:
-        """cos(Phi(x), Phi(x*m)) on the normalised input ([NEM-U] sec. 3.1, last paragraph)."""
+    async def _fidelity(self, frozen: ModelEntry, x: np.ndarray, mask: np.ndarray, out: np.ndarray | None, label: int,
+                        kept: bool, timeout: float | None) -> tuple[float, float | None]:
+        """(fidelity, target probability on x * m or None) from one batched pass of the frozen model.
+
+        fidelity: handlers/fidelity.py, the evaluation's definition ([NEM-U] sec. 3.1): with m the
+        min-max normalised mask, softmax(Phi(x * m))_target for a classifier (target = the explained
+        label, else the argmax on x), cos(Phi(x), Phi(x * m)) for an encoder. kept (NEMt): the target's
+        probability on x times the served mask itself (not normalised), for target_absent."""
         if "onnx" not in frozen.files:
             raise FailedPrecondition(f"fidelity needs the ONNX graph of {frozen.id}, which the store does not have")
         m = mask.astype(np.float32)
         if m.shape != x.shape[2:]:
             m = resize_mask(m, x.shape[2], x.shape[3])
-        feeds = {"image": np.concatenate([x, x * m[None, None]], axis=0) if out is None else x * m[None, None]}
-        res, _ = await self.batcher(frozen).submit(feeds, timeout=timeout)
+        images = [x * fid_score.normalise_map(m).astype(np.float32)[None, None]]
+        if kept:
+            images.append(x * m[None, None])
+        if out is None:
+            images.insert(0, x)
+        res, _ = await self.batcher(frozen).submit({"image": np.concatenate(images, axis=0)}, timeout=timeout)
         o = res["output"]
         ref = o[:1] if out is None else out[None]
-        return float(_cosine(ref, o[-1:])[0])
+        rest = o[1:] if out is None else o
+        kind = "classifier" if frozen.kind == "classifier" else "encoder"
+        target = np.array([label if label >= 0 else int(np.argmax(ref[0]))])
+        fid = float(fid_score.fidelity(kind, ref, rest[:1], target if kind == "classifier" else None)[0])
+        p_kept = float(fid_score.softmax(rest[1:2])[0, target[0]]) if kept and kind == "classifier" else None
+        return fid, p_kept
 
     async def _gradient(self, method: str, frozen: ModelEntry, x: np.ndarray, target: int, timeout: float | None):
         """Gradient baselines ([RELAX] sec. 4.2) on the frozen torch module, in the thread pool."""
@@ -326,7 +343,7 @@ class FastPath:
             import torch
 
             t = time.perf_counter()
-            xt = torch.from_numpy(x.copy())
+            xt = torch.from_numpy(x.copy()).to(self.registry.device)  # the module lives there (Registry.device)
             with torch.no_grad():
                 out = module(xt)
             tgt = None
@@ -335,7 +352,7 @@ class FastPath:
                 label = int(out.argmax(dim=1)[0]) if target < 0 else target
                 tgt = label
             maps = saliency.attribute(method, module, xt, kind=frozen.kind, target=tgt)
-            return np.asarray(maps[0], dtype=np.float32), label, out[0].numpy(), time.perf_counter() - t
+            return np.asarray(maps[0], dtype=np.float32), label, out[0].float().cpu().numpy(), time.perf_counter() - t
 
         fut = asyncio.get_running_loop().run_in_executor(self.executor, work)
         return await (asyncio.wait_for(fut, timeout) if timeout is not None else fut)

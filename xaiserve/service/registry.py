@@ -17,13 +17,14 @@ ONNX graph contract (batch axis dynamic everywhere):
 """
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -56,6 +57,9 @@ class ModelEntry:
     raw: dict[str, Any] = field(default_factory=dict)
     # the kind's tensor names -> the ONNX graph's names, where they differ (OnnxModel infers the rest)
     io: dict[str, str] = field(default_factory=dict)
+    # (key, mtime_ns, size) of its model files when the manifest was read: a file replaced in place
+    # changes the entry's key, so a reload (SIGHUP) loads it afresh
+    files_stamp: tuple = ()
 
     @property
     def id(self) -> str:
@@ -66,7 +70,7 @@ class ModelEntry:
         """The id plus a digest of the entry's content: sessions and batchers are cached under it, so
         an entry rewritten under the same name:version gets fresh ones while in-flight calls finish
         on the old. (Computed once per entry: it is read on every call.)"""
-        blob = json.dumps(self.raw, sort_keys=True, default=str).encode()
+        blob = json.dumps([self.raw, list(self.files_stamp)], sort_keys=True, default=str).encode()
         return f"{self.id}@{hashlib.sha1(blob).hexdigest()[:12]}"
 
     @staticmethod
@@ -164,8 +168,10 @@ def scan_manifest(store: Path) -> tuple[list[ModelEntry], list[BadEntry]]:
             problems = missing
         if not problems:
             try:
-                good.append(ModelEntry.from_dict(d))
-            except ValueError as e:
+                stamp = tuple((k, (store / d["files"][k]).stat().st_mtime_ns, (store / d["files"][k]).stat().st_size)
+                              for k in MODEL_FILES if k in d["files"])
+                good.append(replace(ModelEntry.from_dict(d), files_stamp=stamp))
+            except (ValueError, OSError) as e:
                 problems = [str(e)]
         if problems:
             bad.append(BadEntry(name, version, kind, "; ".join(problems), d if isinstance(d, dict) else {}))
@@ -227,12 +233,14 @@ def serving_intra_op_threads(cores: int, models: int, concurrent_calls: int) -> 
     return max(1, cores // max(1, min(concurrent_calls, models)))
 
 
-def ort_providers(prefer_cuda: bool = True) -> list[str]:
+def ort_providers(prefer_cuda: bool = True, cuda_device: int = 0) -> list:
+    """ONNX Runtime's providers: CUDA (on device `cuda_device`) first when present and preferred."""
     import onnxruntime as ort
 
     avail = ort.get_available_providers()
     if prefer_cuda and "CUDAExecutionProvider" in avail:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        cuda: Any = "CUDAExecutionProvider" if cuda_device == 0 else ("CUDAExecutionProvider", {"device_id": cuda_device})
+        return [cuda, "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 
@@ -291,7 +299,8 @@ class OnnxModel:
     the graph's own names pass through."""
 
     def __init__(self, path: Path, *, intra_op_threads: int = 0, inter_op_threads: int = 1, prefer_cuda: bool = True,
-                 kind: str | None = None, io: dict[str, str] | None = None, allow_spinning: bool = False):
+                 kind: str | None = None, io: dict[str, str] | None = None, allow_spinning: bool = False,
+                 cuda_device: int = 0):
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -306,7 +315,7 @@ class OnnxModel:
         so.log_severity_level = 3
         self.path = path
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=so, providers=ort_providers(prefer_cuda))
+            self.session = ort.InferenceSession(str(path), sess_options=so, providers=ort_providers(prefer_cuda, cuda_device))
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types on a bad file
             raise FailedPrecondition(
                 f"{Path(path).name} is not an ONNX graph ONNX Runtime can load ({e.__class__.__name__}: "
@@ -384,6 +393,13 @@ class RegistryConfig:
     # spiral denoisers through handlers/denoise/spiral_runtime.py (the same network with its
     # resampling in compiled loops, 1.5-1.8x faster on CPU) instead of their single ONNX graph
     spiral_runtime: bool = True
+    # where torch modules live and run: a resolved torch device ("cpu", "cuda:0"; the `device` setting
+    # through xaiserve.devices.resolve_device). Job methods read it as Registry.device
+    device: str = "cpu"
+    # autocast of frozen-model forwards (xaiserve.devices.forward_dtype): auto, float32, bfloat16, float16
+    precision: str = "float32"
+    # on a GPU, batch sizes of jobs that set none come from free device memory (xaiserve.devices.memory_batch)
+    batch_by_memory: bool = True
 
 
 class Registry:
@@ -539,6 +555,7 @@ class Registry:
                     intra_op_threads=self.onnx_intra_op_threads(),
                     inter_op_threads=self.config.inter_op_threads,
                     prefer_cuda=self.config.prefer_cuda,
+                    cuda_device=self.device_index,
                     kind=entry.kind,
                     io=entry.io,
                     allow_spinning=self.config.allow_spinning,
@@ -581,7 +598,10 @@ class Registry:
                         "serving the ONNX graph", extra={"model": entry.id, "reason": f"no module named {e.name!r}"})
             return None
         try:
-            return SpiralRuntime(self.torch_module(entry), threads=self.config.intra_op_threads)
+            module = self.torch_module(entry)
+            if self.device.type != "cpu":  # the compiled loops run on the CPU: their own copy there
+                module = copy.deepcopy(module).cpu()
+            return SpiralRuntime(module, threads=self.config.intra_op_threads)
         except SpiralRuntimeUnavailable as e:
             log.warning("spiral runtime unavailable; serving the ONNX graph", extra={"model": entry.id, "reason": str(e)})
             return None
@@ -604,10 +624,30 @@ class Registry:
             ) from None
         _check_outputs(entry, out)
 
+    @property
+    def device(self):
+        """The torch.device of every module torch_module returns: where methods put their tensors."""
+        import torch
+
+        return torch.device(self.config.device)
+
+    @property
+    def device_index(self) -> int:
+        """The CUDA device index ONNX Runtime sessions use (0 unless the device is cuda:N)."""
+        d = self.config.device
+        return int(d.partition(":")[2]) if d.startswith("cuda:") else 0
+
+    @property
+    def forward_dtype(self):
+        """The autocast dtype for forwards of frozen models on this device, or None (float32)."""
+        from xaiserve.devices import forward_dtype
+
+        return forward_dtype(self.config.precision, self.device)
+
     def torch_module(self, model: str | ModelEntry):
         """The frozen torch module (eval mode, no grad on parameters), for methods that need gradients:
         rebuilt from arch + state_dict (the project's networks), or loaded from the entry's TorchScript
-        or torch.export file (handlers.nets.forms)."""
+        or torch.export file (handlers.nets.forms); moved to the registry's device once, here."""
         entry = model if isinstance(model, ModelEntry) else self.resolve(model)
         with self._lock:
             mod = self._torch.get(entry.key)
@@ -618,6 +658,7 @@ class Registry:
                 mod.eval()
                 for p in mod.parameters():
                     p.requires_grad_(False)
+                mod.to(self.device)
                 self._torch[entry.key] = mod
             return mod
 

@@ -159,9 +159,18 @@ class RunningServer:
 
 async def start_server(config: ServerConfig) -> RunningServer:
     store = Path(config.model_store).expanduser().resolve()  # a relative store is read from the working directory
+    from xaiserve.devices import resolve_device
+    from xaiserve.service import gpu_metrics
+
+    device = resolve_device(config.device)  # RuntimeError at start when cuda is asked for and absent
     registry = Registry(RegistryConfig(store=store, intra_op_threads=config.intra_op_threads,
-                                       prefer_cuda=config.prefer_cuda, spiral_runtime=config.spiral_runtime,
-                                       allow_spinning=config.ort_spinning, concurrent_calls=config.inference_threads))
+                                       prefer_cuda=config.prefer_cuda and config.device != "cpu",
+                                       spiral_runtime=config.spiral_runtime,
+                                       allow_spinning=config.ort_spinning, concurrent_calls=config.inference_threads,
+                                       device=str(device), precision=config.precision,
+                                       batch_by_memory=config.batch_by_memory))
+    gpu_metrics.register(str(device))
+    log.info("device", extra={"device": str(device), "precision": config.precision, "gpus": gpu_metrics.gpu_names()})
     log.info("model store", extra={"model_store": str(store), "models": len(registry.entries())})
     problem = store_problem(store, len(registry.entries()))
     if problem:  # loudly: a server without models answers every call NOT_FOUND
@@ -209,7 +218,11 @@ async def start_server(config: ServerConfig) -> RunningServer:
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[("grpc.max_receive_message_length", mb), ("grpc.max_send_message_length", mb),
-                 ("grpc.so_reuseport", 0)],
+                 ("grpc.so_reuseport", 0),
+                 # calls grpc holds before our code takes them: beyond, it cancels new calls itself, in C,
+                 # when the event loop falls behind (see config.max_pending_calls)
+                 ("grpc.server.max_pending_requests", config.max_pending_calls),
+                 ("grpc.server.max_pending_requests_hard_limit", 2 * config.max_pending_calls)],
     )
     principals = Principals(auth, config.job_admins)
 
@@ -292,8 +305,11 @@ def _ops_server(config: ServerConfig, registry: Registry, jobs: Any, loop: async
         from xaiserve.service.web import mounts
 
         web = mounts(servicer, loop, serving_flag)
-    return OpsServer(config.metrics_host, config.metrics_port, live={"event_loop": loop_responsive(loop)},
-                     ready=ready, mounts=web).start()
+    ops = OpsServer(config.metrics_host, config.metrics_port, live={"event_loop": loop_responsive(loop)},
+                    ready=ready, mounts=web).start()
+    if web:
+        log.info("web viewer", extra={"url": f"http://{config.metrics_host}:{ops.port}/"})
+    return ops
 
 
 async def serve_forever(config: ServerConfig, ready: Callable[[RunningServer], None] | None = None) -> None:

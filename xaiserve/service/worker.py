@@ -41,7 +41,9 @@ class WorkerConfig:
     model_store: str = "model_store"
     methods: tuple[str, ...] = ("relax", "ablation_path")
     concurrency: int = 1
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: str = "auto"  # cpu, cuda, cuda:N or auto (xaiserve.devices): torch modules and ONNX Runtime's CUDA device
+    precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # autocast of frozen-model forwards
+    batch_by_memory: bool = True  # on a GPU, batch sizes of jobs that set none from free device memory
     torch_threads: int = 0
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9101
@@ -91,7 +93,11 @@ def _parser() -> argparse.ArgumentParser:
     # kept as text: the list rule of parse_setting splits it (as it does XAISERVE_* and file values)
     p.add_argument("--methods", help="comma-separated job methods: relax, ablation_path, or module:Class (default relax,ablation_path)")
     p.add_argument("--concurrency", type=_flag("concurrency"), help="jobs run at once in this process (threads; default 1)")
-    p.add_argument("--device", type=_flag("device"), help="auto (CUDA when present, else CPU), cpu or cuda (default auto)")
+    p.add_argument("--device", type=_flag("device"), help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--precision", type=_flag("precision"),
+                   help="autocast of frozen-model forwards: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--batch-by-memory", dest="batch_by_memory", type=_flag("batch_by_memory"),
+                   help="on a GPU, size RELAX / ablation batches by free device memory when a job sets none (default true)")
     p.add_argument("--torch-threads", type=_flag("torch_threads"), help="torch intra-op threads (0: leave torch's default)")
     p.add_argument("--metrics-host", type=_flag("metrics_host"), help="bind address of /metrics (default 127.0.0.1; 0.0.0.0 in containers)")
     p.add_argument("--metrics-port", type=_flag("metrics_port"), help="default 9101; 0 picks a free port, -1 disables /metrics")
@@ -123,6 +129,12 @@ def load_worker_config(argv: list[str] | None = None, env: Mapping[str, str] | N
         raise ConfigError(f"--concurrency must be >= 1 (from {sources.get('concurrency')})", "concurrency")
     if not cfg.methods:
         raise ConfigError(f"--methods names no method (from {sources.get('methods', 'the default')})", "methods")
+    from xaiserve.devices import check_device_setting
+
+    try:
+        check_device_setting(cfg.device)
+    except ValueError as e:
+        raise ConfigError(f"{e} (from {sources.get('device', 'the default')})", "device") from None
     return cfg
 
 
@@ -137,17 +149,6 @@ def _options(args: WorkerConfig):
     if "claim_idle_s" in kw and "heartbeat_s" not in kw:
         kw["heartbeat_s"] = min(JobOptions.heartbeat_s, kw["claim_idle_s"] / 3.0)
     return JobOptions(embedded_workers=0, **kw)
-
-
-def _prefer_cuda(device: str) -> bool:
-    if device == "cpu":
-        return False
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise SystemExit("--device cuda, but torch sees no CUDA device")
-    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,11 +174,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = _options(args)
         methods = default_methods(list(args.methods))
-        registry = Registry(RegistryConfig(store=Path(args.model_store).expanduser(), prefer_cuda=_prefer_cuda(args.device),
-                                           warmup=True))
+        from xaiserve.devices import resolve_device
+        from xaiserve.service import gpu_metrics
+
+        device = resolve_device(args.device)  # DeviceUnavailable (a RuntimeError): cuda asked for, none present
+        registry = Registry(RegistryConfig(store=Path(args.model_store).expanduser(), prefer_cuda=args.device != "cpu",
+                                           warmup=True, device=str(device), precision=args.precision,
+                                           batch_by_memory=args.batch_by_memory))
+        gpu_metrics.register(str(device))
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"xaiserve worker: {e}", file=sys.stderr)
         return 2
+    from xaiserve.service.modelstore import store_problem
+
+    store = registry.store.resolve()
+    log.info("model store", extra={"model_store": str(store), "models": len(registry.entries())})
+    problem = store_problem(store, len(registry.entries()))
+    if problem:  # loudly: every job of this worker would fail with NOT_FOUND
+        log.warning(problem, extra={"model_store": str(store)})
+        print(f"xaiserve worker: WARNING: {problem}", file=sys.stderr, flush=True)
     try:
         backend = open_backend(args.queue, options)
     except ValueError as e:
@@ -238,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     hk.start()
     print(json.dumps({"event": "worker ready", "worker": ident, "methods": sorted(methods), "metrics_port": mport,
                       "queue": backend.kind}), flush=True)
-    log.info("worker ready", extra={"worker": ident, "methods": sorted(methods), "metrics_port": mport})
+    log.info("worker ready", extra={"worker": ident, "methods": sorted(methods), "metrics_port": mport,
+                                    "device": str(registry.device), "gpus": gpu_metrics.gpu_names()})
 
     while not stop.wait(0.5):
         if not any(t.is_alive() for t in threads):

@@ -1,6 +1,7 @@
 """`xaiserve evaluate explanations ...`: the explanation metrics table and example grid.
 
     xaiserve evaluate explanations --dataset scenes|lesions [--n 200] [--out DIR] [--relax-masks 3000]
+    xaiserve evaluate explanations --model NAME --images DIR [--masks DIR] [--store DIR]   (your model, your data)
 
 Writes DIR/explanations_<dataset>.md (table), .json (means, std, standard errors, settings) and
 .png (examples: image, ground truth, one column per method), and prints the table.
@@ -21,7 +22,13 @@ def _parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="xaiserve evaluate explanations", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", required=True, choices=sorted(DEFAULT_MASK_MODELS))
+    p.add_argument("--dataset", default=None, choices=sorted(DEFAULT_MASK_MODELS),
+                   help="a synthetic dataset with pixel-exact ground truth (or --model NAME --images DIR)")
+    p.add_argument("--model", default="", help="with --images: the frozen model, or one masking network of it")
+    p.add_argument("--images", type=Path, default=None, help="a folder of your images (class subfolders = labels)")
+    p.add_argument("--masks", type=Path, default=None, help="with --images: ground-truth masks (same relative paths): "
+                   "adds the localisation columns; without, deletion/insertion faithfulness")
+    p.add_argument("--deletion-steps", type=int, default=16, help="with --images: steps of the deletion/insertion curves")
     p.add_argument("--n", type=int, default=200, help="test images (the first n of the held-out split)")
     p.add_argument("--out", type=Path, default=Path("eval_out"), help="output directory")
     p.add_argument("--store", type=Path, default=None, help="model store (default: the repository's model_store/)")
@@ -71,8 +78,14 @@ def evaluate_main(target: str, argv: list[str]) -> int:
         kw = {}
         if args.store is not None:
             kw["store"] = args.store
+        if (args.dataset is None) == (args.images is None):
+            raise InvalidArgument("give --dataset scenes|lesions, or --model NAME --images DIR (your own data)")
+        if args.images is not None:
+            from xaiserve.training.evaluate_explanations import FOLDER
+
+            kw.update(images=args.images, masks=args.masks, model=args.model, deletion_steps=args.deletion_steps)
         cfg = EvalConfig(
-            dataset=args.dataset, out=args.out, n=args.n, mask_models=_names(args.mask_models), frozen=args.frozen,
+            dataset=args.dataset or FOLDER, out=args.out, n=args.n, mask_models=_names(args.mask_models), frozen=args.frozen,
             methods=methods, relax=not args.no_relax, relax_masks=3000 if args.relax_paper else args.relax_masks,
             relax_batch=args.relax_batch, random_row=not args.no_random, monotonicity=not args.no_monotonicity,
             monotonicity_config=M.MonotonicityConfig(patch=args.monotonicity_patch, n_samples=args.monotonicity_samples),

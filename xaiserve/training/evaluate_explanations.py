@@ -33,6 +33,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from xaiserve.handlers.saliency import SaliencyConfig, attribute, methods_for
 from xaiserve.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -42,6 +43,7 @@ from xaiserve.training import metrics as M
 
 DEFAULT_MASK_MODELS = {"scenes": ("scenes-nemu",), "lesions": ("lesions-nemt", "lesions-nemt-cond")}
 DEFAULT_FROZEN = {"scenes": "scenes-simclr", "lesions": "lesions-classifier"}
+FOLDER = "folder"  # EvalConfig.dataset for a user's folder of images
 METHOD_TITLES = {
     "saliency": "Saliency (eq. 14)",
     "guided_backprop": "Guided backprop (eq. 15)",
@@ -61,8 +63,11 @@ COLUMNS = (
     ("complexity", "complexity", False),
     ("sparseness", "sparseness", True),
     ("fidelity", "fidelity", True),
+    ("fidelity_ratio", "fidelity / random", True),
     ("accuracy_per_complexity", "acc./complexity", True),
     ("monotonicity", "monotonicity", True),
+    ("deletion_auc", "deletion AUC", False),
+    ("insertion_auc", "insertion AUC", True),
     ("seconds", "s / image", False),
 )
 
@@ -91,9 +96,18 @@ class EvalConfig:
     # test-split size override (the first n images of a split depend on its size: use the default
     # for real numbers; tests use a small split to stay fast)
     split_sizes: dict[str, int] | None = field(default=None, hash=False)
+    # a user's own data (dataset "folder"): every image of `images` (training/datasets/folder.py),
+    # optional ground-truth `masks`; `model` names the frozen model or a masking network of it
+    images: Path | None = None
+    masks: Path | None = None
+    model: str = ""
+    deletion_steps: int = 16  # deletion / insertion curves (no ground truth needed)
 
     def __post_init__(self) -> None:
-        if self.dataset not in DEFAULT_MASK_MODELS:
+        if self.images is not None:
+            if self.dataset != FOLDER or not self.model:
+                raise InvalidArgument("--images needs --model NAME (and no --dataset)")
+        elif self.dataset not in DEFAULT_MASK_MODELS:
             raise InvalidArgument(f"unknown dataset {self.dataset!r}; use one of {', '.join(DEFAULT_MASK_MODELS)}")
         if self.n < 1:
             raise InvalidArgument("--n must be >= 1")
@@ -216,6 +230,8 @@ def _log(cfg: EvalConfig, msg: str) -> None:
 
 
 def _resolve_models(registry: Registry, cfg: EvalConfig) -> tuple[ModelEntry, list[ModelEntry]]:
+    if cfg.images is not None:
+        return _resolve_user_model(registry, cfg)
     names = DEFAULT_MASK_MODELS[cfg.dataset] if cfg.mask_models is None else cfg.mask_models
     masks = [registry.resolve(n) for n in names]
     for e in masks:
@@ -236,6 +252,45 @@ def _resolve_models(registry: Registry, cfg: EvalConfig) -> tuple[ModelEntry, li
         if registry.frozen_for(e).id != frozen.id:
             raise InvalidArgument(f"{e.id} explains {e.explains}, not {frozen.id}: evaluate one frozen model at a time")
     return frozen, masks
+
+
+def _resolve_user_model(registry: Registry, cfg: EvalConfig) -> tuple[ModelEntry, list[ModelEntry]]:
+    """--model: a frozen model (with every masking network of the store that explains it) or one
+    masking network (with the frozen model it explains)."""
+    e = registry.resolve(cfg.model)
+    if e.kind in ("nem_u", "nemt"):
+        masks, frozen = [e], registry.frozen_for(e)
+    else:
+        frozen = e
+        names = cfg.mask_models
+        masks = ([registry.resolve(n) for n in names] if names is not None else
+                 [m for m in registry.entries() if m.kind in ("nem_u", "nemt") and m.explains in (frozen.id, frozen.name)])
+    if frozen.kind not in ("encoder", "classifier"):
+        raise InvalidArgument(f"{frozen.id} is a {frozen.kind}; explanations are evaluated on an encoder or a classifier")
+    return frozen, masks
+
+
+def _load_folder(cfg: EvalConfig, frozen: ModelEntry, module: torch.nn.Module):
+    """(x normalised, display images [n,H,W,3], ground truth, labels) of the user's folder: every
+    image fitted to the model as the server fits requests; labels from class folders / none (then
+    the classifier's predictions)."""
+    from xaiserve.training.datasets.folder import FolderDataset
+
+    spec = frozen.input
+    ds = FolderDataset(cfg.images, spec, masks=cfg.masks, class_names=frozen.labels,
+                       num_classes=frozen.output_dim or len(frozen.labels), labelled=frozen.kind == "classifier",
+                       limit=cfg.n)
+    if frozen.kind == "classifier" and ds.label_source == "none":
+        ds.relabel(module)
+    sp = ds.everything()
+    n = min(cfg.n, len(sp))
+    x = torch.from_numpy(sp.images[:n].astype(np.float32))
+    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std).view(1, -1, 1, 1)
+    img = (x * std + mean).clamp(0, 1)
+    if img.shape[1] == 1:
+        img = img.repeat(1, 3, 1, 1)
+    return x, img.permute(0, 2, 3, 1).numpy(), sp.masks[:n].astype(bool), sp.labels[:n], ds
 
 
 def _load_split(cfg: EvalConfig, spec) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
@@ -327,16 +382,34 @@ def _score(cfg: EvalConfig, rows: list[MethodResult], module: torch.nn.Module, k
         t0 = time.perf_counter()
         variance = M.perturbation_variance(forward, x, torch.as_tensor(labels), cfg.monotonicity_config)
         _log(cfg, f"  monotonicity perturbations: {time.perf_counter() - t0:.1f} s")
-    def represent(b: torch.Tensor) -> torch.Tensor:
-        # A classifier's "representation" for fidelity is its probability vector: the cosine of logit
-        # vectors can be negative, and dividing a negative accuracy by a small mask mass (Table 3's
-        # score) would reward masks that flip the prediction. Probabilities keep it in [0, 1].
-        out = module(b)
-        return torch.softmax(out, dim=1) if kind == "classifier" else out
 
+    def logits(b: torch.Tensor) -> torch.Tensor:
+        return module(b)
+
+    with_gt = cfg.images is None or cfg.masks is not None
+    with torch.no_grad():
+        ref = module(x)
+    target = torch.as_tensor(labels) if labels is not None else None
+
+    def keeps(b: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        # how much of image idx's decision a perturbed copy keeps: its label's probability, or the
+        # cosine of its embedding to the original's (the fidelity definition, handlers/fidelity.py)
+        out = module(b)
+        if kind == "classifier":
+            return torch.softmax(out, 1).gather(1, target[idx].view(-1, 1))[:, 0]
+        return F.cosine_similarity(out, ref[idx], dim=1)
+
+    fid_targets = labels if kind == "classifier" else None
     for r in rows:
-        r.scores = M.map_scores(r.maps, gt)
-        r.scores["fidelity"] = M.fidelity(represent, x, r.maps)
+        r.scores = M.map_scores(r.maps, gt) if with_gt else {"complexity": M.complexity(r.maps),
+                                                               "sparseness": M.sparseness(r.maps)}
+        # faithfulness that is not area: deletion / insertion AUC on every dataset (METHODS.md 2026-12)
+        r.scores["deletion_auc"], r.scores["insertion_auc"] = M.deletion_insertion(keeps, x, r.maps,
+                                                                                  steps=cfg.deletion_steps)
+        # one definition with Explain's fidelity option: the target's probability / the embedding cosine
+        r.scores["fidelity"] = M.fidelity(logits, x, r.maps, kind=kind, targets=fid_targets)
+        r.scores["fidelity_ratio"] = M.fidelity_vs_random(logits, x, r.maps, kind=kind, targets=fid_targets,
+                                                          fidelity_scores=r.scores["fidelity"], seed=cfg.seed)
         r.scores["accuracy_per_complexity"] = M.accuracy_per_complexity(r.scores["fidelity"], r.maps)
         if variance is not None:
             r.scores["monotonicity"] = M.monotonicity(None, x, r.maps, config=cfg.monotonicity_config, variance=variance)
@@ -351,7 +424,11 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     frozen, masks = _resolve_models(registry, cfg)
     module = registry.torch_module(frozen)
     kind = frozen.kind
-    x, display, gt, labels = _load_split(cfg, frozen.input)
+    folder = None
+    if cfg.images is not None:
+        x, display, gt, labels, folder = _load_folder(cfg, frozen, module)
+    else:
+        x, display, gt, labels = _load_split(cfg, frozen.input)
     n = x.shape[0]
     targets: list[int | None] = [None] * n
     if kind == "classifier":
@@ -363,10 +440,20 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     notes: list[str] = []
     rows = _run(cfg, _build_runners(registry, cfg, frozen, masks, module, notes), x, targets)
     _score(cfg, rows, module, kind, x, gt, labels)
-    notes.append("fidelity = cos(Phi(x), Phi(x*m)) of the " + ("softmax probabilities" if kind == "classifier" else "embeddings")
-                 + ", m = the min-max normalised map; acc./complexity = fidelity / mean(m) ([NEM-U] Table 3).")
+    if folder is not None:
+        notes.append(f"data: {n} images of the user's folder, fitted with `{frozen.input.resize}`; labels: {folder.label_source}; "
+                     f"ground truth: {'given' if cfg.masks else 'none (localisation columns left out)'}.")
+    notes.append(f"deletion / insertion AUC (RISE, Petsiuk et al. 2018): {cfg.deletion_steps} steps removing (revealing) "
+                 "the top-ranked pixels, score = " + ("the target's probability" if kind == "classifier"
+                                                      else "cosine to the original embedding") + ".")
+    notes.append("fidelity = " + ("softmax(Phi(x*m))_target" if kind == "classifier" else "cos(Phi(x), Phi(x*m)) of the embeddings")
+                 + ", m = the min-max normalised map (the same definition as Explain's fidelity option); "
+                 "fidelity / random = fidelity over that of the same map with its pixels randomly permuted (same area); "
+                 "acc./complexity = fidelity / mean(m) ([NEM-U] Table 3).")
     if kind == "classifier":
-        notes.append("targets: the true labels ([NEMt] sec. 4.2).")
+        predicted = folder is not None and folder.label_source == "predicted"
+        notes.append("targets: the classifier's own predictions (the folder gives no labels)." if predicted
+                     else "targets: the true labels ([NEMt] sec. 4.2).")
         if cfg.monotonicity:
             mc = cfg.monotonicity_config
             notes.append(f"monotonicity: {mc.patch}x{mc.patch} patches, {mc.baseline} baseline, {mc.n_samples} draws per patch.")
@@ -398,8 +485,10 @@ def markdown_table(result: EvalResult) -> str:
         if vals:
             best[key] = max(vals) if higher else min(vals)
     head = "| method | " + " | ".join(f"{t} {'↑' if h else '↓'}" for _, t, h in keys) + " |"
+    where = (f"the user's folder ({result.n} images)" if result.dataset == FOLDER
+             else f"{result.dataset} (test split, first {result.n} images)")
     lines = [
-        f"Explanations on {result.dataset} (test split, first {result.n} images), frozen model {result.frozen} ({result.kind}).",
+        f"Explanations on {where}, frozen model {result.frozen} ({result.kind}).",
         "",
         head,
         "|" + "---|" * (len(keys) + 1),

@@ -44,6 +44,7 @@ from scipy.special import xlogy
 from scipy.stats import spearmanr
 
 from xaiserve.errors import InvalidArgument
+from xaiserve.handlers.fidelity import fidelity as fidelity_score
 
 # Relative tolerance for "equal to the maximum" in the pointing game: min-max normalised maps are
 # in [0, 1], and float32 attributions that differ by less than this are ties, not a ranking.
@@ -207,21 +208,48 @@ Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
-def fidelity(forward: Forward, x: torch.Tensor, a, *, batch_size: int = 64) -> np.ndarray:
-    """cos(Phi(x), Phi(x * m)) with m the min-max normalised map broadcast over channels ([NEM-U]
-    Appendix A, Table 3 "accuracy"). `forward` maps a normalised batch [B,C,H,W] to representations
-    (an encoder's embedding, a classifier's logits); x * m is pixel scaling in normalised space, so a
-    removed pixel becomes the dataset mean (METHODS.md)."""
+def fidelity(forward: Forward, x: torch.Tensor, a, *, kind: str = "encoder", targets=None,
+             batch_size: int = 64) -> np.ndarray:
+    """The fidelity of each map ([NEM-U] sec. 3.1 and Appendix A, Table 3 "accuracy"), the same
+    definition as Explain's fidelity option (handlers/fidelity.py): for a classifier (`forward`
+    returns logits, `targets` the explained labels) softmax(Phi(x * m))_target; for an encoder
+    cos(Phi(x), Phi(x * m)). m = the min-max normalised map broadcast over channels; x * m is pixel
+    scaling in normalised space, so a removed pixel becomes the dataset mean (METHODS.md)."""
     m = torch.from_numpy(normalise_maps(a)).float()
     if x.ndim != 4 or x.shape[0] != m.shape[0] or tuple(x.shape[2:]) != tuple(m.shape[1:]):
         raise InvalidArgument(f"images {list(x.shape)} do not match maps {list(m.shape)}")
+    if kind == "classifier":
+        if targets is None:
+            raise InvalidArgument("a classifier's fidelity needs the target labels")
+        targets = np.asarray(targets, dtype=np.int64).reshape(-1)
+        if len(targets) != x.shape[0]:
+            raise InvalidArgument(f"{len(targets)} targets for {x.shape[0]} images")
     out = []
     for i in range(0, x.shape[0], batch_size):
         xb, mb = x[i : i + batch_size], m[i : i + batch_size, None].to(x.device)
-        h = forward(torch.cat([xb, xb * mb])).float()
+        with torch.no_grad():
+            h = forward(torch.cat([xb, xb * mb])).float().cpu().numpy()
         h0, h1 = h[: len(xb)], h[len(xb) :]
-        out.append(F.cosine_similarity(h0.flatten(1), h1.flatten(1), dim=1).cpu())
-    return torch.cat(out).double().numpy()
+        out.append(fidelity_score(kind, h0, h1, None if targets is None else targets[i : i + batch_size]))
+    return np.concatenate(out).astype(np.float64)
+
+
+def fidelity_vs_random(forward: Forward, x: torch.Tensor, a, *, kind: str = "encoder", targets=None,
+                       fidelity_scores: np.ndarray | None = None, seed: int = 0, batch_size: int = 64) -> np.ndarray:
+    """Fidelity of each map over the fidelity of a random map of the same area: the same normalised
+    map with its pixels randomly permuted (identical values, so identical mean(m) and L1 area).
+    The fidelity rewards area (METHODS.md, decision 2026-12); this ratio does not: 1 = no better than
+    keeping the same amount of the image at random places, > 1 = the map's placement matters.
+    `fidelity_scores` reuses already computed fidelity(forward, x, a) values."""
+    maps = normalise_maps(a)
+    n = len(maps)
+    rng = np.random.default_rng(seed)
+    flat = maps.reshape(n, -1)
+    shuffled = np.stack([row[rng.permutation(row.size)] for row in flat]).reshape(maps.shape)
+    own = fidelity(forward, x, maps, kind=kind, targets=targets, batch_size=batch_size) if fidelity_scores is None \
+        else np.asarray(fidelity_scores, dtype=np.float64)
+    rand = fidelity(forward, x, shuffled, kind=kind, targets=targets, batch_size=batch_size)
+    return own / np.maximum(rand, 1e-12)
 
 
 def mask_size(a) -> np.ndarray:
@@ -351,6 +379,53 @@ def monotonicity(
         rho = spearmanr(att, var).statistic
         out[b] = float(rho) if np.isfinite(rho) else 0.0
     return out
+
+
+# -- faithfulness without ground truth: deletion and insertion ----------------------------------------
+
+Score = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (batch, rows of x it came from) -> [B]
+
+
+@torch.no_grad()
+def deletion_insertion(score: Score, x: torch.Tensor, a, *, steps: int = 16,
+                       batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Deletion and insertion curves (Petsiuk, Das and Saenko 2018, "RISE", sec. 4.1), as the area
+    under each curve per image, for data without ground-truth masks.
+
+    Pixels are ranked by the map (highest first). Deletion: the top k/steps of the pixels are set to
+    0 in normalised space (the dataset mean, as every masking here) for k = 0..steps, and
+    score(x_k) is recorded; insertion: the same fractions are revealed on an all-mean image. The
+    area is the mean of the curve by the trapezoid rule over [0, 1]. A faithful map makes the
+    score drop fast when deleting (low deletion AUC) and rise fast when inserting (high insertion
+    AUC). `score(batch, idx)` says how much of image idx's decision a perturbed copy keeps: the
+    target class probability for a classifier, the cosine to the original embedding for an encoder.
+    Ties in a map are broken by pixel order (a constant map deletes in raster order)."""
+    if steps < 1:
+        raise InvalidArgument("deletion/insertion steps must be >= 1")
+    maps = normalise_maps(a)
+    n, h, w = maps.shape
+    if x.ndim != 4 or x.shape[0] != n or tuple(x.shape[2:]) != (h, w):
+        raise InvalidArgument(f"images {list(x.shape)} do not match maps {list(maps.shape)}")
+    order = np.argsort(-maps.reshape(n, -1), axis=1, kind="stable")
+    ranks = np.empty_like(order)
+    rows = np.arange(n)[:, None]
+    ranks[rows, order] = np.arange(h * w)[None, :]
+    ranks_t = torch.from_numpy(ranks.reshape(n, 1, h, w))
+    fracs = np.linspace(0.0, 1.0, steps + 1)
+    curves = {"deletion": np.empty((n, steps + 1)), "insertion": np.empty((n, steps + 1))}
+    jobs = [(i, j) for i in range(n) for j in range(steps + 1)]
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        idx = torch.tensor([i for i, _ in chunk])
+        keep = torch.stack([ranks_t[i] >= int(round(fracs[j] * h * w)) for i, j in chunk]).to(x.dtype)  # 1 = not yet removed
+        xb = x[idx]
+        for name, batch in (("deletion", xb * keep), ("insertion", xb * (1 - keep))):
+            vals = score(batch, idx).double().cpu().numpy()
+            for (i, j), v in zip(chunk, vals):
+                curves[name][i, j] = v
+    auc = {k: np.trapezoid(c, fracs, axis=1) if hasattr(np, "trapezoid") else np.trapz(c, fracs, axis=1)
+           for k, c in curves.items()}
+    return auc["deletion"], auc["insertion"]
 
 
 # -- everything at once ---------------------------------------------------------------------------

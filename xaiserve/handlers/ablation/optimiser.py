@@ -12,8 +12,11 @@ Per iteration (Algorithm 2; one batched forward + backward pass for all slices):
   5. optional saturation Pi_sat (eq. 2.26), optionally ramped up (sec. 2.8.5C);
   6. straddling: pinching phi_down <- phi_up + Pi_pinch(phi_down - phi_up) (eq. 2.27-2.29);
   7. projection: monotone in t (envelope midpoint), clamp to [0, 1], constant speed (Lemma 7).
-Stops when the saturation (eq. 2.31) exceeds `stop_saturation` ("saturation") or after
-`max_iterations` ("max_iterations"), or when `should_stop()` is true ("stopped").
+Stops when the saturation (eq. 2.31) exceeds `stop_saturation` after at least `min_iterations`
+("saturation"), after `max_iterations` ("max_iterations"), or when `should_stop()` is true ("stopped").
+Defaults (METHODS.md, decision 2026-12): the thesis's and the authors' values (L-inf step 0.5,
+sigma_regu in image pixels scaled to the mask grid, 6..100 iterations, class-transition floor 0.25),
+with a saturation ramp tuned on validation images (SATURATION below).
 The optional step-size adaptation of Algorithm 2 line 9 is not implemented (the thesis reports
 it as optional; a fixed L-inf step is what sec. 2.8.2 recommends).
 """
@@ -30,7 +33,13 @@ from xaiserve.handlers.ablation import path as P
 from xaiserve.handlers.ablation import reductions as R
 from xaiserve.handlers.ablation import scores as S
 from xaiserve.handlers.ablation.baseline import SIGMA_MAX, SIGMA_MIN, blur_baseline
+from xaiserve.devices import ChunkSize
 from xaiserve.errors import FailedPrecondition, InvalidArgument
+
+# sec. 2.5.1: 7 px at the thesis's 224 px images; tuned on lesions validation images (METHODS.md)
+SIGMA_REGU = 7.0
+# zeta_sat reached at max_iterations by the ramp; tuned on lesions validation images (METHODS.md)
+SATURATION = 3.0
 
 
 @dataclass(frozen=True)
@@ -40,14 +49,21 @@ class AblationConfig:
     score: str = "retaining"  # retaining | dissipating | contrastive | straddling (sec. 2.3)
     num_slices: int = 14  # T interior slices (sec. 2.6.1)
     mask_size: int = 64  # masks are mask_size x mask_size, upsampled to the image
-    sigma_regu: float = 7.0  # Gaussian regularisation, in mask pixels (sec. 2.5.1)
-    saturation: float = 0.0  # zeta_sat of eq. 2.26 (0 = off)
-    ramp_saturation: bool = False  # zeta_i = zeta_sat * i / max_iterations (sec. 2.8.5C)
-    max_iterations: int = 60
-    step_size: float = 0.1  # L-inf norm of each gradient step (sec. 2.8.2)
+    # Gaussian regularisation (sec. 2.5.1) in IMAGE pixels (the thesis's unit); the optimiser scales it
+    # to the mask grid by sqrt(mask area / image area), as the authors' code does (mask_sigma)
+    sigma_regu: float = SIGMA_REGU
+    # zeta_sat of eq. 2.26 (0 = off), reached at the last iteration by the ramp (sec. 2.8.5C): weak
+    # at the start, so the first steps follow the classifier, strong enough late that the 0.8 stop
+    # is reachable (a constant 0.8 left the saturation at 0.50-0.72 on lesion test images)
+    saturation: float = SATURATION
+    ramp_saturation: bool = True  # zeta_i = zeta_sat * i / max_iterations
+    min_iterations: int = 6  # the saturation stop is not taken before this many (the authors' floor)
+    max_iterations: int = 100  # the authors' cap
+    step_size: float = 0.5  # L-inf norm of each step (sec. 2.8.2: "on the order of 1"; the authors' default)
     stop_saturation: float = 0.8  # eq. 2.31
     pinch: float = 0.5  # zeta_pinch of eq. 2.29 (straddling only); the thesis gives no value
     reduction: str = "transition"  # transition | average | influence | contrastive (sec. 2.7.2)
+    transition_floor: float = R.TRANSITION_FLOOR  # class transition never below this share of the path
     window: int = 0  # eq. 2.37 taper width in image pixels, 0 = off (see reductions.window)
     baseline_sigma_min: float = SIGMA_MIN  # sec. 2.7.1
     baseline_sigma_max: float = SIGMA_MAX
@@ -75,10 +91,13 @@ class AblationConfig:
             raise InvalidArgument(f"saturation is {self.saturation}; zeta_sat must be >= 0 (0 = off)")
         if self.saturation > 50:
             raise InvalidArgument(f"saturation is {self.saturation}; zeta_sat above 50 binarises the path at once (sec. 2.5.2 uses < 1)")
-        if self.ramp_saturation and self.saturation == 0:
-            raise InvalidArgument("ramp_saturation needs saturation > 0 (the value reached at the last iteration)")
         if not 1 <= self.max_iterations <= 10000:
-            raise InvalidArgument(f"max_iterations is {self.max_iterations}; use 1 to 10000 (default 60)")
+            raise InvalidArgument(f"max_iterations is {self.max_iterations}; use 1 to 10000 (default 100)")
+        # min_iterations above max_iterations is allowed: the run then ends at max_iterations
+        if not 0 <= self.min_iterations <= 10000:
+            raise InvalidArgument(f"min_iterations is {self.min_iterations}; use 0 to 10000 (default 6)")
+        if not (math.isfinite(self.transition_floor) and 0 <= self.transition_floor < 1):
+            raise InvalidArgument(f"transition_floor is {self.transition_floor}; use a share of the path in [0, 1) (default 0.25)")
         if not (math.isfinite(self.stop_saturation) and 0 < self.stop_saturation <= 1):
             raise InvalidArgument(f"stop_saturation is {self.stop_saturation}; use a value in (0, 1] (default 0.8)")
         if not (math.isfinite(self.pinch) and 0 <= self.pinch <= 1):
@@ -87,6 +106,10 @@ class AblationConfig:
             raise InvalidArgument(f"window is {self.window}; use 0 (off) or a taper width in pixels")
         if not (0 < self.baseline_sigma_min <= self.baseline_sigma_max):
             raise InvalidArgument("baseline sigmas must satisfy 0 < baseline_sigma_min <= baseline_sigma_max")
+
+    def mask_sigma(self, height: int, width: int) -> float:
+        """sigma_regu (image pixels) on the mask grid: times sqrt(mask area / image area), as the authors' code."""
+        return self.sigma_regu * math.sqrt(self.mask_size * self.mask_size / float(height * width))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -128,6 +151,7 @@ class AblationOutput:
     baseline_sigma: float  # 0 when the baseline was given
     baseline_changes_class: bool
     score_name: str = "retaining"
+    transition_floor: float = R.TRANSITION_FLOOR
     timings: dict[str, float] = field(default_factory=dict)  # seconds: run, model, baseline
 
     def heatmap_for(self, reduction: str, window: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,7 +163,7 @@ class AblationOutput:
             [self.probabilities, self.probabilities_down])
         if reduction == "contrastive" and paths.shape[0] != 2:
             raise InvalidArgument("reduction 'contrastive' (eq. 2.36) needs score 'straddling' (two paths)")
-        raw, _ = R.reduce(reduction, self.score_name, paths, probs, self.target)
+        raw, _ = R.reduce(reduction, self.score_name, paths, probs, self.target, floor=self.transition_floor)
         H, W = self.path_image.shape[-2:]
         raw = R.window(P.upsample(raw[None], H, W)[0], window)
         return raw, R.to_unit(raw, signed=reduction in R.SIGNED)
@@ -153,10 +177,16 @@ class AblationOutput:
 class AblationPath:
     """Optimised ablation paths for a frozen classifier (logits [B, K]) on normalised [C, H, W] inputs."""
 
-    def __init__(self, classifier: torch.nn.Module, config: AblationConfig | None = None):
+    def __init__(self, classifier: torch.nn.Module, config: AblationConfig | None = None, *,
+                 slice_batch: int | None = None, on_oom: Callable[[int, int], None] | None = None):
+        """Everything runs on the device of the image passed to `attribute` (put it where the
+        classifier is). `slice_batch`: slices per forward + backward pass (None: all of them in
+        one); a pass that runs out of memory is halved and retried, `on_oom(old, new)` is told."""
         self.classifier = classifier
         self.config = config or AblationConfig()
         self.config.check()
+        self.slice_batch = slice_batch
+        self.on_oom = on_oom
 
     @torch.no_grad()
     def _probabilities(self, images: torch.Tensor) -> torch.Tensor:
@@ -218,8 +248,12 @@ class AblationPath:
 
         T, m = cfg.num_slices, cfg.mask_size
         n_paths = S.num_paths(cfg.score)
-        paths = torch.stack([P.affine_path(T, m, m) for _ in range(n_paths)])  # [P, T, m, m]
-        blur_h = P.gaussian_blur_matrix(m, cfg.sigma_regu)
+        paths = torch.stack([P.affine_path(T, m, m, device=x.device) for _ in range(n_paths)])  # [P, T, m, m]
+        blur_h = P.gaussian_blur_matrix(m, cfg.mask_sigma(H, W), device=x.device)
+        # slices per forward + backward: all of them unless configured smaller or halved after an OOM
+        # (read after the run: the size it ended with)
+        self.chunk = ChunkSize(self.slice_batch or T * (2 if cfg.score in ("contrastive", "straddling") else 1),
+                                x.device, self.on_oom)
 
         score_history: list[float] = []
         saturation_history: list[float] = []
@@ -230,10 +264,8 @@ class AblationPath:
                 stop_reason = "stopped"
                 break
             t0 = time.perf_counter()
-            with torch.enable_grad():
-                state = paths.clone().requires_grad_(True)
-                value, probs = S.evaluate(cfg.score, self.classifier, x, baseline, state, target, f0, f1)
-                (grad,) = torch.autograd.grad(value, state)
+            value, probs, grad = S.evaluate_with_grad(cfg.score, self.classifier, x, baseline, paths, target, f0, f1,
+                                                      self.chunk)
             timings["model"] += time.perf_counter() - t0
             self._check_gradient(grad, value, i)
             score_history.append(float(value.detach()))
@@ -257,7 +289,7 @@ class AblationPath:
             if progress is not None:
                 progress(AblationProgress(iterations, cfg.max_iterations, score_history[-1], sat,
                                           self._partial_heatmap(paths, probs, p_target, p_baseline, target, H, W)))
-            if sat > cfg.stop_saturation:
+            if sat > cfg.stop_saturation and iterations >= cfg.min_iterations:
                 stop_reason = "saturation"
                 break
 
@@ -280,7 +312,8 @@ class AblationPath:
             if not torch.isfinite(logits).all():
                 raise FailedPrecondition("the classifier's outputs on this image are NaN or infinite; it cannot be explained")
             # a random combination of the logits has a zero gradient (almost surely) only if every logit's has
-            r = torch.randn(logits.shape, generator=torch.Generator().manual_seed(0)).to(logits.device)
+            gen = torch.Generator(device=logits.device).manual_seed(0)
+            r = torch.randn(logits.shape, generator=gen, device=logits.device)
             (g,) = torch.autograd.grad((logits.float() * r).sum(), xg)
         if not torch.isfinite(g).all():
             raise FailedPrecondition("the classifier's gradients with respect to the image are NaN or infinite; "
@@ -316,7 +349,7 @@ class AblationPath:
 
     def _heatmap(self, paths: torch.Tensor, full_probs: torch.Tensor, target: int, H: int, W: int):
         cfg = self.config
-        raw, k = R.reduce(cfg.reduction, cfg.score, paths, full_probs, target)
+        raw, k = R.reduce(cfg.reduction, cfg.score, paths, full_probs, target, floor=cfg.transition_floor)
         raw = P.upsample(raw[None], H, W)[0]
         raw = R.window(raw, cfg.window)
         return raw, R.to_unit(raw, signed=cfg.reduction in R.SIGNED), k
@@ -333,7 +366,7 @@ class AblationPath:
         cfg = self.config
         C, H, W = x.shape
         t0 = time.perf_counter()
-        value, probs = S.evaluate(cfg.score, self.classifier, x, baseline, paths, target, f0, f1)
+        value, probs = S.evaluate_chunked(cfg.score, self.classifier, x, baseline, paths, target, f0, f1, self.chunk)
         timings["model"] += time.perf_counter() - t0
         full = self._full_probs(paths, probs, p_target, p_baseline)
         raw, heat, k = self._heatmap(paths, full, target, H, W)
@@ -343,7 +376,7 @@ class AblationPath:
             path=paths[0],
             path_image=P.upsample(paths[0], H, W),
             path_down=paths[1] if paths.shape[0] == 2 else None,
-            times=P.all_times(T),
+            times=P.all_times(T, device=x.device),
             probabilities=full[0],
             probabilities_down=full[1] if full.shape[0] == 2 else None,
             heatmap_raw=raw,
@@ -359,5 +392,6 @@ class AblationPath:
             baseline_sigma=baseline_sigma,
             baseline_changes_class=changes,
             score_name=cfg.score,
+            transition_floor=cfg.transition_floor,
             timings=timings,
         )

@@ -22,6 +22,8 @@ import torch
 from xaiserve.handlers.ablation.path import with_boundaries
 
 REDUCTIONS = ("transition", "average", "influence", "contrastive")
+# The authors' class transition never reads a slice below 25 % of the path (METHODS.md, 2026-12).
+TRANSITION_FLOOR = 0.25
 SIGNED = ("influence", "contrastive")
 
 
@@ -36,7 +38,7 @@ def average(phi: torch.Tensor, *, dissipating: bool = False) -> torch.Tensor:
     return avg if dissipating else 1.0 - avg
 
 
-def transition_index(probs: torch.Tensor, target: int, *, dissipating: bool = False) -> int:
+def transition_index(probs: torch.Tensor, target: int, *, dissipating: bool = False, floor: float = 0.0) -> int:
     """The slice index k in 1..T at which the class transition is read off (sec. 2.7.2B).
 
     Retaining-type paths: the largest interior t whose image is still dominated by the target
@@ -46,6 +48,9 @@ def transition_index(probs: torch.Tensor, target: int, *, dissipating: bool = Fa
     retaining rule, which on a well-optimised dissipating path picks t = 0, an empty mask): the
     smallest interior t whose image is no longer dominated by the target, i.e. the smallest
     removal that changes the class; if every slice is still dominated, argmin_t F.
+    floor: the authors' rule that the transition is never read below this share of the path
+    (t_k >= floor, k >= ceil(floor (T + 1))): a retaining mask keeps at most 1 - floor of the image.
+    Dissipating paths mirror it (t_k <= 1 - floor: at most 1 - floor of the image removed).
     """
     T = probs.shape[0] - 2
     interior = probs[1:T + 1]
@@ -57,12 +62,15 @@ def transition_index(probs: torch.Tensor, target: int, *, dissipating: bool = Fa
     else:
         idx = torch.nonzero(~dominated).flatten()
         k = int(idx.min()) if idx.numel() else int(torch.argmin(f))
-    return k + 1
+    k += 1
+    lo = min(T, max(1, math.ceil(floor * (T + 1) - 1e-9)))
+    return max(k, lo) if not dissipating else min(k, T + 1 - lo)
 
 
-def transition(phi: torch.Tensor, probs: torch.Tensor, target: int, *, dissipating: bool = False) -> tuple[torch.Tensor, int]:
+def transition(phi: torch.Tensor, probs: torch.Tensor, target: int, *, dissipating: bool = False,
+               floor: float = 0.0) -> tuple[torch.Tensor, int]:
     """Theta_clt = phi(t_clt) (eq. 2.34), oriented; returns (heatmap, k) with t_clt = k / (T + 1)."""
-    k = transition_index(probs, target, dissipating=dissipating)
+    k = transition_index(probs, target, dissipating=dissipating, floor=floor)
     mask = phi[k - 1]
     return (mask if dissipating else 1.0 - mask), k
 
@@ -130,6 +138,8 @@ def reduce(
     paths: torch.Tensor,
     probs: torch.Tensor,
     target: int,
+    *,
+    floor: float = 0.0,
 ) -> tuple[torch.Tensor, int]:
     """The heatmap of a path result at the paths' resolution; returns (heatmap, transition index or -1).
 
@@ -139,7 +149,7 @@ def reduce(
     """
     dissipating = score == "dissipating"
     if reduction == "transition":
-        heat, k = transition(paths[0], probs[0], target, dissipating=dissipating)
+        heat, k = transition(paths[0], probs[0], target, dissipating=dissipating, floor=floor)
         return heat, k
     if reduction == "average":
         return average(paths[0], dissipating=dissipating), -1

@@ -11,11 +11,17 @@ boundary values F(x_target) (t = 0) and F(x_baseline) (t = 1) as constants:
 
 All slices a score needs (T, or 2T for contrastive and straddling) go through the classifier as
 one batch, so one forward and one backward pass give the score and its gradient for every slice.
+When that batch does not fit in the device's memory, `evaluate_with_grad` runs it in chunks of
+slices: every score is affine in the slices' probabilities, value = c + sum_k w_k F_k, so the
+gradient is the sum of the chunks' gradients of sum_k w_k F_k (exact; the weights w_k come from
+autograd through `score_value`, so no score needs its own chunked form). A chunk that runs out
+of memory is halved (xaiserve.devices.run_chunked) and the iteration goes on.
 """
 from __future__ import annotations
 
 import torch
 
+from xaiserve.devices import ChunkSize, run_chunked
 from xaiserve.handlers.ablation.path import upsample
 
 SCORES = ("retaining", "dissipating", "contrastive", "straddling")
@@ -113,3 +119,88 @@ def evaluate(
     probs = class_probabilities(module, images)
     value = score_value(score, probs[:, target], f_target, f_baseline, paths.shape[1])
     return value, probs
+
+
+def _affine_form(score: str, num_slices: int, count: int, f_target: float, f_baseline: float,
+                 like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c, w) with score_value(f) = c + w . f for the `count` evaluated slices (autograd at f = 0)."""
+    f = torch.zeros(count, dtype=like.dtype, device=like.device, requires_grad=True)
+    value = score_value(score, f, f_target, f_baseline, num_slices)
+    (w,) = torch.autograd.grad(value, f)
+    return value.detach(), w
+
+
+def evaluate_with_grad(
+    score: str,
+    module: torch.nn.Module,
+    x_target: torch.Tensor,
+    x_baseline: torch.Tensor,
+    paths: torch.Tensor,
+    target: int,
+    f_target: float,
+    f_baseline: float,
+    chunk: ChunkSize | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(score, class probabilities [B, K], d score / d paths) at the path state `paths` [P, T, h, w].
+
+    One forward + backward pass of all B slices when `chunk` is None or holds at least B; else (or
+    after an out-of-memory error) chunks of chunk.size slices, each its own forward + backward."""
+    H, W = x_target.shape[-2:]
+    count = slice_masks(score, paths).shape[0]
+    form: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def part(a: int, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        state = paths.detach().clone().requires_grad_(True)
+        if (a, b) == (0, count):  # the whole batch: the score itself, as evaluate() computes it
+            value, probs = evaluate(score, module, x_target, x_baseline, state, target, f_target, f_baseline)
+            (g,) = torch.autograd.grad(value, state)
+            return value.detach(), probs.detach(), g
+        masks = slice_masks(score, state)[a:b]
+        probs = class_probabilities(module, interpolate(x_target, x_baseline, upsample(masks, H, W)))
+        if not form:
+            form.append(_affine_form(score, paths.shape[1], count, f_target, f_baseline, probs))
+        value = (form[0][1][a:b] * probs[:, target]).sum()
+        (g,) = torch.autograd.grad(value, state)
+        return value.detach(), probs.detach(), g
+
+    chunk = chunk if chunk is not None else ChunkSize(count)
+    chunk.size = min(chunk.size, count)  # a halving must make the chunk smaller than the batch
+    with torch.enable_grad():
+        parts = run_chunked(part, count, chunk)
+    if len(parts) == 1 and not form:
+        return parts[0]
+    value = form[0][0] + torch.stack([v for v, _, _ in parts]).sum()
+    grad = parts[0][2]
+    for _, _, g in parts[1:]:
+        grad = grad + g
+    return value, torch.cat([p for _, p, _ in parts]), grad
+
+
+def evaluate_chunked(
+    score: str,
+    module: torch.nn.Module,
+    x_target: torch.Tensor,
+    x_baseline: torch.Tensor,
+    paths: torch.Tensor,
+    target: int,
+    f_target: float,
+    f_baseline: float,
+    chunk: ChunkSize | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """evaluate() without gradients, its forward pass in chunks of chunk.size slices (halved on OOM)."""
+    masks = slice_masks(score, paths)
+    if chunk is None or chunk.size >= masks.shape[0]:
+        try:
+            return evaluate(score, module, x_target, x_baseline, paths, target, f_target, f_baseline)
+        except Exception as e:  # noqa: BLE001 - only an allocation failure falls through to chunks
+            from xaiserve.devices import is_out_of_memory
+
+            if not is_out_of_memory(e) or masks.shape[0] <= 1:
+                raise
+        chunk = chunk if chunk is not None else ChunkSize(masks.shape[0])
+        chunk.size = min(chunk.size, masks.shape[0])
+        chunk.halve()
+    H, W = x_target.shape[-2:]
+    images = interpolate(x_target, x_baseline, upsample(masks, H, W))
+    probs = torch.cat(run_chunked(lambda a, b: class_probabilities(module, images[a:b]), masks.shape[0], chunk))
+    return score_value(score, probs[:, target], f_target, f_baseline, paths.shape[1]), probs

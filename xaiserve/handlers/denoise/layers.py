@@ -205,7 +205,8 @@ class SpiralOps(nn.Module):
             _buffers(self, f"down{lev}", lambda a=a, b=b: geo.spiral_to_spiral(a, b, smooth=True), c)
             _buffers(self, f"up{lev}", lambda a=a, b=b: geo.spiral_to_spiral(b, a, smooth=False), c)
 
-    def _apply(self, f: Tensor, name: str) -> Tensor:
+    def _resample(self, f: Tensor, name: str) -> Tensor:
+        # not `_apply`: that name is nn.Module._apply(fn), which .to(device) and .float() call
         index, weight = getattr(self, f"{name}_index"), getattr(self, f"{name}_weight")
         if self.portable:
             return gather_apply(f, index, weight)
@@ -220,11 +221,11 @@ class SpiralOps(nn.Module):
 
     def encode(self, x: Tensor) -> Tensor:
         """[B,C,H,W] -> [B,C,1,n0]: interpolate the image at the spiral samples."""
-        return self._apply(x.flatten(-2), "enc").unsqueeze(2)
+        return self._resample(x.flatten(-2), "enc").unsqueeze(2)
 
     def decode(self, f: Tensor) -> Tensor:
         """[B,C,1,n0] -> [B,C,H,W]: interpolate the spiral at the pixel centres (zero off the disc)."""
-        return self._apply(f.squeeze(2), "dec").unflatten(-1, (self.size, self.size))
+        return self._resample(f.squeeze(2), "dec").unflatten(-1, (self.size, self.size))
 
     def ribbon(self, level: int, f: Tensor) -> Tensor:
         """[B,C,1,n] -> [B,C,rows,n]: the ribbon across neighbouring windings (sec. 7.3.2).
@@ -282,10 +283,10 @@ class SpiralOps(nn.Module):
         return out
 
     def down(self, level: int, f: Tensor) -> Tensor:
-        return self._apply(f.squeeze(2), f"down{level}").unsqueeze(2)
+        return self._resample(f.squeeze(2), f"down{level}").unsqueeze(2)
 
     def up(self, level: int, f: Tensor) -> Tensor:
-        return self._apply(f.squeeze(2), f"up{level}").unsqueeze(2)
+        return self._resample(f.squeeze(2), f"up{level}").unsqueeze(2)
 
     def make_conv(self, level: int, cin: int, cout: int, kernel: int, bias: bool) -> nn.Module:
         return SpiralConv(level, cin, cout, kernel, self.rows, bias)

@@ -123,7 +123,7 @@ def _pooling(size: int, k: int) -> torch.Tensor:
 def mask_features(masks: torch.Tensor, spec: FeatureSpec) -> torch.Tensor:
     """f(M) for a batch of masks [B, H, W] -> [B, F] float64 (pooling as two matrix products)."""
     b, h, w = masks.shape
-    ph, pw = _pooling(h, spec.grid_h), _pooling(w, spec.grid_w)
+    ph, pw = _pooling(h, spec.grid_h).to(masks.device), _pooling(w, spec.grid_w).to(masks.device)  # cached on the CPU
     f = (ph @ masks.to(DTYPE) @ pw.T).reshape(b, -1)
     return torch.cat([f, f * f], 1) if spec.quadratic else f
 
@@ -193,13 +193,14 @@ class Regression:
     count: int = 0
 
 
-def init_regression(num_features: int) -> Regression:
-    return Regression(torch.zeros(num_features + 1, num_features + 1, dtype=DTYPE), torch.zeros(num_features + 1, dtype=DTYPE))
+def init_regression(num_features: int, device: torch.device | str | None = None) -> Regression:
+    return Regression(torch.zeros(num_features + 1, num_features + 1, dtype=DTYPE, device=device),
+                      torch.zeros(num_features + 1, dtype=DTYPE, device=device))
 
 
 def accumulate(reg: Regression, feats: torch.Tensor, s: torch.Tensor) -> Regression:
     """Add one batch (features [B, F], similarities [B]) to the running sums."""
-    x1 = torch.cat([torch.ones(feats.shape[0], 1, dtype=DTYPE), feats.to(DTYPE)], 1)
+    x1 = torch.cat([torch.ones(feats.shape[0], 1, dtype=DTYPE, device=feats.device), feats.to(DTYPE)], 1)
     sv = s.reshape(-1).to(DTYPE)
     return Regression(reg.gram + x1.T @ x1, reg.cross + x1.T @ sv, reg.count + feats.shape[0])
 
@@ -212,7 +213,7 @@ def coefficients(reg: Regression, *, ridge: float = 16.0, min_count: int = 1) ->
     f = reg.gram.shape[0] - 1
     n = float(reg.count)
     if reg.count < max(min_count, 2):
-        return torch.zeros(f, dtype=DTYPE)
+        return torch.zeros(f, dtype=DTYPE, device=reg.gram.device)
     mx = reg.gram[0, 1:] / n
     sxx = reg.gram[1:, 1:] - n * torch.outer(mx, mx)
     sxs = reg.cross[1:] - mx * reg.cross[0]
@@ -271,8 +272,10 @@ class CVState:
         return sum(m.shape[0] for m in self.head_masks)
 
 
-def init_state(shape: tuple[int, int], num_features: int, *, w_init: float = 1e-8) -> CVState:
-    return CVState([], [], [], [], est.init_stats(shape, w_init=w_init), init_regression(num_features), init_regression(num_features))
+def init_state(shape: tuple[int, int], num_features: int, *, w_init: float = 1e-8,
+               device: torch.device | str | None = None) -> CVState:
+    return CVState([], [], [], [], est.init_stats(shape, w_init=w_init, device=device),
+                   init_regression(num_features, device), init_regression(num_features, device))
 
 
 def update(

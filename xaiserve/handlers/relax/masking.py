@@ -46,7 +46,7 @@ def luma(img: torch.Tensor) -> torch.Tensor:
     """[C,H,W] -> [H,W] luma (ITU-R 601-2, as Pillow's "L"); single channel passes through."""
     if img.shape[0] == 1:
         return img[0]
-    w = torch.tensor(_LUMA, dtype=img.dtype).view(3, 1, 1)
+    w = torch.tensor(_LUMA, dtype=img.dtype, device=img.device).view(3, 1, 1)
     return (img[:3] * w).sum(0)
 
 
@@ -55,9 +55,9 @@ def grayscale(img: torch.Tensor) -> torch.Tensor:
     return luma(img)[None].expand_as(img).contiguous()
 
 
-def _gauss1d(sigma: float, limit: int) -> torch.Tensor:
+def _gauss1d(sigma: float, limit: int, device: torch.device | None = None) -> torch.Tensor:
     r = max(1, min(int(math.ceil(3 * sigma)), limit))
-    t = torch.arange(-r, r + 1, dtype=torch.float32)
+    t = torch.arange(-r, r + 1, dtype=torch.float32, device=device)
     k = torch.exp(-(t * t) / (2 * sigma * sigma))
     return k / k.sum()
 
@@ -65,7 +65,7 @@ def _gauss1d(sigma: float, limit: int) -> torch.Tensor:
 def gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of [C,H,W], reflect padding (radius 3 sigma, capped by the image)."""
     c, h, w = img.shape
-    k = _gauss1d(sigma, min(h, w) - 1).to(img.dtype)
+    k = _gauss1d(sigma, min(h, w) - 1, img.device).to(img.dtype)
     r = k.numel() // 2
     x = img[:, None]  # [C,1,H,W], channels as batch
     x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
@@ -129,7 +129,8 @@ _D = 6 / 29
 
 def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     """sRGB [3,H,W] in [0,1] -> CIE-LAB [3,H,W] (D65): L in [0,100]."""
-    xyz = torch.einsum("ij,jhw->ihw", _RGB2XYZ, _srgb_to_linear(rgb.double())) / _WHITE.view(3, 1, 1)
+    m, white = _RGB2XYZ.to(rgb.device), _WHITE.to(rgb.device)  # module constants live on the CPU
+    xyz = torch.einsum("ij,jhw->ihw", m, _srgb_to_linear(rgb.double())) / white.view(3, 1, 1)
     f = torch.where(xyz > _D**3, xyz.clamp_min(0) ** (1 / 3), xyz / (3 * _D * _D) + 4 / 29)
     return torch.stack([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
 
@@ -138,8 +139,8 @@ def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
     """CIE-LAB [3,H,W] -> sRGB [3,H,W] clipped to [0,1]."""
     fy = (lab[0] + 16) / 116
     f = torch.stack([fy + lab[1] / 500, fy, fy - lab[2] / 200])
-    xyz = torch.where(f > _D, f**3, 3 * _D * _D * (f - 4 / 29)) * _WHITE.view(3, 1, 1)
-    lin = torch.einsum("ij,jhw->ihw", torch.linalg.inv(_RGB2XYZ), xyz)
+    xyz = torch.where(f > _D, f**3, 3 * _D * _D * (f - 4 / 29)) * _WHITE.to(lab.device).view(3, 1, 1)
+    lin = torch.einsum("ij,jhw->ihw", torch.linalg.inv(_RGB2XYZ).to(lab.device), xyz)
     return _linear_to_srgb(lin).clamp(0, 1)
 
 
@@ -154,7 +155,7 @@ def darken(img: torch.Tensor, delta_l: float) -> torch.Tensor:
 
 def sharpen(img: torch.Tensor) -> torch.Tensor:
     """Laplacian sharpening x - lap(x), kernel [[0,-1,0],[-1,5,-1],[0,-1,0]] ([SSL-XAI] sec. 5.4)."""
-    k = torch.tensor([[0.0, -1.0, 0.0], [-1.0, 5.0, -1.0], [0.0, -1.0, 0.0]], dtype=img.dtype).view(1, 1, 3, 3)
+    k = torch.tensor([[0.0, -1.0, 0.0], [-1.0, 5.0, -1.0], [0.0, -1.0, 0.0]], dtype=img.dtype, device=img.device).view(1, 1, 3, 3)
     out = F.conv2d(F.pad(img[:, None], (1, 1, 1, 1), mode="replicate"), k)[:, 0]
     return out.clamp(0, 1)
 
@@ -179,7 +180,8 @@ class Perturbation:
         m = m[:, None].to(self.keep.dtype)
         if self.noise is not None:
             mu, sd = self.noise
-            fill = torch.randn((masks.shape[0], *self.keep.shape), generator=generator, dtype=self.keep.dtype)
+            fill = torch.randn((masks.shape[0], *self.keep.shape), generator=generator, dtype=self.keep.dtype,
+                               device=self.keep.device)
             fill = fill.mul_(sd).add_(mu)
             return torch.addcmul(fill, m, self.keep[None] - fill)
         if self.fill is None:
@@ -208,8 +210,8 @@ def make_perturbation(
     if masking == "noise":
         return Perturbation(x, noise=(float(noise_mean), float(noise_std)))
     c, h, w = x.shape
-    mu = torch.tensor(mean if mean is not None else (0.0,) * c, dtype=torch.float32).view(-1, 1, 1)
-    sd = torch.tensor(std if std is not None else (1.0,) * c, dtype=torch.float32).view(-1, 1, 1)
+    mu = torch.tensor(mean if mean is not None else (0.0,) * c, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    sd = torch.tensor(std if std is not None else (1.0,) * c, dtype=torch.float32, device=x.device).view(-1, 1, 1)
     img = (x * sd + mu).clamp(0, 1)
 
     def norm(a: torch.Tensor) -> torch.Tensor:

@@ -59,9 +59,9 @@ def mask_geometry(height: int, width: int, cells: int | tuple[int, int] = 7) -> 
     return MaskGeometry(height, width, ch, cw, cell_h, cell_w, up_h, up_w, off_h, off_w)
 
 
-def interpolation_matrix(cells: int, up: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def interpolation_matrix(cells: int, up: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
     """[up, cells]: column j is the linear upsampling (align_corners=False) of the j-th unit vector."""
-    eye = torch.eye(cells, dtype=dtype)[None]  # [1, cells (channels), cells (length)]
+    eye = torch.eye(cells, dtype=dtype, device=device)[None]  # [1, cells (channels), cells (length)]
     return F.interpolate(eye, size=up, mode="linear", align_corners=False)[0].T.contiguous()
 
 
@@ -72,9 +72,14 @@ def generate_masks(
     p_keep: float = 0.5,
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """n masks [n, H, W] in [0, 1] ([RELAX] sec. 3.1), drawn from `generator` in a fixed order:
     first the n grids, then the n row offsets, then the n column offsets.
+
+    The masks are made on `device` (default: the generator's device, else the CPU), drawn there
+    from the generator: a CUDA generator gives other masks than a CPU one with the same seed, and
+    each is reproducible on its own device.
 
     Bilinear upsampling is separable and linear, so the cropped upsampled mask is
     A_h[rows] @ grid @ A_w[cols]^T with the 1-D interpolation matrices A: two small batched matrix
@@ -82,9 +87,11 @@ def generate_masks(
     (same numbers as F.interpolate(mode="bilinear") + crop up to rounding, ~8x faster).
     """
     g = geometry
-    grid = (torch.rand(n, g.cells_h, g.cells_w, generator=generator) < p_keep).to(dtype)
-    off_h = torch.randint(0, g.offsets_h, (n,), generator=generator)
-    off_w = torch.randint(0, g.offsets_w, (n,), generator=generator)
-    a_h = interpolation_matrix(g.cells_h, g.up_h, dtype)[off_h[:, None] + torch.arange(g.height)[None, :]]  # [n, H, h]
-    a_w = interpolation_matrix(g.cells_w, g.up_w, dtype)[off_w[:, None] + torch.arange(g.width)[None, :]]  # [n, W, w]
+    dev = torch.device(device) if device is not None else (generator.device if generator is not None else torch.device("cpu"))
+    grid = (torch.rand(n, g.cells_h, g.cells_w, generator=generator, device=dev) < p_keep).to(dtype)
+    off_h = torch.randint(0, g.offsets_h, (n,), generator=generator, device=dev)
+    off_w = torch.randint(0, g.offsets_w, (n,), generator=generator, device=dev)
+    rows, cols = torch.arange(g.height, device=dev), torch.arange(g.width, device=dev)
+    a_h = interpolation_matrix(g.cells_h, g.up_h, dtype, dev)[off_h[:, None] + rows[None, :]]  # [n, H, h]
+    a_w = interpolation_matrix(g.cells_w, g.up_w, dtype, dev)[off_w[:, None] + cols[None, :]]  # [n, W, w]
     return torch.bmm(torch.bmm(a_h, grid), a_w.transpose(1, 2)).clamp_(0.0, 1.0)

@@ -18,6 +18,12 @@ batch at which every pixel's standard error of R is below `target_error` (never 
 `min_masks`; at most `num_masks`). Theorem 1's bound is distribution-free and much larger (26,492
 masks for t = delta = 0.01); the standard error uses the observed variance instead.
 
+Devices: everything runs on x's device (the caller puts x where the model is): the masks are drawn
+there from a generator of that device, masked there, embedded in forward chunks of at most
+`forward_batch` images, and the statistics are kept there in float64; the outputs are tensors on
+that device. A chunk that runs out of memory is halved and retried (xaiserve.devices.run_chunked;
+`on_oom` is told), which changes neither the masks nor the result.
+
 Estimator of R (`estimator`, beyond [RELAX]): "plain" is Algorithm 1's weighted mean of s;
 "control_variate" (control_variate.py) estimates the same R (eq. 12) from similarities adjusted by
 a regression on pooled mask features fitted on earlier batches, with a smaller standard error for
@@ -27,6 +33,7 @@ U-RELAX always use the weighted variance of s itself.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +43,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from xaiserve.devices import ChunkSize, run_chunked
 from xaiserve.handlers.relax import control_variate as cv
 from xaiserve.handlers.relax import estimator as est
 from xaiserve.handlers.relax.masking import COLOUR_ONLY, MASKINGS, make_perturbation
@@ -184,6 +192,7 @@ class RelaxOutput:
     stopped: bool = False  # should_stop() ended the run early
     converged: bool = False  # adaptive: every pixel's standard error reached target_error
     estimator: str = "plain"  # the estimator of R actually used ("plain" or "control_variate")
+    forward_batch: int = 0  # images per forward call at the end (below batch_size after out-of-memory halvings)
 
 
 def cosine(h: torch.Tensor, hb: torch.Tensor) -> torch.Tensor:
@@ -202,17 +211,25 @@ class Relax:
         *,
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
+        forward_batch: int | None = None,
+        on_oom: Callable[[int, int], None] | None = None,
     ):
         self.embed = embed
         self.config = config
         self.mean = mean
         self.std = std
+        self.forward_batch = forward_batch  # None: batch_size (one forward per batch of masks)
+        self.on_oom = on_oom  # (old, new) forward chunk size after an out-of-memory error
 
     def _embed(self, batch: torch.Tensor) -> torch.Tensor:
         out = self.embed(batch)
         if not isinstance(out, torch.Tensor):
-            out = torch.as_tensor(out)
+            out = torch.as_tensor(out, device=batch.device)
         return out.reshape(batch.shape[0], -1)
+
+    def _embed_chunked(self, batch: torch.Tensor, chunk: ChunkSize) -> torch.Tensor:
+        parts = run_chunked(lambda a, b: self._embed(batch[a:b]), batch.shape[0], chunk)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def attribute(
         self,
@@ -241,17 +258,21 @@ class Relax:
         )
         use_cv = cfg.resolved_estimator == "control_variate"
         spec = cv.FeatureSpec(min(cfg.cv_grid, h), min(cfg.cv_grid, w), cfg.cv_quadratic)
-        c_feat = cv.feature_expectations(geom, float(cfg.p_keep), spec) if use_cv else None
-        g_mask = torch.Generator().manual_seed(cfg.seed)
-        g_noise = torch.Generator().manual_seed((cfg.seed + _NOISE_SEED_SALT) % 2**64)
+        dev = x.device
+        # the closed form is computed (and cached) on the CPU once per geometry, then copied over
+        c_feat = cv.feature_expectations(geom, float(cfg.p_keep), spec).to(dev) if use_cv else None
+        g_mask = torch.Generator(device=dev).manual_seed(cfg.seed)
+        g_noise = torch.Generator(device=dev).manual_seed((cfg.seed + _NOISE_SEED_SALT) % 2**64)
+        chunk = ChunkSize(self.forward_batch or cfg.batch_size, dev, self.on_oom)
+        default_device = torch.get_default_device()  # the mask thread creates tensors where the caller would
         mask_state = g_mask.get_state()
 
         model_s = wait_s = stats_s = 0.0
         with torch.no_grad():
-            stats = est.init_stats((h, w), w_init=cfg.w_init)  # of s: eq. 12-13 (U is always from s)
+            stats = est.init_stats((h, w), w_init=cfg.w_init, device=dev)  # of s: eq. 12-13 (U is always from s)
             # control variate: the statistics of the adjusted similarities y (R and its standard
             # error) and the regressions of s on the mask features (control_variate.CVState)
-            cv_state = cv.init_state((h, w), spec.num_features, w_init=cfg.w_init) if use_cv else None
+            cv_state = cv.init_state((h, w), spec.num_features, w_init=cfg.w_init, device=dev) if use_cv else None
             head = min(cfg.cv_min_fit, cfg.num_masks // 2)  # the head must leave masks to fit its slopes on
             sizes: list[int] = []
             sims: list[torch.Tensor] = []
@@ -259,9 +280,11 @@ class Relax:
             max_se = math.inf
 
             def make_batch(k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-                masks = generate_masks(k, geom, p_keep=cfg.p_keep, generator=g_mask, dtype=est.STATS_DTYPE)
-                feats = cv.mask_features(masks, spec) if use_cv else None
-                return masks, pert.apply(masks, g_noise), (masks * masks).sum(0), feats
+                # a thread starts on the CPU default device; keep the caller's (torch.device(...) blocks)
+                with torch.device(default_device) if default_device.type != "cpu" else contextlib.nullcontext():
+                    masks = generate_masks(k, geom, p_keep=cfg.p_keep, generator=g_mask, dtype=est.STATS_DTYPE)
+                    feats = cv.mask_features(masks, spec) if use_cv else None
+                    return masks, pert.apply(masks, g_noise), (masks * masks).sum(0), feats
 
             # Pipelining: a worker thread draws and applies the next batch of masks (and their
             # squared-weight sum and, for the control variate, their pooled features) while the
@@ -285,7 +308,7 @@ class Relax:
                     if n + b < cfg.num_masks:
                         pending = pool.submit(make_batch, min(cfg.batch_size, cfg.num_masks - n - b))
                     t0 = time.perf_counter()
-                    hb = self._embed(batch)
+                    hb = self._embed_chunked(batch, chunk)
                     t1 = time.perf_counter()
                     model_s += t1 - t0
                     s = cosine(ref, hb)
@@ -327,7 +350,7 @@ class Relax:
                 raise Cancelled("RELAX was stopped before the first batch of masks; there is no result")
             if cfg.two_pass:
                 def replay():
-                    g = torch.Generator()
+                    g = torch.Generator(device=dev)
                     g.set_state(mask_state)
                     return (generate_masks(k, geom, p_keep=cfg.p_keep, generator=g, dtype=est.STATS_DTYPE) for k in sizes)
 
@@ -357,6 +380,7 @@ class Relax:
             stopped=stopped,
             converged=converged,
             estimator=cfg.resolved_estimator,
+            forward_batch=chunk.size,
         )
 
     def _fraction(self, n: int, max_se: float, converged: bool) -> float:

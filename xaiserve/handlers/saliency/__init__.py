@@ -34,7 +34,7 @@ from xaiserve.errors import InvalidArgument
 
 def _as_batch(x: np.ndarray | torch.Tensor) -> torch.Tensor:
     """Validate the input's shape, dtype and values (the copy happens under the attribution's grad mode)."""
-    t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))  # host memory; moved to the module's device below
     if t.ndim == 3:
         t = t[None]
     if t.ndim != 4:
@@ -52,7 +52,7 @@ def _targets(module: nn.Module, x: torch.Tensor, target: int | Sequence[int] | n
     k = logits.shape[1]
     if target is None:
         return logits.argmax(1)
-    t = torch.as_tensor(np.asarray(target) if not isinstance(target, torch.Tensor) else target).reshape(-1)
+    t = (target if isinstance(target, torch.Tensor) else torch.from_numpy(np.asarray(target))).reshape(-1)
     if t.is_floating_point() or t.dtype == torch.bool:
         raise InvalidArgument(f"target must be an integer class index, got dtype {t.dtype}")
     t = t.to(torch.long)

@@ -204,12 +204,13 @@ class SmoothGrad(Saliency):
         cfg = self.config
         obj, extra = self.objective(x, target)
         B, M = x.shape[0], cfg.smoothgrad_samples
-        gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        # drawn on x's device (the module's): the same seed gives other noise on a GPU than on the CPU
+        gen = torch.Generator(device=x.device).manual_seed(cfg.seed)
         x = x.detach()
         span = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).view(B, 1, 1, 1)
         sigma = (cfg.smoothgrad_noise * span).repeat_interleave(M, 0)
         xs = x.detach().repeat_interleave(M, 0)
-        xs = xs + sigma * torch.randn(xs.shape, generator=gen).to(x.device)
+        xs = xs + sigma * torch.randn(xs.shape, generator=gen, device=x.device)
         ext = tuple(e.repeat_interleave(M, 0) for e in extra)
         grads = []
         for i in range(0, xs.shape[0], cfg.internal_batch):
@@ -249,15 +250,16 @@ class GradientShap(_Method):
 
         cfg = self.config
         obj, extra = self.objective(x, target)
-        gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-        base = torch.randn((cfg.shap_baselines, *x.shape[1:]), generator=gen).to(x.device)
+        gen = torch.Generator(device=x.device).manual_seed(cfg.seed)
+        base = torch.randn((cfg.shap_baselines, *x.shape[1:]), generator=gen, device=x.device)
         base[0] = 0.0
         # captum draws the noise and baseline choice from torch's global RNG and the path coefficients
         # from numpy's: seed both and restore them, so the result is reproducible and the caller's RNG
         # state is untouched.
         np_state = np.random.get_state()
         try:
-            with torch.random.fork_rng(devices=[]):
+            # captum draws on x's device: fork (and so restore) that generator too
+            with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
                 torch.manual_seed(cfg.seed)
                 np.random.seed(cfg.seed % 2**32)
                 return CaptumGS(obj).attribute(

@@ -9,6 +9,7 @@ iteration of a cancellation and returns pb.JobResult(ablation=pb.AblationResult(
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -26,6 +27,8 @@ from xaiserve.errors import InvalidArgument
 from xaiserve.service.images import decode_image, preview_shape, to_channels, to_input_geometry, to_model_input
 from xaiserve.service.registry import ModelEntry, Registry
 from xaiserve.service.tensors import to_tensor
+from xaiserve.devices import memory_batch
+from xaiserve.service.gpu_metrics import count_oom
 
 DEFAULT_MASK_SIZE = 64
 
@@ -94,10 +97,10 @@ def build_config(params: pb.AblationParams, entry: ModelEntry) -> tuple[Ablation
         kw["score"] = params.score
     if params.reduction:
         kw["reduction"] = params.reduction
-    for name in ("num_slices", "sigma_regu", "saturation", "max_iterations", "step_size", "window", "stop_saturation"):
+    for name in ("num_slices", "sigma_regu", "saturation", "ramp_saturation", "min_iterations", "max_iterations",
+                 "step_size", "window", "stop_saturation"):
         if params.HasField(name):
             kw[name] = getattr(params, name)
-    kw["ramp_saturation"] = params.ramp_saturation
     if params.HasField("mask_size"):
         if params.mask_size > side:
             raise InvalidArgument(
@@ -156,8 +159,11 @@ class AblationJobMethod:
         t0 = time.perf_counter()
         module = _Serialised(registry.torch_module(entry))
         load_s = time.perf_counter() - t0
-        x = torch.from_numpy(x_np)
-        baseline = torch.from_numpy(baseline_np) if baseline_np is not None else None
+        # the adapter boundary: the image goes to the classifier's device once, the result comes back once
+        dev = registry.device
+        x = torch.from_numpy(x_np).to(dev)
+        baseline = torch.from_numpy(baseline_np).to(dev) if baseline_np is not None else None
+        slice_batch = _slice_batch(module, x, cfg, dev) if registry.config.batch_by_memory else None
         # params.seed is only recorded: Algorithm 2 as implemented here draws no random numbers, and
         # seeding torch's global generator would reach into other jobs of the same worker process
 
@@ -171,17 +177,17 @@ class AblationJobMethod:
             done[0] = max(done[0], min(0.99, max(p.fraction, by_saturation)))
             ctx.report(
                 done[0],
-                heatmap=to_input_geometry(p.heatmap.numpy(), entry.input, ph, pw),
+                heatmap=to_input_geometry(p.heatmap.cpu().numpy(), entry.input, ph, pw),
                 score=p.score,
                 metrics={"saturation": p.saturation, "iteration": float(p.iteration)},
                 message=f"iteration {p.iteration}/{p.max_iterations}",
             )
             ctx.check_cancelled()
 
-        out = AblationPath(module, cfg).attribute(
-            x, baseline=baseline, target=target, progress=progress, should_stop=lambda: ctx.cancelled
-        )
+        optimiser = AblationPath(module, cfg, slice_batch=slice_batch, on_oom=count_oom(self.name))
+        out = optimiser.attribute(x, baseline=baseline, target=target, progress=progress, should_stop=lambda: ctx.cancelled)
         ctx.check_cancelled()  # a "stopped" path is never returned as a result
+        out, x = to_host(out), x.cpu()
         t0 = time.perf_counter()
         result = to_result(out, x, entry, return_images=params.return_images, image=arr)
         timings = dict(out.timings)
@@ -197,8 +203,31 @@ class AblationJobMethod:
             "baseline_changes_class": out.baseline_changes_class,
             "return_images": params.return_images,
             "seed": params.seed if params.HasField("seed") else None,
+            "device": str(dev),
+            "slice_batch": optimiser.chunk.size,
         })
         return pb.JobResult(ablation=result, timings=timings, parameters_json=json.dumps(parameters, sort_keys=True))
+
+
+def _slice_batch(module: torch.nn.Module, x: torch.Tensor, cfg: AblationConfig, dev: torch.device) -> int | None:
+    """Slices per forward + backward pass on a GPU: as many of the path's as fit in half the free
+    memory by a probe (None on the CPU: all slices in one pass)."""
+    if dev.type != "cuda":
+        return None
+    count = cfg.num_slices * (2 if cfg.score in ("contrastive", "straddling") else 1)
+
+    def probe(k: int) -> None:
+        xs = x[None].expand(k, *x.shape).clone().requires_grad_(True)
+        (module(xs).float().sum()).backward()
+
+    return min(count, memory_batch(probe, dev, count, hi=count))
+
+
+def to_host(out: AblationOutput) -> AblationOutput:
+    """The output with every tensor on the CPU (the renderings and protobuf read numpy)."""
+    moved = {f.name: getattr(out, f.name).cpu() for f in dataclasses.fields(out)
+             if isinstance(getattr(out, f.name), torch.Tensor)}
+    return dataclasses.replace(out, **moved)
 
 
 def to_result(out: AblationOutput, x: torch.Tensor, entry: ModelEntry, *, return_images: bool = False,

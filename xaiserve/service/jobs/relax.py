@@ -7,9 +7,19 @@ explained), parameters out of range, an image that does not decode or cannot be 
 ONNX Runtime (the torch module where a model has no ONNX file), reports progress with the current
 importance map once per batch, checks for cancellation before every batch, and returns the maps as
 float32 tensors, a PNG, the parameters actually used (defaults and seed filled in) and timings.
+
+Devices (Registry.device, the worker's `device` setting): on the CPU as above. On a GPU, with
+ONNX Runtime's CUDA provider the graph runs there with its input and output bound to torch tensors
+on the device (IOBinding: no host copies); without it, an encoder with a torch form runs as that
+module on the device, its forwards under the registry's autocast dtype (Registry.forward_dtype).
+Either way the masks, the masked batch and the float64 statistics stay on the device: the image
+goes there once and the maps come back once, here, at the adapter boundary. A job that sets no
+batch_size takes the largest that fits in half the free device memory (registry.config.batch_by_memory);
+a forward that runs out of memory is halved, counted (xaiserve_device_oom_total) and the job goes on.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -24,10 +34,13 @@ from xaiserve.service.images import decode_image, preview_shape, to_input_geomet
 from xaiserve.service.jobs.contract import JobContext
 from xaiserve.service.registry import ModelEntry, OnnxModel, Registry
 from xaiserve.service.tensors import to_tensor
+from xaiserve.devices import autocast, memory_batch, module_device
+from xaiserve.service.gpu_metrics import count_oom
 
 DEFAULT_BATCH_SIZE = 64
 MAX_NUM_MASKS = 100_000
 MAX_BATCH_SIZE = 4096
+MEMORY_BATCH_MAX = 1024  # batches chosen from free memory stop here (progress and stopping stay frequent)
 
 # proto field -> RelaxConfig field, for the `optional` scalars (unset = the RelaxConfig default)
 _OPTIONAL = ("num_masks", "cells", "p_keep", "noise_mean", "noise_std", "target_error", "gamma", "batch_size", "seed")
@@ -47,10 +60,54 @@ def onnx_embed(model: OnnxModel) -> Embed:
     return embed
 
 
-def torch_embed(module: torch.nn.Module) -> Embed:
+def iobinding_embed(model: OnnxModel, device: torch.device) -> Embed:
+    """An embed function over a session of ONNX Runtime's CUDA provider (or the CPU one, the same
+    code) that reads its input from and writes its output to torch tensors on `device`: IOBinding
+    with the tensors' memory, so a batch made on the GPU is never copied to the host."""
+    sess = model.session
+    names_in, names_out = model.input_names, model.output_names
+    in_name = model._in["image" if "image" in names_in else names_in[0]]
+    out_name = model._out["output" if "output" in names_out else names_out[0]]
+    kind, index = device.type, device.index or 0
+    width: list[int] = []  # the embedding size, learnt from the first call
+
     def embed(batch: torch.Tensor) -> torch.Tensor:
-        out = module(batch)
-        return out[0] if isinstance(out, (tuple, list)) else out
+        x = batch.detach().to(device=device, dtype=torch.float32).contiguous()
+        binding = sess.io_binding()
+        binding.bind_input(in_name, kind, index, np.float32, list(x.shape), x.data_ptr())
+        out = torch.empty((x.shape[0], width[0]), dtype=torch.float32, device=device) if width else None
+        if out is not None:
+            binding.bind_output(out_name, kind, index, np.float32, list(out.shape), out.data_ptr())
+        else:
+            binding.bind_output(out_name, kind, index)
+        if kind == "cuda":
+            torch.cuda.current_stream(device).synchronize()  # torch's writes of x land before ORT reads it
+        sess.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        if out is None:  # first call: ORT allocated the output; one small copy teaches the width
+            arr = binding.copy_outputs_to_cpu()[0]
+            width.append(int(np.prod(arr.shape[1:])))
+            out = torch.from_numpy(np.ascontiguousarray(arr).reshape(arr.shape[0], -1)).to(device)
+        return out
+
+    return embed
+
+
+def ort_on_cuda(model: OnnxModel) -> bool:
+    """Whether the session runs on ONNX Runtime's CUDA provider."""
+    return "CUDAExecutionProvider" in model.session.get_providers()
+
+
+def torch_embed(module: torch.nn.Module, forward_dtype: torch.dtype | None = None) -> Embed:
+    """An embed function over a torch encoder; `forward_dtype` (bfloat16 / float16) runs its forward
+    under autocast, and the embedding comes back as float32 (the similarity is computed in float32)."""
+    device = module_device(module)
+
+    def embed(batch: torch.Tensor) -> torch.Tensor:
+        with autocast(device, forward_dtype):
+            out = module(batch)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        return out.float()
 
     return embed
 
@@ -151,10 +208,27 @@ class RelaxJobMethod:
         # results at the image's own resolution and geometry (letterbox padding cut away); progress
         # previews in the same geometry at the model's scale
         ph, pw = preview_shape(h, w, max(spec.height, spec.width))
-        if "onnx" in encoder.files:
-            embed, backend = onnx_embed(registry.onnx(encoder)), "onnxruntime"
-        else:
-            embed, backend = torch_embed(registry.torch_module(encoder)), "torch"
+        dev, dtype = registry.device, None
+        session = registry.onnx(encoder) if "onnx" in encoder.files else None
+        on_gpu_graph = session is not None and dev.type == "cuda" and ort_on_cuda(session)
+        if session is not None and (dev.type == "cpu" or on_gpu_graph or "torch" not in registry.forms(encoder)):
+            if on_gpu_graph:
+                embed, backend = iobinding_embed(session, dev), "onnxruntime-cuda"
+            else:
+                embed, backend, dev = onnx_embed(session), "onnxruntime", torch.device("cpu")
+        else:  # no graph, or a GPU that ONNX Runtime cannot use: the torch module on the device
+            dtype = registry.forward_dtype
+            embed, backend = torch_embed(registry.torch_module(encoder), dtype), "torch"
+            if dev.type == "cuda" and registry.config.batch_by_memory and not request.relax.HasField("batch_size"):
+                c, hh, ww = (int(v) for v in x.shape)
+
+                def probe(k: int) -> None:
+                    with torch.no_grad():
+                        embed(torch.zeros((k, c, hh, ww), device=dev))
+
+                b = memory_batch(probe, dev, cfg.batch_size, lo=cfg.batch_size,
+                                 hi=max(cfg.batch_size, min(MEMORY_BATCH_MAX, self.max_batch_size)))
+                cfg = dataclasses.replace(cfg, batch_size=b)
         t_loaded = time.perf_counter()
         ctx.check_cancelled()
 
@@ -162,7 +236,7 @@ class RelaxJobMethod:
             finite = np.isfinite(p.max_std_error)
             ctx.report(
                 p.fraction,
-                heatmap=normalise(to_input_geometry(p.importance.numpy(), spec, ph, pw, clip=False)),
+                heatmap=normalise(to_input_geometry(p.importance.cpu().numpy(), spec, ph, pw, clip=False)),
                 score=float(p.max_std_error) if finite else None,
                 metrics={"masks": float(p.num_masks), "masks_per_second": float(p.masks_per_second)},
                 message=f"{p.num_masks} masks" + (f", max standard error {p.max_std_error:.4f}" if finite else ""),
@@ -172,11 +246,11 @@ class RelaxJobMethod:
             ctx.check_cancelled()  # raises JobCancelled: checked before every batch of masks
             return False
 
-        relax = Relax(embed, cfg, mean=encoder.input.mean, std=encoder.input.std)
-        out = relax.attribute(torch.from_numpy(x), progress=progress, should_stop=should_stop)
+        relax = Relax(embed, cfg, mean=encoder.input.mean, std=encoder.input.std, on_oom=count_oom(self.name))
+        out = relax.attribute(torch.from_numpy(x).to(dev), progress=progress, should_stop=should_stop)
         t_relax = time.perf_counter()
 
-        imp, unc = (to_input_geometry(t.numpy().astype(np.float32), spec, h, w, clip=False)
+        imp, unc = (to_input_geometry(t.cpu().numpy().astype(np.float32), spec, h, w, clip=False)
                     for t in (out.importance, out.uncertainty))
         # U-RELAX ([RELAX] eq. 13) re-applied at the image's resolution: R where U < the threshold
         ur = np.where(unc < out.threshold, imp, 0.0).astype(np.float32)
@@ -186,6 +260,9 @@ class RelaxJobMethod:
             "model": entry.id,
             "encoder": encoder.id,
             "backend": backend,
+            "device": str(dev),
+            "forward_dtype": str(dtype).replace("torch.", "") if dtype is not None else "float32",
+            "forward_batch": out.forward_batch,
             "input_shape": [int(v) for v in x.shape],
             "image_size": [h, w],
             "resize": spec.resize,

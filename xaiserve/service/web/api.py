@@ -32,7 +32,9 @@ interceptor checks it (service.security: constant time, the token's allow-list o
 the column above, the same rejection counter and fixed messages) before the body is read. A server
 that authenticates gRPC callers by client certificate alone (mutual TLS, no tokens) refuses /api:
 the plain-HTTP port cannot check certificates. The page and its static files are public (they hold
-no data).
+no data). Against cross-site request forgery a POST body must be `application/json` (which another
+site's page can only send after a CORS preflight, never granted here) and a call whose `Origin` is
+not this host is refused (PERMISSION_DENIED).
 
 Threads: service.httpd answers each connection in a thread of its own, which reads the body and
 writes the answer (I/O only); the servicer runs on the event loop, request parsing and JSON

@@ -64,8 +64,10 @@ class FolderDataset:
         if not root.is_dir():
             raise InvalidArgument(f"--images {root} is not a folder")
         files = image_files(root)
-        if limit is not None:
-            files = files[: max(int(limit), 2)]
+        if limit is not None and len(files) > max(int(limit), 2):
+            # evenly spaced over the sorted files, so that every class folder is represented
+            step = len(files) / max(int(limit), 2)
+            files = [files[int(i * step)] for i in range(max(int(limit), 2))]
         if len(files) < 2:
             raise InvalidArgument(f"--images {root} holds {len(files)} image(s) ({', '.join(IMAGE_SUFFIXES)}); need at least 2")
         if not 0.0 < val_fraction < 1.0:
@@ -167,6 +169,10 @@ class FolderDataset:
             raise InvalidArgument(f"unknown split {name!r}; use train, val or test")
         idx = self._index[name]
         return Split(self._images[idx], self._labels_all[idx], self._masks[idx])
+
+    def everything(self) -> Split:
+        """Every image, in file order (evaluation of a folder: no split)."""
+        return Split(self._images, self._labels_all, self._masks)
 
     def stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         return tuple(self.spec.mean), tuple(self.spec.std)

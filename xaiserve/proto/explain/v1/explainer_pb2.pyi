@@ -171,7 +171,7 @@ class ExplainRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., options: _Optional[_Union[ExplainOptions, _Mapping]] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
-    __slots__ = ("model", "mask", "output", "fidelity", "mask_png", "overlay_png", "target_label", "timing", "method", "dicom", "dicom_overlay", "mask_geometry")
+    __slots__ = ("model", "mask", "output", "fidelity", "mask_png", "overlay_png", "target_label", "timing", "method", "dicom", "dicom_overlay", "mask_geometry", "target_probability", "target_absent")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MASK_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +184,8 @@ class ExplainResponse(_message.Message):
     DICOM_FIELD_NUMBER: _ClassVar[int]
     DICOM_OVERLAY_FIELD_NUMBER: _ClassVar[int]
     MASK_GEOMETRY_FIELD_NUMBER: _ClassVar[int]
+    TARGET_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    TARGET_ABSENT_FIELD_NUMBER: _ClassVar[int]
     model: str
     mask: Tensor
     output: Tensor
@@ -196,7 +198,9 @@ class ExplainResponse(_message.Message):
     dicom: bytes
     dicom_overlay: bytes
     mask_geometry: MaskGeometry
-    def __init__(self, model: _Optional[str] = ..., mask: _Optional[_Union[Tensor, _Mapping]] = ..., output: _Optional[_Union[Tensor, _Mapping]] = ..., fidelity: _Optional[float] = ..., mask_png: _Optional[bytes] = ..., overlay_png: _Optional[bytes] = ..., target_label: _Optional[int] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., method: _Optional[str] = ..., dicom: _Optional[bytes] = ..., dicom_overlay: _Optional[bytes] = ..., mask_geometry: _Optional[_Union[MaskGeometry, _Mapping]] = ...) -> None: ...
+    target_probability: float
+    target_absent: bool
+    def __init__(self, model: _Optional[str] = ..., mask: _Optional[_Union[Tensor, _Mapping]] = ..., output: _Optional[_Union[Tensor, _Mapping]] = ..., fidelity: _Optional[float] = ..., mask_png: _Optional[bytes] = ..., overlay_png: _Optional[bytes] = ..., target_label: _Optional[int] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., method: _Optional[str] = ..., dicom: _Optional[bytes] = ..., dicom_overlay: _Optional[bytes] = ..., mask_geometry: _Optional[_Union[MaskGeometry, _Mapping]] = ..., target_probability: _Optional[float] = ..., target_absent: bool = ...) -> None: ...
 
 class ExplainFrame(_message.Message):
     __slots__ = ("frame_id", "image", "model", "options", "policy", "max_queue", "client_timestamp_us", "max_consecutive_errors")
@@ -313,7 +317,7 @@ class RelaxParams(_message.Message):
     def __init__(self, num_masks: _Optional[int] = ..., cells: _Optional[int] = ..., p_keep: _Optional[float] = ..., masking: _Optional[str] = ..., noise_mean: _Optional[float] = ..., noise_std: _Optional[float] = ..., adaptive: bool = ..., target_error: _Optional[float] = ..., threshold: _Optional[str] = ..., gamma: _Optional[float] = ..., batch_size: _Optional[int] = ..., two_pass: bool = ..., seed: _Optional[int] = ..., estimator: _Optional[str] = ...) -> None: ...
 
 class AblationParams(_message.Message):
-    __slots__ = ("score", "num_slices", "mask_size", "sigma_regu", "saturation", "ramp_saturation", "max_iterations", "step_size", "target_label", "reduction", "window", "return_images", "baseline", "stop_saturation", "seed")
+    __slots__ = ("score", "num_slices", "mask_size", "sigma_regu", "saturation", "ramp_saturation", "max_iterations", "step_size", "target_label", "reduction", "window", "return_images", "baseline", "stop_saturation", "seed", "min_iterations")
     SCORE_FIELD_NUMBER: _ClassVar[int]
     NUM_SLICES_FIELD_NUMBER: _ClassVar[int]
     MASK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -329,6 +333,7 @@ class AblationParams(_message.Message):
     BASELINE_FIELD_NUMBER: _ClassVar[int]
     STOP_SATURATION_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    MIN_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     score: str
     num_slices: int
     mask_size: int
@@ -344,7 +349,8 @@ class AblationParams(_message.Message):
     baseline: Image
     stop_saturation: float
     seed: int
-    def __init__(self, score: _Optional[str] = ..., num_slices: _Optional[int] = ..., mask_size: _Optional[int] = ..., sigma_regu: _Optional[float] = ..., saturation: _Optional[float] = ..., ramp_saturation: bool = ..., max_iterations: _Optional[int] = ..., step_size: _Optional[float] = ..., target_label: _Optional[int] = ..., reduction: _Optional[str] = ..., window: _Optional[int] = ..., return_images: bool = ..., baseline: _Optional[_Union[Image, _Mapping]] = ..., stop_saturation: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    min_iterations: int
+    def __init__(self, score: _Optional[str] = ..., num_slices: _Optional[int] = ..., mask_size: _Optional[int] = ..., sigma_regu: _Optional[float] = ..., saturation: _Optional[float] = ..., ramp_saturation: bool = ..., max_iterations: _Optional[int] = ..., step_size: _Optional[float] = ..., target_label: _Optional[int] = ..., reduction: _Optional[str] = ..., window: _Optional[int] = ..., return_images: bool = ..., baseline: _Optional[_Union[Image, _Mapping]] = ..., stop_saturation: _Optional[float] = ..., seed: _Optional[int] = ..., min_iterations: _Optional[int] = ...) -> None: ...
 
 class SiftParams(_message.Message):
     __slots__ = ("eta", "contrast_threshold", "edge_threshold", "sparsity", "layers_per_octave", "hard_cells", "target_label", "return_images", "sigma_lp", "sigma_hp", "score", "num_slices", "saturation", "ramp_saturation", "max_iterations", "step_size", "stop_saturation", "reduction", "metric_weights", "num_masks", "p_keep", "batch_size", "seed")

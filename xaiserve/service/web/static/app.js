@@ -284,6 +284,7 @@
     $("#auth").classList.remove("wanted");
     $("#notice").hidden = true;
     await load();
+    await restoreJobs();
   });
 
   // ---------------------------------------------------------------------------------------- tabs
@@ -625,6 +626,7 @@
       status.textContent = `submitted ${job.id}`;
       const rec = { id: job.id, job, method, model, image: state.image, progress: 0, message: "", heat: null };
       state.jobs.set(job.id, rec);
+      saveJobs();
       preview(model).then((p) => (rec.base = p.bitmap), () => null);
       selectJob(job.id);
       watchJob(rec);
@@ -679,10 +681,48 @@
     }
   }
 
-  function selectJob(id) {
+  async function selectJob(id) {
     state.current = id;
     $("#job-result").replaceChildren();
     $("#job-live").replaceChildren();
+    const rec = state.jobs.get(id);
+    const res = rec && rec.job.result;
+    if (rec && rec.job.state === "SUCCEEDED" && !(res && Object.keys(res).some((k) => k !== "timings" && k !== "parameters_json" && res[k] && typeof res[k] === "object" && Object.keys(res[k]).length))) {
+      try {
+        rec.job = await api(`jobs/${encodeURIComponent(id)}?include_result=1`);  // a job restored after a reload
+      } catch (e) {
+        rec.message = describe(e);
+      }
+    }
+    renderJobs();
+  }
+
+  /** The page's jobs survive a reload of the page (ids in sessionStorage; the server keeps the jobs). */
+  function saveJobs() {
+    const list = Array.from(state.jobs.values()).map((r) => ({ id: r.id, method: r.method, model: r.model }));
+    sessionStorage.setItem("xaiserve.jobs", JSON.stringify(list));
+  }
+
+  async function restoreJobs() {
+    let saved = [];
+    try {
+      saved = JSON.parse(sessionStorage.getItem("xaiserve.jobs") || "[]");
+    } catch (_) {
+      saved = [];
+    }
+    for (const s of saved) {
+      if (state.jobs.has(s.id)) continue;
+      try {
+        const job = await api(`jobs/${encodeURIComponent(s.id)}`);
+        const rec = { id: s.id, job, method: s.method, model: s.model, progress: job.progress, message: job.error || "", heat: null };
+        state.jobs.set(s.id, rec);
+        if (!TERMINAL.includes(job.state)) watchJob(rec);
+      } catch (e) {
+        if (!(e instanceof ApiError && e.status === 404)) return; // no token yet, or the server is away: keep the list
+        // 404: purged, or another token's job: forget it
+      }
+    }
+    saveJobs();
     renderJobs();
   }
 
@@ -1056,5 +1096,5 @@
   bindImageInputs();
   $("#token").value = state.token;
   showTab();
-  load().then(() => (document.body.dataset.ready = "1"));
+  load().then(restoreJobs).then(() => (document.body.dataset.ready = "1"));
 })();
