@@ -220,7 +220,8 @@ def test_job_runs_end_to_end_and_fills_every_field(registry):
     assert params["reduction"] == "transition" and params["score"] == "retaining" and params["stop_saturation"] == 0.8
     # unset fields take the thesis's and the authors' defaults (METHODS.md, decision 2026-12)
     assert params["step_size"] == 0.5 and params["min_iterations"] == 6 and params["ramp_saturation"] is True
-    assert params["saturation"] == 3.0 and params["transition_floor"] == 0.25 and params["sigma_regu"] == 1.5
+    assert params["saturation"] == 0.0 and params["transition_floor"] == 0.25 and params["sigma_regu"] == 1.5
+    assert params["sigma_image_px"] == 1.5 and params["sigma_mask_px"] == pytest.approx(1.5 * 16 / SIZE)
     assert {"run", "model", "baseline", "render"} <= set(res.timings)
     # one progress report per iteration, with the current heatmap, score and saturation
     assert len(ctx.reports) == 12

@@ -327,11 +327,13 @@ def test_config_errors_name_the_parameter(kw, word):
 def test_defaults_are_the_thesis_and_authors_values():
     cfg = AblationConfig()
     assert (cfg.step_size, cfg.min_iterations, cfg.max_iterations, cfg.transition_floor) == (0.5, 6, 100, 0.25)
-    assert cfg.ramp_saturation and cfg.saturation > 0 and cfg.sigma_regu == 7.0
-    # sigma in image pixels, scaled to the mask grid by sqrt(mask area / image area)
-    assert cfg.mask_sigma(64, 64) == pytest.approx(7.0)
-    assert cfg.mask_sigma(224, 224) == pytest.approx(7.0 * 64 / 224)
-    assert AblationConfig(mask_size=32).mask_sigma(64, 128) == pytest.approx(7.0 * math.sqrt(32 * 32 / (64 * 128)))
+    assert cfg.ramp_saturation and cfg.saturation > 0 and cfg.sigma_regu is None
+    # sigma in image pixels: 7 px at 224 px, scaled with the image side
+    assert cfg.image_sigma(224, 224) == pytest.approx(7.0) and cfg.image_sigma(64, 64) == pytest.approx(2.0)
+    # ... and to the mask grid by sqrt(mask area / image area): 64 x 64 masks get 2 mask px at any image size
+    assert cfg.mask_sigma(224, 224) == pytest.approx(2.0) and cfg.mask_sigma(64, 64) == pytest.approx(2.0)
+    given = AblationConfig(mask_size=32, sigma_regu=7.0)
+    assert given.mask_sigma(64, 128) == pytest.approx(7.0 * math.sqrt(32 * 32 / (64 * 128)))
 
 
 def test_mask_larger_than_image_is_rejected():

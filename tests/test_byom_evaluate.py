@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image as PILImage
 
@@ -34,6 +35,7 @@ def test_deletion_insertion_rewards_the_map_that_points_at_the_evidence():
     np.testing.assert_allclose(i_good, 0.875)
 
 
+@pytest.mark.slow
 def test_evaluate_a_user_model_on_a_folder_with_and_without_masks(tmp_path, capsys):
     store = tmp_path / "store"
     files = save_forms(make("vgg", size=(64, 64)), tmp_path / "vgg", size=(64, 64))

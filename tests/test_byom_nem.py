@@ -13,7 +13,6 @@ import io
 import json
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 import torch

@@ -164,3 +164,22 @@ def _flatten_net(tmp_path):
     torch.export.save(torch.export.export(net, (torch.randn(2, 3, 64, 64),),
                                           dynamic_shapes=({0: torch.export.Dim("b")},)), str(path))
     return path
+
+
+def test_torchscript_kept_as_compiled_code_serves_autograd_methods_and_refuses_layer_methods(files):
+    """When torch's converter cannot turn a TorchScript module into a graph, the module itself serves
+    the methods that need only autograd; GradCAM and guided backprop (which need its layers and
+    ReLUs) are refused, naming the file to add instead."""
+    from xaiserve.handlers.nets.forms import ScriptForm
+
+    script = torch.jit.load(str(files["mobile"]["torchscript"]))
+    mod = ScriptForm(script, "converter failed (test)")
+    x = torch.randn(1, 3, 64, 64)
+    ref = make("mobile", size=(64, 64))
+    np.testing.assert_allclose(saliency.attribute("saliency", mod, x, kind="encoder"),
+                               saliency.attribute("saliency", ref, x, kind="encoder"), atol=1e-5)
+    for method in ("gradcam", "guided_backprop"):
+        with pytest.raises(FailedPrecondition, match=r"TorchScript could not be converted.*converter failed.*\.pt2"):
+            saliency.attribute(method, mod, x, kind="encoder")
+    with pytest.raises(FailedPrecondition, match="cannot be tapped"):
+        find_pyramid(mod, x)

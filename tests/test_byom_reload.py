@@ -116,6 +116,7 @@ def check_unavailable(stub, expected: dict[str, str]) -> None:
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "io.image" in e.value.details()
 
 
+@pytest.mark.slow
 def test_server_starts_and_serves_the_others_with_bad_entries(tmp_path, caplog):
     store = build_store(tmp_path / "store", slow=False)
     expected = bad_entries(store)
@@ -126,6 +127,7 @@ def test_server_starts_and_serves_the_others_with_bad_entries(tmp_path, caplog):
     assert {f"{n}:1" for n in expected} <= logged
 
 
+@pytest.mark.slow
 def test_bad_entries_arriving_by_reload_leave_the_others_serving(tmp_path):
     store = build_store(tmp_path / "store", slow=False)
     with running_server(store, reload_interval_s=0.1, job_workers=0) as srv:
@@ -234,3 +236,34 @@ def test_add_swap_and_remove_under_load_over_grpc(tmp_path):
             assert set(seen["extra"]) == {"OK", "NOT_FOUND"}, seen
             assert versions >= {"tiny-nemu:2", "tiny-nemu:3"}, versions
         assert srv.running.watcher.reloads >= 6
+
+
+@pytest.mark.slow  # a server subprocess: ~15 s
+def test_sighup_reloads_when_polling_is_off(tmp_path):
+    import signal
+
+    from tests.serverutil import server_process
+
+    store = build_store(tmp_path / "store", slow=False)
+    with server_process(store, reload_interval_s=0, job_workers=0, load_models="all") as srv:
+        stub = srv.stub()
+        shutil.copytree(store / "tiny-nemu/1", store / "late/1")
+        add_entry(store, {"name": "late", "version": "1", "kind": "nem_u", "files": {"onnx": "late/1/model.onnx"},
+                          "explains": "tiny-encoder:1",
+                          "input": {"height": 32, "width": 32, "channels": 3, "mean": MEAN, "std": STD}})
+        time.sleep(1.5)  # polling is off: nothing happens by itself
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Explain(pb.ExplainRequest(model="late", image=pb.Image(encoded=png())), timeout=30)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        srv.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                r = stub.Explain(pb.ExplainRequest(model="late", image=pb.Image(encoded=png())), timeout=30)
+                break
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.NOT_FOUND
+                time.sleep(0.2)
+        else:
+            raise AssertionError("the model did not appear after SIGHUP")
+        assert r.model == "late:1" and srv.process.poll() is None

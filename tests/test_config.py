@@ -171,13 +171,16 @@ def test_worker_flags_fail_with_the_setting_and_the_flag(capsys):
     from xaiserve.service import worker
 
     for argv, msg in [(["--queue", "sqlite:///x", "--concurrency", "two"], "setting concurrency (flag --concurrency): 'two' is not an integer"),
-                      (["--queue", "sqlite:///x", "--device", "gpu"], "setting device (flag --device): 'gpu' is not one of auto, cpu, cuda"),
                       (["--queue", "sqlite:///x", "--metrics-port", "1.5"], "setting metrics_port (flag --metrics-port): '1.5' is not an integer")]:
         with pytest.raises(SystemExit) as e:
             worker.main(argv)
         assert e.value.code == 2 and msg in capsys.readouterr().err
+    # rules beyond one value's type: exit 2 with the setting and its source
     assert worker.main(["--queue", "sqlite:///x", "--concurrency", "0"]) == 2
     assert "--concurrency must be >= 1 (from flag --concurrency)" in capsys.readouterr().err
+    assert worker.main(["--queue", "sqlite:///x", "--device", "gpu"]) == 2
+    err = capsys.readouterr().err
+    assert "device 'gpu'" in err and "(from flag --device)" in err
 
 
 @pytest.mark.slow

@@ -50,6 +50,7 @@ def test_explain_frame_window_and_pmap(address, tmp_path, capsys):
     assert "method=nemt" in made_by[0].ContributionDescription
 
 
+@pytest.mark.slow
 def test_jobs_submit_writes_dicom_with_the_patient_restored(address, tmp_path):
     scan = tmp_path / "scan.dcm"
     scan.write_bytes(with_phi(sample("CT_small.dcm")))

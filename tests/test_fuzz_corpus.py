@@ -258,7 +258,7 @@ def test_corpus_of_bad_inputs_gets_precise_statuses(store, tmp_path):
                     except grpc.RpcError as e:
                         failures.append(e.code().name)
                     probes.append(time.perf_counter() - t)
-                    stop.wait(0.05)
+                    stop.wait(0.01)
 
         th = threading.Thread(target=probe, daemon=True)
         th.start()
@@ -281,7 +281,7 @@ def test_corpus_of_bad_inputs_gets_precise_statuses(store, tmp_path):
         ch.close()
     assert not wrong, "\n".join(wrong)
     assert not failures, failures
-    assert len(probes) >= 10
+    assert len(probes) >= 5
     p = sorted(probes)
     print(f"{len(cases)} bad inputs; health probes {len(p)}, p50 {p[len(p) // 2] * 1e3:.1f} ms, max {p[-1] * 1e3:.1f} ms; "
           f"RSS {rss0:.0f} -> {rss1:.0f} MB (peak sampled {peak:.0f} MB)")

@@ -151,6 +151,7 @@ def mrc_mutants(draw) -> bytes:
     return bytes(data)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.one_of(mrc_mutants(), mutated(MRC_SEEDS), st.binary(max_size=2048)))
 def test_mrc_bytes_parse_or_raise_value_error(data):

@@ -51,13 +51,33 @@ def test_nemt_preservation_loss_by_hand():
 
 
 def test_nemt_deletion_loss_by_hand():
+    """On softmax probabilities (the authors' inverse option): with two classes p_0 = sigmoid(l_0 - l_1)."""
     logits = torch.tensor([[2.0, -1.0], [0.0, 3.0]])
     logits_del = torch.tensor([[0.5, -1.0], [0.0, 1.0]])
     mask = torch.cat([MASK, torch.ones(1, 1, 2, 2)])
     loss, parts = nemt_deletion_loss(logits, logits_del, mask, torch.tensor([0, 1]), lambda1=0.5)
-    per = [-(1.5**2) + 0.5 * 0.5, -(2.0**2) + 0.5 * 1.0]
+    sig = lambda v: 1.0 / (1.0 + math.exp(-v))
+    # image 0, target 0: p(x) = sigmoid(3) = 0.952574, p(x*(1-m)) = sigmoid(1.5) = 0.817574
+    # image 1, target 1: p(x) = sigmoid(3) = 0.952574, p(x*(1-m)) = sigmoid(1) = 0.731059
+    d0, d1 = (sig(3.0) - sig(1.5)) ** 2, (sig(3.0) - sig(1.0)) ** 2
+    assert d0 == pytest.approx(0.018225, abs=1e-6) and d1 == pytest.approx(0.049069, abs=1e-6)
+    per = [-d0 + 0.5 * 0.5, -d1 + 0.5 * 1.0]  # ||m||_1 = 0.5 and 1.0 (means over pixels)
     assert loss.item() == pytest.approx(sum(per) / 2, abs=1e-6)
-    assert parts["dist"].item() == pytest.approx((2.25 + 4.0) / 2, abs=1e-6)
+    assert parts["dist"].item() == pytest.approx((d0 + d1) / 2, abs=1e-6)
+
+
+def test_nemt_deletion_loss_is_bounded():
+    """A target-logit drop of 100 gave -9999.95 on logits; on probabilities the loss stays in [-1, lambda1]."""
+    logits = torch.tensor([[100.0, 0.0]])
+    logits_del = torch.tensor([[0.0, 0.0]])
+    empty, full = torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2)
+    loss, parts = nemt_deletion_loss(logits, logits_del, empty, torch.tensor([0]), lambda1=0.5)
+    assert loss.item() == pytest.approx(-(1.0 - 0.5) ** 2, abs=1e-6)  # p: 1 -> 0.5
+    worst, _ = nemt_deletion_loss(torch.tensor([[100.0, -100.0]]), torch.tensor([[-100.0, 100.0]]), empty,
+                                  torch.tensor([0]), lambda1=0.5)
+    assert worst.item() == pytest.approx(-1.0, abs=1e-6)
+    most, _ = nemt_deletion_loss(logits, logits, full, torch.tensor([0]), lambda1=0.5)
+    assert most.item() == pytest.approx(0.5, abs=1e-6)
 
 
 def test_random_kernels_are_positive_and_sum_to_one():

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,6 +99,7 @@ def test_alert_unit_tests_pass():
     assert tested == alerts, f"alerts without a unit test: {sorted(alerts - tested)}"
 
 
+@pytest.mark.slow
 def test_alert_unit_test_detects_a_changed_threshold(tmp_path):
     """The unit tests pin the behaviour: raising the backlog threshold must make them fail."""
     changed = ALERTS.read_text().replace("max(xaiserve_job_oldest_queued_age_seconds) > 300", "max(xaiserve_job_oldest_queued_age_seconds) > 900")

@@ -250,6 +250,7 @@ def test_progress_two_pass_and_stop_with_the_control_variate():
     torch.testing.assert_close(again[-1].importance, stopped.importance)
 
 
+@pytest.mark.slow
 def test_auto_uses_the_control_variate_only_for_the_adaptive_rule():
     assert RelaxConfig().resolved_estimator == "plain"
     assert RelaxConfig(adaptive=True).resolved_estimator == "control_variate"

@@ -19,6 +19,9 @@ from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.service.jobs.sift import SiftAblationJobMethod, SiftRiseJobMethod
 from xaiserve.service.tensors import from_tensor, to_tensor
 
+# the default zoo's server for the module, and jobs on it
+pytestmark = pytest.mark.slow
+
 TERMINAL = (pb.EVENT_SUCCEEDED, pb.EVENT_FAILED, pb.EVENT_CANCELLED, pb.EVENT_EXPIRED)
 
 

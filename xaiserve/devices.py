@@ -25,6 +25,8 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
+from xaiserve.errors import FailedPrecondition, InvalidArgument, quote
+
 if TYPE_CHECKING:
     import torch
 
@@ -38,15 +40,15 @@ PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 T = TypeVar("T")
 
 
-class DeviceUnavailable(RuntimeError):
-    """The device setting names a device this machine does not have (raised at start)."""
+class DeviceUnavailable(FailedPrecondition):
+    """The device setting names a device this machine does not have (raised at start; a RuntimeError)."""
 
 
 def check_device_setting(text: str) -> str:
-    """The setting normalised ("CUDA:0 " -> "cuda:0"); ValueError naming the accepted forms."""
+    """The setting normalised ("CUDA:0 " -> "cuda:0"); InvalidArgument (a ValueError) naming the accepted forms."""
     s = str(text).strip().lower()
     if not _SETTING.match(s):
-        raise ValueError(f"device {text!r} is not one of cpu, cuda, cuda:N (N = a device index) or auto")
+        raise InvalidArgument(f"device {quote(text)} is not one of cpu, cuda, cuda:N (N = a device index) or auto")
     return s
 
 

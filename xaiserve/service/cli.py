@@ -16,7 +16,8 @@ TRAIN_TARGETS = {
     "nemt": "xaiserve.training.cli_nem", "zoo": "xaiserve.training.cli_nem", "denoiser": "xaiserve.training.cli_denoise",
 }
 EXPORT_TARGETS = {**TRAIN_TARGETS, "torchserve": "xaiserve.service.torchserve"}
-EVALUATE_TARGETS = {"explanations": "xaiserve.training.cli_eval", "nem": "xaiserve.training.cli_eval", "denoiser": "xaiserve.training.cli_denoise"}
+EVALUATE_TARGETS = {"explanations": "xaiserve.training.cli_eval", "nem": "xaiserve.training.cli_eval", "denoiser": "xaiserve.training.cli_denoise",
+                    "invariance": "xaiserve.training.evaluate_invariance"}
 
 
 def _serve_parser(sub) -> None:
@@ -127,8 +128,9 @@ def _models(args) -> int:
         return 0
     print(f"{'model':28} {'kind':11} {'input':12} {'explains':20} methods")
     for m in ms:
+        served = ", ".join(m.methods) if m.available else f"UNAVAILABLE: {m.unavailable_reason}"
         print(f"{m.name + ':' + m.version:28} {m.kind:11} {f'{m.input.channels}x{m.input.height}x{m.input.width}':12} "
-              f"{m.explains or '-':20} {', '.join(m.methods)}")
+              f"{m.explains or '-':20} {served}")
     return 0
 
 

@@ -102,6 +102,7 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="data seed (splits and molecules)")
     p.add_argument("--train-seed", type=int, default=0, help="initialisation / batch order seed")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a GPU when torch sees one; default)")
     p.add_argument("--run-dir", type=Path, default=None, help=f"output directory (default {DEFAULT_RUNS}/ARCH-snrX[-aug])")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -118,7 +119,14 @@ def train_main(target: str, argv: list[str]) -> int:
     from xaiserve.handlers.denoise.train import TrainConfig, train
     from xaiserve.training.datasets.cryoem import CryoEMConfig, CryoEMSimulator
 
+    from xaiserve.devices import resolve_device
+
     torch.set_num_threads(max(1, args.threads))
+    try:
+        device = resolve_device(args.device)
+    except (ValueError, RuntimeError) as e:  # a malformed setting, or cuda asked for and absent
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     run = args.run_dir or DEFAULT_RUNS / run_name(args.arch, args.snr, args.augment_rotations, args.encode_sigma)
     run.mkdir(parents=True, exist_ok=True)
     data_cfg = CryoEMConfig(
@@ -148,7 +156,8 @@ def train_main(target: str, argv: list[str]) -> int:
         print(f"epoch {rec['epoch']:3d}  train {tl}  val mse {rec['val_mse']:.4g}  psnr {rec['val_psnr']:.2f} dB  "
               f"equivariance {rec['equivariance']:.4f}  ({rec['seconds']:.0f} s)", flush=True)
 
-    history = train(model, tr.noisy, tr.clean, va.noisy, va.clean, train_cfg, log_path=log, progress=not args.no_progress, on_epoch=show)
+    history = train(model, tr.noisy, tr.clean, va.noisy, va.clean, train_cfg, log_path=log, progress=not args.no_progress, on_epoch=show,
+                    device=device)
     save_checkpoint(run / "model.pt", model, {"data": config["data"], "train": config["train"], "history": history})
     print(f"saved {run / 'model.pt'} (weights of epoch {history[-1]['best_epoch']}, the lowest validation loss; "
           f"{time.perf_counter() - t0:.0f} s in all)")

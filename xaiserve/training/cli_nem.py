@@ -62,6 +62,7 @@ def _parser(cmd: str, target: str) -> argparse.ArgumentParser:
         p.add_argument("--resume", action="store_true", help="continue from the checkpoints under --out")
         p.add_argument("--limit", type=int, default=None, help="train on the first N training images only")
         p.add_argument("--threads", type=int, default=2)
+        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a GPU when torch sees one; default)")
         p.add_argument("--no-progress", action="store_true")
         p.add_argument("--no-export", action="store_true", help="train only; publish later with `xaiserve export`")
         p.add_argument("--fashion-mnist", type=Path, default=None, help="directory with the Fashion-MNIST IDX files")
@@ -104,9 +105,11 @@ def _name(target: str, args: argparse.Namespace) -> str:
 def _opts(args: argparse.Namespace):
     from xaiserve.training.zoo import RunOptions
 
+    from xaiserve.devices import resolve_device
+
     return RunOptions(out=args.out, store=args.store, version=args.version, seed=args.seed, epochs=args.epochs,
                       resume=args.resume, progress=not args.no_progress, limit=args.limit, export=not args.no_export,
-                      fashion_mnist=args.fashion_mnist)
+                      fashion_mnist=args.fashion_mnist, device=str(resolve_device(getattr(args, "device", "cpu"))))
 
 
 def _summary(res: dict[str, Any]) -> str:

@@ -3,6 +3,10 @@
 A checkpoint (one file, rewritten atomically after every epoch) holds the trainable module's state,
 the optimiser's state, the epoch count, the torch RNG state, the per-epoch history and the run's
 configuration. `resume=True` continues from it, refusing if the configuration differs.
+
+Devices: the trainers build their batches on the host (data, augmentation, RNG streams as on the
+CPU) and `train_loop(device=...)` moves each batch there just before the step, the one host-to-
+device copy per step; the trainers move their modules there once (`xaiserve train ... --device`).
 """
 from __future__ import annotations
 
@@ -21,6 +25,19 @@ from xaiserve.handlers.nets import load_state_dict_file
 from xaiserve.errors import FailedPrecondition
 
 StepFn = Callable[[Any], tuple[torch.Tensor, dict[str, float]]]
+
+
+def to_device(batch: Any, device: torch.device | str | None) -> Any:
+    """The batch (a tensor, or tuples / lists / dicts of them) on `device`; None leaves it where it is."""
+    if device is None:
+        return batch
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
 
 
 @dataclass(frozen=True)
@@ -73,8 +90,10 @@ def train_loop(
     step: StepFn,
     validate: Callable[[int], dict[str, float]] | None = None,
     run_config: dict[str, Any] | None = None,
+    device: torch.device | str | None = None,
 ) -> list[dict[str, float]]:
-    """Train for cfg.epochs epochs; returns the history (one dict of mean train logs + validation per epoch)."""
+    """Train for cfg.epochs epochs; returns the history (one dict of mean train logs + validation per epoch).
+    `device`: where each batch goes before `step` (the module must already be there)."""
     start, history = 0, []
     best: dict[str, Any] | None = None
     run_config = run_config or {}
@@ -86,7 +105,7 @@ def train_loop(
                 "run without --resume, or with the same options"
             )
         module.load_state_dict(ck["module"])
-        optimiser.load_state_dict(ck["optimiser"])
+        optimiser.load_state_dict(ck["optimiser"])  # its state tensors follow the parameters' device
         torch.set_rng_state(ck["rng"])
         start, history = int(ck["epoch"]), list(ck["history"])
         best = ck.get("best")
@@ -99,7 +118,7 @@ def train_loop(
                    leave=False, mininterval=1.0)
         for batch in batches(epoch):
             optimiser.zero_grad(set_to_none=True)
-            loss, logs = step(batch)
+            loss, logs = step(to_device(batch, device))
             loss.backward()
             optimiser.step()
             n += 1

@@ -26,6 +26,7 @@ import torch
 from prodigyopt import Prodigy
 from torch import nn
 
+from xaiserve.devices import module_device
 from xaiserve.handlers.nem.decoder import DecoderArch
 from xaiserve.handlers.nem.losses import NEMT_FORMS, NemTLossConfig, NemULossConfig, nemt_deletion_loss, nemt_preservation_loss, nemu_loss
 from xaiserve.handlers.nem.models import NemT, NemU
@@ -102,9 +103,11 @@ def nemu_step(model: NemU, x: torch.Tensor, cfg: NemULossConfig = NemULossConfig
 def evaluate_nemu(model: NemU, ds: SyntheticDataset, split: str = "val", limit: int | None = None) -> dict[str, float]:
     """Relevance mass, mask size and fidelity cos(Phi(x), Phi(x*m)) on a held-out split."""
     model.eval()
+    dev = module_device(model)
     rm, size, fid = [], [], []
     with torch.no_grad():
         for x, _, gt in ds.batches(split, _eval_batch(ds), limit=limit):
+            x, gt = x.to(dev), gt.to(dev)
             mask, z = model(x)
             rm.append(relevance_mass(mask, gt))
             size.append(mask.flatten(1).mean(1))
@@ -127,9 +130,11 @@ def _select(ds, metric: str, without_masks: str | None) -> str | None:
 
 def train_nemu(frozen: nn.Module, ds: SyntheticDataset, cfg: NemTrainConfig, *, decoder: DecoderArch = NEMU_DECODER,
                loss: NemULossConfig = NemULossConfig(), checkpoint: Path | None = None, resume: bool = False,
-               progress: bool = True, limit: int | None = None) -> tuple[NemU, list[dict], dict[str, Any]]:
+               progress: bool = True, limit: int | None = None,
+               device: torch.device | str = "cpu") -> tuple[NemU, list[dict], dict[str, Any]]:
+    """Train the decoder on `device` (the frozen encoder goes there with it); back on the CPU at the end."""
     torch.manual_seed(cfg.seed)
-    model = NemU(frozen, decoder)
+    model = NemU(frozen, decoder).to(device)
     opt = prodigy(model.decoder.parameters())
     gen, steps = _batches(ds, cfg.batch_size, cfg.seed, limit)
     history = train_loop(
@@ -140,9 +145,11 @@ def train_nemu(frozen: nn.Module, ds: SyntheticDataset, cfg: NemTrainConfig, *, 
         model, opt, gen, steps, lambda b: nemu_step(model, b[0], loss),
         validate=lambda e: evaluate_nemu(model, ds, "val", limit=512),
         run_config={**asdict(cfg), "decoder": decoder.to_dict(), "loss": asdict(loss), "dataset": ds.describe(), "limit": limit},
+        device=device,
     )
     model.eval()
-    return model, history, {"val": evaluate_nemu(model, ds, "val"), "test": evaluate_nemu(model, ds, "test")}
+    metrics = {"val": evaluate_nemu(model, ds, "val"), "test": evaluate_nemu(model, ds, "test")}
+    return model.cpu(), history, metrics
 
 
 # -- NEMt ----------------------------------------------------------------------------------------
@@ -169,9 +176,11 @@ def evaluate_nemt(model: NemT, ds: SyntheticDataset, split: str = "val", limit: 
     target="label": explain the true class (as the ground truth marks the lesion of that class);
     target="argmax": explain the predicted class (target -1)."""
     model.eval()
+    dev = module_device(model)
     rm, size, keep, drop = [], [], [], []
     with torch.no_grad():
         for x, y, gt in ds.batches(split, _eval_batch(ds), limit=limit):
+            x, y, gt = x.to(dev), y.to(dev), gt.to(dev)
             t = y if target == "label" else torch.full_like(y, -1)
             mask, logits, label = model(x, t)
             rm.append(relevance_mass(mask, gt))
@@ -190,14 +199,15 @@ COND_HEAD_BIAS = 2.0  # initial mask logit of the class-conditional NEMt (see tr
 def train_nemt(frozen: nn.Module, ds: SyntheticDataset, cfg: NemTrainConfig, *, form: str = "preservation",
                conditional: bool = False, decoder: DecoderArch | None = None, smoothing: int = 21,
                checkpoint: Path | None = None, resume: bool = False, progress: bool = True,
-               limit: int | None = None) -> tuple[NemT, list[dict], dict[str, Any]]:
-    """Train a per-class NEMt bank (each decoder in turn) or one class-conditional NEMt."""
+               limit: int | None = None, device: torch.device | str = "cpu") -> tuple[NemT, list[dict], dict[str, Any]]:
+    """Train a per-class NEMt bank (each decoder in turn) or one class-conditional NEMt, on
+    `device` (the frozen classifier goes there with it); back on the CPU at the end."""
     if form not in NEMT_FORMS:
         raise InvalidArgument(f"unknown NEMt loss form {form!r}; use one of {NEMT_FORMS}")
     torch.manual_seed(cfg.seed)
     k = int(frozen.output_dim)
     decoder = decoder or (NEMT_COND_DECODER if conditional else NEMT_BANK_DECODER)
-    model = NemT(frozen, decoder, num_classes=k, conditional=conditional, smoothing=smoothing)
+    model = NemT(frozen, decoder, num_classes=k, conditional=conditional, smoothing=smoothing).to(device)
     base = {**asdict(cfg), "form": form, "conditional": conditional, "decoder": decoder.to_dict(), "smoothing": smoothing,
             "dataset": ds.describe(), "limit": limit}
     history: list[dict] = []
@@ -215,8 +225,9 @@ def train_nemt(frozen: nn.Module, ds: SyntheticDataset, cfg: NemTrainConfig, *, 
             # half the targets are the true label, half uniformly random (as the per-class networks see
             # their own class half the time)
             x, y = b
-            rand = torch.randint(0, k, (len(x),), generator=g)
-            t = torch.where(torch.rand(len(x), generator=g) < 0.5, y, rand)
+            # drawn on the host (the same targets on every device), moved to the batch's device
+            rand = torch.randint(0, k, (len(x),), generator=g).to(x.device)
+            t = torch.where((torch.rand(len(x), generator=g) < 0.5).to(x.device), y, rand)
             return nemt_step(model, x, t, form)
 
         ck = checkpoint.with_name(checkpoint.stem + "-cond.pt") if checkpoint else None
@@ -225,7 +236,7 @@ def train_nemt(frozen: nn.Module, ds: SyntheticDataset, cfg: NemTrainConfig, *, 
         history = train_loop(LoopConfig(epochs=cfg.epochs, checkpoint=ck, resume=resume, progress=progress, desc=f"nemt-cond[{form}]",
                                         select=_select(ds, "relevance_mass", "prob_change_keep_mask")),
                              model, opt, gen, steps, step, run_config=base,
-                             validate=lambda e: evaluate_nemt(model, ds, "val", limit=512))
+                             validate=lambda e: evaluate_nemt(model, ds, "val", limit=512), device=device)
     else:
         for c in range(k):
             opt = prodigy(model.decoders[c].parameters())
@@ -235,8 +246,9 @@ def train_nemt(frozen: nn.Module, ds: SyntheticDataset, cfg: NemTrainConfig, *, 
                 LoopConfig(epochs=cfg.epochs, checkpoint=ck, resume=resume and ck is not None and ck.exists(), progress=progress,
                            desc=f"nemt[{form}] class {c}"),
                 model.decoders[c], opt, gen, steps,
-                lambda b, c=c: nemt_step(model, b[0], torch.full((len(b[0]),), c, dtype=torch.int64), form, only=c),
-                run_config={**base, "class": c},
+                lambda b, c=c: nemt_step(model, b[0], torch.full((len(b[0]),), c, dtype=torch.int64, device=b[0].device),
+                                         form, only=c),
+                run_config={**base, "class": c}, device=device,
             )
             history += [{**r, "class": c} for r in h]
     model.eval()
@@ -245,4 +257,4 @@ def train_nemt(frozen: nn.Module, ds: SyntheticDataset, cfg: NemTrainConfig, *, 
         "test": evaluate_nemt(model, ds, "test"),
         "test_argmax": evaluate_nemt(model, ds, "test", target="argmax"),
     }
-    return model, history, metrics
+    return model.cpu(), history, metrics

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from xaiserve.devices import module_device
 from xaiserve.handlers.nets import EncoderArch, PyramidEncoder
 from xaiserve.training.augment import AugmentConfig, simclr_view
 from xaiserve.training.datasets.base import SyntheticDataset
@@ -50,8 +51,8 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     z = F.normalize(torch.cat([z1, z2]), dim=1)
     b = z1.shape[0]
     sim = z @ z.t() / temperature
-    sim = sim.masked_fill(torch.eye(2 * b, dtype=torch.bool), float("-inf"))
-    pos = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)])
+    sim = sim.masked_fill(torch.eye(2 * b, dtype=torch.bool, device=z.device), float("-inf"))
+    pos = torch.cat([torch.arange(b, 2 * b, device=z.device), torch.arange(0, b, device=z.device)])
     return F.cross_entropy(sim, pos)
 
 
@@ -85,12 +86,14 @@ class SimCLRModel(nn.Module):
 
 
 def embed_split(encoder: nn.Module, ds: SyntheticDataset, split: str, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings and labels of a split, on the encoder's device."""
     encoder.eval()
+    dev = module_device(encoder)
     zs, ys = [], []
     with torch.no_grad():
         for x, y, _ in ds.batches(split, batch_size):
-            zs.append(encoder(x))
-            ys.append(y)
+            zs.append(encoder(x.to(dev)))
+            ys.append(y.to(dev))
     return torch.cat(zs), torch.cat(ys)
 
 
@@ -99,7 +102,7 @@ def linear_probe(encoder: nn.Module, ds: SyntheticDataset, *, steps: int = 150, 
     ztr, ytr = embed_split(encoder, ds, "train")
     mu, sd = ztr.mean(0), ztr.std(0) + 1e-6
     ztr = (ztr - mu) / sd
-    lin = nn.Linear(ztr.shape[1], ds.num_classes)
+    lin = nn.Linear(ztr.shape[1], ds.num_classes).to(ztr.device)
     opt = torch.optim.LBFGS(lin.parameters(), lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure():
@@ -120,10 +123,12 @@ def linear_probe(encoder: nn.Module, ds: SyntheticDataset, *, steps: int = 150, 
 
 def train_simclr(ds: SyntheticDataset, cfg: SimCLRConfig, arch: EncoderArch = EncoderArch(), *,
                  checkpoint: Path | None = None, resume: bool = False, progress: bool = True,
-                 limit: int | None = None) -> tuple[PyramidEncoder, list[dict], dict[str, Any]]:
-    """Train SimCLR; returns the encoder (eval mode), the history and the linear-probe metrics."""
+                 limit: int | None = None, device: torch.device | str = "cpu") -> tuple[PyramidEncoder, list[dict], dict[str, Any]]:
+    """Train SimCLR on `device`; returns the encoder (eval mode, on the CPU), the history and the
+    linear-probe metrics. The two views are made on the host, in the batch generator (the same
+    draws from torch's generator, in the same order, as when they were made in the step)."""
     torch.manual_seed(cfg.seed)
-    model = SimCLRModel(arch, cfg.proj_dim)
+    model = SimCLRModel(arch, cfg.proj_dim).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     split = ds.split("train")
     n = len(split) if limit is None else min(limit, len(split))
@@ -140,7 +145,8 @@ def train_simclr(ds: SyntheticDataset, cfg: SimCLRConfig, arch: EncoderArch = En
         order = np.random.default_rng([cfg.seed, epoch]).permutation(len(split))[:n]
         for i in range(0, n - cfg.batch_size + 1, cfg.batch_size):  # drop the last partial batch
             idx = np.sort(order[i : i + cfg.batch_size])
-            yield torch.from_numpy(split.images[idx]).float() / 255.0, torch.from_numpy(split.masks[idx])
+            x01, fg = torch.from_numpy(split.images[idx]).float() / 255.0, torch.from_numpy(split.masks[idx])
+            yield view(x01, fg), view(x01, fg)
 
     def view(x01: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
         if bank is not None:
@@ -148,16 +154,16 @@ def train_simclr(ds: SyntheticDataset, cfg: SimCLRConfig, arch: EncoderArch = En
         return (simclr_view(x01, aug) - m) / s
 
     def step(batch):
-        x01, fg = batch
-        v1, v2 = view(x01, fg), view(x01, fg)
+        v1, v2 = batch
         z = model(torch.cat([v1, v2]))
-        loss = nt_xent(z[: len(x01)], z[len(x01):], cfg.temperature)
+        loss = nt_xent(z[: len(v1)], z[len(v1):], cfg.temperature)
         return loss, {}
 
     history = train_loop(
         LoopConfig(epochs=cfg.epochs, checkpoint=checkpoint, resume=resume, progress=progress, desc="simclr"),
         model, opt, batches, n // cfg.batch_size, step, run_config={**asdict(cfg), "arch": arch.to_dict(), "limit": limit},
+        device=device,
     )
     enc = model.encoder.eval()
     probe = linear_probe(enc, ds)
-    return enc, history, probe
+    return enc.cpu(), history, probe

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from xaiserve.devices import module_device
 from xaiserve.handlers.nets import EncoderArch, PyramidClassifier
 from xaiserve.training.datasets.base import SyntheticDataset
 from xaiserve.training.loop import LoopConfig, train_loop
@@ -31,19 +32,21 @@ class ClassifierConfig:
 
 def accuracy(model: torch.nn.Module, ds: SyntheticDataset, split: str, batch_size: int = 512) -> float:
     model.eval()
+    dev = module_device(model)
     hit = tot = 0
     with torch.no_grad():
         for x, y, _ in ds.batches(split, batch_size):
-            hit += int((model(x).argmax(1) == y).sum())
+            hit += int((model(x.to(dev)).argmax(1).cpu() == y).sum())
             tot += len(y)
     return hit / max(tot, 1)
 
 
 def train_classifier(ds: SyntheticDataset, cfg: ClassifierConfig, arch: EncoderArch = EncoderArch(), *,
                      checkpoint: Path | None = None, resume: bool = False, progress: bool = True,
-                     limit: int | None = None) -> tuple[PyramidClassifier, list[dict], dict[str, Any]]:
+                     limit: int | None = None, device: torch.device | str = "cpu") -> tuple[PyramidClassifier, list[dict], dict[str, Any]]:
+    """Train on `device` (batches built on the host); the model comes back on the CPU."""
     torch.manual_seed(cfg.seed)
-    model = PyramidClassifier(arch, ds.num_classes)
+    model = PyramidClassifier(arch, ds.num_classes).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     split = ds.split("train")
     n = len(split) if limit is None else min(limit, len(split))
@@ -74,7 +77,8 @@ def train_classifier(ds: SyntheticDataset, cfg: ClassifierConfig, arch: EncoderA
         model, opt, batches, steps, step,
         validate=lambda e: {"accuracy": accuracy(model, ds, "val")},
         run_config={**asdict(cfg), "arch": arch.to_dict(), "dataset": ds.describe(), "limit": limit},
+        device=device,
     )
     model.eval()
     metrics = {"val_accuracy": accuracy(model, ds, "val"), "test_accuracy": accuracy(model, ds, "test")}
-    return model, history, metrics
+    return model.cpu(), history, metrics

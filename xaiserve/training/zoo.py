@@ -69,6 +69,7 @@ class RunOptions:
     fashion_mnist: Path | None = None
     sizes: dict[str, int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"  # where the training runs (a resolved torch device: "cpu", "cuda:0"); results land on the CPU
 
 
 def dataset(name: str, opts: RunOptions) -> SyntheticDataset:
@@ -146,7 +147,7 @@ def run_encoder(opts: RunOptions, name: str = "scenes-simclr") -> dict[str, Any]
     spec = FrozenSpec()
     t0 = time.perf_counter()
     enc, history, probe = train_simclr(ds, cfg, spec.encoder, checkpoint=opts.out / name / "ckpt.pt", resume=opts.resume,
-                                       progress=opts.progress, limit=opts.limit)
+                                       progress=opts.progress, limit=opts.limit, device=opts.device)
     res = {"name": name, "kind": "encoder", "arch": spec.to_arch(), "state_dict": enc.state_dict(), "dataset": ds.describe(),
            "input": input_spec(ds), "labels": list(ds.labels), "output_dim": spec.encoder.embed_dim,
            "config": asdict(cfg), "history": history, "metrics": {**probe, "train_seconds": round(time.perf_counter() - t0, 1)},
@@ -166,7 +167,7 @@ def run_classifier(opts: RunOptions, name: str, data: str) -> dict[str, Any]:
     spec = FrozenSpec(encoder=CLASSIFIER_ARCH.get(data, EncoderArch()), num_classes=ds.num_classes)
     t0 = time.perf_counter()
     model, history, metrics = train_classifier(ds, cfg, spec.encoder, checkpoint=opts.out / name / "ckpt.pt", resume=opts.resume,
-                                               progress=opts.progress, limit=opts.limit)
+                                               progress=opts.progress, limit=opts.limit, device=opts.device)
     res = {"name": name, "kind": "classifier", "arch": spec.to_arch(), "state_dict": model.state_dict(), "dataset": ds.describe(),
            "input": input_spec(ds), "labels": list(ds.labels), "output_dim": ds.num_classes, "config": asdict(cfg),
            "history": history, "metrics": {**metrics, "train_seconds": round(time.perf_counter() - t0, 1)}, "limit": opts.limit}
@@ -181,7 +182,7 @@ def run_nemu(opts: RunOptions, name: str = "scenes-nemu", encoder: str = "scenes
     cfg = NemTrainConfig(seed=opts.seed, **({"epochs": opts.epochs} if opts.epochs else {}))
     t0 = time.perf_counter()
     model, history, metrics = train_nemu(frozen, ds, cfg, checkpoint=opts.out / name / "ckpt.pt", resume=opts.resume,
-                                         progress=opts.progress, limit=opts.limit)
+                                         progress=opts.progress, limit=opts.limit, device=opts.device)
     res = {"name": name, "kind": "nem_u", "arch": arch_of(model, fentry["arch"], loss=asdict(NemULossConfig())),
            "state_dict": model.state_dict(), "dataset": ds.describe(), "input": fentry["input"], "labels": fentry.get("labels", []),
            "output_dim": fentry["output_dim"], "explains": f"{fentry['name']}:{fentry['version']}", "config": asdict(cfg),
@@ -208,7 +209,7 @@ def run_nemt(opts: RunOptions, name: str, classifier: str = "lesions-classifier:
     for f in forms:
         model, history, metrics = train_nemt(frozen, ds, cfg, form=f, conditional=conditional, smoothing=smoothing,
                                              checkpoint=opts.out / name / f"ckpt-{f}.pt", resume=opts.resume,
-                                             progress=opts.progress, limit=opts.limit)
+                                             progress=opts.progress, limit=opts.limit, device=opts.device)
         results[f] = (model, history, metrics)
     best = max(results, key=lambda f: results[f][2]["val"]["relevance_mass"])
     model, history, metrics = results[best]
@@ -217,7 +218,7 @@ def run_nemt(opts: RunOptions, name: str, classifier: str = "lesions-classifier:
     if ablate_smoothing and ablate_smoothing != smoothing:
         _, _, abl = train_nemt(frozen, ds, cfg, form=best, conditional=conditional, smoothing=ablate_smoothing,
                                checkpoint=opts.out / name / f"ckpt-{best}-s{ablate_smoothing}.pt", resume=opts.resume,
-                               progress=opts.progress, limit=opts.limit)
+                               progress=opts.progress, limit=opts.limit, device=opts.device)
         ablation = {str(smoothing): metrics, str(ablate_smoothing): abl}
     res = {"name": name, "kind": "nemt", "arch": arch_of(model, fentry["arch"], loss_form=best, loss=asdict(NemTLossConfig(form=best))),
            "state_dict": model.state_dict(), "dataset": ds.describe(), "input": fentry["input"], "labels": fentry.get("labels", []),

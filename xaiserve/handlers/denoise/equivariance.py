@@ -58,8 +58,8 @@ def _shear_rows(f: Tensor, a: Tensor) -> Tensor:
     """Shift row y (pixels from the box centre) of f [B,C,H,W] by a[b] * y pixels along x, exactly
     for the DFT interpolant (phase ramp); the Nyquist bin keeps the real part (cosine)."""
     b, _, h, w = f.shape
-    y = torch.arange(h, dtype=torch.float64) - (h - 1) / 2
-    k = torch.fft.fftfreq(w, dtype=torch.float64)
+    y = torch.arange(h, dtype=torch.float64, device=f.device) - (h - 1) / 2
+    k = torch.fft.fftfreq(w, dtype=torch.float64, device=f.device)
     phase = -2 * math.pi * a.view(b, 1, 1, 1) * y.view(1, 1, h, 1) * k.view(1, 1, 1, w)
     ramp = torch.polar(torch.ones_like(phase), phase)
     if w % 2 == 0:
@@ -108,10 +108,10 @@ def equivariance_errors(
     particles [B,1,H,W]; returns [B * angles_per_particle]. Angles are uniform random (fixed seed).
     """
     b, _, h, w = particles.shape
-    inner = torch.from_numpy(disc_mask(h, w, inner_radius).astype(np.float32))
+    inner = torch.from_numpy(disc_mask(h, w, inner_radius).astype(np.float32)).to(particles.device)
     fx = fn(particles)
     reps = angles_per_particle
-    ang = random_angles(b * reps, seed)
+    ang = random_angles(b * reps, seed).to(particles.device)  # drawn on the host: the same angles on every device
     x_rep = particles.repeat_interleave(reps, 0)
     fx_rep = fx.repeat_interleave(reps, 0)
     f_rx = fn(rotate(x_rep, ang, method))

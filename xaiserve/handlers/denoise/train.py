@@ -80,9 +80,10 @@ def normalised_loss(model: Denoiser, noisy: Tensor, clean: Tensor) -> Tensor:
 def evaluate(model: Denoiser, noisy: Tensor, clean: Tensor, batch_size: int = 64) -> dict[str, float]:
     """Validation metrics in eval mode: mse, psnr (raw units, disc), loss (normalised)."""
     model.eval()
+    dev = model.disc.device
     mses, psnrs, losses = [], [], []
     for i in range(0, noisy.shape[0], batch_size):
-        x, c = noisy[i : i + batch_size], clean[i : i + batch_size]
+        x, c = noisy[i : i + batch_size].to(dev), clean[i : i + batch_size].to(dev)
         y = model(x)
         mses.append(disc_mse(y, c, model.disc))
         psnrs.append(disc_psnr(y, c, model.disc))
@@ -99,7 +100,7 @@ def evaluate(model: Denoiser, noisy: Tensor, clean: Tensor, batch_size: int = 64
 def model_equivariance(model: Denoiser, particles: Tensor, cfg: TrainConfig) -> float:
     model.eval()
     return equivariance_error(
-        model, particles, angles_per_particle=cfg.equivariance_angles, inner_radius=cfg.inner_radius, seed=cfg.seed + 1
+        model, particles.to(model.disc.device), angles_per_particle=cfg.equivariance_angles, inner_radius=cfg.inner_radius, seed=cfg.seed + 1
     )
 
 
@@ -120,10 +121,14 @@ def train(
     log_path: Path | None = None,
     progress: bool = True,
     on_epoch: Callable[[dict], None] | None = None,
+    device: torch.device | str = "cpu",
 ) -> list[dict]:
-    """Train in place; returns the per-epoch records (also appended to log_path as JSON lines)."""
+    """Train in place on `device` (the particles stay on the host, each batch is copied there; the
+    random order and rotations are drawn on the host, so they are the same on every device); the
+    model is back on the CPU at the end. Returns the per-epoch records (also appended to log_path)."""
     from tqdm import tqdm
 
+    model.to(device)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     xt, ct = as_tensor(train_noisy), as_tensor(train_clean)
@@ -159,9 +164,9 @@ def train(
         with FastMode(model):
             for b in bar:
                 idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-                x, c = xt[idx], ct[idx]
+                x, c = xt[idx].to(device), ct[idx].to(device)
                 if cfg.augment_rotations:
-                    ang = torch.rand(x.shape[0], generator=gen) * (2 * math.pi)
+                    ang = (torch.rand(x.shape[0], generator=gen) * (2 * math.pi)).to(device)
                     x, c = rotate(x, ang), rotate(c, ang) * model.disc
                 for g in opt.param_groups:
                     g["lr"] = _lr_at(step, total, cfg.lr)
@@ -184,4 +189,5 @@ def train(
         lines[-1] = json.dumps(history[-1])
         log_path.write_text("\n".join(lines) + "\n")
     model.eval()
+    model.cpu()
     return history

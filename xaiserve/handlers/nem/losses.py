@@ -11,14 +11,18 @@ NEMt ([NEMt], eq. 2 and the authors' code), target class c per image:
   - "preservation" (the authors' code, `Masking_Loss.supervised_loss`, inverse=False):
         L = ||m||_1 + w * (softmax(Phi(x*m))_c - softmax(Phi(x))_c)^2,  w = 2:
     keep the smallest region that preserves the target probability.
-  - "deletion" (eq. 2 as written: -(Phi(x)_c - Phi(x*Psi(x))_c)^2 + lambda1 ||Psi(x)||_1, lambda1 = 0.5,
-    on logits). Taken literally, x * Psi(x) with a sparse Psi(x) deletes almost everything and the
-    trivial mask m = 0 minimises both terms; the text's intent is "the smallest area that determines
-    the label ... the smallest input perturbation yielding the largest output change". We therefore
-    read the mask as the region that is deleted: the perturbed input is x * (1 - m), and
-        L = -(Phi(x)_c - Phi(x*(1-m))_c)^2 + lambda1 ||m||_1.
-    This equals the authors' "inverse" option (which inverts both terms) with their mask replaced by
-    its complement, and keeps the served mask pointing at the evidence in both forms.
+  - "deletion" (eq. 2: -(Phi(x)_c - Phi(x*Psi(x))_c)^2 + lambda1 ||Psi(x)||_1, lambda1 = 0.5).
+    Taken literally, x * Psi(x) with a sparse Psi(x) deletes almost everything and the trivial mask
+    m = 0 minimises both terms; the text's intent is "the smallest area that determines the label
+    ... the smallest input perturbation yielding the largest output change". We therefore read the
+    mask as the region that is deleted: the perturbed input is x * (1 - m), and
+        L = -(softmax(Phi(x))_c - softmax(Phi(x*(1-m)))_c)^2 + lambda1 ||m||_1.
+    On softmax probabilities, as the authors' "inverse" option (which inverts both terms of their
+    probability loss; METHODS.md, decision 2026-12): the change term lies in [0, 1], so L lies in
+    [-1, lambda1] and lambda1 = 0.5 weighs area against a bounded gain. Eq. 2 on raw logits is
+    unbounded (-9999.95 for a target-logit drop of 100), so any L1 weight is meaningless there.
+    With the mask complemented this is the authors' inverse option, and the served mask points at
+    the evidence in both forms.
 """
 from __future__ import annotations
 
@@ -81,8 +85,9 @@ def nemt_preservation_loss(logits: torch.Tensor, logits_m: torch.Tensor, mask: t
 
 def nemt_deletion_loss(logits: torch.Tensor, logits_del: torch.Tensor, mask: torch.Tensor, target: torch.Tensor,
                        lambda1: float = 0.5) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Eq. 2 of [NEMt] (deletion reading, see module docstring): -(Phi(x)_c - Phi(x*(1-m))_c)^2 + lambda1 ||m||_1."""
-    change = (_pick(logits, target) - _pick(logits_del, target)) ** 2
+    """Eq. 2 of [NEMt] on probabilities (deletion reading, see module docstring), bounded in [-1, lambda1]:
+    -(softmax(Phi(x))_c - softmax(Phi(x*(1-m)))_c)^2 + lambda1 ||m||_1; logits of x and of x*(1-m)."""
+    change = (_pick(F.softmax(logits, dim=1), target) - _pick(F.softmax(logits_del, dim=1), target)) ** 2
     l1 = mask_l1(mask)
     per = -change + lambda1 * l1
     return per.mean(), {"dist": change.mean().detach(), "l1": l1.mean().detach()}

@@ -89,12 +89,12 @@ DTYPE = torch.float64
 
 
 # --- features ------------------------------------------------------------------------------------
-def pooling_matrix(size: int, k: int, dtype: torch.dtype = DTYPE) -> torch.Tensor:
+def pooling_matrix(size: int, k: int, dtype: torch.dtype = DTYPE, device: torch.device | str | None = None) -> torch.Tensor:
     """[k, size]: row r averages pixels floor(r size/k) .. ceil((r+1) size/k) - 1 (the regions of
     torch's adaptive_avg_pool)."""
     if not 1 <= k <= size:
         raise ValueError(f"a pooling grid of {k} does not fit {size} pixels; use 1..{size}")
-    p = torch.zeros(k, size, dtype=dtype)
+    p = torch.zeros(k, size, dtype=dtype, device=device)
     for r in range(k):
         lo, hi = (r * size) // k, -(-((r + 1) * size) // k)
         p[r, lo:hi] = 1.0 / (hi - lo)
@@ -116,24 +116,24 @@ class FeatureSpec:
 
 
 @lru_cache(maxsize=32)
-def _pooling(size: int, k: int) -> torch.Tensor:
-    return pooling_matrix(size, k)
+def _pooling(size: int, k: int, device: torch.device) -> torch.Tensor:
+    return pooling_matrix(size, k, device=device)
 
 
 def mask_features(masks: torch.Tensor, spec: FeatureSpec) -> torch.Tensor:
     """f(M) for a batch of masks [B, H, W] -> [B, F] float64 (pooling as two matrix products)."""
     b, h, w = masks.shape
-    ph, pw = _pooling(h, spec.grid_h).to(masks.device), _pooling(w, spec.grid_w).to(masks.device)  # cached on the CPU
+    ph, pw = _pooling(h, spec.grid_h, masks.device), _pooling(w, spec.grid_w, masks.device)
     f = (ph @ masks.to(DTYPE) @ pw.T).reshape(b, -1)
     return torch.cat([f, f * f], 1) if spec.quadratic else f
 
 
 # --- C_ij = E[M_ij f(M)] / E[M_ij], exactly ------------------------------------------------------
-def _axis_terms(cells: int, up: int, size: int, offsets: int, k: int) -> list[torch.Tensor]:
+def _axis_terms(cells: int, up: int, size: int, offsets: int, k: int, device: torch.device) -> list[torch.Tensor]:
     """The 1-D factors of the closed form (module docstring), averaged over the crop offsets:
     [E sum U_i] ([size]) and six [size, k] arrays."""
-    a = interpolation_matrix(cells, up, DTYPE)
-    pool = pooling_matrix(size, k)
+    a = interpolation_matrix(cells, up, DTYPE, device)
+    pool = pooling_matrix(size, k, device=device)
     acc: list[torch.Tensor] | None = None
     for o in range(offsets):
         u = a[o : o + size]  # [size, cells]: the row of every pixel
@@ -155,15 +155,16 @@ def _axis_terms(cells: int, up: int, size: int, offsets: int, k: int) -> list[to
 
 
 @lru_cache(maxsize=16)
-def feature_expectations(geometry: MaskGeometry, p_keep: float, spec: FeatureSpec) -> torch.Tensor:
+def feature_expectations(geometry: MaskGeometry, p_keep: float, spec: FeatureSpec,
+                         device: torch.device = torch.device("cpu")) -> torch.Tensor:
     """C [H*W, F] float64 with C[ij] = E[M_ij f(M)] / E[M_ij] under the mask distribution of
-    masks.py (sec. 3.1, [RELAX]), in closed form (module docstring). Cached per geometry: treat
-    the result as read-only."""
+    masks.py (sec. 3.1, [RELAX]), in closed form (module docstring), computed on `device`. Cached
+    per geometry and device: treat the result as read-only."""
     g, p = geometry, float(p_keep)
     if not 0.0 < p < 1.0:
         raise ValueError(f"p_keep must be in (0, 1), got {p}")
-    h = _axis_terms(g.cells_h, g.up_h, g.height, g.offsets_h, spec.grid_h)
-    w = _axis_terms(g.cells_w, g.up_w, g.width, g.offsets_w, spec.grid_w)
+    h = _axis_terms(g.cells_h, g.up_h, g.height, g.offsets_h, spec.grid_h, device)
+    w = _axis_terms(g.cells_w, g.up_w, g.width, g.offsets_w, spec.grid_w, device)
 
     def outer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # [H,K] x [W,L] -> [H,W,K*L]
         return torch.einsum("ik,jl->ijkl", a, b).reshape(a.shape[0], b.shape[0], -1)

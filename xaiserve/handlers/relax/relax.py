@@ -259,8 +259,7 @@ class Relax:
         use_cv = cfg.resolved_estimator == "control_variate"
         spec = cv.FeatureSpec(min(cfg.cv_grid, h), min(cfg.cv_grid, w), cfg.cv_quadratic)
         dev = x.device
-        # the closed form is computed (and cached) on the CPU once per geometry, then copied over
-        c_feat = cv.feature_expectations(geom, float(cfg.p_keep), spec).to(dev) if use_cv else None
+        c_feat = cv.feature_expectations(geom, float(cfg.p_keep), spec, dev) if use_cv else None
         g_mask = torch.Generator(device=dev).manual_seed(cfg.seed)
         g_noise = torch.Generator(device=dev).manual_seed((cfg.seed + _NOISE_SEED_SALT) % 2**64)
         chunk = ChunkSize(self.forward_batch or cfg.batch_size, dev, self.on_oom)

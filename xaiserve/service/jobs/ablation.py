@@ -198,6 +198,9 @@ class AblationJobMethod:
             "target_label": out.target,
             "target_source": "request" if target is not None else "argmax",
             "image_size": [entry.input.height, entry.input.width],
+            # the Gaussian regularisation actually applied (sigma_regu None = 7 px at 224 px, scaled)
+            "sigma_image_px": cfg.image_sigma(entry.input.height, entry.input.width),
+            "sigma_mask_px": cfg.mask_sigma(entry.input.height, entry.input.width),
             "baseline": "given" if baseline is not None else "blur",
             "baseline_sigma": out.baseline_sigma,
             "baseline_changes_class": out.baseline_changes_class,
