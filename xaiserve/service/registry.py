@@ -413,6 +413,7 @@ class Registry:
         # sessions and modules are cached per ModelEntry.key (id + content digest)
         self._onnx: dict[str, OnnxModel] = {}
         self._torch: dict[str, Any] = {}
+        self._forms_cache: dict[str, frozenset[str]] = {}
         self.load_seconds: dict[str, float] = {}
         self._by_name: dict[str, dict[str, ModelEntry]] = {}
         self._unavailable: dict[str, BadEntry] = {}
@@ -665,7 +666,16 @@ class Registry:
     def forms(self, entry: ModelEntry) -> frozenset[str]:
         """The model forms this store has for `entry` (see xaiserve.methods): "onnx" when its ONNX
         graph is there, "torch" when a torch module can be built from its files. Decided from the
-        manifest and the files present, without loading anything, so ListModels stays cheap."""
+        manifest and the files present, without loading anything, so ListModels stays cheap.
+        Cached by the entry's key (id and content digest): a call's method check touches no disk."""
+        cached = self._forms_cache.get(entry.key)
+        if cached is not None:
+            return cached
+        forms = self._forms_uncached(entry)
+        self._forms_cache[entry.key] = forms
+        return forms
+
+    def _forms_uncached(self, entry: ModelEntry) -> frozenset[str]:
         have = set()
         if self._present(entry, "onnx"):
             have.add("onnx")

@@ -24,6 +24,7 @@ from xaiserve.service.modelstore import store_problem
 from xaiserve.service.rpc import Observed, add_service, observed_stream, observed_unary
 from xaiserve.service.fastpath import FastPath
 from xaiserve.service.registry import MASK_KINDS, Registry, RegistryConfig
+from xaiserve.service.reload import with_availability
 from xaiserve.service.streams import StreamHub, StreamSession
 
 log = logging.getLogger("xaiserve.server")
@@ -69,9 +70,7 @@ class ExplainerServicer(_job_mixin(), pb_grpc.ExplainerServicer):  # type: ignor
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         async def go(obs: Observed):
-            from xaiserve.service.reload import with_availability
-
-            return with_availability(list_models(self.registry, request.kind, self.jobs), self.registry, request.kind)
+            return list_models(self.registry, request.kind, self.jobs)
 
         return await observed_unary("ListModels", context, go)
 
@@ -93,11 +92,11 @@ class ExplainerServicer(_job_mixin(), pb_grpc.ExplainerServicer):  # type: ignor
 
 
 def list_models(registry: Registry, kind: str, jobs: Any = None) -> pb.ListModelsResponse:
-    from xaiserve.service.errors import InvalidArgument
+    from xaiserve.service.errors import InvalidArgument, quote
     from xaiserve.service.registry import KINDS
 
     if kind and kind not in KINDS:
-        raise InvalidArgument(f"kind {kind!r} is unknown; use one of {', '.join(KINDS)} or '' for all")
+        raise InvalidArgument(f"kind {quote(kind)} is unknown; use one of {', '.join(KINDS)} or '' for all")
     # no job service (or one without a method) means SubmitJob refuses it: then it is not advertised
     job_methods = sorted(jobs.methods) if jobs is not None and hasattr(jobs, "methods") else []
     out = pb.ListModelsResponse()
@@ -115,7 +114,8 @@ def list_models(registry: Registry, kind: str, jobs: Any = None) -> pb.ListModel
             labels=list(e.labels), explains=e.explains, description=e.description, methods=methods,
             loaded=registry.loaded(e), card=card, output_dim=e.output_dim,
         ))
-    return out
+    # then the manifest entries that are not served, with available = false and the reason
+    return with_availability(out, registry, kind)
 
 
 @dataclass

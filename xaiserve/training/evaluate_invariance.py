@@ -151,7 +151,7 @@ def evaluate(model: str, *, methods: tuple[str, ...] | None = None, dataset: str
     ds_name = _dataset_for(entry, frozen, dataset)
     module = registry.torch_module(frozen)
     kind = frozen.kind
-    cfg = EE.EvalConfig(dataset=ds_name if ds_name in EE.DEFAULT_MASK_MODELS else "scenes", n=n,
+    cfg = EE.EvalConfig(dataset=ds_name if ds_name in EE.DEFAULT_MASK_MODELS else "scenes", out=Path("."), n=n,
                         relax_masks=relax_masks, threads=threads, seed=seed, quiet=True,
                         methods=None, mask_models=tuple(m.name for m in masks))
     notes: list[str] = []
@@ -170,6 +170,8 @@ def evaluate(model: str, *, methods: tuple[str, ...] | None = None, dataset: str
         wanted = {aliases.get(w, w) for w in wanted}
         runners = [r for r in runners if r[0] in wanted or r[3].get("method") in wanted
                    or (r[0] == "RELAX" and "U-RELAX" in wanted)]
+    if not any(r[1] == "relax" for r in runners):  # _build_runners notes RELAX's settings
+        notes = [t for t in notes if not t.startswith("RELAX")]
     split = get_dataset(ds_name).split("test")
     n = min(n, len(split.labels))
     spec = frozen.input
