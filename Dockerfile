@@ -8,7 +8,9 @@
 #
 # The CUDA flavour installs a CUDA build of torch and onnxruntime-gpu; both bring the CUDA runtime
 # and cuDNN as pip wheels (nvidia-*), so the base image stays the same slim Python and only the
-# host's NVIDIA driver (NVIDIA container toolkit / device plugin) is needed at run time.
+# host's NVIDIA driver (NVIDIA container toolkit / device plugin) is needed at run time. The build
+# fails when either package is not the CUDA one. At run time `--device auto` (the default) puts
+# the torch work on the GPU, and nvidia-ml-py (a core dependency) exports the GPU metrics.
 # Note: the PyTorch wheel index (download.pytorch.org) is not reachable from the machines that
 # develop this project; the build needs it. The Dockerfile is linted with hadolint in CI
 # (tests/test_dockerfile.py) because no Docker engine runs there.
@@ -51,7 +53,10 @@ RUN pip install --no-cache-dir "./[spiral]" \
         pip uninstall -y onnxruntime \
         && pip install --no-cache-dir --force-reinstall --no-deps "onnxruntime-gpu==${ONNXRUNTIME_VERSION}"; \
     fi \
- && python -c "import torch, onnxruntime, grpc_health.v1, xaiserve.service.security; print(torch.__version__, onnxruntime.get_available_providers())"
+ && python -c "import os, torch, onnxruntime, pynvml, grpc_health.v1, xaiserve.service.security; \
+assert os.environ['FLAVOR'] != 'cuda' or torch.version.cuda, 'FLAVOR=cuda needs a CUDA build of torch'; \
+assert os.environ['FLAVOR'] != 'cuda' or 'CUDAExecutionProvider' in onnxruntime.get_available_providers(), 'no onnxruntime-gpu'; \
+print(torch.__version__, torch.version.cuda, onnxruntime.get_available_providers())"
 
 # ------------------------------------------------------------------------------ runtime stage
 FROM ${PYTHON_IMAGE} AS runtime

@@ -46,7 +46,7 @@ class Finding:
 class DeviceRecorder(TorchFunctionMode):
     expected: str = "cpu"
     root: Path = ROOT
-    allowed: set[tuple[str, str]] = field(default_factory=set)  # (file name, function) boundaries
+    allowed: set[tuple[str, str]] = field(default_factory=set)  # (file name, function or "*") boundaries
     findings: list[Finding] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -59,7 +59,8 @@ class DeviceRecorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         path, fn, where = self._caller()
-        ours = path.startswith(str(self.root)) and (Path(path).name, fn) not in self.allowed
+        name_ = Path(path).name
+        ours = path.startswith(str(self.root)) and (name_, fn) not in self.allowed and (name_, "*") not in self.allowed
         name = getattr(func, "__qualname__", getattr(func, "__name__", str(func)))
         if ours and func in FACTORIES and kwargs.get("device") is None:
             self.findings.append(Finding("factory without device", name, where))

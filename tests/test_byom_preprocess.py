@@ -166,6 +166,7 @@ def _flatten_net(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_torchscript_kept_as_compiled_code_serves_autograd_methods_and_refuses_layer_methods(files):
     """When torch's converter cannot turn a TorchScript module into a graph, the module itself serves
     the methods that need only autograd; GradCAM and guided backprop (which need its layers and

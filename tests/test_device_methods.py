@@ -20,7 +20,7 @@ from xaiserve.handlers.ablation import scores as S
 from xaiserve.handlers.ablation.optimiser import AblationConfig, AblationPath
 from xaiserve.handlers.nets import EncoderArch, FrozenSpec
 from xaiserve.handlers.relax import Relax, RelaxConfig
-from xaiserve.service.jobs.relax import torch_embed
+from xaiserve.handlers.relax.embed import torch_embed
 
 import captum.attr  # noqa: F401  (imported before the checks: module-level constants are not the methods')
 

@@ -128,6 +128,7 @@ def test_resolution_on_a_machine_without_a_gpu():
     assert memory_batch(lambda k: None, torch.device("cpu"), 48) == 48
 
 
+@pytest.mark.slow
 def test_serve_and_worker_refuse_a_cuda_device_at_start(store, tmp_path):
     with pytest.raises(DeviceUnavailable, match="cuda"):
         with running_server(store, device="cuda"):
@@ -205,7 +206,7 @@ def test_a_server_without_a_gpu_exports_no_gpu_series_and_its_device(store):
         assert resp.method == "saliency" and from_tensor(resp.mask).shape == (SIZE, SIZE)
         fams = _scrape(srv.metrics_url)
     assert not [n for n in fams if n.startswith("xaiserve_gpu_")]
-    info = [s.labels for s in fams["xaiserve_device"]]
+    info = [s.labels for s in fams["xaiserve_device_info"]]
     assert info == [{"device": "cpu"}]
     assert gpu_metrics.register("cpu", CollectorRegistry()) is False and gpu_metrics.gpu_names() == []
 

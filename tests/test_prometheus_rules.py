@@ -37,6 +37,10 @@ JOB_METRICS = {
     "xaiserve_job_queue_depth", "xaiserve_job_oldest_queued_age_seconds", "xaiserve_jobs_total",
     "xaiserve_job_run_seconds", "xaiserve_job_queue_wait_seconds",
 }
+DEVICE_METRICS = {
+    "xaiserve_gpu_utilization_ratio", "xaiserve_gpu_memory_used_bytes", "xaiserve_gpu_memory_total_bytes",
+    "xaiserve_device_oom_total", "xaiserve_device_info",
+}
 
 
 def exported_metrics() -> set[str]:
@@ -47,11 +51,15 @@ def exported_metrics() -> set[str]:
     import xaiserve.service.jobs.metrics  # noqa: F401  (job queue and worker metrics)
     import xaiserve.service.metrics  # noqa: F401  (gateway metrics)
     import xaiserve.service.security  # noqa: F401  (auth rejections)
+    from xaiserve.service import gpu_metrics  # device info and out-of-memory events
 
     names = set()
     for family in REGISTRY.collect():
         suffix = {"counter": "_total", "info": "_info"}.get(family.type, "")
         names.add(family.name + suffix)
+    # the per-GPU gauges come from a collector registered only where NVML finds a GPU (not here);
+    # tests/test_device_service.py checks that collector exports exactly these names
+    names.update(gpu_metrics.GPU_METRICS)
     return {n for n in names if n.startswith("xaiserve_")}
 
 
@@ -146,14 +154,15 @@ def test_dashboard_covers_latency_throughput_queue_and_errors():
     assert 'code!="OK"' in text  # errors
     assert "xaiserve_job_queue_depth" in text and "xaiserve_job_oldest_queued_age_seconds" in text
     used = set().union(*(metric_names(e) for _, e in dashboard_exprs()))
-    assert GATEWAY_METRICS | JOB_METRICS <= used, f"not on the dashboard: {sorted(GATEWAY_METRICS | JOB_METRICS - used)}"
+    wanted = GATEWAY_METRICS | JOB_METRICS | DEVICE_METRICS
+    assert wanted <= used, f"not on the dashboard: {sorted(wanted - used)}"
     variables = {v["name"] for v in dash["templating"]["list"]}
     assert {"datasource", "namespace", "rpc", "model"} <= variables
 
 
 def test_required_metrics_are_exported_by_the_code():
     """The dashboard's must-haves are not wishful: the service registers every one of them."""
-    missing = (GATEWAY_METRICS | JOB_METRICS | {"xaiserve_auth_rejected_total"}) - KNOWN
+    missing = (GATEWAY_METRICS | JOB_METRICS | DEVICE_METRICS | {"xaiserve_auth_rejected_total"}) - KNOWN
     assert not missing, f"not exported by service/: {sorted(missing)}"
 
 

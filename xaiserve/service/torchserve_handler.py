@@ -72,12 +72,6 @@ def decode_array(d: dict[str, Any]) -> np.ndarray:
     return np.frombuffer(base64.b64decode(d["data"]), dtype="<f4").reshape(d["shape"])
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a.reshape(a.shape[0], -1).astype(np.float64)
-    b = b.reshape(b.shape[0], -1).astype(np.float64)
-    return (a * b).sum(axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-
-
 class XaiserveHandler:
     """TorchServe's handler contract over one model of an xaiserve store (see the module docstring)."""
 
@@ -243,13 +237,21 @@ class XaiserveHandler:
         r.answer["_mask"] = np.asarray(maps[0], dtype=np.float32)
 
     def _fidelity(self, r: Row) -> float:
-        """cos(Phi(x), Phi(x*m)) on the normalised input ([NEM-U] sec. 3.1, last paragraph)."""
+        """Explain's fidelity ([NEM-U] sec. 3.1, last paragraph; handlers/fidelity.py, the evaluation's
+        definition): m min-max normalised; softmax(Phi(x*m))_label for a classifier, the embedding cosine
+        for an encoder."""
+        from xaiserve.handlers import fidelity as fid_score
         from xaiserve.service.images import resize_mask
 
         x, m = r.x, np.asarray(r.answer["_mask"], dtype=np.float32)
         assert x is not None  # rows reach inference decoded
         if m.shape != x.shape[2:]:
             m = resize_mask(m, x.shape[2], x.shape[3])
+        m = fid_score.normalise_map(m).astype(np.float32)
         o = self.registry.onnx(self.frozen).run({"image": x * m[None, None]})["output"]
         ref = np.asarray(r.answer["output"], dtype=np.float32)[None]
-        return float(_cosine(ref, o)[0])
+        if self.frozen.kind == "classifier":
+            label = int(r.answer.get("label", -1))
+            target = np.array([label if label >= 0 else int(np.argmax(ref[0]))])
+            return float(fid_score.fidelity("classifier", ref, o, target)[0])
+        return float(fid_score.fidelity("encoder", ref, o)[0])

@@ -31,7 +31,8 @@ from xaiserve.service.registry import Registry, RegistryConfig
 from xaiserve.training.datasets import get_dataset
 from xaiserve.training.metrics import pointing_game
 
-ROOT = Path(__file__).resolve().parents[2]
+# relative to the working directory (the repository root in a checkout), not to the installed code
+ROOT = Path(".")
 
 
 def _strip(path_png: Path, x: torch.Tensor, out, spec, label: str) -> None:
@@ -113,7 +114,9 @@ def evaluate(n: int = 24, out_dir: Path = ROOT / "docs" / "evaluation", threads:
     x, res, i0 = first
     _strip(out_dir / "ablation_lesions_strip.png", x, res, entry.input,
            f"lesions test image {i0}, {entry.labels[res.target]}")
-    col = lambda k: np.array([r[k] for r in rows], dtype=float)
+    def col(k: str) -> np.ndarray:
+        return np.array([r[k] for r in rows], dtype=float)
+
     stops = {s: sum(r["stop_reason"] == s for r in rows) for s in sorted({r["stop_reason"] for r in rows})}
     summary = {
         "n": len(rows), "skipped_no_class_change": skipped, "model": entry.id, "seconds": seconds,

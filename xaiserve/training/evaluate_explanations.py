@@ -68,6 +68,7 @@ COLUMNS = (
     ("monotonicity", "monotonicity", True),
     ("deletion_auc", "deletion AUC", False),
     ("insertion_auc", "insertion AUC", True),
+    ("border_argmax", "argmax at border", False),
     ("seconds", "s / image", False),
 )
 
@@ -411,6 +412,8 @@ def _score(cfg: EvalConfig, rows: list[MethodResult], module: torch.nn.Module, k
         r.scores["fidelity_ratio"] = M.fidelity_vs_random(logits, x, r.maps, kind=kind, targets=fid_targets,
                                                           fidelity_scores=r.scores["fidelity"], seed=cfg.seed)
         r.scores["accuracy_per_complexity"] = M.accuracy_per_complexity(r.scores["fidelity"], r.maps)
+        # the border artefact: share of the maps' maxima within 3 px of the frame (chance: border_chance)
+        r.scores["border_argmax"] = M.border_argmax(r.maps)
         if variance is not None:
             r.scores["monotonicity"] = M.monotonicity(None, x, r.maps, config=cfg.monotonicity_config, variance=variance)
 
@@ -448,8 +451,12 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
                                                       else "cosine to the original embedding") + ".")
     notes.append("fidelity = " + ("softmax(Phi(x*m))_target" if kind == "classifier" else "cos(Phi(x), Phi(x*m)) of the embeddings")
                  + ", m = the min-max normalised map (the same definition as Explain's fidelity option); "
-                 "fidelity / random = fidelity over that of the same map with its pixels randomly permuted (same area); "
+                 "fidelity / random = mean fidelity over the mean fidelity of the same maps with their pixels randomly "
+                 "permuted (same area); "
                  "acc./complexity = fidelity / mean(m) ([NEM-U] Table 3).")
+    h, w = x.shape[2], x.shape[3]
+    notes.append(f"argmax at border: share of a map's maximal pixels within {M.BORDER_PX} px of the frame; chance "
+                 f"(the band's area) = {M.border_chance(h, w):.3f} at {h} x {w}.")
     if kind == "classifier":
         predicted = folder is not None and folder.label_source == "predicted"
         notes.append("targets: the classifier's own predictions (the folder gives no labels)." if predicted

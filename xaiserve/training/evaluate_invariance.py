@@ -38,7 +38,8 @@ from xaiserve.service.registry import ModelEntry, Registry, RegistryConfig
 AUGMENTATIONS = ("hflip", "vflip", "rotate15", "greyscale")
 TITLES = {"hflip": "HFlip", "vflip": "VFlip", "rotate15": "Rotate (15°)", "greyscale": "Grayscale"}
 ANGLE = 15.0
-ROOT = Path(__file__).resolve().parents[2]
+# relative to the working directory (the repository root in a checkout), not to the installed code
+ROOT = Path(".")
 
 
 # -- the transforms (pure; images HWC in [0, 1], maps HW) -------------------------------------------
@@ -251,7 +252,7 @@ def write_png(result: InvarianceResult, path: Path) -> None:
     for ax in axes.flat:
         ax.set_xticks([]), ax.set_yticks([])
     fig.suptitle(f"{result.model}: maps of the augmented views mapped back (A^-1); cyan = above the mean", fontsize=7)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the title above the column headings
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

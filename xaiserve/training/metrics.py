@@ -240,7 +240,10 @@ def fidelity_vs_random(forward: Forward, x: torch.Tensor, a, *, kind: str = "enc
     map with its pixels randomly permuted (identical values, so identical mean(m) and L1 area).
     The fidelity rewards area (METHODS.md, decision 2026-12); this ratio does not: 1 = no better than
     keeping the same amount of the image at random places, > 1 = the map's placement matters.
-    `fidelity_scores` reuses already computed fidelity(forward, x, a) values."""
+    Each image's fidelity is divided by the MEAN random fidelity over the images, so the mean of the
+    result is the ratio of the means (a per-image ratio is heavy-tailed: a random map that keeps a
+    near-zero target probability sends it to millions). `fidelity_scores` reuses already computed
+    fidelity(forward, x, a) values."""
     maps = normalise_maps(a)
     n = len(maps)
     rng = np.random.default_rng(seed)
@@ -249,7 +252,35 @@ def fidelity_vs_random(forward: Forward, x: torch.Tensor, a, *, kind: str = "enc
     own = fidelity(forward, x, maps, kind=kind, targets=targets, batch_size=batch_size) if fidelity_scores is None \
         else np.asarray(fidelity_scores, dtype=np.float64)
     rand = fidelity(forward, x, shuffled, kind=kind, targets=targets, batch_size=batch_size)
-    return own / np.maximum(rand, 1e-12)
+    return own / max(float(rand.mean()), 1e-12)
+
+
+BORDER_PX = 3
+
+
+def border_band(h: int, w: int, width: int = BORDER_PX) -> np.ndarray:
+    """[h, w] bool: the pixels within `width` px of the image border."""
+    band = np.zeros((h, w), dtype=bool)
+    band[:width], band[-width:], band[:, :width], band[:, -width:] = True, True, True, True
+    return band
+
+
+def border_chance(h: int, w: int, width: int = BORDER_PX) -> float:
+    """The share of pixels within `width` px of the border: where a map's maximum falls by chance
+    (0.179 at 64 x 64 with 3 px)."""
+    return float(border_band(h, w, width).mean())
+
+
+def border_argmax(a, width: int = BORDER_PX) -> np.ndarray:
+    """Per map, the share of its maximal pixels (all tied maxima, as the pointing game) that lie within
+    `width` px of the border. A decoder padding artefact shows as a share far above border_chance
+    (measured on the served NEM-U: see docs/evaluation)."""
+    maps = _as_maps(a)
+    n, h, w = maps.shape
+    band = border_band(h, w, width).reshape(-1)
+    flat = maps.reshape(n, -1)
+    top = flat >= flat.max(axis=1, keepdims=True)
+    return (top & band[None]).sum(axis=1) / top.sum(axis=1)
 
 
 def mask_size(a) -> np.ndarray:

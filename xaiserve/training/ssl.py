@@ -133,8 +133,8 @@ def train_simclr(ds: SyntheticDataset, cfg: SimCLRConfig, arch: EncoderArch = En
     split = ds.split("train")
     n = len(split) if limit is None else min(limit, len(split))
     mean, std = ds.stats()
-    m = torch.tensor(mean).view(1, 3, 1, 1)
-    s = torch.tensor(std).view(1, 3, 1, 1)
+    m = torch.tensor(mean, device="cpu").view(1, 3, 1, 1)  # the views are made on the host (batches())
+    s = torch.tensor(std, device="cpu").view(1, 3, 1, 1)
     aug = AugmentConfig()
 
     bank = background_bank(ds, cfg.bg_bank, cfg.seed) if cfg.bg_swap > 0 else None

@@ -36,7 +36,7 @@ def accuracy(model: torch.nn.Module, ds: SyntheticDataset, split: str, batch_siz
     hit = tot = 0
     with torch.no_grad():
         for x, y, _ in ds.batches(split, batch_size):
-            hit += int((model(x.to(dev)).argmax(1).cpu() == y).sum())
+            hit += int((model(x.to(dev)).argmax(1) == y.to(dev)).sum())
             tot += len(y)
     return hit / max(tot, 1)
 

@@ -34,7 +34,8 @@ from xaiserve.service.images import decode_image, preview_shape, to_input_geomet
 from xaiserve.service.jobs.contract import JobContext
 from xaiserve.service.registry import ModelEntry, OnnxModel, Registry
 from xaiserve.service.tensors import to_tensor
-from xaiserve.devices import autocast, memory_batch, module_device
+from xaiserve.devices import memory_batch
+from xaiserve.handlers.relax.embed import ort_iobinding_embed, torch_embed
 from xaiserve.service.gpu_metrics import count_oom
 
 DEFAULT_BATCH_SIZE = 64
@@ -61,55 +62,16 @@ def onnx_embed(model: OnnxModel) -> Embed:
 
 
 def iobinding_embed(model: OnnxModel, device: torch.device) -> Embed:
-    """An embed function over a session of ONNX Runtime's CUDA provider (or the CPU one, the same
-    code) that reads its input from and writes its output to torch tensors on `device`: IOBinding
-    with the tensors' memory, so a batch made on the GPU is never copied to the host."""
-    sess = model.session
+    """handlers.relax.embed.ort_iobinding_embed over a registry session (the kind's tensor names
+    mapped to the graph's): a batch made on the GPU is never copied to the host."""
     names_in, names_out = model.input_names, model.output_names
-    in_name = model._in["image" if "image" in names_in else names_in[0]]
-    out_name = model._out["output" if "output" in names_out else names_out[0]]
-    kind, index = device.type, device.index or 0
-    width: list[int] = []  # the embedding size, learnt from the first call
-
-    def embed(batch: torch.Tensor) -> torch.Tensor:
-        x = batch.detach().to(device=device, dtype=torch.float32).contiguous()
-        binding = sess.io_binding()
-        binding.bind_input(in_name, kind, index, np.float32, list(x.shape), x.data_ptr())
-        out = torch.empty((x.shape[0], width[0]), dtype=torch.float32, device=device) if width else None
-        if out is not None:
-            binding.bind_output(out_name, kind, index, np.float32, list(out.shape), out.data_ptr())
-        else:
-            binding.bind_output(out_name, kind, index)
-        if kind == "cuda":
-            torch.cuda.current_stream(device).synchronize()  # torch's writes of x land before ORT reads it
-        sess.run_with_iobinding(binding)
-        binding.synchronize_outputs()
-        if out is None:  # first call: ORT allocated the output; one small copy teaches the width
-            arr = binding.copy_outputs_to_cpu()[0]
-            width.append(int(np.prod(arr.shape[1:])))
-            out = torch.from_numpy(np.ascontiguousarray(arr).reshape(arr.shape[0], -1)).to(device)
-        return out
-
-    return embed
+    return ort_iobinding_embed(model.session, model._in["image" if "image" in names_in else names_in[0]],
+                               model._out["output" if "output" in names_out else names_out[0]], device)
 
 
 def ort_on_cuda(model: OnnxModel) -> bool:
     """Whether the session runs on ONNX Runtime's CUDA provider."""
     return "CUDAExecutionProvider" in model.session.get_providers()
-
-
-def torch_embed(module: torch.nn.Module, forward_dtype: torch.dtype | None = None) -> Embed:
-    """An embed function over a torch encoder; `forward_dtype` (bfloat16 / float16) runs its forward
-    under autocast, and the embedding comes back as float32 (the similarity is computed in float32)."""
-    device = module_device(module)
-
-    def embed(batch: torch.Tensor) -> torch.Tensor:
-        with autocast(device, forward_dtype):
-            out = module(batch)
-        out = out[0] if isinstance(out, (tuple, list)) else out
-        return out.float()
-
-    return embed
 
 
 class RelaxJobMethod:
@@ -210,7 +172,8 @@ class RelaxJobMethod:
         ph, pw = preview_shape(h, w, max(spec.height, spec.width))
         dev, dtype = registry.device, None
         session = registry.onnx(encoder) if "onnx" in encoder.files else None
-        on_gpu_graph = session is not None and dev.type == "cuda" and ort_on_cuda(session)
+        # a graph with a fixed batch of 1 is run row by row by OnnxModel.run: no binding for it
+        on_gpu_graph = session is not None and dev.type == "cuda" and ort_on_cuda(session) and session.fixed_batch is None
         if session is not None and (dev.type == "cpu" or on_gpu_graph or "torch" not in registry.forms(encoder)):
             if on_gpu_graph:
                 embed, backend = iobinding_embed(session, dev), "onnxruntime-cuda"

@@ -51,13 +51,20 @@ class Lesions(SyntheticDataset):
         pores = rng.normal(0, 0.02, (n, 1, s, s)).astype(np.float32)
         return base + shade + texture + pores
 
-    def lesion_shape(self, rng: np.random.Generator, n: int, label: np.ndarray) -> np.ndarray:
-        """Binary lesion masks [n,S,S] from a polar radius function r(theta), class-specific harmonics."""
+    def lesion_shape(self, rng: np.random.Generator, n: int, label: np.ndarray, *,
+                     centre: tuple[np.ndarray, np.ndarray] | None = None, scale: float = 1.0) -> np.ndarray:
+        """Binary lesion masks [n,S,S] from a polar radius function r(theta), class-specific harmonics.
+
+        centre (cy, cx) [n] in pixels and scale (of the radius) place smaller lesions elsewhere (the
+        two-finding set); the random draws are the same either way, so the default is unchanged."""
         s = self.size
         yy, xx = pixel_grid(s)
         cy = s / 2 + rng.uniform(-0.1, 0.1, (n, 1, 1)) * s
         cx = s / 2 + rng.uniform(-0.1, 0.1, (n, 1, 1)) * s
-        R = rng.uniform(0.15, 0.26, (n, 1, 1)) * s
+        R = rng.uniform(0.15, 0.26, (n, 1, 1)) * s * scale
+        if centre is not None:
+            cy = np.asarray(centre[0], dtype=np.float64).reshape(n, 1, 1)
+            cx = np.asarray(centre[1], dtype=np.float64).reshape(n, 1, 1)
         dy, dx = yy - cy, xx - cx
         rho = np.sqrt(dy**2 + dx**2)
         th = np.arctan2(dy, dx)
