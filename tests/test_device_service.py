@@ -137,6 +137,10 @@ def test_serve_and_worker_refuse_a_cuda_device_at_start(store, tmp_path):
                            f"sqlite:///{tmp_path / 'q.sqlite'}", "--store", str(store), "--device", "cuda:0",
                            "--metrics-port", "-1"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2 and "device cuda:0" in proc.stderr and "no CUDA device" in proc.stderr, proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "xaiserve.service.cli", "serve", "--model-store", str(store), "--device", "cuda",
+                           "--port", "0", "--metrics-port", "-1", "--state-dir", str(tmp_path / "state")],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "xaiserve serve: device cuda:" in proc.stderr, proc.stderr[-2000:]
     proc = subprocess.run([sys.executable, "-m", "xaiserve.service.cli", "worker", "--queue", "sqlite:///x",
                            "--device", "gpu0"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2 and "'gpu0' is not one of cpu, cuda, cuda:N" in proc.stderr, proc.stderr
