@@ -345,7 +345,8 @@ def _card(res: dict[str, Any]) -> dict[str, str]:
              if len(comp) > 1 else "One form was trained, the one chosen for the per-class networks by validation relevance mass: ")
             + f"**{m.get('loss_form')}**.\n\n- preservation (authors' code): ||m||_1 + 2 (softmax(Phi(x*m))_c - softmax(Phi(x))_c)^2\n"
             "- deletion (eq. 2, read with the mask marking the deleted region, because the literal x*Psi(x) is minimised by m = 0): "
-            "-(Phi(x)_c - Phi(x*(1-m))_c)^2 + 0.5 ||m||_1 on logits\n\n" + "\n".join(rows)
+            "-(softmax(Phi(x))_c - softmax(Phi(x*(1-m)))_c)^2 + 0.5 ||m||_1 on probabilities (bounded, as the authors' "
+            "inverse option)\n\n" + "\n".join(rows)
             + "\n\n(targets = true labels; masks min-max normalised before the relevance mass)"
         )
         sections["Inference-time smoothing"] = (

@@ -55,6 +55,22 @@ def _is_set(p: pb.SiftParams, name: str) -> bool:
     return p.HasField(name) if field.has_presence else bool(getattr(p, name))
 
 
+
+def _host_module(registry, entry):
+    """The frozen module on the CPU. The SIFT decomposition is sparse host-side work (scipy, sparse
+    CSR matrices) and its tensors live on the CPU, so on a GPU worker SIFT jobs run on a CPU copy of
+    the model instead of the registry's device copy (a deliberate limit: see docs/METHODS.md)."""
+    module = registry.torch_module(entry)
+    try:
+        device = next(module.parameters()).device
+    except StopIteration:
+        return module
+    if device.type == "cpu":
+        return module
+    import copy
+
+    return copy.deepcopy(module).cpu()
+
 class _SiftJob:
     name = ""
     other: tuple[str, ...] = ()  # the other method's fields, refused
@@ -204,7 +220,7 @@ class SiftAblationJobMethod(_SiftJob):
         dec = decompose(x, kp, cfg.cells)
         ctx.check_cancelled()
         t0 = time.perf_counter()
-        module = _Serialised(registry.torch_module(entry))
+        module = _Serialised(_host_module(registry, entry))
         load_s = time.perf_counter() - t0
         s0 = float(saturation(affine_path(cfg.num_slices, 1, 1)))
         done = [0.0]
@@ -311,7 +327,7 @@ class SiftRiseJobMethod(_SiftJob):
         if "onnx" in entry.files:
             forward, backend = onnx_embed(registry.onnx(entry)), "onnxruntime"
         else:
-            forward, backend = torch_embed(_Serialised(registry.torch_module(entry))), "torch"
+            forward, backend = torch_embed(_Serialised(_host_module(registry, entry))), "torch"
         load_s = time.perf_counter() - t0
 
         def progress(p: SiftRiseProgress) -> None:
