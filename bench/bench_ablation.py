@@ -14,6 +14,7 @@
     python bench/bench_ablation.py --part projection
     python bench/bench_ablation.py --part pointing --images 40 --store model_store
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,18 +89,31 @@ def bench_overhead(store: Path, iterations: int, repeats: int) -> dict:
             fb.append(left - enter)
             marks.append((enter, left))
 
-        cfg = AblationConfig(score=score, num_slices=T, mask_size=min(64, size), max_iterations=iterations * repeats + 1,
-                             stop_saturation=1.0, reduction="contrastive" if score == "straddling" else "transition")
+        cfg = AblationConfig(
+            score=score,
+            num_slices=T,
+            mask_size=min(64, size),
+            max_iterations=iterations * repeats + 1,
+            stop_saturation=1.0,
+            reduction="contrastive" if score == "straddling" else "transition",
+        )
         AblationPath(module, cfg).attribute(x, baseline=torch.zeros_like(x), progress=progress)
         it = [marks[k][0] - marks[k - 1][1] for k in range(1, len(marks))]
         fb = fb[1:]
         # iteration k is paired with the forward+backward timed right after it
         t_fb, t_it = statistics.median(fb), statistics.median(it)
         frac = statistics.median((i_k - f_k) / i_k for i_k, f_k in zip(it, fb))
-        out[score] = {"batch": batch, "fwd_bwd_ms": 1e3 * t_fb, "iteration_ms": 1e3 * t_it,
-                      "non_classifier_fraction": frac, "iterations_measured": len(it)}
-        print(f"  {score:12s} batch {batch:3d}: fwd+bwd {1e3 * t_fb:7.2f} ms, iteration {1e3 * t_it:7.2f} ms, "
-              f"non-classifier {100 * frac:5.1f} % (median of paired iterations; goal <= 10 %)")
+        out[score] = {
+            "batch": batch,
+            "fwd_bwd_ms": 1e3 * t_fb,
+            "iteration_ms": 1e3 * t_it,
+            "non_classifier_fraction": frac,
+            "iterations_measured": len(it),
+        }
+        print(
+            f"  {score:12s} batch {batch:3d}: fwd+bwd {1e3 * t_fb:7.2f} ms, iteration {1e3 * t_it:7.2f} ms, "
+            f"non-classifier {100 * frac:5.1f} % (median of paired iterations; goal <= 10 %)"
+        )
     return out
 
 
@@ -132,13 +146,25 @@ def bench_projection(samples: int) -> dict:
         subopt_vec += int(not bool(((q - p).abs().amax(0) <= bound + 1e-6).all()))  # float32 rounding
         subopt_loop += int(not bool(((ql - p).abs().amax(0) <= bound + 1e-9).all()))
     v, f, lp = statistics.median(t_vec), statistics.median(t_full), statistics.median(t_loop)
-    print(f"  14x64x64: vectorised {1e3 * v:.3f} ms (with constant speed {1e3 * f:.3f} ms), "
-          f"per-pixel Algorithm 1 {1e3 * lp:.1f} ms -> {lp / v:.0f}x faster (goal >= 50x)")
-    print(f"  non-monotone results: vectorised {bad_vec}/{samples}, loop {bad_loop}/{samples}; "
-          f"not L-inf-optimal: vectorised {subopt_vec}/{samples}, loop {subopt_loop}/{samples}")
-    return {"vectorised_ms": 1e3 * v, "vectorised_with_constant_speed_ms": 1e3 * f, "loop_ms": 1e3 * lp,
-            "speedup": lp / v, "non_monotone_vectorised": bad_vec, "non_monotone_loop": bad_loop,
-            "suboptimal_vectorised": subopt_vec, "suboptimal_loop": subopt_loop, "samples": samples}
+    print(
+        f"  14x64x64: vectorised {1e3 * v:.3f} ms (with constant speed {1e3 * f:.3f} ms), "
+        f"per-pixel Algorithm 1 {1e3 * lp:.1f} ms -> {lp / v:.0f}x faster (goal >= 50x)"
+    )
+    print(
+        f"  non-monotone results: vectorised {bad_vec}/{samples}, loop {bad_loop}/{samples}; "
+        f"not L-inf-optimal: vectorised {subopt_vec}/{samples}, loop {subopt_loop}/{samples}"
+    )
+    return {
+        "vectorised_ms": 1e3 * v,
+        "vectorised_with_constant_speed_ms": 1e3 * f,
+        "loop_ms": 1e3 * lp,
+        "speedup": lp / v,
+        "non_monotone_vectorised": bad_vec,
+        "non_monotone_loop": bad_loop,
+        "suboptimal_vectorised": subopt_vec,
+        "suboptimal_loop": subopt_loop,
+        "samples": samples,
+    }
 
 
 # each score is optimised once; its path is then reduced (transition for all, contrastive averaging
@@ -197,10 +223,17 @@ def bench_pointing(store: Path, images: int, cfg_kw: dict, datasets: tuple[str, 
             if (i + 1) % 10 == 0:
                 print(f"    {dataset}: {i + 1}/{n} images, {time.perf_counter() - t_ds:.0f} s", flush=True)
         area = float(split.masks[:n].mean())
-        res = {"images": n, "classifier": entry.id, "classifier_accuracy": correct / n, "chance_gt_area": area,
-               "blur_never_changed_class": no_change}
-        print(f"  {dataset} ({entry.id}, {n} test images, target = true label, classifier accuracy {correct / n:.2f}, "
-              f"chance = mean GT area {area:.3f}, blur never changed the class on {no_change}):")
+        res = {
+            "images": n,
+            "classifier": entry.id,
+            "classifier_accuracy": correct / n,
+            "chance_gt_area": area,
+            "blur_never_changed_class": no_change,
+        }
+        print(
+            f"  {dataset} ({entry.id}, {n} test images, target = true label, classifier accuracy {correct / n:.2f}, "
+            f"chance = mean GT area {area:.3f}, blur never changed the class on {no_change}):"
+        )
         for key, v in hits.items():
             res[key] = {"pointing_game": float(np.mean(v)), "seconds_per_image": seconds.get(key, 0.0) / n}
             print(f"    {key:28s} {np.mean(v):.3f}   ({seconds.get(key, 0.0) / n:.2f} s/image)")
@@ -233,11 +266,17 @@ def main(argv: list[str] | None = None) -> int:
         print("2. monotone projection, vectorised vs per-pixel Algorithm 1")
         figures["projection"] = bench_projection(args.samples)
     if args.part in ("all", "pointing"):
-        cfg_kw = dict(max_iterations=args.max_iterations, step_size=args.step_size, sigma_regu=args.sigma,
-                      saturation=args.saturation)
+        cfg_kw = dict(
+            max_iterations=args.max_iterations,
+            step_size=args.step_size,
+            sigma_regu=args.sigma,
+            saturation=args.saturation,
+        )
         print(f"3. pointing game ({', '.join(f'{k} {v}' for k, v in cfg_kw.items())})")
-        figures["pointing"] = {"config": cfg_kw, **bench_pointing(args.store, args.images, cfg_kw,
-                                                                      tuple(args.datasets.split(",")))}
+        figures["pointing"] = {
+            "config": cfg_kw,
+            **bench_pointing(args.store, args.images, cfg_kw, tuple(args.datasets.split(","))),
+        }
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
     return 0

@@ -14,6 +14,7 @@ directory; latency does not depend on the weights). Prints the median per-partic
 ratios spiral / cartesian (the target) and spiral-graph / cartesian per batch size. Exit code 1 if
 a 64 x 64 spiral / cartesian ratio exceeds the limit at any batch size.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,9 @@ sys.path.insert(0, str(ROOT))
 LIMIT = 1.5
 
 
-def _contestants(size: int, store: Path, tmp: Path, threads: int, channels: tuple[int, ...] | None) -> dict[str, tuple[object, str]]:
+def _contestants(
+    size: int, store: Path, tmp: Path, threads: int, channels: tuple[int, ...] | None
+) -> dict[str, tuple[object, str]]:
     import torch
 
     from xaiserve.handlers.denoise.export import export_onnx, load_denoiser
@@ -51,7 +54,11 @@ def _contestants(size: int, store: Path, tmp: Path, threads: int, channels: tupl
                 module = load_denoiser(entry, store)
         else:
             torch.manual_seed(0)
-            cfg = DenoiserConfig(arch=arch, size=size) if channels is None else DenoiserConfig(arch=arch, size=size, channels=channels)
+            cfg = (
+                DenoiserConfig(arch=arch, size=size)
+                if channels is None
+                else DenoiserConfig(arch=arch, size=size, channels=channels)
+            )
             module = Denoiser(cfg).eval()
             path = export_onnx(module, tmp / f"{arch}{size}.onnx")
         label = str(path) if path.parent != tmp else f"{path.name} (fresh weights)"
@@ -77,10 +84,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
     ap.add_argument("--batches", default="1,32", help="batch sizes, comma-separated")
     ap.add_argument("--sizes", default="64,128")
-    ap.add_argument("--channels", default=None, help="channels per level of freshly built models, e.g. 24,48,96 (default: the store's models / the default architecture)")
+    ap.add_argument(
+        "--channels",
+        default=None,
+        help="channels per level of freshly built models, e.g. 24,48,96 (default: the store's models / the default architecture)",
+    )
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--reps", type=int, default=0, help="runs per round (0: about 64 particles per round)")
-    ap.add_argument("--json", type=Path, default=None, help="also write the results here (read by `xaiserve export denoiser --bench`)")
+    ap.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="also write the results here (read by `xaiserve export denoiser --bench`)",
+    )
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -90,7 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU, {args.threads} intra-op thread(s); median of {args.rounds} interleaved rounds; ms per particle")
     with tempfile.TemporaryDirectory() as tmpd:
         for size in sizes:
-            sess = _contestants(size, args.store, Path(tmpd), args.threads, tuple(int(c) for c in args.channels.split(",")) if args.channels else None)
+            sess = _contestants(
+                size,
+                args.store,
+                Path(tmpd),
+                args.threads,
+                tuple(int(c) for c in args.channels.split(",")) if args.channels else None,
+            )
             for name, (_, label) in sess.items():
                 print(f"  {size}x{size} {name}: {label}")
             for b in batches:
@@ -110,9 +132,19 @@ def main(argv: list[str] | None = None) -> int:
                     f"{size:>4}x{size:<4} batch {b:>3}: spiral {med['spiral']:7.3f} ms  spiral-graph {med['spiral-graph']:7.3f} ms  "
                     f"cartesian {med['cartesian']:7.3f} ms  spiral/cartesian {ratio:5.2f}x{limit}  spiral-graph/cartesian {graph_ratio:5.2f}x"
                 )
-                results.append({"size": size, "batch": b, "spiral_ms": med["spiral"], "spiral_graph_ms": med["spiral-graph"],
-                                "cartesian_ms": med["cartesian"], "ratio": ratio, "graph_ratio": graph_ratio,
-                                "threads": args.threads, "channels": args.channels or "default"})
+                results.append(
+                    {
+                        "size": size,
+                        "batch": b,
+                        "spiral_ms": med["spiral"],
+                        "spiral_graph_ms": med["spiral-graph"],
+                        "cartesian_ms": med["cartesian"],
+                        "ratio": ratio,
+                        "graph_ratio": graph_ratio,
+                        "threads": args.threads,
+                        "channels": args.channels or "default",
+                    }
+                )
                 if size == 64 and ratio > LIMIT:
                     status = 1
     if args.json:

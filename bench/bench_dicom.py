@@ -13,6 +13,7 @@
 
 Usage: python bench/bench_dicom.py [--rounds 40] [--calls 30] [--parts 1,2,3] [--size 512]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,38 +63,53 @@ def part_decode(data: bytes, hu: np.ndarray, rounds: int) -> None:
     stack = InputSpec(64, 64, 3, (0.5,) * 3, (0.25,) * 3, dicom=DICOM_INPUT)
     single = InputSpec(64, 64, 3, (0.5,) * 3, (0.25,) * 3, dicom=DicomDefaults("replicate", (WINDOWS[1],)))
     img_d, img_16, img_rgb = pb.Image(encoded=data), pb.Image(encoded=p16), pb.Image(encoded=rgb)
-    t = interleaved({
-        "dicom, window stack (3 ch)": lambda: decode_image(img_d, stack),
-        "dicom, one window": lambda: decode_image(img_d, single),
-        "png 16-bit grey": lambda: decode_image(img_16),
-        "png 8-bit rgb": lambda: decode_image(img_rgb),
-    }, rounds, reps=5)
-    print(f"\n1. decode + windowing, {hu.shape[0]} x {hu.shape[1]} (DICOM {len(data)} B, PNG16 {len(p16)} B, PNG RGB {len(rgb)} B), median ms:")
+    t = interleaved(
+        {
+            "dicom, window stack (3 ch)": lambda: decode_image(img_d, stack),
+            "dicom, one window": lambda: decode_image(img_d, single),
+            "png 16-bit grey": lambda: decode_image(img_16),
+            "png 8-bit rgb": lambda: decode_image(img_rgb),
+        },
+        rounds,
+        reps=5,
+    )
+    print(
+        f"\n1. decode + windowing, {hu.shape[0]} x {hu.shape[1]} (DICOM {len(data)} B, PNG16 {len(p16)} B, PNG RGB {len(rgb)} B), median ms:"
+    )
     for k, v in t.items():
         print(f"   {k:30s} {v * 1e3:7.3f}")
     for k in ("dicom, window stack (3 ch)", "dicom, one window"):
-        print(f"   ratio {k} / png 16-bit grey: {t[k] / t['png 16-bit grey']:.2f}x   / png 8-bit rgb: {t[k] / t['png 8-bit rgb']:.2f}x"
-              "   (goal <= 2x)")
+        print(
+            f"   ratio {k} / png 16-bit grey: {t[k] / t['png 16-bit grey']:.2f}x   / png 8-bit rgb: {t[k] / t['png 8-bit rgb']:.2f}x"
+            "   (goal <= 2x)"
+        )
 
 
 def part_encode(data: bytes, rounds: int, size: int = 512) -> None:
-    image, source = decode_image_source(pb.Image(encoded=data), InputSpec(64, 64, 3, (0.5,) * 3, (0.25,) * 3, dicom=DICOM_INPUT))
+    image, source = decode_image_source(
+        pb.Image(encoded=data), InputSpec(64, 64, 3, (0.5,) * 3, (0.25,) * 3, dicom=DICOM_INPUT)
+    )
     yy, xx = np.mgrid[:size, :size] * (512.0 / size)
     mask = np.exp(-(((yy - 260) / 60.0) ** 2 + ((xx - 200) / 80.0) ** 2)).astype(np.float32)
     algo = dicom_out.Algorithm("ct-phantoms-classifier", "1", "saliency")
     maps = [dicom_out.Map("mask", mask, "bench mask")]
-    t = interleaved({
-        "dicom seg (fractional)": lambda: dicom_out.segmentation(source, maps, algo),
-        "dicom parametric map": lambda: dicom_out.parametric_map(source, maps, algo),
-        "png rendering (mask+overlay)": lambda: render_pngs(image, mask),
-        "png mask alone": lambda: encode_png(mask),
-    }, rounds)
+    t = interleaved(
+        {
+            "dicom seg (fractional)": lambda: dicom_out.segmentation(source, maps, algo),
+            "dicom parametric map": lambda: dicom_out.parametric_map(source, maps, algo),
+            "png rendering (mask+overlay)": lambda: render_pngs(image, mask),
+            "png mask alone": lambda: encode_png(mask),
+        },
+        rounds,
+    )
     print(f"\n2. encoding a {size} x {size} mask, median ms:")
     for k, v in t.items():
         print(f"   {k:30s} {v * 1e3:7.3f}")
     for k in ("dicom seg (fractional)", "dicom parametric map"):
-        print(f"   ratio {k} / png rendering: {t[k] / t['png rendering (mask+overlay)']:.2f}x (goal <= 2x)   "
-              f"/ png mask alone: {t[k] / t['png mask alone']:.2f}x")
+        print(
+            f"   ratio {k} / png rendering: {t[k] / t['png rendering (mask+overlay)']:.2f}x (goal <= 2x)   "
+            f"/ png mask alone: {t[k] / t['png mask alone']:.2f}x"
+        )
 
 
 def part_e2e(data: bytes, hu: np.ndarray, calls: int) -> None:
@@ -102,20 +118,31 @@ def part_e2e(data: bytes, hu: np.ndarray, calls: int) -> None:
     rgb = encode_png(grey_to_channels(hu, WINDOWS))
     with running_server(store=ROOT / "model_store", load_models="lazy", max_delay_ms=0) as srv:
         stub = srv.stub()
-        req_d = pb.ExplainRequest(model="ct-phantoms-classifier", image=pb.Image(encoded=data),
-                                  options=pb.ExplainOptions(output_format="dicom-seg", method="saliency"))
-        req_p = pb.ExplainRequest(model="ct-phantoms-classifier", image=pb.Image(encoded=rgb), options=pb.ExplainOptions(method="saliency"))
+        req_d = pb.ExplainRequest(
+            model="ct-phantoms-classifier",
+            image=pb.Image(encoded=data),
+            options=pb.ExplainOptions(output_format="dicom-seg", method="saliency"),
+        )
+        req_p = pb.ExplainRequest(
+            model="ct-phantoms-classifier", image=pb.Image(encoded=rgb), options=pb.ExplainOptions(method="saliency")
+        )
         server = {"dicom": [], "png": []}
 
         def call(req, key):
             r = stub.Explain(req, timeout=60)
             server[key].append(r.timing.total_ms / 1e3)
 
-        t = interleaved({"dicom in, seg out": lambda: call(req_d, "dicom"), "png in, tensor out": lambda: call(req_p, "png")}, calls)
-    print(f"\n3. Explain end to end, ct-phantoms-classifier + saliency, {hu.shape[0]} x {hu.shape[1]}, median of {calls} interleaved calls (ms):")
+        t = interleaved(
+            {"dicom in, seg out": lambda: call(req_d, "dicom"), "png in, tensor out": lambda: call(req_p, "png")}, calls
+        )
+    print(
+        f"\n3. Explain end to end, ct-phantoms-classifier + saliency, {hu.shape[0]} x {hu.shape[1]}, median of {calls} interleaved calls (ms):"
+    )
     for k, v in t.items():
         print(f"   {k:30s} {v * 1e3:7.2f} round trip")
-    print(f"   server-side total: dicom {np.median(server['dicom']) * 1e3:.2f}, png {np.median(server['png']) * 1e3:.2f}")
+    print(
+        f"   server-side total: dicom {np.median(server['dicom']) * 1e3:.2f}, png {np.median(server['png']) * 1e3:.2f}"
+    )
     print(f"   ratio dicom/seg vs png/tensor: {t['dicom in, seg out'] / t['png in, tensor out']:.2f}x")
 
 
@@ -128,7 +155,9 @@ def main() -> None:
     a = ap.parse_args()
     hu, label, _ = phantom_slice(a.size, seed=7)
     data = phantom_dicom(hu)
-    print(f"phantom slice {a.size} x {a.size}, finding {label}; DICOM {len(data)} bytes; one process, contestants interleaved")
+    print(
+        f"phantom slice {a.size} x {a.size}, finding {label}; DICOM {len(data)} bytes; one process, contestants interleaved"
+    )
     parts = {int(p) for p in a.parts.split(",")}
     if 1 in parts:
         part_decode(data, hu, a.rounds)

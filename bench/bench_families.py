@@ -7,6 +7,7 @@ Uses the default scenes-nemu / scenes-simclr and scenes test images.
 
     python bench/bench_families.py [--images 3] [--repeats 50]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,10 @@ def main() -> None:
     nem_s = float(np.mean(t_nem))
 
     rows = []
-    for label, cfg in [("RELAX N=3000", RelaxConfig(num_masks=3000, batch_size=100)),
-                       ("RELAX adaptive t=0.01", RelaxConfig(num_masks=3000, adaptive=True, target_error=0.01, batch_size=100))]:
+    for label, cfg in [
+        ("RELAX N=3000", RelaxConfig(num_masks=3000, batch_size=100)),
+        ("RELAX adaptive t=0.01", RelaxConfig(num_masks=3000, adaptive=True, target_error=0.01, batch_size=100)),
+    ]:
         times, ns = [], []
         for x in x_all:
             t = time.perf_counter()

@@ -12,6 +12,7 @@ The server runs as a separate `xaiserve serve` process on this machine; the mode
 stand-ins of the NEM-U graph contract (tests/tiny_models.py) plus the default scenes-nemu when
 the store has it. Usage: python bench/bench_grpc.py [--n 300] [--parts 1,2,3,4]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,12 +31,12 @@ from xaiserve.paths import checkout_root  # noqa: E402
 ROOT = checkout_root()  # the repository: its model_store/ and tests/ helpers
 REPO_STORE = ROOT / "model_store"
 sys.path.insert(0, str(ROOT))
+from tests.serverutil import server_process  # noqa: E402
+from tests.tiny_models import TinyEncoder, TinyNemU, _entry, _export  # noqa: E402
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb  # noqa: E402
 from xaiserve.proto.explain.v1 import explainer_pb2_grpc as pb_grpc  # noqa: E402
 from xaiserve.service.modelstore import add_entry  # noqa: E402
 from xaiserve.service.tensors import to_tensor  # noqa: E402
-from tests.serverutil import server_process  # noqa: E402
-from tests.tiny_models import TinyEncoder, TinyNemU, _entry, _export  # noqa: E402
 
 
 def pct(xs, q) -> float:
@@ -52,7 +53,13 @@ def build(store: Path) -> list[tuple[str, int]]:
     for size in (64, 224):
         enc = TinyEncoder()
         name = f"bench-nemu-{size}"
-        _export(TinyNemU(enc, width=16, depth=2), (torch.zeros(1, 3, size, size),), store / name / "1/model.onnx", ["image"], ["mask", "output"])
+        _export(
+            TinyNemU(enc, width=16, depth=2),
+            (torch.zeros(1, 3, size, size),),
+            store / name / "1/model.onnx",
+            ["image"],
+            ["mask", "output"],
+        )
         _export(enc, (torch.zeros(1, 3, size, size),), store / f"bench-enc-{size}/1/model.onnx", ["image"], ["output"])
         add_entry(store, _entry(f"bench-enc-{size}", "encoder", size, output_dim=16))
         add_entry(store, _entry(name, "nem_u", size, output_dim=16, explains=f"bench-enc-{size}:1"))
@@ -116,7 +123,9 @@ async def concurrent_throughput(address: str, name: str, size: int, clients: int
         return clients * per_client / (time.perf_counter() - t)
 
 
-def stream_run(stub, name: str, size: int, n: int, period: float | None, policy, window: int = 32) -> tuple[float, list[float], int]:
+def stream_run(
+    stub, name: str, size: int, n: int, period: float | None, policy, window: int = 32
+) -> tuple[float, list[float], int]:
     """Send n frames every `period` s, or (period None) as fast as the server answers, keeping at most
     `window` frames unanswered; return answered fps, frame latencies, answered count."""
     import threading
@@ -191,25 +200,33 @@ def main() -> None:
             if 4 in parts:
                 name = "scenes-nemu" if any(m == "scenes-nemu" for m, _ in models) else models[0][0]
                 a, b = png_cost(stub, name, max(20, args.n // 3))
-                print(f"== 4. return_png at 640 x 480 ({name}): p50 without {pct(a, 50):.2f} ms, with {pct(b, 50):.2f} ms, "
-                      f"ratio {pct(b, 50) / pct(a, 50):.2f}x (goal <= 1.5x); p90 {pct(a, 90):.2f} / {pct(b, 90):.2f} ms\n")
+                print(
+                    f"== 4. return_png at 640 x 480 ({name}): p50 without {pct(a, 50):.2f} ms, with {pct(b, 50):.2f} ms, "
+                    f"ratio {pct(b, 50) / pct(a, 50):.2f}x (goal <= 1.5x); p90 {pct(a, 90):.2f} / {pct(b, 90):.2f} ms\n"
+                )
             if not parts & {1, 2, 3}:
                 ch.close()
                 return
             print("== 1. gRPC overhead, batch 1 (ms) ==")
-            print(f"{'model':18} {'size':>5} {'ORT p50':>8} {'ORT p99':>8} {'gRPC p50':>9} {'gRPC p99':>9} {'overhead p50':>13} {'overhead p99':>13} goal")
+            print(
+                f"{'model':18} {'size':>5} {'ORT p50':>8} {'ORT p99':>8} {'gRPC p50':>9} {'gRPC p99':>9} {'overhead p50':>13} {'overhead p99':>13} goal"
+            )
             for name, size in models:
                 a = inprocess_latency(store, name, size, args.n)
                 b = grpc_latency(stub, name, size, args.n)
                 goal = 1.0 if size <= 64 else 3.0
                 ov50, ov99 = pct(b, 50) - pct(a, 50), pct(b, 99) - pct(a, 99)
-                print(f"{name:18} {size:>5} {pct(a, 50):8.3f} {pct(a, 99):8.3f} {pct(b, 50):9.3f} {pct(b, 99):9.3f} "
-                      f"{ov50:13.3f} {ov99:13.3f} p50<={goal:.0f}ms {'OK' if ov50 <= goal else 'MISSED'}")
+                print(
+                    f"{name:18} {size:>5} {pct(a, 50):8.3f} {pct(a, 99):8.3f} {pct(b, 50):9.3f} {pct(b, 99):9.3f} "
+                    f"{ov50:13.3f} {ov99:13.3f} p50<={goal:.0f}ms {'OK' if ov50 <= goal else 'MISSED'}"
+                )
             print("\n== 2. batching: 16 concurrent clients vs sequential calls ==")
             for name, size in models:
                 seq = asyncio.run(concurrent_throughput(srv.address, name, size, 1, args.n))
                 par = asyncio.run(concurrent_throughput(srv.address, name, size, 16, max(10, args.n // 8)))
-                print(f"{name:18} sequential {seq:8.1f}/s  16 clients {par:8.1f}/s  ratio {par / seq:5.2f}x (goal >= 1.5x)")
+                print(
+                    f"{name:18} sequential {seq:8.1f}/s  16 clients {par:8.1f}/s  ratio {par / seq:5.2f}x (goal >= 1.5x)"
+                )
             print("\n== 3. streaming ==")
             for name, size in models:
                 model_lat = inprocess_latency(store, name, size, args.n)
@@ -217,9 +234,13 @@ def main() -> None:
                 fps, _, _ = stream_run(stub, name, size, args.n, None, pb.ALL)
                 period = float(np.mean(model_lat)) / 2.0
                 _, lat, answered = stream_run(stub, name, size, args.n, period, pb.LATEST)
-                print(f"{name:18} model-only {model_fps:8.1f} fps  stream(ALL) {fps:8.1f} fps  ratio {fps / model_fps:5.2f}x (goal >= 0.9x)")
-                print(f"{'':18} sender at 2x model rate, LATEST: answered {answered}/{args.n}, p99 frame latency "
-                      f"{pct(lat, 99):.3f} ms = {pct(lat, 99) / pct(model_lat, 50):.2f}x model p50 {pct(model_lat, 50):.3f} ms (goal <= 2x)")
+                print(
+                    f"{name:18} model-only {model_fps:8.1f} fps  stream(ALL) {fps:8.1f} fps  ratio {fps / model_fps:5.2f}x (goal >= 0.9x)"
+                )
+                print(
+                    f"{'':18} sender at 2x model rate, LATEST: answered {answered}/{args.n}, p99 frame latency "
+                    f"{pct(lat, 99):.3f} ms = {pct(lat, 99) / pct(model_lat, 50):.2f}x model p50 {pct(model_lat, 50):.3f} ms (goal <= 2x)"
+                )
             ch.close()
 
 

@@ -18,6 +18,7 @@ slightly favours the baselines.
                                        [--with-nemu] [--threads 1]
     xaiserve bench localisation ...
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,16 +28,18 @@ from pathlib import Path
 
 import numpy as np
 
+from xaiserve.paths import checkout_root  # noqa: E402
 from xaiserve.training.evaluate_explanations import RANDOM_ROW, EvalConfig, EvalResult, evaluate, relax_api
 from xaiserve.training.metrics import top_k_for
-
-from xaiserve.paths import checkout_root  # noqa: E402
 
 ROOT = checkout_root()  # the repository: its model_store/ and tests/ helpers
 BASELINES = ("saliency", "guided_backprop", "smoothgrad")
 # [RELAX] Table 1 order; relevance mass last, reported but not part of the Table 1 verdict.
-TABLE1 = (("pointing_game", "pointing game"), ("top_k_intersection", "top-k intersection"),
-          ("relevance_rank", "relevance rank"))
+TABLE1 = (
+    ("pointing_game", "pointing game"),
+    ("top_k_intersection", "top-k intersection"),
+    ("relevance_rank", "relevance rank"),
+)
 EXTRA = (("relevance_mass", "relevance mass*"),)
 METRICS = TABLE1 + EXTRA
 
@@ -58,17 +61,27 @@ def compare(res: EvalResult, row: str, key: str) -> dict:
     best = max(base_rows, key=lambda n: summ[n][key]["mean"])
     diff, se_paired = paired_difference(scores[row], scores[best])
     se_comb = math.hypot(summ[row][key]["sem"], summ[best][key]["sem"])
-    return {"best": best, "value": summ[row][key]["mean"], "best_value": summ[best][key]["mean"], "diff": diff,
-            "se_combined": se_comb, "se_paired": se_paired, "above": diff > 0,
-            "beyond_combined": abs(diff) > se_comb, "beyond_paired": abs(diff) > se_paired}
+    return {
+        "best": best,
+        "value": summ[row][key]["mean"],
+        "best_value": summ[best][key]["mean"],
+        "diff": diff,
+        "se_combined": se_comb,
+        "se_paired": se_paired,
+        "above": diff > 0,
+        "beyond_combined": abs(diff) > se_comb,
+        "beyond_paired": abs(diff) > se_paired,
+    }
 
 
 def _verdict_line(c: dict, title: str, row: str) -> str:
     side = "ABOVE" if c["above"] else "below"
     z = c["diff"] / c["se_paired"] if c["se_paired"] > 0 else float("inf") * np.sign(c["diff"])
-    return (f"  {title:20s} {row} {c['value']:.3f} vs {c['best']} {c['best_value']:.3f}: diff {c['diff']:+.3f} -> {side}; "
-            f"|diff| {'>' if c['beyond_combined'] else '<='} combined SE {c['se_combined']:.3f}, "
-            f"{'>' if c['beyond_paired'] else '<='} paired SE {c['se_paired']:.3f} (diff / paired SE = {z:+.1f})")
+    return (
+        f"  {title:20s} {row} {c['value']:.3f} vs {c['best']} {c['best_value']:.3f}: diff {c['diff']:+.3f} -> {side}; "
+        f"|diff| {'>' if c['beyond_combined'] else '<='} combined SE {c['se_combined']:.3f}, "
+        f"{'>' if c['beyond_paired'] else '<='} paired SE {c['se_paired']:.3f} (diff / paired SE = {z:+.1f})"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,18 +100,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"handlers.relax is not importable ({relax_api()[2]}); nothing to compare", file=sys.stderr)
         return 1
     cfg = EvalConfig(
-        dataset="scenes", out=Path("."), n=args.n, store=args.store, frozen=args.frozen,
-        mask_models=("scenes-nemu",) if args.with_nemu else (), methods=BASELINES, relax=True,
-        relax_masks=args.relax_masks, relax_batch=args.relax_batch, monotonicity=False, threads=args.threads,
+        dataset="scenes",
+        out=Path("."),
+        n=args.n,
+        store=args.store,
+        frozen=args.frozen,
+        mask_models=("scenes-nemu",) if args.with_nemu else (),
+        methods=BASELINES,
+        relax=True,
+        relax_masks=args.relax_masks,
+        relax_batch=args.relax_batch,
+        monotonicity=False,
+        threads=args.threads,
         seed=args.seed,
     )
     res = evaluate(cfg)
     summ = res.summary()
     k = top_k_for(*res.gt.shape[1:])
-    print(f"localisation on scenes (test split, first {res.n} images), frozen model {res.frozen} ({res.kind}), "
-          f"RELAX N = {args.relax_masks}, {args.threads} thread(s)")
-    print(f"top-k intersection: k = {k} of {res.gt.shape[1]}x{res.gt.shape[2]} pixels (Quantus k = 1000 at 224x224, "
-          f"scaled by area); mean ground-truth size {res.gt.reshape(res.n, -1).sum(1).mean():.0f} pixels")
+    print(
+        f"localisation on scenes (test split, first {res.n} images), frozen model {res.frozen} ({res.kind}), "
+        f"RELAX N = {args.relax_masks}, {args.threads} thread(s)"
+    )
+    print(
+        f"top-k intersection: k = {k} of {res.gt.shape[1]}x{res.gt.shape[2]} pixels (Quantus k = 1000 at 224x224, "
+        f"scaled by area); mean ground-truth size {res.gt.reshape(res.n, -1).sum(1).mean():.0f} pixels"
+    )
     for note in res.notes:
         if note.startswith("RELAX") or note.startswith("targets"):
             print(f"note: {note}")
@@ -106,9 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, s in summ.items():
         cells = "".join(f"{s[key]['mean']:>14.3f} ± {s[key]['sem']:.3f}" for key, _ in METRICS)
         print(f"{name:28s}{cells}{s['seconds']['mean']:>12.4f}")
-    print("(mean ± standard error over images; * relevance mass is not in [RELAX] Table 1: "
-          "reported for reference, not part of the verdict)")
-    print("random reference: " + ", ".join(f"{t.rstrip('*')} {summ[RANDOM_ROW][key]['mean']:.3f}" for key, t in METRICS))
+    print(
+        "(mean ± standard error over images; * relevance mass is not in [RELAX] Table 1: "
+        "reported for reference, not part of the verdict)"
+    )
+    print(
+        "random reference: " + ", ".join(f"{t.rstrip('*')} {summ[RANDOM_ROW][key]['mean']:.3f}" for key, t in METRICS)
+    )
 
     verdict: dict[str, list[dict]] = {}
     for row in ("RELAX", "U-RELAX"):
@@ -126,13 +156,25 @@ def main(argv: list[str] | None = None) -> int:
         above = sum(c["above"] for c in cs)
         clear = sum(c["above"] and c["beyond_paired"] for c in cs)
         below_clear = sum((not c["above"]) and c["beyond_paired"] for c in cs)
-        print(f"{row}: above the best gradient baseline on {above} of {len(cs)} Table 1 scores "
-              f"({clear} by more than the paired SE, {below_clear} below by more than the paired SE)")
+        print(
+            f"{row}: above the best gradient baseline on {above} of {len(cs)} Table 1 scores "
+            f"({clear} by more than the paired SE, {below_clear} below by more than the paired SE)"
+        )
     ok = all(c["above"] for c in verdict["RELAX"])
     firm = all(c["above"] and c["beyond_combined"] for c in verdict["RELAX"])
-    print("[RELAX] Table 1 ordering (RELAX above every gradient baseline on pointing game, top-k, relevance rank): "
-          + ("reproduced" + (" (every difference beyond the combined SE)" if firm else
-                             " (but not every difference beyond the combined SE)") if ok else "NOT reproduced"))
+    print(
+        "[RELAX] Table 1 ordering (RELAX above every gradient baseline on pointing game, top-k, relevance rank): "
+        + (
+            "reproduced"
+            + (
+                " (every difference beyond the combined SE)"
+                if firm
+                else " (but not every difference beyond the combined SE)"
+            )
+            if ok
+            else "NOT reproduced"
+        )
+    )
     return 0
 
 

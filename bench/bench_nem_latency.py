@@ -7,6 +7,7 @@ sessions are timed in interleaved rounds (so that load from other processes hits
 the median per-image latency and the ratio mask model / frozen model are printed, with the limit
 (at most 2x). Exit code 1 if any ratio exceeds the limit.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,12 +64,16 @@ def main(argv: list[str] | None = None) -> int:
             times[i].append((time.perf_counter() - t0) / args.reps)
     med = {i: statistics.median(v) for i, v in times.items()}
     worst = 0.0
-    print(f"ONNX Runtime, batch 1, {args.threads} intra-op thread(s), median of {args.rounds} rounds x {args.reps} runs")
+    print(
+        f"ONNX Runtime, batch 1, {args.threads} intra-op thread(s), median of {args.rounds} rounds x {args.reps} runs"
+    )
     print(f"{'mask model':28s} {'ms/image':>9s}   {'frozen model':24s} {'ms/image':>9s}   ratio (limit {LIMIT:.1f}x)")
     for e, f in pairs:
         r = med[e.id] / med[f.id]
         worst = max(worst, r)
-        print(f"{e.id:28s} {med[e.id] * 1e3:9.3f}   {f.id:24s} {med[f.id] * 1e3:9.3f}   {r:.2f}x {'ok' if r <= LIMIT else 'OVER'}")
+        print(
+            f"{e.id:28s} {med[e.id] * 1e3:9.3f}   {f.id:24s} {med[f.id] * 1e3:9.3f}   {r:.2f}x {'ok' if r <= LIMIT else 'OVER'}"
+        )
     return 0 if worst <= LIMIT else 1
 
 

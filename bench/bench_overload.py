@@ -19,6 +19,7 @@ machine at its load (printed), measured in one run.
 
     python bench/bench_overload.py [--duration 8] [--model tiny-nemu] [--max-inflight 64]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,9 +39,9 @@ from xaiserve.paths import checkout_root
 
 ROOT = checkout_root()
 sys.path.insert(0, str(ROOT))
-from xaiserve.proto.explain.v1 import explainer_pb2 as pb  # noqa: E402
 from tests.serverutil import server_process  # noqa: E402
 from tests.tiny_models import build_store  # noqa: E402
+from xaiserve.proto.explain.v1 import explainer_pb2 as pb  # noqa: E402
 
 METHOD = "/explain.v1.Explainer/Explain"
 
@@ -147,18 +148,25 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         store = build_store(Path(tmp) / "store")
-        with server_process(store, state_dir=Path(tmp) / "state", job_workers=0,
-                            max_inflight=args.max_inflight, host="127.0.0.1") as srv:
+        with server_process(
+            store, state_dir=Path(tmp) / "state", job_workers=0, max_inflight=args.max_inflight, host="127.0.0.1"
+        ) as srv:
             pid = srv.process.pid
             req = request_bytes(args.model, args.size)
             with RssSampler(pid) as mem0:
                 cap = asyncio.run(capacity(srv.address, req, args.clients, args.duration))
-            print(f"load average {' '.join(f'{x:.1f}' for x in __import__('os').getloadavg())} on {__import__('os').cpu_count()} cores")
-            print(f"== capacity ({args.model}, {args.size} x {args.size} PNG, {args.clients} closed-loop clients, "
-                  f"max_inflight {args.max_inflight}): {cap:.1f} answers/s; RSS {mem0.before:.0f} -> {mem0.after:.0f} MB")
-            print(f"{'load':>5} {'sent/s':>8} {'answers/s':>10} {'goodput/cap':>12} {'refused':>8} {'refusal p50':>12} "
-                  f"{'refusal p99':>12} {'shed':>7} {'shed p50':>11} {'shed p99':>11} {'answer p50':>11} {'answer p99':>11} "
-                  f"{'other':>8} {'RSS before/peak/after MB':>26}")
+            print(
+                f"load average {' '.join(f'{x:.1f}' for x in __import__('os').getloadavg())} on {__import__('os').cpu_count()} cores"
+            )
+            print(
+                f"== capacity ({args.model}, {args.size} x {args.size} PNG, {args.clients} closed-loop clients, "
+                f"max_inflight {args.max_inflight}): {cap:.1f} answers/s; RSS {mem0.before:.0f} -> {mem0.after:.0f} MB"
+            )
+            print(
+                f"{'load':>5} {'sent/s':>8} {'answers/s':>10} {'goodput/cap':>12} {'refused':>8} {'refusal p50':>12} "
+                f"{'refusal p99':>12} {'shed':>7} {'shed p50':>11} {'shed p99':>11} {'answer p50':>11} {'answer p99':>11} "
+                f"{'other':>8} {'RSS before/peak/after MB':>26}"
+            )
             print("(refused: RESOURCE_EXHAUSTED from admission; shed: CANCELLED by grpc beyond max_pending_calls)")
             for k in (2, 5):
                 with RssSampler(pid) as mem:
@@ -174,10 +182,12 @@ def main() -> None:
                 ratio = r["goodput"] / cap
                 goal = " (goal p99 <= 5 ms" + (", goodput >= 0.9)" if k == 2 else ")")
                 other.pop("CANCELLED", None)
-                print(f"{k:>4}x {r['sent_rate']:8.1f} {r['goodput']:10.1f} {ratio:12.2f} {len(refused):8d} "
-                      f"{pct(refused, 50):10.2f}ms {pct(refused, 99):10.2f}ms {len(shed):7d} {pct(shed, 50):9.2f}ms {pct(shed, 99):9.2f}ms "
-                      f"{pct(answered, 50):9.1f}ms {pct(answered, 99):9.1f}ms "
-                      f"{str(other or '-'):>8} {mem.before:8.0f}/{mem.peak:.0f}/{mem.after:.0f}{goal}")
+                print(
+                    f"{k:>4}x {r['sent_rate']:8.1f} {r['goodput']:10.1f} {ratio:12.2f} {len(refused):8d} "
+                    f"{pct(refused, 50):10.2f}ms {pct(refused, 99):10.2f}ms {len(shed):7d} {pct(shed, 50):9.2f}ms {pct(shed, 99):9.2f}ms "
+                    f"{pct(answered, 50):9.1f}ms {pct(answered, 99):9.1f}ms "
+                    f"{str(other or '-'):>8} {mem.before:8.0f}/{mem.peak:.0f}/{mem.after:.0f}{goal}"
+                )
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ on 127.0.0.1 and is stopped at the end. Ratios are against explain.v1 measured i
 
     python bench/bench_peers.py [--rounds 3] [--requests 200] [--concurrency 1,8,32] [--no-torchserve]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,7 +57,7 @@ MODEL = "scenes-nemu"
 STORE = ROOT / "model_store"
 TICK = os.sysconf("SC_CLK_TCK")
 
-BARE_SERVER = textwrap.dedent('''
+BARE_SERVER = textwrap.dedent("""
     import asyncio, sys
     import grpc, numpy as np
     sys.path.insert(0, sys.argv[3])
@@ -82,7 +83,7 @@ BARE_SERVER = textwrap.dedent('''
         await server.wait_for_termination()
 
     asyncio.run(main())
-''')
+""")
 
 
 def free_port() -> int:
@@ -188,10 +189,30 @@ class HandlerContestant(Contestant):
 # ----------------------------------------------------------------------------------- servers
 def start_xaiserve(procs: list[subprocess.Popen]) -> str:
     port = free_port()
-    cmd = [sys.executable, "-m", "xaiserve.service.cli", "serve", "--port", str(port), "--metrics-port", "-1",
-           "--model-store", str(STORE), "--job-workers", "0", "--intra-op-threads", "1"]
-    p = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "xaiserve.service.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--metrics-port",
+        "-1",
+        "--model-store",
+        str(STORE),
+        "--job-workers",
+        "0",
+        "--intra-op-threads",
+        "1",
+    ]
+    p = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     procs.append(p)
     wait_grpc(f"127.0.0.1:{port}")
     return f"127.0.0.1:{port}"
@@ -199,9 +220,14 @@ def start_xaiserve(procs: list[subprocess.Popen]) -> str:
 
 def start_bare(procs: list[subprocess.Popen]) -> str:
     port = free_port()
-    p = subprocess.Popen([sys.executable, "-c", BARE_SERVER, str(port), str(STORE), str(ROOT), MODEL],
-                         env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                         text=True, start_new_session=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", BARE_SERVER, str(port), str(STORE), str(ROOT), MODEL],
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     procs.append(p)
     assert p.stdout is not None and p.stdout.readline().strip() == "ready"
     return f"127.0.0.1:{port}"
@@ -211,35 +237,92 @@ def torchserve_venv(cache: Path) -> Path:
     d = cache / "torchserve-venv"
     if not (d / "bin" / "torchserve").exists():
         venv.EnvBuilder(with_pip=True, system_site_packages=True).create(d)
-        subprocess.run([str(d / "bin" / "python"), "-m", "pip", "install", "-q", "torchserve==0.12.0",
-                        "torch-model-archiver==0.12.0"], check=True)
+        subprocess.run(
+            [
+                str(d / "bin" / "python"),
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "torchserve==0.12.0",
+                "torch-model-archiver==0.12.0",
+            ],
+            check=True,
+        )
     return d
 
 
 def start_torchserve(cache: Path, procs: list[subprocess.Popen]) -> tuple[str, bytes]:
     """TorchServe with the NEM-U archive; returns its gRPC address and a PredictionsRequest builder's bytes."""
+    import grpc_tools
     from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
     from grpc_tools import protoc
-    import grpc_tools
 
     d = torchserve_venv(cache)
     work = Path(tempfile.mkdtemp(prefix="bench-ts-"))
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PATH=f"{d / 'bin'}:{os.environ['PATH']}", OMP_NUM_THREADS="1",
-               LOG_LOCATION=str(work / "logs"), METRICS_LOCATION=str(work / "logs"))
-    subprocess.run([str(d / "bin" / "python"), "-m", "xaiserve.service.cli", "export", "torchserve", MODEL,
-                    "--out", str(work / "mars"), "--model-store", str(STORE)], check=True, env=env,
-                   stdout=subprocess.DEVNULL)
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT),
+        PATH=f"{d / 'bin'}:{os.environ['PATH']}",
+        OMP_NUM_THREADS="1",
+        LOG_LOCATION=str(work / "logs"),
+        METRICS_LOCATION=str(work / "logs"),
+    )
+    subprocess.run(
+        [
+            str(d / "bin" / "python"),
+            "-m",
+            "xaiserve.service.cli",
+            "export",
+            "torchserve",
+            MODEL,
+            "--out",
+            str(work / "mars"),
+            "--model-store",
+            str(STORE),
+        ],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
     ports = {k: free_port() for k in ("http", "mgmt", "metrics", "grpc", "grpcm")}
-    (work / "config.properties").write_text("\n".join([
-        f"inference_address=http://127.0.0.1:{ports['http']}", f"management_address=http://127.0.0.1:{ports['mgmt']}",
-        f"metrics_address=http://127.0.0.1:{ports['metrics']}", "grpc_inference_address=127.0.0.1",
-        "grpc_management_address=127.0.0.1", f"grpc_inference_port={ports['grpc']}",
-        f"grpc_management_port={ports['grpcm']}", "disable_token_authorization=true", "enable_model_api=true",
-        "install_py_dep_per_model=false", "default_workers_per_model=1", "vmargs=-Xmx512m -XX:+UseSerialGC",
-        f"model_store={work / 'mars'}", ""]))
-    p = subprocess.Popen([str(d / "bin" / "torchserve"), "--start", "--foreground", "--ncs", "--ts-config",
-                          str(work / "config.properties"), "--model-store", str(work / "mars")], cwd=work, env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    (work / "config.properties").write_text(
+        "\n".join(
+            [
+                f"inference_address=http://127.0.0.1:{ports['http']}",
+                f"management_address=http://127.0.0.1:{ports['mgmt']}",
+                f"metrics_address=http://127.0.0.1:{ports['metrics']}",
+                "grpc_inference_address=127.0.0.1",
+                "grpc_management_address=127.0.0.1",
+                f"grpc_inference_port={ports['grpc']}",
+                f"grpc_management_port={ports['grpcm']}",
+                "disable_token_authorization=true",
+                "enable_model_api=true",
+                "install_py_dep_per_model=false",
+                "default_workers_per_model=1",
+                "vmargs=-Xmx512m -XX:+UseSerialGC",
+                f"model_store={work / 'mars'}",
+                "",
+            ]
+        )
+    )
+    p = subprocess.Popen(
+        [
+            str(d / "bin" / "torchserve"),
+            "--start",
+            "--foreground",
+            "--ncs",
+            "--ts-config",
+            str(work / "config.properties"),
+            "--model-store",
+            str(work / "mars"),
+        ],
+        cwd=work,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     procs.append(p)
     deadline = time.time() + 120
     while True:
@@ -250,9 +333,14 @@ def start_torchserve(cache: Path, procs: list[subprocess.Popen]) -> tuple[str, b
             if time.time() > deadline:
                 raise
             time.sleep(0.5)
-    urllib.request.urlopen(urllib.request.Request(
-        f"http://127.0.0.1:{ports['mgmt']}/models?url={MODEL}.mar&batch_size=8&max_batch_delay=1&initial_workers=1"
-        "&synchronous=true", method="POST"), timeout=180)
+    urllib.request.urlopen(
+        urllib.request.Request(
+            f"http://127.0.0.1:{ports['mgmt']}/models?url={MODEL}.mar&batch_size=8&max_batch_delay=1&initial_workers=1"
+            "&synchronous=true",
+            method="POST",
+        ),
+        timeout=180,
+    )
     # TorchServe's own inference.proto, from its jar, into a private pool
     jar = next((d / "lib").glob("python*/site-packages/ts/frontend/model-server.jar"))
     src = work / "proto"
@@ -261,12 +349,26 @@ def start_torchserve(cache: Path, procs: list[subprocess.Popen]) -> tuple[str, b
             (src / name).parent.mkdir(parents=True, exist_ok=True)
             (src / name).write_bytes(z.read(name))
     include = Path(grpc_tools.__file__).parent / "_proto"
-    assert protoc.main(["protoc", f"-I{src / 'proto'}", f"-I{src}", f"-I{include}", "--include_imports",
-                        f"--descriptor_set_out={work / 'ts.desc'}", "inference.proto"]) == 0
+    assert (
+        protoc.main(
+            [
+                "protoc",
+                f"-I{src / 'proto'}",
+                f"-I{src}",
+                f"-I{include}",
+                "--include_imports",
+                f"--descriptor_set_out={work / 'ts.desc'}",
+                "inference.proto",
+            ]
+        )
+        == 0
+    )
     pool = descriptor_pool.DescriptorPool()
     for f in descriptor_pb2.FileDescriptorSet.FromString((work / "ts.desc").read_bytes()).file:
         pool.Add(f)
-    req = message_factory.GetMessageClass(pool.FindMessageTypeByName("org.pytorch.serve.grpc.inference.PredictionsRequest"))
+    req = message_factory.GetMessageClass(
+        pool.FindMessageTypeByName("org.pytorch.serve.grpc.inference.PredictionsRequest")
+    )
     return f"127.0.0.1:{ports['grpc']}", req
 
 
@@ -291,8 +393,10 @@ async def measure(c: Contestant, concurrency: int, n: int) -> dict:
 
 
 def table(results: dict, order: list[str], concurrencies: list[int]) -> str:
-    lines = [f"{'contestant':<12} {'conc':>4} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} {'CPU ms/req':>10}   "
-             f"{'p50 x':>6} {'req/s x':>7} {'CPU x':>6}  (x = ratio to explain.v1, same run)"]
+    lines = [
+        f"{'contestant':<12} {'conc':>4} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} {'CPU ms/req':>10}   "
+        f"{'p50 x':>6} {'req/s x':>7} {'CPU x':>6}  (x = ratio to explain.v1, same run)"
+    ]
     for conc in concurrencies:
         base = results.get(("explain.v1", conc))
         for name in order:
@@ -327,14 +431,23 @@ async def run(args) -> None:
         infer = oip.ModelInferRequest(model_name=MODEL)
         infer.inputs.add(name="image", datatype="BYTES", shape=[1])
         infer.raw_input_contents.append(len(png).to_bytes(4, "little") + png)
-        contestants.append(GrpcContestant("oip.v2", addr, "/inference.GRPCInferenceService/ModelInfer",
-                                          infer.SerializeToString(), lambda: [xpid]))
+        contestants.append(
+            GrpcContestant(
+                "oip.v2", addr, "/inference.GRPCInferenceService/ModelInfer", infer.SerializeToString(), lambda: [xpid]
+            )
+        )
         if not args.no_torchserve:
             ts_addr, Req = start_torchserve(Path(args.cache), procs)
             tpid = procs[-1].pid
-            contestants.append(GrpcContestant(
-                "torchserve", ts_addr, "/org.pytorch.serve.grpc.inference.InferenceAPIsService/Predictions",
-                Req(model_name=MODEL, input={"data": png}).SerializeToString(), lambda: tree(tpid)))
+            contestants.append(
+                GrpcContestant(
+                    "torchserve",
+                    ts_addr,
+                    "/org.pytorch.serve.grpc.inference.InferenceAPIsService/Predictions",
+                    Req(model_name=MODEL, input={"data": png}).SerializeToString(),
+                    lambda: tree(tpid),
+                )
+            )
         baddr = start_bare(procs)
         bpid = procs[-1].pid
         contestants.append(GrpcContestant("bare.grpc", baddr, "/bare.Infer/Infer", png, lambda: [bpid]))
@@ -344,7 +457,7 @@ async def run(args) -> None:
         results: dict = {}
         for rnd in range(args.rounds):
             for conc in args.concurrency:
-                order = contestants[rnd % len(contestants):] + contestants[:rnd % len(contestants)]
+                order = contestants[rnd % len(contestants) :] + contestants[: rnd % len(contestants)]
                 for c in order:
                     m = await measure(c, conc, args.requests)
                     r = results.setdefault((c.name, conc), {"lat": [], "rps": [], "cpu_ms": []})
@@ -362,8 +475,10 @@ async def run(args) -> None:
             await c.close()
         names = [c.name for c in contestants] + ["handler"]
         load = os.getloadavg()
-        print(f"bench_peers: {MODEL} on a 64 x 64 PNG, {args.rounds} interleaved rounds of {args.requests} requests, "
-              f"{os.cpu_count()} cores, load {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+        print(
+            f"bench_peers: {MODEL} on a 64 x 64 PNG, {args.rounds} interleaved rounds of {args.requests} requests, "
+            f"{os.cpu_count()} cores, load {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}"
+        )
         print(table(results, names, args.concurrency))
     finally:
         for p in procs:
@@ -383,8 +498,11 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=200, help="requests per contestant, concurrency and round")
     ap.add_argument("--concurrency", type=lambda s: [int(v) for v in s.split(",")], default=[1, 8, 32])
     ap.add_argument("--no-torchserve", action="store_true")
-    ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "xaiserve-bench-peers"),
-                    help="where the TorchServe virtualenv is kept between runs")
+    ap.add_argument(
+        "--cache",
+        default=str(Path(tempfile.gettempdir()) / "xaiserve-bench-peers"),
+        help="where the TorchServe virtualenv is kept between runs",
+    )
     args = ap.parse_args()
     asyncio.run(run(args))
 

@@ -15,6 +15,7 @@
 Needs redis-server (Debian package); starts it on a free port in a temp dir and stops everything it
 started. Usage: python bench/bench_queue.py [--jobs 40] [--latency-n 60]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -103,9 +104,24 @@ class Redis:
     def __init__(self, d: Path):
         self.port = _free_port()
         self.proc = subprocess.Popen(
-            [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-             "--dir", str(d), "--save", "", "--appendonly", "no", "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                shutil.which("redis-server") or "/usr/bin/redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(d),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--loglevel",
+                "warning",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         import redis
 
         r = redis.Redis(port=self.port)
@@ -127,10 +143,27 @@ def start_workers(queue: str, n: int) -> list[subprocess.Popen]:
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'bench'}", OMP_NUM_THREADS="1")
     procs = []
     for _ in range(n):
-        p = subprocess.Popen([sys.executable, "-m", "xaiserve.service.worker", "--queue", queue,
-                              "--methods", "bench_queue:SleepMethod,bench_queue:SpinMethod", "--metrics-port", "-1",
-                              "--grace-s", "1", "--log-level", "WARNING"],
-                             cwd=str(ROOT), env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        p = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "xaiserve.service.worker",
+                "--queue",
+                queue,
+                "--methods",
+                "bench_queue:SleepMethod,bench_queue:SpinMethod",
+                "--metrics-port",
+                "-1",
+                "--grace-s",
+                "1",
+                "--log-level",
+                "WARNING",
+            ],
+            cwd=str(ROOT),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
         json.loads(p.stdout.readline())  # ready line
         procs.append(p)
     return procs
@@ -159,12 +192,16 @@ async def throughput(queue: str, method: str, n_workers: int, jobs: int, ms: int
     await gw.start()
     procs = start_workers(queue, n_workers)
     try:
-        warm = [(await gw.submit(pb.JobRequest(method=method, model="m", relax=pb.RelaxParams(num_masks=1)))).id
-                for _ in range(n_workers)]
+        warm = [
+            (await gw.submit(pb.JobRequest(method=method, model="m", relax=pb.RelaxParams(num_masks=1)))).id
+            for _ in range(n_workers)
+        ]
         await wait_all(gw, warm)
         t0 = time.perf_counter()
-        ids = [(await gw.submit(pb.JobRequest(method=method, model="m", relax=pb.RelaxParams(num_masks=ms)))).id
-               for _ in range(jobs)]
+        ids = [
+            (await gw.submit(pb.JobRequest(method=method, model="m", relax=pb.RelaxParams(num_masks=ms)))).id
+            for _ in range(jobs)
+        ]
         await wait_all(gw, ids)
         return jobs / (time.perf_counter() - t0)
     finally:
@@ -218,7 +255,9 @@ async def main_async(args) -> None:
 
         print(f"\n2. latency of a no-op job, submit -> SUCCEEDED seen by the gateway (n={args.latency_n})")
         rows = {
-            "embedded (SQLite, thread)": await latency(f"sqlite:///{tmp}/lat.sqlite", args.latency_n, worker_process=False),
+            "embedded (SQLite, thread)": await latency(
+                f"sqlite:///{tmp}/lat.sqlite", args.latency_n, worker_process=False
+            ),
             "redis, worker thread": await latency(f"{redis.url}?prefix=lat-t", args.latency_n, worker_process=False),
             "redis, worker process": await latency(f"{redis.url}?prefix=lat-p", args.latency_n, worker_process=True),
         }

@@ -18,6 +18,7 @@ initialised encoder of the same architecture (handlers.nets.PyramidEncoder) expo
 
     python bench/bench_relax.py [--store model_store] [--num-masks 3000] [--batch-size 64] [--threads 1]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,9 +38,9 @@ sys.path.insert(0, str(ROOT))
 
 from xaiserve.handlers.relax import Relax, RelaxConfig  # noqa: E402
 from xaiserve.handlers.relax import estimator as est  # noqa: E402
-from xaiserve.service.jobs.relax import onnx_embed, torch_embed  # noqa: E402
 from xaiserve.handlers.relax.masks import generate_masks, mask_geometry  # noqa: E402
 from xaiserve.handlers.relax.relax import cosine  # noqa: E402
+from xaiserve.service.jobs.relax import onnx_embed, torch_embed  # noqa: E402
 from xaiserve.service.registry import OnnxModel, Registry, RegistryConfig  # noqa: E402
 
 DEFAULT_MODEL = "scenes-simclr"
@@ -54,8 +55,14 @@ def load_model(store: Path, threads: int):
         except Exception:
             entry = None
         if entry is not None:
-            return (f"{entry.id} (default encoder from {store})", reg.onnx(entry), reg.torch_module(entry),
-                    entry.input.mean, entry.input.std, entry.input.height)
+            return (
+                f"{entry.id} (default encoder from {store})",
+                reg.onnx(entry),
+                reg.torch_module(entry),
+                entry.input.mean,
+                entry.input.std,
+                entry.input.height,
+            )
     from xaiserve.handlers.nets import EncoderArch, PyramidEncoder
 
     torch.manual_seed(0)
@@ -63,11 +70,25 @@ def load_model(store: Path, threads: int):
     with tempfile.TemporaryDirectory(prefix="bench_relax_") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = Path(tmp) / "model.onnx"
-        torch.onnx.export(module, (torch.zeros(1, 3, 64, 64),), str(path), input_names=["image"],
-                          output_names=["output"], dynamic_axes={"image": {0: "b"}, "output": {0: "b"}}, dynamo=False, opset_version=17)
+        torch.onnx.export(
+            module,
+            (torch.zeros(1, 3, 64, 64),),
+            str(path),
+            input_names=["image"],
+            output_names=["output"],
+            dynamic_axes={"image": {0: "b"}, "output": {0: "b"}},
+            dynamo=False,
+            opset_version=17,
+        )
         onnx = OnnxModel(path, intra_op_threads=threads, prefer_cuda=False)  # the session keeps the graph in memory
-    return ("random-init PyramidEncoder (scenes-simclr not in the store yet; same architecture family)", onnx, module,
-            (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 64)
+    return (
+        "random-init PyramidEncoder (scenes-simclr not in the store yet; same architecture family)",
+        onnx,
+        module,
+        (0.5, 0.5, 0.5),
+        (0.25, 0.25, 0.25),
+        64,
+    )
 
 
 def load_image(size: int, mean, std) -> tuple[torch.Tensor, str]:
@@ -180,18 +201,31 @@ def compare_adaptive(embed, size: int, mean, std, a, n: int, bs: int) -> None:
     rows = []
     for x in xs:
         full = Relax(embed, RelaxConfig(num_masks=n, batch_size=bs, cells=a.cells, seed=a.seed)).attribute(x)
-        ada = Relax(embed, RelaxConfig(num_masks=n, batch_size=bs, cells=a.cells, seed=a.seed + 1,
-                                       adaptive=True, target_error=a.target_error)).attribute(x)
-        rows.append((ada.num_masks, corr(ada.importance, full.importance),
-                     float((ada.importance - full.importance).abs().max()), ada.achieved_error, full.achieved_error,
-                     float((full.importance.max() - full.importance.min()))))
+        ada = Relax(
+            embed,
+            RelaxConfig(
+                num_masks=n, batch_size=bs, cells=a.cells, seed=a.seed + 1, adaptive=True, target_error=a.target_error
+            ),
+        ).attribute(x)
+        rows.append(
+            (
+                ada.num_masks,
+                corr(ada.importance, full.importance),
+                float((ada.importance - full.importance).abs().max()),
+                ada.achieved_error,
+                full.achieved_error,
+                float((full.importance.max() - full.importance.min())),
+            )
+        )
     r = np.array(rows)
-    print(f"adaptive (t = {a.target_error}, default estimator: control variate; independent masks) vs N = {n} on {len(rows)} scenes: "
-          f"N used {r[:, 0].mean():.0f} on average (min {r[:, 0].min():.0f}, max {r[:, 0].max():.0f}; "
-          f"{100 * (1 - r[:, 0].mean() / n):.0f}% of the masks saved); correlation median {np.median(r[:, 1]):.3f} "
-          f"(min {r[:, 1].min():.3f}); max abs diff median {np.median(r[:, 2]):.4f} (max {r[:, 2].max():.4f}); "
-          f"achieved error {r[:, 3].mean():.4f} vs {r[:, 4].mean():.4f} at N = {n}; "
-          f"importance range (max - min) of the N = {n} maps {np.median(r[:, 5]):.4f} (median)")
+    print(
+        f"adaptive (t = {a.target_error}, default estimator: control variate; independent masks) vs N = {n} on {len(rows)} scenes: "
+        f"N used {r[:, 0].mean():.0f} on average (min {r[:, 0].min():.0f}, max {r[:, 0].max():.0f}; "
+        f"{100 * (1 - r[:, 0].mean() / n):.0f}% of the masks saved); correlation median {np.median(r[:, 1]):.3f} "
+        f"(min {r[:, 1].min():.3f}); max abs diff median {np.median(r[:, 2]):.4f} (max {r[:, 2].max():.4f}); "
+        f"achieved error {r[:, 3].mean():.4f} vs {r[:, 4].mean():.4f} at N = {n}; "
+        f"importance range (max - min) of the N = {n} maps {np.median(r[:, 5]):.4f} (median)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--cells", type=int, default=7)
     ap.add_argument("--target-error", type=float, default=0.01)
-    ap.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime intra-op threads (shared machine: 1)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch and ONNX Runtime intra-op threads (shared machine: 1)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3, help="alternating runs of the limit and RELAX; best of each")
     ap.add_argument("--compare-images", type=int, default=8, help="scenes for the adaptive vs N comparison (0 = skip)")
@@ -213,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     ort_embed, eager = onnx_embed(onnx), torch_embed(module)
     n, bs = a.num_masks, a.batch_size
     print(f"model: {what}")
-    print(f"image: {img_what}, input {list(x.shape)}; N = {n}, batch {bs}, {a.cells}x{a.cells} cells, {a.threads} thread(s)")
+    print(
+        f"image: {img_what}, input {list(x.shape)}; N = {n}, batch {bs}, {a.cells}x{a.cells} cells, {a.threads} thread(s)"
+    )
 
     cfg = RelaxConfig(num_masks=n, batch_size=bs, cells=a.cells, seed=a.seed)
     Relax(ort_embed, RelaxConfig(num_masks=bs, batch_size=bs, cells=a.cells)).attribute(x)  # warm-up
@@ -229,44 +267,81 @@ def main(argv: list[str] | None = None) -> int:
     inter = [interleaved_ratio(ort_embed, cfg, x) for _ in range(a.repeats)]
     ours_eager = Relax(eager, cfg).attribute(x)
     ref_s, ref_R, ref_err = reference_relax(module, x, n, a.cells, a.seed)
-    ada = Relax(ort_embed, RelaxConfig(num_masks=n, batch_size=bs, cells=a.cells, seed=a.seed,
-                                       adaptive=True, target_error=a.target_error)).attribute(x)
-    ada_same = Relax(ort_embed, RelaxConfig(num_masks=4 * n, batch_size=bs, cells=a.cells, seed=a.seed,
-                                            adaptive=True, target_error=ref_err)).attribute(x)
-    ada_same_plain = Relax(ort_embed, RelaxConfig(num_masks=4 * n, batch_size=bs, cells=a.cells, seed=a.seed, estimator="plain",
-                                                  adaptive=True, target_error=ref_err)).attribute(x)
+    ada = Relax(
+        ort_embed,
+        RelaxConfig(num_masks=n, batch_size=bs, cells=a.cells, seed=a.seed, adaptive=True, target_error=a.target_error),
+    ).attribute(x)
+    ada_same = Relax(
+        ort_embed,
+        RelaxConfig(num_masks=4 * n, batch_size=bs, cells=a.cells, seed=a.seed, adaptive=True, target_error=ref_err),
+    ).attribute(x)
+    ada_same_plain = Relax(
+        ort_embed,
+        RelaxConfig(
+            num_masks=4 * n,
+            batch_size=bs,
+            cells=a.cells,
+            seed=a.seed,
+            estimator="plain",
+            adaptive=True,
+            target_error=ref_err,
+        ),
+    ).attribute(x)
 
     ref_mps = n / ref_s
     print()
-    print(f"bare batched forward (ORT, batch {bs}):        {limit:9.1f} images/s   (best of {a.repeats}: "
-          + ", ".join(f"{v[0]:.0f}" for v in limits) + "; RELAX: " + ", ".join(f"{r[0].masks_per_second:.0f}" for r in runs) + ")")
-    print(f"RELAX one-pass batched (ORT):               {ours.masks_per_second:9.1f} masks/s   ratio to bare forward {ours.masks_per_second / limit:.3f}x (goal >= 0.9)")
-    print("  interleaved batch by batch (same load for both), RELAX/bare per run: "
-          + ", ".join(f"{r:.0f}/{b:.0f} = {r / b:.3f}x" for r, b in inter)
-          + f"; median {float(np.median([r / b for r, b in inter])):.3f}x")
-    print(f"  per CPU second (all threads, robust to the shared machine's load): bare {limit_cpu:.1f}, RELAX {ours_cpu:.1f} "
-          f"-> ratio {ours_cpu / limit_cpu:.3f}x; time inside the model {100 * ours.model_seconds / ours.seconds:.1f}% of the RELAX wall time")
+    print(
+        f"bare batched forward (ORT, batch {bs}):        {limit:9.1f} images/s   (best of {a.repeats}: "
+        + ", ".join(f"{v[0]:.0f}" for v in limits)
+        + "; RELAX: "
+        + ", ".join(f"{r[0].masks_per_second:.0f}" for r in runs)
+        + ")"
+    )
+    print(
+        f"RELAX one-pass batched (ORT):               {ours.masks_per_second:9.1f} masks/s   ratio to bare forward {ours.masks_per_second / limit:.3f}x (goal >= 0.9)"
+    )
+    print(
+        "  interleaved batch by batch (same load for both), RELAX/bare per run: "
+        + ", ".join(f"{r:.0f}/{b:.0f} = {r / b:.3f}x" for r, b in inter)
+        + f"; median {float(np.median([r / b for r, b in inter])):.3f}x"
+    )
+    print(
+        f"  per CPU second (all threads, robust to the shared machine's load): bare {limit_cpu:.1f}, RELAX {ours_cpu:.1f} "
+        f"-> ratio {ours_cpu / limit_cpu:.3f}x; time inside the model {100 * ours.model_seconds / ours.seconds:.1f}% of the RELAX wall time"
+    )
     print(f"RELAX one-pass batched (torch eager):       {ours_eager.masks_per_second:9.1f} masks/s")
     print(f"reference Algorithm 1 (per mask, eager):    {ref_mps:9.1f} masks/s   ({ref_s:.2f} s for N = {n})")
-    print(f"speed-up over the reference, same N:        {ours.seconds and ref_s / ours.seconds:9.2f}x (ORT; goal >= 2)   "
-          f"{ref_s / ours_eager.seconds:.2f}x (torch eager, batching alone)")
-    print(f"  max |R_ours - R_ref| at N = {n}: {float((ours.importance - ref_R).abs().max()):.4f} (independent masks); "
-          f"max standard error: ours {ours.achieved_error:.4f}, reference {ref_err:.4f}")
+    print(
+        f"speed-up over the reference, same N:        {ours.seconds and ref_s / ours.seconds:9.2f}x (ORT; goal >= 2)   "
+        f"{ref_s / ours_eager.seconds:.2f}x (torch eager, batching alone)"
+    )
+    print(
+        f"  max |R_ours - R_ref| at N = {n}: {float((ours.importance - ref_R).abs().max()):.4f} (independent masks); "
+        f"max standard error: ours {ours.achieved_error:.4f}, reference {ref_err:.4f}"
+    )
     print()
-    print(f"adaptive ({ada.estimator}), t = {a.target_error} (the paper's error for N = 3000): N = {ada.num_masks} "
-          f"({n - ada.num_masks} masks saved, {100 * (1 - ada.num_masks / n):.0f}%), achieved {ada.achieved_error:.4f}, "
-          f"{ada.seconds:.2f} s -> {ref_s / ada.seconds:.1f}x faster than the reference at N = {n} (goal >= 5)")
-    print(f"  vs the N = {n} map: correlation {corr(ada.importance, ours.importance):.4f}, "
-          f"max abs diff {float((ada.importance - ours.importance).abs().max()):.4f}, "
-          f"U-RELAX agreement {float(((ada.u_relax > 0) == (ours.u_relax > 0)).float().mean()):.3f}")
+    print(
+        f"adaptive ({ada.estimator}), t = {a.target_error} (the paper's error for N = 3000): N = {ada.num_masks} "
+        f"({n - ada.num_masks} masks saved, {100 * (1 - ada.num_masks / n):.0f}%), achieved {ada.achieved_error:.4f}, "
+        f"{ada.seconds:.2f} s -> {ref_s / ada.seconds:.1f}x faster than the reference at N = {n} (goal >= 5)"
+    )
+    print(
+        f"  vs the N = {n} map: correlation {corr(ada.importance, ours.importance):.4f}, "
+        f"max abs diff {float((ada.importance - ours.importance).abs().max()):.4f}, "
+        f"U-RELAX agreement {float(((ada.u_relax > 0) == (ours.u_relax > 0)).float().mean()):.3f}"
+    )
     for o in (ada_same, ada_same_plain):
-        print(f"adaptive ({o.estimator}), t = {ref_err:.4f} (the reference's own max standard error at N = {n}): N = {o.num_masks}, "
-              f"achieved {o.achieved_error:.4f}, {o.seconds:.2f} s -> {ref_s / o.seconds:.1f}x faster")
+        print(
+            f"adaptive ({o.estimator}), t = {ref_err:.4f} (the reference's own max standard error at N = {n}): N = {o.num_masks}, "
+            f"achieved {o.achieved_error:.4f}, {o.seconds:.2f} s -> {ref_s / o.seconds:.1f}x faster"
+        )
     if a.compare_images > 0:
         compare_adaptive(ort_embed, size, mean, std, a, n, bs)
     print()
-    print(f"seconds per explanation: RELAX N = {n}: {ours.seconds:.3f}; adaptive t = {a.target_error}: {ada.seconds:.3f}; "
-          f"reference: {ref_s:.3f}")
+    print(
+        f"seconds per explanation: RELAX N = {n}: {ours.seconds:.3f}; adaptive t = {a.target_error}: {ada.seconds:.3f}; "
+        f"reference: {ref_s:.3f}"
+    )
     return 0
 
 

@@ -30,6 +30,7 @@ Per image:
 
     python bench/bench_relax_cv.py [--images 3] [--seeds 10] [--map-masks 30000] [--cv-target-factor 0.75] [--threads 1]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_relax import load_model, reference_relax  # noqa: E402
+
 from xaiserve.handlers.relax import Relax, RelaxConfig  # noqa: E402
 from xaiserve.service.jobs.relax import onnx_embed  # noqa: E402
 
@@ -101,8 +103,10 @@ def mean_row(rows: list[Row]) -> Row:
 
 
 def fmt(name: str, r: Row) -> str:
-    return (f"  {name:<38} masks {r.masks:7.0f}  reported SE {r.reported:.4f}  actual max {r.max_err:.4f} rms {r.rms_err:.4f}"
-            f"  (vs plain map: max {r.max_err_alt:.4f} rms {r.rms_err_alt:.4f})  {r.seconds:6.2f} s wall {r.cpu:6.2f} s CPU")
+    return (
+        f"  {name:<38} masks {r.masks:7.0f}  reported SE {r.reported:.4f}  actual max {r.max_err:.4f} rms {r.rms_err:.4f}"
+        f"  (vs plain map: max {r.max_err_alt:.4f} rms {r.rms_err_alt:.4f})  {r.seconds:6.2f} s wall {r.cpu:6.2f} s CPU"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--map-masks", type=int, default=30000, help="N of the high-precision maps")
     ap.add_argument("--images", type=int, default=3)
     ap.add_argument("--seeds", type=int, default=10, help="repeats of the batched runs (errors are noisy)")
-    ap.add_argument("--cv-target-factor", type=float, default=0.75, help="(iii): control variate target = factor * t_ref")
+    ap.add_argument(
+        "--cv-target-factor", type=float, default=0.75, help="(iii): control variate target = factor * t_ref"
+    )
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--cells", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
@@ -122,23 +128,31 @@ def main(argv: list[str] | None = None) -> int:
     what, onnx, module, mean, std, size = load_model(a.store, a.threads)
     embed = onnx_embed(onnx)
     n, bs = a.num_masks, a.batch_size
-    print(f"model: {what}; N = {n}, batch {bs}, {a.cells}x{a.cells} cells, {a.threads} thread(s), {a.seeds} seeds per batched setting")
+    print(
+        f"model: {what}; N = {n}, batch {bs}, {a.cells}x{a.cells} cells, {a.threads} thread(s), {a.seeds} seeds per batched setting"
+    )
     base = dict(batch_size=bs, cells=a.cells)
     Relax(embed, RelaxConfig(num_masks=bs, **base)).attribute(torch.zeros(3, size, size))  # warm-up
     summary = []
     for img_no, (x, desc) in enumerate(load_images(size, mean, std, a.images)):
         print(f"\n{desc}")
         t0 = time.perf_counter()
-        cvmap = Relax(embed, RelaxConfig(num_masks=a.map_masks, seed=10_000 + img_no, estimator="control_variate", **base)).attribute(x)
-        plmap = Relax(embed, RelaxConfig(num_masks=a.map_masks, seed=20_000 + img_no, estimator="plain", **base)).attribute(x)
+        cvmap = Relax(
+            embed, RelaxConfig(num_masks=a.map_masks, seed=10_000 + img_no, estimator="control_variate", **base)
+        ).attribute(x)
+        plmap = Relax(
+            embed, RelaxConfig(num_masks=a.map_masks, seed=20_000 + img_no, estimator="plain", **base)
+        ).attribute(x)
         ref, alt = cvmap.importance, plmap.importance
         both = torch.sqrt(cvmap.std_error.double() ** 2 + plmap.std_error.double() ** 2)
         z = (ref.double() - alt.double()) / both
-        print(f"  high-precision map R* (control variate, N = {a.map_masks}): max SE {cvmap.achieved_error:.5f}; "
-              f"plain N = {a.map_masks}: max SE {plmap.achieved_error:.5f}; R* - plain: max |diff| "
-              f"{float((ref - alt).abs().max()):.5f}, RMS {float((ref - alt).pow(2).mean().sqrt()):.5f}, "
-              f"|diff| / combined SE: max {float(z.abs().max()):.2f}, RMS {float(z.pow(2).mean().sqrt()):.2f}; "
-              f"importance range {float(ref.max() - ref.min()):.4f} ({time.perf_counter() - t0:.0f} s)")
+        print(
+            f"  high-precision map R* (control variate, N = {a.map_masks}): max SE {cvmap.achieved_error:.5f}; "
+            f"plain N = {a.map_masks}: max SE {plmap.achieved_error:.5f}; R* - plain: max |diff| "
+            f"{float((ref - alt).abs().max()):.5f}, RMS {float((ref - alt).pow(2).mean().sqrt()):.5f}, "
+            f"|diff| / combined SE: max {float(z.abs().max()):.2f}, RMS {float(z.pow(2).mean().sqrt()):.2f}; "
+            f"importance range {float(ref.max() - ref.min()):.4f} ({time.perf_counter() - t0:.0f} s)"
+        )
 
         c0 = time.process_time()
         ref_s, ref_r, t_ref = reference_relax(module, x, n, a.cells, 0)
@@ -147,35 +161,54 @@ def main(argv: list[str] | None = None) -> int:
         mx2, rms2 = errors(ref_r, alt)
         ref_row = Row(n, mx, rms, t_ref, ref_s, ref_cpu, mx2, rms2)
         seeds = range(1, a.seeds + 1)
-        fixed = mean_row([run(embed, RelaxConfig(num_masks=n, seed=s, estimator="plain", **base), x, ref, alt) for s in seeds])
+        fixed = mean_row(
+            [run(embed, RelaxConfig(num_masks=n, seed=s, estimator="plain", **base), x, ref, alt) for s in seeds]
+        )
         ada = dict(num_masks=8 * n, adaptive=True, target_error=t_ref, **base)
         ada_plain = mean_row([run(embed, RelaxConfig(seed=s, estimator="plain", **ada), x, ref, alt) for s in seeds])
-        ada_cv = mean_row([run(embed, RelaxConfig(seed=s, estimator="control_variate", **ada), x, ref, alt) for s in seeds])
+        ada_cv = mean_row(
+            [run(embed, RelaxConfig(seed=s, estimator="control_variate", **ada), x, ref, alt) for s in seeds]
+        )
         strict = {**ada, "target_error": a.cv_target_factor * t_ref}
-        ada_cv2 = mean_row([run(embed, RelaxConfig(seed=s, estimator="control_variate", **strict), x, ref, alt) for s in seeds])
+        ada_cv2 = mean_row(
+            [run(embed, RelaxConfig(seed=s, estimator="control_variate", **strict), x, ref, alt) for s in seeds]
+        )
         print(fmt(f"(i) reference loop, N = {n}, 1 run", ref_row))
         print(fmt(f"    plain batched, N = {n}, mean of {a.seeds}", fixed))
         print(fmt(f"(ii) adaptive plain, t = {t_ref:.4f}", ada_plain))
         print(fmt(f"     adaptive control variate, t = {t_ref:.4f}", ada_cv))
         print(fmt(f"(iii) adaptive control variate, t = {strict['target_error']:.4f}", ada_cv2))
-        rows = {"adaptive plain": ada_plain, "adaptive control variate": ada_cv,
-                f"adaptive control variate, {a.cv_target_factor} t": ada_cv2}
+        rows = {
+            "adaptive plain": ada_plain,
+            "adaptive control variate": ada_cv,
+            f"adaptive control variate, {a.cv_target_factor} t": ada_cv2,
+        }
         for name, r in rows.items():
-            print(f"  {name:<38} speed-up over the reference {ref_s / r.seconds:5.1f}x wall {ref_cpu / r.cpu:5.1f}x CPU; "
-                  f"{r.masks:5.0f} masks; actual error / reference's (mean of {a.seeds} plain N = {n} runs): "
-                  f"max {r.max_err / fixed.max_err:.2f} RMS {r.rms_err / fixed.rms_err:.2f}; / the single reference run: "
-                  f"max {r.max_err / ref_row.max_err:.2f} RMS {r.rms_err / ref_row.rms_err:.2f}")
-        summary.append([[ref_s / r.seconds, ref_cpu / r.cpu, r.max_err / fixed.max_err, r.rms_err / fixed.rms_err, r.masks]
-                        for r in rows.values()])
+            print(
+                f"  {name:<38} speed-up over the reference {ref_s / r.seconds:5.1f}x wall {ref_cpu / r.cpu:5.1f}x CPU; "
+                f"{r.masks:5.0f} masks; actual error / reference's (mean of {a.seeds} plain N = {n} runs): "
+                f"max {r.max_err / fixed.max_err:.2f} RMS {r.rms_err / fixed.rms_err:.2f}; / the single reference run: "
+                f"max {r.max_err / ref_row.max_err:.2f} RMS {r.rms_err / ref_row.rms_err:.2f}"
+            )
+        summary.append(
+            [
+                [ref_s / r.seconds, ref_cpu / r.cpu, r.max_err / fixed.max_err, r.rms_err / fixed.rms_err, r.masks]
+                for r in rows.values()
+            ]
+        )
     s = np.array(summary)  # [image, run, (wall, cpu, max ratio, rms ratio, masks)]
-    print(f"\nover {len(summary)} images (medians; error ratio <= 1 = actual error at or below the reference's, "
-          f"whose error is the mean of {a.seeds} plain N = {n} runs):")
+    print(
+        f"\nover {len(summary)} images (medians; error ratio <= 1 = actual error at or below the reference's, "
+        f"whose error is the mean of {a.seeds} plain N = {n} runs):"
+    )
     for j, name in enumerate(rows):
         v = s[:, j]
         ok = "at or below" if (v[:, 2] <= 1.0).all() and (v[:, 3] <= 1.0).all() else "NOT at or below"
-        print(f"  {name:<38} speed-up {np.median(v[:, 0]):5.1f}x wall (min {v[:, 0].min():.1f}), {np.median(v[:, 1]):5.1f}x CPU "
-              f"(min {v[:, 1].min():.1f}); masks {np.median(v[:, 4]):.0f}; actual error ratio max {np.median(v[:, 2]):.2f} "
-              f"(worst {v[:, 2].max():.2f}) RMS {np.median(v[:, 3]):.2f} (worst {v[:, 3].max():.2f}): {ok} the reference's on every image")
+        print(
+            f"  {name:<38} speed-up {np.median(v[:, 0]):5.1f}x wall (min {v[:, 0].min():.1f}), {np.median(v[:, 1]):5.1f}x CPU "
+            f"(min {v[:, 1].min():.1f}); masks {np.median(v[:, 4]):.0f}; actual error ratio max {np.median(v[:, 2]):.2f} "
+            f"(worst {v[:, 2].max():.2f}) RMS {np.median(v[:, 3]):.2f} (worst {v[:, 3].max():.2f}): {ok} the reference's on every image"
+        )
     return 0
 
 

@@ -15,6 +15,7 @@ On lesions test images (the default lesions-classifier, 64 x 64) and the same im
 
     python bench/bench_sift.py [--images 5] [--repeats 7] [--json out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,7 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.images):
         img = torch.from_numpy(split.images[i]).float() / 255.0
         for side in (64, 224):
-            im = img if side == 64 else F.interpolate(img[None], size=(side, side), mode="bilinear", align_corners=False)[0]
+            im = (
+                img
+                if side == 64
+                else F.interpolate(img[None], size=(side, side), mode="bilinear", align_corners=False)[0]
+            )
             x = (im - m_t) / s_t
             t0 = time.perf_counter()
             kp = keypoints_of(x, KeypointConfig(), mean, std)
@@ -93,9 +98,15 @@ def main(argv: list[str] | None = None) -> int:
                 d_times.append(decoder_pass())
                 if side == 64:
                     it_times.append(iteration())
-            row = {"keypoints": K, "detect_s": t_kp, "decompose_s": dec.seconds, "reconstruction_error": dec.reconstruction_error,
-                   "decoder_fwd_bwd_s": statistics.median(d_times), "nnz": dec.nnz,
-                   "dense_entries": sum(int(np.prod(lv.shape)) * dec.image_shape[0] * K for lv in dec.levels)}
+            row = {
+                "keypoints": K,
+                "detect_s": t_kp,
+                "decompose_s": dec.seconds,
+                "reconstruction_error": dec.reconstruction_error,
+                "decoder_fwd_bwd_s": statistics.median(d_times),
+                "nnz": dec.nnz,
+                "dense_entries": sum(int(np.prod(lv.shape)) * dec.image_shape[0] * K for lv in dec.levels),
+            }
             if it_times:
                 row["iteration_s"] = statistics.median(it_times)
             rows[side].append(row)
@@ -106,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     out = {}
     for side in (64, 224):
         out[side] = {k: med(side, k) for k in rows[side][0]}
-        out[side]["keypoints_range"] = [min(r["keypoints"] for r in rows[side]), max(r["keypoints"] for r in rows[side])]
+        out[side]["keypoints_range"] = [
+            min(r["keypoints"] for r in rows[side]),
+            max(r["keypoints"] for r in rows[side]),
+        ]
     share = [r["decoder_fwd_bwd_s"] / r["iteration_s"] for r in rows[64]]
     prep = [(r["detect_s"] + r["decompose_s"]) / r["iteration_s"] for r in rows[64]]
     out["decoder_share_of_iteration"] = float(statistics.median(share))
@@ -114,12 +128,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"SIFT decomposition, {args.images} lesions test images, medians (torch threads 1)")
     for side in (64, 224):
         o = out[side]
-        print(f"  {side} x {side}: {o['keypoints']:.0f} keypoints (range {o['keypoints_range'][0]}-{o['keypoints_range'][1]}), "
-              f"detect {o['detect_s'] * 1e3:.0f} ms, decompose {o['decompose_s'] * 1e3:.0f} ms, "
-              f"max |D(1) - x| {o['reconstruction_error']:.1e}, decoder fwd+bwd on {2 * T} gain vectors "
-              f"{o['decoder_fwd_bwd_s'] * 1e3:.1f} ms, nnz {o['nnz']:.0f} ({o['nnz'] / o['dense_entries']:.1%} of dense)")
-    print(f"  one ablation iteration at 64 x 64 (contrastive, {2 * T} slices, lesions-classifier fwd+bwd): "
-          f"{out[64]['iteration_s'] * 1e3:.0f} ms")
+        print(
+            f"  {side} x {side}: {o['keypoints']:.0f} keypoints (range {o['keypoints_range'][0]}-{o['keypoints_range'][1]}), "
+            f"detect {o['detect_s'] * 1e3:.0f} ms, decompose {o['decompose_s'] * 1e3:.0f} ms, "
+            f"max |D(1) - x| {o['reconstruction_error']:.1e}, decoder fwd+bwd on {2 * T} gain vectors "
+            f"{o['decoder_fwd_bwd_s'] * 1e3:.1f} ms, nnz {o['nnz']:.0f} ({o['nnz'] / o['dense_entries']:.1%} of dense)"
+        )
+    print(
+        f"  one ablation iteration at 64 x 64 (contrastive, {2 * T} slices, lesions-classifier fwd+bwd): "
+        f"{out[64]['iteration_s'] * 1e3:.0f} ms"
+    )
     print(f"  decoder share of an iteration: {out['decoder_share_of_iteration']:.1%} (goal <= 10 %)")
     print(f"  decomposition (detect + cells) = {out['decomposition_in_iterations']:.1f} iterations, once per job")
     if args.json:

@@ -26,6 +26,7 @@ Needs the bench extra: pip install -e ".[bench]" (PyAV, scikit-image) and the Fa
 (Debian package dataset-fashion-mnist; scripts/setup.sh installs it).
 Usage: python bench/bench_stream.py [--seconds 20] [--cameras 4] [--fps 30]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,12 +73,21 @@ def make_video(path: Path, seconds: float, fps: int = 30, seed: int = 0) -> str:
     rng = np.random.default_rng(seed)
     photos = [data.coffee(), data.astronaut(), data.chelsea(), data.rocket()]
     # backgrounds larger than the frame, so that a slow pan moves them
-    backs = [np.asarray(PILImage.fromarray(p).resize((W + 160, H + 120), PILImage.BILINEAR), dtype=np.float32) / 255 for p in photos]
+    backs = [
+        np.asarray(PILImage.fromarray(p).resize((W + 160, H + 120), PILImage.BILINEAR), dtype=np.float32) / 255
+        for p in photos
+    ]
     items = _fashion_items(4, seed)
     sizes = rng.integers(110, 170, len(items))
     tints = rng.uniform(0.2, 1.0, (len(items), 3)).astype(np.float32)
-    sprites = [np.asarray(PILImage.fromarray((it * 255).astype(np.uint8)).resize((int(s), int(s)), PILImage.BILINEAR),
-                          dtype=np.float32) / 255 for it, s in zip(items, sizes)]
+    sprites = [
+        np.asarray(
+            PILImage.fromarray((it * 255).astype(np.uint8)).resize((int(s), int(s)), PILImage.BILINEAR),
+            dtype=np.float32,
+        )
+        / 255
+        for it, s in zip(items, sizes)
+    ]
     n = int(round(seconds * fps))
     codec = "libx264"
     try:
@@ -96,13 +106,13 @@ def make_video(path: Path, seconds: float, fps: int = 30, seed: int = 0) -> str:
             back = backs[int(t // 5) % len(backs)]  # a new scene every 5 s
             ox = int(80 + 80 * np.sin(0.4 * t))
             oy = int(60 + 60 * np.cos(0.3 * t))
-            frame = back[oy:oy + H, ox:ox + W].copy()
+            frame = back[oy : oy + H, ox : ox + W].copy()
             for k, (sp, tint) in enumerate(zip(sprites, tints)):
                 s = sp.shape[0]
                 x = int((W - s) * (0.5 + 0.45 * np.sin(0.7 * t * (k + 1) + k)))
                 y = int((H - s) * (0.5 + 0.45 * np.cos(0.5 * t * (k + 2) + 2 * k)))
                 alpha = sp[:, :, None]
-                frame[y:y + s, x:x + s] = (1 - alpha) * frame[y:y + s, x:x + s] + alpha * tint
+                frame[y : y + s, x : x + s] = (1 - alpha) * frame[y : y + s, x : x + s] + alpha * tint
             vf = av.VideoFrame.from_ndarray((np.clip(frame, 0, 1) * 255).astype(np.uint8), format="rgb24")
             for packet in stream.encode(vf):
                 container.mux(packet)
@@ -156,8 +166,11 @@ def in_process(jpegs: list[bytes], n: int) -> dict:
         return pb.ExplainFrameResult(frame_id=1, result=r).SerializeToString()
 
     x = FastPath._prepare(frames[0], spec, False)[1]
-    for name, fn, items in (("onnx", lambda a: onnx.run({"image": a}), [x] * n),
-                            ("model_only", model_only, frames), ("handler", handler, frames)):
+    for name, fn, items in (
+        ("onnx", lambda a: onnx.run({"image": a}), [x] * n),
+        ("model_only", model_only, frames),
+        ("handler", handler, frames),
+    ):
         for it in items[:5]:
             fn(it)
         c0, t0 = cpu_s(), time.perf_counter()
@@ -206,9 +219,18 @@ def camera(address: str, jpeg_file: str, index: int, pace, seconds: float, start
         err = ""
     except Exception as e:  # noqa: BLE001 - reported in the table
         err = f"{type(e).__name__}: {e}"[:300]
-    queue.put({"index": index, "answered": answered, "failed": failed, "dropped": dropped, "lat_ms": lat,
-               "bytes": float(np.mean(sizes)) if sizes else 0.0, "span_s": (last - first) if first and last else 0.0,
-               "error": err})
+    queue.put(
+        {
+            "index": index,
+            "answered": answered,
+            "failed": failed,
+            "dropped": dropped,
+            "lat_ms": lat,
+            "bytes": float(np.mean(sizes)) if sizes else 0.0,
+            "span_s": (last - first) if first and last else 0.0,
+            "error": err,
+        }
+    )
 
 
 def proc_cpu_s(pid: int) -> float:
@@ -220,7 +242,9 @@ def run_cameras(address: str, server_pid: int, jpeg_file: str, cameras: int, pac
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     start_at = time.time() + 3.0  # all processes imported and connected by then
-    procs = [ctx.Process(target=camera, args=(address, jpeg_file, i, pace, seconds, start_at, q)) for i in range(cameras)]
+    procs = [
+        ctx.Process(target=camera, args=(address, jpeg_file, i, pace, seconds, start_at, q)) for i in range(cameras)
+    ]
     for p in procs:
         p.start()
     time.sleep(max(0.0, start_at - time.time()))
@@ -232,11 +256,19 @@ def run_cameras(address: str, server_pid: int, jpeg_file: str, cameras: int, pac
     answered = sum(r["answered"] for r in results)
     lat = np.concatenate([r["lat_ms"] for r in results]) if answered else np.zeros(1)
     return {
-        "answered": answered, "failed": sum(r["failed"] for r in results), "dropped": sum(r["dropped"] for r in results),
-        "fps_per_camera": [r["answered"] / seconds for r in results], "fps_total": answered / seconds,
-        "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)), "max_ms": float(lat.max()),
-        "bytes": float(np.mean([r["bytes"] for r in results])), "server_cpu_s": c1 - c0, "wall_s": t1 - t0,
-        "server_cpu_ms_per_frame": (c1 - c0) / max(answered, 1) * 1e3, "errors": [r["error"] for r in results if r["error"]],
+        "answered": answered,
+        "failed": sum(r["failed"] for r in results),
+        "dropped": sum(r["dropped"] for r in results),
+        "fps_per_camera": [r["answered"] / seconds for r in results],
+        "fps_total": answered / seconds,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "max_ms": float(lat.max()),
+        "bytes": float(np.mean([r["bytes"] for r in results])),
+        "server_cpu_s": c1 - c0,
+        "wall_s": t1 - t0,
+        "server_cpu_ms_per_frame": (c1 - c0) / max(answered, 1) * 1e3,
+        "errors": [r["error"] for r in results if r["error"]],
     }
 
 
@@ -249,17 +281,24 @@ def byte_sizes(address: str, jpegs: list[bytes], n: int = 30) -> dict:
     out = {}
     frames = jpegs[:n]
     with ExplainerClient(address) as c:
-        ref = [from_tensor(c.stub.Explain(pb.ExplainRequest(model=MODEL, image=pb.Image(encoded=j)), timeout=30).mask) for j in frames]
+        ref = [
+            from_tensor(c.stub.Explain(pb.ExplainRequest(model=MODEL, image=pb.Image(encoded=j)), timeout=30).mask)
+            for j in frames
+        ]
         for enc in (pb.MASK_FLOAT32, pb.MASK_UINT8, pb.MASK_PNG):
             for res in (pb.MASK_AT_INPUT, pb.MASK_AT_MODEL):
                 opts = pb.ExplainOptions(mask_encoding=enc, mask_resolution=res)
                 answers = list(c.stream(frames, MODEL, policy=pb.ALL, options=opts, timeout=120))
                 err = max(float(np.abs(decode_mask(a.result) - r).max()) for a, r in zip(answers, ref))
                 out[f"{pb.MaskEncoding.Name(enc)} {pb.MaskResolution.Name(res)}"] = {
-                    "bytes": float(np.mean([a.ByteSize() for a in answers])), "max_error": err}
+                    "bytes": float(np.mean([a.ByteSize() for a in answers])),
+                    "max_error": err,
+                }
         answers = list(c.stream(frames, MODEL, policy=pb.ALL, timeout=120))
-        out["stream default"] = {"bytes": float(np.mean([a.ByteSize() for a in answers])),
-                                 "encoding": f"{answers[0].result.mask.dtype} {list(answers[0].result.mask.shape)}"}
+        out["stream default"] = {
+            "bytes": float(np.mean([a.ByteSize() for a in answers])),
+            "encoding": f"{answers[0].result.mask.dtype} {list(answers[0].result.mask.shape)}",
+        }
     return out
 
 
@@ -287,14 +326,24 @@ def main() -> None:
         jpegs = decode_to_jpegs(clip)
         jpeg_file = tmp / "jpegs.pkl"
         jpeg_file.write_bytes(pickle.dumps(jpegs))
-        figures["video"] = {"codec": codec, "frames": len(jpegs), "file_bytes": clip.stat().st_size,
-                            "mean_jpeg_bytes": float(np.mean([len(j) for j in jpegs])), "seconds_to_make": time.perf_counter() - t}
-        print(f"video: {codec}, {len(jpegs)} frames {W} x {H}, {clip.stat().st_size / 1e6:.2f} MB, "
-              f"mean JPEG {figures['video']['mean_jpeg_bytes'] / 1e3:.1f} kB", flush=True)
+        figures["video"] = {
+            "codec": codec,
+            "frames": len(jpegs),
+            "file_bytes": clip.stat().st_size,
+            "mean_jpeg_bytes": float(np.mean([len(j) for j in jpegs])),
+            "seconds_to_make": time.perf_counter() - t,
+        }
+        print(
+            f"video: {codec}, {len(jpegs)} frames {W} x {H}, {clip.stat().st_size / 1e6:.2f} MB, "
+            f"mean JPEG {figures['video']['mean_jpeg_bytes'] / 1e3:.1f} kB",
+            flush=True,
+        )
 
         contestants = {"serving": {}, "ort": {"ort_spinning": "true", "intra_op_threads": 2}}
-        with server_process(STORE, state_dir=tmp / "s1", job_workers=0, **contestants["serving"]) as s1, \
-                server_process(STORE, state_dir=tmp / "s2", job_workers=0, **contestants["ort"]) as s2:
+        with (
+            server_process(STORE, state_dir=tmp / "s1", job_workers=0, **contestants["serving"]) as s1,
+            server_process(STORE, state_dir=tmp / "s2", job_workers=0, **contestants["ort"]) as s2,
+        ):
             servers = {"serving": s1, "ort": s2}
             figures["inproc"] = in_process(jpegs, min(len(jpegs), 300))
             print("in process:", json.dumps(figures["inproc"]), flush=True)
@@ -317,30 +366,53 @@ def main() -> None:
 def report(f: dict, args) -> None:
     ip = {k: min(f["inproc"][k]["cpu_ms"], f["inproc_after"][k]["cpu_ms"]) for k in ("onnx", "model_only", "handler")}
     rate = {k: max(f["inproc"][k]["fps"], f["inproc_after"][k]["fps"]) for k in ("onnx", "model_only", "handler")}
-    print("\n## bench_stream: %d cameras x %.0f fps, %.0f s each, %s" % (args.cameras, args.fps, args.seconds, f["video"]["codec"]))
+    print(
+        "\n## bench_stream: %d cameras x %.0f fps, %.0f s each, %s"
+        % (args.cameras, args.fps, args.seconds, f["video"]["codec"])
+    )
     print(f"load: start `{f['load_start']}`, end `{f['load_end']}`")
-    print(f"in process (best of before/after): ONNX alone {rate['onnx']:.0f} fps ({ip['onnx']:.2f} ms CPU), "
-          f"model-only {rate['model_only']:.0f} fps ({ip['model_only']:.2f} ms CPU), handler {rate['handler']:.0f} fps "
-          f"({ip['handler']:.2f} ms CPU per frame)\n")
+    print(
+        f"in process (best of before/after): ONNX alone {rate['onnx']:.0f} fps ({ip['onnx']:.2f} ms CPU), "
+        f"model-only {rate['model_only']:.0f} fps ({ip['model_only']:.2f} ms CPU), handler {rate['handler']:.0f} fps "
+        f"({ip['handler']:.2f} ms CPU per frame)\n"
+    )
     print("| run | answered fps | drops | failed | p50 ms | p99 ms | server CPU ms / answer | bytes / answer |")
     print("|---|---|---|---|---|---|---|---|")
     for k, r in f["runs"].items():
-        print(f"| {k} | {r['fps_total']:.1f} ({', '.join(f'{x:.1f}' for x in r['fps_per_camera'])}) | {r['dropped']} | {r['failed']} | "
-              f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['server_cpu_ms_per_frame']:.2f} | {r['bytes']:.0f} |")
+        print(
+            f"| {k} | {r['fps_total']:.1f} ({', '.join(f'{x:.1f}' for x in r['fps_per_camera'])}) | {r['dropped']} | {r['failed']} | "
+            f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['server_cpu_ms_per_frame']:.2f} | {r['bytes']:.0f} |"
+        )
     print("\n| mask encoding (640 x 480) | bytes / answer | max error vs float32 at input |")
     print("|---|---|---|")
     for k, v in f["bytes"].items():
-        print(f"| {k} | {v['bytes']:.0f} | {v.get('max_error', float('nan')):.2g} |" if "max_error" in v else f"| {k} ({v['encoding']}) | {v['bytes']:.0f} | |")
+        print(
+            f"| {k} | {v['bytes']:.0f} | {v.get('max_error', float('nan')):.2g} |"
+            if "max_error" in v
+            else f"| {k} ({v['encoding']}) | {v['bytes']:.0f} | |"
+        )
     cam, ceil = f["runs"]["cameras/serving"], f["runs"]["ceiling/serving"]
     goals = [
-        ("4 cameras at 30 fps: 0 drops, p99 <= 50 ms", cam["dropped"] == 0 and cam["p99_ms"] <= GOAL_P99_MS,
-         f"drops {cam['dropped']}, p99 {cam['p99_ms']:.1f} ms, {cam['fps_total'] / args.cameras:.1f} fps per camera"),
-        ("ceiling >= 0.9 x model-only", ceil["fps_total"] >= GOAL_CEILING * rate["model_only"],
-         f"{ceil['fps_total']:.0f} / {rate['model_only']:.0f} fps = {ceil['fps_total'] / rate['model_only']:.2f}x"),
-        ("server CPU / answer <= 2 x in-process handler", cam["server_cpu_ms_per_frame"] <= GOAL_CPU * ip["handler"],
-         f"{cam['server_cpu_ms_per_frame']:.2f} / {ip['handler']:.2f} ms = {cam['server_cpu_ms_per_frame'] / ip['handler']:.2f}x"),
-        ("bytes / answer (stream default) <= 20 kB", f["bytes"]["stream default"]["bytes"] <= GOAL_BYTES,
-         f"{f['bytes']['stream default']['bytes']:.0f} B"),
+        (
+            "4 cameras at 30 fps: 0 drops, p99 <= 50 ms",
+            cam["dropped"] == 0 and cam["p99_ms"] <= GOAL_P99_MS,
+            f"drops {cam['dropped']}, p99 {cam['p99_ms']:.1f} ms, {cam['fps_total'] / args.cameras:.1f} fps per camera",
+        ),
+        (
+            "ceiling >= 0.9 x model-only",
+            ceil["fps_total"] >= GOAL_CEILING * rate["model_only"],
+            f"{ceil['fps_total']:.0f} / {rate['model_only']:.0f} fps = {ceil['fps_total'] / rate['model_only']:.2f}x",
+        ),
+        (
+            "server CPU / answer <= 2 x in-process handler",
+            cam["server_cpu_ms_per_frame"] <= GOAL_CPU * ip["handler"],
+            f"{cam['server_cpu_ms_per_frame']:.2f} / {ip['handler']:.2f} ms = {cam['server_cpu_ms_per_frame'] / ip['handler']:.2f}x",
+        ),
+        (
+            "bytes / answer (stream default) <= 20 kB",
+            f["bytes"]["stream default"]["bytes"] <= GOAL_BYTES,
+            f"{f['bytes']['stream default']['bytes']:.0f} B",
+        ),
     ]
     print("\n| goal | met | measured |")
     print("|---|---|---|")

@@ -16,6 +16,7 @@
 Prints ratios measured in this one run (the goal for NEM-U / bare forward: <= 1.3x). No timed
 assertions; the shared machines make absolute times noisy, the ratios less so.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from xaiserve.paths import checkout_root  # noqa: E402
 
@@ -62,8 +63,9 @@ class ResNet18Encoder(nn.Module):
     def __init__(self, width: float = 1.0, dim: int = 128):
         super().__init__()
         w = [max(8, int(c * width)) for c in (64, 128, 256, 512)]
-        self.stem = nn.Sequential(nn.Conv2d(3, w[0], 7, 2, 3, bias=False), nn.BatchNorm2d(w[0]), nn.ReLU(),
-                                  nn.MaxPool2d(3, 2, 1))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, w[0], 7, 2, 3, bias=False), nn.BatchNorm2d(w[0]), nn.ReLU(), nn.MaxPool2d(3, 2, 1)
+        )
         layers, cin = [], w[0]
         for i, c in enumerate(w):
             layers.append(nn.Sequential(Block(cin, c, 1 if i == 0 else 2), Block(c, c, 1)))
@@ -118,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--export", choices=("pt2", "ts"), default="pt2")
     ap.add_argument("--keep", action="store_true", help="keep the temporary store (its path is printed)")
-    ap.add_argument("--methods", default="saliency,guided_backprop,smoothgrad,integrated_gradients,gradient_shap,gradcam,"
-                                          "label_free_saliency")
+    ap.add_argument(
+        "--methods",
+        default="saliency,guided_backprop,smoothgrad,integrated_gradients,gradient_shap,gradcam,label_free_saliency",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from xaiserve.handlers import saliency
@@ -140,17 +144,55 @@ def main(argv: list[str] | None = None) -> int:
         else:
             torch.jit.save(torch.jit.trace(model, x), str(path))
     t0 = time.perf_counter()
-    assert cli_models.main(["add", "user-resnet18", str(path), "--kind", "encoder", "--input", "3x224x224",
-                            "--mean", "imagenet", "--std", "imagenet", "--store", str(store)]) == 0
+    assert (
+        cli_models.main(
+            [
+                "add",
+                "user-resnet18",
+                str(path),
+                "--kind",
+                "encoder",
+                "--input",
+                "3x224x224",
+                "--mean",
+                "imagenet",
+                "--std",
+                "imagenet",
+                "--store",
+                str(store),
+            ]
+        )
+        == 0
+    )
     add_s = time.perf_counter() - t0
     images = write_images(tmp / "images", args.images)
-    assert train_main("nem-u", ["--encoder", "user-resnet18", "--images", str(images), "--epochs", str(args.epochs),
-                                "--batch-size", "8", "--store", str(store), "--no-progress", "--threads", str(args.threads)]) == 0
+    assert (
+        train_main(
+            "nem-u",
+            [
+                "--encoder",
+                "user-resnet18",
+                "--images",
+                str(images),
+                "--epochs",
+                str(args.epochs),
+                "--batch-size",
+                "8",
+                "--store",
+                str(store),
+                "--no-progress",
+                "--threads",
+                str(args.threads),
+            ],
+        )
+        == 0
+    )
     entries = {e.id: e for e in read_manifest(store)}
     frozen_e, nem_e = entries["user-resnet18:1"], entries["user-resnet18-nemu:1"]
 
-    frozen = OnnxModel(store / frozen_e.files["onnx"], intra_op_threads=args.threads, prefer_cuda=False, kind="encoder",
-                       io=frozen_e.io)
+    frozen = OnnxModel(
+        store / frozen_e.files["onnx"], intra_op_threads=args.threads, prefer_cuda=False, kind="encoder", io=frozen_e.io
+    )
     nem = OnnxModel(store / nem_e.files["onnx"], intra_op_threads=args.threads, prefer_cuda=False, kind="nem_u")
     torch_form = load_module(frozen_e, store)
     x1 = np.random.default_rng(1).standard_normal((1, 3, 224, 224)).astype(np.float32)
@@ -161,14 +203,18 @@ def main(argv: list[str] | None = None) -> int:
         def run():
             for _ in range(args.reps):
                 session.run({"image": x1})
+
         return run
 
     def torch_forward():
         with torch.no_grad():
             torch_form(xt)
 
-    contestants = {"onnx_forward": (ort(frozen), args.reps), "nem_u_onnx": (ort(nem), args.reps),
-                   "torch_forward": (torch_forward, 1)}
+    contestants = {
+        "onnx_forward": (ort(frozen), args.reps),
+        "nem_u_onnx": (ort(nem), args.reps),
+        "torch_forward": (torch_forward, 1),
+    }
     for m in methods:
         contestants[m] = ((lambda m=m: saliency.attribute(m, torch_form, xt, kind="encoder")), 1)
     for fn, _ in contestants.values():  # warm-up (first calls compile / allocate)
@@ -183,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     tbase = statistics.median(times["torch_forward"])
     report = {
         "model": f"ResNet-18 layout x{args.width} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters), "
-                 f"224 x 224, {args.export}, {args.threads} thread(s)",
+        f"224 x 224, {args.export}, {args.threads} thread(s)",
         "taps": [(t["layer"], t["stride"], t["channels"]) for t in nem_e.arch["frozen"]["taps"]],
         "ms": {k: median_ms(v) for k, v in times.items()},
         "nem_u_over_bare_forward": round(statistics.median(times["nem_u_onnx"]) / base, 3),

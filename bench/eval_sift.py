@@ -10,6 +10,7 @@ saturation pair whose interplay sec. 4.3.4B says SIFT avoids). Seconds per image
 
     nice -n 10 python bench/eval_sift.py [--images 8] [--out docs/evaluation/sift.md]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,7 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     from xaiserve.errors import FailedPrecondition
     from xaiserve.handlers.ablation import AblationConfig, AblationPath
     from xaiserve.handlers.saliency import attribute
-    from xaiserve.handlers.sift import DecompositionConfig, SiftAblation, SiftAblationConfig, SiftRise, SiftRiseConfig, decompose
+    from xaiserve.handlers.sift import (
+        DecompositionConfig,
+        SiftAblation,
+        SiftAblationConfig,
+        SiftRise,
+        SiftRiseConfig,
+        decompose,
+    )
     from xaiserve.handlers.sift.ablation import keypoints_of
     from xaiserve.handlers.sift.keypoints import KeypointConfig
     from xaiserve.service.registry import Registry, RegistryConfig
@@ -78,16 +86,24 @@ def main(argv: list[str] | None = None) -> int:
             dec = decompose(x, kp, DecompositionConfig(eta=eta))
             t_dec = time.perf_counter() - t0
             for sat in SATURATIONS:
-                cfg = SiftAblationConfig(cells=DecompositionConfig(eta=eta), saturation=sat, num_slices=args.slices,
-                                         max_iterations=args.iterations)
+                cfg = SiftAblationConfig(
+                    cells=DecompositionConfig(eta=eta),
+                    saturation=sat,
+                    num_slices=args.slices,
+                    max_iterations=args.iterations,
+                )
                 t0 = time.perf_counter()
                 out = SiftAblation(module, cfg, mean=mean, std=std).attribute(x, target=label, decoder=dec)
                 s = time.perf_counter() - t0 + t_dec
                 record(f"sift_ablation Voronoi | eta {eta:g}, sat {sat:g}", out.heatmap_voronoi, gt, s)
                 record(f"sift_ablation band-pass | eta {eta:g}, sat {sat:g}", out.heatmap_bandpass, gt)
             t0 = time.perf_counter()
-            r = SiftRise(module, SiftRiseConfig(cells=DecompositionConfig(eta=eta), num_masks=args.masks, seed=i),
-                         mean=mean, std=std).attribute(x, target=label, decoder=dec)
+            r = SiftRise(
+                module,
+                SiftRiseConfig(cells=DecompositionConfig(eta=eta), num_masks=args.masks, seed=i),
+                mean=mean,
+                std=std,
+            ).attribute(x, target=label, decoder=dec)
             s = time.perf_counter() - t0 + t_dec
             record(f"sift_rise Voronoi | eta {eta:g}", r.heatmap_voronoi, gt, s)
             record(f"sift_rise band-pass | eta {eta:g}", r.heatmap_bandpass, gt)
@@ -96,8 +112,12 @@ def main(argv: list[str] | None = None) -> int:
                 key = f"pixel ablation path | sigma_regu {sigma:g}, sat {sat:g}"
                 t0 = time.perf_counter()
                 try:
-                    out = AblationPath(module, AblationConfig(sigma_regu=sigma, saturation=sat, num_slices=args.slices,
-                                                              max_iterations=args.iterations)).attribute(x, target=label)
+                    out = AblationPath(
+                        module,
+                        AblationConfig(
+                            sigma_regu=sigma, saturation=sat, num_slices=args.slices, max_iterations=args.iterations
+                        ),
+                    ).attribute(x, target=label)
                 except FailedPrecondition:  # no blur changes the decision: the method refuses (sec. 2.7.1)
                     skipped[key] = skipped.get(key, 0) + 1
                     continue
@@ -108,10 +128,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"image {i + 1}/{args.images}: {len(kp)} keypoints", file=sys.stderr, flush=True)
 
     def family(prefix: str) -> dict[str, float]:
-        return {k.split(" | ")[1] if " | " in k else "": float(np.mean(v)) for k, v in hits.items() if k.split(" | ")[0] == prefix}
+        return {
+            k.split(" | ")[1] if " | " in k else "": float(np.mean(v))
+            for k, v in hits.items()
+            if k.split(" | ")[0] == prefix
+        }
 
-    families = ["sift_ablation Voronoi", "sift_ablation band-pass", "sift_rise Voronoi", "sift_rise band-pass",
-                "pixel ablation path", "GradCAM"]
+    families = [
+        "sift_ablation Voronoi",
+        "sift_ablation band-pass",
+        "sift_rise Voronoi",
+        "sift_rise band-pass",
+        "pixel ablation path",
+        "GradCAM",
+    ]
     lines = [
         "# SIFT-based saliency: pointing game and parameter stability",
         "",
@@ -137,28 +167,58 @@ def main(argv: list[str] | None = None) -> int:
     for fam in families:
         for setting, v in sorted(family(fam).items()):
             method, _, heat = fam.partition(" ")
-            lines.append(f"| {method if fam != 'pixel ablation path' else 'pixel ablation path'} | "
-                         f"{heat if fam not in ('pixel ablation path', 'GradCAM') else '-'} | {setting or '-'} | {v:.3f} |")
-    lines += ["", "Spread over the sweep (max - min of the mean pointing game over the settings) and seconds per image "
-              "(one run: decomposition included for the SIFT methods):", "",
-              "| method | settings | mean | min | max | spread | s / image |", "|---|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {method if fam != 'pixel ablation path' else 'pixel ablation path'} | "
+                f"{heat if fam not in ('pixel ablation path', 'GradCAM') else '-'} | {setting or '-'} | {v:.3f} |"
+            )
+    lines += [
+        "",
+        "Spread over the sweep (max - min of the mean pointing game over the settings) and seconds per image "
+        "(one run: decomposition included for the SIFT methods):",
+        "",
+        "| method | settings | mean | min | max | spread | s / image |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for fam in families:
         vals = list(family(fam).values())
         s = secs.get(fam.replace(" band-pass", " Voronoi"), secs.get(fam, [float("nan")]))
-        summary[fam] = {"settings": len(vals), "mean": float(np.mean(vals)), "min": float(min(vals)),
-                        "max": float(max(vals)), "spread": float(max(vals) - min(vals)), "seconds": float(np.mean(s))}
+        summary[fam] = {
+            "settings": len(vals),
+            "mean": float(np.mean(vals)),
+            "min": float(min(vals)),
+            "max": float(max(vals)),
+            "spread": float(max(vals) - min(vals)),
+            "seconds": float(np.mean(s)),
+        }
         d = summary[fam]
-        lines.append(f"| {fam} | {d['settings']} | {d['mean']:.3f} | {d['min']:.3f} | {d['max']:.3f} | {d['spread']:.3f} | "
-                     f"{d['seconds']:.2f} |")
+        lines.append(
+            f"| {fam} | {d['settings']} | {d['mean']:.3f} | {d['min']:.3f} | {d['max']:.3f} | {d['spread']:.3f} | "
+            f"{d['seconds']:.2f} |"
+        )
     if skipped:
-        lines += ["", "Pixel path runs refused because no blur changed the decision (FailedPrecondition): "
-                  + ", ".join(f"{k.split(' | ')[1]}: {v}" for k, v in skipped.items())]
-    lines += ["", f"With {args.images} images one image moves a pointing game by {1 / args.images:.3f}: spreads below "
-              "that are ties, and the comparison is indicative only.", ""]
+        lines += [
+            "",
+            "Pixel path runs refused because no blur changed the decision (FailedPrecondition): "
+            + ", ".join(f"{k.split(' | ')[1]}: {v}" for k, v in skipped.items()),
+        ]
+    lines += [
+        "",
+        f"With {args.images} images one image moves a pointing game by {1 / args.images:.3f}: spreads below "
+        "that are ties, and the comparison is indicative only.",
+        "",
+    ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))
-    args.out.with_suffix(".json").write_text(json.dumps({"per_setting": {k: float(np.mean(v)) for k, v in hits.items()},
-                                                         "summary": summary, "keypoints": keypoints}, indent=1))
+    args.out.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "per_setting": {k: float(np.mean(v)) for k, v in hits.items()},
+                "summary": summary,
+                "keypoints": keypoints,
+            },
+            indent=1,
+        )
+    )
     print("\n".join(lines))
     return 0
 

@@ -33,6 +33,7 @@ Measured, per device (cuda:0 and cpu), each contestant interleaved with its base
 Prints one table; --json writes every row and the environment. Whole run: under 8 minutes
 (--budget-s bounds the CPU side, which scales its sizes to the time left).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,7 +74,6 @@ try:
 except ImportError as e:  # pragma: no cover
     print(f"gpu_check: cannot import xaiserve from {ROOT} ({e}); run it from a checkout", file=sys.stderr)
     sys.exit(2)
-
 
 
 def _importable(name: str) -> bool:
@@ -176,7 +176,9 @@ def timed(fn: Callable[[], Any], dev: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def interleaved(contestants: dict[str, Callable[[], Any]], dev: torch.device, reps: int, warm: bool = True) -> dict[str, float]:
+def interleaved(
+    contestants: dict[str, Callable[[], Any]], dev: torch.device, reps: int, warm: bool = True
+) -> dict[str, float]:
     """Median seconds per contestant, the contestants taking turns (ABAB...) after one warm-up each."""
     if warm:
         for fn in contestants.values():
@@ -270,8 +272,21 @@ class Sizes:
 
 
 FULL = Sizes()
-DRY = Sizes(size=32, width=8, num_masks=64, relax_batch=16, cells=4, slices=4, mask_size=8, ablation_iterations=3,
-            reps=1, latency_reps=2, ig_steps=4, samples=2, decoder=(8, 8, 8, 8))
+DRY = Sizes(
+    size=32,
+    width=8,
+    num_masks=64,
+    relax_batch=16,
+    cells=4,
+    slices=4,
+    mask_size=8,
+    ablation_iterations=3,
+    reps=1,
+    latency_reps=2,
+    ig_steps=4,
+    samples=2,
+    decoder=(8, 8, 8, 8),
+)
 
 
 # --- sections ----------------------------------------------------------------------------------------
@@ -281,16 +296,34 @@ def check_precision(ck: Check, dev: torch.device, sz: Sizes, enc: nn.Module, x: 
     f32, lowp = torch_embed(enc, None), torch_embed(enc, low)
     with torch.no_grad():
         t = interleaved({"f32": lambda: f32(batch), "low": lambda: lowp(batch)}, dev, max(3, sz.reps))
-    ck.add(Row("precision", str(dev), f"forward {str(low).replace('torch.', '')} autocast vs float32, batch {sz.relax_batch}",
-               sz.relax_batch / t["low"], sz.relax_batch / t["f32"], "img/s", (sz.relax_batch / t["low"]) / (sz.relax_batch / t["f32"])))
+    ck.add(
+        Row(
+            "precision",
+            str(dev),
+            f"forward {str(low).replace('torch.', '')} autocast vs float32, batch {sz.relax_batch}",
+            sz.relax_batch / t["low"],
+            sz.relax_batch / t["f32"],
+            "img/s",
+            (sz.relax_batch / t["low"]) / (sz.relax_batch / t["f32"]),
+        )
+    )
     n = min(sz.num_masks, 512 if dev.type == "cuda" else 128)
     cfg = RelaxConfig(num_masks=n, batch_size=sz.relax_batch, cells=sz.cells, seed=0)
     a = Relax(f32, cfg).attribute(x).importance.double()
     b = Relax(lowp, cfg).attribute(x).importance.double()
     r = float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
     rel = float((a - b).abs().max() / (a.max() - a.min()).clamp_min(1e-12))
-    ck.add(Row("precision", str(dev), f"RELAX map {str(low).replace('torch.', '')} vs float32 (N = {n}, same masks)",
-               r, None, "corr", note=f"largest difference {rel:.2e} of the map's range"))
+    ck.add(
+        Row(
+            "precision",
+            str(dev),
+            f"RELAX map {str(low).replace('torch.', '')} vs float32 (N = {n}, same masks)",
+            r,
+            None,
+            "corr",
+            note=f"largest difference {rel:.2e} of the map's range",
+        )
+    )
 
 
 def check_relax(ck: Check, dev: torch.device, sz: Sizes, enc: nn.Module, x: torch.Tensor) -> None:
@@ -299,6 +332,7 @@ def check_relax(ck: Check, dev: torch.device, sz: Sizes, enc: nn.Module, x: torc
     c, h, w = x.shape
     b = sz.relax_batch
     if dev.type == "cuda":
+
         def probe(k: int) -> None:
             with torch.no_grad():
                 embed(torch.zeros((k, c, h, w), device=dev))
@@ -325,14 +359,27 @@ def check_relax(ck: Check, dev: torch.device, sz: Sizes, enc: nn.Module, x: torc
     t = interleaved({"bare": bare, "relax": lambda: relax.attribute(x)}, dev, reps, warm=dev.type == "cuda")
     rate, bare_rate = n / t["relax"], steps * b / t["bare"]
     prec = "float32" if dtype is None else str(dtype).replace("torch.", "")
-    ck.add(Row("relax", str(dev), f"RELAX N = {n}, batch {b} ({prec}) vs bare batched forward", rate, bare_rate, "img/s",
-               rate / bare_rate, ">= 0.9x", rate / bare_rate >= 0.9,
-               note="N reduced to the CPU's time share" if n != sz.num_masks else ""))
+    ck.add(
+        Row(
+            "relax",
+            str(dev),
+            f"RELAX N = {n}, batch {b} ({prec}) vs bare batched forward",
+            rate,
+            bare_rate,
+            "img/s",
+            rate / bare_rate,
+            ">= 0.9x",
+            rate / bare_rate >= 0.9,
+            note="N reduced to the CPU's time share" if n != sz.num_masks else "",
+        )
+    )
 
 
 def check_relax_ort(ck: Check, dev: torch.device, sz: Sizes, enc: nn.Module, x: torch.Tensor, tmp: Path) -> None:
     if not (HAVE_ORT and HAVE_ONNX):
-        ck.add(Row("relax-ort", str(dev), "RELAX through ONNX Runtime", note="skipped: onnx / onnxruntime not installed"))
+        ck.add(
+            Row("relax-ort", str(dev), "RELAX through ONNX Runtime", note="skipped: onnx / onnxruntime not installed")
+        )
         return
     import onnxruntime as ort
 
@@ -344,9 +391,16 @@ def check_relax_ort(ck: Check, dev: torch.device, sz: Sizes, enc: nn.Module, x: 
     if not path.exists():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(enc.cpu() if dev.type == "cpu" else enc, (torch.zeros(1, 3, sz.size, sz.size, device=dev),),
-                              str(path), input_names=["image"], output_names=["output"],
-                              dynamic_axes={"image": {0: "b"}, "output": {0: "b"}}, dynamo=False, opset_version=17)
+            torch.onnx.export(
+                enc.cpu() if dev.type == "cpu" else enc,
+                (torch.zeros(1, 3, sz.size, sz.size, device=dev),),
+                str(path),
+                input_names=["image"],
+                output_names=["output"],
+                dynamic_axes={"image": {0: "b"}, "output": {0: "b"}},
+                dynamo=False,
+                opset_version=17,
+            )
     so = ort.SessionOptions()
     so.log_severity_level = 3
     providers: list[Any] = [(want, {"device_id": dev.index or 0})] if dev.type == "cuda" else [want]
@@ -364,15 +418,32 @@ def check_relax_ort(ck: Check, dev: torch.device, sz: Sizes, enc: nn.Module, x: 
 
     t = interleaved({"bare": bare, "relax": lambda: relax.attribute(x)}, dev, sz.reps if dev.type == "cuda" else 1)
     rate, bare_rate = n / t["relax"], steps * b / t["bare"]
-    ck.add(Row("relax-ort", str(dev), f"RELAX N = {n}, batch {b}, ONNX Runtime {want[:-17]} + IOBinding vs its bare forward",
-               rate, bare_rate, "img/s", rate / bare_rate, ">= 0.9x", rate / bare_rate >= 0.9))
+    ck.add(
+        Row(
+            "relax-ort",
+            str(dev),
+            f"RELAX N = {n}, batch {b}, ONNX Runtime {want[:-17]} + IOBinding vs its bare forward",
+            rate,
+            bare_rate,
+            "img/s",
+            rate / bare_rate,
+            ">= 0.9x",
+            rate / bare_rate >= 0.9,
+        )
+    )
 
 
 def check_ablation(ck: Check, dev: torch.device, sz: Sizes, cls: nn.Module, x: torch.Tensor) -> None:
     T = sz.slices
     k = sz.ablation_iterations
-    cfg = AblationConfig(num_slices=T, mask_size=sz.mask_size, max_iterations=k, min_iterations=k, stop_saturation=1.0,
-                         require_baseline_change=False)
+    cfg = AblationConfig(
+        num_slices=T,
+        mask_size=sz.mask_size,
+        max_iterations=k,
+        min_iterations=k,
+        stop_saturation=1.0,
+        require_baseline_change=False,
+    )
     baseline = torch.zeros_like(x)  # given: the blur search (before the first iteration) is not an iteration
     stamps: list[float] = []
 
@@ -400,8 +471,19 @@ def check_ablation(ck: Check, dev: torch.device, sz: Sizes, cls: nn.Module, x: t
         iters += [b - a for a, b in zip(stamps, stamps[1:])]  # iteration i+1's end minus iteration i's end
         bares += [timed(bare, dev) for _ in range(3)]
     it, ba = statistics.median(iters), statistics.median(bares)
-    ck.add(Row("ablation", str(dev), f"one iteration, T = {T}, {sz.mask_size}x{sz.mask_size} masks vs {T} forward+backward",
-               it, ba, "s", it / ba, "<= 1.1x", it / ba <= 1.1))
+    ck.add(
+        Row(
+            "ablation",
+            str(dev),
+            f"one iteration, T = {T}, {sz.mask_size}x{sz.mask_size} masks vs {T} forward+backward",
+            it,
+            ba,
+            "s",
+            it / ba,
+            "<= 1.1x",
+            it / ba <= 1.1,
+        )
+    )
     if dev.type == "cuda":
         count = T
 
@@ -409,13 +491,23 @@ def check_ablation(ck: Check, dev: torch.device, sz: Sizes, cls: nn.Module, x: t
             xs = x[None].expand(kk, *x.shape).clone().requires_grad_(True)
             cls(xs).float().sum().backward()
 
-        ck.add(Row("memory", str(dev), "ablation slices per pass from free memory", float(min(count, memory_batch(probe, dev, count, hi=count))),
-                   None, "slices", note=f"of {count}"))
+        ck.add(
+            Row(
+                "memory",
+                str(dev),
+                "ablation slices per pass from free memory",
+                float(min(count, memory_batch(probe, dev, count, hi=count))),
+                None,
+                "slices",
+                note=f"of {count}",
+            )
+        )
 
 
 def check_gradients(ck: Check, dev: torch.device, sz: Sizes, cls: nn.Module, x: torch.Tensor) -> None:
-    config = saliency.SaliencyConfig(ig_steps=sz.ig_steps, smoothgrad_samples=sz.samples, shap_samples=sz.samples,
-                                     shap_baselines=min(8, sz.samples))
+    config = saliency.SaliencyConfig(
+        ig_steps=sz.ig_steps, smoothgrad_samples=sz.samples, shap_samples=sz.samples, shap_baselines=min(8, sz.samples)
+    )
 
     def bare() -> None:
         xs = x[None].clone().requires_grad_(True)
@@ -429,10 +521,22 @@ def check_gradients(ck: Check, dev: torch.device, sz: Sizes, cls: nn.Module, x: 
         if dev.type == "cpu" and ck.left() < 30 and not ck.dry_run:
             ck.add(Row("gradients", str(dev), method, note="skipped: time budget"))
             continue
-        t = interleaved({"bare": bare, "m": lambda: saliency.attribute(method, cls, x, kind="classifier", target=3,
-                                                                         config=config)}, dev, reps)
-        ck.add(Row("gradients", str(dev), f"{method} (batch 1) vs one forward+backward", t["m"], t["bare"], "s",
-                   t["m"] / t["bare"]))
+        t = interleaved(
+            {"bare": bare, "m": lambda: saliency.attribute(method, cls, x, kind="classifier", target=3, config=config)},
+            dev,
+            reps,
+        )
+        ck.add(
+            Row(
+                "gradients",
+                str(dev),
+                f"{method} (batch 1) vs one forward+backward",
+                t["m"],
+                t["bare"],
+                "s",
+                t["m"] / t["bare"],
+            )
+        )
 
 
 def check_nemu(ck: Check, dev: torch.device, sz: Sizes, enc: nn.Module, x: torch.Tensor) -> None:
@@ -441,9 +545,24 @@ def check_nemu(ck: Check, dev: torch.device, sz: Sizes, enc: nn.Module, x: torch
     with torch.no_grad():
         mask, _ = model(xb)
         assert mask.shape == (1, 1, sz.size, sz.size), mask.shape
-        t = interleaved({"bare": lambda: enc(xb), "nemu": lambda: model(xb)}, dev, sz.latency_reps if dev.type == "cuda" else sz.reps + 2)
-    ck.add(Row("nem-u", str(dev), "NEM-U mask (batch 1, float32) vs bare encoder forward", t["nemu"], t["bare"], "s",
-               t["nemu"] / t["bare"], "<= 1.3x", t["nemu"] / t["bare"] <= 1.3))
+        t = interleaved(
+            {"bare": lambda: enc(xb), "nemu": lambda: model(xb)},
+            dev,
+            sz.latency_reps if dev.type == "cuda" else sz.reps + 2,
+        )
+    ck.add(
+        Row(
+            "nem-u",
+            str(dev),
+            "NEM-U mask (batch 1, float32) vs bare encoder forward",
+            t["nemu"],
+            t["bare"],
+            "s",
+            t["nemu"] / t["bare"],
+            "<= 1.3x",
+            t["nemu"] / t["bare"] <= 1.3,
+        )
+    )
 
 
 class _SimulatedCap(nn.Module):
@@ -478,22 +597,42 @@ def check_oom(ck: Check, dev: torch.device, sz: Sizes, enc: nn.Module, x: torch.
         module = _SimulatedCap(enc, max(1, big // 8))
         how = "simulated (no GPU)"
     try:
-        out = Relax(torch_embed(module), cfg, forward_batch=big, on_oom=lambda o, nn_: events.append((o, nn_))).attribute(x)
+        out = Relax(
+            torch_embed(module), cfg, forward_batch=big, on_oom=lambda o, nn_: events.append((o, nn_))
+        ).attribute(x)
     finally:
         if dev.type == "cuda":
             torch.cuda.set_per_process_memory_fraction(1.0, dev)
             torch.cuda.empty_cache()
     ref = Relax(torch_embed(enc), cfg, forward_batch=max(1, out.forward_batch)).attribute(x)
     same = bool(torch.allclose(out.importance, ref.importance, atol=1e-5))
-    ck.add(Row("memory", str(dev), f"out-of-memory drill: forward chunk {big} -> {out.forward_batch}", float(len(events)), None,
-               "halvings", goal="job goes on, same map", ok=same and out.num_masks == n and len(events) > 0, note=how))
+    ck.add(
+        Row(
+            "memory",
+            str(dev),
+            f"out-of-memory drill: forward chunk {big} -> {out.forward_batch}",
+            float(len(events)),
+            None,
+            "halvings",
+            goal="job goes on, same map",
+            ok=same and out.num_masks == n and len(events) > 0,
+            note=how,
+        )
+    )
 
 
 # --- main --------------------------------------------------------------------------------------------
 def environment(devices: list[torch.device]) -> dict[str, Any]:
-    env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-                           "cpu_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "captum": HAVE_CAPTUM,
-                           "onnx": HAVE_ONNX, "onnxruntime": None}
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cpu_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "captum": HAVE_CAPTUM,
+        "onnx": HAVE_ONNX,
+        "onnxruntime": None,
+    }
     if HAVE_ORT:
         import onnxruntime as ort
 
@@ -501,16 +640,24 @@ def environment(devices: list[torch.device]) -> dict[str, Any]:
     for d in devices:
         if d.type == "cuda":
             p = torch.cuda.get_device_properties(d)
-            env[str(d)] = {"name": p.name, "memory_gib": round(p.total_memory / 2**30, 1), "capability": f"{p.major}.{p.minor}",
-                           "bf16": torch.cuda.is_bf16_supported()}
+            env[str(d)] = {
+                "name": p.name,
+                "memory_gib": round(p.total_memory / 2**30, 1),
+                "capability": f"{p.major}.{p.minor}",
+                "bf16": torch.cuda.is_bf16_supported(),
+            }
     return env
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", type=Path, help="write the rows and the environment here")
-    ap.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU only (CI): checks that the script runs")
-    ap.add_argument("--budget-s", type=float, default=420.0, help="time for the whole check (the CPU side scales to it)")
+    ap.add_argument(
+        "--dry-run", action="store_true", help="tiny sizes on the CPU only (CI): checks that the script runs"
+    )
+    ap.add_argument(
+        "--budget-s", type=float, default=420.0, help="time for the whole check (the CPU side scales to it)"
+    )
     ap.add_argument("--cpu", action="store_true", help="no GPU needed: measure the CPU side only (at full size)")
     args = ap.parse_args(argv)
     sz = DRY if args.dry_run else FULL
@@ -519,8 +666,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run or args.cpu:
         devices = [torch.device("cpu")]
     elif not torch.cuda.is_available():
-        print(f"gpu_check: torch {torch.__version__} sees no CUDA device (CUDA build: {torch.version.cuda}); "
-              "run with --dry-run or --cpu", file=sys.stderr)
+        print(
+            f"gpu_check: torch {torch.__version__} sees no CUDA device (CUDA build: {torch.version.cuda}); "
+            "run with --dry-run or --cpu",
+            file=sys.stderr,
+        )
         return 2
     else:
         devices = [torch.device("cuda", 0), torch.device("cpu")]
@@ -548,17 +698,37 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - ck.t0
     print_table(ck.rows, seconds)
     if args.json:
-        args.json.write_text(json.dumps({"env": env, "dry_run": args.dry_run, "seconds": round(seconds, 1),
-                                         "sizes": asdict(sz), "rows": [asdict(r) for r in ck.rows]}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "env": env,
+                    "dry_run": args.dry_run,
+                    "seconds": round(seconds, 1),
+                    "sizes": asdict(sz),
+                    "rows": [asdict(r) for r in ck.rows],
+                },
+                indent=2,
+            )
+        )
     failed = [r for r in ck.rows if r.what == "FAILED"]
     return 1 if failed else 0
 
 
 def print_table(rows: list[Row], seconds: float) -> None:
     head = ("section", "device", "measurement", "value", "baseline", "ratio", "goal", "note")
-    body = [(r.section, r.device, r.what, _fmt(r.value, r.unit), _fmt(r.baseline, r.unit),
-             "-" if r.ratio is None else f"{r.ratio:.3f}x",
-             "" if not r.goal else f"{r.goal} {'ok' if r.ok else 'MISSED'}", r.note) for r in rows]
+    body = [
+        (
+            r.section,
+            r.device,
+            r.what,
+            _fmt(r.value, r.unit),
+            _fmt(r.baseline, r.unit),
+            "-" if r.ratio is None else f"{r.ratio:.3f}x",
+            "" if not r.goal else f"{r.goal} {'ok' if r.ok else 'MISSED'}",
+            r.note,
+        )
+        for r in rows
+    ]
     widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
     line = lambda cells: " | ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     print()

@@ -6,6 +6,7 @@ splits of the default models' own (procedural, non-patient) datasets. Run from t
 
 The files are committed; rerun only to change them.
 """
+
 from __future__ import annotations
 
 import io

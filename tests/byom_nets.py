@@ -8,6 +8,7 @@ Widths are small so a forward pass at 224 x 224 takes milliseconds on a CPU core
 statistics are measured on random images, so eval-mode normalisation is not the identity (a
 training-mode export would differ visibly).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -23,13 +24,20 @@ class VGGish(nn.Module):
         layers: list[nn.Module] = []
         c = 3
         for w in widths:
-            layers += [nn.Conv2d(c, w, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(w, w, 3, padding=1),
-                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            layers += [
+                nn.Conv2d(c, w, 3, padding=1),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(w, w, 3, padding=1),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
             c = w
         self.features = nn.Sequential(*layers)
         # VGG's 7 x 7 (at 224 x 224; input / 32 in general, which ONNX exports as a plain average pool)
         self.pool = nn.AdaptiveAvgPool2d(pool)
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c * pool[0] * pool[1], 16), nn.ReLU(), nn.Linear(16, classes))
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(c * pool[0] * pool[1], 16), nn.ReLU(), nn.Linear(16, classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.pool(self.features(x)))
@@ -51,8 +59,12 @@ class Separable(nn.Module):
 class MobileNetish(nn.Module):
     def __init__(self, dim: int = 16):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 7, 2, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
-        self.blocks = nn.Sequential(Separable(8, 12, 1), Separable(12, 16, 2), Separable(16, 24, 2), Separable(24, 32, 2))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 8, 7, 2, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(3, 2, 1)
+        )
+        self.blocks = nn.Sequential(
+            Separable(8, 12, 1), Separable(12, 16, 2), Separable(16, 24, 2), Separable(24, 32, 2)
+        )
         self.head = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -82,17 +94,31 @@ def make(arch: str, seed: int = 0, size: tuple[int, int] = (224, 224)) -> nn.Mod
     return m.eval()
 
 
-def save_forms(module: nn.Module, out: Path, size: tuple[int, int] = (224, 224), *, in_name: str = "input",
-               out_name: str = "logits", static_batch: bool = False) -> dict[str, Path]:
+def save_forms(
+    module: nn.Module,
+    out: Path,
+    size: tuple[int, int] = (224, 224),
+    *,
+    in_name: str = "input",
+    out_name: str = "logits",
+    static_batch: bool = False,
+) -> dict[str, Path]:
     """model.onnx (IO names in_name/out_name, dynamic batch), model.ts (traced), model.pt2 (exported)."""
     out.mkdir(parents=True, exist_ok=True)
     x = torch.randn(2, 3, *size)
     paths = {"onnx": out / "model.onnx", "torchscript": out / "model.ts", "exported_program": out / "model.pt2"}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (x,), str(paths["onnx"]), input_names=[in_name], output_names=[out_name],
-                          dynamic_axes=None if static_batch else {in_name: {0: "b"}, out_name: {0: "b"}},
-                          opset_version=17, dynamo=False)
+        torch.onnx.export(
+            module,
+            (x,),
+            str(paths["onnx"]),
+            input_names=[in_name],
+            output_names=[out_name],
+            dynamic_axes=None if static_batch else {in_name: {0: "b"}, out_name: {0: "b"}},
+            opset_version=17,
+            dynamo=False,
+        )
         torch.jit.save(torch.jit.trace(module, x), str(paths["torchscript"]))
         dyn = None if static_batch else ({0: torch.export.Dim("batch")},)
         torch.export.save(torch.export.export(module, (x,), dynamic_shapes=dyn), str(paths["exported_program"]))

@@ -3,6 +3,7 @@ and the marker directory of the job tests' methods.
 
 Fast target: `python -m pytest -m "not slow"` (well under a minute); `.ci/run` runs everything.
 """
+
 from __future__ import annotations
 
 import os

@@ -16,6 +16,7 @@ Library internals (captum) are outside `root`: captum's own small CPU tensors (e
 Gradients' step sizes, moved to the gradient's device right away) are its maintainers' business,
 so saliency is checked with the recorder's (b) only, RELAX and ablation paths with both.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,9 +30,24 @@ from torch.overrides import TorchFunctionMode
 
 ROOT = Path(__file__).resolve().parents[1] / "xaiserve"
 
-FACTORIES = {torch.zeros, torch.ones, torch.full, torch.empty, torch.rand, torch.randn, torch.randint, torch.randperm,
-             torch.arange, torch.linspace, torch.logspace, torch.eye, torch.tensor, torch.as_tensor, torch.scalar_tensor,
-             torch.empty_strided}
+FACTORIES = {
+    torch.zeros,
+    torch.ones,
+    torch.full,
+    torch.empty,
+    torch.rand,
+    torch.randn,
+    torch.randint,
+    torch.randperm,
+    torch.arange,
+    torch.linspace,
+    torch.logspace,
+    torch.eye,
+    torch.tensor,
+    torch.as_tensor,
+    torch.scalar_tensor,
+    torch.empty_strided,
+}
 HOST_COPIES = {torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.tolist}
 
 
@@ -54,7 +70,11 @@ class DeviceRecorder(TorchFunctionMode):
 
     def _caller(self) -> tuple[str, str, str]:
         f = sys._getframe(2)  # 0: _caller, 1: __torch_function__, 2: the code that called torch
-        return f.f_code.co_filename, f.f_code.co_name, f"{Path(f.f_code.co_filename).name}:{f.f_lineno} ({f.f_code.co_name})"
+        return (
+            f.f_code.co_filename,
+            f.f_code.co_name,
+            f"{Path(f.f_code.co_filename).name}:{f.f_lineno} ({f.f_code.co_name})",
+        )
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

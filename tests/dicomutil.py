@@ -1,4 +1,5 @@
 """DICOM test files: pydicom's bundled samples, and variants of them made with pydicom."""
+
 from __future__ import annotations
 
 import io
@@ -6,9 +7,17 @@ import io
 import pydicom
 from pydicom.data import get_testdata_file
 
-MARKERS = {"PatientName": "Zzphimarkname", "OtherPatientNames": "Qqphimarkother^Given", "PatientID": "PHIMARKID8841",
-           "PatientBirthDate": "19230417", "OtherPatientIDs": "PHIMARKOTHER5521", "AccessionNumber": "PHIMARKACC301",
-           "ReferringPhysicianName": "Phimarkdoctor^Yy", "InstitutionName": "PHIMARK INSTITUTE", "StudyDescription": "PHIMARK STUDY"}
+MARKERS = {
+    "PatientName": "Zzphimarkname",
+    "OtherPatientNames": "Qqphimarkother^Given",
+    "PatientID": "PHIMARKID8841",
+    "PatientBirthDate": "19230417",
+    "OtherPatientIDs": "PHIMARKOTHER5521",
+    "AccessionNumber": "PHIMARKACC301",
+    "ReferringPhysicianName": "Phimarkdoctor^Yy",
+    "InstitutionName": "PHIMARK INSTITUTE",
+    "StudyDescription": "PHIMARK STUDY",
+}
 
 
 def sample(name: str) -> bytes:

@@ -4,6 +4,7 @@ The methods are importable by worker subprocesses as `tests.jobs_support:Countin
 queue tests never depend on RELAX. Each run leaves marker files in $XAI_TEST_MARKERS named
 `<tag>.<event>.<pid>.<n>` (tag = request.model), so a test can count runs across processes.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -22,8 +23,8 @@ from typing import Iterator
 
 import numpy as np
 
-from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.errors import InvalidArgument, NotFound
+from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.service.jobs.contract import JobCancelled
 from xaiserve.service.tensors import to_tensor
 
@@ -49,8 +50,13 @@ def markers(directory: Path, tag: str, event: str) -> list[Path]:
 
 def count_request(tag: str, steps: int = 10, step_ms: int = 10, **kw) -> pb.JobRequest:
     """A job for CountingMethod: `steps` iterations of `step_ms` (carried in RelaxParams fields)."""
-    return pb.JobRequest(method="count", model=tag, image=pb.Image(encoded=b"x"),
-                         relax=pb.RelaxParams(num_masks=steps, batch_size=step_ms), **kw)
+    return pb.JobRequest(
+        method="count",
+        model=tag,
+        image=pb.Image(encoded=b"x"),
+        relax=pb.RelaxParams(num_masks=steps, batch_size=step_ms),
+        **kw,
+    )
 
 
 class CountingMethod:
@@ -74,8 +80,12 @@ class CountingMethod:
             for i in range(n):
                 ctx.check_cancelled()
                 time.sleep(step_s)
-                ctx.report((i + 1) / n, heatmap=np.full((4, 4), (i + 1) / n, np.float32), score=float(i),
-                           metrics={"done": float(i + 1)})
+                ctx.report(
+                    (i + 1) / n,
+                    heatmap=np.full((4, 4), (i + 1) / n, np.float32),
+                    score=float(i),
+                    metrics={"done": float(i + 1)},
+                )
         except JobCancelled:
             marker(request, "cancelled")
             raise
@@ -127,8 +137,23 @@ class RedisServer:
 
     def start(self) -> "RedisServer":
         exe = shutil.which("redis-server") or "/usr/bin/redis-server"
-        args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir), "--save", "",
-                "--protected-mode", "no", "--maxmemory-policy", "noeviction", "--loglevel", "warning"]
+        args = [
+            exe,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.dir),
+            "--save",
+            "",
+            "--protected-mode",
+            "no",
+            "--maxmemory-policy",
+            "noeviction",
+            "--loglevel",
+            "warning",
+        ]
         if self.appendonly:
             args += ["--appendonly", "yes", "--appendfsync", "always"]
         elif not self.volatile:
@@ -165,15 +190,38 @@ def redis_server(directory: Path, **kw) -> Iterator[RedisServer]:
 class WorkerProcess:
     """`python -m xaiserve.service.worker` with the test methods, as the fleet runs it."""
 
-    def __init__(self, queue: str, *, markers_dir: Path, claim_idle_s: float | None = 1.0,
-                 heartbeat_s: float | None = 0.2, extra: list[str] | None = None, log_path: Path | None = None):
+    def __init__(
+        self,
+        queue: str,
+        *,
+        markers_dir: Path,
+        claim_idle_s: float | None = 1.0,
+        heartbeat_s: float | None = 0.2,
+        extra: list[str] | None = None,
+        log_path: Path | None = None,
+    ):
         """claim_idle_s / heartbeat_s None: the worker's defaults."""
         env = dict(os.environ, PYTHONPATH=str(ROOT), XAI_TEST_MARKERS=str(markers_dir), OMP_NUM_THREADS="1")
-        timing = [*(["--claim-idle-s", str(claim_idle_s)] if claim_idle_s is not None else []),
-                  *(["--heartbeat-s", str(heartbeat_s)] if heartbeat_s is not None else [])]
-        args = [sys.executable, "-m", "xaiserve.service.worker", "--queue", queue,
-                "--methods", "tests.jobs_support:CountingMethod,tests.jobs_support:FailingMethod",
-                "--metrics-port", "0", *timing, "--grace-s", "2", "--no-log-json", *(extra or [])]
+        timing = [
+            *(["--claim-idle-s", str(claim_idle_s)] if claim_idle_s is not None else []),
+            *(["--heartbeat-s", str(heartbeat_s)] if heartbeat_s is not None else []),
+        ]
+        args = [
+            sys.executable,
+            "-m",
+            "xaiserve.service.worker",
+            "--queue",
+            queue,
+            "--methods",
+            "tests.jobs_support:CountingMethod,tests.jobs_support:FailingMethod",
+            "--metrics-port",
+            "0",
+            *timing,
+            "--grace-s",
+            "2",
+            "--no-log-json",
+            *(extra or []),
+        ]
         self.log_path = log_path
         self._log = open(log_path, "ab") if log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(args, cwd=str(ROOT), env=env, stdout=subprocess.PIPE, stderr=self._log)
@@ -243,8 +291,15 @@ class RecordingContext:
         self.checks = 0
 
     def report(self, fraction, *, heatmap=None, score=None, metrics=None, message=""):
-        self.reports.append({"fraction": fraction, "heatmap": heatmap, "score": score, "metrics": dict(metrics or {}),
-                             "message": message})
+        self.reports.append(
+            {
+                "fraction": fraction,
+                "heatmap": heatmap,
+                "score": score,
+                "metrics": dict(metrics or {}),
+                "message": message,
+            }
+        )
         if self.cancel_after is not None and len(self.reports) >= self.cancel_after:
             self._cancelled = True
 
@@ -264,4 +319,3 @@ if __name__ == "__main__":
         asyncio.run(_serve_embedded(sys.argv[2], float(sys.argv[3]) if len(sys.argv) > 3 else 30.0))
     else:
         sys.exit("usage: python -m tests.jobs_support embedded QUEUE_URL [CLAIM_IDLE_S]")
-

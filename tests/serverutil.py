@@ -1,8 +1,9 @@
 """Start the real xaiserve server for tests: in a background thread (fast) or as a subprocess.
 
-    with running_server(store=path, max_delay_ms=1) as srv:
-        srv.stub().Explain(...)
+with running_server(store=path, max_delay_ms=1) as srv:
+    srv.stub().Explain(...)
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -112,9 +113,14 @@ def running_server(store: Path | str | None = None, **overrides) -> Iterator[Ser
 
 
 @contextlib.contextmanager
-def server_process(store: Path | str | None = None, *args: str, env: dict | None = None, ready_port: int | None = None,
-                   cwd: Path | str | None = None,
-                   **overrides) -> Iterator[ServerHandle]:
+def server_process(
+    store: Path | str | None = None,
+    *args: str,
+    env: dict | None = None,
+    ready_port: int | None = None,
+    cwd: Path | str | None = None,
+    **overrides,
+) -> Iterator[ServerHandle]:
     """`xaiserve serve` as a real subprocess (for SIGTERM/drain tests); waits until health is SERVING
     (on `ready_port`, a plain health port, when the main port speaks TLS)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc

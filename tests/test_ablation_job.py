@@ -3,6 +3,7 @@ here (in seconds) to detect a bright square, loaded through Registry.torch_modul
 handlers.nets.load_module. Submit-time validation of every parameter, a full run with every
 AblationResult field checked, cancellation within one iteration, a classifier without gradients
 failing with the reason, and the job through the real server (submit, watch, result)."""
+
 from __future__ import annotations
 
 import io
@@ -16,15 +17,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image as PILImage
 
+from tests.jobs_support import RecordingContext
+from xaiserve.errors import FailedPrecondition, InvalidArgument, NotFound
+from xaiserve.handlers.nets import EncoderArch, FrozenSpec
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.service.jobs.ablation import AblationJobMethod
-from xaiserve.handlers.nets import EncoderArch, FrozenSpec
-from xaiserve.errors import FailedPrecondition, InvalidArgument, NotFound
 from xaiserve.service.jobs.contract import JobCancelled
 from xaiserve.service.modelstore import add_entry
 from xaiserve.service.registry import Registry, RegistryConfig
 from xaiserve.service.tensors import from_tensor, to_tensor
-from tests.jobs_support import RecordingContext
 
 # the module's store holds a classifier trained by its fixture
 pytestmark = pytest.mark.slow
@@ -45,7 +46,7 @@ def _batch(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         if y[i]:
             r, c = (int(v) for v in torch.randint(2, 22, (2,), generator=g))
             s = int(torch.randint(5, 9, (1,), generator=g))
-            x[i, :, r:r + s, c:c + s] = 0.9
+            x[i, :, r : r + s, c : c + s] = 0.9
     return (x - 0.5) / 0.25, y
 
 
@@ -65,8 +66,15 @@ def _train_square_detector() -> torch.nn.Module:
 
 
 def _entry(name: str, kind: str, arch: dict, **kw) -> dict:
-    return {"name": name, "version": "1", "kind": kind, "files": {"state_dict": f"{name}/1/weights.pt"},
-            "input": {"height": SIZE, "width": SIZE, "channels": 3, "mean": MEAN, "std": STD}, "arch": arch, **kw}
+    return {
+        "name": name,
+        "version": "1",
+        "kind": kind,
+        "files": {"state_dict": f"{name}/1/weights.pt"},
+        "input": {"height": SIZE, "width": SIZE, "channels": 3, "mean": MEAN, "std": STD},
+        "arch": arch,
+        **kw,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -86,10 +94,23 @@ def store(tmp_path_factory):
     (root / "onnx-only/1").mkdir(parents=True)  # a classifier served through ONNX only: no gradients
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.zeros(1, 3, SIZE, SIZE),), str(root / "onnx-only/1/model.onnx"),
-                          input_names=["image"], output_names=["output"], dynamic_axes={"image": {0: "b"}, "output": {0: "b"}},
-                          dynamo=False, opset_version=17)
-    add_entry(root, {**_entry("onnx-only", "classifier", SPEC.to_arch(), output_dim=2), "files": {"onnx": "onnx-only/1/model.onnx"}})
+        torch.onnx.export(
+            model,
+            (torch.zeros(1, 3, SIZE, SIZE),),
+            str(root / "onnx-only/1/model.onnx"),
+            input_names=["image"],
+            output_names=["output"],
+            dynamic_axes={"image": {0: "b"}, "output": {0: "b"}},
+            dynamo=False,
+            opset_version=17,
+        )
+    add_entry(
+        root,
+        {
+            **_entry("onnx-only", "classifier", SPEC.to_arch(), output_dim=2),
+            "files": {"onnx": "onnx-only/1/model.onnx"},
+        },
+    )
     enc = FrozenSpec(SPEC.encoder)
     (root / "enc/1").mkdir(parents=True)
     torch.save(enc.build().state_dict(), root / "enc/1/weights.pt")
@@ -117,10 +138,12 @@ SMALL = dict(num_slices=6, mask_size=16, sigma_regu=1.5, max_iterations=12, satu
 
 
 def _request(model: str = "squares", image: bytes | None = None, **params) -> pb.JobRequest:
-    return pb.JobRequest(method="ablation_path", model=model, image=pb.Image(encoded=_png() if image is None else image),
-                         ablation=pb.AblationParams(**params))
-
-
+    return pb.JobRequest(
+        method="ablation_path",
+        model=model,
+        image=pb.Image(encoded=_png() if image is None else image),
+        ablation=pb.AblationParams(**params),
+    )
 
 
 # --- validate(): everything known at submit time -----------------------------------------------------
@@ -129,31 +152,48 @@ def test_valid_requests_pass(registry):
     assert m.name == "ablation_path"
     m.validate(_request(), registry)
     m.validate(pb.JobRequest(method="ablation_path", model="squares:1", image=pb.Image(encoded=_png())), registry)
-    m.validate(_request(score="straddling", reduction="contrastive", num_slices=2, mask_size=32, target_label=0,
-                        saturation=0.5, ramp_saturation=True, window=8,
-                        baseline=pb.Image(tensor=to_tensor(np.zeros((20, 20, 3), np.uint8)))), registry)
+    m.validate(
+        _request(
+            score="straddling",
+            reduction="contrastive",
+            num_slices=2,
+            mask_size=32,
+            target_label=0,
+            saturation=0.5,
+            ramp_saturation=True,
+            window=8,
+            baseline=pb.Image(tensor=to_tensor(np.zeros((20, 20, 3), np.uint8))),
+        ),
+        registry,
+    )
 
 
-@pytest.mark.parametrize("params,word", [
-    (dict(target_label=2), "target_label 2 is out of range for squares:1, which has 2 classes: 0..1 (background, square)"),
-    (dict(target_label=-1), "target_label -1"),
-    (dict(num_slices=1), "num_slices"),
-    (dict(mask_size=33), "mask_size 33 is larger than the model's input (32 x 32)"),
-    (dict(mask_size=1), "mask_size"),
-    (dict(sigma_regu=0.0), "sigma_regu"),
-    (dict(sigma_regu=-2.0), "sigma_regu"),
-    (dict(score="keep"), "score 'keep' is unknown"),
-    (dict(reduction="mean"), "reduction 'mean' is unknown"),
-    (dict(reduction="contrastive"), "needs score 'straddling'"),
-    (dict(max_iterations=0), "max_iterations"),
-    (dict(max_iterations=100000), "max_iterations"),
-    (dict(step_size=0.0), "step_size"),
-    (dict(saturation=-0.5), "saturation"),
-    (dict(min_iterations=-1), "min_iterations"),
-    (dict(stop_saturation=1.5), "stop_saturation"),
-    (dict(window=-3), "window"),
-    (dict(baseline=pb.Image(encoded=b"not an image")), "params.baseline"),
-])
+@pytest.mark.parametrize(
+    "params,word",
+    [
+        (
+            dict(target_label=2),
+            "target_label 2 is out of range for squares:1, which has 2 classes: 0..1 (background, square)",
+        ),
+        (dict(target_label=-1), "target_label -1"),
+        (dict(num_slices=1), "num_slices"),
+        (dict(mask_size=33), "mask_size 33 is larger than the model's input (32 x 32)"),
+        (dict(mask_size=1), "mask_size"),
+        (dict(sigma_regu=0.0), "sigma_regu"),
+        (dict(sigma_regu=-2.0), "sigma_regu"),
+        (dict(score="keep"), "score 'keep' is unknown"),
+        (dict(reduction="mean"), "reduction 'mean' is unknown"),
+        (dict(reduction="contrastive"), "needs score 'straddling'"),
+        (dict(max_iterations=0), "max_iterations"),
+        (dict(max_iterations=100000), "max_iterations"),
+        (dict(step_size=0.0), "step_size"),
+        (dict(saturation=-0.5), "saturation"),
+        (dict(min_iterations=-1), "min_iterations"),
+        (dict(stop_saturation=1.5), "stop_saturation"),
+        (dict(window=-3), "window"),
+        (dict(baseline=pb.Image(encoded=b"not an image")), "params.baseline"),
+    ],
+)
 def test_bad_parameters_are_invalid_argument(registry, params, word):
     with pytest.raises(InvalidArgument) as e:
         AblationJobMethod().validate(_request(**params), registry)
@@ -162,7 +202,9 @@ def test_bad_parameters_are_invalid_argument(registry, params, word):
 
 def test_bad_models_and_images(registry):
     m = AblationJobMethod()
-    with pytest.raises(InvalidArgument, match=r"enc:1 is a encoder.*Classifiers with torch weights in this store: flat:1, squares:1"):
+    with pytest.raises(
+        InvalidArgument, match=r"enc:1 is a encoder.*Classifiers with torch weights in this store: flat:1, squares:1"
+    ):
         m.validate(_request("enc"), registry)
     with pytest.raises(InvalidArgument, match=r"onnx-only:1 has no torch form.*flat:1, squares:1"):
         m.validate(_request("onnx-only"), registry)
@@ -173,8 +215,12 @@ def test_bad_models_and_images(registry):
     with pytest.raises(InvalidArgument, match="image is missing"):
         m.validate(pb.JobRequest(method="ablation_path", model="squares", ablation=pb.AblationParams()), registry)
     with pytest.raises(InvalidArgument, match="params.relax"):
-        m.validate(pb.JobRequest(method="ablation_path", model="squares", image=pb.Image(encoded=_png()),
-                                 relax=pb.RelaxParams()), registry)
+        m.validate(
+            pb.JobRequest(
+                method="ablation_path", model="squares", image=pb.Image(encoded=_png()), relax=pb.RelaxParams()
+            ),
+            registry,
+        )
 
 
 # --- run() -------------------------------------------------------------------------------------------
@@ -234,8 +280,9 @@ def test_job_runs_end_to_end_and_fills_every_field(registry):
 
 def test_straddling_job_returns_both_paths(registry):
     baseline = pb.Image(tensor=to_tensor(np.full((SIZE, SIZE, 3), 0.2, np.float32)))
-    res = AblationJobMethod().run(_request(score="straddling", reduction="contrastive", baseline=baseline, **SMALL),
-                                  registry, RecordingContext())
+    res = AblationJobMethod().run(
+        _request(score="straddling", reduction="contrastive", baseline=baseline, **SMALL), registry, RecordingContext()
+    )
     r = res.ablation
     assert r.baseline_sigma == 0.0 and json.loads(res.parameters_json)["baseline"] == "given"
     _check_path(from_tensor(r.path), 0.02)
@@ -257,7 +304,9 @@ def test_classifier_without_gradients_fails_with_the_reason(registry):
 
 
 def test_explicit_target_label(registry):
-    res = AblationJobMethod().run(_request(target_label=0, **{**SMALL, "max_iterations": 3}), registry, RecordingContext())
+    res = AblationJobMethod().run(
+        _request(target_label=0, **{**SMALL, "max_iterations": 3}), registry, RecordingContext()
+    )
     assert res.ablation.target_label == 0 and json.loads(res.parameters_json)["target_source"] == "request"
 
 

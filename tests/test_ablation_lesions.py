@@ -6,18 +6,19 @@ class-transition heatmap (eq. 2.34) of an optimised retaining path points into t
 p > 0.9 on the image and p < 0.5 on the same image rendered without the lesion (same skin, hairs
 and ruler; the dataset's draw_objects=False), and the default blurred baseline (sec. 2.7.1)
 changes its decision. The first three such test images are used, with the default parameters."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
+from tests.conftest import DEFAULT_STORE
 from xaiserve.handlers.ablation import AblationConfig, AblationPath
 from xaiserve.handlers.ablation import path as P
 from xaiserve.handlers.ablation.baseline import blur_baseline
 from xaiserve.service.images import to_model_input
 from xaiserve.service.registry import Registry, RegistryConfig
-from tests.conftest import DEFAULT_STORE
 from xaiserve.training.datasets import get_dataset
 from xaiserve.training.metrics import pointing_game
 
@@ -37,7 +38,9 @@ def _evidence_images(module, entry, count: int = 3):
     without = ds.render_chunk("test", 0, draw_objects=False)
     found = []
     for i in range(len(with_lesion.labels)):
-        prep = lambda a: torch.from_numpy(to_model_input(np.clip(a.transpose(1, 2, 0), 0, 1).astype(np.float32), entry.input))
+        prep = lambda a: torch.from_numpy(
+            to_model_input(np.clip(a.transpose(1, 2, 0), 0, 1).astype(np.float32), entry.input)
+        )
         x, bare = prep(with_lesion.images[i]), prep(without.images[i])
         label = int(with_lesion.labels[i])
         with torch.no_grad():

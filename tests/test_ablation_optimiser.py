@@ -4,6 +4,7 @@ Every returned path satisfies the axioms (Definition 1); the heatmaps of all fou
 the blob; the blurred baseline is the smallest blur that changes the decision (sec. 2.7.1); a
 classifier without usable gradients fails with that reason; should_stop ends the run within one
 iteration; each iteration is one batched classifier pass; the reductions follow eq. 2.33-2.37."""
+
 from __future__ import annotations
 
 import math
@@ -13,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xaiserve.errors import FailedPrecondition, InvalidArgument
 from xaiserve.handlers.ablation import AblationConfig, AblationPath
 from xaiserve.handlers.ablation import path as P
 from xaiserve.handlers.ablation import reductions as R
 from xaiserve.handlers.ablation import scores as S
 from xaiserve.handlers.ablation.baseline import blur_baseline
-from xaiserve.errors import FailedPrecondition, InvalidArgument
 
 torch.set_num_threads(1)
 
@@ -39,7 +40,9 @@ class BlobDetector(nn.Module):
         self.calls.append(x.shape[0])
         local = F.avg_pool2d(x.mean(dim=1, keepdim=True), 5, stride=1, padding=2)
         evidence = F.softplus(8.0 * (local - self.threshold)).mean(dim=(1, 2, 3))
-        return torch.stack([torch.full_like(evidence, 0.05), evidence, torch.full_like(evidence, 0.02)], dim=1) * self.gain
+        return (
+            torch.stack([torch.full_like(evidence, 0.05), evidence, torch.full_like(evidence, 0.02)], dim=1) * self.gain
+        )
 
 
 def blob_image() -> torch.Tensor:
@@ -56,8 +59,15 @@ def in_blob(heat: torch.Tensor) -> bool:
 
 def config(**kw) -> AblationConfig:
     # saturation off and no iteration floor unless a test asks: these tests count iterations
-    base = dict(num_slices=8, mask_size=16, sigma_regu=1.5, max_iterations=25, saturation=0.0, ramp_saturation=False,
-                min_iterations=0)
+    base = dict(
+        num_slices=8,
+        mask_size=16,
+        sigma_regu=1.5,
+        max_iterations=25,
+        saturation=0.0,
+        ramp_saturation=False,
+        min_iterations=0,
+    )
     base.update(kw)
     return AblationConfig(**base)
 
@@ -116,7 +126,9 @@ def test_requested_target_and_saturation_stop():
     ramp = AblationPath(model, config(saturation=3.0, ramp_saturation=True, max_iterations=5)).attribute(x)
     assert_axioms(ramp.path, 1e-5)
     # the saturation stop waits for min_iterations
-    late = AblationPath(model, config(saturation=3.0, max_iterations=60, min_iterations=out.iterations + 3)).attribute(x, target=0)
+    late = AblationPath(model, config(saturation=3.0, max_iterations=60, min_iterations=out.iterations + 3)).attribute(
+        x, target=0
+    )
     assert late.stop_reason == "saturation" and late.iterations == out.iterations + 3
     with pytest.raises(InvalidArgument, match="target label 3 is out of range"):
         AblationPath(model, config()).attribute(x, target=3)
@@ -126,9 +138,10 @@ def test_each_iteration_is_one_batched_classifier_pass():
     for score, batch in (("retaining", 8), ("contrastive", 16), ("straddling", 16)):
         model = BlobDetector().eval()
         x = blob_image()
-        out = AblationPath(model, config(score=score, max_iterations=6,
-                                         reduction="contrastive" if score == "straddling" else "transition")).attribute(
-            x, baseline=torch.zeros_like(x) - 1.0)
+        out = AblationPath(
+            model,
+            config(score=score, max_iterations=6, reduction="contrastive" if score == "straddling" else "transition"),
+        ).attribute(x, baseline=torch.zeros_like(x) - 1.0)
         # 1 check at x, 1 baseline, then one pass per iteration and one for the final path
         assert model.calls[:2] == [1, 1] and model.calls[2:] == [batch] * (out.iterations + 1), (score, model.calls)
 
@@ -143,7 +156,8 @@ def test_progress_and_should_stop_end_within_one_iteration():
         assert 0.0 <= float(p.heatmap.min()) and float(p.heatmap.max()) <= 1.0
 
     out = AblationPath(model, config(max_iterations=50)).attribute(
-        blob_image(), progress=progress, should_stop=lambda: len(seen) >= 3)
+        blob_image(), progress=progress, should_stop=lambda: len(seen) >= 3
+    )
     assert out.stop_reason == "stopped" and out.iterations == 3 and len(seen) == 3
     assert [p.iteration for p in seen] == [1, 2, 3] and math.isclose(seen[-1].fraction, 3 / 50)
     assert_axioms(out.path, 1e-5)  # a stopped path is still an ablation path
@@ -302,23 +316,26 @@ def test_reductions_orientation_and_units():
     assert float(R.contrastive(phi, down)[0, 0]) == pytest.approx(T / (T + 1))
 
 
-@pytest.mark.parametrize("kw,word", [
-    (dict(score="retain"), "score"),
-    (dict(reduction="max"), "reduction"),
-    (dict(reduction="contrastive"), "straddling"),
-    (dict(num_slices=1), "num_slices"),
-    (dict(mask_size=1), "mask_size"),
-    (dict(sigma_regu=0.0), "sigma_regu"),
-    (dict(sigma_regu=float("nan")), "sigma_regu"),
-    (dict(step_size=-0.1), "step_size"),
-    (dict(step_size=2.0), "step_size"),
-    (dict(saturation=-1.0), "saturation"),
-    (dict(min_iterations=-1), "min_iterations"),
-    (dict(transition_floor=1.0), "transition_floor"),
-    (dict(max_iterations=0), "max_iterations"),
-    (dict(stop_saturation=0.0), "stop_saturation"),
-    (dict(window=-1), "window"),
-])
+@pytest.mark.parametrize(
+    "kw,word",
+    [
+        (dict(score="retain"), "score"),
+        (dict(reduction="max"), "reduction"),
+        (dict(reduction="contrastive"), "straddling"),
+        (dict(num_slices=1), "num_slices"),
+        (dict(mask_size=1), "mask_size"),
+        (dict(sigma_regu=0.0), "sigma_regu"),
+        (dict(sigma_regu=float("nan")), "sigma_regu"),
+        (dict(step_size=-0.1), "step_size"),
+        (dict(step_size=2.0), "step_size"),
+        (dict(saturation=-1.0), "saturation"),
+        (dict(min_iterations=-1), "min_iterations"),
+        (dict(transition_floor=1.0), "transition_floor"),
+        (dict(max_iterations=0), "max_iterations"),
+        (dict(stop_saturation=0.0), "stop_saturation"),
+        (dict(window=-1), "window"),
+    ],
+)
 def test_config_errors_name_the_parameter(kw, word):
     with pytest.raises(InvalidArgument, match=word):
         AblationConfig(**kw).check()

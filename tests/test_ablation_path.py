@@ -2,6 +2,7 @@
 (against the O(T^2) brute-force bound) and idempotent, the per-pixel Algorithm 1 port agrees, the
 constant-speed re-parametrisation (Lemma 7) keeps the masks of a monotone path, and the soft
 constraints (blur, saturation, pinching) have the properties the projection relies on."""
+
 from __future__ import annotations
 
 import math
@@ -178,7 +179,7 @@ def test_gaussian_blur_matrix_is_doubly_stochastic_and_blurs():
     assert math.isclose(float(y.sum()), 1.0, rel_tol=1e-12)
     # the interior of the blurred impulse is the 2-D Gaussian of eq. 2.25 (sampled, normalised)
     r = torch.arange(33, dtype=torch.float64) - 16
-    k = torch.exp(-r**2 / 18.0) * (r.abs() <= 12)  # truncated at 4 sigma
+    k = torch.exp(-(r**2) / 18.0) * (r.abs() <= 12)  # truncated at 4 sigma
     k = k / k.sum()
     assert torch.allclose(y[0], k[:, None] * k[None, :], atol=1e-12)
 

@@ -1,5 +1,6 @@
 """bench/bench_denoise.py runs against the store's denoisers and its JSON feeds the model card's
 latency table (timings themselves are not asserted: benchmarks measure, tests check behaviour)."""
+
 from __future__ import annotations
 
 import importlib.util

@@ -2,6 +2,7 @@
 3 px of the frame against chance (the band's area), computed by hand and on the served NEM-U over
 a real gRPC channel. The figure for the served model is reported in docs/evaluation; fixing the
 artefact needs a retrained decoder, so this test measures and does not assert the fix."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -34,8 +35,12 @@ def test_border_share_of_the_served_nem_u(zoo):
     masks = []
     for i in range(n):
         img = pb.Image(tensor=to_tensor(np.ascontiguousarray(split.images[i].transpose(1, 2, 0))))
-        r = stub.Explain(pb.ExplainRequest(model="scenes-nemu", image=img,
-                                           options=pb.ExplainOptions(mask_resolution=pb.MASK_AT_MODEL)), timeout=60)
+        r = stub.Explain(
+            pb.ExplainRequest(
+                model="scenes-nemu", image=img, options=pb.ExplainOptions(mask_resolution=pb.MASK_AT_MODEL)
+            ),
+            timeout=60,
+        )
         masks.append(from_tensor(r.mask))
     masks = np.stack(masks)
     share = M.border_argmax(masks)
@@ -44,6 +49,8 @@ def test_border_share_of_the_served_nem_u(zoo):
     by_hand = [float(band[m >= m.max()].mean()) for m in masks]
     np.testing.assert_allclose(share, by_hand)
     chance = M.border_chance(64, 64)
-    print(f"served scenes-nemu: argmax within 3 px of the border on {share.mean():.3f} of {n} test images "
-          f"(chance {chance:.3f})")
+    print(
+        f"served scenes-nemu: argmax within 3 px of the border on {share.mean():.3f} of {n} test images "
+        f"(chance {chance:.3f})"
+    )
     assert 0.0 <= share.mean() <= 1.0

@@ -1,5 +1,6 @@
 """`xaiserve evaluate explanations --model NAME --images DIR [--masks DIR]` on a user's model and data,
 and the deletion / insertion metric it reports when there is no ground truth."""
+
 from __future__ import annotations
 
 import json
@@ -9,10 +10,10 @@ import pytest
 import torch
 from PIL import Image as PILImage
 
+from tests.byom_nets import make, save_forms
 from xaiserve.service import cli_models
 from xaiserve.training.cli_eval import evaluate_main
 from xaiserve.training.metrics import deletion_insertion
-from tests.byom_nets import make, save_forms
 
 torch.set_num_threads(1)
 
@@ -40,8 +41,22 @@ def test_evaluate_a_user_model_on_a_folder_with_and_without_masks(tmp_path, caps
     store = tmp_path / "store"
     files = save_forms(make("vgg", size=(64, 64)), tmp_path / "vgg", size=(64, 64))
     (tmp_path / "labels.txt").write_text("a\nb\nc\n")
-    assert cli_models.main(["add", "vgg", str(files["exported_program"]), "--kind", "classifier", "--labels",
-                            str(tmp_path / "labels.txt"), "--store", str(store)]) == 0
+    assert (
+        cli_models.main(
+            [
+                "add",
+                "vgg",
+                str(files["exported_program"]),
+                "--kind",
+                "classifier",
+                "--labels",
+                str(tmp_path / "labels.txt"),
+                "--store",
+                str(store),
+            ]
+        )
+        == 0
+    )
     rng = np.random.default_rng(0)
     for c in "abc":
         (tmp_path / "img" / c).mkdir(parents=True)
@@ -53,8 +68,21 @@ def test_evaluate_a_user_model_on_a_folder_with_and_without_masks(tmp_path, caps
             a[m > 0] = (200, 180, 30)
             PILImage.fromarray(a).save(tmp_path / "img" / c / f"{i}.png")
             PILImage.fromarray(m).save(tmp_path / "gt" / c / f"{i}.png")
-    common = ["--model", "vgg", "--images", str(tmp_path / "img"), "--store", str(store), "--methods", "saliency,gradcam",
-              "--no-relax", "--no-monotonicity", "--quiet", "--deletion-steps", "4"]
+    common = [
+        "--model",
+        "vgg",
+        "--images",
+        str(tmp_path / "img"),
+        "--store",
+        str(store),
+        "--methods",
+        "saliency,gradcam",
+        "--no-relax",
+        "--no-monotonicity",
+        "--quiet",
+        "--deletion-steps",
+        "4",
+    ]
     assert evaluate_main("explanations", [*common, "--out", str(tmp_path / "out")]) == 0
     table = capsys.readouterr().out
     assert "the user's folder (6 images)" in table and "deletion AUC" in table and "insertion AUC" in table
@@ -63,9 +91,13 @@ def test_evaluate_a_user_model_on_a_folder_with_and_without_masks(tmp_path, caps
     assert {"Saliency", "GradCAM", "random (reference)"} <= set(res)
     assert 0.0 <= res["Saliency"]["deletion_auc"]["mean"] <= 1.0 and res["Saliency"]["deletion_auc"]["n"] == 6
     assert (tmp_path / "out" / "explanations_folder.png").stat().st_size > 0
-    assert evaluate_main("explanations", [*common, "--masks", str(tmp_path / "gt"), "--out", str(tmp_path / "out2")]) == 0
+    assert (
+        evaluate_main("explanations", [*common, "--masks", str(tmp_path / "gt"), "--out", str(tmp_path / "out2")]) == 0
+    )
     table = capsys.readouterr().out
     assert "pointing game" in table and "relevance mass" in table and "deletion AUC" in table
     # bad usage: both or neither data source
-    assert evaluate_main("explanations", ["--dataset", "scenes", "--images", str(tmp_path / "img"), "--model", "vgg"]) == 2
+    assert (
+        evaluate_main("explanations", ["--dataset", "scenes", "--images", str(tmp_path / "img"), "--model", "vgg"]) == 2
+    )
     assert "give --dataset" in capsys.readouterr().err

@@ -7,6 +7,7 @@ files, at the request image's resolution.
 The models take 96 x 128 inputs here (not square, to exercise that; 224 x 224 trains the same way,
 about 5x slower, which a test on two shared cores cannot afford).
 """
+
 from __future__ import annotations
 
 import io
@@ -18,6 +19,10 @@ import pytest
 import torch
 from PIL import Image as PILImage
 
+from tests.byom_nets import make, save_forms
+from tests.serverutil import running_server
+from tests.test_byom_serve import wait_for
+from tests.tiny_models import build_store
 from xaiserve.handlers.nem.decoder import DecoderArch
 from xaiserve.handlers.nem.models import NemT, NemU
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
@@ -27,10 +32,6 @@ from xaiserve.service.registry import read_manifest
 from xaiserve.service.tensors import from_tensor
 from xaiserve.training.byom_nem import pyramid_model
 from xaiserve.training.cli_nem import train_main
-from tests.byom_nets import make, save_forms
-from tests.serverutil import running_server
-from tests.test_byom_serve import wait_for
-from tests.tiny_models import build_store
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.slow  # two trainings and exports: ~1 min on two shared cores
@@ -69,14 +70,57 @@ def trained(tmp_path_factory):
     vgg = save_forms(make("vgg", size=(H, W)), root / "vgg", size=(H, W), in_name="input", out_name="logits")
     mob = save_forms(make("mobile", size=(H, W)), root / "mobile", size=(H, W))
     (root / "labels.txt").write_text("\n".join(CLASSES) + "\n")
-    assert cli_models.main(["add", "vgg", str(vgg["onnx"]), "--torch", str(vgg["exported_program"]), "--kind", "classifier",
-                            "--labels", str(root / "labels.txt"), "--store", str(store)]) == 0
-    assert cli_models.main(["add", "mob", str(mob["torchscript"]), "--kind", "encoder", "--input", f"3x{H}x{W}",
-                            "--resize", "letterbox", "--store", str(store)]) == 0
+    assert (
+        cli_models.main(
+            [
+                "add",
+                "vgg",
+                str(vgg["onnx"]),
+                "--torch",
+                str(vgg["exported_program"]),
+                "--kind",
+                "classifier",
+                "--labels",
+                str(root / "labels.txt"),
+                "--store",
+                str(store),
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli_models.main(
+            [
+                "add",
+                "mob",
+                str(mob["torchscript"]),
+                "--kind",
+                "encoder",
+                "--input",
+                f"3x{H}x{W}",
+                "--resize",
+                "letterbox",
+                "--store",
+                str(store),
+            ]
+        )
+        == 0
+    )
     images = write_images(root / "images")
     with running_server(store, reload_interval_s=0.2, job_workers=0) as srv:
-        common = ["--images", str(images), "--epochs", "1", "--batch-size", "6", "--store", str(store), "--no-progress",
-                  "--threads", "1"]
+        common = [
+            "--images",
+            str(images),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "6",
+            "--store",
+            str(store),
+            "--no-progress",
+            "--threads",
+            "1",
+        ]
         assert train_main("nem-u", ["--encoder", "mob", *common]) == 0
         assert train_main("nemt", ["--classifier", "vgg:1", *common]) == 0
         yield srv, srv.stub(), store
@@ -89,8 +133,17 @@ def _rebuilt(store: Path, name: str) -> torch.nn.Module:
     nem = entries[f"{name}:1"]
     frozen = pyramid_model(entries[nem.explains], store, [t["layer"] for t in nem.arch["frozen"]["taps"]])
     dec = DecoderArch.from_dict(nem.arch["decoder"])
-    model = NemU(frozen, dec) if nem.kind == "nem_u" else NemT(
-        frozen, dec, num_classes=nem.arch["num_classes"], conditional=nem.arch["conditional"], smoothing=nem.arch["smoothing"])
+    model = (
+        NemU(frozen, dec)
+        if nem.kind == "nem_u"
+        else NemT(
+            frozen,
+            dec,
+            num_classes=nem.arch["num_classes"],
+            conditional=nem.arch["conditional"],
+            smoothing=nem.arch["smoothing"],
+        )
+    )
     state = torch.load(store / nem.files["decoder_state"], weights_only=True)
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all(k.startswith("frozen.") for k in missing)
@@ -119,8 +172,10 @@ def test_served_mask_and_output_equal_the_torch_module(trained, name):
     assert info.available and info.kind in ("nem_u", "nemt")
     model = _rebuilt(store, name)
     image = png_bytes(H * 2, W * 2)  # the model's aspect ratio: the fit is a plain resize
-    r = stub.Explain(pb.ExplainRequest(model=name, image=pb.Image(encoded=image),
-                                       options=pb.ExplainOptions(return_output=True)), timeout=60)
+    r = stub.Explain(
+        pb.ExplainRequest(model=name, image=pb.Image(encoded=image), options=pb.ExplainOptions(return_output=True)),
+        timeout=60,
+    )
     entry = {e.id: e for e in read_manifest(store)}[f"{name}:1"]
     x = torch.from_numpy(to_model_input(decode_image(pb.Image(encoded=image)), entry.input))[None]
     with torch.no_grad():
@@ -142,17 +197,32 @@ def test_served_mask_and_output_equal_the_torch_module(trained, name):
 def test_training_refuses_a_model_without_torch_form_and_bad_folders(trained, tmp_path, capsys):
     _, _, store = trained
     (tmp_path / "one").mkdir()
-    assert train_main("nem-u", ["--encoder", "mob", "--images", str(tmp_path / "one"), "--store", str(store),
-                                "--no-progress"]) == 2
+    assert (
+        train_main(
+            "nem-u", ["--encoder", "mob", "--images", str(tmp_path / "one"), "--store", str(store), "--no-progress"]
+        )
+        == 2
+    )
     assert "holds 0 image(s)" in capsys.readouterr().err
-    assert train_main("nem-u", ["--encoder", "tiny-encoder", "--images", str(tmp_path), "--store", str(store),
-                                "--no-progress"]) == 2
+    assert (
+        train_main(
+            "nem-u", ["--encoder", "tiny-encoder", "--images", str(tmp_path), "--store", str(store), "--no-progress"]
+        )
+        == 2
+    )
     assert "needs its torch form" in capsys.readouterr().err
     bad = write_images(tmp_path / "wrong")
     (bad / "red").rename(bad / "purple")
-    assert train_main("nemt", ["--classifier", "vgg", "--images", str(bad), "--store", str(store), "--no-progress"]) == 2
+    assert (
+        train_main("nemt", ["--classifier", "vgg", "--images", str(bad), "--store", str(store), "--no-progress"]) == 2
+    )
     assert "label 'purple' is not one of the model's classes (red, green, blue)" in capsys.readouterr().err
-    assert train_main("nem-u", ["--encoder", "mob", "--images", str(bad), "--taps", "nope", "--store", str(store),
-                                "--no-progress"]) == 2
+    assert (
+        train_main(
+            "nem-u",
+            ["--encoder", "mob", "--images", str(bad), "--taps", "nope", "--store", str(store), "--no-progress"],
+        )
+        == 2
+    )
     assert "tap 'nope' is not a 4-D activation" in capsys.readouterr().err
     assert json.loads((store / "manifest.json").read_text())  # untouched and readable

@@ -1,6 +1,7 @@
 """Preprocessing modes (stretch | letterbox | center-crop) and their inverse for maps
 (service.images.to_model_input / to_input_geometry), and torch forms of a user model
 (handlers.nets.forms): loading, GradCAM layer, feature pyramid, fixed batch, training-mode export."""
+
 from __future__ import annotations
 
 import warnings
@@ -10,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
+from tests.byom_nets import make, save_forms
 from xaiserve.errors import FailedPrecondition
 from xaiserve.handlers import saliency
 from xaiserve.handlers.nets.forms import GraphForm, RowWise, find_pyramid, load_torch_form, tapped
 from xaiserve.service.images import InputSpec, fit, to_input_geometry, to_model_input
-from tests.byom_nets import make, save_forms
 
 torch.set_num_threads(1)
 
@@ -48,7 +49,7 @@ def test_letterbox_pads_with_the_mean_and_the_inverse_cuts_the_padding():
     assert f.content[0] == 32 and f.content[1] == round(40 * 32 / 60) and f.offset[0] == 0 and f.offset[1] > 0
     x = to_model_input(img, s)
     left = f.offset[1]
-    assert np.allclose(x[:, :, :left], 0.0) and np.allclose(x[:, :, left + f.content[1]:], 0.0)  # mean = 0 normalised
+    assert np.allclose(x[:, :, :left], 0.0) and np.allclose(x[:, :, left + f.content[1] :], 0.0)  # mean = 0 normalised
     back = to_input_geometry(as_map(x, s), s, 60, 40)
     assert back.shape == (60, 40)
     assert np.abs(back - img[:, :, 0]).mean() < 0.02  # the image comes back, no padding band in it
@@ -63,7 +64,7 @@ def test_center_crop_covers_the_input_and_the_unseen_border_is_zero():
     assert np.allclose(as_map(x, s), to_model_input(img, spec("stretch", 48, 48))[0, 8:40] * 0.25 + 0.5, atol=1e-5)
     back = to_input_geometry(as_map(x, s), s, 40, 40)
     rows = 8 * 40 // 48  # the cut rows, in image pixels
-    assert np.allclose(back[: rows - 1], 0.0) and np.allclose(back[-(rows - 1):], 0.0)
+    assert np.allclose(back[: rows - 1], 0.0) and np.allclose(back[-(rows - 1) :], 0.0)
     assert np.abs(back[rows + 1 : -rows - 1] - img[rows + 1 : -rows - 1, :, 0]).mean() < 0.02
 
 
@@ -94,7 +95,9 @@ def test_torch_forms_equal_the_module_and_run_every_gradient_method(files, arch,
         got = saliency.attribute(method, mod, x[:1], kind=kind)
         assert got.shape == (1, 64, 64) and np.isfinite(got).all(), method
         if method != "gradcam":  # same network, same maps (GradCAM's layer is chosen per form)
-            np.testing.assert_allclose(got, saliency.attribute(method, ref, x[:1], kind=kind), atol=1e-4, err_msg=method)
+            np.testing.assert_allclose(
+                got, saliency.attribute(method, ref, x[:1], kind=kind), atol=1e-4, err_msg=method
+            )
 
 
 @pytest.mark.slow
@@ -161,8 +164,9 @@ def _flatten_net(tmp_path):
     """A net with a Linear over its flattened 64 x 64 map: any other input size fails."""
     net = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.Flatten(), nn.Linear(2 * 64 * 64, 4)).eval()
     path = tmp_path / "flat.pt2"
-    torch.export.save(torch.export.export(net, (torch.randn(2, 3, 64, 64),),
-                                          dynamic_shapes=({0: torch.export.Dim("b")},)), str(path))
+    torch.export.save(
+        torch.export.export(net, (torch.randn(2, 3, 64, 64),), dynamic_shapes=({0: torch.export.Dim("b")},)), str(path)
+    )
     return path
 
 
@@ -177,8 +181,11 @@ def test_torchscript_kept_as_compiled_code_serves_autograd_methods_and_refuses_l
     mod = ScriptForm(script, "converter failed (test)")
     x = torch.randn(1, 3, 64, 64)
     ref = make("mobile", size=(64, 64))
-    np.testing.assert_allclose(saliency.attribute("saliency", mod, x, kind="encoder"),
-                               saliency.attribute("saliency", ref, x, kind="encoder"), atol=1e-5)
+    np.testing.assert_allclose(
+        saliency.attribute("saliency", mod, x, kind="encoder"),
+        saliency.attribute("saliency", ref, x, kind="encoder"),
+        atol=1e-5,
+    )
     for method in ("gradcam", "guided_backprop"):
         with pytest.raises(FailedPrecondition, match=r"TorchScript could not be converted.*converter failed.*\.pt2"):
             saliency.attribute(method, mod, x, kind="encoder")

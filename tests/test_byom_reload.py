@@ -8,6 +8,7 @@
 - models are added, swapped to a new version and removed while calls run in a loop: every call
   answers OK, or NOT_FOUND once its model is gone; none fails otherwise.
 """
+
 from __future__ import annotations
 
 import io
@@ -26,12 +27,12 @@ import torch
 from PIL import Image as PILImage
 from torch import nn
 
+from tests.serverutil import running_server
+from tests.tiny_models import MEAN, STD, build_store
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.service import cli_models
 from xaiserve.service.modelstore import add_entry, remove_entry
 from xaiserve.service.tensors import from_tensor
-from tests.serverutil import running_server
-from tests.tiny_models import MEAN, STD, build_store
 
 torch.set_num_threads(1)
 
@@ -43,13 +44,22 @@ def png(h: int = 32, w: int = 32) -> bytes:
     return buf.getvalue()
 
 
-def _onnx(module: nn.Module, path: Path, inputs: list[str], outputs: list[str], size: int = 32, dynamic: bool = True) -> Path:
+def _onnx(
+    module: nn.Module, path: Path, inputs: list[str], outputs: list[str], size: int = 32, dynamic: bool = True
+) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), (torch.zeros(2, 3, size, size),), str(path), input_names=inputs,
-                          output_names=outputs, dynamic_axes={n: {0: "b"} for n in inputs + outputs} if dynamic else None,
-                          opset_version=17, dynamo=False)
+        torch.onnx.export(
+            module.eval(),
+            (torch.zeros(2, 3, size, size),),
+            str(path),
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes={n: {0: "b"} for n in inputs + outputs} if dynamic else None,
+            opset_version=17,
+            dynamo=False,
+        )
     return path
 
 
@@ -68,16 +78,30 @@ def _write_manifest(store: Path, extra: list[dict]) -> None:
 
 
 def _entry(name: str, onnx: str, **kw) -> dict:
-    return {"name": name, "version": "1", "kind": kw.pop("kind", "encoder"), "files": {"onnx": onnx},
-            "input": kw.pop("input", {"height": 32, "width": 32, "channels": 3, "mean": MEAN, "std": STD}), **kw}
+    return {
+        "name": name,
+        "version": "1",
+        "kind": kw.pop("kind", "encoder"),
+        "files": {"onnx": onnx},
+        "input": kw.pop("input", {"height": 32, "width": 32, "channels": 3, "mean": MEAN, "std": STD}),
+        **kw,
+    }
 
 
 def bad_entries(store: Path) -> dict[str, str]:
     """Write the bad models' files and entries; returns name -> a phrase its reason must contain."""
-    _onnx(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 32 * 32, 5)),
-          store / "bad-graph/1/model.onnx", ["image"], ["output"])
-    _onnx(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()), store / "wrong-names/1/model.onnx",
-          ["input"], ["logits"])
+    _onnx(
+        nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 32 * 32, 5)),
+        store / "bad-graph/1/model.onnx",
+        ["image"],
+        ["output"],
+    )
+    _onnx(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+        store / "wrong-names/1/model.onnx",
+        ["input"],
+        ["logits"],
+    )
     _onnx(TwoHeads(), store / "ambiguous/1/model.onnx", ["input"], ["a", "b"])
     (store / "garbage/1").mkdir(parents=True)
     (store / "garbage/1/model.onnx").write_bytes(b"\x08\x01this is not a graph" * 10)
@@ -86,26 +110,42 @@ def bad_entries(store: Path) -> dict[str, str]:
         _entry("wrong-names", "wrong-names/1/model.onnx", io={"image": "pixels"}),
         _entry("ambiguous", "ambiguous/1/model.onnx"),
         # a 32 x 32 graph (flattened map) declared 48 x 48: fails at warm-up
-        _entry("bad-graph", "bad-graph/1/model.onnx", input={"height": 48, "width": 48, "channels": 3, "mean": MEAN, "std": STD}),
+        _entry(
+            "bad-graph",
+            "bad-graph/1/model.onnx",
+            input={"height": 48, "width": 48, "channels": 3, "mean": MEAN, "std": STD},
+        ),
         _entry("garbage", "garbage/1/model.onnx"),
         _entry("bad-schema", "tiny-encoder/1/model.onnx", input={"height": -3, "width": 32, "channels": 3}),
         _entry("orphan-nemu", "tiny-nemu/1/model.onnx", kind="nem_u", explains="missing-file:1"),
     ]
     _write_manifest(store, entries)
-    return {"missing-file": "files.onnx: missing-file/1/model.onnx is missing", "wrong-names": "io.image names 'pixels'",
-            "ambiguous": "cannot tell which tensor is 'output'", "bad-graph": "does not run on a 3x48x48 input",
-            "garbage": "not an ONNX graph", "bad-schema": "input.height: -3 is less than the minimum of 1",
-            "orphan-nemu": "explains missing-file:1, which is unavailable"}
+    return {
+        "missing-file": "files.onnx: missing-file/1/model.onnx is missing",
+        "wrong-names": "io.image names 'pixels'",
+        "ambiguous": "cannot tell which tensor is 'output'",
+        "bad-graph": "does not run on a 3x48x48 input",
+        "garbage": "not an ONNX graph",
+        "bad-schema": "input.height: -3 is less than the minimum of 1",
+        "orphan-nemu": "explains missing-file:1, which is unavailable",
+    }
 
 
 def check_unavailable(stub, expected: dict[str, str]) -> None:
     models = {m.name: m for m in stub.ListModels(pb.ListModelsRequest(), timeout=10).models}
     for name, phrase in expected.items():
         assert name in models, name
-        assert not models[name].available and phrase in models[name].unavailable_reason, (name, models[name].unavailable_reason)
+        assert not models[name].available and phrase in models[name].unavailable_reason, (
+            name,
+            models[name].unavailable_reason,
+        )
         with pytest.raises(grpc.RpcError) as e:
-            stub.Explain(pb.ExplainRequest(model=name, image=pb.Image(encoded=png()),
-                                           options=pb.ExplainOptions(method="saliency")), timeout=30)
+            stub.Explain(
+                pb.ExplainRequest(
+                    model=name, image=pb.Image(encoded=png()), options=pb.ExplainOptions(method="saliency")
+                ),
+                timeout=30,
+            )
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION, name
         assert "unavailable" in e.value.details() and phrase in e.value.details(), e.value.details()
     assert models["tiny-nemu"].available and models["tiny-encoder"].available
@@ -149,21 +189,62 @@ def test_bad_entries_arriving_by_reload_leave_the_others_serving(tmp_path):
 def test_models_add_refuses_bad_files_with_a_clear_message(tmp_path, capsys):
     store = build_store(tmp_path / "store", slow=False)
     (tmp_path / "junk.onnx").write_bytes(b"\x08\x01junk" * 20)
-    assert cli_models.main(["add", "junk", str(tmp_path / "junk.onnx"), "--kind", "encoder", "--input", "3x32x32",
-                            "--store", str(store)]) == 2
+    assert (
+        cli_models.main(
+            [
+                "add",
+                "junk",
+                str(tmp_path / "junk.onnx"),
+                "--kind",
+                "encoder",
+                "--input",
+                "3x32x32",
+                "--store",
+                str(store),
+            ]
+        )
+        == 2
+    )
     assert "junk.onnx is not an ONNX graph ONNX Runtime can load" in capsys.readouterr().err
-    path = _onnx(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()), tmp_path / "names/model.onnx",
-                 ["input"], ["logits"])
-    assert cli_models.main(["add", "names", str(path), "--kind", "encoder", "--io", "image=pixels",
-                            "--store", str(store)]) == 2
+    path = _onnx(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+        tmp_path / "names/model.onnx",
+        ["input"],
+        ["logits"],
+    )
+    assert (
+        cli_models.main(["add", "names", str(path), "--kind", "encoder", "--io", "image=pixels", "--store", str(store)])
+        == 2
+    )
     assert "io.image names 'pixels', which model.onnx does not have" in capsys.readouterr().err
-    assert cli_models.main(["add", "gone", str(tmp_path / "nope.onnx"), "--kind", "encoder", "--store", str(store)]) == 2
+    assert (
+        cli_models.main(["add", "gone", str(tmp_path / "nope.onnx"), "--kind", "encoder", "--store", str(store)]) == 2
+    )
     assert "nope.onnx does not exist" in capsys.readouterr().err
-    assert cli_models.main(["add", "names", str(path), "--kind", "classifier", "--labels", str(path), "--store", str(store)]) == 2
+    assert (
+        cli_models.main(
+            ["add", "names", str(path), "--kind", "classifier", "--labels", str(path), "--store", str(store)]
+        )
+        == 2
+    )
     assert "is not a UTF-8 text file" in capsys.readouterr().err
     (tmp_path / "two.txt").write_text("yes\nno\n")
-    assert cli_models.main(["add", "names", str(path), "--kind", "classifier", "--labels", str(tmp_path / "two.txt"),
-                            "--store", str(store)]) == 2
+    assert (
+        cli_models.main(
+            [
+                "add",
+                "names",
+                str(path),
+                "--kind",
+                "classifier",
+                "--labels",
+                str(tmp_path / "two.txt"),
+                "--store",
+                str(store),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "2 labels" in err and "for 4 classifier outputs" in err, err
     # nothing was left in the store by the refused adds; the names are inferred when unambiguous
@@ -194,8 +275,12 @@ def test_add_swap_and_remove_under_load_over_grpc(tmp_path):
         def call(model: str, method: str) -> None:
             while not stop.is_set():
                 try:
-                    r = stub.Explain(pb.ExplainRequest(model=model, image=pb.Image(encoded=png()),
-                                                       options=pb.ExplainOptions(method=method)), timeout=30)
+                    r = stub.Explain(
+                        pb.ExplainRequest(
+                            model=model, image=pb.Image(encoded=png()), options=pb.ExplainOptions(method=method)
+                        ),
+                        timeout=30,
+                    )
                     code = "OK"
                     if model == "tiny-nemu":
                         with lock:
@@ -205,22 +290,40 @@ def test_add_swap_and_remove_under_load_over_grpc(tmp_path):
                 with lock:
                     seen[model][code] = seen[model].get(code, 0) + 1
 
-        threads = [threading.Thread(target=call, args=a, daemon=True)
-                   for a in (("tiny-nemu", ""), ("extra", ""), ("tiny-nemu:1", ""))]
+        threads = [
+            threading.Thread(target=call, args=a, daemon=True)
+            for a in (("tiny-nemu", ""), ("extra", ""), ("tiny-nemu:1", ""))
+        ]
         for t in threads:
             t.start()
         try:
             for cycle in range(2):
                 shutil.copytree(store / "tiny-nemu/1", store / f"extra/{cycle + 1}", dirs_exist_ok=True)
-                add_entry(store, {"name": "extra", "version": str(cycle + 1), "kind": "nem_u",
-                                  "files": {"onnx": f"extra/{cycle + 1}/model.onnx"}, "explains": "tiny-encoder:1",
-                                  "input": {"height": 32, "width": 32, "channels": 3, "mean": MEAN, "std": STD}})
+                add_entry(
+                    store,
+                    {
+                        "name": "extra",
+                        "version": str(cycle + 1),
+                        "kind": "nem_u",
+                        "files": {"onnx": f"extra/{cycle + 1}/model.onnx"},
+                        "explains": "tiny-encoder:1",
+                        "input": {"height": 32, "width": 32, "channels": 3, "mean": MEAN, "std": STD},
+                    },
+                )
                 time.sleep(0.6)
                 # a new version of the masking network: its batcher and session are swapped in
                 shutil.copytree(store / "tiny-nemu/1", store / f"tiny-nemu/{cycle + 2}", dirs_exist_ok=True)
-                add_entry(store, {"name": "tiny-nemu", "version": str(cycle + 2), "kind": "nem_u",
-                                  "files": {"onnx": f"tiny-nemu/{cycle + 2}/model.onnx"}, "explains": "tiny-encoder:1",
-                                  "input": {"height": 32, "width": 32, "channels": 3, "mean": MEAN, "std": STD}})
+                add_entry(
+                    store,
+                    {
+                        "name": "tiny-nemu",
+                        "version": str(cycle + 2),
+                        "kind": "nem_u",
+                        "files": {"onnx": f"tiny-nemu/{cycle + 2}/model.onnx"},
+                        "explains": "tiny-encoder:1",
+                        "input": {"height": 32, "width": 32, "channels": 3, "mean": MEAN, "std": STD},
+                    },
+                )
                 time.sleep(0.6)
                 remove_entry(store, "extra")
                 time.sleep(0.6)
@@ -248,9 +351,17 @@ def test_sighup_reloads_when_polling_is_off(tmp_path):
     with server_process(store, reload_interval_s=0, job_workers=0, load_models="all") as srv:
         stub = srv.stub()
         shutil.copytree(store / "tiny-nemu/1", store / "late/1")
-        add_entry(store, {"name": "late", "version": "1", "kind": "nem_u", "files": {"onnx": "late/1/model.onnx"},
-                          "explains": "tiny-encoder:1",
-                          "input": {"height": 32, "width": 32, "channels": 3, "mean": MEAN, "std": STD}})
+        add_entry(
+            store,
+            {
+                "name": "late",
+                "version": "1",
+                "kind": "nem_u",
+                "files": {"onnx": "late/1/model.onnx"},
+                "explains": "tiny-encoder:1",
+                "input": {"height": 32, "width": 32, "channels": 3, "mean": MEAN, "std": STD},
+            },
+        )
         time.sleep(1.5)  # polling is off: nothing happens by itself
         with pytest.raises(grpc.RpcError) as e:
             stub.Explain(pb.ExplainRequest(model="late", image=pb.Image(encoded=png())), timeout=30)

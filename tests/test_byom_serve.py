@@ -9,6 +9,7 @@ handlers.nets's (tests/byom_nets.py) added with `xaiserve models add` while the 
   at the request image's resolution; a RELAX job on the encoder and an ablation-path job on the
   classifier succeed.
 """
+
 from __future__ import annotations
 
 import io
@@ -21,18 +22,25 @@ import pytest
 import torch
 from PIL import Image as PILImage
 
-from xaiserve.proto.explain.v1 import explainer_pb2 as pb
-from xaiserve.service import cli_models
-from xaiserve.service.tensors import from_tensor
 from tests.byom_nets import make, save_forms
 from tests.serverutil import running_server
 from tests.tiny_models import build_store
+from xaiserve.proto.explain.v1 import explainer_pb2 as pb
+from xaiserve.service import cli_models
+from xaiserve.service.tensors import from_tensor
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.slow  # two 224 x 224 models, every gradient method, two jobs: ~1 min on 2 shared cores
 
-GRADIENT = ("saliency", "guided_backprop", "smoothgrad", "integrated_gradients", "gradient_shap", "gradcam",
-            "label_free_saliency")
+GRADIENT = (
+    "saliency",
+    "guided_backprop",
+    "smoothgrad",
+    "integrated_gradients",
+    "gradient_shap",
+    "gradcam",
+    "label_free_saliency",
+)
 
 
 def png(h: int, w: int, seed: int = 0) -> bytes:
@@ -63,13 +71,45 @@ def served(tmp_path_factory):
     (root / "labels.txt").write_text("cat\ndog\nbird\n")
     with running_server(store, reload_interval_s=0.2, job_workers=1, max_delay_ms=0.0) as srv:
         stub = srv.stub()
-        assert {m.name for m in stub.ListModels(pb.ListModelsRequest(), timeout=10).models} >= {"tiny-encoder", "tiny-nemu"}
-        rc = cli_models.main(["add", "user-vgg", str(vgg["onnx"]), "--torch", str(vgg["exported_program"]),
-                              "--kind", "classifier", "--labels", str(root / "labels.txt"), "--mean", "imagenet",
-                              "--std", "imagenet", "--resize", "letterbox", "--store", str(store)])
+        assert {m.name for m in stub.ListModels(pb.ListModelsRequest(), timeout=10).models} >= {
+            "tiny-encoder",
+            "tiny-nemu",
+        }
+        rc = cli_models.main(
+            [
+                "add",
+                "user-vgg",
+                str(vgg["onnx"]),
+                "--torch",
+                str(vgg["exported_program"]),
+                "--kind",
+                "classifier",
+                "--labels",
+                str(root / "labels.txt"),
+                "--mean",
+                "imagenet",
+                "--std",
+                "imagenet",
+                "--resize",
+                "letterbox",
+                "--store",
+                str(store),
+            ]
+        )
         assert rc == 0
-        rc = cli_models.main(["add", "user-mobile", str(mob["torchscript"]), "--kind", "encoder", "--input", "3x224x224",
-                              "--store", str(store)])
+        rc = cli_models.main(
+            [
+                "add",
+                "user-mobile",
+                str(mob["torchscript"]),
+                "--kind",
+                "encoder",
+                "--input",
+                "3x224x224",
+                "--store",
+                str(store),
+            ]
+        )
         assert rc == 0
         yield srv, stub, store, root
 
@@ -94,8 +134,12 @@ def test_every_advertised_gradient_method_over_grpc(served, model):
     info = wait_for(stub, f"{model}:1")
     image = png(150, 260)  # not the model's size nor its aspect ratio
     for method in [m for m in info.methods if m in GRADIENT]:
-        r = stub.Explain(pb.ExplainRequest(model=model, image=pb.Image(encoded=image),
-                                           options=pb.ExplainOptions(method=method, return_output=True)), timeout=120)
+        r = stub.Explain(
+            pb.ExplainRequest(
+                model=model, image=pb.Image(encoded=image), options=pb.ExplainOptions(method=method, return_output=True)
+            ),
+            timeout=120,
+        )
         mask = from_tensor(r.mask)
         assert mask.shape == (150, 260), method
         assert np.isfinite(mask).all() and mask.min() >= 0.0 and mask.max() <= 1.0, method
@@ -117,8 +161,15 @@ def _run_job(stub, request: pb.JobRequest) -> pb.Job:
 def test_relax_job_on_the_torchscript_encoder(served):
     _, stub, _, _ = served
     wait_for(stub, "user-mobile:1")
-    job = _run_job(stub, pb.JobRequest(method="relax", model="user-mobile", image=pb.Image(encoded=png(120, 200, 1)),
-                                       relax=pb.RelaxParams(num_masks=64, batch_size=32, seed=0)))
+    job = _run_job(
+        stub,
+        pb.JobRequest(
+            method="relax",
+            model="user-mobile",
+            image=pb.Image(encoded=png(120, 200, 1)),
+            relax=pb.RelaxParams(num_masks=64, batch_size=32, seed=0),
+        ),
+    )
     imp = from_tensor(job.result.relax.importance)
     assert imp.shape == (120, 200) and np.isfinite(imp).all() and imp.std() > 0
 
@@ -129,10 +180,17 @@ def test_ablation_job_on_the_exported_classifier(served):
     # an untrained network's decision does not change under blur: give the baseline (a grey image)
     grey = io.BytesIO()
     PILImage.fromarray(np.full((160, 240, 3), 128, np.uint8)).save(grey, format="PNG")
-    job = _run_job(stub, pb.JobRequest(
-        method="ablation_path", model="user-vgg", image=pb.Image(encoded=png(160, 240, 2)),
-        ablation=pb.AblationParams(num_slices=4, mask_size=28, max_iterations=2, target_label=1,
-                                   baseline=pb.Image(encoded=grey.getvalue()))))
+    job = _run_job(
+        stub,
+        pb.JobRequest(
+            method="ablation_path",
+            model="user-vgg",
+            image=pb.Image(encoded=png(160, 240, 2)),
+            ablation=pb.AblationParams(
+                num_slices=4, mask_size=28, max_iterations=2, target_label=1, baseline=pb.Image(encoded=grey.getvalue())
+            ),
+        ),
+    )
     res = job.result.ablation
     heat, path = from_tensor(res.heatmap), from_tensor(res.path)
     assert heat.shape == (160, 240) and path.shape[1:] == (160, 240)
@@ -145,13 +203,18 @@ def test_ablation_job_on_the_exported_classifier(served):
 
 def test_onnx_only_model_refuses_gradient_methods_naming_the_file_to_add(served):
     _, stub, store, root = served
-    rc = cli_models.main(["add", "user-vgg-onnx", str(root / "vgg" / "model.onnx"), "--kind", "classifier",
-                          "--store", str(store)])
+    rc = cli_models.main(
+        ["add", "user-vgg-onnx", str(root / "vgg" / "model.onnx"), "--kind", "classifier", "--store", str(store)]
+    )
     assert rc == 0
     info = wait_for(stub, "user-vgg-onnx:1")
     assert not set(info.methods) & set(GRADIENT) and "ablation_path" not in info.methods
     with pytest.raises(grpc.RpcError) as e:
-        stub.Explain(pb.ExplainRequest(model="user-vgg-onnx", image=pb.Image(encoded=png(64, 64)),
-                                       options=pb.ExplainOptions(method="saliency")), timeout=30)
+        stub.Explain(
+            pb.ExplainRequest(
+                model="user-vgg-onnx", image=pb.Image(encoded=png(64, 64)), options=pb.ExplainOptions(method="saliency")
+            ),
+            timeout=30,
+        )
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "torch" in e.value.details() and ("TorchScript" in e.value.details() or ".pt2" in e.value.details())

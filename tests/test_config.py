@@ -4,6 +4,7 @@ A value is accepted or refused by the same rules whatever its source, and a refu
 setting and the source. The CLI is driven in-process through `xaiserve.service.cli.main` (the
 same entry point as the console script), plus one real subprocess for the case a user types.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,10 +13,10 @@ import sys
 
 import pytest
 
+from tests.serverutil import ROOT
 from xaiserve.service import cli
 from xaiserve.service.config import ConfigError, ServerConfig, load_config, parse_setting
 from xaiserve.service.worker import WorkerConfig, load_worker_config
-from tests.serverutil import ROOT
 
 
 def serve(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -47,18 +48,22 @@ def _sources(tmp_path, setting: str, text: str):
     ]
 
 
-@pytest.mark.parametrize("setting,text,what", [
-    ("prefer_cuda", "maybe", "a boolean"),
-    ("spiral_runtime", "2", "a boolean"),
-    ("max_batch", "eight", "an integer"),
-    ("max_batch", "8.5", "an integer"),
-    ("port", "1e3", "an integer"),  # (YAML itself reads 0x10 as the number 16)
-    ("max_delay_ms", "fast", "a finite number"),
-    ("grace_s", "nan", "a finite number"),
-    ("load_models", "eager", "one of all, lazy"),
-])
-def test_a_bad_value_fails_alike_from_every_source_and_names_setting_and_source(setting, text, what, tmp_path, clean_env,
-                                                                                 capsys):
+@pytest.mark.parametrize(
+    "setting,text,what",
+    [
+        ("prefer_cuda", "maybe", "a boolean"),
+        ("spiral_runtime", "2", "a boolean"),
+        ("max_batch", "eight", "an integer"),
+        ("max_batch", "8.5", "an integer"),
+        ("port", "1e3", "an integer"),  # (YAML itself reads 0x10 as the number 16)
+        ("max_delay_ms", "fast", "a finite number"),
+        ("grace_s", "nan", "a finite number"),
+        ("load_models", "eager", "one of all, lazy"),
+    ],
+)
+def test_a_bad_value_fails_alike_from_every_source_and_names_setting_and_source(
+    setting, text, what, tmp_path, clean_env, capsys
+):
     for source, argv, env in _sources(tmp_path, setting, text):
         for k, v in env.items():
             clean_env.setenv(k, v)
@@ -69,8 +74,19 @@ def test_a_bad_value_fails_alike_from_every_source_and_names_setting_and_source(
         assert f"setting {setting} ({source})" in err and what in err, err
 
 
-@pytest.mark.parametrize("text,value", [("true", True), ("Yes", True), ("on", True), ("1", True),
-                                        ("false", False), ("NO", False), ("off", False), ("0", False)])
+@pytest.mark.parametrize(
+    "text,value",
+    [
+        ("true", True),
+        ("Yes", True),
+        ("on", True),
+        ("1", True),
+        ("false", False),
+        ("NO", False),
+        ("off", False),
+        ("0", False),
+    ],
+)
 def test_booleans_read_the_same_from_every_source(text, value, tmp_path, clean_env, capsys):
     seen = []
     for source, argv, env in _sources(tmp_path, "prefer_cuda", text):
@@ -99,9 +115,14 @@ def test_native_file_values_follow_the_text_rules(tmp_path):
     f.write_text(json.dumps({"max_batch": 4, "prefer_cuda": 0, "grace_s": 3, "host": "0.0.0.0"}))
     cfg = load_config(f, env={})
     assert (cfg.max_batch, cfg.prefer_cuda, cfg.grace_s) == (4, False, 3.0) and isinstance(cfg.grace_s, float)
-    for bad, what in [({"max_batch": True}, "an integer"), ({"max_batch": 4.0}, "an integer"),
-                      ({"prefer_cuda": 2}, "a boolean"), ({"grace_s": "inf"}, "a finite number"),
-                      ({"tls_cert": None}, "set (an empty value)"), ({"log_level": ["INFO"]}, "text")]:
+    for bad, what in [
+        ({"max_batch": True}, "an integer"),
+        ({"max_batch": 4.0}, "an integer"),
+        ({"prefer_cuda": 2}, "a boolean"),
+        ({"grace_s": "inf"}, "a finite number"),
+        ({"tls_cert": None}, "set (an empty value)"),
+        ({"log_level": ["INFO"]}, "text"),
+    ]:
         f.write_text(json.dumps(bad))
         with pytest.raises(ConfigError, match=r"setting \w+ \(config file .*c\.json\)") as e:
             load_config(f, env={})
@@ -121,7 +142,11 @@ def test_rules_across_settings_name_where_each_value_came_from(tmp_path, clean_e
     f.write_text("stream_default_queue: 100\n")
     clean_env.setenv("XAISERVE_STREAM_MAX_QUEUE", "10")
     rc, _, err = serve(["--config", str(f)], capsys)
-    assert rc == 2 and "stream_default_queue from config file" in err and "stream_max_queue from environment XAISERVE_STREAM_MAX_QUEUE" in err
+    assert (
+        rc == 2
+        and "stream_default_queue from config file" in err
+        and "stream_max_queue from environment XAISERVE_STREAM_MAX_QUEUE" in err
+    )
     rc, _, err = serve(["--port", "70000"], capsys)
     assert rc == 2 and "port must be in 0..65535" in err
 
@@ -155,11 +180,13 @@ def test_lists_split_on_commas_or_come_as_a_list():
 def test_the_worker_reads_flags_environment_and_file_with_the_same_parser(tmp_path):
     f = tmp_path / "w.yaml"
     f.write_text("methods: [relax]\nconcurrency: 2\nlog_json: off\n")
-    cfg = load_worker_config(["--config", str(f), "--grace-s", "4"],
-                             env={"XAISERVE_QUEUE": "redis://q:6379/0", "XAISERVE_MODEL_STORE": "/models",
-                                  "XAISERVE_METRICS_PORT": "1"})  # a server variable: not the worker's
-    assert cfg == WorkerConfig(queue="redis://q:6379/0", model_store="/models", methods=("relax",), concurrency=2,
-                               grace_s=4.0, log_json=False)
+    cfg = load_worker_config(
+        ["--config", str(f), "--grace-s", "4"],
+        env={"XAISERVE_QUEUE": "redis://q:6379/0", "XAISERVE_MODEL_STORE": "/models", "XAISERVE_METRICS_PORT": "1"},
+    )  # a server variable: not the worker's
+    assert cfg == WorkerConfig(
+        queue="redis://q:6379/0", model_store="/models", methods=("relax",), concurrency=2, grace_s=4.0, log_json=False
+    )
     flags = load_worker_config(["--queue", "sqlite:///x", "--methods", "relax,ablation_path", "--store", "s"], env={})
     assert flags.methods == ("relax", "ablation_path") and flags.model_store == "s"
     f.write_text("log_json: maybe\n")
@@ -170,8 +197,16 @@ def test_the_worker_reads_flags_environment_and_file_with_the_same_parser(tmp_pa
 def test_worker_flags_fail_with_the_setting_and_the_flag(capsys):
     from xaiserve.service import worker
 
-    for argv, msg in [(["--queue", "sqlite:///x", "--concurrency", "two"], "setting concurrency (flag --concurrency): 'two' is not an integer"),
-                      (["--queue", "sqlite:///x", "--metrics-port", "1.5"], "setting metrics_port (flag --metrics-port): '1.5' is not an integer")]:
+    for argv, msg in [
+        (
+            ["--queue", "sqlite:///x", "--concurrency", "two"],
+            "setting concurrency (flag --concurrency): 'two' is not an integer",
+        ),
+        (
+            ["--queue", "sqlite:///x", "--metrics-port", "1.5"],
+            "setting metrics_port (flag --metrics-port): '1.5' is not an integer",
+        ),
+    ]:
         with pytest.raises(SystemExit) as e:
             worker.main(argv)
         assert e.value.code == 2 and msg in capsys.readouterr().err
@@ -188,8 +223,12 @@ def test_prefer_cuda_maybe_fails_in_a_real_process_as_the_environment_does():
     """The case a user types: before, `--prefer-cuda maybe` silently meant false."""
     base = [sys.executable, "-m", "xaiserve.service.cli", "serve", "--print-config"]
     env = {"PATH": "/usr/bin:/bin"}
-    flag = subprocess.run([*base, "--prefer-cuda", "maybe"], capture_output=True, text=True, cwd=ROOT, timeout=60, env=env)
-    envr = subprocess.run(base, capture_output=True, text=True, cwd=ROOT, timeout=60, env={**env, "XAISERVE_PREFER_CUDA": "maybe"})
+    flag = subprocess.run(
+        [*base, "--prefer-cuda", "maybe"], capture_output=True, text=True, cwd=ROOT, timeout=60, env=env
+    )
+    envr = subprocess.run(
+        base, capture_output=True, text=True, cwd=ROOT, timeout=60, env={**env, "XAISERVE_PREFER_CUDA": "maybe"}
+    )
     assert flag.returncode == envr.returncode == 2 and flag.stdout == envr.stdout == ""
     assert "setting prefer_cuda (flag --prefer-cuda): 'maybe' is not a boolean" in flag.stderr
     assert "setting prefer_cuda (environment XAISERVE_PREFER_CUDA): 'maybe' is not a boolean" in envr.stderr

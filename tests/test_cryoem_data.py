@@ -1,4 +1,5 @@
 """Simulated Cryo-EM particles and MRC stacks ([THESIS], sec. 6.1-6.3)."""
+
 from __future__ import annotations
 
 import mrcfile

@@ -1,4 +1,5 @@
 """Datasets: ground truth aligned with the pixels, fixed splits by seed, clear errors for missing data."""
+
 from __future__ import annotations
 
 import gzip

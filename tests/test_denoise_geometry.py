@@ -1,4 +1,5 @@
 """Spiral geometry and resampling operators ([THESIS], sec. 7.3.1-7.3.3, eq. 7.5-7.7)."""
+
 from __future__ import annotations
 
 import math
@@ -83,7 +84,7 @@ def test_ribbon_rows_lie_on_neighbouring_windings(spec64):
         # one winding (1/n_wind) inwards / outwards
         np.testing.assert_allclose(np.abs(rk - r[sel]) * spec64.n_wind, 1.0, atol=0.01)
         # ... and on the spiral's neighbouring winding: close to some sample of it
-        d = geo.nearest_neighbour_distances(np.concatenate([p, rows[k][sel]]))[len(p):] * spec64.n_wind
+        d = geo.nearest_neighbour_distances(np.concatenate([p, rows[k][sel]]))[len(p) :] * spec64.n_wind
         assert np.median(d) < 0.55
     op = geo.spiral_to_ribbon(spec64, 3)
     n = spec64.n_spls

@@ -1,6 +1,7 @@
 """The spiral denoiser's inference graph (regrouped ribbon convolutions, folded batch norms,
 batch-folded gathers) against a straightforward reference of the same network ([THESIS],
 sec. 7.3.2-7.3.3), and the store's denoiser as a torch module."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.tiny_models import perturbed_denoiser
 from xaiserve.handlers.denoise import geometry as geo
 from xaiserve.handlers.denoise.export import export_onnx, ort_denoise, ort_session
 from xaiserve.handlers.denoise.layers import SpiralConv, gather_apply
 from xaiserve.handlers.denoise.networks import Denoiser, DenoiserConfig, normalise
-from tests.tiny_models import perturbed_denoiser
 
 torch.set_num_threads(1)
 STORE = Path(__file__).resolve().parent.parent / "model_store"
@@ -43,7 +44,9 @@ def reference_forward(m: Denoiser, particles: torch.Tensor) -> torch.Tensor:
         return torch.relu(u.norm(reference_ribbon_conv(ops, u.conv, parts)))
 
     def level(name, f):
-        return reference_gather(f.squeeze(2), getattr(ops, f"{name}_index"), getattr(ops, f"{name}_weight")).unsqueeze(2)
+        return reference_gather(f.squeeze(2), getattr(ops, f"{name}_index"), getattr(ops, f"{name}_weight")).unsqueeze(
+            2
+        )
 
     f = reference_gather(xn.flatten(-2), ops.enc_index, ops.enc_weight).unsqueeze(2)
     skips = []
@@ -56,7 +59,10 @@ def reference_forward(m: Denoiser, particles: torch.Tensor) -> torch.Tensor:
     for i, lev in enumerate(range(core.levels - 2, -1, -1)):
         f = unit(core.dec[i], [level(f"up{lev}", f), skips[lev]])
     y = reference_ribbon_conv(ops, core.out, [f])
-    y = reference_gather(y.squeeze(2), ops.dec_index, ops.dec_weight).unflatten(-1, (m.config.size, m.config.size)) * m.gain
+    y = (
+        reference_gather(y.squeeze(2), ops.dec_index, ops.dec_weight).unflatten(-1, (m.config.size, m.config.size))
+        * m.gain
+    )
     return y * m.disc * sd
 
 
@@ -97,9 +103,13 @@ def test_ribbon_conv_equals_the_full_ribbon_conv(kernel):
     # and exactly, to float32 rounding of the sums, once the reference's middle row is the spiral
     mid = kernel // 2
     x = torch.cat(parts, 1)
-    rib = F.grid_sample(x, ops.rib0_grid.expand(2, -1, -1, -1), mode="bilinear", padding_mode="zeros", align_corners=False)
+    rib = F.grid_sample(
+        x, ops.rib0_grid.expand(2, -1, -1, -1), mode="bilinear", padding_mode="zeros", align_corners=False
+    )
     rib[:, :, mid] = x[:, :, 0]
-    exact = F.conv2d(rib, conv.conv.weight * scale.view(-1, 1, 1, 1), conv.conv.bias * scale + shift, padding=conv.conv.padding)
+    exact = F.conv2d(
+        rib, conv.conv.weight * scale.view(-1, 1, 1, 1), conv.conv.bias * scale + shift, padding=conv.conv.padding
+    )
     torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-5)
     # the training form (embedding_bag gathers) gives the same values
     ops.portable = False

@@ -1,4 +1,5 @@
 """Spiral convolution, denoiser networks, training and ONNX export ([THESIS], sec. 7.3-7.4)."""
+
 from __future__ import annotations
 
 import math
@@ -11,8 +12,8 @@ from xaiserve.handlers.denoise import geometry as geo
 from xaiserve.handlers.denoise.equivariance import equivariance_error, rotate
 from xaiserve.handlers.denoise.export import export_onnx, from_state_dict, onnx_parity, ort_denoise, ort_session
 from xaiserve.handlers.denoise.layers import SpiralConv, SpiralOps
-from xaiserve.handlers.denoise.networks import Denoiser, DenoiserConfig, expected_signal_rms, normalise, parameter_count
 from xaiserve.handlers.denoise.metrics import as_tensor
+from xaiserve.handlers.denoise.networks import Denoiser, DenoiserConfig, expected_signal_rms, normalise, parameter_count
 from xaiserve.handlers.denoise.train import FastMode, TrainConfig, evaluate, train
 from xaiserve.training.datasets.cryoem import CryoEMConfig, CryoEMSimulator
 
@@ -56,7 +57,9 @@ def _local_offsets(y: torch.Tensor, size: int) -> np.ndarray:
         win = ((c - p) ** 2).sum(1).sqrt() < 8 / size
         w = y[win].clamp_min(0)
         d = ((w[:, None] * c[win]).sum(0) / w.sum() - p) * size / 2
-        out.append((float(d @ torch.tensor([math.cos(a), math.sin(a)])), float(d @ torch.tensor([-math.sin(a), math.cos(a)]))))
+        out.append(
+            (float(d @ torch.tensor([math.cos(a), math.sin(a)])), float(d @ torch.tensor([-math.sin(a), math.cos(a)])))
+        )
     return np.array(out)
 
 
@@ -187,7 +190,16 @@ def test_tiny_training_run_lowers_the_loss(tmp_path):
     torch.manual_seed(0)
     m = Denoiser(DenoiserConfig(arch="spiral", out_gain=expected_signal_rms(0.25), **SMALL))
     log = tmp_path / "metrics.jsonl"
-    hist = train(m, tr.noisy, tr.clean, va.noisy, va.clean, TrainConfig(epochs=3, batch_size=16, lr=3e-3, equivariance_particles=8, equivariance_angles=2), log_path=log, progress=False)
+    hist = train(
+        m,
+        tr.noisy,
+        tr.clean,
+        va.noisy,
+        va.clean,
+        TrainConfig(epochs=3, batch_size=16, lr=3e-3, equivariance_particles=8, equivariance_angles=2),
+        log_path=log,
+        progress=False,
+    )
     assert [h["epoch"] for h in hist] == [0, 1, 2, 3]
     best = min(hist, key=lambda h: h["val_loss"])
     assert best["epoch"] > 0 and best["val_loss"] < 0.8 * hist[0]["val_loss"]

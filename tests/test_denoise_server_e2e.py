@@ -1,4 +1,5 @@
 """Denoise through the real server on a store holding a small exported spiral denoiser."""
+
 from __future__ import annotations
 
 import grpc
@@ -6,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from xaiserve.proto.explain.v1 import explainer_pb2 as pb
+from tests.serverutil import running_server
 from xaiserve.handlers.denoise.export import export_onnx
 from xaiserve.handlers.denoise.mrc import mrc_bytes, parse_mrc_bytes
 from xaiserve.handlers.denoise.networks import Denoiser, DenoiserConfig, expected_signal_rms
+from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.service.denoise import DEFAULT_POLICY, fourier_resample
 from xaiserve.service.modelstore import add_entry
 from xaiserve.service.tensors import from_tensor, to_tensor
-from tests.serverutil import running_server
 from xaiserve.training.datasets.cryoem import CryoEMConfig, CryoEMSimulator
 
 # the module's store is a spiral denoiser exported through torch.onnx (dynamo): ~5 s to build
@@ -25,16 +26,24 @@ SIZE = 32
 @pytest.fixture(scope="module")
 def store_and_model(tmp_path_factory):
     torch.manual_seed(0)
-    model = Denoiser(DenoiserConfig(arch="spiral", size=SIZE, channels=(4, 8), out_gain=expected_signal_rms(0.25))).eval()
+    model = Denoiser(
+        DenoiserConfig(arch="spiral", size=SIZE, channels=(4, 8), out_gain=expected_signal_rms(0.25))
+    ).eval()
     root = tmp_path_factory.mktemp("dnstore")
     export_onnx(model, root / "tiny-spiral" / "1" / "model.onnx")
     torch.save(model.state_dict(), root / "tiny-spiral" / "1" / "weights.pt")  # served by the spiral runtime
-    add_entry(root, {
-        "name": "tiny-spiral", "version": "1", "kind": "denoiser",
-        "files": {"onnx": "tiny-spiral/1/model.onnx", "state_dict": "tiny-spiral/1/weights.pt"},
-        "input": {"height": SIZE, "width": SIZE, "channels": 1, "mean": [0.0], "std": [1.0]},
-        "particles": dict(DEFAULT_POLICY), "arch": model.config.to_dict(),
-    })
+    add_entry(
+        root,
+        {
+            "name": "tiny-spiral",
+            "version": "1",
+            "kind": "denoiser",
+            "files": {"onnx": "tiny-spiral/1/model.onnx", "state_dict": "tiny-spiral/1/weights.pt"},
+            "input": {"height": SIZE, "width": SIZE, "channels": 1, "mean": [0.0], "std": [1.0]},
+            "particles": dict(DEFAULT_POLICY),
+            "arch": model.config.to_dict(),
+        },
+    )
     return root, model
 
 
@@ -77,17 +86,37 @@ def test_other_square_sizes_are_resampled_to_the_model(srv, store_and_model, par
     np.testing.assert_allclose(den, ref, rtol=1e-3, atol=1e-4 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("make, code, text", [
-    (lambda p: pb.DenoiseRequest(model="tiny-spiral", tensor=to_tensor(np.where(np.arange(p.size).reshape(p.shape) == 7, np.inf, p).astype(np.float32))),
-     grpc.StatusCode.INVALID_ARGUMENT, "NaN or Inf"),
-    (lambda p: pb.DenoiseRequest(model="tiny-spiral", tensor=to_tensor(np.zeros((2, SIZE, SIZE + 4), np.float32))),
-     grpc.StatusCode.INVALID_ARGUMENT, "not square"),
-    (lambda p: pb.DenoiseRequest(model="tiny-spiral", tensor=to_tensor(np.zeros((17, SIZE, SIZE), np.float32))),
-     grpc.StatusCode.RESOURCE_EXHAUSTED, "maximum of 16"),
-    (lambda p: pb.DenoiseRequest(model="tiny-spiral", mrc=mrc_bytes(p)[:-64]),
-     grpc.StatusCode.INVALID_ARGUMENT, "corrupt"),
-    (lambda p: pb.DenoiseRequest(model="tiny-spiral"), grpc.StatusCode.INVALID_ARGUMENT, "no particles"),
-])
+@pytest.mark.parametrize(
+    "make, code, text",
+    [
+        (
+            lambda p: pb.DenoiseRequest(
+                model="tiny-spiral",
+                tensor=to_tensor(np.where(np.arange(p.size).reshape(p.shape) == 7, np.inf, p).astype(np.float32)),
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "NaN or Inf",
+        ),
+        (
+            lambda p: pb.DenoiseRequest(
+                model="tiny-spiral", tensor=to_tensor(np.zeros((2, SIZE, SIZE + 4), np.float32))
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "not square",
+        ),
+        (
+            lambda p: pb.DenoiseRequest(model="tiny-spiral", tensor=to_tensor(np.zeros((17, SIZE, SIZE), np.float32))),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "maximum of 16",
+        ),
+        (
+            lambda p: pb.DenoiseRequest(model="tiny-spiral", mrc=mrc_bytes(p)[:-64]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "corrupt",
+        ),
+        (lambda p: pb.DenoiseRequest(model="tiny-spiral"), grpc.StatusCode.INVALID_ARGUMENT, "no particles"),
+    ],
+)
 def test_bad_input_gets_a_precise_status(srv, particles, make, code, text):
     with pytest.raises(grpc.RpcError) as e:
         srv.stub().Denoise(make(particles), timeout=60)

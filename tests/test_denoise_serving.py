@@ -1,4 +1,5 @@
 """Denoise request decoding and validation (xaiserve/service/denoise.py)."""
+
 from __future__ import annotations
 
 import io
@@ -7,10 +8,10 @@ import mrcfile
 import numpy as np
 import pytest
 
-from xaiserve.proto.explain.v1 import explainer_pb2 as pb
-from xaiserve.handlers.denoise.mrc import mrc_bytes, parse_mrc_bytes
-from xaiserve.service.denoise import fourier_resample, particles_from_request, to_mrc_bytes
 from xaiserve.errors import InvalidArgument, ResourceExhausted
+from xaiserve.handlers.denoise.mrc import mrc_bytes, parse_mrc_bytes
+from xaiserve.proto.explain.v1 import explainer_pb2 as pb
+from xaiserve.service.denoise import fourier_resample, particles_from_request, to_mrc_bytes
 from xaiserve.service.registry import ModelEntry
 from xaiserve.service.tensors import to_tensor
 

@@ -2,6 +2,7 @@
 dependencies and without them (captum, onnx, onnxruntime, and every service dependency blocked:
 the machine it is meant for has torch, numpy and the checkout only). The GPU figures themselves
 need a GPU machine; this only proves the script that measures them runs and reports."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,26 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_check.py"
 
 # what a bare torch machine lacks: the optional extras and everything the service needs
-BLOCKED = ("captum", "onnx", "onnxruntime", "onnxscript", "grpc", "google.protobuf", "prometheus_client", "redis",
-           "yaml", "PIL", "scipy", "skimage", "pydicom", "highdicom", "matplotlib", "mrcfile", "isal", "jsonschema")
+BLOCKED = (
+    "captum",
+    "onnx",
+    "onnxruntime",
+    "onnxscript",
+    "grpc",
+    "google.protobuf",
+    "prometheus_client",
+    "redis",
+    "yaml",
+    "PIL",
+    "scipy",
+    "skimage",
+    "pydicom",
+    "highdicom",
+    "matplotlib",
+    "mrcfile",
+    "isal",
+    "jsonschema",
+)
 BLOCKER = f"""
 import importlib.abc, runpy, sys
 class Blocker(importlib.abc.MetaPathFinder):
@@ -32,8 +51,13 @@ runpy.run_path({str(SCRIPT)!r}, run_name="__main__")
 
 def _run(tmp_path: Path, *prefix: str) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / "gpu_check.json"
-    proc = subprocess.run([sys.executable, *prefix, "--dry-run", "--json", str(out)], capture_output=True, text=True,
-                          timeout=240, cwd=tmp_path)  # not the checkout: the script finds it by its own path
+    proc = subprocess.run(
+        [sys.executable, *prefix, "--dry-run", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+    )  # not the checkout: the script finds it by its own path
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc, json.loads(out.read_text())
 
@@ -43,7 +67,15 @@ def test_dry_run_measures_every_section_and_writes_the_table(tmp_path):
     proc, data = _run(tmp_path, str(SCRIPT))
     rows = data["rows"]
     assert data["dry_run"] is True and data["seconds"] < 120
-    assert {r["section"] for r in rows} == {"relax", "relax-ort", "nem-u", "ablation", "gradients", "precision", "memory"}
+    assert {r["section"] for r in rows} == {
+        "relax",
+        "relax-ort",
+        "nem-u",
+        "ablation",
+        "gradients",
+        "precision",
+        "memory",
+    }
     assert not [r for r in rows if r["what"] == "FAILED"]
     goals = {r["section"]: r for r in rows if r["goal"]}
     assert set(goals) >= {"relax", "ablation", "nem-u", "memory"}
@@ -52,7 +84,11 @@ def test_dry_run_measures_every_section_and_writes_the_table(tmp_path):
             assert r["ratio"] > 0 and r["value"] > 0 and r["baseline"] > 0, r
     drill = goals["memory"]
     assert drill["ok"] is True and drill["value"] >= 1  # the halving code path ran and kept the map
-    assert {r["what"].split(" ")[0] for r in rows if r["section"] == "gradients"} >= {"saliency", "guided_backprop", "gradcam"}
+    assert {r["what"].split(" ")[0] for r in rows if r["section"] == "gradients"} >= {
+        "saliency",
+        "guided_backprop",
+        "gradcam",
+    }
     assert "section   | device" in proc.stdout and "rows in" in proc.stdout
 
 

@@ -7,8 +7,10 @@ and host copies in xaiserve's code). Out-of-memory errors are simulated by a mod
 torch.OutOfMemoryError (the type torch raises on CUDA) above a batch size: the real allocator
 cannot be made to fail here, the halving code path is the one a GPU worker takes.
 """
+
 from __future__ import annotations
 
+import captum.attr  # noqa: F401  (imported before the checks: module-level constants are not the methods')
 import pytest
 import torch
 from torch import nn
@@ -21,8 +23,6 @@ from xaiserve.handlers.ablation.optimiser import AblationConfig, AblationPath
 from xaiserve.handlers.nets import EncoderArch, FrozenSpec
 from xaiserve.handlers.relax import Relax, RelaxConfig
 from xaiserve.handlers.relax.embed import torch_embed
-
-import captum.attr  # noqa: F401  (imported before the checks: module-level constants are not the methods')
 
 torch.set_num_threads(1)
 ARCH = EncoderArch(stem=8, widths=(8, 16), blocks=(1, 1))
@@ -106,8 +106,15 @@ def test_the_recorder_catches_a_host_copy_and_a_factory_without_device_in_xaiser
 
 @pytest.mark.parametrize("score", ["retaining", "contrastive", "straddling"])
 def test_ablation_path_creates_every_tensor_on_the_image_device(classifier, image, score):
-    cfg = AblationConfig(num_slices=4, mask_size=8, max_iterations=3, min_iterations=1, score=score,
-                         reduction="contrastive" if score == "straddling" else "transition", require_baseline_change=False)
+    cfg = AblationConfig(
+        num_slices=4,
+        mask_size=8,
+        max_iterations=3,
+        min_iterations=1,
+        score=score,
+        reduction="contrastive" if score == "straddling" else "transition",
+        require_baseline_change=False,
+    )
     heat = []
     with wrong_default_device(), DeviceRecorder() as rec:
         out = AblationPath(classifier, cfg, slice_batch=3).attribute(image, progress=lambda p: heat.append(p.heatmap))
@@ -145,7 +152,9 @@ def test_run_chunked_halves_on_out_of_memory_and_keeps_the_order():
         run_chunked(lambda a, b: (_ for _ in ()).throw(torch.OutOfMemoryError("simulated")), 3, ChunkSize(1))
     with pytest.raises(ValueError):  # anything else is not an allocation failure: raised at once
         run_chunked(lambda a, b: (_ for _ in ()).throw(ValueError("bad")), 3, ChunkSize(4))
-    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))
+    assert is_out_of_memory(
+        RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+    )
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
 
 

@@ -11,6 +11,7 @@
   xaiserve_gpu_* series at all and xaiserve_device_info{device="cpu"}; the exposition of readings is
   tested on readings built in memory, since no real NVML device can be read here.
 """
+
 from __future__ import annotations
 
 import io
@@ -30,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.jobs_support import RecordingContext
 from tests.serverutil import running_server
+from tests.test_device_methods import OomAbove
 from xaiserve.devices import DeviceUnavailable, batch_for_memory, forward_dtype, memory_batch, resolve_device
 from xaiserve.handlers.nets import EncoderArch, FrozenSpec
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
@@ -40,7 +42,6 @@ from xaiserve.service.jobs.relax import RelaxJobMethod, iobinding_embed, onnx_em
 from xaiserve.service.modelstore import add_entry
 from xaiserve.service.registry import OnnxModel, Registry, RegistryConfig
 from xaiserve.service.tensors import from_tensor
-from tests.test_device_methods import OomAbove
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,8 +51,15 @@ MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 
 
 def _entry(name: str, kind: str, spec: FrozenSpec, **kw) -> dict:
-    return {"name": name, "version": "1", "kind": kind, "files": {"state_dict": f"{name}/1/weights.pt"},
-            "input": {"height": SIZE, "width": SIZE, "channels": 3, "mean": MEAN, "std": STD}, "arch": spec.to_arch(), **kw}
+    return {
+        "name": name,
+        "version": "1",
+        "kind": kind,
+        "files": {"state_dict": f"{name}/1/weights.pt"},
+        "input": {"height": SIZE, "width": SIZE, "channels": 3, "mean": MEAN, "std": STD},
+        "arch": spec.to_arch(),
+        **kw,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +67,10 @@ def store(tmp_path_factory) -> Path:
     """A torch-only encoder and classifier (state dicts, no ONNX graph), and an ONNX-only encoder."""
     root = tmp_path_factory.mktemp("device_store")
     torch.manual_seed(0)
-    for name, kind, spec, kw in (("enc", "encoder", FrozenSpec(ARCH), {"output_dim": ARCH.embed_dim}),
-                                 ("clf", "classifier", FrozenSpec(ARCH, 2), {"output_dim": 2, "labels": ["a", "b"]})):
+    for name, kind, spec, kw in (
+        ("enc", "encoder", FrozenSpec(ARCH), {"output_dim": ARCH.embed_dim}),
+        ("clf", "classifier", FrozenSpec(ARCH, 2), {"output_dim": 2, "labels": ["a", "b"]}),
+    ):
         (root / name / "1").mkdir(parents=True)
         torch.save(spec.build().state_dict(), root / name / "1" / "weights.pt")
         add_entry(root, _entry(name, kind, spec, **kw))
@@ -68,12 +78,27 @@ def store(tmp_path_factory) -> Path:
     (root / "oenc/1").mkdir(parents=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (torch.zeros(1, 3, SIZE, SIZE),), str(root / "oenc/1/model.onnx"), input_names=["image"],
-                          output_names=["output"], dynamic_axes={"image": {0: "b"}, "output": {0: "b"}}, dynamo=False,
-                          opset_version=17)
-    add_entry(root, {"name": "oenc", "version": "1", "kind": "encoder", "files": {"onnx": "oenc/1/model.onnx"},
-                     "input": {"height": SIZE, "width": SIZE, "channels": 3, "mean": MEAN, "std": STD},
-                     "output_dim": ARCH.embed_dim})
+        torch.onnx.export(
+            module,
+            (torch.zeros(1, 3, SIZE, SIZE),),
+            str(root / "oenc/1/model.onnx"),
+            input_names=["image"],
+            output_names=["output"],
+            dynamic_axes={"image": {0: "b"}, "output": {0: "b"}},
+            dynamo=False,
+            opset_version=17,
+        )
+    add_entry(
+        root,
+        {
+            "name": "oenc",
+            "version": "1",
+            "kind": "encoder",
+            "files": {"onnx": "oenc/1/model.onnx"},
+            "input": {"height": SIZE, "width": SIZE, "channels": 3, "mean": MEAN, "std": STD},
+            "output_dim": ARCH.embed_dim,
+        },
+    )
     return root
 
 
@@ -133,16 +158,57 @@ def test_serve_and_worker_refuse_a_cuda_device_at_start(store, tmp_path):
     with pytest.raises(DeviceUnavailable, match="cuda"):
         with running_server(store, device="cuda"):
             pass
-    proc = subprocess.run([sys.executable, "-m", "xaiserve.service.cli", "worker", "--queue",
-                           f"sqlite:///{tmp_path / 'q.sqlite'}", "--store", str(store), "--device", "cuda:0",
-                           "--metrics-port", "-1"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xaiserve.service.cli",
+            "worker",
+            "--queue",
+            f"sqlite:///{tmp_path / 'q.sqlite'}",
+            "--store",
+            str(store),
+            "--device",
+            "cuda:0",
+            "--metrics-port",
+            "-1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert proc.returncode == 2 and "device cuda:0" in proc.stderr and "no CUDA device" in proc.stderr, proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "xaiserve.service.cli", "serve", "--model-store", str(store), "--device", "cuda",
-                           "--port", "0", "--metrics-port", "-1", "--state-dir", str(tmp_path / "state")],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xaiserve.service.cli",
+            "serve",
+            "--model-store",
+            str(store),
+            "--device",
+            "cuda",
+            "--port",
+            "0",
+            "--metrics-port",
+            "-1",
+            "--state-dir",
+            str(tmp_path / "state"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert proc.returncode == 2 and "xaiserve serve: device cuda:" in proc.stderr, proc.stderr[-2000:]
-    proc = subprocess.run([sys.executable, "-m", "xaiserve.service.cli", "worker", "--queue", "sqlite:///x",
-                           "--device", "gpu0"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "xaiserve.service.cli", "worker", "--queue", "sqlite:///x", "--device", "gpu0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert proc.returncode == 2 and "'gpu0' is not one of cpu, cuda, cuda:N" in proc.stderr, proc.stderr
 
 
@@ -160,8 +226,12 @@ def test_the_registry_puts_modules_on_its_device_once(store):
 def test_relax_job_on_a_torch_encoder_halves_its_forward_on_out_of_memory(store):
     reg = OomRegistry(RegistryConfig(store=store, device="cpu"))
     before = _oom_count("relax")
-    req = pb.JobRequest(method="relax", model="enc", image=pb.Image(encoded=_png()),
-                        relax=pb.RelaxParams(num_masks=32, batch_size=16, seed=2, cells=4))
+    req = pb.JobRequest(
+        method="relax",
+        model="enc",
+        image=pb.Image(encoded=_png()),
+        relax=pb.RelaxParams(num_masks=32, batch_size=16, seed=2, cells=4),
+    )
     ctx = RecordingContext()
     res = RelaxJobMethod().run(req, reg, ctx)
     params = json.loads(res.parameters_json)
@@ -175,9 +245,12 @@ def test_relax_job_on_a_torch_encoder_halves_its_forward_on_out_of_memory(store)
 def test_ablation_job_halves_its_slices_on_out_of_memory(store):
     reg = OomRegistry(RegistryConfig(store=store, device="cpu"))
     before = _oom_count("ablation_path")
-    req = pb.JobRequest(method="ablation_path", model="clf", image=pb.Image(encoded=_png(1)),
-                        ablation=pb.AblationParams(num_slices=6, mask_size=8, max_iterations=2,
-                                                   baseline=pb.Image(encoded=_png(2))))
+    req = pb.JobRequest(
+        method="ablation_path",
+        model="clf",
+        image=pb.Image(encoded=_png(1)),
+        ablation=pb.AblationParams(num_slices=6, mask_size=8, max_iterations=2, baseline=pb.Image(encoded=_png(2))),
+    )
     res = AblationJobMethod().run(req, reg, RecordingContext())
     params = json.loads(res.parameters_json)
     assert params["device"] == "cpu" and params["slice_batch"] == 3
@@ -205,8 +278,12 @@ def test_a_server_without_a_gpu_exports_no_gpu_series_and_its_device(store):
     with pytest.raises(pynvml.NVMLError):
         pynvml.nvmlInit()
     with running_server(store, device="cpu") as srv:
-        resp = srv.stub().Explain(pb.ExplainRequest(model="enc", image=pb.Image(encoded=_png()),
-                                                    options=pb.ExplainOptions(method="saliency")), timeout=60)
+        resp = srv.stub().Explain(
+            pb.ExplainRequest(
+                model="enc", image=pb.Image(encoded=_png()), options=pb.ExplainOptions(method="saliency")
+            ),
+            timeout=60,
+        )
         assert resp.method == "saliency" and from_tensor(resp.mask).shape == (SIZE, SIZE)
         fams = _scrape(srv.metrics_url)
     assert not [n for n in fams if n.startswith("xaiserve_gpu_")]
@@ -220,8 +297,10 @@ def test_gpu_readings_are_exposed_per_device():
         names = ["NVIDIA H200", "NVIDIA H200"]
 
         def read(self):
-            return [gpu_metrics.GpuReading(0, "NVIDIA H200", 0.87, 40 << 30, 141 << 30),
-                    gpu_metrics.GpuReading(1, "NVIDIA H200", 0.0, 1 << 30, 141 << 30)]
+            return [
+                gpu_metrics.GpuReading(0, "NVIDIA H200", 0.87, 40 << 30, 141 << 30),
+                gpu_metrics.GpuReading(1, "NVIDIA H200", 0.0, 1 << 30, 141 << 30),
+            ]
 
     reg = CollectorRegistry()
     reg.register(gpu_metrics.GpuCollector(Readings()))

@@ -6,6 +6,7 @@ to the host. The host-side data pipeline (datasets, augmentation, the batch gene
 host-drawn random targets and rotations) is allowed to: its batches go to the device once per step
 in training.loop.train_loop. Each trainer returns its model on the CPU, ready for export.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -28,9 +29,21 @@ torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 TINY = EncoderArch(stem=4, widths=(8, 8), blocks=(1, 1))
 # the host side: data, augmentation, batch generators, random draws made on the host on purpose
-HOST = {("augment.py", "*"), ("base.py", "*"), ("lesions.py", "*"), ("ssl.py", "batches"), ("ssl.py", "view"),
-        ("ssl.py", "swap_background"), ("supervised.py", "batches"), ("nem_train.py", "gen"), ("nem_train.py", "step"),
-        ("train.py", "train"), ("equivariance.py", "random_angles"), ("metrics.py", "as_tensor"), ("loop.py", "train_loop")}
+HOST = {
+    ("augment.py", "*"),
+    ("base.py", "*"),
+    ("lesions.py", "*"),
+    ("ssl.py", "batches"),
+    ("ssl.py", "view"),
+    ("ssl.py", "swap_background"),
+    ("supervised.py", "batches"),
+    ("nem_train.py", "gen"),
+    ("nem_train.py", "step"),
+    ("train.py", "train"),
+    ("equivariance.py", "random_angles"),
+    ("metrics.py", "as_tensor"),
+    ("loop.py", "train_loop"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -45,17 +58,21 @@ def _on_cpu(module: torch.nn.Module) -> bool:
 def test_to_device_moves_nested_batches():
     batch = (torch.zeros(2), [torch.ones(1), {"m": torch.zeros(3)}], "label")
     moved = to_device(batch, "meta")
-    assert moved[0].device.type == "meta" and moved[1][0].device.type == "meta" and moved[1][1]["m"].device.type == "meta"
+    assert (
+        moved[0].device.type == "meta" and moved[1][0].device.type == "meta" and moved[1][1]["m"].device.type == "meta"
+    )
     assert moved[2] == "label" and to_device(batch, None) is batch
 
 
 @pytest.mark.slow
 def test_classifier_and_encoder_train_on_the_given_device(data):
     with DeviceRecorder(allowed=HOST) as rec:
-        cls, hist, metrics = train_classifier(data, ClassifierConfig(epochs=1, batch_size=16), TINY, progress=False,
-                                              device="cpu")
-        enc, _, probe = train_simclr(data, SimCLRConfig(epochs=1, batch_size=16, bg_swap=0.0), TINY, progress=False,
-                                     device="cpu")
+        cls, hist, metrics = train_classifier(
+            data, ClassifierConfig(epochs=1, batch_size=16), TINY, progress=False, device="cpu"
+        )
+        enc, _, probe = train_simclr(
+            data, SimCLRConfig(epochs=1, batch_size=16, bg_swap=0.0), TINY, progress=False, device="cpu"
+        )
     assert not rec.findings, rec.report()
     assert _on_cpu(cls) and _on_cpu(enc) and len(hist) == 1 and 0 <= metrics["test_accuracy"] <= 1
     assert 0 <= probe["probe_test_accuracy"] <= 1
@@ -66,11 +83,22 @@ def test_masking_networks_train_on_the_given_device(data):
     frozen_cls = FrozenSpec(TINY, num_classes=4).build()
     cfg = NemTrainConfig(epochs=1, batch_size=16)
     with DeviceRecorder(allowed=HOST) as rec:
-        nemu, _, m1 = train_nemu(frozen_enc, data, cfg, decoder=DecoderArch(widths=(8, 8)), progress=False, device="cpu")
-        bank, _, m2 = train_nemt(frozen_cls, data, cfg, decoder=DecoderArch(widths=(8, 8)), smoothing=5, progress=False,
-                                 device="cpu")
-        cond, _, _ = train_nemt(frozen_cls, data, cfg, conditional=True, decoder=DecoderArch(widths=(8, 8)), smoothing=5,
-                                progress=False, device="cpu")
+        nemu, _, m1 = train_nemu(
+            frozen_enc, data, cfg, decoder=DecoderArch(widths=(8, 8)), progress=False, device="cpu"
+        )
+        bank, _, m2 = train_nemt(
+            frozen_cls, data, cfg, decoder=DecoderArch(widths=(8, 8)), smoothing=5, progress=False, device="cpu"
+        )
+        cond, _, _ = train_nemt(
+            frozen_cls,
+            data,
+            cfg,
+            conditional=True,
+            decoder=DecoderArch(widths=(8, 8)),
+            smoothing=5,
+            progress=False,
+            device="cpu",
+        )
     assert not rec.findings, rec.report()
     assert _on_cpu(nemu) and _on_cpu(bank) and _on_cpu(cond)
     assert 0 <= m1["test"]["relevance_mass"] <= 1 and 0 <= m2["test"]["relevance_mass"] <= 1
@@ -95,7 +123,23 @@ def test_denoiser_trains_on_the_given_device():
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["classifier", "denoiser"])
 def test_train_refuses_a_cuda_device_it_does_not_have(tmp_path, target):
-    proc = subprocess.run([sys.executable, "-m", "xaiserve.service.cli", "train", target, "--device", "cuda",
-                           "--out" if target == "classifier" else "--run-dir", str(tmp_path), "--epochs", "1"],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xaiserve.service.cli",
+            "train",
+            target,
+            "--device",
+            "cuda",
+            "--out" if target == "classifier" else "--run-dir",
+            str(tmp_path),
+            "--epochs",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr, proc.stderr[-2000:]

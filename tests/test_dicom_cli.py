@@ -1,5 +1,6 @@
 """The clinical round trip from the command line: `xaiserve explain scan.dcm --out result.seg.dcm`
 and `xaiserve jobs submit scan.dcm ... --watch --out DIR` against a real server."""
+
 from __future__ import annotations
 
 import json
@@ -25,13 +26,20 @@ def test_explain_writes_a_segmentation(address, tmp_path, capsys):
     scan = tmp_path / "CT_small.dcm"
     scan.write_bytes(sample("CT_small.dcm"))
     out = tmp_path / "result.seg.dcm"
-    assert cli.main(["explain", str(scan), "--model", "lesions-nemt", "--out", str(out), "--overlay", "--address", address]) == 0
+    assert (
+        cli.main(
+            ["explain", str(scan), "--model", "lesions-nemt", "--out", str(out), "--overlay", "--address", address]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     src = pydicom.dcmread(scan)
     seg = hd.seg.segread(out)
     assert seg.get_source_image_uids() == [(src.StudyInstanceUID, src.SeriesInstanceUID, src.SOPInstanceUID)]
     assert summary["references"] == [src.SOPInstanceUID] and summary["sop_class"] == "Segmentation Storage"
-    assert pydicom.dcmread(summary["dicom_overlay"]).SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+    assert (
+        pydicom.dcmread(summary["dicom_overlay"]).SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+    )
 
 
 @pytest.mark.slow
@@ -40,8 +48,27 @@ def test_explain_frame_window_and_pmap(address, tmp_path, capsys):
     scan = tmp_path / "cine.dcm"
     scan.write_bytes(phantom_dicom(hu, frames=3))
     out = tmp_path / "r.pmap.dcm"
-    assert cli.main(["explain", str(scan), "--model", "lesions-nemt", "--format", "dicom-pmap", "--frame", "2",
-                     "--window", "40,400", "--out", str(out), "--address", address]) == 0
+    assert (
+        cli.main(
+            [
+                "explain",
+                str(scan),
+                "--model",
+                "lesions-nemt",
+                "--format",
+                "dicom-pmap",
+                "--frame",
+                "2",
+                "--window",
+                "40,400",
+                "--out",
+                str(out),
+                "--address",
+                address,
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["referenced_frames"] == [3]
     pm = pydicom.dcmread(out)
@@ -55,18 +82,39 @@ def test_jobs_submit_writes_dicom_with_the_patient_restored(address, tmp_path):
     scan = tmp_path / "scan.dcm"
     scan.write_bytes(with_phi(sample("CT_small.dcm")))
     out = tmp_path / "res"
-    rc = cli_jobs.main(["submit", str(scan), "--method", "relax", "--model", "scenes-simclr", "--param", "num_masks=64",
-                        "--param", "batch_size=32", "--format", "dicom-pmap", "--overlay", "--watch", "--out", str(out),
-                        "--address", address])
+    rc = cli_jobs.main(
+        [
+            "submit",
+            str(scan),
+            "--method",
+            "relax",
+            "--model",
+            "scenes-simclr",
+            "--param",
+            "num_masks=64",
+            "--param",
+            "batch_size=32",
+            "--format",
+            "dicom-pmap",
+            "--overlay",
+            "--watch",
+            "--out",
+            str(out),
+            "--address",
+            address,
+        ]
+    )
     assert rc == 0
     pm = pydicom.dcmread(out / "relax.pmap.dcm")
     src = pydicom.dcmread(scan)
     # the server stored and returned no patient data; the CLI copied it from the local file
     assert pm.PatientID == src.PatientID and str(pm.PatientName) == str(src.PatientName)
     assert pm.StudyInstanceUID == src.StudyInstanceUID
-    labels = [m.LUTLabel for m in pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence] \
-        if "RealWorldValueMappingSequence" in pm.SharedFunctionalGroupsSequence[0] else \
-        [m.LUTLabel for g in pm.PerFrameFunctionalGroupsSequence for m in g.RealWorldValueMappingSequence]
+    labels = (
+        [m.LUTLabel for m in pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence]
+        if "RealWorldValueMappingSequence" in pm.SharedFunctionalGroupsSequence[0]
+        else [m.LUTLabel for g in pm.PerFrameFunctionalGroupsSequence for m in g.RealWorldValueMappingSequence]
+    )
     assert set(labels) == {"importance", "uncertainty"}
     assert len(pm.FloatPixelData) == 128 * 128 * 4 * 2  # two channels at the source's 128 x 128
     sc = pydicom.dcmread(out / "relax.overlay.dcm")

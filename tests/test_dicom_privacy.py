@@ -8,6 +8,7 @@ log line, the /metrics page, every error message, the jobs as GetJob returns the
 of the job database are searched for the markers. The stored request must keep only the frame,
 the attributes decoding needs and the UIDs a result references.
 """
+
 from __future__ import annotations
 
 import io
@@ -54,12 +55,19 @@ def test_no_phi_anywhere(tmp_path):
     assert all(m.encode() in ct for m in markers)  # the markers are really there to be found
     errors: list[str] = []
     state = tmp_path / "state"
-    with server_process(ROOT / "model_store", state_dir=str(state), load_models="lazy", log_level="DEBUG",
-                        max_delay_ms=1) as srv:
+    with server_process(
+        ROOT / "model_store", state_dir=str(state), load_models="lazy", log_level="DEBUG", max_delay_ms=1
+    ) as srv:
         stub = srv.stub()
         for fmt, overlay in (("dicom-seg", True), ("dicom-pmap", False)):
-            r = stub.Explain(pb.ExplainRequest(model="lesions-nemt", image=pb.Image(encoded=ct),
-                                               options=pb.ExplainOptions(output_format=fmt, dicom_overlay=overlay)), timeout=120)
+            r = stub.Explain(
+                pb.ExplainRequest(
+                    model="lesions-nemt",
+                    image=pb.Image(encoded=ct),
+                    options=pb.ExplainOptions(output_format=fmt, dicom_overlay=overlay),
+                ),
+                timeout=120,
+            )
             assert r.dicom
         for data, opts in bad:
             img = pb.Image(encoded=data)
@@ -70,21 +78,52 @@ def test_no_phi_anywhere(tmp_path):
             assert e.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
             errors.append(e.value.details())
         with pytest.raises(grpc.RpcError) as e:  # refused at SubmitJob
-            stub.SubmitJob(pb.JobRequest(method="relax", model="scenes-simclr", image=pb.Image(encoded=bad[0][0]),
-                                         relax=pb.RelaxParams(num_masks=32)), timeout=60)
+            stub.SubmitJob(
+                pb.JobRequest(
+                    method="relax",
+                    model="scenes-simclr",
+                    image=pb.Image(encoded=bad[0][0]),
+                    relax=pb.RelaxParams(num_masks=32),
+                ),
+                timeout=60,
+            )
         errors.append(e.value.details())
         jobs = [
-            stub.SubmitJob(pb.JobRequest(method="relax", model="scenes-simclr", image=pb.Image(encoded=ct),
-                                         relax=pb.RelaxParams(num_masks=64, batch_size=32), output_format="dicom-pmap",
-                                         dicom_overlay=True, idempotency_key="phi-test"), timeout=60),
-            stub.SubmitJob(pb.JobRequest(method="ablation_path", model="ct-phantoms-classifier",
-                                         image=pb.Image(encoded=phantom, dicom=pb.DicomOptions(frame=1)),
-                                         ablation=pb.AblationParams(max_iterations=2, num_slices=4), output_format="dicom-seg"),
-                           timeout=60),
+            stub.SubmitJob(
+                pb.JobRequest(
+                    method="relax",
+                    model="scenes-simclr",
+                    image=pb.Image(encoded=ct),
+                    relax=pb.RelaxParams(num_masks=64, batch_size=32),
+                    output_format="dicom-pmap",
+                    dicom_overlay=True,
+                    idempotency_key="phi-test",
+                ),
+                timeout=60,
+            ),
+            stub.SubmitJob(
+                pb.JobRequest(
+                    method="ablation_path",
+                    model="ct-phantoms-classifier",
+                    image=pb.Image(encoded=phantom, dicom=pb.DicomOptions(frame=1)),
+                    ablation=pb.AblationParams(max_iterations=2, num_slices=4),
+                    output_format="dicom-seg",
+                ),
+                timeout=60,
+            ),
         ]
-        again = stub.SubmitJob(pb.JobRequest(method="relax", model="scenes-simclr", image=pb.Image(encoded=ct),
-                                             relax=pb.RelaxParams(num_masks=64, batch_size=32), output_format="dicom-pmap",
-                                             dicom_overlay=True, idempotency_key="phi-test"), timeout=60)
+        again = stub.SubmitJob(
+            pb.JobRequest(
+                method="relax",
+                model="scenes-simclr",
+                image=pb.Image(encoded=ct),
+                relax=pb.RelaxParams(num_masks=64, batch_size=32),
+                output_format="dicom-pmap",
+                dicom_overlay=True,
+                idempotency_key="phi-test",
+            ),
+            timeout=60,
+        )
         assert again.id == jobs[0].id  # the stored (reduced) request is deterministic: idempotency still works
         done = [wait(stub, j.id) for j in jobs]
         for j in done:
@@ -100,7 +139,10 @@ def test_no_phi_anywhere(tmp_path):
     assert pm.StudyInstanceUID == src.StudyInstanceUID and str(pm.PatientName) == "" and pm.PatientID == ""
     seg = pydicom.dcmread(io.BytesIO(done[1].result.dicom))
     ref = seg.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0].SourceImageSequence[0]
-    assert int(ref.ReferencedFrameNumber) == 2 and ref.ReferencedSOPInstanceUID == pydicom.dcmread(io.BytesIO(phantom)).SOPInstanceUID
+    assert (
+        int(ref.ReferencedFrameNumber) == 2
+        and ref.ReferencedSOPInstanceUID == pydicom.dcmread(io.BytesIO(phantom)).SOPInstanceUID
+    )
 
     assert len(logs) > 1000 and len(metrics) > 1000 and len(db) > 10000  # the places searched are not empty
     for m in markers:

@@ -4,6 +4,7 @@ The default store's models: lesions-nemt (3 channels, no DICOM defaults: a grey 
 by the file / request and replicated) and the DICOM demo ct-phantoms-classifier (window stack lung /
 soft tissue / bone as channels, manifest input.dicom), explained with saliency.
 """
+
 from __future__ import annotations
 
 import io
@@ -30,7 +31,9 @@ def stub():
         yield srv.stub()
 
 
-def explain(stub, data: bytes, model: str = MODEL, *, dicom: pb.DicomOptions | None = None, **opts) -> pb.ExplainResponse:
+def explain(
+    stub, data: bytes, model: str = MODEL, *, dicom: pb.DicomOptions | None = None, **opts
+) -> pb.ExplainResponse:
     img = pb.Image(encoded=data)
     if dicom is not None:
         img.dicom.CopyFrom(dicom)
@@ -117,17 +120,35 @@ def test_request_window_overrides_the_file(stub):
 # -- DICOM in: every transfer syntax with a plugin --------------------------------------------------
 def test_lossless_syntaxes_decode_to_the_same_mask(stub):
     ref = decode_mask(explain(stub, sample("MR_small.dcm")))
-    for name in ("MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm",
-                 "MR_small_bigendian.dcm", "MR_small_implicit.dcm"):
+    for name in (
+        "MR_small_RLE.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+        "MR_small_jp2klossless.dcm",
+        "MR_small_bigendian.dcm",
+        "MR_small_implicit.dcm",
+    ):
         np.testing.assert_array_equal(decode_mask(explain(stub, sample(name))), ref, err_msg=name)
 
 
-@pytest.mark.parametrize("name", ["SC_rgb_jpeg_dcmtk.dcm", "SC_rgb_jpeg_gdcm.dcm", "JPGExtended.dcm", "693_J2KI.dcm",
-                                  "GDCMJ2K_TextGBR.dcm", "SC_rgb_jls_lossy_line.dcm", "JPEGLSNearLossless_16.dcm",
-                                  "examples_palette.dcm", "SC_ybr_full_422_uncompressed.dcm"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "SC_rgb_jpeg_dcmtk.dcm",
+        "SC_rgb_jpeg_gdcm.dcm",
+        "JPGExtended.dcm",
+        "693_J2KI.dcm",
+        "GDCMJ2K_TextGBR.dcm",
+        "SC_rgb_jls_lossy_line.dcm",
+        "JPEGLSNearLossless_16.dcm",
+        "examples_palette.dcm",
+        "SC_ybr_full_422_uncompressed.dcm",
+    ],
+)
 def test_compressed_and_colour_files_decode(stub, name):
     ds = pydicom.dcmread(get_file(name), stop_before_pixels=True)
-    if not all(k in ds for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")):  # a bare pixel sample (the JPEG-LS ones): decodes, but a result cannot reference it
+    if not all(
+        k in ds for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+    ):  # a bare pixel sample (the JPEG-LS ones): decodes, but a result cannot reference it
         assert decode_mask(explain(stub, sample(name))).shape == (ds.Rows, ds.Columns)
         e = refused(stub, sample(name), output_format="dicom-seg")
         assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "no StudyInstanceUID" in e.details()
@@ -157,8 +178,16 @@ def test_stream_explain_takes_dicom_frames(stub):
 
     out = [a for a in stub.StreamExplain(frames(), timeout=120) if a.HasField("result")]
     assert [a.frame_id for a in out] == [0, 1, 2]
-    numbers = [int(pydicom.dcmread(io.BytesIO(a.result.dicom)).PerFrameFunctionalGroupsSequence[0]
-                   .DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber) for a in out]
+    numbers = [
+        int(
+            pydicom.dcmread(io.BytesIO(a.result.dicom))
+            .PerFrameFunctionalGroupsSequence[0]
+            .DerivationImageSequence[0]
+            .SourceImageSequence[0]
+            .ReferencedFrameNumber
+        )
+        for a in out
+    ]
     assert numbers == [1, 2, 3]
 
 
@@ -222,14 +251,17 @@ def test_output_format_needs_dicom_input_and_a_known_format(stub):
 def test_window_on_colour_and_on_a_window_stack_model(stub):
     e = refused(stub, sample("SC_rgb_jpeg_dcmtk.dcm"), dicom=pb.DicomOptions(window_center=40, window_width=400))
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "greyscale" in e.details()
-    e = refused(stub, sample("CT_small.dcm"), DEMO, dicom=pb.DicomOptions(window_center=40, window_width=400),
-                method="saliency")
+    e = refused(
+        stub, sample("CT_small.dcm"), DEMO, dicom=pb.DicomOptions(window_center=40, window_width=400), method="saliency"
+    )
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "window stack" in e.details()
 
 
 def test_content_type(stub):
     data = sample("CT_small.dcm")
-    r = stub.Explain(pb.ExplainRequest(model=MODEL, image=pb.Image(encoded=data, content_type="application/dicom")), timeout=60)
+    r = stub.Explain(
+        pb.ExplainRequest(model=MODEL, image=pb.Image(encoded=data, content_type="application/dicom")), timeout=60
+    )
     assert decode_mask(r).shape == (128, 128)
     with pytest.raises(grpc.RpcError) as e:
         stub.Explain(pb.ExplainRequest(model=MODEL, image=pb.Image(encoded=data, content_type="video/mp4")), timeout=60)
@@ -249,8 +281,13 @@ def test_objects_validate_with_dciodvfy(stub, tmp_path):
     r = explain(stub, sample("CT_small.dcm"), output_format="dicom-pmap", dicom_overlay=True)
     made += [("ct.pmap.dcm", r.dicom), ("ct.sc.dcm", r.dicom_overlay)]
     made.append(("ct.seg.dcm", explain(stub, sample("CT_small.dcm"), output_format="dicom-seg").dicom))
-    r = explain(stub, sample("examples_ybr_color.dcm"), dicom=pb.DicomOptions(frame=3), output_format="dicom-seg",
-                dicom_overlay=True)
+    r = explain(
+        stub,
+        sample("examples_ybr_color.dcm"),
+        dicom=pb.DicomOptions(frame=3),
+        output_format="dicom-seg",
+        dicom_overlay=True,
+    )
     made += [("us.seg.dcm", r.dicom), ("us.sc.dcm", r.dicom_overlay)]
     for name, data in made:
         path = tmp_path / name
@@ -260,8 +297,17 @@ def test_objects_validate_with_dciodvfy(stub, tmp_path):
         assert not errors, f"{name}: {errors}"
 
 
-@pytest.mark.parametrize("name,frame", [("CT_small.dcm", None), ("examples_ybr_color.dcm", 7), ("examples_palette.dcm", None),
-                                        ("MR_small_jp2klossless.dcm", None), ("SC_rgb_rle_16bit_2frame.dcm", 1), ("6154", None)])
+@pytest.mark.parametrize(
+    "name,frame",
+    [
+        ("CT_small.dcm", None),
+        ("examples_ybr_color.dcm", 7),
+        ("examples_palette.dcm", None),
+        ("MR_small_jp2klossless.dcm", None),
+        ("SC_rgb_rle_16bit_2frame.dcm", 1),
+        ("6154", None),
+    ],
+)
 def test_the_stored_frame_view_decodes_like_the_original(name, frame):
     """What a job stores (service.dicom_in.reduced_file) decodes to the same pixels and references
     the same instance and frame as the file it came from, and holds no patient attribute."""
@@ -275,7 +321,11 @@ def test_the_stored_frame_view_decodes_like_the_original(name, frame):
     a, src_a = decode_image_source(img)
     b, src_b = decode_image_source(stored)
     np.testing.assert_array_equal(a, b)
-    assert (src_a.frame_number, src_a.number_of_frames, src_a.uids) == (src_b.frame_number, src_b.number_of_frames, src_b.uids)
+    assert (src_a.frame_number, src_a.number_of_frames, src_a.uids) == (
+        src_b.frame_number,
+        src_b.number_of_frames,
+        src_b.uids,
+    )
     ds = pydicom.dcmread(io.BytesIO(stored.encoded))
     assert {e.keyword for e in ds if e.tag.group != 0x0009} <= set(STORE_KEEP) | {"PixelData", "PlanarConfiguration"}
     assert not stored.dicom.HasField("frame") and image_for_storage(stored).encoded == stored.encoded

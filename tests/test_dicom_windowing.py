@@ -1,18 +1,29 @@
 """The pure DICOM greyscale math (xaiserve.clinical.windowing) against the formulas of DICOM PS3.3,
 and the manifest's input.dicom parsing."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from xaiserve.clinical.windowing import (DicomDefaults, Window, apply_lut_table, apply_window, check_bits,
-                                         check_window, grey_to_channels, invert, parse_dicom_defaults, range_window)
+from xaiserve.clinical.windowing import (
+    DicomDefaults,
+    Window,
+    apply_lut_table,
+    apply_window,
+    check_bits,
+    check_window,
+    grey_to_channels,
+    invert,
+    parse_dicom_defaults,
+    range_window,
+)
 from xaiserve.errors import InvalidArgument
 
 
 def linear_reference(x: np.ndarray, c: float, w: float) -> np.ndarray:
     """PS3.3 C.11.2.1.2.1, written as the standard's three cases."""
-    y = ((x - (c - 0.5)) / (w - 1) + 0.5)
+    y = (x - (c - 0.5)) / (w - 1) + 0.5
     y = np.where(x <= c - 0.5 - (w - 1) / 2, 0.0, y)
     return np.where(x > c - 0.5 + (w - 1) / 2, 1.0, y)
 
@@ -40,15 +51,27 @@ def test_rescale_is_folded_into_the_window():
     stored = np.arange(0, 4096, 7, dtype=np.uint16)
     hu = stored.astype(np.float64) * 1.0 - 1024.0
     win = Window(40.0, 400.0)
-    np.testing.assert_allclose(apply_window(stored, win, slope=1.0, intercept=-1024.0), linear_reference(hu, 40.0, 400.0), atol=2e-6)
+    np.testing.assert_allclose(
+        apply_window(stored, win, slope=1.0, intercept=-1024.0), linear_reference(hu, 40.0, 400.0), atol=2e-6
+    )
     # a slope other than 1 (e.g. PET, some MR)
-    np.testing.assert_allclose(apply_window(stored, win, slope=0.5, intercept=-100.0),
-                               linear_reference(stored * 0.5 - 100.0, 40.0, 400.0), atol=2e-6)
+    np.testing.assert_allclose(
+        apply_window(stored, win, slope=0.5, intercept=-100.0),
+        linear_reference(stored * 0.5 - 100.0, 40.0, 400.0),
+        atol=2e-6,
+    )
 
 
-@pytest.mark.parametrize("c,w,fn,msg", [(40, 0, "LINEAR", "must be > 0"), (40, -5, "SIGMOID", "must be > 0"),
-                                        (40, 0.5, "LINEAR", "< 1 is not allowed"), (float("nan"), 10, "LINEAR", "finite"),
-                                        (40, 400, "GAMMA", "unknown")])
+@pytest.mark.parametrize(
+    "c,w,fn,msg",
+    [
+        (40, 0, "LINEAR", "must be > 0"),
+        (40, -5, "SIGMOID", "must be > 0"),
+        (40, 0.5, "LINEAR", "< 1 is not allowed"),
+        (float("nan"), 10, "LINEAR", "finite"),
+        (40, 400, "GAMMA", "unknown"),
+    ],
+)
 def test_bad_windows_are_invalid_argument(c, w, fn, msg):
     with pytest.raises(InvalidArgument, match=msg):
         check_window(c, w, fn)
@@ -76,8 +99,16 @@ def test_window_stack_and_monochrome1():
     assert grey_to_channels(hu, wins[:1]).shape == (2, 2, 1)
 
 
-@pytest.mark.parametrize("alloc,stored,high,msg", [(16, 17, 16, "at most 16 bits"), (16, 12, 16, "High Bit"), (16, 12, 10, "High Bit"),
-                                                   (12, 12, 11, "Bits Allocated is 12"), (8, 0, 0, "inconsistent")])
+@pytest.mark.parametrize(
+    "alloc,stored,high,msg",
+    [
+        (16, 17, 16, "at most 16 bits"),
+        (16, 12, 16, "High Bit"),
+        (16, 12, 10, "High Bit"),
+        (12, 12, 11, "Bits Allocated is 12"),
+        (8, 0, 0, "inconsistent"),
+    ],
+)
 def test_bit_layouts(alloc, stored, high, msg):
     with pytest.raises(InvalidArgument, match=msg):
         check_bits(alloc, stored, high, 1)
@@ -85,8 +116,13 @@ def test_bit_layouts(alloc, stored, high, msg):
 
 
 def test_manifest_defaults():
-    d = parse_dicom_defaults({"grey_to_channels": "window_stack",
-                              "windows": [{"center": -600, "width": 1500, "label": "lung"}, [40, 400], {"center": 400, "width": 1800}]}, 3)
+    d = parse_dicom_defaults(
+        {
+            "grey_to_channels": "window_stack",
+            "windows": [{"center": -600, "width": 1500, "label": "lung"}, [40, 400], {"center": 400, "width": 1800}],
+        },
+        3,
+    )
     assert isinstance(d, DicomDefaults) and d.grey_to_channels == "window_stack" and d.windows[0].label == "lung"
     assert parse_dicom_defaults(d.to_dict(), 3) == d
     assert parse_dicom_defaults(None, 3) is None

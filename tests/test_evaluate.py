@@ -5,6 +5,7 @@ Registry.torch_module rebuilds them) with their ONNX graphs; the masking network
 graphs with the nem_u / nemt I/O of service/registry.py. Nothing is mocked: the harness loads them
 through the Registry, renders the real datasets at 32 x 32, and scores the real methods.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,14 @@ from xaiserve.service.registry import Registry, RegistryConfig
 from xaiserve.training import metrics as M
 from xaiserve.training.cli_eval import evaluate_main
 from xaiserve.training.datasets.lesions import LESION_LABELS
-from xaiserve.training.evaluate_explanations import RANDOM_ROW, EvalConfig, evaluate, markdown_table, relax_api, write_report
+from xaiserve.training.evaluate_explanations import (
+    RANDOM_ROW,
+    EvalConfig,
+    evaluate,
+    markdown_table,
+    relax_api,
+    write_report,
+)
 
 # end-to-end evaluations with trained tiny models
 pytestmark = pytest.mark.slow
@@ -65,8 +73,16 @@ def _export(module, args, path: Path, names_in, names_out) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), args, str(path), input_names=names_in, output_names=names_out,
-                          dynamic_axes={n: {0: "batch"} for n in names_in + names_out}, dynamo=False, opset_version=17)
+        torch.onnx.export(
+            module.eval(),
+            args,
+            str(path),
+            input_names=names_in,
+            output_names=names_out,
+            dynamic_axes={n: {0: "batch"} for n in names_in + names_out},
+            dynamo=False,
+            opset_version=17,
+        )
 
 
 def _add(store: Path, name: str, kind: str, module: nn.Module, args, names_in, names_out, **extra) -> None:
@@ -75,8 +91,17 @@ def _add(store: Path, name: str, kind: str, module: nn.Module, args, names_in, n
     if kind in ("encoder", "classifier"):
         torch.save(module.state_dict(), store / name / "1" / "weights.pt")
         files["state_dict"] = f"{name}/1/weights.pt"
-    add_entry(store, {"name": name, "version": "1", "kind": kind, "files": files,
-                      "input": {"height": SIZE, "width": SIZE, "channels": 3, "mean": MEAN, "std": STD}, **extra})
+    add_entry(
+        store,
+        {
+            "name": name,
+            "version": "1",
+            "kind": kind,
+            "files": files,
+            "input": {"height": SIZE, "width": SIZE, "channels": 3, "mean": MEAN, "std": STD},
+            **extra,
+        },
+    )
 
 
 def build_eval_store(root: Path) -> Path:
@@ -85,17 +110,55 @@ def build_eval_store(root: Path) -> Path:
     x = torch.randn(1, 3, SIZE, SIZE)
     enc_spec = FrozenSpec(encoder=ARCH)
     enc = enc_spec.build().eval()
-    _add(root, "tiny-simclr", "encoder", enc, (x,), ["image"], ["output"], arch=enc_spec.to_arch(),
-         output_dim=ARCH.embed_dim)
-    _add(root, "tiny-nemu", "nem_u", MaskU(enc), (x,), ["image"], ["mask", "output"], explains="tiny-simclr:1",
-         output_dim=ARCH.embed_dim)
+    _add(
+        root,
+        "tiny-simclr",
+        "encoder",
+        enc,
+        (x,),
+        ["image"],
+        ["output"],
+        arch=enc_spec.to_arch(),
+        output_dim=ARCH.embed_dim,
+    )
+    _add(
+        root,
+        "tiny-nemu",
+        "nem_u",
+        MaskU(enc),
+        (x,),
+        ["image"],
+        ["mask", "output"],
+        explains="tiny-simclr:1",
+        output_dim=ARCH.embed_dim,
+    )
     k = len(LESION_LABELS)
     clf_spec = FrozenSpec(encoder=ARCH, num_classes=k)
     clf = clf_spec.build().eval()
-    _add(root, "tiny-classifier", "classifier", clf, (x,), ["image"], ["output"], arch={**clf_spec.to_arch(), "dataset": "lesions"},
-         output_dim=k, labels=list(LESION_LABELS))
-    _add(root, "tiny-nemt", "nemt", MaskT(clf, k), (x, torch.tensor([-1])), ["image", "target"],
-         ["mask", "output", "label"], explains="tiny-classifier:1", output_dim=k, labels=list(LESION_LABELS))
+    _add(
+        root,
+        "tiny-classifier",
+        "classifier",
+        clf,
+        (x,),
+        ["image"],
+        ["output"],
+        arch={**clf_spec.to_arch(), "dataset": "lesions"},
+        output_dim=k,
+        labels=list(LESION_LABELS),
+    )
+    _add(
+        root,
+        "tiny-nemt",
+        "nemt",
+        MaskT(clf, k),
+        (x, torch.tensor([-1])),
+        ["image", "target"],
+        ["mask", "output", "label"],
+        explains="tiny-classifier:1",
+        output_dim=k,
+        labels=list(LESION_LABELS),
+    )
     return root
 
 
@@ -108,8 +171,18 @@ SMALL_SPLIT = {"train": 4, "val": 4, "test": 6}
 
 
 def _config(store: Path, out: Path, dataset: str, mask_models: tuple[str, ...], **kw) -> EvalConfig:
-    return EvalConfig(dataset=dataset, out=out, n=4, store=store, mask_models=mask_models, relax_masks=40,
-                      relax_batch=20, quiet=True, split_sizes=SMALL_SPLIT, **kw)
+    return EvalConfig(
+        dataset=dataset,
+        out=out,
+        n=4,
+        store=store,
+        mask_models=mask_models,
+        relax_masks=40,
+        relax_batch=20,
+        quiet=True,
+        split_sizes=SMALL_SPLIT,
+        **kw,
+    )
 
 
 def test_scenes_encoder_end_to_end(store, tmp_path):
@@ -163,11 +236,34 @@ def test_scenes_encoder_end_to_end(store, tmp_path):
 
 def test_lesions_classifier_cli(store, tmp_path, capsys):
     out = tmp_path / "out"
-    code = evaluate_main("explanations", [
-        "--dataset", "lesions", "--n", "3", "--out", str(out), "--store", str(store), "--mask-models", "tiny-nemt",
-        "--relax-masks", "20", "--relax-batch", "10", "--monotonicity-patch", "8", "--monotonicity-samples", "1",
-        "--methods", "saliency,gradcam,integrated_gradients", "--examples", "2", "--quiet",
-    ])
+    code = evaluate_main(
+        "explanations",
+        [
+            "--dataset",
+            "lesions",
+            "--n",
+            "3",
+            "--out",
+            str(out),
+            "--store",
+            str(store),
+            "--mask-models",
+            "tiny-nemt",
+            "--relax-masks",
+            "20",
+            "--relax-batch",
+            "10",
+            "--monotonicity-patch",
+            "8",
+            "--monotonicity-samples",
+            "1",
+            "--methods",
+            "saliency,gradcam,integrated_gradients",
+            "--examples",
+            "2",
+            "--quiet",
+        ],
+    )
     printed = capsys.readouterr().out
     assert code == 0
     assert "| tiny-nemt |" in printed and "| GradCAM |" in printed and "| Integrated Gradients |" in printed

@@ -6,18 +6,19 @@ default zoo over a real gRPC channel against training.metrics.fidelity with the 
 NEMt answers "where is class k" also when k is absent: the response carries the target's
 probability on x * m (the served mask) and target_absent, checked here against the classifier.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
+from tests.conftest import DEFAULT_STORE
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.service.images import to_model_input
 from xaiserve.service.registry import Registry, RegistryConfig
 from xaiserve.service.tensors import from_tensor, to_tensor
 from xaiserve.training import metrics as M
-from tests.conftest import DEFAULT_STORE
 
 pytestmark = pytest.mark.slow  # the default zoo's server (~10 s to start)
 
@@ -42,14 +43,19 @@ def _split(name: str):
 
 def _explain(stub, model: str, chw_u8: np.ndarray, **opts) -> pb.ExplainResponse:
     image = pb.Image(tensor=to_tensor(np.ascontiguousarray(chw_u8.transpose(1, 2, 0))))
-    return stub.Explain(pb.ExplainRequest(model=model, image=image, options=pb.ExplainOptions(
-        fidelity=True, mask_resolution=pb.MASK_AT_MODEL, **opts)), timeout=60)
+    return stub.Explain(
+        pb.ExplainRequest(
+            model=model, image=image, options=pb.ExplainOptions(fidelity=True, mask_resolution=pb.MASK_AT_MODEL, **opts)
+        ),
+        timeout=60,
+    )
 
 
 def _x(registry, entry_name: str, images: np.ndarray) -> torch.Tensor:
     spec = registry.resolve(entry_name).input
-    return torch.stack([torch.from_numpy(to_model_input(im.transpose(1, 2, 0).astype(np.float32) / 255.0, spec))
-                        for im in images])
+    return torch.stack(
+        [torch.from_numpy(to_model_input(im.transpose(1, 2, 0).astype(np.float32) / 255.0, spec)) for im in images]
+    )
 
 
 def test_classifier_fidelity_is_the_evaluations_target_probability(stub, registry):
@@ -109,7 +115,9 @@ def test_nemt_says_when_the_target_is_absent(stub, registry):
                 assert r.HasField("target_probability")
                 m = from_tensor(r.mask)
                 with torch.no_grad():
-                    p = torch.softmax(module(x[i:i + 1] * torch.from_numpy(m.copy())[None, None]).double(), dim=1)[0, t]
+                    p = torch.softmax(module(x[i : i + 1] * torch.from_numpy(m.copy())[None, None]).double(), dim=1)[
+                        0, t
+                    ]
                 assert r.target_probability == pytest.approx(float(p), abs=2e-4)
                 assert r.target_absent == (float(m.max()) < 0.5 or not r.target_probability > 0.5)
                 flags["absent" if r.target_absent else "present"] += 1

@@ -1,6 +1,7 @@
 """A corpus of more than 200 bad inputs over all eight RPCs, sent to a real `xaiserve serve` process
 over gRPC: each gets its precise status, health checks keep answering while they run, and the
 server's resident memory grows by less than 100 MB (the 2 GB MRC header used to cost 2.1 GB)."""
+
 from __future__ import annotations
 
 import io
@@ -17,6 +18,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
+from tests.serverutil import server_process
 from xaiserve.handlers.denoise.export import export_onnx
 from xaiserve.handlers.denoise.mrc import mrc_bytes
 from xaiserve.handlers.denoise.networks import Denoiser, DenoiserConfig
@@ -25,15 +27,22 @@ from xaiserve.service.denoise import DEFAULT_POLICY
 from xaiserve.service.jobs.backend import new_job_id
 from xaiserve.service.modelstore import add_entry
 from xaiserve.service.tensors import to_tensor
-from tests.serverutil import server_process
 
 # the store's spiral denoiser is exported through torch.onnx (dynamo) first
 pytestmark = pytest.mark.slow
 
 IA, NF, RE = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED
 GARBAGE = [b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01", b"\x0a\x64abc", b"\x0f\x00", b"\x0c", b"\x0a\x02\xc3\x28"]
-RPCS = {"Explain": "unary_unary", "Denoise": "unary_unary", "ListModels": "unary_unary", "SubmitJob": "unary_unary",
-        "GetJob": "unary_unary", "CancelJob": "unary_unary", "WatchJob": "unary_stream", "StreamExplain": "stream_stream"}
+RPCS = {
+    "Explain": "unary_unary",
+    "Denoise": "unary_unary",
+    "ListModels": "unary_unary",
+    "SubmitJob": "unary_unary",
+    "GetJob": "unary_unary",
+    "CancelJob": "unary_unary",
+    "WatchJob": "unary_stream",
+    "StreamExplain": "stream_stream",
+}
 DN = 32  # the denoiser's particle side
 
 
@@ -52,7 +61,7 @@ def mrc_with(**fields) -> bytes:
     data = bytearray(mrc_bytes(np.zeros((4, DN, DN), np.float32)))
     offsets = {"nx": 0, "ny": 4, "nz": 8, "mode": 12, "nsymbt": 92}
     for k, v in fields.items():
-        data[offsets[k]:offsets[k] + 4] = struct.pack("<i", v)
+        data[offsets[k] : offsets[k] + 4] = struct.pack("<i", v)
     return bytes(data)
 
 
@@ -85,14 +94,25 @@ def corpus() -> list[tuple[str, str, object, grpc.StatusCode]]:
     for side in ((4096, 4096), (5000, 10), (10, 5000), (4097, 1)):  # the answer cannot fit, or too large a side
         explain(f"png header {side}", pb.Image(encoded=png_header_only(*side)), RE)
     explain("renderings cannot fit", pb.Image(encoded=png_header_only(3000, 3000)), RE, return_png=True)
-    for dtype, shape, n in (("complex64", [2, 2], 32), ("int64", [2, 2], 32), ("uint8", [4, 4, 3], 47),
-                            ("uint8", [0, 4, 3], 0), ("uint8", [2, 4, 4, 3], 96), ("uint8", [4, 4, 5], 80),
-                            ("float32", [4, 4], 63), ("", [4, 4], 16), ("uint8", [], 0), ("uint8", [-4, 4], 16)):
+    for dtype, shape, n in (
+        ("complex64", [2, 2], 32),
+        ("int64", [2, 2], 32),
+        ("uint8", [4, 4, 3], 47),
+        ("uint8", [0, 4, 3], 0),
+        ("uint8", [2, 4, 4, 3], 96),
+        ("uint8", [4, 4, 5], 80),
+        ("float32", [4, 4], 63),
+        ("", [4, 4], 16),
+        ("uint8", [], 0),
+        ("uint8", [-4, 4], 16),
+    ):
         explain(f"tensor {dtype} {shape}", pb.Image(tensor=pb.Tensor(dtype=dtype, shape=shape, data=b"\0" * n)))
     for v in (np.nan, np.inf, -np.inf, 255.0, -1.0):
         explain(f"float value {v}", pb.Image(tensor=to_tensor(np.full((8, 8), v, np.float32))))
     explain("giant tensor dims", pb.Image(tensor=pb.Tensor(dtype="uint8", shape=[5000, 1], data=b"\0" * 5000)), RE)
-    explain("4096^2 tensor", pb.Image(tensor=pb.Tensor(dtype="uint8", shape=[4096, 4096], data=b"\0" * (4096 * 4096))), RE)
+    explain(
+        "4096^2 tensor", pb.Image(tensor=pb.Tensor(dtype="uint8", shape=[4096, 4096], data=b"\0" * (4096 * 4096))), RE
+    )
     explain("empty image", pb.Image())
     explain("empty bytes", pb.Image(encoded=b""))
     # 3. Explain: models, methods, options (20)
@@ -136,7 +156,9 @@ def corpus() -> list[tuple[str, str, object, grpc.StatusCode]]:
     denoise("particles nan", tensor=to_tensor(np.full((2, DN, DN), np.nan, np.float32)))
     denoise("particles not square", tensor=to_tensor(np.zeros((2, DN, DN + 2), np.float32)))
     denoise("particles rank 5", tensor=pb.Tensor(dtype="float32", shape=[1, 1, 1, DN, DN], data=b"\0" * DN * DN * 4))
-    denoise("too many particles", RE, tensor=pb.Tensor(dtype="float32", shape=[100, DN, DN], data=b"\0" * 100 * DN * DN * 4))
+    denoise(
+        "too many particles", RE, tensor=pb.Tensor(dtype="float32", shape=[100, DN, DN], data=b"\0" * 100 * DN * DN * 4)
+    )
     denoise("unknown denoiser", NF, model="no-such-denoiser", tensor=to_tensor(np.zeros((1, DN, DN), np.float32)))
     denoise("long denoiser name", NF, model="d" * 50_000, tensor=to_tensor(np.zeros((1, DN, DN), np.float32)))
     denoise("explainer via denoise", IA, model="tiny-nemu", tensor=to_tensor(np.zeros((1, DN, DN), np.float32)))
@@ -152,13 +174,29 @@ def corpus() -> list[tuple[str, str, object, grpc.StatusCode]]:
         ("long method", pb.JobRequest(method="j" * 20_000, model="tiny-encoder", image=img), IA),
         ("empty method", pb.JobRequest(model="tiny-encoder", image=img), IA),
         ("negative deadline", pb.JobRequest(method="relax", model="tiny-encoder", image=img, deadline_seconds=-1), IA),
-        ("nan deadline", pb.JobRequest(method="relax", model="tiny-encoder", image=img, deadline_seconds=float("nan")), IA),
-        ("inf deadline", pb.JobRequest(method="relax", model="tiny-encoder", image=img, deadline_seconds=float("inf")), IA),
-        ("long idempotency key", pb.JobRequest(method="relax", model="tiny-encoder", image=img, idempotency_key="k" * 300), IA),
+        (
+            "nan deadline",
+            pb.JobRequest(method="relax", model="tiny-encoder", image=img, deadline_seconds=float("nan")),
+            IA,
+        ),
+        (
+            "inf deadline",
+            pb.JobRequest(method="relax", model="tiny-encoder", image=img, deadline_seconds=float("inf")),
+            IA,
+        ),
+        (
+            "long idempotency key",
+            pb.JobRequest(method="relax", model="tiny-encoder", image=img, idempotency_key="k" * 300),
+            IA,
+        ),
         ("relax unknown model", pb.JobRequest(method="relax", model="nope", image=img), NF),
         ("relax bad image", pb.JobRequest(method="relax", model="tiny-encoder", image=pb.Image(encoded=b"junk")), IA),
         ("relax no image", pb.JobRequest(method="relax", model="tiny-encoder"), IA),
-        ("relax giant image", pb.JobRequest(method="relax", model="tiny-encoder", image=pb.Image(encoded=png_header_only(5000, 5000))), RE),
+        (
+            "relax giant image",
+            pb.JobRequest(method="relax", model="tiny-encoder", image=pb.Image(encoded=png_header_only(5000, 5000))),
+            RE,
+        ),
     ):
         out.append((label, "SubmitJob", req.SerializeToString(), code))
     for i in range(10):
@@ -181,8 +219,15 @@ def corpus() -> list[tuple[str, str, object, grpc.StatusCode]]:
         ("frame ids go back", [frame(5, model="tiny-nemu", policy=pb.ALL), frame(3)], IA),
         ("frame ids repeat", [frame(5, model="tiny-nemu", policy=pb.ALL), frame(5)], IA),
         ("model switch", [frame(0, model="tiny-nemu", policy=pb.ALL), frame(1, model="tiny-nemt")], IA),
-        *[(f"garbage at {k}", [frame(i, model="tiny-nemu" if i == 0 else "", policy=pb.ALL) for i in range(k)]
-           + [GARBAGE[k % len(GARBAGE)]], IA) for k in range(1, 9)],
+        *[
+            (
+                f"garbage at {k}",
+                [frame(i, model="tiny-nemu" if i == 0 else "", policy=pb.ALL) for i in range(k)]
+                + [GARBAGE[k % len(GARBAGE)]],
+                IA,
+            )
+            for k in range(1, 9)
+        ],
     ):
         out.append((label, "StreamExplain", frames, code))
     return out
@@ -196,12 +241,18 @@ def store(tiny_store, tmp_path_factory) -> Path:
     model = Denoiser(DenoiserConfig(arch="spiral", size=DN, channels=(4, 8))).eval()
     export_onnx(model, root / "tiny-spiral" / "1" / "model.onnx")
     torch.save(model.state_dict(), root / "tiny-spiral" / "1" / "weights.pt")
-    add_entry(root, {
-        "name": "tiny-spiral", "version": "1", "kind": "denoiser",
-        "files": {"onnx": "tiny-spiral/1/model.onnx", "state_dict": "tiny-spiral/1/weights.pt"},
-        "input": {"height": DN, "width": DN, "channels": 1, "mean": [0.0], "std": [1.0]},
-        "particles": dict(DEFAULT_POLICY), "arch": model.config.to_dict(),
-    })
+    add_entry(
+        root,
+        {
+            "name": "tiny-spiral",
+            "version": "1",
+            "kind": "denoiser",
+            "files": {"onnx": "tiny-spiral/1/model.onnx", "state_dict": "tiny-spiral/1/weights.pt"},
+            "input": {"height": DN, "width": DN, "channels": 1, "mean": [0.0], "std": [1.0]},
+            "particles": dict(DEFAULT_POLICY),
+            "arch": model.config.to_dict(),
+        },
+    )
     return root
 
 
@@ -235,8 +286,11 @@ def test_corpus_of_bad_inputs_gets_precise_statuses(store, tmp_path):
         opts = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
         ch = grpc.insecure_channel(srv.address, options=opts)
         # warm up with good calls, so that what is measured is growth caused by the bad inputs
-        good_explain = pb.ExplainRequest(model="tiny-nemu", image=pb.Image(encoded=png(np.zeros((64, 64, 3), np.uint8))),
-                                         options=pb.ExplainOptions(return_png=True)).SerializeToString()
+        good_explain = pb.ExplainRequest(
+            model="tiny-nemu",
+            image=pb.Image(encoded=png(np.zeros((64, 64, 3), np.uint8))),
+            options=pb.ExplainOptions(return_png=True),
+        ).SerializeToString()
         good_denoise = pb.DenoiseRequest(model="tiny-spiral", mrc=mrc_with(), return_mrc=True).SerializeToString()
         for _ in range(5):
             assert send(ch, "Explain", good_explain)[0] == grpc.StatusCode.OK
@@ -253,7 +307,10 @@ def test_corpus_of_bad_inputs_gets_precise_statuses(store, tmp_path):
                 while not stop.is_set():
                     t = time.perf_counter()
                     try:
-                        if health.Check(health_pb2.HealthCheckRequest(), timeout=5).status != health_pb2.HealthCheckResponse.SERVING:
+                        if (
+                            health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                            != health_pb2.HealthCheckResponse.SERVING
+                        ):
                             failures.append("not serving")
                     except grpc.RpcError as e:
                         failures.append(e.code().name)
@@ -283,7 +340,9 @@ def test_corpus_of_bad_inputs_gets_precise_statuses(store, tmp_path):
     assert not failures, failures
     assert len(probes) >= 5
     p = sorted(probes)
-    print(f"{len(cases)} bad inputs; health probes {len(p)}, p50 {p[len(p) // 2] * 1e3:.1f} ms, max {p[-1] * 1e3:.1f} ms; "
-          f"RSS {rss0:.0f} -> {rss1:.0f} MB (peak sampled {peak:.0f} MB)")
+    print(
+        f"{len(cases)} bad inputs; health probes {len(p)}, p50 {p[len(p) // 2] * 1e3:.1f} ms, max {p[-1] * 1e3:.1f} ms; "
+        f"RSS {rss0:.0f} -> {rss1:.0f} MB (peak sampled {peak:.0f} MB)"
+    )
     assert p[int(len(p) * 0.99) - 1] < 0.25 and p[-1] < 1.0, [round(x * 1e3) for x in p[-5:]]
     assert max(rss1, peak) - rss0 < 100, f"RSS grew from {rss0:.0f} to {rss1:.0f} MB (peak {peak:.0f} MB)"

@@ -3,6 +3,7 @@ raw tensors, MRC stacks and protobuf messages. Whatever the input, a decoder eit
 well-formed result or raises the project's own errors (xaiserve.errors: InvalidArgument,
 ResourceExhausted; ValueError from the pure MRC reader), and never allocates far beyond its input
 (a header declaring 2 GB must not make us allocate 2 GB)."""
+
 from __future__ import annotations
 
 import io
@@ -22,8 +23,13 @@ from xaiserve.service.images import decode_image, encode_png, probe_image
 from xaiserve.service.rpc import BadMessage, request_deserializer
 from xaiserve.service.tensors import DTYPES, from_tensor
 
-FUZZ = settings(max_examples=150, deadline=None, database=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    database=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 # Any single example may use this much memory above its input (decoding a 64 x 64 image, MRC
 # stacks of a few kB): orders of magnitude below what the malformed headers declare.
 MEMORY_BOUND = 32 * 1024 * 1024
@@ -47,8 +53,15 @@ def _encoded(fmt: str, shape) -> bytes:
     return buf.getvalue()
 
 
-SEEDS = [_encoded("PNG", (16, 12, 3)), _encoded("PNG", (9, 7)), _encoded("JPEG", (16, 16, 3)),
-         _encoded("BMP", (5, 6, 3)), _encoded("GIF", (8, 8)), _encoded("WEBP", (8, 8, 3)), _encoded("TIFF", (4, 4, 3))]
+SEEDS = [
+    _encoded("PNG", (16, 12, 3)),
+    _encoded("PNG", (9, 7)),
+    _encoded("JPEG", (16, 16, 3)),
+    _encoded("BMP", (5, 6, 3)),
+    _encoded("GIF", (8, 8)),
+    _encoded("WEBP", (8, 8, 3)),
+    _encoded("TIFF", (4, 4, 3)),
+]
 
 
 @st.composite
@@ -65,8 +78,12 @@ def mutated(draw, seeds: list[bytes]) -> bytes:
         elif op in ("insert", "set"):
             data[pos:pos] = draw(st.binary(min_size=1, max_size=16))
         elif pos + 4 <= len(data):  # a plausible-looking length or dimension field
-            data[pos:pos + 4] = struct.pack("<I" if draw(st.booleans()) else ">I", draw(st.sampled_from(
-                [0, 1, 0x7FFFFFFF, 0xFFFFFFFF, 65535, 65536, 4097, draw(st.integers(0, 2**32 - 1))])))
+            data[pos : pos + 4] = struct.pack(
+                "<I" if draw(st.booleans()) else ">I",
+                draw(
+                    st.sampled_from([0, 1, 0x7FFFFFFF, 0xFFFFFFFF, 65535, 65536, 4097, draw(st.integers(0, 2**32 - 1))])
+                ),
+            )
     return bytes(data)
 
 
@@ -100,8 +117,9 @@ TENSOR_DTYPES = [*DTYPES, "complex64", "", "float8", "uint8 ", "f" * 300]
 @st.composite
 def tensors(draw) -> pb.Tensor:
     dtype = draw(st.sampled_from(TENSOR_DTYPES))
-    shape = draw(st.lists(st.one_of(st.integers(-3, 40), st.sampled_from([2**31, 2**40, 2**62, -(2**62)])),
-                          max_size=10))
+    shape = draw(
+        st.lists(st.one_of(st.integers(-3, 40), st.sampled_from([2**31, 2**40, 2**62, -(2**62)])), max_size=10)
+    )
     n = 1
     for s in shape:
         n *= s
@@ -131,8 +149,10 @@ def test_raw_tensors_decode_or_raise_our_errors(t):
     _check_image(arr)
 
 
-MRC_SEEDS = [mrc_bytes(np.random.default_rng(0).standard_normal((3, 8, 8)).astype(np.float32)),
-             mrc_bytes(np.zeros((5, 6), np.float32))]
+MRC_SEEDS = [
+    mrc_bytes(np.random.default_rng(0).standard_normal((3, 8, 8)).astype(np.float32)),
+    mrc_bytes(np.zeros((5, 6), np.float32)),
+]
 # offsets of nx, ny, nz, mode, nsymbt and the machine stamp in the 1024-byte header
 MRC_FIELDS = [0, 4, 8, 12, 92, 212]
 
@@ -142,9 +162,13 @@ def mrc_mutants(draw) -> bytes:
     data = bytearray(draw(st.sampled_from(MRC_SEEDS)))
     for _ in range(draw(st.integers(1, 4))):
         off = draw(st.sampled_from(MRC_FIELDS))
-        value = draw(st.one_of(st.sampled_from([0, 1, 2, 3, 4, 6, 12, 101, -1, 2**31 - 1, -(2**31), 1 << 20]),
-                               st.integers(-(2**31), 2**31 - 1)))
-        data[off:off + 4] = struct.pack("<i", value)
+        value = draw(
+            st.one_of(
+                st.sampled_from([0, 1, 2, 3, 4, 6, 12, 101, -1, 2**31 - 1, -(2**31), 1 << 20]),
+                st.integers(-(2**31), 2**31 - 1),
+            )
+        )
+        data[off : off + 4] = struct.pack("<i", value)
     if draw(st.booleans()):
         cut = draw(st.integers(0, len(data)))
         data = data[:cut] + draw(st.binary(max_size=64))
@@ -173,9 +197,11 @@ def test_the_nsymbt_bomb_is_refused_without_allocating():
 
 
 REQUESTS = [pb.ExplainRequest, pb.DenoiseRequest, pb.ListModelsRequest, pb.JobRequest, pb.JobRef, pb.ExplainFrame]
-VALID = [pb.ExplainRequest(model="m", image=pb.Image(encoded=SEEDS[0])).SerializeToString(),
-         pb.JobRequest(method="relax", model="m", relax=pb.RelaxParams(num_masks=3)).SerializeToString(),
-         pb.ExplainFrame(frame_id=3, model="m", policy=pb.ALL).SerializeToString()]
+VALID = [
+    pb.ExplainRequest(model="m", image=pb.Image(encoded=SEEDS[0])).SerializeToString(),
+    pb.JobRequest(method="relax", model="m", relax=pb.RelaxParams(num_masks=3)).SerializeToString(),
+    pb.ExplainFrame(frame_id=3, model="m", policy=pb.ALL).SerializeToString(),
+]
 
 
 @FUZZ

@@ -6,6 +6,7 @@ tokens are principals, another principal's job is NOT_FOUND for GetJob / WatchJo
 all; mutual-TLS identities are principals too. Redis: gateways and workers refuse a Redis that does
 not persist unless --allow-volatile-queue; a data loss is logged and GetJob says so; a killed
 worker's job is reclaimed within 5 s with the default timings; /readyz follows the queue."""
+
 from __future__ import annotations
 
 import asyncio
@@ -23,6 +24,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from tests.jobs_support import RedisServer, WorkerProcess, count_request, markers, redis_server, run, support_methods
+from tests.serverutil import ROOT, running_server
+from tests.test_hardening_server import png
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.proto.explain.v1 import explainer_pb2_grpc as pb_grpc
 from xaiserve.service.jobs.backend import new_job_id
@@ -30,9 +34,6 @@ from xaiserve.service.jobs.factory import VolatileQueue, build_job_service, open
 from xaiserve.service.jobs.options import JobOptions
 from xaiserve.service.jobs.service import JobService
 from xaiserve.service.security import bearer_metadata
-from tests.serverutil import ROOT, running_server
-from tests.test_hardening_server import png
-from tests.jobs_support import RedisServer, WorkerProcess, count_request, markers, redis_server, run, support_methods
 
 ALICE, BOB, OPS = "alice-token-0123456789abcdef", "bob-token-0123456789abcdefgh", "ops-token-0123456789abcdefgh"
 NF = grpc.StatusCode.NOT_FOUND
@@ -42,22 +43,35 @@ _prefix = itertools.count()
 @pytest.fixture(scope="module")
 def tokens(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("tokens") / "tokens.yaml"
-    p.write_text("tokens:\n" + "".join(f"  - {{name: {n}, token: {t}}}\n" for n, t in
-                                       (("alice", ALICE), ("bob", BOB), ("ops", OPS))))
+    p.write_text(
+        "tokens:\n"
+        + "".join(f"  - {{name: {n}, token: {t}}}\n" for n, t in (("alice", ALICE), ("bob", BOB), ("ops", OPS)))
+    )
     return p
 
 
 @pytest.fixture(scope="module", params=["sqlite", "redis"])
 def gateway(request, tiny_store, tokens, tmp_path_factory, redis_srv):
     queue = "" if request.param == "sqlite" else f"{redis_srv.url}?prefix=ten{next(_prefix)}"
-    with running_server(tiny_store, job_workers=0, tokens_file=str(tokens), queue=queue, job_admins="token:ops",
-                        state_dir=str(tmp_path_factory.mktemp("state"))) as srv:
+    with running_server(
+        tiny_store,
+        job_workers=0,
+        tokens_file=str(tokens),
+        queue=queue,
+        job_admins="token:ops",
+        state_dir=str(tmp_path_factory.mktemp("state")),
+    ) as srv:
         yield srv
 
 
 def job_request(key: str = "", seed: int = 0) -> pb.JobRequest:
-    return pb.JobRequest(method="relax", model="tiny-encoder", image=pb.Image(encoded=png(32, 32)),
-                         relax=pb.RelaxParams(num_masks=64, seed=seed), idempotency_key=key)
+    return pb.JobRequest(
+        method="relax",
+        model="tiny-encoder",
+        image=pb.Image(encoded=png(32, 32)),
+        relax=pb.RelaxParams(num_masks=64, seed=seed),
+        idempotency_key=key,
+    )
 
 
 def call(stub, name: str, req, token: str):
@@ -83,7 +97,10 @@ def test_another_principals_job_is_not_found_and_untouched(gateway):
         assert e.value.code() == NF
         with pytest.raises(grpc.RpcError) as e2:  # the same words as for an id that never existed
             call(st, name, pb.JobRef(id=unknown), BOB)
-        assert e.value.details().replace(job.id, "ID").split(" ago)")[1] == e2.value.details().replace(unknown, "ID").split(" ago)")[1]
+        assert (
+            e.value.details().replace(job.id, "ID").split(" ago)")[1]
+            == e2.value.details().replace(unknown, "ID").split(" ago)")[1]
+        )
         assert "relax" not in e.value.details() and "queued" not in e.value.details().lower()
     with pytest.raises(grpc.RpcError) as e:
         first_event(st, job.id, BOB)
@@ -107,7 +124,11 @@ def test_idempotency_keys_are_scoped_per_principal(gateway):
     # a different request under bob's key is bob's conflict; it names bob's job, never alice's
     with pytest.raises(grpc.RpcError) as e:
         call(st, "SubmitJob", job_request(key, seed=7), BOB)
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and b.id in e.value.details() and a.id not in e.value.details()
+    assert (
+        e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        and b.id in e.value.details()
+        and a.id not in e.value.details()
+    )
     for j, t in ((a, ALICE), (b, BOB)):
         call(st, "CancelJob", pb.JobRef(id=j.id), t)
 
@@ -135,18 +156,29 @@ def test_mutual_tls_identities_are_principals(tiny_store, tmp_path):
     ca = _cert("tenancy CA", ca_key, "tenancy CA", ca_key, ca=True)
     files = {"ca": _write(tmp_path / "ca.pem", ca)}
     srv_key = _key()
-    files["srv"] = _write(tmp_path / "srv.pem", _cert("localhost", srv_key, "tenancy CA", ca_key, ca=False, server=True))
+    files["srv"] = _write(
+        tmp_path / "srv.pem", _cert("localhost", srv_key, "tenancy CA", ca_key, ca=False, server=True)
+    )
     files["srv_key"] = _write(tmp_path / "srv.key", key=srv_key)
     for who in ("lab-a", "lab-b"):
         k = _key()
-        files[who] = (_write(tmp_path / f"{who}.pem", _cert(who, k, "tenancy CA", ca_key, ca=False)),
-                      _write(tmp_path / f"{who}.key", key=k))
-    with running_server(tiny_store, job_workers=0, tls_cert=str(files["srv"]), tls_key=str(files["srv_key"]),
-                        tls_client_ca=str(files["ca"])) as srv:
+        files[who] = (
+            _write(tmp_path / f"{who}.pem", _cert(who, k, "tenancy CA", ca_key, ca=False)),
+            _write(tmp_path / f"{who}.key", key=k),
+        )
+    with running_server(
+        tiny_store,
+        job_workers=0,
+        tls_cert=str(files["srv"]),
+        tls_key=str(files["srv_key"]),
+        tls_client_ca=str(files["ca"]),
+    ) as srv:
         addr = srv.address.replace("127.0.0.1", "localhost")
 
         def stub(who):
-            ch = grpc.secure_channel(addr, channel_credentials(str(files["ca"]), str(files[who][0]), str(files[who][1])))
+            ch = grpc.secure_channel(
+                addr, channel_credentials(str(files["ca"]), str(files[who][0]), str(files[who][1]))
+            )
             srv._channels.append(ch)
             return pb_grpc.ExplainerStub(ch)
 
@@ -166,13 +198,30 @@ def test_a_redis_that_does_not_persist_is_refused_unless_allowed(tmp_path, tiny_
         with pytest.raises(VolatileQueue) as e:
             build_job_service(r.url, None, JobOptions(embedded_workers=0), methods=support_methods())
         assert "appendonly" in str(e.value) and "--allow-volatile-queue" in str(e.value)
-        svc = build_job_service(r.url, None, JobOptions(embedded_workers=0), methods=support_methods(), allow_volatile=True)
+        svc = build_job_service(
+            r.url, None, JobOptions(embedded_workers=0), methods=support_methods(), allow_volatile=True
+        )
         svc.backend.close()
         # `xaiserve worker` refuses with exit 2; with the flag it starts
-        cmd = [sys.executable, "-m", "xaiserve.service.worker", "--queue", r.url, "--methods",
-               "tests.jobs_support:CountingMethod", "--metrics-port", "-1"]
-        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
-                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+        cmd = [
+            sys.executable,
+            "-m",
+            "xaiserve.service.worker",
+            "--queue",
+            r.url,
+            "--methods",
+            "tests.jobs_support:CountingMethod",
+            "--metrics-port",
+            "-1",
+        ]
+        p = subprocess.run(
+            cmd,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        )
         assert p.returncode == 2 and "does not persist" in p.stderr
         w = WorkerProcess(r.url, markers_dir=tmp_path, extra=["--allow-volatile-queue"])
         try:
@@ -180,11 +229,31 @@ def test_a_redis_that_does_not_persist_is_refused_unless_allowed(tmp_path, tiny_
         finally:
             w.close()
         # `xaiserve serve` refuses too
-        p = subprocess.run([sys.executable, "-m", "xaiserve.service.cli", "serve", "--port", "0", "--metrics-port", "-1",
-                            "--model-store", str(tiny_store), "--queue", r.url, "--job-workers", "0",
-                            "--state-dir", str(tmp_path / "st")],
-                           cwd=ROOT, capture_output=True, text=True, timeout=120,
-                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+        p = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "xaiserve.service.cli",
+                "serve",
+                "--port",
+                "0",
+                "--metrics-port",
+                "-1",
+                "--model-store",
+                str(tiny_store),
+                "--queue",
+                r.url,
+                "--job-workers",
+                "0",
+                "--state-dir",
+                str(tmp_path / "st"),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        )
         assert p.returncode == 2 and "does not persist" in p.stderr
 
 
@@ -231,7 +300,9 @@ def test_a_killed_workers_job_is_reclaimed_within_5_s_with_default_timings(redis
             job = await svc.submit(count_request("victim", steps=600, step_ms=50))
             while not markers(marks, "victim", "start"):
                 await asyncio.sleep(0.05)
-            b = WorkerProcess(queue, markers_dir=marks, claim_idle_s=None, heartbeat_s=None, log_path=tmp_path / "b.log")
+            b = WorkerProcess(
+                queue, markers_dir=marks, claim_idle_s=None, heartbeat_s=None, log_path=tmp_path / "b.log"
+            )
             a.signal(signal.SIGKILL)
             killed = time.time()
             a.wait(10)
@@ -302,8 +373,19 @@ def test_a_job_file_from_before_owners_is_migrated(tmp_path):
         CREATE UNIQUE INDEX jobs_idem ON jobs(idem) WHERE idem IS NOT NULL;
     """)
     req = count_request("old", idempotency_key="k1")
-    old.execute("INSERT INTO jobs(id, method, model, state, created, queued_at, idem, request) VALUES (?,?,?,?,?,?,?,?)",
-                ("a" * 32, "count", "old", pb.QUEUED, time.time(), time.time(), "k1", req.SerializeToString(deterministic=True)))
+    old.execute(
+        "INSERT INTO jobs(id, method, model, state, created, queued_at, idem, request) VALUES (?,?,?,?,?,?,?,?)",
+        (
+            "a" * 32,
+            "count",
+            "old",
+            pb.QUEUED,
+            time.time(),
+            time.time(),
+            "k1",
+            req.SerializeToString(deterministic=True),
+        ),
+    )
     old.commit()
     old.close()
     b = SqliteBackend(path, JobOptions(embedded_workers=0))

@@ -3,6 +3,7 @@ done, the event loop free while decodes run, and an HTTP port with exactly its d
 
 Each test reproduces a finding of the hostile-client review against the real server (thread mode,
 real gRPC channel) and checks the fixed behaviour."""
+
 from __future__ import annotations
 
 import io
@@ -19,22 +20,30 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from tests.serverutil import running_server
+from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 
 IA, NF, RE = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED
 UNARY = ["Explain", "Denoise", "ListModels", "SubmitJob", "GetJob", "CancelJob"]
-MESSAGE_OF = {"Explain": "ExplainRequest", "Denoise": "DenoiseRequest", "ListModels": "ListModelsRequest",
-              "SubmitJob": "JobRequest", "GetJob": "JobRef", "CancelJob": "JobRef", "WatchJob": "JobRef",
-              "StreamExplain": "ExplainFrame"}
+MESSAGE_OF = {
+    "Explain": "ExplainRequest",
+    "Denoise": "DenoiseRequest",
+    "ListModels": "ListModelsRequest",
+    "SubmitJob": "JobRequest",
+    "GetJob": "JobRef",
+    "CancelJob": "JobRef",
+    "WatchJob": "JobRef",
+    "StreamExplain": "ExplainFrame",
+}
 # Bytes that no message parses: a truncated varint, a length past the end, a bad wire type (7),
 # an end-group tag with no group, and invalid UTF-8 in string field 1 (model / method / id / kind).
-GARBAGE = [b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01", b"\x0a\x64abc", b"\x0f\x00", b"\x0c",
-           b"\x0a\x02\xc3\x28"]
+GARBAGE = [b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01", b"\x0a\x64abc", b"\x0f\x00", b"\x0c", b"\x0a\x02\xc3\x28"]
 
 
 def png(h: int, w: int, noise: bool = False) -> bytes:
-    arr = np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8) if noise else np.zeros((h, w, 3), np.uint8)
+    arr = (
+        np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8) if noise else np.zeros((h, w, 3), np.uint8)
+    )
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
@@ -73,8 +82,12 @@ def test_malformed_protobuf_on_watchjob(srv):
 
 
 def test_stream_of_garbage_frames_ends_invalid_argument_naming_the_position(srv):
-    frames = [pb.ExplainFrame(frame_id=i, model="tiny-nemu" if i == 0 else "", image=pb.Image(encoded=png(32, 32)))
-              .SerializeToString() for i in range(2)]
+    frames = [
+        pb.ExplainFrame(
+            frame_id=i, model="tiny-nemu" if i == 0 else "", image=pb.Image(encoded=png(32, 32))
+        ).SerializeToString()
+        for i in range(2)
+    ]
     call = raw(srv.channel(), "stream_stream", "StreamExplain")
     answered = []
     with pytest.raises(grpc.RpcError) as e:
@@ -88,8 +101,10 @@ def test_stream_of_garbage_frames_ends_invalid_argument_naming_the_position(srv)
 
 
 def test_a_corrupt_image_in_a_valid_frame_is_a_frame_error_not_a_decode_error(srv):
-    frames = [pb.ExplainFrame(frame_id=0, model="tiny-nemu", policy=pb.ALL, image=pb.Image(encoded=b"not an image")),
-              pb.ExplainFrame(frame_id=1, image=pb.Image(encoded=png(32, 32)))]
+    frames = [
+        pb.ExplainFrame(frame_id=0, model="tiny-nemu", policy=pb.ALL, image=pb.Image(encoded=b"not an image")),
+        pb.ExplainFrame(frame_id=1, image=pb.Image(encoded=png(32, 32))),
+    ]
     results = list(srv.stub().StreamExplain(iter(frames), timeout=30))  # the stream itself ends OK
     bad = next(r for r in results if r.frame_id == 0)
     assert bad.status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
@@ -100,21 +115,74 @@ def test_a_corrupt_image_in_a_valid_frame_is_a_frame_error_not_a_decode_error(sr
 LONG = 10_000
 
 
-@pytest.mark.parametrize("label,call,code", [
-    ("1 MB model name", lambda st: st.Explain(pb.ExplainRequest(model="m" * 1_000_000, image=pb.Image(encoded=png(8, 8))), timeout=20), NF),
-    ("10 kB model name", lambda st: st.Explain(pb.ExplainRequest(model="m" * LONG, image=pb.Image(encoded=png(8, 8))), timeout=20), NF),
-    ("10 kB version", lambda st: st.Explain(pb.ExplainRequest(model="tiny-nemu:" + "9" * LONG, image=pb.Image(encoded=png(8, 8))), timeout=20), NF),
-    ("10 kB method", lambda st: st.Explain(pb.ExplainRequest(model="tiny-nemu", image=pb.Image(encoded=png(8, 8)),
-                                                             options=pb.ExplainOptions(method="x" * LONG)), timeout=20), IA),
-    ("10 kB dtype", lambda st: st.Explain(pb.ExplainRequest(model="tiny-nemu", image=pb.Image(
-        tensor=pb.Tensor(dtype="f" * LONG, shape=[2, 2], data=b"\0" * 4))), timeout=20), IA),
-    ("10 kB denoise model", lambda st: st.Denoise(pb.DenoiseRequest(model="d" * LONG), timeout=20), NF),
-    ("10 kB job method", lambda st: st.SubmitJob(pb.JobRequest(method="j" * LONG, model="tiny-encoder"), timeout=20), IA),
-    ("10 kB job id", lambda st: st.GetJob(pb.JobRef(id="i" * LONG), timeout=20), IA),
-    ("10 kB cancel id", lambda st: st.CancelJob(pb.JobRef(id="i" * LONG), timeout=20), IA),
-    ("10 kB idempotency key", lambda st: st.SubmitJob(pb.JobRequest(method="relax", model="tiny-encoder", idempotency_key="k" * LONG), timeout=20), IA),
-    ("10 kB stream model", lambda st: list(st.StreamExplain(iter([pb.ExplainFrame(frame_id=0, model="s" * LONG, image=pb.Image(encoded=png(8, 8)))]), timeout=20)), NF),
-])
+@pytest.mark.parametrize(
+    "label,call,code",
+    [
+        (
+            "1 MB model name",
+            lambda st: st.Explain(
+                pb.ExplainRequest(model="m" * 1_000_000, image=pb.Image(encoded=png(8, 8))), timeout=20
+            ),
+            NF,
+        ),
+        (
+            "10 kB model name",
+            lambda st: st.Explain(pb.ExplainRequest(model="m" * LONG, image=pb.Image(encoded=png(8, 8))), timeout=20),
+            NF,
+        ),
+        (
+            "10 kB version",
+            lambda st: st.Explain(
+                pb.ExplainRequest(model="tiny-nemu:" + "9" * LONG, image=pb.Image(encoded=png(8, 8))), timeout=20
+            ),
+            NF,
+        ),
+        (
+            "10 kB method",
+            lambda st: st.Explain(
+                pb.ExplainRequest(
+                    model="tiny-nemu", image=pb.Image(encoded=png(8, 8)), options=pb.ExplainOptions(method="x" * LONG)
+                ),
+                timeout=20,
+            ),
+            IA,
+        ),
+        (
+            "10 kB dtype",
+            lambda st: st.Explain(
+                pb.ExplainRequest(
+                    model="tiny-nemu", image=pb.Image(tensor=pb.Tensor(dtype="f" * LONG, shape=[2, 2], data=b"\0" * 4))
+                ),
+                timeout=20,
+            ),
+            IA,
+        ),
+        ("10 kB denoise model", lambda st: st.Denoise(pb.DenoiseRequest(model="d" * LONG), timeout=20), NF),
+        (
+            "10 kB job method",
+            lambda st: st.SubmitJob(pb.JobRequest(method="j" * LONG, model="tiny-encoder"), timeout=20),
+            IA,
+        ),
+        ("10 kB job id", lambda st: st.GetJob(pb.JobRef(id="i" * LONG), timeout=20), IA),
+        ("10 kB cancel id", lambda st: st.CancelJob(pb.JobRef(id="i" * LONG), timeout=20), IA),
+        (
+            "10 kB idempotency key",
+            lambda st: st.SubmitJob(
+                pb.JobRequest(method="relax", model="tiny-encoder", idempotency_key="k" * LONG), timeout=20
+            ),
+            IA,
+        ),
+        (
+            "10 kB stream model",
+            lambda st: list(
+                st.StreamExplain(
+                    iter([pb.ExplainFrame(frame_id=0, model="s" * LONG, image=pb.Image(encoded=png(8, 8)))]), timeout=20
+                )
+            ),
+            NF,
+        ),
+    ],
+)
 def test_messages_quote_at_most_200_characters_of_user_values(srv, label, call, code):
     st = srv.stub()
     for _ in range(3):  # 10 kB values used to fail intermittently (trailers over the metadata limit)
@@ -148,14 +216,22 @@ def test_largest_image_that_cannot_fit_is_refused_before_any_work(srv):
     assert fast.cpu.submitted == before + 1, "only the protobuf parse of the 48 MB message (off the loop), no decode"
     # with return_png the renderings count too; the hint names a size that fits
     with pytest.raises(grpc.RpcError) as e:
-        srv.stub().Explain(pb.ExplainRequest(model="tiny-nemu", image=pb.Image(encoded=png(3000, 3000)),
-                                             options=pb.ExplainOptions(return_png=True)), timeout=60)
+        srv.stub().Explain(
+            pb.ExplainRequest(
+                model="tiny-nemu", image=pb.Image(encoded=png(3000, 3000)), options=pb.ExplainOptions(return_png=True)
+            ),
+            timeout=60,
+        )
     assert e.value.code() == RE and "PNG renderings" in e.value.details() and "return_png off" in e.value.details()
 
 
 def test_a_large_image_that_fits_is_answered_at_its_resolution(srv):
-    r = big_stub(srv).Explain(pb.ExplainRequest(model="tiny-nemu", image=pb.Image(encoded=png(1500, 1200)),
-                                             options=pb.ExplainOptions(return_png=True)), timeout=120)
+    r = big_stub(srv).Explain(
+        pb.ExplainRequest(
+            model="tiny-nemu", image=pb.Image(encoded=png(1500, 1200)), options=pb.ExplainOptions(return_png=True)
+        ),
+        timeout=120,
+    )
     assert list(r.mask.shape) == [1500, 1200]
     assert Image.open(io.BytesIO(r.overlay_png)).size == (1200, 1500)
 
@@ -178,7 +254,10 @@ def test_health_and_listmodels_answer_while_slow_decodes_saturate_the_server(tin
         for _ in range(10):
             busy.append(pool.pending)
             t = time.perf_counter()
-            assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+            assert (
+                health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+                == health_pb2.HealthCheckResponse.SERVING
+            )
             times["health"].append(time.perf_counter() - t)
             t = time.perf_counter()
             assert stub.ListModels(pb.ListModelsRequest(), timeout=10).models
@@ -210,7 +289,9 @@ def test_admission_refuses_at_once_when_full(tiny_store):
         assert s.running.fast.cpu.submitted == before
         for f in futures:
             f.result()
-        assert stub.Explain(pb.ExplainRequest(model="tiny-nemu", image=pb.Image(encoded=png(32, 32))), timeout=30).mask.shape
+        assert stub.Explain(
+            pb.ExplainRequest(model="tiny-nemu", image=pb.Image(encoded=png(32, 32))), timeout=30
+        ).mask.shape
 
 
 def _get(url: str, method: str = "GET") -> tuple[int, bytes]:

@@ -9,6 +9,7 @@ PrometheusRule's rules with promtool. Cross-references kubernetes-validate canno
 too: selectors match pod labels, named ports exist, mounts have volumes, referenced Secrets and
 ConfigMaps are rendered or supplied, and the rendered server config loads with service.config.
 """
+
 from __future__ import annotations
 
 import base64
@@ -40,14 +41,21 @@ FAKE_KEY = "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n"
 
 INLINE_HARDENED = {
     "tls": {"enabled": True, "mtls": True, "cert": FAKE_PEM, "key": FAKE_KEY, "clientCA": FAKE_PEM},
-    "auth": {"enabled": True, "tokens": [
-        {"name": "video", "token": TOKEN_VIDEO, "methods": ["StreamExplain"]},
-        {"name": "admin", "token": TOKEN_ADMIN},
-    ]},
+    "auth": {
+        "enabled": True,
+        "tokens": [
+            {"name": "video", "token": TOKEN_VIDEO, "methods": ["StreamExplain"]},
+            {"name": "admin", "token": TOKEN_ADMIN},
+        ],
+    },
     "redis": {"enabled": False, "external": {"url": "rediss://:s3cret@redis.example.internal:6380/2"}},
     "worker": {"gpu": 2, "nodeSelector": {"gpu-pool": "a100"}, "autoscaling": {"enabled": True, "metric": "queue"}},
     "modelStore": {"source": "volume", "volume": {"persistentVolumeClaim": {"claimName": "models", "readOnly": True}}},
-    "metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}, "grafanaDashboard": {"enabled": True}},
+    "metrics": {
+        "serviceMonitor": {"enabled": True},
+        "prometheusRule": {"enabled": True},
+        "grafanaDashboard": {"enabled": True},
+    },
     "networkPolicy": {"enabled": True},
 }
 EXAMPLE_HARDENED = yaml.safe_load((CHART / "examples/values-hardened.yaml").read_text())
@@ -77,7 +85,9 @@ class Rendered:
 
     def get(self, kind: str, name: str) -> dict:
         found = [d for d in self.all(kind) if d["metadata"]["name"] == name]
-        assert len(found) == 1, f"{kind}/{name}: {len(found)} rendered; have {[(d['kind'], d['metadata']['name']) for d in self.docs]}"
+        assert len(found) == 1, (
+            f"{kind}/{name}: {len(found)} rendered; have {[(d['kind'], d['metadata']['name']) for d in self.docs]}"
+        )
         return found[0]
 
     def names(self, kind: str) -> set[str]:
@@ -104,7 +114,9 @@ def example(chart) -> Rendered:
 
 
 # -------------------------------------------------------------------------------- lint and schema
-@pytest.mark.parametrize("values", [{}, INLINE_HARDENED, EXAMPLE_HARDENED], ids=["default", "inline-hardened", "example-hardened"])
+@pytest.mark.parametrize(
+    "values", [{}, INLINE_HARDENED, EXAMPLE_HARDENED], ids=["default", "inline-hardened", "example-hardened"]
+)
 def test_helm_lint_has_no_warnings_or_errors(values):
     report = helm_python.lint(CHART, values, namespace=NAMESPACE)
     bad = [m for m in report["messages"] if m["severity"] >= 2]
@@ -159,8 +171,10 @@ def _workloads(r: Rendered) -> list[dict]:
 def test_references_between_manifests_resolve(which, request):
     r: Rendered = request.getfixturevalue(which)
     supplied = {  # Secrets the values say exist outside the chart
-        r.values["tls"]["existingSecret"], r.values["auth"]["existingSecret"],
-        r.values["redis"]["auth"]["existingSecret"], r.values["redis"]["external"]["existingSecret"],
+        r.values["tls"]["existingSecret"],
+        r.values["auth"]["existingSecret"],
+        r.values["redis"]["auth"]["existingSecret"],
+        r.values["redis"]["external"]["existingSecret"],
     } - {""}
     secrets = r.names("Secret") | supplied
     configmaps = r.names("ConfigMap")
@@ -173,7 +187,9 @@ def test_references_between_manifests_resolve(which, request):
         claim_templates = {t["metadata"]["name"] for t in w["spec"].get("volumeClaimTemplates", [])}
         for v in volumes.values():
             if "secret" in v:
-                assert v["secret"]["secretName"] in secrets, f"{name}: volume from missing Secret {v['secret']['secretName']}"
+                assert v["secret"]["secretName"] in secrets, (
+                    f"{name}: volume from missing Secret {v['secret']['secretName']}"
+                )
             if "configMap" in v:
                 assert v["configMap"]["name"] in configmaps
         for c in spec["containers"]:
@@ -198,7 +214,11 @@ def test_references_between_manifests_resolve(which, request):
                 if ref and ref["name"] in r.names("Secret"):
                     assert ref["key"] in r.get("Secret", ref["name"])["data"]
     for svc in r.all("Service"):
-        pods = [w["spec"]["template"] for w in _workloads(r) if _matches({"matchLabels": svc["spec"]["selector"]}, w["spec"]["template"]["metadata"]["labels"])]
+        pods = [
+            w["spec"]["template"]
+            for w in _workloads(r)
+            if _matches({"matchLabels": svc["spec"]["selector"]}, w["spec"]["template"]["metadata"]["labels"])
+        ]
         assert len(pods) == 1, f"Service {svc['metadata']['name']} selects {len(pods)} workloads"
         names = {p["name"] for c in pods[0]["spec"]["containers"] for p in c.get("ports", [])}
         for port in svc["spec"]["ports"]:
@@ -208,7 +228,10 @@ def test_references_between_manifests_resolve(which, request):
         target = r.get(ref["kind"], ref["name"])
         assert "replicas" not in target["spec"], "an autoscaled Deployment must not pin replicas"
     for pdb in r.all("PodDisruptionBudget"):
-        assert sum(_matches(pdb["spec"]["selector"], w["spec"]["template"]["metadata"]["labels"]) for w in _workloads(r)) == 1
+        assert (
+            sum(_matches(pdb["spec"]["selector"], w["spec"]["template"]["metadata"]["labels"]) for w in _workloads(r))
+            == 1
+        )
 
 
 # --------------------------------------------------------------------------------- default values
@@ -223,9 +246,16 @@ def _config(r: Rendered, key: str = "config.yaml") -> dict:
 def test_default_render_has_every_component(default):
     kinds = {(d["kind"], d["metadata"]["name"]) for d in default.docs}
     assert {
-        ("Deployment", fn("gateway")), ("Service", fn()), ("HorizontalPodAutoscaler", fn("gateway")),
-        ("PodDisruptionBudget", fn("gateway")), ("Deployment", fn("worker")), ("Service", fn("worker-metrics")),
-        ("StatefulSet", fn("redis")), ("Service", fn("redis")), ("Secret", fn("redis")), ("ConfigMap", fn()),
+        ("Deployment", fn("gateway")),
+        ("Service", fn()),
+        ("HorizontalPodAutoscaler", fn("gateway")),
+        ("PodDisruptionBudget", fn("gateway")),
+        ("Deployment", fn("worker")),
+        ("Service", fn("worker-metrics")),
+        ("StatefulSet", fn("redis")),
+        ("Service", fn("redis")),
+        ("Secret", fn("redis")),
+        ("ConfigMap", fn()),
         ("ServiceAccount", fn()),
     } <= kinds
     assert not default.all("ServiceMonitor") and not default.all("PrometheusRule") and not default.all("NetworkPolicy")
@@ -267,7 +297,11 @@ def test_queue_url_is_a_redis_url_built_from_the_password_secret(default):
     assert parsed == f"redis://:{password}@{fn('redis')}:6379/0" and prefix
     redis = _container(default, "StatefulSet", fn("redis"))
     args = " ".join(redis["args"])
-    assert "--appendonly yes" in args and "--maxmemory-policy noeviction" in args and "--requirepass $(REDIS_PASSWORD)" in args
+    assert (
+        "--appendonly yes" in args
+        and "--maxmemory-policy noeviction" in args
+        and "--requirepass $(REDIS_PASSWORD)" in args
+    )
     sts = default.get("StatefulSet", fn("redis"))
     assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "8Gi"
 
@@ -278,7 +312,12 @@ def test_worker_args_parse_with_the_workers_own_parser(default):
     c = _container(default, "Deployment", fn("worker"))
     assert c["args"][0] == "worker"
     args = _parser().parse_args(c["args"][1:])
-    assert (args.store, args.methods, args.metrics_host, args.metrics_port) == ("/app/model_store", "relax,ablation_path", "0.0.0.0", 9100)
+    assert (args.store, args.methods, args.metrics_host, args.metrics_port) == (
+        "/app/model_store",
+        "relax,ablation_path",
+        "0.0.0.0",
+        9100,
+    )
     pod = default.get("Deployment", fn("worker"))["spec"]["template"]["spec"]
     assert args.grace_s < pod["terminationGracePeriodSeconds"], "the job hand-back must fit in the grace period"
     assert "XAISERVE_QUEUE" in {e["name"] for e in c["env"]}  # the worker's --queue default
@@ -291,14 +330,26 @@ def test_worker_requests_gpus_on_selected_nodes(default):
     pod = default.get("Deployment", fn("worker"))["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
-    assert not any(m["name"] in ("tls", "tokens", "config") for m in c["volumeMounts"]), "workers get no TLS keys or tokens"
+    assert not any(m["name"] in ("tls", "tokens", "config") for m in c["volumeMounts"]), (
+        "workers get no TLS keys or tokens"
+    )
     assert default.get("Deployment", fn("worker"))["spec"]["replicas"] == 1
     assert fn("worker") not in default.names("HorizontalPodAutoscaler")
 
 
 def test_cpu_only_workers_and_cpu_autoscaling(chart):
-    r = Rendered(chart, {"worker": {"gpu": 0, "image": {"tagSuffix": ""}, "nodeSelector": None, "tolerations": [],
-                                    "autoscaling": {"enabled": True, "maxReplicas": 6}}})
+    r = Rendered(
+        chart,
+        {
+            "worker": {
+                "gpu": 0,
+                "image": {"tagSuffix": ""},
+                "nodeSelector": None,
+                "tolerations": [],
+                "autoscaling": {"enabled": True, "maxReplicas": 6},
+            }
+        },
+    )
     c = _container(r, "Deployment", fn("worker"))
     assert "nvidia.com/gpu" not in json.dumps(c["resources"]) and c["image"].endswith(":0.1.0")
     hpa = r.get("HorizontalPodAutoscaler", fn("worker"))
@@ -392,7 +443,9 @@ def test_network_policies_keep_redis_to_the_release(chart):
     gateway_labels = r.get("Deployment", fn("gateway"))["spec"]["template"]["metadata"]["labels"]
     worker_labels = r.get("Deployment", fn("worker"))["spec"]["template"]["metadata"]["labels"]
     assert all(_matches(peers[0]["podSelector"], labels) for labels in (gateway_labels, worker_labels))
-    assert not _matches(peers[0]["podSelector"], {"app.kubernetes.io/instance": "other", "app.kubernetes.io/component": "gateway"})
+    assert not _matches(
+        peers[0]["podSelector"], {"app.kubernetes.io/instance": "other", "app.kubernetes.io/component": "gateway"}
+    )
 
 
 # ----------------------------------------------------------------------- Prometheus operator CRDs
@@ -419,21 +472,27 @@ def test_prometheus_rule_is_the_checked_alerts_file(hardened, tmp_path):
     assert pr["spec"]["groups"] == source["groups"]  # Helm left Prometheus' {{ $value }} templates alone
     f = tmp_path / "rendered.yml"
     f.write_text(yaml.safe_dump({"groups": pr["spec"]["groups"]}))
-    proc = subprocess.run([shutil.which("promtool") or "promtool", "check", "rules", str(f)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [shutil.which("promtool") or "promtool", "check", "rules", str(f)], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_grafana_dashboard_configmap(hardened):
     cm = hardened.get("ConfigMap", fn("dashboard"))
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
-    assert json.loads(cm["data"]["xaiserve-dashboard.json"]) == json.loads((ROOT / "deploy/grafana/xaiserve-dashboard.json").read_text())
+    assert json.loads(cm["data"]["xaiserve-dashboard.json"]) == json.loads(
+        (ROOT / "deploy/grafana/xaiserve-dashboard.json").read_text()
+    )
 
 
 def test_chart_copies_of_rules_and_dashboard_are_identical():
-    assert (CHART / "files/alerts.yml").read_bytes() == (ROOT / "deploy/prometheus/alerts.yml").read_bytes(), \
+    assert (CHART / "files/alerts.yml").read_bytes() == (ROOT / "deploy/prometheus/alerts.yml").read_bytes(), (
         "copy deploy/prometheus/alerts.yml to helm/xaiserve/files/"
-    assert (CHART / "files/xaiserve-dashboard.json").read_bytes() == (ROOT / "deploy/grafana/xaiserve-dashboard.json").read_bytes(), \
-        "copy deploy/grafana/xaiserve-dashboard.json to helm/xaiserve/files/"
+    )
+    assert (CHART / "files/xaiserve-dashboard.json").read_bytes() == (
+        ROOT / "deploy/grafana/xaiserve-dashboard.json"
+    ).read_bytes(), "copy deploy/grafana/xaiserve-dashboard.json to helm/xaiserve/files/"
 
 
 # ------------------------------------------------------------------------ bad values, clear errors

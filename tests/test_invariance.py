@@ -1,5 +1,6 @@
 """The invariance test of [SSL-XAI] sec. 5.2 (xaiserve/training/evaluate_invariance.py): transforms
 and their inverses, the IoU at the mean threshold, and `xaiserve evaluate invariance` on a default model."""
+
 from __future__ import annotations
 
 import json
@@ -9,9 +10,9 @@ import sys
 import numpy as np
 import pytest
 
+from tests.serverutil import ROOT
 from xaiserve.errors import InvalidArgument
 from xaiserve.training import evaluate_invariance as I
-from tests.serverutil import ROOT
 
 
 def _blob(h: int = 32, w: int = 32, at=(8, 20)) -> np.ndarray:
@@ -63,10 +64,32 @@ def test_cli_on_the_default_lesion_classifier(tmp_path):
     """`xaiserve evaluate invariance` on lesions-classifier with GradCAM, the per-class NEMt and the
     random reference (2 images): the table and files are written, the random maps sit at chance,
     and the masking network on flipped images is far above it."""
-    proc = subprocess.run([sys.executable, "-m", "xaiserve.service.cli", "evaluate", "invariance", "--model",
-                           "lesions-classifier", "--method", "gradcam", "--method", "lesions-nemt", "--method", "random",
-                           "--n", "2", "--out", str(tmp_path), "--quiet"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xaiserve.service.cli",
+            "evaluate",
+            "invariance",
+            "--model",
+            "lesions-classifier",
+            "--method",
+            "gradcam",
+            "--method",
+            "lesions-nemt",
+            "--method",
+            "random",
+            "--n",
+            "2",
+            "--out",
+            str(tmp_path),
+            "--quiet",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| GradCAM |" in proc.stdout and "| lesions-nemt |" in proc.stdout
     data = json.loads((tmp_path / "invariance_lesions-classifier.json").read_text())
@@ -75,7 +98,25 @@ def test_cli_on_the_default_lesion_classifier(tmp_path):
         assert 0.25 < data["means"]["random (reference)"][a] < 0.42
     assert data["means"]["lesions-nemt"]["hflip"] > 0.5
     assert (tmp_path / "invariance_lesions-classifier.png").stat().st_size > 1000
-    bad = subprocess.run([sys.executable, "-m", "xaiserve.service.cli", "evaluate", "invariance", "--model",
-                          "lesions-classifier", "--method", "nope", "--n", "1", "--out", str(tmp_path)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xaiserve.service.cli",
+            "evaluate",
+            "invariance",
+            "--model",
+            "lesions-classifier",
+            "--method",
+            "nope",
+            "--n",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "unknown method(s) nope" in bad.stderr

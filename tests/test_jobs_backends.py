@@ -3,6 +3,7 @@
 Real SQLite files and a real redis-server (Debian package) on a free port; small test JobMethods
 (tests/jobs_support.py), so nothing here depends on RELAX.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -13,12 +14,12 @@ from contextlib import asynccontextmanager
 import pytest
 from prometheus_client import REGISTRY
 
-from xaiserve.proto.explain.v1 import explainer_pb2 as pb
+from tests.jobs_support import count_request, markers, run, support_methods, wait_until
 from xaiserve.errors import InvalidArgument, NotFound, ResourceExhausted
+from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.service.jobs.factory import open_backend
 from xaiserve.service.jobs.options import JobOptions
 from xaiserve.service.jobs.service import JobService
-from tests.jobs_support import count_request, markers, run, support_methods, wait_until
 
 _prefix = itertools.count()
 
@@ -30,8 +31,7 @@ def queue(request, tmp_path, redis_srv) -> str:
     return f"{redis_srv.url}?prefix=t{next(_prefix)}"  # a fresh keyspace per test
 
 
-FAST = dict(claim_idle_s=1.0, heartbeat_s=0.2, progress_min_interval_s=0.05, purge_interval_s=0.2,
-            stop_grace_s=2.0)
+FAST = dict(claim_idle_s=1.0, heartbeat_s=0.2, progress_min_interval_s=0.05, purge_interval_s=0.2, stop_grace_s=2.0)
 
 
 @asynccontextmanager
@@ -264,21 +264,30 @@ def test_metrics_count_jobs_with_low_cardinality_labels(queue, marks):
         return REGISTRY.get_sample_value(name, labels) or 0.0
 
     async def go():
-        before = (value("xaiserve_jobs_total", method="count", state="succeeded"),
-                  value("xaiserve_job_queue_wait_seconds_count", method="count"),
-                  value("xaiserve_job_run_seconds_count", method="count", state="succeeded"))
+        before = (
+            value("xaiserve_jobs_total", method="count", state="succeeded"),
+            value("xaiserve_job_queue_wait_seconds_count", method="count"),
+            value("xaiserve_job_run_seconds_count", method="count", state="succeeded"),
+        )
         async with service(queue) as svc:
             for i in range(2):
                 job = await svc.submit(count_request(f"m{i}", steps=1, step_ms=1))
                 await collect(svc, job.id)
             await asyncio.to_thread(svc._housekeeper.tick)
-        after = (value("xaiserve_jobs_total", method="count", state="succeeded"),
-                 value("xaiserve_job_queue_wait_seconds_count", method="count"),
-                 value("xaiserve_job_run_seconds_count", method="count", state="succeeded"))
+        after = (
+            value("xaiserve_jobs_total", method="count", state="succeeded"),
+            value("xaiserve_job_queue_wait_seconds_count", method="count"),
+            value("xaiserve_job_run_seconds_count", method="count", state="succeeded"),
+        )
         assert [a - b for a, b in zip(after, before)] == [2, 2, 2]
         assert REGISTRY.get_sample_value("xaiserve_job_queue_depth", {"method": "count"}) == 0
-        labels = {k for m in REGISTRY.collect() if m.name.startswith(("xaiserve_job", "xaiserve_worker"))
-                  for s in m.samples for k in s.labels}
+        labels = {
+            k
+            for m in REGISTRY.collect()
+            if m.name.startswith(("xaiserve_job", "xaiserve_worker"))
+            for s in m.samples
+            for k in s.labels
+        }
         assert labels <= {"method", "state", "reason", "le"}
 
     run(go())

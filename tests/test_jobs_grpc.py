@@ -1,4 +1,5 @@
 """The job RPCs over a real gRPC channel (JobServicerMixin on a grpc.aio server) and the `xaiserve jobs` CLI."""
+
 from __future__ import annotations
 
 import asyncio
@@ -9,13 +10,13 @@ import grpc
 import numpy as np
 import pytest
 
+from tests.jobs_support import count_request, markers, support_methods
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.proto.explain.v1 import explainer_pb2_grpc as pb_grpc
 from xaiserve.service import cli_jobs
 from xaiserve.service.jobs.factory import build_job_service
 from xaiserve.service.jobs.grpc_adapter import JobServicerMixin
 from xaiserve.service.jobs.options import JobOptions
-from tests.jobs_support import count_request, markers, support_methods
 
 
 class JobsOnlyServicer(JobServicerMixin, pb_grpc.ExplainerServicer):
@@ -71,12 +72,15 @@ def test_rpcs_over_a_real_channel(stub, marks):
     assert stub.CancelJob(pb.JobRef(id=long.id), timeout=10).state == pb.CANCELLED
 
 
-@pytest.mark.parametrize("call, request_, code, text", [
-    ("SubmitJob", pb.JobRequest(method="nope", model="m"), grpc.StatusCode.INVALID_ARGUMENT, "count, fail"),
-    ("SubmitJob", count_request("missing"), grpc.StatusCode.NOT_FOUND, "missing"),
-    ("GetJob", pb.JobRef(id="0" * 32), grpc.StatusCode.NOT_FOUND, "not found"),
-    ("CancelJob", pb.JobRef(id=""), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
-])
+@pytest.mark.parametrize(
+    "call, request_, code, text",
+    [
+        ("SubmitJob", pb.JobRequest(method="nope", model="m"), grpc.StatusCode.INVALID_ARGUMENT, "count, fail"),
+        ("SubmitJob", count_request("missing"), grpc.StatusCode.NOT_FOUND, "missing"),
+        ("GetJob", pb.JobRef(id="0" * 32), grpc.StatusCode.NOT_FOUND, "not found"),
+        ("CancelJob", pb.JobRef(id=""), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+    ],
+)
 def test_errors_map_to_status_codes(stub, call, request_, code, text):
     with pytest.raises(grpc.RpcError) as e:
         getattr(stub, call)(request_, timeout=10)
@@ -93,9 +97,27 @@ def test_cli_submit_watch_get_cancel(jobs_server, marks, tmp_path, capsys):
     img = tmp_path / "img.png"
     img.write_bytes(b"not decoded by the test method")
     out = tmp_path / "result"
-    rc = cli_jobs.main(["submit", str(img), "--method", "count", "--model", "cli", "--params", "relax",
-                        "--param", "num_masks=4", "--param", "batch_size=5", "--watch", "--out", str(out),
-                        "--address", jobs_server])
+    rc = cli_jobs.main(
+        [
+            "submit",
+            str(img),
+            "--method",
+            "count",
+            "--model",
+            "cli",
+            "--params",
+            "relax",
+            "--param",
+            "num_masks=4",
+            "--param",
+            "batch_size=5",
+            "--watch",
+            "--out",
+            str(out),
+            "--address",
+            jobs_server,
+        ]
+    )
     assert rc == 0
     lines = capsys.readouterr().out.strip().splitlines()
     job_id, final = lines[0], json.loads(lines[-1])
@@ -111,8 +133,25 @@ def test_cli_submit_watch_get_cancel(jobs_server, marks, tmp_path, capsys):
     assert np.array_equal(np.load(out2 / "importance.npy"), expected)
     capsys.readouterr()
 
-    assert cli_jobs.main(["submit", str(img), "--method", "count", "--model", "cli-long", "--params", "relax",
-                          "--param", "num_masks=500", "--address", jobs_server]) == 0
+    assert (
+        cli_jobs.main(
+            [
+                "submit",
+                str(img),
+                "--method",
+                "count",
+                "--model",
+                "cli-long",
+                "--params",
+                "relax",
+                "--param",
+                "num_masks=500",
+                "--address",
+                jobs_server,
+            ]
+        )
+        == 0
+    )
     long_id = capsys.readouterr().out.strip()
     assert cli_jobs.main(["cancel", long_id, "--address", jobs_server]) == 0
     assert json.loads(capsys.readouterr().out)["state"] == "CANCELLED"
@@ -123,11 +162,13 @@ def test_cli_submit_watch_get_cancel(jobs_server, marks, tmp_path, capsys):
 def test_cli_reports_bad_input_clearly(jobs_server, tmp_path, capsys):
     img = tmp_path / "img.png"
     img.write_bytes(b"x")
-    rc = cli_jobs.main(["submit", str(img), "--method", "relax", "--model", "m", "--param", "num_maskz=3",
-                        "--address", jobs_server])
+    rc = cli_jobs.main(
+        ["submit", str(img), "--method", "relax", "--model", "m", "--param", "num_maskz=3", "--address", jobs_server]
+    )
     assert rc == 2 and "no such field" in capsys.readouterr().err
-    rc = cli_jobs.main(["submit", str(img), "--method", "relax", "--model", "m", "--param", "p_keep=half",
-                        "--address", jobs_server])
+    rc = cli_jobs.main(
+        ["submit", str(img), "--method", "relax", "--model", "m", "--param", "p_keep=half", "--address", jobs_server]
+    )
     assert rc == 2 and "not a valid float" in capsys.readouterr().err
     rc = cli_jobs.main(["submit", str(img), "--method", "relaxx", "--model", "m", "--address", jobs_server])
     err = capsys.readouterr().err

@@ -1,5 +1,6 @@
 """Embedded mode: the serving process dies mid-job (SIGKILL); after a restart the job runs again and
 finishes exactly once, and nothing queued is lost. Real processes, a real SQLite file."""
+
 from __future__ import annotations
 
 import json
@@ -10,17 +11,22 @@ import sys
 
 import pytest
 
+from tests.jobs_support import ROOT, count_request, markers, run, support_methods, wait_until
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.service.jobs.factory import open_backend
 from xaiserve.service.jobs.options import JobOptions
 from xaiserve.service.jobs.service import JobService
-from tests.jobs_support import ROOT, count_request, markers, run, support_methods, wait_until
 
 
 def _embedded_process(queue: str, marks) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT), XAI_TEST_MARKERS=str(marks), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "tests.jobs_support", "embedded", queue], cwd=str(ROOT),
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.jobs_support", "embedded", queue],
+        cwd=str(ROOT),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
     assert json.loads(proc.stdout.readline())["event"] == "ready"
     return proc
 

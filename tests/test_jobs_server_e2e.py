@@ -1,6 +1,7 @@
 """End to end through the real server (tests/serverutil.py) and its default job methods: RELAX jobs on
 the tiny test encoder, the embedded SQLite queue, over a real gRPC channel; and the server process
 killed mid-job (SIGKILL) and restarted on the same state directory."""
+
 from __future__ import annotations
 
 import io
@@ -13,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.serverutil import running_server, server_process
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.proto.explain.v1 import explainer_pb2_grpc as pb_grpc
-from tests.serverutil import running_server, server_process
 
 
 def _png() -> bytes:
@@ -26,8 +27,13 @@ def _png() -> bytes:
 
 
 def relax(num_masks: int, **kw) -> pb.JobRequest:
-    return pb.JobRequest(method="relax", model="tiny-encoder", image=pb.Image(encoded=_png()),
-                         relax=pb.RelaxParams(num_masks=num_masks, batch_size=32, seed=0), **kw)
+    return pb.JobRequest(
+        method="relax",
+        model="tiny-encoder",
+        image=pb.Image(encoded=_png()),
+        relax=pb.RelaxParams(num_masks=num_masks, batch_size=32, seed=0),
+        **kw,
+    )
 
 
 def test_job_rpcs_on_the_real_server(tiny_store, tmp_path):
@@ -39,10 +45,11 @@ def test_job_rpcs_on_the_real_server(tiny_store, tmp_path):
         assert events[-1].type == pb.EVENT_SUCCEEDED, final.error
         assert final.result.relax.num_masks == 128 and list(final.result.relax.importance.shape) == [32, 32]
         assert stub.SubmitJob(relax(128, idempotency_key="e2e-1"), timeout=30).id == job.id
-        for req, code in ((relax(0), grpc.StatusCode.INVALID_ARGUMENT),
-                          (pb.JobRequest(method="relax", model="nope", image=pb.Image(encoded=_png())),
-                           grpc.StatusCode.NOT_FOUND),
-                          (pb.JobRequest(method="nope", model="tiny-encoder"), grpc.StatusCode.INVALID_ARGUMENT)):
+        for req, code in (
+            (relax(0), grpc.StatusCode.INVALID_ARGUMENT),
+            (pb.JobRequest(method="relax", model="nope", image=pb.Image(encoded=_png())), grpc.StatusCode.NOT_FOUND),
+            (pb.JobRequest(method="nope", model="tiny-encoder"), grpc.StatusCode.INVALID_ARGUMENT),
+        ):
             with pytest.raises(grpc.RpcError) as e:
                 stub.SubmitJob(req, timeout=30)
             assert e.value.code() == code

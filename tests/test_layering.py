@@ -1,4 +1,5 @@
 """The math imports no server: importing a method family loads neither grpc nor protobuf."""
+
 from __future__ import annotations
 
 import subprocess
@@ -10,16 +11,23 @@ import pytest
 pytestmark = pytest.mark.slow
 
 FAMILIES = [
-    "xaiserve.handlers.relax.relax", "xaiserve.handlers.ablation.optimiser", "xaiserve.handlers.saliency",
-    "xaiserve.handlers.nem.models", "xaiserve.handlers.denoise.networks", "xaiserve.handlers.loading",
-    "xaiserve.methods", "xaiserve.errors",
+    "xaiserve.handlers.relax.relax",
+    "xaiserve.handlers.ablation.optimiser",
+    "xaiserve.handlers.saliency",
+    "xaiserve.handlers.nem.models",
+    "xaiserve.handlers.denoise.networks",
+    "xaiserve.handlers.loading",
+    "xaiserve.methods",
+    "xaiserve.errors",
 ]
 
 
 @pytest.mark.parametrize("module", FAMILIES)
 def test_math_modules_load_no_grpc_or_protobuf(module):
-    code = (f"import sys, {module}; bad = [m for m in ('grpc', 'google.protobuf', 'xaiserve.service', 'xaiserve.proto') "
-            "if m in sys.modules]; print(','.join(bad))")
+    code = (
+        f"import sys, {module}; bad = [m for m in ('grpc', 'google.protobuf', 'xaiserve.service', 'xaiserve.proto') "
+        "if m in sys.modules]; print(','.join(bad))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "", f"{module} pulls in {out.stdout.strip()}"

@@ -4,6 +4,7 @@ For every default model and every method in xaiserve.methods.METHODS, over a rea
 an advertised method answers OK (jobs run to SUCCEEDED), a method that is not advertised is refused
 with INVALID_ARGUMENT (wrong kind) or FAILED_PRECONDITION (the store lacks the model form it needs).
 """
+
 from __future__ import annotations
 
 import grpc
@@ -65,8 +66,9 @@ def _call(stub, m: pb.ModelInfo, method: str):
     """Call `method` on model `m` the way a client would; returns the final Job for jobs."""
     spec = METHODS[method]
     if spec.rpc == "Explain":
-        return stub.Explain(pb.ExplainRequest(model=m.name, image=_image(m), options=pb.ExplainOptions(method=method)),
-                            timeout=120)
+        return stub.Explain(
+            pb.ExplainRequest(model=m.name, image=_image(m), options=pb.ExplainOptions(method=method)), timeout=120
+        )
     if spec.rpc == "Denoise":
         side = m.input.height
         parts = np.random.default_rng(1).normal(size=(2, side, side)).astype(np.float32)
@@ -80,12 +82,17 @@ def _call(stub, m: pb.ModelInfo, method: str):
         ds = _dataset(m.name)
         a, b = (int(np.flatnonzero(ds.labels == c)[0]) for c in np.unique(ds.labels)[:2])
         req.image.CopyFrom(_chw(ds.images[a]))
-        req.ablation.CopyFrom(pb.AblationParams(num_slices=4, max_iterations=2, mask_size=16, baseline=_chw(ds.images[b])))
+        req.ablation.CopyFrom(
+            pb.AblationParams(num_slices=4, max_iterations=2, mask_size=16, baseline=_chw(ds.images[b]))
+        )
     elif method in ("sift_ablation", "sift_rise"):
         # a real image: uniform noise has hundreds of SIFT keypoints; small settings keep it to seconds
         req.image.CopyFrom(_chw(_dataset(m.name).images[0]))
-        req.sift.CopyFrom(pb.SiftParams(num_slices=4, max_iterations=2) if method == "sift_ablation"
-                          else pb.SiftParams(num_masks=32, batch_size=32))
+        req.sift.CopyFrom(
+            pb.SiftParams(num_slices=4, max_iterations=2)
+            if method == "sift_ablation"
+            else pb.SiftParams(num_masks=32, batch_size=32)
+        )
     job = stub.SubmitJob(req, timeout=120)
     terminal = (pb.EVENT_SUCCEEDED, pb.EVENT_FAILED, pb.EVENT_CANCELLED, pb.EVENT_EXPIRED)
     for ev in stub.WatchJob(pb.JobRef(id=job.id), timeout=300):
@@ -120,8 +127,12 @@ def test_what_the_defaults_advertise(models):
     assert "gradcam" in models["scenes-simclr"].methods  # served before, not advertised before
     assert "label_free_saliency" in models["scenes-simclr"].methods
     assert "label_free_saliency" not in models["scenes-classifier"].methods
-    assert {"nem_u", *[g for g in GRADIENT_METHODS if g != "label_free_saliency"], "relax"} <= set(models["scenes-nemu"].methods)
-    assert "ablation_path" in models["lesions-classifier"].methods and "relax" not in models["lesions-classifier"].methods
+    assert {"nem_u", *[g for g in GRADIENT_METHODS if g != "label_free_saliency"], "relax"} <= set(
+        models["scenes-nemu"].methods
+    )
+    assert (
+        "ablation_path" in models["lesions-classifier"].methods and "relax" not in models["lesions-classifier"].methods
+    )
     assert models["cryoem-spiral"].methods == ["denoise"]
 
 

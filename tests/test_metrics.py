@@ -1,4 +1,5 @@
 """training/metrics.py: hand-made maps with known scores, and cross-checks against Quantus 0.6.0."""
+
 from __future__ import annotations
 
 import warnings
@@ -260,9 +261,16 @@ def quantus():
 def _quantus(metric, a, gt, x) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return np.asarray(metric(disable_warnings=True)(
-            model=None, x_batch=x, y_batch=np.zeros(len(a), int), a_batch=a[:, None].astype(np.float64),
-            s_batch=gt[:, None].astype(np.float64)), dtype=np.float64)
+        return np.asarray(
+            metric(disable_warnings=True)(
+                model=None,
+                x_batch=x,
+                y_batch=np.zeros(len(a), int),
+                a_batch=a[:, None].astype(np.float64),
+                s_batch=gt[:, None].astype(np.float64),
+            ),
+            dtype=np.float64,
+        )
 
 
 @pytest.mark.slow  # compares with quantus
@@ -274,8 +282,11 @@ def test_localisation_matches_quantus(sample, quantus):
     # top-k intersection: Quantus's default k = 1000 does not fit 16 x 16 maps; the area-scaled default
     # (k = 5 here) and larger k, all below Quantus's limit of the input size
     for k in (M.top_k_for(16, 16), 20, 60):
-        np.testing.assert_allclose(M.top_k_intersection(a, gt, k=k),
-                                   _quantus(lambda **kw: quantus.TopKIntersection(k=k, **kw), a, gt, x), atol=1e-12)
+        np.testing.assert_allclose(
+            M.top_k_intersection(a, gt, k=k),
+            _quantus(lambda **kw: quantus.TopKIntersection(k=k, **kw), a, gt, x),
+            atol=1e-12,
+        )
     # relevance mass: Quantus sums signed attributions; on the min-max normalised map (our first step) they agree
     m = M.normalise_maps(a)
     np.testing.assert_allclose(M.relevance_mass(a, gt), _quantus(quantus.RelevanceMassAccuracy, m, gt, x), atol=1e-9)
@@ -322,13 +333,14 @@ def test_monotonicity_matches_quantus_per_pixel(quantus):
     x = rng.normal(size=(3, 1, 6, 6)).astype(np.float32)
     y = np.array([0, 1, 2])
     a = M.normalise_maps(rng.random((3, 6, 6)))
-    ours = M.monotonicity(clf, torch.from_numpy(x), a, torch.from_numpy(y),
-                          M.MonotonicityConfig(patch=1, baseline="zero", n_samples=1))
+    ours = M.monotonicity(
+        clf, torch.from_numpy(x), a, torch.from_numpy(y), M.MonotonicityConfig(patch=1, baseline="zero", n_samples=1)
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = quantus.MonotonicityCorrelation(nr_samples=1, features_in_step=1, perturb_baseline=0.0,
-                                                 disable_warnings=True)(
-            model=clf, x_batch=x, y_batch=y, a_batch=a[:, None].astype(np.float32), softmax=True, device="cpu")
+        theirs = quantus.MonotonicityCorrelation(
+            nr_samples=1, features_in_step=1, perturb_baseline=0.0, disable_warnings=True
+        )(model=clf, x_batch=x, y_batch=y, a_batch=a[:, None].astype(np.float32), softmax=True, device="cpu")
     np.testing.assert_allclose(ours, np.asarray(theirs, dtype=np.float64), atol=1e-6)
 
 
@@ -341,13 +353,16 @@ def test_monotonicity_with_shared_variance_equals_the_direct_computation():
     var = M.perturbation_variance(clf, x, y, cfg)
     assert var.shape == (2, 9) and np.all(var >= 0)
     for a in (rng.random((2, 6, 6)), rng.normal(size=(2, 6, 6))):
-        np.testing.assert_array_equal(M.monotonicity(clf, x, a, y, cfg), M.monotonicity(None, x, a, config=cfg, variance=var))
+        np.testing.assert_array_equal(
+            M.monotonicity(clf, x, a, y, cfg), M.monotonicity(None, x, a, config=cfg, variance=var)
+        )
     with pytest.raises(InvalidArgument, match="precomputed variance"):
         M.monotonicity(None, x, rng.random((2, 6, 6)), config=cfg)
 
 
 def test_fidelity_vs_random_is_one_for_a_permutation_invariant_model():
     """A model that only sees the image's mean cannot tell a map from its pixel permutation: ratio 1."""
+
     class MeanOnly(torch.nn.Module):
         def forward(self, x):
             return torch.stack([x.mean(dim=(1, 2, 3)), 1 + 0 * x.mean(dim=(1, 2, 3))], dim=1)
@@ -356,6 +371,7 @@ def test_fidelity_vs_random_is_one_for_a_permutation_invariant_model():
     a = np.random.default_rng(2).random((3, H, W))
     ratio = M.fidelity_vs_random(MeanOnly(), x, a, kind="classifier", targets=[0, 0, 0])
     assert float(ratio.mean()) == pytest.approx(1.0, rel=1e-4)  # the ratio of the means
+
     # a model that reads one pixel: a map that keeps that pixel beats its permutation
     class OnePixel(torch.nn.Module):
         def forward(self, x):

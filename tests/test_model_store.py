@@ -4,6 +4,7 @@ At start the server logs the store it reads and how many models it serves, and w
 warning and a plain stderr line) when the store is missing or empty. Also: the spiral runtime's
 numba is optional, and `xaiserve bench` finds the checkout without looking at the package's files.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,9 +15,9 @@ import sys
 import numpy as np
 import pytest
 
-from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from tests.conftest import DEFAULT_STORE
 from tests.serverutil import running_server, server_process
+from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 
 
 def _store_records(caplog) -> list[logging.LogRecord]:
@@ -49,7 +50,9 @@ def test_a_missing_or_empty_store_is_warned_about_in_the_log_and_on_stderr(case,
         assert list(srv.stub().ListModels(pb.ListModelsRequest(), timeout=10).models) == []
     (rec,) = _store_records(caplog)
     assert rec.model_store == str(store) and rec.models == 0
-    want = {"missing": "does not exist", "no manifest": "has no manifest.json", "empty manifest": "lists no models"}[case]
+    want = {"missing": "does not exist", "no manifest": "has no manifest.json", "empty manifest": "lists no models"}[
+        case
+    ]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and want in r.getMessage()]
     assert len(warnings) == 1 and str(store) in warnings[0] and "--model-store" in warnings[0]
     err = capfd.readouterr().err
@@ -59,8 +62,14 @@ def test_a_missing_or_empty_store_is_warned_about_in_the_log_and_on_stderr(case,
 @pytest.mark.slow
 def test_xaiserve_serve_reads_the_store_of_the_environment_and_says_so(tiny_store, tmp_path):
     """The real command, started from a folder without a store, pointed at one by XAISERVE_MODEL_STORE."""
-    with server_process(None, cwd=tmp_path, env={"XAISERVE_MODEL_STORE": str(tiny_store)}, load_models="lazy",
-                        state_dir=tmp_path / "state", log_json="true") as srv:
+    with server_process(
+        None,
+        cwd=tmp_path,
+        env={"XAISERVE_MODEL_STORE": str(tiny_store)},
+        load_models="lazy",
+        state_dir=tmp_path / "state",
+        log_json="true",
+    ) as srv:
         n = len(srv.stub().ListModels(pb.ListModelsRequest(), timeout=10).models)
     records = [json.loads(line) for line in srv.log_path.read_text().splitlines() if line.startswith("{")]
     (rec,) = [r for r in records if r.get("message") == "model store"]
@@ -79,8 +88,14 @@ def test_without_numba_the_spiral_denoiser_is_served_by_its_onnx_graph(monkeypat
     reg = Registry(RegistryConfig(store=DEFAULT_STORE, warmup=True, prefer_cuda=False, intra_op_threads=1))
     served = reg.onnx("cryoem-spiral")
     assert isinstance(served, OnnxModel)
-    (warn,) = [r for r in caplog.records if r.levelno == logging.WARNING and "spiral runtime unavailable" in r.getMessage()]
-    assert "xaiserve[spiral]" in warn.getMessage() and warn.reason == "no module named 'numba'" and warn.model == "cryoem-spiral:1"
+    (warn,) = [
+        r for r in caplog.records if r.levelno == logging.WARNING and "spiral runtime unavailable" in r.getMessage()
+    ]
+    assert (
+        "xaiserve[spiral]" in warn.getMessage()
+        and warn.reason == "no module named 'numba'"
+        and warn.model == "cryoem-spiral:1"
+    )
     assert [r.backend for r in caplog.records if r.getMessage() == "model loaded"] == ["onnxruntime"]
     x = np.random.default_rng(0).normal(size=(2, 1, 64, 64)).astype(np.float32)
     out = served.run({"particles": x})["denoised"]
@@ -88,8 +103,8 @@ def test_without_numba_the_spiral_denoiser_is_served_by_its_onnx_graph(monkeypat
 
 
 def test_bench_lists_the_checkouts_benchmarks_from_a_subfolder(monkeypatch, capsys):
-    from xaiserve.service import cli
     from tests.conftest import ROOT
+    from xaiserve.service import cli
 
     monkeypatch.chdir(ROOT / "docs")
     assert cli.main(["bench"]) == 2
@@ -106,9 +121,23 @@ def test_a_worker_without_a_store_warns_loudly_too(tmp_path):
     from tests.conftest import ROOT
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("XAISERVE_")}
-    proc = subprocess.Popen([sys.executable, "-m", "xaiserve.service.worker", "--queue", f"sqlite:///{tmp_path}/jobs.sqlite",
-                             "--metrics-port", "-1", "--no-log-json"], cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "xaiserve.service.worker",
+            "--queue",
+            f"sqlite:///{tmp_path}/jobs.sqlite",
+            "--metrics-port",
+            "-1",
+            "--no-log-json",
+        ],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         ready = json.loads(proc.stdout.readline())
         assert ready["event"] == "worker ready"

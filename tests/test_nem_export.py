@@ -1,4 +1,5 @@
 """Export: ONNX Runtime agrees with torch (bounded max abs difference), the graph contract, the store entry."""
+
 from __future__ import annotations
 
 import json
@@ -7,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from xaiserve.handlers.loading import load_module
 from xaiserve.handlers.nem import DecoderArch, NemT, NemU
 from xaiserve.handlers.nem.build import arch_of
-from xaiserve.training.nem_export import Publication, export_onnx, onnx_parity, ort_session, publish
-from xaiserve.handlers.loading import load_module
 from xaiserve.handlers.nets import EncoderArch, FrozenSpec
 from xaiserve.service.registry import Registry, RegistryConfig
 from xaiserve.training.cli_nem import export_main, train_main
+from xaiserve.training.nem_export import Publication, export_onnx, onnx_parity, ort_session, publish
 
 TINY = EncoderArch(stem=4, widths=(8, 8, 8), blocks=(1, 1, 1))
 PARITY_BOUND = 1e-4
@@ -26,8 +27,13 @@ def _nemu():
 
 def _nemt(conditional: bool):
     torch.manual_seed(0)
-    model = NemT(FrozenSpec(TINY, num_classes=3).build(), DecoderArch(widths=(8, 8)), num_classes=3,
-                 conditional=conditional, smoothing=5).eval()
+    model = NemT(
+        FrozenSpec(TINY, num_classes=3).build(),
+        DecoderArch(widths=(8, 8)),
+        num_classes=3,
+        conditional=conditional,
+        smoothing=5,
+    ).eval()
     if conditional:
         torch.nn.init.normal_(model.decoders[0].film.weight, std=0.3)
     return model
@@ -70,10 +76,19 @@ def test_publish_writes_a_servable_store_entry(tmp_path):
     store = tmp_path / "store"
     enc = FrozenSpec(TINY)
     model = _nemu()
-    pub = Publication(name="tiny-nemu", version="1", kind="nem_u", description="test model",
-                      input={"height": 32, "width": 32, "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3},
-                      labels=(), output_dim=8, arch=arch_of(model, enc.to_arch()), metrics={"relevance_mass": 0.5},
-                      card_sections={"Data": "synthetic test data"}, explains="tiny-encoder:1")
+    pub = Publication(
+        name="tiny-nemu",
+        version="1",
+        kind="nem_u",
+        description="test model",
+        input={"height": 32, "width": 32, "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3},
+        labels=(),
+        output_dim=8,
+        arch=arch_of(model, enc.to_arch()),
+        metrics={"relevance_mass": 0.5},
+        card_sections={"Data": "synthetic test data"},
+        explains="tiny-encoder:1",
+    )
     entry = publish(store, pub, model)
     assert max(entry["metrics"]["onnx_max_abs_diff"].values()) < PARITY_BOUND
     manifest = json.loads((store / "manifest.json").read_text())

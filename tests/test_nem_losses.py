@@ -1,4 +1,5 @@
 """Losses against hand-computed values on tiny tensors; the smoothing operator."""
+
 from __future__ import annotations
 
 import math
@@ -7,7 +8,14 @@ import pytest
 import torch
 
 from xaiserve.handlers.nem.losses import NemULossConfig, mask_l1, nemt_deletion_loss, nemt_preservation_loss, nemu_loss
-from xaiserve.handlers.nem.smoothing import box_kernel, box_smooth, random_kernels, scaled_size, smooth_with, stochastic_smooth
+from xaiserve.handlers.nem.smoothing import (
+    box_kernel,
+    box_smooth,
+    random_kernels,
+    scaled_size,
+    smooth_with,
+    stochastic_smooth,
+)
 
 MASK = torch.tensor([[[[0.5, 1.0], [0.0, 0.5]]]])  # ||m||_1 as the pixel mean = 0.5
 
@@ -72,9 +80,10 @@ def test_nemt_deletion_loss_is_bounded():
     logits_del = torch.tensor([[0.0, 0.0]])
     empty, full = torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2)
     loss, parts = nemt_deletion_loss(logits, logits_del, empty, torch.tensor([0]), lambda1=0.5)
-    assert loss.item() == pytest.approx(-(1.0 - 0.5) ** 2, abs=1e-6)  # p: 1 -> 0.5
-    worst, _ = nemt_deletion_loss(torch.tensor([[100.0, -100.0]]), torch.tensor([[-100.0, 100.0]]), empty,
-                                  torch.tensor([0]), lambda1=0.5)
+    assert loss.item() == pytest.approx(-((1.0 - 0.5) ** 2), abs=1e-6)  # p: 1 -> 0.5
+    worst, _ = nemt_deletion_loss(
+        torch.tensor([[100.0, -100.0]]), torch.tensor([[-100.0, 100.0]]), empty, torch.tensor([0]), lambda1=0.5
+    )
     assert worst.item() == pytest.approx(-1.0, abs=1e-6)
     most, _ = nemt_deletion_loss(logits, logits, full, torch.tensor([0]), lambda1=0.5)
     assert most.item() == pytest.approx(0.5, abs=1e-6)

@@ -1,15 +1,16 @@
 """NEM-U / NEMt modules: tiny end-to-end training, frozen encoder untouched, labels, load_module errors."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
+from xaiserve.errors import FailedPrecondition, InvalidArgument
+from xaiserve.handlers.loading import load_module
 from xaiserve.handlers.nem import DecoderArch, NemT, NemU
 from xaiserve.handlers.nem.build import arch_of, build_from_arch
-from xaiserve.handlers.loading import load_module
 from xaiserve.handlers.nets import EncoderArch, FrozenSpec, frozen_spec_from_arch, require_pyramid
-from xaiserve.errors import FailedPrecondition, InvalidArgument
 from xaiserve.service.registry import ModelEntry
 from xaiserve.training.datasets.lesions import lesions
 from xaiserve.training.nem_train import NemTrainConfig, nemt_step, nemu_step, relevance_mass, train_nemt, train_nemu
@@ -33,8 +34,9 @@ def test_nemu_training_lowers_the_loss_and_leaves_the_encoder_frozen(tiny_data):
     # batch norm in training mode (batch statistics) on both sides: the comparison sees only the weights
     with torch.no_grad():
         loss0 = nemu_step(probe.train(), x)[0].item()
-    model, history, metrics = train_nemu(enc, tiny_data, NemTrainConfig(epochs=5, batch_size=8), decoder=DecoderArch(widths=(8, 8)),
-                                         progress=False)
+    model, history, metrics = train_nemu(
+        enc, tiny_data, NemTrainConfig(epochs=5, batch_size=8), decoder=DecoderArch(widths=(8, 8)), progress=False
+    )
     assert len(history) == 5 and loss0 > history[-1]["train_loss"] + 1e-3
     # the returned decoder is the epoch with the best validation relevance mass (model selection)
     assert sum(r["selected"] for r in history) == 1
@@ -50,9 +52,22 @@ def test_nemt_bank_training_lowers_the_loss(tiny_data):
     cls = FrozenSpec(TINY, num_classes=4).build()
     x = tiny_data.normalise(tiny_data.split("val").images)
     t = torch.full((len(x),), 2, dtype=torch.int64)
-    fresh = NemT(FrozenSpec(TINY, num_classes=4).build(), DecoderArch(widths=(8, 8)), num_classes=4, conditional=False, smoothing=5)
-    model, history, _ = train_nemt(cls, tiny_data, NemTrainConfig(epochs=3, batch_size=16), form="preservation",
-                                   decoder=DecoderArch(widths=(8, 8)), smoothing=5, progress=False)
+    fresh = NemT(
+        FrozenSpec(TINY, num_classes=4).build(),
+        DecoderArch(widths=(8, 8)),
+        num_classes=4,
+        conditional=False,
+        smoothing=5,
+    )
+    model, history, _ = train_nemt(
+        cls,
+        tiny_data,
+        NemTrainConfig(epochs=3, batch_size=16),
+        form="preservation",
+        decoder=DecoderArch(widths=(8, 8)),
+        smoothing=5,
+        progress=False,
+    )
     fresh.frozen.load_state_dict(model.frozen.state_dict())
     with torch.no_grad():
         torch.manual_seed(1)  # the same random smoothing kernels on both sides
@@ -105,8 +120,16 @@ def test_relevance_mass_by_hand():
 
 
 def _entry(kind: str, arch: dict, files: dict) -> ModelEntry:
-    return ModelEntry.from_dict({"name": "m", "version": "1", "kind": kind, "files": files, "arch": arch,
-                                 "input": {"height": 32, "width": 32, "channels": 3}})
+    return ModelEntry.from_dict(
+        {
+            "name": "m",
+            "version": "1",
+            "kind": kind,
+            "files": files,
+            "arch": arch,
+            "input": {"height": 32, "width": 32, "channels": 3},
+        }
+    )
 
 
 def test_load_module_round_trip_and_clear_errors(tmp_path):
@@ -155,7 +178,9 @@ def test_fused_bank_equals_the_separate_networks():
     from xaiserve.handlers.nem.decoder import bank_forward
 
     torch.manual_seed(0)
-    model = NemT(FrozenSpec(TINY, num_classes=4).build(), DecoderArch(widths=(8, 6, 4)), num_classes=4, conditional=False)
+    model = NemT(
+        FrozenSpec(TINY, num_classes=4).build(), DecoderArch(widths=(8, 6, 4)), num_classes=4, conditional=False
+    )
     for p in model.decoders.parameters():
         nn.init.normal_(p, std=0.2)
     for d in model.decoders:  # non-trivial running statistics, so the folding of batch norm is exercised
@@ -164,7 +189,9 @@ def test_fused_bank_equals_the_separate_networks():
             bn.running_var.uniform_(0.5, 2.0)
     model.eval()
     _, pyr = model.frozen.features(torch.randn(3, 3, 32, 32))
-    torch.testing.assert_close(bank_forward(model.decoders, pyr), torch.cat([d(pyr) for d in model.decoders], 1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        bank_forward(model.decoders, pyr), torch.cat([d(pyr) for d in model.decoders], 1), atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.slow
@@ -172,14 +199,22 @@ def test_interrupted_runs_resume_from_the_checkpoint(tmp_path, tiny_data):
     from xaiserve.training.supervised import ClassifierConfig, train_classifier
 
     ck = tmp_path / "ckpt.pt"
-    _, h2, _ = train_classifier(tiny_data, ClassifierConfig(epochs=2, batch_size=16), TINY, checkpoint=ck, progress=False)
-    full, h3, _ = train_classifier(tiny_data, ClassifierConfig(epochs=3, batch_size=16), TINY, checkpoint=ck, resume=True, progress=False)
+    _, h2, _ = train_classifier(
+        tiny_data, ClassifierConfig(epochs=2, batch_size=16), TINY, checkpoint=ck, progress=False
+    )
+    full, h3, _ = train_classifier(
+        tiny_data, ClassifierConfig(epochs=3, batch_size=16), TINY, checkpoint=ck, resume=True, progress=False
+    )
     assert len(h3) == 3 and h3[:2] == h2  # the first two epochs come from the checkpoint
     with pytest.raises(FailedPrecondition, match="different configuration"):
-        train_classifier(tiny_data, ClassifierConfig(epochs=3, batch_size=8), TINY, checkpoint=ck, resume=True, progress=False)
+        train_classifier(
+            tiny_data, ClassifierConfig(epochs=3, batch_size=8), TINY, checkpoint=ck, resume=True, progress=False
+        )
     ck.write_bytes(b"garbage")
     with pytest.raises(FailedPrecondition, match="corrupt"):
-        train_classifier(tiny_data, ClassifierConfig(epochs=3, batch_size=16), TINY, checkpoint=ck, resume=True, progress=False)
+        train_classifier(
+            tiny_data, ClassifierConfig(epochs=3, batch_size=16), TINY, checkpoint=ck, resume=True, progress=False
+        )
 
 
 def test_model_selection_keeps_the_best_validation_epoch_across_a_resume(tmp_path):
@@ -193,9 +228,22 @@ def test_model_selection_keeps_the_best_validation_epoch_across_a_resume(tmp_pat
         return -net.weight.sum(), {}  # every step adds 1 to the weight: epoch e ends at weight e
 
     def run(epochs: int, resume: bool):
-        return train_loop(LoopConfig(epochs=epochs, checkpoint=tmp_path / "ck.pt", resume=resume, progress=False,
-                                     log_epochs=False, select="score"),
-                          net, opt, lambda e: [None], 1, step, validate=lambda e: {"score": scores[e]})
+        return train_loop(
+            LoopConfig(
+                epochs=epochs,
+                checkpoint=tmp_path / "ck.pt",
+                resume=resume,
+                progress=False,
+                log_epochs=False,
+                select="score",
+            ),
+            net,
+            opt,
+            lambda e: [None],
+            1,
+            step,
+            validate=lambda e: {"score": scores[e]},
+        )
 
     with torch.no_grad():
         net.weight.zero_()

@@ -4,6 +4,7 @@ tritonclient (PyPI, the client Triton and KServe users have) calls every model o
 store; answers are compared with explain.v1's Explain / Denoise for the same input (one code
 path, so they are equal); bad input gets the protocol's status with a message saying what to send.
 """
+
 from __future__ import annotations
 
 import io
@@ -19,13 +20,13 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
+from tests.conftest import DEFAULT_STORE
+from tests.serverutil import running_server
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.proto.inference import grpc_predict_v2_pb2 as oip
 from xaiserve.service.images import to_model_input
 from xaiserve.service.registry import read_manifest
 from xaiserve.service.tensors import from_tensor, to_tensor
-from tests.conftest import DEFAULT_STORE
-from tests.serverutil import running_server
 
 # the default zoo's server for the module
 pytestmark = pytest.mark.slow
@@ -129,7 +130,11 @@ def test_tritonclient_calls_every_default_model(client, name):
         assert got["denoised"].shape == x.shape and got["denoised"].dtype == np.float32
         assert np.isfinite(got["denoised"]).all()
         return
-    assert [(i.name, i.datatype, list(i.shape)) for i in md.inputs][0] == ("image", "FP32", [-1, s.channels, s.height, s.width])
+    assert [(i.name, i.datatype, list(i.shape)) for i in md.inputs][0] == (
+        "image",
+        "FP32",
+        [-1, s.channels, s.height, s.width],
+    )
     # encoded images (at another size than the model's) and raw tensors in the model's layout
     data, _ = png(50, 38, channels=s.channels)
     method = {} if e.kind in ("nem_u", "nemt") else {"method": "saliency"}
@@ -155,8 +160,13 @@ def test_tritonclient_calls_every_default_model(client, name):
 def test_masks_equal_explain_for_bytes_and_for_raw_tensors(zoo, client):
     stub = zoo.stub()
     data, arr = png(64, 64, seed=3)
-    ref = stub.Explain(pb.ExplainRequest(model="scenes-nemu", image=pb.Image(encoded=data),
-                                         options=pb.ExplainOptions(return_output=True, fidelity=True)))
+    ref = stub.Explain(
+        pb.ExplainRequest(
+            model="scenes-nemu",
+            image=pb.Image(encoded=data),
+            options=pb.ExplainOptions(return_output=True, fidelity=True),
+        )
+    )
     mask, out = from_tensor(ref.mask), from_tensor(ref.output)
     got = outputs(client.infer("scenes-nemu", [bytes_input(data)], parameters={"fidelity": True}))
     assert np.array_equal(got["mask"][0, 0], mask)
@@ -172,15 +182,24 @@ def test_masks_equal_explain_for_bytes_and_for_raw_tensors(zoo, client):
 def test_classifier_explanations_and_targets_equal_explain(zoo, client):
     stub = zoo.stub()
     data, _ = png(64, 64, seed=4)
-    ref = stub.Explain(pb.ExplainRequest(model="scenes-classifier", image=pb.Image(encoded=data),
-                                         options=pb.ExplainOptions(method="gradcam", target_label=3, return_output=True)))
-    got = outputs(client.infer("scenes-classifier", [bytes_input(data)],
-                               parameters={"method": "gradcam", "target_label": 3}))
+    ref = stub.Explain(
+        pb.ExplainRequest(
+            model="scenes-classifier",
+            image=pb.Image(encoded=data),
+            options=pb.ExplainOptions(method="gradcam", target_label=3, return_output=True),
+        )
+    )
+    got = outputs(
+        client.infer("scenes-classifier", [bytes_input(data)], parameters={"method": "gradcam", "target_label": 3})
+    )
     assert got["label"].tolist() == [3] == [ref.target_label]
     np.testing.assert_allclose(got["mask"][0, 0], from_tensor(ref.mask), atol=1e-6)
     # per-row targets as the NEMt graph's second input
-    two = outputs(client.infer("lesions-nemt", [bytes_input(data, data),
-                                                tensor_input("target", np.array([1, 2], np.int64), "INT64")]))
+    two = outputs(
+        client.infer(
+            "lesions-nemt", [bytes_input(data, data), tensor_input("target", np.array([1, 2], np.int64), "INT64")]
+        )
+    )
     assert two["label"].tolist() == [1, 2]
     assert not np.array_equal(two["mask"][0], two["mask"][1])
 
@@ -216,21 +235,24 @@ def test_unknown_model_and_version(client):
     assert status == "StatusCode.NOT_FOUND" and "version" in msg and "1" in msg
 
 
-@pytest.mark.parametrize("inputs,params,needle", [
-    (lambda: [tensor_input("image", np.zeros((1, 3, 64, 64), np.int32), "INT32")], {}, "takes FP32 [B, 3, 64, 64]"),
-    (lambda: [tensor_input("image", np.zeros((1, 3, 32, 32), np.float32))], {}, "takes FP32 [B, 3, 64, 64]"),
-    (lambda: [tensor_input("image", np.full((1, 3, 64, 64), np.nan, np.float32))], {}, "NaN"),
-    (lambda: [bytes_input(b"\x89PNG\r\n\x1a\n not really")], {}, "could not be decoded"),
-    (lambda: [bytes_input(png(64, 64)[0], png(32, 32)[0])], {}, "images of one size"),
-    (lambda: [tensor_input("target", np.zeros((1,), np.int64), "INT64")], {}, "needs input 'image'"),
-    (lambda: [bytes_input(png(8, 8)[0]), tensor_input("extra", np.zeros((1,), np.float32))], {}, "has no input"),
-    (lambda: [bytes_input(png(8, 8)[0])], {"colour": "red"}, "parameter 'colour' is unknown; known: method"),
-    (lambda: [bytes_input(png(8, 8)[0])], {"method": "astrology"}, "is unknown; known:"),
-    (lambda: [bytes_input(png(8, 8)[0])], {"method": "relax"}, "submit it as a job"),
-    (lambda: [bytes_input(png(8, 8)[0])], {"fidelity": "yes"}, "fidelity must be a bool"),
-    (lambda: [bytes_input(png(8, 8)[0])], {"target_label": 3}, "classifiers and NEMt"),
-    (lambda: [tensor_input("image", np.zeros((17, 3, 64, 64), np.float32))], {}, "at most 16 per request"),
-])
+@pytest.mark.parametrize(
+    "inputs,params,needle",
+    [
+        (lambda: [tensor_input("image", np.zeros((1, 3, 64, 64), np.int32), "INT32")], {}, "takes FP32 [B, 3, 64, 64]"),
+        (lambda: [tensor_input("image", np.zeros((1, 3, 32, 32), np.float32))], {}, "takes FP32 [B, 3, 64, 64]"),
+        (lambda: [tensor_input("image", np.full((1, 3, 64, 64), np.nan, np.float32))], {}, "NaN"),
+        (lambda: [bytes_input(b"\x89PNG\r\n\x1a\n not really")], {}, "could not be decoded"),
+        (lambda: [bytes_input(png(64, 64)[0], png(32, 32)[0])], {}, "images of one size"),
+        (lambda: [tensor_input("target", np.zeros((1,), np.int64), "INT64")], {}, "needs input 'image'"),
+        (lambda: [bytes_input(png(8, 8)[0]), tensor_input("extra", np.zeros((1,), np.float32))], {}, "has no input"),
+        (lambda: [bytes_input(png(8, 8)[0])], {"colour": "red"}, "parameter 'colour' is unknown; known: method"),
+        (lambda: [bytes_input(png(8, 8)[0])], {"method": "astrology"}, "is unknown; known:"),
+        (lambda: [bytes_input(png(8, 8)[0])], {"method": "relax"}, "submit it as a job"),
+        (lambda: [bytes_input(png(8, 8)[0])], {"fidelity": "yes"}, "fidelity must be a bool"),
+        (lambda: [bytes_input(png(8, 8)[0])], {"target_label": 3}, "classifiers and NEMt"),
+        (lambda: [tensor_input("image", np.zeros((17, 3, 64, 64), np.float32))], {}, "at most 16 per request"),
+    ],
+)
 def test_bad_input_gets_invalid_argument_with_an_actionable_message(client, inputs, params, needle):
     status, msg = refused(lambda: client.infer("scenes-nemu", inputs(), parameters=params))
     assert status == "StatusCode.INVALID_ARGUMENT", msg
@@ -246,9 +268,13 @@ def test_outputs_that_need_an_explanation_or_do_not_exist(client):
     assert status == "StatusCode.INVALID_ARGUMENT" and "set parameter method to one of" in msg and "saliency" in msg
     status, msg = refused(lambda: client.infer("scenes-simclr", x, outputs=[tg.InferRequestedOutput("logits")]))
     assert status == "StatusCode.INVALID_ARGUMENT" and "no output 'logits'" in msg
-    status, msg = refused(lambda: client.infer("scenes-classifier", x, outputs=[tg.InferRequestedOutput("output", class_count=3)]))
+    status, msg = refused(
+        lambda: client.infer("scenes-classifier", x, outputs=[tg.InferRequestedOutput("output", class_count=3)])
+    )
     assert status == "StatusCode.INVALID_ARGUMENT" and "classification" in msg
-    status, msg = refused(lambda: client.infer("cryoem-spiral", [tensor_input("particles", np.zeros((1, 64, 64), np.float32))]))
+    status, msg = refused(
+        lambda: client.infer("cryoem-spiral", [tensor_input("particles", np.zeros((1, 64, 64), np.float32))])
+    )
     assert status == "StatusCode.INVALID_ARGUMENT" and "FP32 [B, 1, 64, 64]" in msg
 
 
@@ -274,16 +300,27 @@ def test_reflection_lists_and_describes_the_inference_service(zoo, version):
     from grpc_reflection.v1alpha import reflection_pb2 as r
 
     with grpc.insecure_channel(zoo.address) as ch:
-        call = ch.stream_stream(f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
-                                request_serializer=r.ServerReflectionRequest.SerializeToString,
-                                response_deserializer=r.ServerReflectionResponse.FromString)
-        listed, described = call(iter([
-            r.ServerReflectionRequest(list_services=""),
-            r.ServerReflectionRequest(file_containing_symbol="inference.GRPCInferenceService"),
-        ]), timeout=10)
+        call = ch.stream_stream(
+            f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+            request_serializer=r.ServerReflectionRequest.SerializeToString,
+            response_deserializer=r.ServerReflectionResponse.FromString,
+        )
+        listed, described = call(
+            iter(
+                [
+                    r.ServerReflectionRequest(list_services=""),
+                    r.ServerReflectionRequest(file_containing_symbol="inference.GRPCInferenceService"),
+                ]
+            ),
+            timeout=10,
+        )
     names = {s.name for s in listed.list_services_response.service}
-    assert {"inference.GRPCInferenceService", "explain.v1.Explainer", "grpc.reflection.v1.ServerReflection",
-            "grpc.reflection.v1alpha.ServerReflection"} <= names
+    assert {
+        "inference.GRPCInferenceService",
+        "explain.v1.Explainer",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    } <= names
     fd = descriptor_pb2.FileDescriptorProto.FromString(described.file_descriptor_response.file_descriptor_proto[0])
     assert fd.package == "inference" and "ModelInfer" in [m.name for m in fd.service[0].method]
 

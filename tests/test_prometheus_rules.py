@@ -6,6 +6,7 @@
 - every PromQL expression of the dashboard parsed by promtool (as recording rules, with Grafana's
   variables substituted), and every metric name in rules and dashboard one the service exports.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,19 +28,33 @@ DASHBOARD = ROOT / "deploy/grafana/xaiserve-dashboard.json"
 # xaiserve_job_queue_depth / xaiserve_job_oldest_queued_age_seconds (singular "job"), which is what
 # the rules use; `exported_metrics` below is the authority, so a rename on either side fails here.
 GATEWAY_METRICS = {
-    "xaiserve_request_latency_seconds", "xaiserve_requests_total", "xaiserve_inflight_requests",
-    "xaiserve_batch_size", "xaiserve_queue_wait_seconds", "xaiserve_inference_seconds",
-    "xaiserve_stream_frames_total", "xaiserve_model_load_seconds", "xaiserve_build_info",
-    "xaiserve_frame_latency_seconds", "xaiserve_frame_queue_wait_seconds", "xaiserve_stream_duration_seconds",
+    "xaiserve_request_latency_seconds",
+    "xaiserve_requests_total",
+    "xaiserve_inflight_requests",
+    "xaiserve_batch_size",
+    "xaiserve_queue_wait_seconds",
+    "xaiserve_inference_seconds",
+    "xaiserve_stream_frames_total",
+    "xaiserve_model_load_seconds",
+    "xaiserve_build_info",
+    "xaiserve_frame_latency_seconds",
+    "xaiserve_frame_queue_wait_seconds",
+    "xaiserve_stream_duration_seconds",
     "xaiserve_active_streams",
 }
 JOB_METRICS = {
-    "xaiserve_job_queue_depth", "xaiserve_job_oldest_queued_age_seconds", "xaiserve_jobs_total",
-    "xaiserve_job_run_seconds", "xaiserve_job_queue_wait_seconds",
+    "xaiserve_job_queue_depth",
+    "xaiserve_job_oldest_queued_age_seconds",
+    "xaiserve_jobs_total",
+    "xaiserve_job_run_seconds",
+    "xaiserve_job_queue_wait_seconds",
 }
 DEVICE_METRICS = {
-    "xaiserve_gpu_utilization_ratio", "xaiserve_gpu_memory_used_bytes", "xaiserve_gpu_memory_total_bytes",
-    "xaiserve_device_oom_total", "xaiserve_device_info",
+    "xaiserve_gpu_utilization_ratio",
+    "xaiserve_gpu_memory_used_bytes",
+    "xaiserve_gpu_memory_total_bytes",
+    "xaiserve_device_oom_total",
+    "xaiserve_device_info",
 }
 
 
@@ -102,7 +117,11 @@ def test_alert_unit_tests_pass():
     proc = promtool("test", "rules", ALERTS_TEST.name, cwd=ALERTS_TEST.parent)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "SUCCESS" in proc.stdout + proc.stderr
-    tested = {t["alertname"] for case in yaml.safe_load(ALERTS_TEST.read_text())["tests"] for t in case.get("alert_rule_test", [])}
+    tested = {
+        t["alertname"]
+        for case in yaml.safe_load(ALERTS_TEST.read_text())["tests"]
+        for t in case.get("alert_rule_test", [])
+    }
     alerts = {r["alert"] for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]}
     assert tested == alerts, f"alerts without a unit test: {sorted(alerts - tested)}"
 
@@ -110,7 +129,9 @@ def test_alert_unit_tests_pass():
 @pytest.mark.slow
 def test_alert_unit_test_detects_a_changed_threshold(tmp_path):
     """The unit tests pin the behaviour: raising the backlog threshold must make them fail."""
-    changed = ALERTS.read_text().replace("max(xaiserve_job_oldest_queued_age_seconds) > 300", "max(xaiserve_job_oldest_queued_age_seconds) > 900")
+    changed = ALERTS.read_text().replace(
+        "max(xaiserve_job_oldest_queued_age_seconds) > 300", "max(xaiserve_job_oldest_queued_age_seconds) > 900"
+    )
     assert changed != ALERTS.read_text()
     (tmp_path / "alerts.yml").write_text(changed)
     shutil.copy(ALERTS_TEST, tmp_path / "alerts_test.yml")

@@ -12,6 +12,7 @@ specifiers read from pyproject.toml plus the peer, and imports both in one proce
 xaiserve itself comes from this checkout on PYTHONPATH (its server dependencies, torch among
 them, are not needed to import the client and the stubs).
 """
+
 from __future__ import annotations
 
 import os
@@ -87,12 +88,20 @@ def run_in_venv(tmp_path: Path, requirements: list[str], *probe_args: str) -> di
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True, system_site_packages=False).create(env_dir)
     py = env_dir / "bin" / "python"
-    pip = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", *requirements],
-                         capture_output=True, text=True, timeout=600)
-    assert pip.returncode == 0, f"pip could not install {requirements} together:\n{pip.stdout[-3000:]}{pip.stderr[-3000:]}"
+    pip = subprocess.run(
+        [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", *requirements],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert pip.returncode == 0, (
+        f"pip could not install {requirements} together:\n{pip.stdout[-3000:]}{pip.stderr[-3000:]}"
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env["PYTHONPATH"] = str(ROOT)
-    probe = subprocess.run([str(py), "-c", PROBE, *probe_args], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    probe = subprocess.run(
+        [str(py), "-c", PROBE, *probe_args], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path
+    )
     assert probe.returncode == 0, f"imports failed with {requirements}:\n{probe.stderr[-4000:]}"
     import json
 

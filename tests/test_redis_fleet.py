@@ -1,5 +1,6 @@
 """The distributed queue as deployed: a real redis-server, two gateways (JobService instances with no
 workers of their own) and real `python -m xaiserve.service.worker` processes running the test methods."""
+
 from __future__ import annotations
 
 import asyncio
@@ -11,10 +12,6 @@ from contextlib import asynccontextmanager, contextmanager
 
 import pytest
 
-from xaiserve.proto.explain.v1 import explainer_pb2 as pb
-from xaiserve.service.jobs.factory import open_backend
-from xaiserve.service.jobs.options import JobOptions
-from xaiserve.service.jobs.service import JobService
 from tests.jobs_support import (
     RedisServer,
     WorkerProcess,
@@ -24,6 +21,10 @@ from tests.jobs_support import (
     support_methods,
     wait_until,
 )
+from xaiserve.proto.explain.v1 import explainer_pb2 as pb
+from xaiserve.service.jobs.factory import open_backend
+from xaiserve.service.jobs.options import JobOptions
+from xaiserve.service.jobs.service import JobService
 
 _prefix = itertools.count()
 GATEWAY = JobOptions(embedded_workers=0, claim_idle_s=1.0, heartbeat_s=0.2, progress_min_interval_s=0.05)
@@ -82,14 +83,20 @@ def test_two_gateways_two_workers_each_job_once(queue, marks, tmp_path):
                     assert len(markers(marks, f"j{i}", "start")) == 1 and len(markers(marks, f"j{i}", "done")) == 1
                 # progress written by a worker reaches a gateway that never touched the job
                 assert any(e.type == pb.EVENT_PROGRESS for evs in results for e in evs)
+
                 # per-worker /metrics: jobs run by each worker (they add up), and the shared queue gauges
                 def scrape() -> str:
-                    return "".join(urllib.request.urlopen(f"http://127.0.0.1:{p.metrics_port}/metrics", timeout=5)
-                                   .read().decode() for p in procs)
+                    return "".join(
+                        urllib.request.urlopen(f"http://127.0.0.1:{p.metrics_port}/metrics", timeout=5).read().decode()
+                        for p in procs
+                    )
 
                 def ran(text: str) -> float:
-                    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                               if line.startswith('xaiserve_worker_jobs_total{method="count",state="succeeded"}'))
+                    return sum(
+                        float(line.rsplit(" ", 1)[1])
+                        for line in text.splitlines()
+                        if line.startswith('xaiserve_worker_jobs_total{method="count",state="succeeded"}')
+                    )
 
                 # a worker counts a job just after storing its result, so the gateway may see the end first
                 def all_counted() -> str | None:
@@ -163,6 +170,7 @@ def test_queued_jobs_survive_a_redis_restart(tmp_path, marks):
     srv = RedisServer(tmp_path / "aof", appendonly=True).start()
     queue = srv.url
     try:
+
         async def go():
             async with gateways(queue, n=1) as (a,):
                 ids = [(await a.submit(count_request(f"keep{i}", steps=2, step_ms=1, priority=i))).id for i in range(3)]

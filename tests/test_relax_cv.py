@@ -3,6 +3,7 @@
 brute-force enumeration of every grid and crop offset, exactness when the similarity is a function
 the regression can represent, agreement with the plain estimator on a real network, the
 integration (progress, two-pass, stopping) and configuration validation."""
+
 from __future__ import annotations
 
 import itertools
@@ -12,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xaiserve.errors import InvalidArgument
 from xaiserve.handlers.relax import Relax, RelaxConfig
 from xaiserve.handlers.relax import control_variate as cv
 from xaiserve.handlers.relax import estimator as est
 from xaiserve.handlers.relax.masks import generate_masks, mask_geometry
-from xaiserve.errors import InvalidArgument
 
 torch.set_num_threads(1)
 
@@ -121,7 +122,9 @@ def test_control_variate_is_exact_when_the_regression_is(quadratic):
     exact = num / den
 
     x = torch.ones(1, size, size)
-    common = dict(num_masks=96, batch_size=32, cells=cells, cv_grid=3, cv_quadratic=quadratic, cv_ridge=0.0, cv_min_fit=32, seed=1)
+    common = dict(
+        num_masks=96, batch_size=32, cells=cells, cv_grid=3, cv_quadratic=quadratic, cv_ridge=0.0, cv_min_fit=32, seed=1
+    )
     plain = Relax(PooledSimilarity(spec, 0.3, b, c), RelaxConfig(estimator="plain", **common)).attribute(x)
     ctrl = Relax(model, RelaxConfig(estimator="control_variate", **common)).attribute(x)
     assert ctrl.estimator == "control_variate" and plain.estimator == "plain"
@@ -161,7 +164,10 @@ def test_control_variate_is_unbiased_and_its_standard_error_is_calibrated():
     spread = {}
     for name in ("plain", "control_variate"):
         cfg = dict(num_masks=192, batch_size=64, cells=3, cv_grid=3, cv_min_fit=64, estimator=name)
-        outs = [Relax(NonlinearSimilarity(), RelaxConfig(seed=k, **cfg)).attribute(torch.ones(1, 12, 12)) for k in range(runs)]
+        outs = [
+            Relax(NonlinearSimilarity(), RelaxConfig(seed=k, **cfg)).attribute(torch.ones(1, 12, 12))
+            for k in range(runs)
+        ]
         r = torch.stack([o.importance.double() for o in outs])
         sd = r.std(0)
         z = (r.mean(0) - exact) / (sd / runs**0.5)
@@ -195,7 +201,9 @@ class SmallEncoder(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         conv = dict(padding=1, bias=False)
-        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, **conv), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, **conv), nn.ReLU())
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, **conv), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, **conv), nn.ReLU()
+        )
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(3), nn.Flatten(), nn.Linear(72, 16, bias=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -210,8 +218,12 @@ def test_control_variate_agrees_with_plain_on_a_real_encoder():
     x[:, 4:14, 6:18] += 1.5  # an object
     n = 3000
     plain = Relax(enc, RelaxConfig(num_masks=n, batch_size=100, cells=4, seed=1, estimator="plain")).attribute(x)
-    ctrl = Relax(enc, RelaxConfig(num_masks=n, batch_size=100, cells=4, seed=2, estimator="control_variate")).attribute(x)
-    small = Relax(enc, RelaxConfig(num_masks=300, batch_size=100, cells=4, seed=3, estimator="control_variate")).attribute(x)
+    ctrl = Relax(enc, RelaxConfig(num_masks=n, batch_size=100, cells=4, seed=2, estimator="control_variate")).attribute(
+        x
+    )
+    small = Relax(
+        enc, RelaxConfig(num_masks=300, batch_size=100, cells=4, seed=3, estimator="control_variate")
+    ).attribute(x)
     # independent masks, same R (eq. 12): within a few combined standard errors everywhere
     both = torch.sqrt(plain.std_error**2 + ctrl.std_error**2)
     assert float(((ctrl.importance - plain.importance).abs() / both).max()) < 5.0
@@ -221,7 +233,9 @@ def test_control_variate_agrees_with_plain_on_a_real_encoder():
     assert float(plain.importance.max() - plain.importance.min()) > 5 * float(plain.achieved_error)  # a map, not noise
     assert float(ctrl.std_error.max()) < 0.7 * float(plain.std_error.max())
     # approaching the same map: 3000 masks are closer to the plain map than 300 are
-    assert float((ctrl.importance - plain.importance).abs().mean()) < float((small.importance - plain.importance).abs().mean())
+    assert float((ctrl.importance - plain.importance).abs().mean()) < float(
+        (small.importance - plain.importance).abs().mean()
+    )
 
 
 # --- integration -----------------------------------------------------------------------------------
@@ -257,7 +271,9 @@ def test_auto_uses_the_control_variate_only_for_the_adaptive_rule():
     assert RelaxConfig(adaptive=True, estimator="plain").resolved_estimator == "plain"
     assert RelaxConfig(estimator="control_variate").resolved_estimator == "control_variate"
     torch.manual_seed(0)
-    ada = Relax(SmallEncoder().eval(), RelaxConfig(num_masks=3000, batch_size=100, cells=4, adaptive=True, target_error=0.01)).attribute(_image())
+    ada = Relax(
+        SmallEncoder().eval(), RelaxConfig(num_masks=3000, batch_size=100, cells=4, adaptive=True, target_error=0.01)
+    ).attribute(_image())
     assert ada.estimator == "control_variate" and ada.converged and ada.achieved_error < 0.01
     # a small budget still gets a tail: the head takes at most half of num_masks (default head 256)
     cfg = dict(num_masks=256, batch_size=64, cells=4, seed=5)
@@ -266,7 +282,9 @@ def test_auto_uses_the_control_variate_only_for_the_adaptive_rule():
     small_plain = Relax(enc, RelaxConfig(estimator="plain", **cfg)).attribute(_image())
     assert small_cv.achieved_error < 0.8 * small_plain.achieved_error
     # a grid finer than the image is capped to the image size
-    tiny = Relax(SmallEncoder().eval(), RelaxConfig(num_masks=40, batch_size=20, cells=2, estimator="control_variate")).attribute(torch.rand(3, 5, 5))
+    tiny = Relax(
+        SmallEncoder().eval(), RelaxConfig(num_masks=40, batch_size=20, cells=2, estimator="control_variate")
+    ).attribute(torch.rand(3, 5, 5))
     assert tiny.importance.shape == (5, 5) and bool(torch.isfinite(tiny.importance).all())
 
 

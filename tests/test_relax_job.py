@@ -1,6 +1,7 @@
 """The "relax" job method: submit-time validation (every bad parameter, model and image), a run end
 to end with a real ONNX encoder through the registry and ONNX Runtime, progress reporting, and
 cancellation within one batch of masks."""
+
 from __future__ import annotations
 
 import io
@@ -14,16 +15,16 @@ import torch
 from PIL import Image as PILImage
 from torch import nn
 
-from xaiserve.proto.explain.v1 import explainer_pb2 as pb
-from xaiserve.handlers.relax import Relax, RelaxConfig
-from xaiserve.service.jobs.relax import RelaxJobMethod
+from tests.jobs_support import RecordingContext
 from xaiserve.errors import FailedPrecondition, InvalidArgument, NotFound
+from xaiserve.handlers.relax import Relax, RelaxConfig
+from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.service.images import decode_image, to_input_geometry, to_model_input
 from xaiserve.service.jobs.contract import JobCancelled
+from xaiserve.service.jobs.relax import RelaxJobMethod
 from xaiserve.service.modelstore import add_entry
 from xaiserve.service.registry import Registry, RegistryConfig
 from xaiserve.service.tensors import from_tensor, to_tensor
-from tests.jobs_support import RecordingContext
 
 torch.set_num_threads(1)
 
@@ -36,7 +37,9 @@ class TinyEncoder(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU())
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU()
+        )
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 16), nn.ReLU())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -64,8 +67,16 @@ def store(tmp_path_factory) -> tuple[Path, nn.Module]:
     path.parent.mkdir(parents=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(enc, (torch.zeros(1, 3, SIZE, SIZE),), str(path), input_names=["image"], output_names=["output"],
-                          dynamic_axes={"image": {0: "batch"}, "output": {0: "batch"}}, dynamo=False, opset_version=17)
+        torch.onnx.export(
+            enc,
+            (torch.zeros(1, 3, SIZE, SIZE),),
+            str(path),
+            input_names=["image"],
+            output_names=["output"],
+            dynamic_axes={"image": {0: "batch"}, "output": {0: "batch"}},
+            dynamo=False,
+            opset_version=17,
+        )
     add_entry(root, _entry("enc", "encoder"))
     # the same graph registered as a classifier and as a NEM-U model that explains enc:1
     for name in ("clf", "nemu"):
@@ -93,20 +104,25 @@ def _png(h: int = 40, w: int = 40, seed: int = 0) -> bytes:
 
 def _request(model: str = "enc", image: bytes | None = None, **params) -> pb.JobRequest:
     return pb.JobRequest(
-        method="relax", model=model, image=pb.Image(encoded=_png() if image is None else image), relax=pb.RelaxParams(**params)
+        method="relax",
+        model=model,
+        image=pb.Image(encoded=_png() if image is None else image),
+        relax=pb.RelaxParams(**params),
     )
-
-
 
 
 # --- validate(): everything known at submit time --------------------------------------------------
 def test_valid_requests_pass(registry):
     m = RelaxJobMethod()
     m.validate(_request(), registry)
-    m.validate(_request("enc:1", num_masks=10, cells=32, p_keep=0.3, masking="colour", threshold="mean", gamma=2.0), registry)
+    m.validate(
+        _request("enc:1", num_masks=10, cells=32, p_keep=0.3, masking="colour", threshold="mean", gamma=2.0), registry
+    )
     m.validate(_request("nemu"), registry)  # a NEM-U model: RELAX explains its frozen encoder
     assert m.models(_request("nemu"), registry)[1].id == "enc:1"
-    m.validate(pb.JobRequest(method="relax", model="enc", image=pb.Image(encoded=_png())), registry)  # no params: defaults
+    m.validate(
+        pb.JobRequest(method="relax", model="enc", image=pb.Image(encoded=_png())), registry
+    )  # no params: defaults
 
 
 @pytest.mark.parametrize(
@@ -152,7 +168,10 @@ def test_bad_models_and_images(registry):
     with pytest.raises(InvalidArgument):
         m.validate(pb.JobRequest(method="relax", model="enc"), registry)  # no image
     with pytest.raises(InvalidArgument, match="relax parameters"):
-        m.validate(pb.JobRequest(method="relax", model="enc", image=pb.Image(encoded=_png()), ablation=pb.AblationParams()), registry)
+        m.validate(
+            pb.JobRequest(method="relax", model="enc", image=pb.Image(encoded=_png()), ablation=pb.AblationParams()),
+            registry,
+        )
 
 
 # --- run(): end to end with ONNX Runtime --------------------------------------------------------
@@ -202,7 +221,9 @@ def test_job_runs_end_to_end_with_onnx(registry, store):
 
 def test_adaptive_job_reports_n_and_error(registry):
     ctx = RecordingContext()
-    res = RelaxJobMethod().run(_request(num_masks=3000, batch_size=100, adaptive=True, target_error=0.02), registry, ctx)
+    res = RelaxJobMethod().run(
+        _request(num_masks=3000, batch_size=100, adaptive=True, target_error=0.02), registry, ctx
+    )
     r = res.relax
     assert r.num_masks < 3000 and r.achieved_error < 0.02
     params = json.loads(res.parameters_json)
@@ -211,8 +232,11 @@ def test_adaptive_job_reports_n_and_error(registry):
     # a tighter target: the paper's estimator on request needs more masks for it than the control variate
     runs = {}
     for est_name in ("plain", "control_variate"):
-        res = RelaxJobMethod().run(_request(num_masks=3000, batch_size=50, adaptive=True, target_error=0.0015, estimator=est_name),
-                                   registry, RecordingContext())
+        res = RelaxJobMethod().run(
+            _request(num_masks=3000, batch_size=50, adaptive=True, target_error=0.0015, estimator=est_name),
+            registry,
+            RecordingContext(),
+        )
         assert json.loads(res.parameters_json)["estimator_used"] == est_name and res.relax.achieved_error < 0.0015
         runs[est_name] = res.relax.num_masks
     assert runs["plain"] > runs["control_variate"], runs
@@ -241,8 +265,12 @@ def test_default_encoder_importance_is_higher_inside_the_object():
     method, diffs = RelaxJobMethod(), []
     for img, gt in zip(scenes.images, scenes.masks):
         hwc = np.ascontiguousarray(img.transpose(1, 2, 0))  # uint8 [64, 64, 3]
-        req = pb.JobRequest(method="relax", model="scenes-simclr", image=pb.Image(tensor=to_tensor(hwc)),
-                            relax=pb.RelaxParams(num_masks=1000))
+        req = pb.JobRequest(
+            method="relax",
+            model="scenes-simclr",
+            image=pb.Image(tensor=to_tensor(hwc)),
+            relax=pb.RelaxParams(num_masks=1000),
+        )
         method.validate(req, reg)
         r = from_tensor(method.run(req, reg, RecordingContext()).relax.importance)
         assert gt.any() and not gt.all()

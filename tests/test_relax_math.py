@@ -1,6 +1,7 @@
 """RELAX math ([RELAX]): masks (sec. 3.1), the batched one-pass estimator against Algorithm 1
 mask by mask, the two-pass estimator, uncertainty and U-RELAX against hand-computed values
 (eq. 9-13), the adaptive stopping rule, and the masking strategies (Appendix A, [SSL-XAI])."""
+
 from __future__ import annotations
 
 import math
@@ -8,13 +9,13 @@ import math
 import pytest
 import torch
 
+from xaiserve.errors import Cancelled, InvalidArgument
 from xaiserve.handlers.relax import Relax, RelaxConfig
 from xaiserve.handlers.relax import estimator as est
-from xaiserve.handlers.relax.masking import canny, make_perturbation, rgb_to_lab, lab_to_rgb
+from xaiserve.handlers.relax.masking import canny, lab_to_rgb, make_perturbation, rgb_to_lab
 from xaiserve.handlers.relax.masks import generate_masks, mask_geometry
 from xaiserve.handlers.relax.relax import cosine
 from xaiserve.handlers.relax.uncertainty import hoeffding_error, hoeffding_num_masks, threshold, u_relax
-from xaiserve.errors import Cancelled, InvalidArgument
 
 torch.set_num_threads(1)
 
@@ -194,7 +195,9 @@ class Quadrants(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[2] // 2, x.shape[3] // 2
-        q = torch.stack([t.mean(dim=(1, 2, 3)) for t in (x[:, :, :h, :w], x[:, :, :h, w:], x[:, :, h:, :w], x[:, :, h:, w:])], 1)
+        q = torch.stack(
+            [t.mean(dim=(1, 2, 3)) for t in (x[:, :, :h, :w], x[:, :, :h, w:], x[:, :, h:, :w], x[:, :, h:, w:])], 1
+        )
         return torch.cat([torch.relu(q - 0.3), torch.relu(0.3 - q)], dim=1)
 
 
@@ -222,7 +225,9 @@ def test_relax_equals_the_reference_loop_on_the_same_masks():
     torch.testing.assert_close(out.importance, st.mean.float(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.uncertainty, est.variance(st).float(), rtol=1e-4, atol=1e-8)
     assert out.threshold == pytest.approx(float(torch.quantile(out.uncertainty.double(), 0.5)), rel=1e-5)
-    torch.testing.assert_close(out.u_relax, torch.where(out.uncertainty < out.threshold, out.importance, torch.zeros(())))
+    torch.testing.assert_close(
+        out.u_relax, torch.where(out.uncertainty < out.threshold, out.importance, torch.zeros(()))
+    )
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """RELAX as a real job through the real server (tiny store, SQLite queue, one embedded worker):
 submit, watch progress with partial heatmaps, fetch the result; bad requests fail at submit time;
 cancel mid-run."""
+
 from __future__ import annotations
 
 import io
@@ -56,7 +57,11 @@ def test_relax_job_submit_watch_result(stub):
         (_request(num_masks=0), grpc.StatusCode.INVALID_ARGUMENT, "num_masks"),
         (_request(p_keep=1.5), grpc.StatusCode.INVALID_ARGUMENT, "p_keep"),
         (_request(cells=64), grpc.StatusCode.INVALID_ARGUMENT, "cells"),
-        (pb.JobRequest(method="relax", model="tiny-encoder", image=pb.Image(encoded=b"junk")), grpc.StatusCode.INVALID_ARGUMENT, "decoded"),
+        (
+            pb.JobRequest(method="relax", model="tiny-encoder", image=pb.Image(encoded=b"junk")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "decoded",
+        ),
     ],
 )
 def test_bad_relax_jobs_fail_at_submit(stub, request_, code, text):

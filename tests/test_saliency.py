@@ -1,4 +1,5 @@
 """handlers.saliency: gradient baselines ([RELAX] eq. 14-16, captum) on hand-made models."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xaiserve.errors import FailedPrecondition, InvalidArgument
 from xaiserve.handlers.nets import EncoderArch, FrozenSpec
 from xaiserve.handlers.saliency import METHODS, SaliencyConfig, attribute, methods_for
 from xaiserve.handlers.saliency.methods import GuidedBackprop, IntegratedGradients, Saliency, SmoothGrad
-from xaiserve.errors import FailedPrecondition, InvalidArgument
 
 H = W = 12
 PIXEL = (4, 7)
@@ -66,8 +67,14 @@ def test_every_method_finds_the_only_influential_pixel(kind, out):
 
 
 def test_method_lists():
-    assert set(methods_for("classifier")) == {"saliency", "guided_backprop", "smoothgrad", "integrated_gradients",
-                                              "gradient_shap", "gradcam"}
+    assert set(methods_for("classifier")) == {
+        "saliency",
+        "guided_backprop",
+        "smoothgrad",
+        "integrated_gradients",
+        "gradient_shap",
+        "gradcam",
+    }
     assert set(methods_for("encoder")) == set(METHODS)
 
 
@@ -165,11 +172,14 @@ def test_classifier_target_defaults_to_the_predicted_class():
     net = SmallNet(d=4).eval()
     x = torch.randn(2, 3, 4, 4)
     pred = net(x).argmax(1)
-    np.testing.assert_array_equal(attribute("saliency", net, x, kind="classifier"),
-                                  attribute("saliency", net, x, kind="classifier", target=pred.numpy()))
+    np.testing.assert_array_equal(
+        attribute("saliency", net, x, kind="classifier"),
+        attribute("saliency", net, x, kind="classifier", target=pred.numpy()),
+    )
     other = (pred + 1) % 4
-    assert not np.allclose(attribute("saliency", net, x, kind="classifier", target=other),
-                           attribute("saliency", net, x, kind="classifier"))
+    assert not np.allclose(
+        attribute("saliency", net, x, kind="classifier", target=other), attribute("saliency", net, x, kind="classifier")
+    )
 
 
 def test_gradient_shap_is_reproducible_and_leaves_the_global_rng_alone():

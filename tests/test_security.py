@@ -5,6 +5,7 @@ does not depend on models), grpc.health.v1 and reflection, on 127.0.0.1 with a f
 event loop thread; clients use real channels. Certificates come from a CA made in the test with
 `cryptography`, plus a second, rogue CA for the "wrong certificate" cases.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -27,9 +28,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
+from xaiserve.errors import InvalidArgument
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.proto.explain.v1 import explainer_pb2_grpc
-from xaiserve.errors import InvalidArgument
 from xaiserve.service.security import (
     PERMISSION_DENIED_MESSAGE,
     UNAUTHENTICATED_MESSAGE,
@@ -84,15 +85,15 @@ def _cert(subject: str, key, issuer: str, issuer_key, *, ca: bool, server: bool 
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
     )
     if ca:
-        b = b.add_extension(
-            x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
-        )
+        b = b.add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
     else:
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
         b = b.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         if server:
             b = b.add_extension(
-                x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
                 critical=False,
             )
     return b.sign(issuer_key, hashes.SHA256())
@@ -103,7 +104,9 @@ def _write(path: Path, cert: x509.Certificate | None = None, key=None) -> Path:
         path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     else:
         path.write_bytes(
-            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
         )
     return path
 
@@ -175,10 +178,16 @@ class ServerThread:
             self.server = grpc.aio.server(interceptors=self._interceptors)
             explainer_pb2_grpc.add_ExplainerServicer_to_server(MiniExplainer(), self.server)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-            names = (pb.DESCRIPTOR.services_by_name["Explainer"].full_name, reflection.SERVICE_NAME, health.SERVICE_NAME)
+            names = (
+                pb.DESCRIPTOR.services_by_name["Explainer"].full_name,
+                reflection.SERVICE_NAME,
+                health.SERVICE_NAME,
+            )
             reflection.enable_server_reflection(names, self.server)
             addr = "127.0.0.1:0"
-            self.port = self.server.add_secure_port(addr, self._creds) if self._creds else self.server.add_insecure_port(addr)
+            self.port = (
+                self.server.add_secure_port(addr, self._creds) if self._creds else self.server.add_insecure_port(addr)
+            )
             await self.server.start()
             self.health_server = None
             if self._extra:
@@ -449,8 +458,11 @@ def test_tokens_missing_wrong_malformed_and_disallowed_get_the_right_codes(serve
 
 def test_tokens_over_tls_with_call_credentials_and_health_on_a_separate_plain_port(serve, pki, token_file):
     interceptor = TokenAuthInterceptor(load_tokens(token_file), exempt=())  # hardened: nothing exempt
-    srv = serve(creds=server_credentials(pki.server_cert, pki.server_key, pki.ca), interceptors=[interceptor],
-                extra_health_port=True)
+    srv = serve(
+        creds=server_credentials(pki.server_cert, pki.server_key, pki.ca),
+        interceptors=[interceptor],
+        extra_health_port=True,
+    )
     with tls_channel(srv.port, pki, client=pki, token=ADMIN) as ch:
         assert list_models(ch) == grpc.StatusCode.OK
     with tls_channel(srv.port, pki, client=pki, token=VIDEO) as ch:
@@ -468,7 +480,9 @@ def test_tokens_over_tls_with_call_credentials_and_health_on_a_separate_plain_po
         check = health_pb2_grpc.HealthStub(plain).Check
         assert check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT).status == health_pb2.HealthCheckResponse.SERVING
         srv.call(srv.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING))
-        assert check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert (
+            check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         assert list_models(plain) == grpc.StatusCode.UNIMPLEMENTED
 
 

@@ -1,4 +1,5 @@
 """Every bad input gets a precise status and an actionable message, and the server keeps serving."""
+
 from __future__ import annotations
 
 import io
@@ -40,15 +41,36 @@ CASES = [
     ("wrong channels", "tiny-nemu", raw("uint8", [4, 4, 5], b"\0" * 80), None, IA, "5 channels"),
     ("nan", "tiny-nemu", pb.Image(tensor=to_tensor(nan_img)), None, IA, "NaN"),
     ("inf", "tiny-nemu", pb.Image(tensor=to_tensor(np.full((8, 8), np.inf, np.float32))), None, IA, "NaN or Inf"),
-    ("float out of range", "tiny-nemu", pb.Image(tensor=to_tensor(np.full((8, 8), 255.0, np.float32))), None, IA, "[0, 1]"),
+    (
+        "float out of range",
+        "tiny-nemu",
+        pb.Image(tensor=to_tensor(np.full((8, 8), 255.0, np.float32))),
+        None,
+        IA,
+        "[0, 1]",
+    ),
     ("giant dimensions", "tiny-nemu", raw("uint8", [5000, 1], b"\0" * 5000), None, RE, "4096"),
     ("unknown model", "no-such-model", pb.Image(encoded=png(OK_IMG)), None, NF, "available"),
     ("unknown version", "tiny-nemu:7", pb.Image(encoded=png(OK_IMG)), None, NF, "versions: 1"),
     ("empty model", "", pb.Image(encoded=png(OK_IMG)), None, IA, "model is empty"),
     ("unknown method", "tiny-nemu", pb.Image(encoded=png(OK_IMG)), pb.ExplainOptions(method="lime"), IA, "saliency"),
-    ("target on nem-u", "tiny-nemu", pb.Image(encoded=png(OK_IMG)), pb.ExplainOptions(target_label=1), IA, "target_label"),
+    (
+        "target on nem-u",
+        "tiny-nemu",
+        pb.Image(encoded=png(OK_IMG)),
+        pb.ExplainOptions(target_label=1),
+        IA,
+        "target_label",
+    ),
     ("target out of range", "tiny-nemt", pb.Image(encoded=png(OK_IMG)), pb.ExplainOptions(target_label=3), IA, "0..2"),
-    ("negative target", "tiny-nemt", pb.Image(encoded=png(OK_IMG)), pb.ExplainOptions(target_label=-2), IA, "out of range"),
+    (
+        "negative target",
+        "tiny-nemt",
+        pb.Image(encoded=png(OK_IMG)),
+        pb.ExplainOptions(target_label=-2),
+        IA,
+        "out of range",
+    ),
     ("encoder without method", "tiny-encoder", pb.Image(encoded=png(OK_IMG)), None, IA, "not a masking network"),
 ]
 
@@ -92,15 +114,21 @@ def test_expired_deadline_is_deadline_exceeded(stub):
 
 @pytest.mark.slow
 def test_client_cancellation_is_counted_and_server_keeps_serving(server, stub):
-    from prometheus_client.parser import text_string_to_metric_families
     import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
 
     def cancelled_count() -> float:
         text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
         for fam in text_string_to_metric_families(text):
             if fam.name == "xaiserve_requests":
-                return sum(s.value for s in fam.samples if s.name == "xaiserve_requests_total"
-                           and s.labels["rpc"] == "Explain" and s.labels["code"] == "CANCELLED")
+                return sum(
+                    s.value
+                    for s in fam.samples
+                    if s.name == "xaiserve_requests_total"
+                    and s.labels["rpc"] == "Explain"
+                    and s.labels["code"] == "CANCELLED"
+                )
         return 0.0
 
     before = cancelled_count()

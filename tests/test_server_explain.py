@@ -1,4 +1,5 @@
 """Happy paths of the fast path over a real gRPC channel to the real server."""
+
 from __future__ import annotations
 
 import io
@@ -11,10 +12,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
+from tests.tiny_models import MEAN, STD
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.service.images import InputSpec, to_model_input
 from xaiserve.service.tensors import from_tensor, to_tensor
-from tests.tiny_models import MEAN, STD
 
 
 def png(arr: np.ndarray) -> bytes:
@@ -36,8 +37,14 @@ def reference(store, name, img, extra=None):
 
 def test_explain_nem_u_returns_mask_at_input_resolution_and_output(stub, tiny_store):
     img = rng_image(48, 40)
-    r = stub.Explain(pb.ExplainRequest(model="tiny-nemu", image=pb.Image(encoded=png(img)),
-                                       options=pb.ExplainOptions(return_output=True, fidelity=True, return_png=True)), timeout=30)
+    r = stub.Explain(
+        pb.ExplainRequest(
+            model="tiny-nemu",
+            image=pb.Image(encoded=png(img)),
+            options=pb.ExplainOptions(return_output=True, fidelity=True, return_png=True),
+        ),
+        timeout=30,
+    )
     assert r.model == "tiny-nemu:1"
     mask = from_tensor(r.mask)
     assert mask.shape == (48, 40) and mask.dtype == np.float32
@@ -61,23 +68,35 @@ def test_explain_nem_u_returns_mask_at_input_resolution_and_output(stub, tiny_st
 def test_explain_accepts_raw_tensors_uint8_float_and_gray(stub):
     img = rng_image(32, 32)
     a = stub.Explain(pb.ExplainRequest(model="tiny-nemu", image=pb.Image(tensor=to_tensor(img))), timeout=30)
-    b = stub.Explain(pb.ExplainRequest(model="tiny-nemu", image=pb.Image(tensor=to_tensor(img.astype(np.float32) / 255))), timeout=30)
+    b = stub.Explain(
+        pb.ExplainRequest(model="tiny-nemu", image=pb.Image(tensor=to_tensor(img.astype(np.float32) / 255))), timeout=30
+    )
     c = stub.Explain(pb.ExplainRequest(model="tiny-nemu", image=pb.Image(encoded=png(img))), timeout=30)
     np.testing.assert_allclose(from_tensor(a.mask), from_tensor(c.mask), atol=1e-5)
     np.testing.assert_allclose(from_tensor(a.mask), from_tensor(b.mask), atol=1e-5)
-    gray = stub.Explain(pb.ExplainRequest(model="tiny-nemu", image=pb.Image(tensor=to_tensor(img[:, :, 0]))), timeout=30)
+    gray = stub.Explain(
+        pb.ExplainRequest(model="tiny-nemu", image=pb.Image(tensor=to_tensor(img[:, :, 0]))), timeout=30
+    )
     assert from_tensor(gray.mask).shape == (32, 32)
 
 
 def test_explain_nemt_default_target_is_argmax_and_requested_label_is_used(stub, tiny_store):
     img = rng_image(32, 32, seed=3)
-    r = stub.Explain(pb.ExplainRequest(model="tiny-nemt", image=pb.Image(encoded=png(img)),
-                                       options=pb.ExplainOptions(return_output=True)), timeout=30)
+    r = stub.Explain(
+        pb.ExplainRequest(
+            model="tiny-nemt", image=pb.Image(encoded=png(img)), options=pb.ExplainOptions(return_output=True)
+        ),
+        timeout=30,
+    )
     _, ref = reference(tiny_store, "tiny-nemt", img, {"target": np.array([-1], np.int64)})
     assert r.target_label == int(ref["output"][0].argmax())
     other = (r.target_label + 1) % 3
-    r2 = stub.Explain(pb.ExplainRequest(model="tiny-nemt:1", image=pb.Image(encoded=png(img)),
-                                        options=pb.ExplainOptions(target_label=other)), timeout=30)
+    r2 = stub.Explain(
+        pb.ExplainRequest(
+            model="tiny-nemt:1", image=pb.Image(encoded=png(img)), options=pb.ExplainOptions(target_label=other)
+        ),
+        timeout=30,
+    )
     assert r2.target_label == other
     _, ref2 = reference(tiny_store, "tiny-nemt", img, {"target": np.array([other], np.int64)})
     np.testing.assert_allclose(from_tensor(r2.mask), ref2["mask"][0, 0], atol=1e-5)
@@ -87,7 +106,10 @@ def test_explain_nemt_default_target_is_argmax_and_requested_label_is_used(stub,
 def test_concurrent_requests_share_a_batch(server):
     stub = server.stub()
     img = png(rng_image(32, 32))
-    futs = [stub.Explain.future(pb.ExplainRequest(model="tiny-nemu", image=pb.Image(encoded=img)), timeout=30) for _ in range(24)]
+    futs = [
+        stub.Explain.future(pb.ExplainRequest(model="tiny-nemu", image=pb.Image(encoded=img)), timeout=30)
+        for _ in range(24)
+    ]
     sizes = [f.result().timing.batch_size for f in futs]
     assert max(sizes) > 1, f"24 concurrent calls never shared a micro-batch: {sizes}"
 

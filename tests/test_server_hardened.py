@@ -1,5 +1,6 @@
 """The real `xaiserve serve` process in its hardened configuration: mutual TLS, bearer tokens with a
 per-token allow-list, plain health port. Uses the documented client (service.client)."""
+
 from __future__ import annotations
 
 import grpc
@@ -7,9 +8,9 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from xaiserve.service.client import ExplainerClient
 from tests.serverutil import free_port, server_process
 from tests.test_security import make_pki
+from xaiserve.service.client import ExplainerClient
 
 # certificates are generated and a TLS server started for the module
 pytestmark = pytest.mark.slow
@@ -23,20 +24,41 @@ def hardened(tiny_store, tmp_path_factory):
     d = tmp_path_factory.mktemp("hardened")
     pki, rogue = make_pki(d / "pki", "good"), make_pki(d / "rogue", "rogue")
     tokens = d / "tokens.yaml"
-    tokens.write_text("tokens:\n"
-                      f"  - {{name: admin, token: {ADMIN}, methods: ['*']}}\n"
-                      f"  - {{name: video, token: {VIDEO}, methods: [StreamExplain]}}\n")
+    tokens.write_text(
+        "tokens:\n"
+        f"  - {{name: admin, token: {ADMIN}, methods: ['*']}}\n"
+        f"  - {{name: video, token: {VIDEO}, methods: [StreamExplain]}}\n"
+    )
     hport = free_port()
-    with server_process(tiny_store, "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
-                        "--tls-client-ca", str(pki.ca), "--tokens-file", str(tokens), "--health-port", str(hport),
-                        "--health-host", "127.0.0.1", state_dir=d / "state", ready_port=hport) as srv:
+    with server_process(
+        tiny_store,
+        "--tls-cert",
+        str(pki.server_cert),
+        "--tls-key",
+        str(pki.server_key),
+        "--tls-client-ca",
+        str(pki.ca),
+        "--tokens-file",
+        str(tokens),
+        "--health-port",
+        str(hport),
+        "--health-host",
+        "127.0.0.1",
+        state_dir=d / "state",
+        ready_port=hport,
+    ) as srv:
         yield srv, pki, rogue, hport
 
 
 def client(srv, pki, token, cert_pki=None) -> ExplainerClient:
     c = cert_pki or pki
-    return ExplainerClient(srv.address.replace("127.0.0.1", "localhost"), token=token, ca_file=str(pki.ca),
-                           cert_file=str(c.client_cert), key_file=str(c.client_key))
+    return ExplainerClient(
+        srv.address.replace("127.0.0.1", "localhost"),
+        token=token,
+        ca_file=str(pki.ca),
+        cert_file=str(c.client_cert),
+        key_file=str(c.client_key),
+    )
 
 
 IMG = np.zeros((32, 32, 3), np.uint8)
@@ -51,11 +73,14 @@ def test_right_certificate_and_token_is_served(hardened):
         assert frames[-1].frame_id == 1
 
 
-@pytest.mark.parametrize("token,code", [
-    (None, grpc.StatusCode.UNAUTHENTICATED),
-    ("wrong-token-0123456789abcdef", grpc.StatusCode.UNAUTHENTICATED),
-    (VIDEO, grpc.StatusCode.PERMISSION_DENIED),  # the video token may only stream
-])
+@pytest.mark.parametrize(
+    "token,code",
+    [
+        (None, grpc.StatusCode.UNAUTHENTICATED),
+        ("wrong-token-0123456789abcdef", grpc.StatusCode.UNAUTHENTICATED),
+        (VIDEO, grpc.StatusCode.PERMISSION_DENIED),  # the video token may only stream
+    ],
+)
 def test_missing_wrong_and_disallowed_tokens(hardened, token, code):
     srv, pki, _, _ = hardened
     with client(srv, pki, token) as c, pytest.raises(grpc.RpcError) as e:

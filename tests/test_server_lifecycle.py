@@ -1,4 +1,5 @@
 """The real `xaiserve serve` process: SIGTERM drains in-flight calls, reports NOT_SERVING, exits 0."""
+
 from __future__ import annotations
 
 import json
@@ -12,10 +13,10 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.serverutil import ROOT, free_port, server_process
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.proto.explain.v1 import explainer_pb2_grpc as pb_grpc
 from xaiserve.service.tensors import to_tensor
-from tests.serverutil import ROOT, free_port, server_process
 
 
 def _wait_until_all_accepted(metrics_url: str, futs: list) -> None:
@@ -29,8 +30,13 @@ def _wait_until_all_accepted(metrics_url: str, futs: list) -> None:
     while time.time() < deadline:
         done = sum(f.done() for f in futs)  # read before the gauge, so that no call is counted twice
         text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
-        inflight = sum(s.value for fam in text_string_to_metric_families(text) if fam.name == "xaiserve_inflight_requests"
-                       for s in fam.samples if s.labels.get("rpc") == "Explain")
+        inflight = sum(
+            s.value
+            for fam in text_string_to_metric_families(text)
+            if fam.name == "xaiserve_inflight_requests"
+            for s in fam.samples
+            if s.labels.get("rpc") == "Explain"
+        )
         if done + inflight >= len(futs):
             return
         time.sleep(0.01)
@@ -42,7 +48,9 @@ def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(tiny_store, tmp_pat
     # The main port stops taking calls (health checks too) as soon as the drain starts; the plain
     # health port, the probes' endpoint, stays up until the in-flight calls are done.
     health_port = free_port()
-    with server_process(tiny_store, state_dir=tmp_path / "state", grace_s=20, max_batch=1, health_port=health_port) as srv:
+    with server_process(
+        tiny_store, state_dir=tmp_path / "state", grace_s=20, max_batch=1, health_port=health_port
+    ) as srv:
         ch = grpc.insecure_channel(srv.address)
         stub = pb_grpc.ExplainerStub(ch)
         img = pb.Image(tensor=to_tensor(np.zeros((64, 64, 3), np.uint8)))
@@ -85,20 +93,57 @@ def test_cli_explain_and_models_through_a_real_server(tiny_store, tmp_path):
     img_path = tmp_path / "in.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(img_path)
     with server_process(tiny_store, state_dir=tmp_path / "state") as srv:
-        out = subprocess.run([sys.executable, "-m", "xaiserve.service.cli", "explain", str(img_path), "--model", "tiny-nemu",
-                              "--out", str(tmp_path / "m.png"), "--fidelity", "--address", srv.address],
-                             capture_output=True, text=True, cwd=ROOT, timeout=60)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "xaiserve.service.cli",
+                "explain",
+                str(img_path),
+                "--model",
+                "tiny-nemu",
+                "--out",
+                str(tmp_path / "m.png"),
+                "--fidelity",
+                "--address",
+                srv.address,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+        )
         assert out.returncode == 0, out.stderr
         summary = json.loads(out.stdout)
         assert summary["model"] == "tiny-nemu:1" and summary["shape"] == [40, 50]
         assert -1.0 <= summary["fidelity"] <= 1.0
         assert Image.open(tmp_path / "m.png").size == (50, 40)
         assert Image.open(summary["overlay"]).size == (50, 40)
-        models = subprocess.run([sys.executable, "-m", "xaiserve.service.cli", "models", "--address", srv.address],
-                                capture_output=True, text=True, cwd=ROOT, timeout=60)
+        models = subprocess.run(
+            [sys.executable, "-m", "xaiserve.service.cli", "models", "--address", srv.address],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+        )
         assert models.returncode == 0 and "tiny-nemu:1" in models.stdout and "nem_u" in models.stdout
-        bad = subprocess.run([sys.executable, "-m", "xaiserve.service.cli", "explain", str(img_path), "--model", "ghost",
-                              "--address", srv.address], capture_output=True, text=True, cwd=ROOT, timeout=60)
+        bad = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "xaiserve.service.cli",
+                "explain",
+                str(img_path),
+                "--model",
+                "ghost",
+                "--address",
+                srv.address,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+        )
         assert bad.returncode == 1 and "NOT_FOUND" in bad.stderr and "available" in bad.stderr
         logs = srv.log_path.read_text()
     # structured logs, one JSON object per line, no image data
@@ -111,16 +156,42 @@ def test_cli_explain_and_models_through_a_real_server(tiny_store, tmp_path):
 def test_bad_configuration_is_refused_with_a_message(tmp_path):
     bad = tmp_path / "c.yaml"
     bad.write_text("max_batch: 0\n")
-    r = subprocess.run([sys.executable, "-m", "xaiserve.service.cli", "serve", "--config", str(bad), "--print-config"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "xaiserve.service.cli", "serve", "--config", str(bad), "--print-config"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert r.returncode == 2 and "max_batch must be >= 1" in r.stderr
     bad.write_text("max_bach: 3\n")
-    r = subprocess.run([sys.executable, "-m", "xaiserve.service.cli", "serve", "--config", str(bad), "--print-config"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "xaiserve.service.cli", "serve", "--config", str(bad), "--print-config"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert r.returncode == 2 and "unknown setting 'max_bach'" in r.stderr
     good = tmp_path / "g.yaml"
     good.write_text("max_batch: 8\nport: 6000\n")
-    r = subprocess.run([sys.executable, "-m", "xaiserve.service.cli", "serve", "--config", str(good), "--port", "7000", "--print-config"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=60, env={"XAISERVE_MAX_BATCH": "4", "PATH": "/usr/bin:/bin"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xaiserve.service.cli",
+            "serve",
+            "--config",
+            str(good),
+            "--port",
+            "7000",
+            "--print-config",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        env={"XAISERVE_MAX_BATCH": "4", "PATH": "/usr/bin:/bin"},
+    )
     cfg = json.loads(r.stdout)
     assert cfg["max_batch"] == 4 and cfg["port"] == 7000

@@ -1,4 +1,5 @@
 """/metrics is scraped over HTTP and parsed; counts match the calls made."""
+
 from __future__ import annotations
 
 import urllib.request
@@ -39,8 +40,17 @@ def test_counts_and_histograms_match_calls(server):
         stub.Explain(pb.ExplainRequest(model="ghost", image=img), timeout=30)
     except grpc.RpcError:
         pass
-    list(stub.StreamExplain(iter([pb.ExplainFrame(frame_id=i, model="tiny-nemu" if i == 0 else "", image=img,
-                                                  policy=pb.ALL) for i in range(3)]), timeout=30))
+    list(
+        stub.StreamExplain(
+            iter(
+                [
+                    pb.ExplainFrame(frame_id=i, model="tiny-nemu" if i == 0 else "", image=img, policy=pb.ALL)
+                    for i in range(3)
+                ]
+            ),
+            timeout=30,
+        )
+    )
     after = scrape(server.metrics_url)
     d = lambda name, **l: value(after, name, **l) - value(before, name, **l)  # noqa: E731
     assert d("xaiserve_requests_total", rpc="Explain", model="tiny-nemu:1", code="OK") == 5
@@ -54,7 +64,10 @@ def test_counts_and_histograms_match_calls(server):
     assert d("xaiserve_stream_frames_total", model="tiny-nemu:1", event="answered") == 3
     assert d("xaiserve_requests_total", rpc="StreamExplain", model="tiny-nemu:1", code="OK") == 1
     # millisecond buckets exist
-    assert ("xaiserve_request_latency_seconds_bucket", tuple(sorted({"rpc": "Explain", "model": "tiny-nemu:1", "le": "0.001"}.items()))) in after
+    assert (
+        "xaiserve_request_latency_seconds_bucket",
+        tuple(sorted({"rpc": "Explain", "model": "tiny-nemu:1", "le": "0.001"}.items())),
+    ) in after
     assert value(after, "xaiserve_model_load_seconds", model="tiny-nemu:1") > 0
     assert value(after, "xaiserve_inflight_requests", rpc="Explain") == 0
     assert value(after, "xaiserve_serving") == 1

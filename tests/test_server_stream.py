@@ -1,4 +1,5 @@
 """StreamExplain: order, drop policy, bounded queues, over a real channel."""
+
 from __future__ import annotations
 
 import threading
@@ -15,8 +16,11 @@ from xaiserve.service.tensors import to_tensor
 def frames(n: int, model: str, size: int, policy=pb.LATEST, max_queue: int = 0, start: int = 0):
     rng = np.random.default_rng(0)
     for i in range(n):
-        f = pb.ExplainFrame(frame_id=start + i, image=pb.Image(tensor=to_tensor(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))),
-                            client_timestamp_us=1000 + i)
+        f = pb.ExplainFrame(
+            frame_id=start + i,
+            image=pb.Image(tensor=to_tensor(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))),
+            client_timestamp_us=1000 + i,
+        )
         if i == 0:
             f.model, f.policy, f.max_queue = model, policy, max_queue
         yield f
@@ -49,11 +53,18 @@ def test_all_policy_overflow_is_resource_exhausted(stub):
     assert "max_queue" in e.value.details()
 
 
-@pytest.mark.parametrize("first,code,fragment", [
-    (pb.ExplainFrame(frame_id=0), grpc.StatusCode.INVALID_ARGUMENT, "must name the model"),
-    (pb.ExplainFrame(frame_id=0, model="nope"), grpc.StatusCode.NOT_FOUND, "not in the store"),
-    (pb.ExplainFrame(frame_id=0, model="tiny-nemu", policy=pb.ALL, max_queue=10_000), grpc.StatusCode.INVALID_ARGUMENT, "max_queue"),
-])
+@pytest.mark.parametrize(
+    "first,code,fragment",
+    [
+        (pb.ExplainFrame(frame_id=0), grpc.StatusCode.INVALID_ARGUMENT, "must name the model"),
+        (pb.ExplainFrame(frame_id=0, model="nope"), grpc.StatusCode.NOT_FOUND, "not in the store"),
+        (
+            pb.ExplainFrame(frame_id=0, model="tiny-nemu", policy=pb.ALL, max_queue=10_000),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "max_queue",
+        ),
+    ],
+)
 def test_bad_first_frame(stub, first, code, fragment):
     with pytest.raises(grpc.RpcError) as e:
         list(stub.StreamExplain(iter([first]), timeout=30))
@@ -88,7 +99,10 @@ def test_a_client_that_stops_reading_does_not_stall_other_callers(server):
     call = stub.StreamExplain(endless(), timeout=60)
     next(call)  # read one answer, then stop reading while the sender keeps sending
     time.sleep(1.0)
-    other = server.stub().Explain(pb.ExplainRequest(model="tiny-nemu", image=pb.Image(tensor=to_tensor(np.zeros((32, 32, 3), np.uint8)))), timeout=30)
+    other = server.stub().Explain(
+        pb.ExplainRequest(model="tiny-nemu", image=pb.Image(tensor=to_tensor(np.zeros((32, 32, 3), np.uint8)))),
+        timeout=30,
+    )
     assert other.mask.shape == [32, 32]
     stop.set()
     call.cancel()

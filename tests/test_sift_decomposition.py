@@ -1,6 +1,7 @@
 """The SIFT decomposition of [THESIS] sec. 4.1-4.2 (handlers/sift): keypoints, feature cells and the
 linear decoder. Reconstruction with all gains 1 (eq. 4.12-4.14, Lemma 10) to a stated tolerance,
 linearity, sparse = dense, gradients, the cell geometry, the sparsity guard, and bad input."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -64,13 +65,19 @@ def test_keypoints_are_scale_space_points_inside_the_image(kp):
     assert np.abs(kp.positions - np.round(kp.positions)).max() > 0.01
 
 
-@pytest.mark.parametrize("cfg", [
-    DecompositionConfig(),
-    DecompositionConfig(eta=1.0),
-    DecompositionConfig(smooth=False),  # decoder version 1 (sec. 4.1.3B)
-    DecompositionConfig(sparsity=0.2, layers_per_octave=2),  # aggressive cutoff: the redistribution restores the mass
-    DecompositionConfig(resolution_sigmas=()),  # every layer at full resolution
-], ids=["default", "eta1", "hard", "sparse", "fullres"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        DecompositionConfig(),
+        DecompositionConfig(eta=1.0),
+        DecompositionConfig(smooth=False),  # decoder version 1 (sec. 4.1.3B)
+        DecompositionConfig(
+            sparsity=0.2, layers_per_octave=2
+        ),  # aggressive cutoff: the redistribution restores the mass
+        DecompositionConfig(resolution_sigmas=()),  # every layer at full resolution
+    ],
+    ids=["default", "eta1", "hard", "sparse", "fullres"],
+)
 @pytest.mark.slow
 def test_all_gains_one_reconstruct_the_image(x, kp, cfg):
     dec = decompose(x, kp, cfg)
@@ -141,8 +148,11 @@ def test_cells_are_nearest_keypoints_in_the_eta_metric():
     ys, xs = np.arange(20.0), np.arange(20.0)
     for eta in (1.0, 4.0):
         got = _nearest_keypoint(ys, xs, 3.0, cKDTree(np.c_[kp.positions, eta * kp.sigmas]), eta)
-        d = ((ys[:, None, None] - kp.positions[:, 0]) ** 2 + (xs[None, :, None] - kp.positions[:, 1]) ** 2
-             + eta ** 2 * (3.0 - kp.sigmas) ** 2)
+        d = (
+            (ys[:, None, None] - kp.positions[:, 0]) ** 2
+            + (xs[None, :, None] - kp.positions[:, 1]) ** 2
+            + eta**2 * (3.0 - kp.sigmas) ** 2
+        )
         assert (got == d.argmin(axis=-1)).all()  # eq. 4.18-4.19
 
 

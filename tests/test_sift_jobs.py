@@ -2,6 +2,7 @@
 (model_store/): ListModels advertises them where the methods table says, both run to SUCCEEDED on
 the lesions classifier with sensible results at the request image's resolution, sift_rise also on
 an encoder, bad input is INVALID_ARGUMENT at submit, and a running job can be cancelled."""
+
 from __future__ import annotations
 
 import json
@@ -72,8 +73,12 @@ def test_list_models_advertises_them_where_the_table_says(stub):
 @pytest.mark.slow
 def test_sift_ablation_job_succeeds_with_the_path_and_heatmaps(stub, lesions):
     label = int(lesions.labels[1])
-    req = pb.JobRequest(method="sift_ablation", model="lesions-classifier", image=_image(lesions.images[1], (80, 72)),
-                        sift=pb.SiftParams(num_slices=6, max_iterations=8, target_label=label, return_images=True))
+    req = pb.JobRequest(
+        method="sift_ablation",
+        model="lesions-classifier",
+        image=_image(lesions.images[1], (80, 72)),
+        sift=pb.SiftParams(num_slices=6, max_iterations=8, target_label=label, return_images=True),
+    )
     job, events = _finish(stub, stub.SubmitJob(req, timeout=60).id)
     assert job.state == pb.SUCCEEDED, job.error
     progress = [e for e in events if e.type == pb.EVENT_PROGRESS]
@@ -100,8 +105,12 @@ def test_sift_ablation_job_succeeds_with_the_path_and_heatmaps(stub, lesions):
 @pytest.mark.slow
 def test_sift_rise_job_succeeds_on_a_classifier_and_an_encoder(stub, lesions):
     for model in ("lesions-classifier", "scenes-simclr"):
-        req = pb.JobRequest(method="sift_rise", model=model, image=_image(lesions.images[2]),
-                            sift=pb.SiftParams(num_masks=64, batch_size=32, eta=2.0))
+        req = pb.JobRequest(
+            method="sift_rise",
+            model=model,
+            image=_image(lesions.images[2]),
+            sift=pb.SiftParams(num_masks=64, batch_size=32, eta=2.0),
+        )
         job, _ = _finish(stub, stub.SubmitJob(req, timeout=60).id)
         assert job.state == pb.SUCCEEDED, (model, job.error)
         r = job.result.sift
@@ -116,16 +125,19 @@ def test_sift_rise_job_succeeds_on_a_classifier_and_an_encoder(stub, lesions):
         assert json.loads(job.result.parameters_json)["backend"] == "onnxruntime"
 
 
-@pytest.mark.parametrize("method, model, params, word", [
-    ("sift_ablation", "scenes-simclr", pb.SiftParams(), "classifier"),
-    ("sift_ablation", "cryoem-spiral", pb.SiftParams(), "sift_ablation"),
-    ("sift_ablation", "lesions-classifier", pb.SiftParams(eta=0.0), "eta"),
-    ("sift_rise", "lesions-classifier", pb.SiftParams(eta=-2.0), "eta"),
-    ("sift_ablation", "lesions-classifier", pb.SiftParams(num_masks=10), "sift_rise"),
-    ("sift_rise", "lesions-classifier", pb.SiftParams(max_iterations=3), "sift_ablation"),
-    ("sift_ablation", "lesions-classifier", pb.SiftParams(score="best"), "score"),
-    ("sift_rise", "lesions-classifier", pb.SiftParams(target_label=7), "out of range"),
-])
+@pytest.mark.parametrize(
+    "method, model, params, word",
+    [
+        ("sift_ablation", "scenes-simclr", pb.SiftParams(), "classifier"),
+        ("sift_ablation", "cryoem-spiral", pb.SiftParams(), "sift_ablation"),
+        ("sift_ablation", "lesions-classifier", pb.SiftParams(eta=0.0), "eta"),
+        ("sift_rise", "lesions-classifier", pb.SiftParams(eta=-2.0), "eta"),
+        ("sift_ablation", "lesions-classifier", pb.SiftParams(num_masks=10), "sift_rise"),
+        ("sift_rise", "lesions-classifier", pb.SiftParams(max_iterations=3), "sift_ablation"),
+        ("sift_ablation", "lesions-classifier", pb.SiftParams(score="best"), "score"),
+        ("sift_rise", "lesions-classifier", pb.SiftParams(target_label=7), "out of range"),
+    ],
+)
 def test_bad_requests_are_invalid_argument_at_submit(stub, lesions, method, model, params, word):
     req = pb.JobRequest(method=method, model=model, image=_image(lesions.images[0]), sift=params)
     with pytest.raises(grpc.RpcError) as e:
@@ -157,8 +169,12 @@ def _registry():
 
 
 def test_a_running_job_is_cancelled(stub, lesions):
-    req = pb.JobRequest(method="sift_ablation", model="lesions-classifier", image=_image(lesions.images[1]),
-                        sift=pb.SiftParams(num_slices=4, max_iterations=5000, stop_saturation=1.0))
+    req = pb.JobRequest(
+        method="sift_ablation",
+        model="lesions-classifier",
+        image=_image(lesions.images[1]),
+        sift=pb.SiftParams(num_slices=4, max_iterations=5000, stop_saturation=1.0),
+    )
     job_id = stub.SubmitJob(req, timeout=60).id
     for ev in stub.WatchJob(pb.JobRef(id=job_id), timeout=300):
         if ev.type == pb.EVENT_PROGRESS:
@@ -172,8 +188,12 @@ def test_a_running_job_is_cancelled(stub, lesions):
 
 
 def test_cancellation_inside_the_method_stops_within_one_iteration(lesions):
-    req = pb.JobRequest(method="sift_ablation", model="lesions-classifier", image=_image(lesions.images[1]),
-                        sift=pb.SiftParams(num_slices=4, max_iterations=200, stop_saturation=1.0))
+    req = pb.JobRequest(
+        method="sift_ablation",
+        model="lesions-classifier",
+        image=_image(lesions.images[1]),
+        sift=pb.SiftParams(num_slices=4, max_iterations=200, stop_saturation=1.0),
+    )
     from xaiserve.service.jobs.contract import JobCancelled
 
     ctx = RecordingContext(cancel_after=2)

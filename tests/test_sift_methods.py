@@ -3,6 +3,7 @@ classifier (model_store/, torch form) and lesion images: the ablation path over 
 the path axioms (boundaries, monotone, constant speed, also in the metric of eq. 4.45) and starts
 at the image's own classification; sift_rise's per-keypoint estimator equals the direct mean over
 its masks; cancellation and bad input."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -50,7 +51,9 @@ def decoder(model, lesion):
 
 def _check_path(gains: torch.Tensor, weights: torch.Tensor | None = None) -> None:
     T = gains.shape[0] - 2
-    assert torch.allclose(gains[0], torch.ones_like(gains[0])) and torch.allclose(gains[-1], torch.zeros_like(gains[-1]))
+    assert torch.allclose(gains[0], torch.ones_like(gains[0])) and torch.allclose(
+        gains[-1], torch.zeros_like(gains[-1])
+    )
     assert (gains[1:] <= gains[:-1] + 1e-6).all()  # phi monotone in t: gains only decrease
     assert float(gains.min()) >= 0 and float(gains.max()) <= 1
     phi = 1.0 - gains[1:-1]
@@ -64,7 +67,8 @@ def test_ablation_path_over_keypoint_gains(model, lesion, decoder):
     x, label = lesion
     seen = []
     out = SiftAblation(module, SiftAblationConfig(**FAST), mean=spec.mean, std=spec.std).attribute(
-        x, target=label, progress=seen.append, decoder=decoder)
+        x, target=label, progress=seen.append, decoder=decoder
+    )
     K = decoder.num_keypoints
     assert out.gains.shape == (8, K) and out.times.shape == (8,) and out.probabilities.shape == (8, 4)
     _check_path(out.gains)
@@ -87,7 +91,8 @@ def test_metric_weights_change_the_time_normalisation(model, lesion, decoder):
     module, spec = model
     x, label = lesion
     out = SiftAblation(module, SiftAblationConfig(metric_weights=True, **FAST), mean=spec.mean, std=spec.std).attribute(
-        x, target=label, decoder=decoder)
+        x, target=label, decoder=decoder
+    )
     w = out.metric_weights
     assert w is not None and float(w.mean()) == pytest.approx(1.0) and float(w.std()) > 0
     _check_path(out.gains, w)
@@ -96,8 +101,9 @@ def test_metric_weights_change_the_time_normalisation(model, lesion, decoder):
 def test_straddling_returns_both_paths(model, lesion, decoder):
     module, spec = model
     x, label = lesion
-    out = SiftAblation(module, SiftAblationConfig(score="straddling", reduction="contrastive", **FAST),
-                       mean=spec.mean, std=spec.std).attribute(x, target=label, decoder=decoder)
+    out = SiftAblation(
+        module, SiftAblationConfig(score="straddling", reduction="contrastive", **FAST), mean=spec.mean, std=spec.std
+    ).attribute(x, target=label, decoder=decoder)
     assert out.gains_down is not None and out.probabilities_down is not None
     _check_path(out.gains)
     _check_path(out.gains_down)
@@ -113,8 +119,9 @@ def test_stopping_ends_the_path(model, lesion, decoder):
         calls.append(1)
         return len(calls) > 2
 
-    out = SiftAblation(module, SiftAblationConfig(num_slices=4, max_iterations=50, stop_saturation=1.0),
-                       mean=spec.mean, std=spec.std).attribute(x, should_stop=stop, decoder=decoder)
+    out = SiftAblation(
+        module, SiftAblationConfig(num_slices=4, max_iterations=50, stop_saturation=1.0), mean=spec.mean, std=spec.std
+    ).attribute(x, should_stop=stop, decoder=decoder)
     assert out.stop_reason == "stopped" and out.iterations == 2
 
 
@@ -145,8 +152,9 @@ def test_rise_explains_an_encoder_by_cosine_similarity(model, lesion, decoder):
     module, spec = model
     x, _ = lesion
     # the classifier's logit vector as a representation: label-free, scores are cosines in [-1, 1]
-    out = SiftRise(module, SiftRiseConfig(num_masks=32, batch_size=32), kind="encoder", mean=spec.mean,
-                   std=spec.std).attribute(x, decoder=decoder)
+    out = SiftRise(
+        module, SiftRiseConfig(num_masks=32, batch_size=32), kind="encoder", mean=spec.mean, std=spec.std
+    ).attribute(x, decoder=decoder)
     assert out.target == -1 and out.reference_score == pytest.approx(1.0, abs=1e-4)
     assert float(out.importance.max()) <= 1.0 + 1e-6
     with pytest.raises(InvalidArgument, match="target_label"):
@@ -160,17 +168,24 @@ def test_rise_stopped_before_the_first_batch_is_cancelled(model, lesion, decoder
         SiftRise(module, SiftRiseConfig(num_masks=8)).attribute(x, should_stop=lambda: True, decoder=decoder)
 
 
-@pytest.mark.parametrize("kw, word", [
-    ({"score": "best"}, "score"), ({"num_slices": 1}, "num_slices"), ({"saturation": -1.0}, "saturation"),
-    ({"reduction": "contrastive"}, "straddling"), ({"sigma_lp": 0.0}, "sigma_lp"),
-])
+@pytest.mark.parametrize(
+    "kw, word",
+    [
+        ({"score": "best"}, "score"),
+        ({"num_slices": 1}, "num_slices"),
+        ({"saturation": -1.0}, "saturation"),
+        ({"reduction": "contrastive"}, "straddling"),
+        ({"sigma_lp": 0.0}, "sigma_lp"),
+    ],
+)
 def test_bad_ablation_parameters(kw, word):
     with pytest.raises(InvalidArgument, match=word):
         SiftAblationConfig(**kw).check()
 
 
-@pytest.mark.parametrize("kw, word", [({"num_masks": 0}, "num_masks"), ({"p_keep": 1.0}, "p_keep"),
-                                      ({"batch_size": 0}, "batch_size")])
+@pytest.mark.parametrize(
+    "kw, word", [({"num_masks": 0}, "num_masks"), ({"p_keep": 1.0}, "p_keep"), ({"batch_size": 0}, "batch_size")]
+)
 def test_bad_rise_parameters(kw, word):
     with pytest.raises(InvalidArgument, match=word):
         SiftRiseConfig(**kw).check()

@@ -1,6 +1,7 @@
 """The spiral denoiser's serving form (handlers/denoise/spiral_runtime.py): the same map as the
 torch module and the single ONNX graph, on every layout path, thread-safe, and what the registry
 serves for spiral denoisers."""
+
 from __future__ import annotations
 
 import threading
@@ -11,12 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.tiny_models import perturbed_denoiser
 from xaiserve.handlers.denoise import spiral_runtime as sr
 from xaiserve.handlers.denoise.export import export_onnx, ort_denoise, ort_session
 from xaiserve.handlers.denoise.layers import grid_operator_from
 from xaiserve.handlers.denoise.networks import Denoiser, DenoiserConfig
 from xaiserve.service.registry import OnnxModel, Registry, RegistryConfig
-from tests.tiny_models import perturbed_denoiser
 
 torch.set_num_threads(1)
 STORE = Path(__file__).resolve().parent.parent / "model_store"
@@ -81,7 +82,9 @@ def test_ribbon_rows_are_what_gridsample_reads_from_the_stored_grid() -> None:
     grid = m.ops.rib0_grid
     n = m.ops.n[0]
     x = torch.randn(2, 3, 1, n)
-    want = F.grid_sample(x, grid.expand(2, -1, -1, -1), mode="bilinear", padding_mode="zeros", align_corners=False)[:, :, [0, 2]]
+    want = F.grid_sample(x, grid.expand(2, -1, -1, -1), mode="bilinear", padding_mode="zeros", align_corners=False)[
+        :, :, [0, 2]
+    ]
     ws = sr._Workspace()
     got = rt.ribbons[0].rows(np.ascontiguousarray(x.numpy()), ws, "t")
     # GridSample recomputes the sample position from the float32 grid, grid_operator_from in
@@ -143,7 +146,9 @@ def test_wrong_shapes_and_cartesian_networks_are_refused() -> None:
 
 def test_the_registry_serves_spiral_denoisers_through_the_runtime_unless_told_not_to(caplog) -> None:
     reg = Registry(RegistryConfig(store=STORE, warmup=True, prefer_cuda=False, intra_op_threads=1))
-    plain = Registry(RegistryConfig(store=STORE, warmup=True, prefer_cuda=False, intra_op_threads=1, spiral_runtime=False))
+    plain = Registry(
+        RegistryConfig(store=STORE, warmup=True, prefer_cuda=False, intra_op_threads=1, spiral_runtime=False)
+    )
     with caplog.at_level("INFO", logger="xaiserve.registry"):
         served = reg.onnx("cryoem-spiral")
     assert isinstance(served, sr.SpiralRuntime)
@@ -188,10 +193,17 @@ def test_an_onnx_only_spiral_entry_is_served_by_its_graph(tmp_path) -> None:
 
     m = perturbed_denoiser(DenoiserConfig(arch="spiral", size=32, channels=(4, 8, 16)), seed=2)
     export_onnx(m, tmp_path / "s" / "1" / "model.onnx")
-    add_entry(tmp_path, {
-        "name": "s", "version": "1", "kind": "denoiser", "files": {"onnx": "s/1/model.onnx"},
-        "input": {"height": 32, "width": 32, "channels": 1, "mean": [0.0], "std": [1.0]}, "arch": m.config.to_dict(),
-    })
+    add_entry(
+        tmp_path,
+        {
+            "name": "s",
+            "version": "1",
+            "kind": "denoiser",
+            "files": {"onnx": "s/1/model.onnx"},
+            "input": {"height": 32, "width": 32, "channels": 1, "mean": [0.0], "std": [1.0]},
+            "arch": m.config.to_dict(),
+        },
+    )
     served = Registry(RegistryConfig(store=tmp_path, warmup=True, prefer_cuda=False, intra_op_threads=1)).onnx("s")
     assert isinstance(served, OnnxModel)
     x = _particles(2, 32, seed=6)

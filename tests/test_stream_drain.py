@@ -1,5 +1,6 @@
 """SIGTERM with open streams: each gets a DrainNotice at once, keeps being answered, and is ended
 by the server with UNAVAILABLE and the "xaiserve-draining" trailer before the grace period runs out."""
+
 from __future__ import annotations
 
 import signal

@@ -1,5 +1,6 @@
 """StreamExplain per frame: a bad frame fails only itself, a run of bad frames ends the stream,
 the per-frame metrics count frames, the stream's duration has its own histogram."""
+
 from __future__ import annotations
 
 import io
@@ -103,7 +104,10 @@ def test_per_frame_metrics_count_frames_and_the_stream_duration_is_not_a_request
     assert delta("xaiserve_stream_duration_seconds_count", rpc="StreamExplain", model=model) == 1
     assert ("xaiserve_request_latency_seconds_count", (("model", model), ("rpc", "StreamExplain"))) not in after
     # the duration histogram's buckets reach hours: a long stream is not "+Inf"
-    assert ("xaiserve_stream_duration_seconds_bucket", (("le", "3600.0"), ("model", model), ("rpc", "StreamExplain"))) in after
+    assert (
+        "xaiserve_stream_duration_seconds_bucket",
+        (("le", "3600.0"), ("model", model), ("rpc", "StreamExplain")),
+    ) in after
 
 
 def test_stream_series_exist_from_the_start_for_every_masking_network(server):

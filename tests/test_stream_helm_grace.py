@@ -1,5 +1,6 @@
 """The gateway pod's shutdown budget covers the preStop sleep, the server's drain (grace_s, in which
 streams get their notice and end) and a margin; a chart whose budget is too short does not render."""
+
 from __future__ import annotations
 
 import re
@@ -31,17 +32,24 @@ def test_termination_grace_covers_prestop_drain_and_margin(chart, values):
     merged = chart.merge_values(values)
     sleep = int(pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"][1])
     assert sleep == merged["gateway"]["preStopSleepSeconds"]
-    assert pod["terminationGracePeriodSeconds"] >= sleep + config["grace_s"] + merged["gateway"]["shutdownMarginSeconds"]
+    assert (
+        pod["terminationGracePeriodSeconds"] >= sleep + config["grace_s"] + merged["gateway"]["shutdownMarginSeconds"]
+    )
 
 
-@pytest.mark.parametrize("values", [
-    {"config": {"grace_s": 25}},
-    {"gateway": {"preStopSleepSeconds": 20}},
-    {"gateway": {"terminationGracePeriodSeconds": 20}},
-    {"config": {"grace_s": 20.5}, "gateway": {"terminationGracePeriodSeconds": 30}},
-])
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"config": {"grace_s": 25}},
+        {"gateway": {"preStopSleepSeconds": 20}},
+        {"gateway": {"terminationGracePeriodSeconds": 20}},
+        {"config": {"grace_s": 20.5}, "gateway": {"terminationGracePeriodSeconds": 30}},
+    ],
+)
 def test_a_grace_period_too_short_for_the_drain_fails_rendering(chart, values):
-    with pytest.raises(helm_python.HelmError, match=re.escape("must be at least gateway.preStopSleepSeconds + config.grace_s")):
+    with pytest.raises(
+        helm_python.HelmError, match=re.escape("must be at least gateway.preStopSleepSeconds + config.grace_s")
+    ):
         chart.render(values, name=RELEASE, namespace=NAMESPACE)
 
 

@@ -1,5 +1,6 @@
 """Mask encodings: each round-trips to the float mask within its stated precision, pure and
 through the real server; a stream answers uint8 on the model's grid unless asked otherwise."""
+
 from __future__ import annotations
 
 import io
@@ -40,8 +41,9 @@ def test_uint8_and_png_are_within_half_a_step_and_uint8_is_exactly_the_png():
         me.png_decode(rgb.getvalue())
 
 
-@pytest.mark.parametrize("resize_mode,h,w", [("stretch", 48, 80), ("letterbox", 48, 80), ("center-crop", 48, 80),
-                                              ("letterbox", 90, 30)])
+@pytest.mark.parametrize(
+    "resize_mode,h,w", [("stretch", 48, 80), ("letterbox", 48, 80), ("center-crop", 48, 80), ("letterbox", 90, 30)]
+)
 def test_model_grid_mapped_back_equals_the_servers_input_resolution_mask(resize_mode, h, w):
     spec = InputSpec(32, 32, 3, (0.5,) * 3, (0.25,) * 3, resize=resize_mode)
     image = np.random.default_rng(1).random((h, w, 3)).astype(np.float32)
@@ -76,7 +78,9 @@ def _jpeg(h: int, w: int, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
-ENCODINGS = [(e, r) for e in (pb.MASK_FLOAT32, pb.MASK_UINT8, pb.MASK_PNG) for r in (pb.MASK_AT_INPUT, pb.MASK_AT_MODEL)]
+ENCODINGS = [
+    (e, r) for e in (pb.MASK_FLOAT32, pb.MASK_UINT8, pb.MASK_PNG) for r in (pb.MASK_AT_INPUT, pb.MASK_AT_MODEL)
+]
 
 
 def test_every_encoding_through_explain_decodes_to_the_float32_input_mask(stub):
@@ -96,13 +100,19 @@ def test_every_encoding_through_explain_decodes_to_the_float32_input_mask(stub):
             assert not r.mask.shape and r.mask_png
         sizes[(enc, res)] = r.mask.ByteSize() + len(r.mask_png)
     # the model grid (32 x 32 here) is smaller than the 48 x 80 input, and 8 bits are smaller than 32
-    assert sizes[(pb.MASK_UINT8, pb.MASK_AT_MODEL)] < sizes[(pb.MASK_FLOAT32, pb.MASK_AT_MODEL)] < sizes[(pb.MASK_FLOAT32, pb.MASK_AT_INPUT)]
+    assert (
+        sizes[(pb.MASK_UINT8, pb.MASK_AT_MODEL)]
+        < sizes[(pb.MASK_FLOAT32, pb.MASK_AT_MODEL)]
+        < sizes[(pb.MASK_FLOAT32, pb.MASK_AT_INPUT)]
+    )
     assert sizes[(pb.MASK_UINT8, pb.MASK_AT_MODEL)] < sizes[(pb.MASK_UINT8, pb.MASK_AT_INPUT)]
 
 
 def test_return_png_with_a_model_grid_mask_still_overlays_at_the_input_resolution(stub):
     opts = pb.ExplainOptions(return_png=True, mask_encoding=pb.MASK_UINT8, mask_resolution=pb.MASK_AT_MODEL)
-    r = stub.Explain(pb.ExplainRequest(model="tiny-nemu", image=pb.Image(encoded=_jpeg(48, 80)), options=opts), timeout=30)
+    r = stub.Explain(
+        pb.ExplainRequest(model="tiny-nemu", image=pb.Image(encoded=_jpeg(48, 80)), options=opts), timeout=30
+    )
     assert PILImage.open(io.BytesIO(r.overlay_png)).size == (80, 48)
     assert PILImage.open(io.BytesIO(r.mask_png)).size == (32, 32)  # the mask's PNG is on the mask's grid
     assert np.array_equal(me.png_decode(r.mask_png), from_tensor(r.mask))
@@ -112,7 +122,9 @@ def test_return_png_with_a_model_grid_mask_still_overlays_at_the_input_resolutio
 def test_an_unknown_encoding_number_is_invalid_argument(stub, field, value):
     opts = pb.ExplainOptions(**{field: value})
     with pytest.raises(grpc.RpcError) as e:
-        stub.Explain(pb.ExplainRequest(model="tiny-nemu", image=pb.Image(encoded=_jpeg(32, 32)), options=opts), timeout=30)
+        stub.Explain(
+            pb.ExplainRequest(model="tiny-nemu", image=pb.Image(encoded=_jpeg(32, 32)), options=opts), timeout=30
+        )
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and f"options.{field} {value}" in e.value.details()
 
 

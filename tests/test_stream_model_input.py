@@ -1,5 +1,6 @@
 """The model input made from 8-bit bands (service/model_input.py) equals the full decode + resize
 up to float32 rounding; anything it does not handle falls back to the full path."""
+
 from __future__ import annotations
 
 import io
@@ -24,8 +25,14 @@ def encoded(mode: str, h: int, w: int, fmt: str, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
-CASES = [("RGB", "JPEG", 3, "stretch"), ("L", "JPEG", 3, "stretch"), ("RGB", "PNG", 1, "stretch"),
-         ("RGBA", "PNG", 3, "letterbox"), ("RGB", "JPEG", 3, "center-crop"), ("L", "PNG", 1, "letterbox")]
+CASES = [
+    ("RGB", "JPEG", 3, "stretch"),
+    ("L", "JPEG", 3, "stretch"),
+    ("RGB", "PNG", 1, "stretch"),
+    ("RGBA", "PNG", 3, "letterbox"),
+    ("RGB", "JPEG", 3, "center-crop"),
+    ("L", "PNG", 1, "letterbox"),
+]
 
 
 @pytest.mark.parametrize("mode,fmt,channels,resize", CASES)
@@ -48,16 +55,23 @@ def test_what_it_does_not_handle_goes_to_the_full_path():
     PILImage.fromarray(np.full((8, 8), 40000, np.uint16)).save(wide, format="PNG")  # a 16-bit grayscale PNG
     palette = io.BytesIO()
     PILImage.new("P", (8, 8)).save(palette, format="PNG")
-    for img in (pb.Image(encoded=jpeg[: len(jpeg) // 2]),  # truncated: the full path names the error
-                pb.Image(encoded=b"junk"), pb.Image(encoded=b""), pb.Image(),
-                pb.Image(encoded=wide.getvalue()), pb.Image(encoded=palette.getvalue()),
-                pb.Image(encoded=encoded("RGB", 8, 8, "BMP")),
-                pb.Image(tensor=to_tensor(np.zeros((8, 8, 3), np.uint8)))):
+    for img in (
+        pb.Image(encoded=jpeg[: len(jpeg) // 2]),  # truncated: the full path names the error
+        pb.Image(encoded=b"junk"),
+        pb.Image(encoded=b""),
+        pb.Image(),
+        pb.Image(encoded=wide.getvalue()),
+        pb.Image(encoded=palette.getvalue()),
+        pb.Image(encoded=encoded("RGB", 8, 8, "BMP")),
+        pb.Image(tensor=to_tensor(np.zeros((8, 8, 3), np.uint8))),
+    ):
         assert fast_model_input(img, spec) is None
 
 
 def test_the_server_answers_the_same_mask_with_and_without_the_full_decode(stub):
     img = pb.Image(encoded=encoded("RGB", 90, 120, "JPEG", 3))
     lean = stub.Explain(pb.ExplainRequest(model="tiny-nemu", image=img), timeout=30)
-    full = stub.Explain(pb.ExplainRequest(model="tiny-nemu", image=img, options=pb.ExplainOptions(return_png=True)), timeout=30)
+    full = stub.Explain(
+        pb.ExplainRequest(model="tiny-nemu", image=img, options=pb.ExplainOptions(return_png=True)), timeout=30
+    )
     assert np.abs(from_tensor(lean.mask) - from_tensor(full.mask)).max() <= 1e-5

@@ -1,5 +1,6 @@
 """ONNX Runtime sessions configured for serving: spinning off unless asked, intra-op threads from
 the cores and the number of models, both settable in the server's config."""
+
 from __future__ import annotations
 
 import pytest
@@ -35,8 +36,12 @@ def test_the_registry_of_a_server_picks_them_and_an_explicit_count_wins(tiny_sto
     auto = Registry(RegistryConfig(store=tiny_store, concurrent_calls=2))
     assert auto.onnx_intra_op_threads() == serving_intra_op_threads(available_cores(), models, 2)
     assert options(auto.onnx("tiny-nemu")).intra_op_num_threads == auto.onnx_intra_op_threads()
-    assert Registry(RegistryConfig(store=tiny_store, concurrent_calls=2, intra_op_threads=3)).onnx_intra_op_threads() == 3
-    assert Registry(RegistryConfig(store=tiny_store)).onnx_intra_op_threads() == 0  # not a server: the runtime's default
+    assert (
+        Registry(RegistryConfig(store=tiny_store, concurrent_calls=2, intra_op_threads=3)).onnx_intra_op_threads() == 3
+    )
+    assert (
+        Registry(RegistryConfig(store=tiny_store)).onnx_intra_op_threads() == 0
+    )  # not a server: the runtime's default
 
 
 def test_server_settings():

@@ -1,5 +1,6 @@
 """The Python client's stream pacing: pace="auto" slows a fast sender to the server, so a slow
 model drops nothing; unpaced, the same sender floods it and most frames are dropped."""
+
 from __future__ import annotations
 
 import numpy as np

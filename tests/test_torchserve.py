@@ -6,6 +6,7 @@ machine's Java 17, on 127.0.0.1 ports, and is stopped at the end. Its HTTP and g
 called with the default NEM-U model's archive and compared with xaiserve's Explain for the same
 image; a bad image batched with good ones fails alone.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -28,11 +29,11 @@ import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from PIL import Image
 
+from tests.conftest import DEFAULT_STORE
+from tests.serverutil import ROOT, free_port, running_server
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.service.tensors import from_tensor
 from xaiserve.service.torchserve_handler import decode_array
-from tests.conftest import DEFAULT_STORE
-from tests.serverutil import ROOT, free_port, running_server
 
 pytestmark = pytest.mark.slow
 TORCHSERVE = ["torchserve==0.12.0", "torch-model-archiver==0.12.0"]
@@ -50,11 +51,16 @@ def ts_venv(tmp_path_factory) -> Path:
     assert shutil.which("java"), "TorchServe needs Java 17 (apt-get install openjdk-17-jre-headless)"
     d = tmp_path_factory.mktemp("ts") / "venv"
     venv.EnvBuilder(with_pip=True, system_site_packages=True).create(d)
-    r = subprocess.run([str(d / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check", *TORCHSERVE],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [str(d / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check", *TORCHSERVE],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    torch_here = subprocess.run([str(d / "bin" / "python"), "-c", "import torch; print(torch.__file__)"],
-                                capture_output=True, text=True).stdout
+    torch_here = subprocess.run(
+        [str(d / "bin" / "python"), "-c", "import torch; print(torch.__file__)"], capture_output=True, text=True
+    ).stdout
     assert "/tmp" not in torch_here and "venv" not in torch_here, f"the venv installed its own torch: {torch_here}"
     return d
 
@@ -64,9 +70,24 @@ def mar(ts_venv, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("mars")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     # `xaiserve export torchserve` with the venv's Python (the one that has torch-model-archiver)
-    r = subprocess.run([str(ts_venv / "bin" / "python"), "-m", "xaiserve.service.cli", "export", "torchserve",
-                        "scenes-nemu", "--out", str(out),
-                        "--model-store", str(DEFAULT_STORE)], capture_output=True, text=True, timeout=300, env=env)
+    r = subprocess.run(
+        [
+            str(ts_venv / "bin" / "python"),
+            "-m",
+            "xaiserve.service.cli",
+            "export",
+            "torchserve",
+            "scenes-nemu",
+            "--out",
+            str(out),
+            "--model-store",
+            str(DEFAULT_STORE),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     path = Path(json.loads(r.stdout.strip().splitlines()[-1])["mar"])
     names = zipfile.ZipFile(path).namelist()
@@ -79,22 +100,54 @@ def mar(ts_venv, tmp_path_factory) -> Path:
 def torchserve(ts_venv, mar, tmp_path_factory):
     work = tmp_path_factory.mktemp("tsrun")
     ports = {k: free_port() for k in ("http", "mgmt", "metrics", "grpc", "grpc_mgmt")}
-    (work / "config.properties").write_text("\n".join([
-        f"inference_address=http://127.0.0.1:{ports['http']}",
-        f"management_address=http://127.0.0.1:{ports['mgmt']}",
-        f"metrics_address=http://127.0.0.1:{ports['metrics']}",
-        "grpc_inference_address=127.0.0.1", "grpc_management_address=127.0.0.1",
-        f"grpc_inference_port={ports['grpc']}", f"grpc_management_port={ports['grpc_mgmt']}",
-        "disable_token_authorization=true", "enable_model_api=true", "install_py_dep_per_model=false",
-        "default_workers_per_model=1", "number_of_netty_threads=2", "netty_client_threads=2",
-        "vmargs=-Xmx512m -XX:+UseSerialGC", f"model_store={mar.parent}", "",
-    ]))
-    env = dict(os.environ, PATH=f"{ts_venv / 'bin'}:{os.environ['PATH']}", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
-               LOG_LOCATION=str(work / "logs"), METRICS_LOCATION=str(work / "logs"))
+    (work / "config.properties").write_text(
+        "\n".join(
+            [
+                f"inference_address=http://127.0.0.1:{ports['http']}",
+                f"management_address=http://127.0.0.1:{ports['mgmt']}",
+                f"metrics_address=http://127.0.0.1:{ports['metrics']}",
+                "grpc_inference_address=127.0.0.1",
+                "grpc_management_address=127.0.0.1",
+                f"grpc_inference_port={ports['grpc']}",
+                f"grpc_management_port={ports['grpc_mgmt']}",
+                "disable_token_authorization=true",
+                "enable_model_api=true",
+                "install_py_dep_per_model=false",
+                "default_workers_per_model=1",
+                "number_of_netty_threads=2",
+                "netty_client_threads=2",
+                "vmargs=-Xmx512m -XX:+UseSerialGC",
+                f"model_store={mar.parent}",
+                "",
+            ]
+        )
+    )
+    env = dict(
+        os.environ,
+        PATH=f"{ts_venv / 'bin'}:{os.environ['PATH']}",
+        PYTHONPATH=str(ROOT),
+        OMP_NUM_THREADS="1",
+        LOG_LOCATION=str(work / "logs"),
+        METRICS_LOCATION=str(work / "logs"),
+    )
     log = open(work / "torchserve.log", "w")
-    proc = subprocess.Popen([str(ts_venv / "bin" / "torchserve"), "--start", "--foreground", "--ncs",
-                             "--ts-config", str(work / "config.properties"), "--model-store", str(mar.parent)],
-                            cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            str(ts_venv / "bin" / "torchserve"),
+            "--start",
+            "--foreground",
+            "--ncs",
+            "--ts-config",
+            str(work / "config.properties"),
+            "--model-store",
+            str(mar.parent),
+        ],
+        cwd=work,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{ports['http']}"
     try:
         deadline = time.time() + 90
@@ -110,7 +163,9 @@ def torchserve(ts_venv, mar, tmp_path_factory):
         # register the archive, batching up to 4 requests for 300 ms
         reg = urllib.request.Request(
             f"http://127.0.0.1:{ports['mgmt']}/models?url={mar.name}&batch_size=4&max_batch_delay=300"
-            "&initial_workers=1&synchronous=true", method="POST")
+            "&initial_workers=1&synchronous=true",
+            method="POST",
+        )
         assert urllib.request.urlopen(reg, timeout=120).status == 200
         yield base, f"127.0.0.1:{ports['grpc']}", work
     finally:
@@ -139,8 +194,11 @@ def post(url: str, body: bytes) -> tuple[int, dict]:
 
 
 def explain(stub, data: bytes) -> pb.ExplainResponse:
-    return stub.Explain(pb.ExplainRequest(model="scenes-nemu", image=pb.Image(encoded=data),
-                                          options=pb.ExplainOptions(return_output=True)))
+    return stub.Explain(
+        pb.ExplainRequest(
+            model="scenes-nemu", image=pb.Image(encoded=data), options=pb.ExplainOptions(return_output=True)
+        )
+    )
 
 
 def test_http_answers_like_xaiserve(torchserve, xaiserve_stub):
@@ -164,15 +222,16 @@ def test_a_bad_image_fails_alone_in_its_batch(torchserve, xaiserve_stub):
     assert codes == [200, 400, 200, 200], answers[1]
     assert answers[1][1]["code"] == "INVALID_ARGUMENT" and "could not be decoded" in answers[1][1]["error"]
     assert max(a["batch_size"] for c, a in answers if c == 200) >= 2, "the requests were not batched together"
-    np.testing.assert_allclose(decode_array(answers[0][1]["mask"]), from_tensor(explain(xaiserve_stub, bodies[0]).mask),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        decode_array(answers[0][1]["mask"]), from_tensor(explain(xaiserve_stub, bodies[0]).mask), atol=1e-5
+    )
     assert np.array_equal(decode_array(answers[0][1]["mask"]), decode_array(answers[3][1]["mask"]))
 
 
 def _torchserve_grpc(ts_venv: Path, work: Path):
     """TorchServe's own inference.proto (from its jar), compiled into a private pool."""
-    from grpc_tools import protoc
     import grpc_tools
+    from grpc_tools import protoc
 
     jar = next((ts_venv / "lib").glob("python*/site-packages/ts/frontend/model-server.jar"))
     src = work / "proto"
@@ -182,8 +241,20 @@ def _torchserve_grpc(ts_venv: Path, work: Path):
             (src / name).write_bytes(z.read(name))
     out = work / "ts.desc"
     include = Path(grpc_tools.__file__).parent / "_proto"
-    assert protoc.main(["protoc", f"-I{src / 'proto'}", f"-I{src}", f"-I{include}", "--include_imports",
-                        f"--descriptor_set_out={out}", "inference.proto"]) == 0
+    assert (
+        protoc.main(
+            [
+                "protoc",
+                f"-I{src / 'proto'}",
+                f"-I{src}",
+                f"-I{include}",
+                "--include_imports",
+                f"--descriptor_set_out={out}",
+                "inference.proto",
+            ]
+        )
+        == 0
+    )
     pool = descriptor_pool.DescriptorPool()
     for f in descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file:
         pool.Add(f)
@@ -196,11 +267,16 @@ def test_grpc_answers_like_xaiserve_and_refuses_a_bad_image(torchserve, ts_venv,
     Req, Resp = _torchserve_grpc(ts_venv, work)
     data = png(40, 56, seed=4)
     with grpc.insecure_channel(address) as ch:
-        predict = ch.unary_unary("/org.pytorch.serve.grpc.inference.InferenceAPIsService/Predictions",
-                                 request_serializer=Req.SerializeToString, response_deserializer=Resp.FromString)
+        predict = ch.unary_unary(
+            "/org.pytorch.serve.grpc.inference.InferenceAPIsService/Predictions",
+            request_serializer=Req.SerializeToString,
+            response_deserializer=Resp.FromString,
+        )
         got = json.loads(predict(Req(model_name="scenes-nemu", input={"data": data}), timeout=60).prediction)
         # TorchServe's gRPC frontend answers a request its handler marked 400 with status OK and the
         # handler's body (it passes per-request statuses on over HTTP only): the error is in the body
-        bad = json.loads(predict(Req(model_name="scenes-nemu", input={"data": b"GIF89a broken"}), timeout=60).prediction)
+        bad = json.loads(
+            predict(Req(model_name="scenes-nemu", input={"data": b"GIF89a broken"}), timeout=60).prediction
+        )
     np.testing.assert_allclose(decode_array(got["mask"]), from_tensor(explain(xaiserve_stub, data).mask), atol=1e-5)
     assert bad["code"] == "INVALID_ARGUMENT" and "could not be decoded" in bad["error"], bad

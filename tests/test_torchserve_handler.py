@@ -5,6 +5,7 @@ what one archive cannot: every model kind and the gradient methods, against xais
 The context is TorchServe's interface as the handler uses it (system_properties and
 set_response_status).
 """
+
 from __future__ import annotations
 
 import io
@@ -14,11 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import DEFAULT_STORE
+from tests.serverutil import running_server
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.service.tensors import from_tensor
 from xaiserve.service.torchserve_handler import ARCHIVE_CONFIG, XaiserveHandler, decode_array
-from tests.conftest import DEFAULT_STORE
-from tests.serverutil import running_server
 
 
 class Context:
@@ -59,8 +60,11 @@ def png(h: int, w: int, seed: int) -> bytes:
 def test_gradient_methods_and_targets_answer_like_explain(xaiserve, tmp_path):
     h, ctx = handler_for("scenes-classifier", tmp_path)
     data = png(48, 60, seed=1)
-    batch = [{"body": data, "method": b"gradcam", "target_label": b"3"}, {"body": data, "method": "saliency"},
-             {"body": data}]
+    batch = [
+        {"body": data, "method": b"gradcam", "target_label": b"3"},
+        {"body": data, "method": "saliency"},
+        {"body": data},
+    ]
     got = [json.loads(a) for a in h.handle(batch, ctx)]
     assert ctx.statuses == {}
     for i, (method, target) in enumerate([("gradcam", 3), ("saliency", None)]):
@@ -77,11 +81,18 @@ def test_gradient_methods_and_targets_answer_like_explain(xaiserve, tmp_path):
 def test_nemt_targets_and_fidelity_answer_like_explain(xaiserve, tmp_path):
     h, ctx = handler_for("lesions-nemt", tmp_path)
     data = png(64, 64, seed=2)
-    got = [json.loads(a) for a in h.handle([{"data": data, "target_label": "1", "fidelity": "true"},
-                                            {"data": data, "target_label": "2"}], ctx)]
+    got = [
+        json.loads(a)
+        for a in h.handle(
+            [{"data": data, "target_label": "1", "fidelity": "true"}, {"data": data, "target_label": "2"}], ctx
+        )
+    ]
     assert [g["label"] for g in got] == [1, 2]
-    ref = xaiserve.Explain(pb.ExplainRequest(model="lesions-nemt", image=pb.Image(encoded=data),
-                                             options=pb.ExplainOptions(target_label=1, fidelity=True)))
+    ref = xaiserve.Explain(
+        pb.ExplainRequest(
+            model="lesions-nemt", image=pb.Image(encoded=data), options=pb.ExplainOptions(target_label=1, fidelity=True)
+        )
+    )
     np.testing.assert_allclose(decode_array(got[0]["mask"]), from_tensor(ref.mask), atol=1e-5)
     assert got[0]["fidelity"] == pytest.approx(ref.fidelity, abs=1e-5) and "fidelity" not in got[1]
 
@@ -89,8 +100,14 @@ def test_nemt_targets_and_fidelity_answer_like_explain(xaiserve, tmp_path):
 def test_bad_requests_fail_alone_with_their_status(tmp_path):
     h, ctx = handler_for("scenes-nemu", tmp_path)
     good = png(32, 32, seed=3)
-    batch = [{"body": good}, {"body": b"not an image"}, {"body": good, "method": "astrology"}, {"other": b"x"},
-             {"body": good, "target_label": "2"}, {"body": good}]
+    batch = [
+        {"body": good},
+        {"body": b"not an image"},
+        {"body": good, "method": "astrology"},
+        {"other": b"x"},
+        {"body": good, "target_label": "2"},
+        {"body": good},
+    ]
     got = [json.loads(a) for a in h.handle(batch, ctx)]
     assert set(ctx.statuses) == {1, 2, 3, 4} and all(code == 400 for code, _ in ctx.statuses.values())
     assert "could not be decoded" in got[1]["error"] and "astrology" in got[2]["error"]

@@ -1,5 +1,6 @@
 """The two-finding lesions set (training/datasets/two_findings.py): two lesions of different classes
 per image, ground truth per lesion, aligned with the pixels."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -2,6 +2,7 @@
 HTTP: every route with good and bad input, the same answers and metrics as the gRPC port, job events
 as server-sent events, token auth with allow-lists and job ownership, and the page's static files
 beside /metrics, /healthz and /readyz."""
+
 from __future__ import annotations
 
 import base64
@@ -18,12 +19,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import DEFAULT_STORE
+from tests.serverutil import running_server
 from xaiserve.methods import METHODS
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.service.security import bearer_metadata
 from xaiserve.service.tensors import from_tensor
-from tests.conftest import DEFAULT_STORE
-from tests.serverutil import running_server
 
 SAMPLES = Path(__file__).resolve().parent.parent / "xaiserve" / "service" / "web" / "static" / "samples"
 LESION = (SAMPLES / "lesion-1.png").read_bytes()
@@ -40,8 +41,17 @@ class Answer:
         return json.loads(self.body)
 
 
-def call(base: str, path: str, body=None, *, method: str | None = None, token: str | None = None,
-         raw: bytes | None = None, headers: dict | None = None, timeout: float = 120) -> Answer:
+def call(
+    base: str,
+    path: str,
+    body=None,
+    *,
+    method: str | None = None,
+    token: str | None = None,
+    raw: bytes | None = None,
+    headers: dict | None = None,
+    timeout: float = 120,
+) -> Answer:
     data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
     h = {"Content-Type": "application/json", **(headers or {})}
     if token:
@@ -63,8 +73,9 @@ def error_of(a: Answer) -> dict:
 
 def events(base: str, job_id: str, token: str | None = None, stop_after: str | None = None) -> list[tuple[str, dict]]:
     """The server-sent events of a job, parsed (to the end of the stream, or the first `stop_after`)."""
-    req = urllib.request.Request(f"{base}/api/jobs/{job_id}/events",
-                                 headers={"Authorization": f"Bearer {token}"} if token else {})
+    req = urllib.request.Request(
+        f"{base}/api/jobs/{job_id}/events", headers={"Authorization": f"Bearer {token}"} if token else {}
+    )
     out: list[tuple[str, dict]] = []
     with urllib.request.urlopen(req, timeout=120) as r:
         assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
@@ -116,8 +127,12 @@ def test_the_page_and_its_files_are_served_beside_the_ops_routes(base):
     assert js.status == 200 and js.headers["Content-Type"].startswith("text/javascript") and b"watchEvents" in js.body
     again = call(base, "/static/app.js", headers={"If-None-Match": js.headers["ETag"]})
     assert again.status == 304 and again.body == b""
-    for vendored in ("/static/vendor/marked.umd.js", "/static/vendor/purify.min.js", "/static/style.css",
-                     "/static/samples/lesion-1.png"):
+    for vendored in (
+        "/static/vendor/marked.umd.js",
+        "/static/vendor/purify.min.js",
+        "/static/style.css",
+        "/static/samples/lesion-1.png",
+    ):
         assert call(base, vendored).status == 200, vendored
     for missing in ("/static/nope.js", "/static/../api.py", "/static/%2e%2e/api.py", "/static/"):
         assert call(base, missing).status == 404, missing
@@ -159,7 +174,9 @@ def test_models_are_the_grpc_list_with_methods_and_cards(zoo, base):
     assert [m["name"] for m in doc["models"]] == [m.name for m in grpc_models]
     nemt = next(m for m in doc["models"] if m["name"] == "lesions-nemt")
     assert nemt["kind"] == "nemt" and nemt["input"]["height"] == 64 and nemt["labels"][1] == "melanoma"
-    assert "nemt" in nemt["methods"] and "ablation_path" in nemt["methods"] and nemt["card"].startswith("# lesions-nemt")
+    assert (
+        "nemt" in nemt["methods"] and "ablation_path" in nemt["methods"] and nemt["card"].startswith("# lesions-nemt")
+    )
     only = call(base, "/api/models?kind=denoiser").json()["models"]
     assert only and {m["kind"] for m in only} == {"denoiser"}
     e = error_of(call(base, "/api/models?kind=wizard"))
@@ -194,8 +211,14 @@ def test_preview_is_the_image_as_the_server_decodes_it(base):
     assert (doc["model"], doc["height"], doc["width"], doc["channels"]) == ("lesions-nemt:1", 64, 64, 3)
     got = np.asarray(Image.open(io.BytesIO(base64.b64decode(doc["png"]))).convert("RGB"))
     np.testing.assert_array_equal(got, np.asarray(Image.open(io.BytesIO(LESION)).convert("RGB")))
-    assert error_of(call(base, "/api/preview", {"model": "lesions-nemt", "image": {"encoded": B64(b"nope")}}))["code"] == "INVALID_ARGUMENT"
-    assert error_of(call(base, "/api/preview", {"model": "ghost", "image": {"encoded": B64(LESION)}}))["code"] == "NOT_FOUND"
+    assert (
+        error_of(call(base, "/api/preview", {"model": "lesions-nemt", "image": {"encoded": B64(b"nope")}}))["code"]
+        == "INVALID_ARGUMENT"
+    )
+    assert (
+        error_of(call(base, "/api/preview", {"model": "ghost", "image": {"encoded": B64(LESION)}}))["code"]
+        == "NOT_FOUND"
+    )
     e = error_of(call(base, "/api/preview", {"model": "lesions-nemt"}))
     assert e["code"] == "INVALID_ARGUMENT" and "image" in e["message"]
 
@@ -208,36 +231,66 @@ def test_dicom_is_previewed_and_explained_at_its_own_resolution(base):
     assert (doc["height"], doc["width"], doc["channels"]) == (128, 128, 1), "a greyscale CT, windowed"
     grey = np.asarray(Image.open(io.BytesIO(base64.b64decode(doc["png"]))))
     assert grey.shape == (128, 128) and grey.max() > grey.min()
-    ex = call(base, "/api/explain", {"model": "lesions-classifier", "image": dcm, "options": {"method": "saliency"}}).json()
+    ex = call(
+        base, "/api/explain", {"model": "lesions-classifier", "image": dcm, "options": {"method": "saliency"}}
+    ).json()
     assert [int(s) for s in ex["mask"]["shape"]] == [128, 128]
 
 
 def test_explain_answers_what_the_grpc_explain_answers(zoo, base):
-    body = {"model": "lesions-nemt", "image": {"encoded": B64(LESION)}, "options": {"fidelity": True, "target_label": 2}}
+    body = {
+        "model": "lesions-nemt",
+        "image": {"encoded": B64(LESION)},
+        "options": {"fidelity": True, "target_label": 2},
+    }
     doc = call(base, "/api/explain", body).json()
     assert doc["model"] == "lesions-nemt:1" and doc["method"] == "nemt" and doc["target_label"] == 2
     assert doc["mask"]["dtype"] == "float32" and [int(s) for s in doc["mask"]["shape"]] == [64, 64]
     assert -1 <= doc["fidelity"] <= 1 and doc["timing"]["total_ms"] > 0
     mask = np.frombuffer(base64.b64decode(doc["mask"]["data"]), np.float32).reshape(64, 64)
-    ref = zoo.stub().Explain(pb.ExplainRequest(model="lesions-nemt", image=pb.Image(encoded=LESION),
-                                               options=pb.ExplainOptions(fidelity=True, target_label=2)), timeout=60)
+    ref = zoo.stub().Explain(
+        pb.ExplainRequest(
+            model="lesions-nemt",
+            image=pb.Image(encoded=LESION),
+            options=pb.ExplainOptions(fidelity=True, target_label=2),
+        ),
+        timeout=60,
+    )
     np.testing.assert_array_equal(mask, from_tensor(ref.mask))
     assert doc["fidelity"] == pytest.approx(ref.fidelity, abs=1e-6)
-    grad = call(base, "/api/explain", {"model": "scenes-nemu", "image": {"encoded": B64(SCENE)},
-                                      "options": {"method": "guided_backprop"}}).json()
+    grad = call(
+        base,
+        "/api/explain",
+        {"model": "scenes-nemu", "image": {"encoded": B64(SCENE)}, "options": {"method": "guided_backprop"}},
+    ).json()
     assert grad["method"] == "guided_backprop" and [int(s) for s in grad["mask"]["shape"]] == [64, 64]
 
 
-@pytest.mark.parametrize("body,code,fragment", [
-    ({"model": "lesions-nemt", "image": {"encoded": B64(b"not an image")}}, "INVALID_ARGUMENT", "decoded"),
-    ({"model": "ghost", "image": {"encoded": B64(LESION)}}, "NOT_FOUND", "ghost"),
-    ({"model": "lesions-nemt", "image": {"encoded": B64(LESION)}, "options": {"target_label": 9}}, "INVALID_ARGUMENT", "target_label"),
-    ({"model": "scenes-simclr", "image": {"encoded": B64(SCENE)}, "options": {"method": "relax"}}, "INVALID_ARGUMENT", "job"),
-    ({"model": "lesions-nemt", "image": {"encoded": B64(LESION)}, "options": {"fidelity": "yes"}}, "INVALID_ARGUMENT", "fidelity"),
-    ({"model": "lesions-nemt", "imagine": {}}, "INVALID_ARGUMENT", "imagine"),
-    ({"model": "lesions-nemt", "image": {"encoded": "%%% not base64 %%%"}}, "INVALID_ARGUMENT", "ExplainRequest"),
-    ([1, 2, 3], "INVALID_ARGUMENT", "not an object"),
-])
+@pytest.mark.parametrize(
+    "body,code,fragment",
+    [
+        ({"model": "lesions-nemt", "image": {"encoded": B64(b"not an image")}}, "INVALID_ARGUMENT", "decoded"),
+        ({"model": "ghost", "image": {"encoded": B64(LESION)}}, "NOT_FOUND", "ghost"),
+        (
+            {"model": "lesions-nemt", "image": {"encoded": B64(LESION)}, "options": {"target_label": 9}},
+            "INVALID_ARGUMENT",
+            "target_label",
+        ),
+        (
+            {"model": "scenes-simclr", "image": {"encoded": B64(SCENE)}, "options": {"method": "relax"}},
+            "INVALID_ARGUMENT",
+            "job",
+        ),
+        (
+            {"model": "lesions-nemt", "image": {"encoded": B64(LESION)}, "options": {"fidelity": "yes"}},
+            "INVALID_ARGUMENT",
+            "fidelity",
+        ),
+        ({"model": "lesions-nemt", "imagine": {}}, "INVALID_ARGUMENT", "imagine"),
+        ({"model": "lesions-nemt", "image": {"encoded": "%%% not base64 %%%"}}, "INVALID_ARGUMENT", "ExplainRequest"),
+        ([1, 2, 3], "INVALID_ARGUMENT", "not an object"),
+    ],
+)
 def test_explain_refuses_bad_requests_with_the_grpc_status_and_message(base, body, code, fragment):
     e = error_of(call(base, "/api/explain", body))
     assert e["code"] == code and fragment in e["message"], e
@@ -251,7 +304,7 @@ def test_malformed_bodies_are_refused_and_counted(base):
     e = error_of(call(base, "/api/explain", raw=b"\xff\xfe\x00garbage"))
     assert e["code"] == "INVALID_ARGUMENT"
     assert counter(base, "Explain", "INVALID_ARGUMENT") == before + 2, "refusals count in the gRPC request metrics"
-    huge = call(base, "/api/explain", raw=b"x", headers={"Content-Length": str(10 ** 10)})
+    huge = call(base, "/api/explain", raw=b"x", headers={"Content-Length": str(10**10)})
     assert huge.status == 429 and "max_message_mb" in error_of(huge)["message"]
     host, port = base.split("//")[1].split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
@@ -285,21 +338,32 @@ def test_denoise_answers_the_grpc_denoise_with_the_particles_the_model_saw(zoo, 
     assert "particles" not in plain and [int(s) for s in plain["denoised"]["shape"]] == [8, 64, 64]
 
 
-@pytest.mark.parametrize("path,body,code", [
-    ("/api/denoise", {"model": "cryoem-cartesian", "mrc": B64(b"not an mrc file at all" * 20)}, "INVALID_ARGUMENT"),
-    ("/api/denoise", {"model": "cryoem-cartesian"}, "INVALID_ARGUMENT"),
-    ("/api/denoise", {"model": "scenes-nemu", "mrc": B64(PARTICLES)}, "INVALID_ARGUMENT"),
-    ("/api/denoise", {"model": "cryoem-nope", "mrc": B64(PARTICLES)}, "NOT_FOUND"),
-    ("/api/denoise?particles=maybe", {"model": "cryoem-cartesian", "mrc": B64(PARTICLES)}, "INVALID_ARGUMENT"),
-])
+@pytest.mark.parametrize(
+    "path,body,code",
+    [
+        ("/api/denoise", {"model": "cryoem-cartesian", "mrc": B64(b"not an mrc file at all" * 20)}, "INVALID_ARGUMENT"),
+        ("/api/denoise", {"model": "cryoem-cartesian"}, "INVALID_ARGUMENT"),
+        ("/api/denoise", {"model": "scenes-nemu", "mrc": B64(PARTICLES)}, "INVALID_ARGUMENT"),
+        ("/api/denoise", {"model": "cryoem-nope", "mrc": B64(PARTICLES)}, "NOT_FOUND"),
+        ("/api/denoise?particles=maybe", {"model": "cryoem-cartesian", "mrc": B64(PARTICLES)}, "INVALID_ARGUMENT"),
+    ],
+)
 def test_denoise_bad_input(base, path, body, code):
     assert error_of(call(base, path, body))["code"] == code
 
 
 # ----------------------------------------------------------------------------------------- jobs
 def test_relax_job_submit_watch_get_and_cancel_after_the_end(base):
-    job = call(base, "/api/jobs", {"method": "relax", "model": "scenes-simclr", "image": {"encoded": B64(SCENE)},
-                                   "relax": {"num_masks": 256, "batch_size": 64, "seed": 3}}).json()
+    job = call(
+        base,
+        "/api/jobs",
+        {
+            "method": "relax",
+            "model": "scenes-simclr",
+            "image": {"encoded": B64(SCENE)},
+            "relax": {"num_masks": 256, "batch_size": 64, "seed": 3},
+        },
+    ).json()
     assert job["state"] in ("QUEUED", "RUNNING") and job["method"] == "relax" and job["owner"] == "anonymous"
     evs = events(base, job["id"])
     kinds = [k for k, _ in evs]
@@ -322,45 +386,96 @@ def test_relax_job_submit_watch_get_and_cancel_after_the_end(base):
 
 
 def test_ablation_job_with_images_and_a_cancelled_one(base):
-    job = call(base, "/api/jobs", {"method": "ablation_path", "model": "lesions-classifier", "image": {"encoded": B64(LESION)},
-                                   "ablation": {"max_iterations": 3, "num_slices": 6, "mask_size": 32, "return_images": True}}).json()
+    job = call(
+        base,
+        "/api/jobs",
+        {
+            "method": "ablation_path",
+            "model": "lesions-classifier",
+            "image": {"encoded": B64(LESION)},
+            "ablation": {"max_iterations": 3, "num_slices": 6, "mask_size": 32, "return_images": True},
+        },
+    ).json()
     kind, last = events(base, job["id"])[-1]
     assert kind == "EVENT_SUCCEEDED", last
     ab = last["job"]["result"]["ablation"]
-    assert [int(s) for s in ab["path"]["shape"]] == [6, 64, 64] and [int(s) for s in ab["images"]["shape"]] == [8, 64, 64, 3]
+    assert [int(s) for s in ab["path"]["shape"]] == [6, 64, 64] and [int(s) for s in ab["images"]["shape"]] == [
+        8,
+        64,
+        64,
+        3,
+    ]
     assert [int(s) for s in ab["times"]["shape"]] == [8] and ab["stop_reason"] in ("saturation", "max_iterations")
-    long = call(base, "/api/jobs", {"method": "ablation_path", "model": "lesions-classifier", "image": {"encoded": B64(LESION)},
-                                    "ablation": {"max_iterations": 5000}}).json()
+    long = call(
+        base,
+        "/api/jobs",
+        {
+            "method": "ablation_path",
+            "model": "lesions-classifier",
+            "image": {"encoded": B64(LESION)},
+            "ablation": {"max_iterations": 5000},
+        },
+    ).json()
     assert events(base, long["id"], stop_after="EVENT_PROGRESS")[-1][0] == "EVENT_PROGRESS"
     cancelled = call(base, f"/api/jobs/{long['id']}/cancel", {}).json()
     assert cancelled["state"] == "CANCELLED"
     assert events(base, long["id"])[-1][0] == "EVENT_CANCELLED"
 
 
-@pytest.mark.parametrize("body,code,fragment", [
-    ({"method": "lime", "model": "scenes-simclr", "image": {"encoded": B64(SCENE)}}, "INVALID_ARGUMENT", "relax"),
-    ({"method": "relax", "model": "ghost", "image": {"encoded": B64(SCENE)}}, "NOT_FOUND", "ghost"),
-    ({"method": "relax", "model": "scenes-simclr", "image": {"encoded": B64(SCENE)}, "relax": {"num_masks": 0}}, "INVALID_ARGUMENT", "num_masks"),
-    ({"method": "relax", "model": "scenes-simclr", "image": {"encoded": B64(SCENE)}, "relax": {"p_keep": 1.5}}, "INVALID_ARGUMENT", "p_keep"),
-    ({"method": "relax", "model": "scenes-simclr", "image": {"encoded": B64(SCENE)}, "relax": {"cells": "many"}}, "INVALID_ARGUMENT", "cells"),
-    ({"method": "ablation_path", "model": "lesions-classifier", "image": {"encoded": B64(LESION)},
-      "ablation": {"target_label": 99}}, "INVALID_ARGUMENT", "target_label"),
-    ({"method": "relax", "model": "scenes-simclr"}, "INVALID_ARGUMENT", "image"),
-    ({"method": "relax", "model": "scenes-simclr", "image": {"encoded": B64(SCENE)}, "deadline_seconds": -1}, "INVALID_ARGUMENT", "deadline"),
-])
+@pytest.mark.parametrize(
+    "body,code,fragment",
+    [
+        ({"method": "lime", "model": "scenes-simclr", "image": {"encoded": B64(SCENE)}}, "INVALID_ARGUMENT", "relax"),
+        ({"method": "relax", "model": "ghost", "image": {"encoded": B64(SCENE)}}, "NOT_FOUND", "ghost"),
+        (
+            {"method": "relax", "model": "scenes-simclr", "image": {"encoded": B64(SCENE)}, "relax": {"num_masks": 0}},
+            "INVALID_ARGUMENT",
+            "num_masks",
+        ),
+        (
+            {"method": "relax", "model": "scenes-simclr", "image": {"encoded": B64(SCENE)}, "relax": {"p_keep": 1.5}},
+            "INVALID_ARGUMENT",
+            "p_keep",
+        ),
+        (
+            {"method": "relax", "model": "scenes-simclr", "image": {"encoded": B64(SCENE)}, "relax": {"cells": "many"}},
+            "INVALID_ARGUMENT",
+            "cells",
+        ),
+        (
+            {
+                "method": "ablation_path",
+                "model": "lesions-classifier",
+                "image": {"encoded": B64(LESION)},
+                "ablation": {"target_label": 99},
+            },
+            "INVALID_ARGUMENT",
+            "target_label",
+        ),
+        ({"method": "relax", "model": "scenes-simclr"}, "INVALID_ARGUMENT", "image"),
+        (
+            {"method": "relax", "model": "scenes-simclr", "image": {"encoded": B64(SCENE)}, "deadline_seconds": -1},
+            "INVALID_ARGUMENT",
+            "deadline",
+        ),
+    ],
+)
 def test_bad_jobs_are_refused_at_submit_time(base, body, code, fragment):
     e = error_of(call(base, "/api/jobs", body))
     assert e["code"] == code and fragment in e["message"], e
 
 
-@pytest.mark.parametrize("path,method,code", [
-    ("/api/jobs/01ffffffffffffffffffffffffffffff", "GET", "NOT_FOUND"),
-    ("/api/jobs/nope/events", "GET", "NOT_FOUND"),
-    ("/api/jobs/nope/cancel", "POST", "NOT_FOUND"),
-    ("/api/jobs/" + "x" * 200, "GET", "INVALID_ARGUMENT"),
-    ("/api/jobs/%20%20", "GET", "INVALID_ARGUMENT"),
-    ("/api/jobs/nope?include_result=perhaps", "GET", "INVALID_ARGUMENT"),
-])
+@pytest.mark.parametrize(
+    "path,method,code",
+    [
+        ("/api/jobs/01ffffffffffffffffffffffffffffff", "GET", "NOT_FOUND"),
+        ("/api/jobs/nope/events", "GET", "NOT_FOUND"),
+        ("/api/jobs/nope/cancel", "POST", "NOT_FOUND"),
+        ("/api/jobs/" + "x" * 200, "GET", "INVALID_ARGUMENT"),
+        ("/api/jobs/%20%20", "GET", "INVALID_ARGUMENT"),
+        ("/api/jobs/nope?include_result=perhaps", "GET", "INVALID_ARGUMENT"),
+    ],
+)
 def test_unknown_and_malformed_job_ids(base, path, method, code):
     e = error_of(call(base, path, method=method, raw=b"{}" if method == "POST" else None))
     assert e["code"] == code, e
@@ -383,8 +498,10 @@ ALL, VIEWER, OTHER = "a" * 32, "v" * 32, "o" * 32
 @pytest.fixture(scope="module")
 def guarded(tiny_store, tmp_path_factory):
     tokens = tmp_path_factory.mktemp("web-tokens") / "tokens.yaml"
-    tokens.write_text(f"tokens:\n  - {{name: all, token: {ALL}}}\n  - {{name: viewer, token: {VIEWER}, methods: [ListModels]}}\n"
-                      f"  - {{name: other, token: {OTHER}}}\n")
+    tokens.write_text(
+        f"tokens:\n  - {{name: all, token: {ALL}}}\n  - {{name: viewer, token: {VIEWER}, methods: [ListModels]}}\n"
+        f"  - {{name: other, token: {OTHER}}}\n"
+    )
     with running_server(tiny_store, tokens_file=str(tokens), job_workers=1) as srv:
         srv.base = srv.metrics_url.rsplit("/", 1)[0]
         yield srv
@@ -394,7 +511,11 @@ def test_tokens_guard_every_api_route_as_they_guard_grpc(guarded):
     base = guarded.base
     assert call(base, "/").status == 200 and call(base, "/static/app.js").status == 200, "the page itself holds no data"
     a = call(base, "/api/models")
-    assert a.status == 401 and a.headers["WWW-Authenticate"].startswith("Bearer") and error_of(a)["code"] == "UNAUTHENTICATED"
+    assert (
+        a.status == 401
+        and a.headers["WWW-Authenticate"].startswith("Bearer")
+        and error_of(a)["code"] == "UNAUTHENTICATED"
+    )
     assert call(base, "/api/models", token="w" * 32).status == 401
     assert call(base, "/api/models", headers={"Authorization": "Basic dXNlcjpwdw=="}).status == 401
     assert call(base, "/api/models", token=VIEWER).status == 200
@@ -428,8 +549,9 @@ def test_mutual_tls_without_tokens_keeps_the_api_closed(tiny_store, tmp_path):
     from tests.test_security import make_pki
 
     pki = make_pki(tmp_path / "pki", "web")
-    with running_server(tiny_store, tls_cert=str(pki.server_cert), tls_key=str(pki.server_key),
-                        tls_client_ca=str(pki.ca), job_workers=0) as srv:
+    with running_server(
+        tiny_store, tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), tls_client_ca=str(pki.ca), job_workers=0
+    ) as srv:
         base = srv.metrics_url.rsplit("/", 1)[0]
         e = error_of(call(base, "/api/models"))
         assert e["code"] == "UNAUTHENTICATED" and "client certificate" in e["message"] and "tokens_file" in e["message"]

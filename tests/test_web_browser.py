@@ -4,6 +4,7 @@ explanation by every fast method with the target picker and the opacity slider, 
 live to its end, an ablation-path job opened in the path viewer whose slider and film change the slice
 shown, a cancelled job, and the denoiser. Screenshots go to a pytest temporary directory (printed);
 with XAISERVE_SCREENSHOTS=1 the final ones are also copied to docs/screenshots/ for the README."""
+
 from __future__ import annotations
 
 import os
@@ -20,18 +21,30 @@ pytestmark = pytest.mark.slow
 
 # Without the background-networking flags Chromium's own connections (updates, sync, QUIC probes)
 # are refused on a closed network and slow every start.
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--window-size=1440,1100")
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1440,1100",
+)
 
 
 def _browser_binaries() -> tuple[str, str]:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
     if not chromium or not driver:
-        pytest.fail("the browser tests need Debian's chromium and chromium-driver: bash scripts/setup.sh installs them "
-                    "(apt-get install chromium chromium-driver)")
+        pytest.fail(
+            "the browser tests need Debian's chromium and chromium-driver: bash scripts/setup.sh installs them "
+            "(apt-get install chromium chromium-driver)"
+        )
     return chromium, driver
+
 
 FOR_DOCS = ("explain", "jobs", "path")  # the screenshots docs/screenshots/ keeps for the README
 
@@ -105,7 +118,12 @@ def select(d, sel, value):
 def open_tab(d, base, tab):
     if not d.current_url.startswith(base):
         d.get(base + "/#" + tab)
-        wait(d, lambda drv: by_css(drv, "body").get_attribute("data-ready") == "1", 30, "the page did not load its models")
+        wait(
+            d,
+            lambda drv: by_css(drv, "body").get_attribute("data-ready") == "1",
+            30,
+            "the page did not load its models",
+        )
     else:
         d.execute_script("location.hash = arguments[0]", "#" + tab)
     wait(d, lambda drv: by_css(drv, "body").get_attribute("data-tab") == tab, 10)
@@ -158,18 +176,28 @@ def test_explain_runs_every_fast_method_with_target_and_opacity(zoo, browser, sh
     by_css(d, "#tab-explain [data-sample='lesion-1.png']").click()
     wait(d, lambda drv: "64 × 64" in by_css(drv, "#explain-input-caption").text, 20, "no preview of the image")
     by_css(d, "#explain-run").click()
-    done = lambda drv: (figs := all_css(drv, "figure.result")) and all(f.get_attribute("data-state") != "running" for f in figs)
+    done = lambda drv: (
+        (figs := all_css(drv, "figure.result")) and all(f.get_attribute("data-state") != "running" for f in figs)
+    )
     wait(d, done, 90, "the explanations did not finish")
-    fast = [m for m in api_models(zoo.base)["lesions-nemt"]["methods"] if m not in ("ablation_path",) and not m.startswith("sift")]
+    fast = [
+        m
+        for m in api_models(zoo.base)["lesions-nemt"]["methods"]
+        if m not in ("ablation_path",) and not m.startswith("sift")
+    ]
     figs = all_css(d, "figure.result")
     assert [f.get_attribute("data-method") for f in figs] == fast
     assert all(f.get_attribute("data-state") == "done" for f in figs), [f.text for f in figs]
     assert all("fidelity" in f.text and " ms" in f.text for f in figs)
     assert "label 3: vascular" in figs[0].text, figs[0].text
     before = pixels(d, "figure.result[data-method=nemt] canvas")
-    d.execute_script("const s = document.getElementById('explain-opacity'); s.value = 1; s.dispatchEvent(new Event('input'))")
+    d.execute_script(
+        "const s = document.getElementById('explain-opacity'); s.value = 1; s.dispatchEvent(new Event('input'))"
+    )
     assert pixels(d, "figure.result[data-method=nemt] canvas") != before, "the opacity slider redraws the overlays"
-    d.execute_script("const s = document.getElementById('explain-opacity'); s.value = 0.5; s.dispatchEvent(new Event('input'))")
+    d.execute_script(
+        "const s = document.getElementById('explain-opacity'); s.value = 0.5; s.dispatchEvent(new Event('input'))"
+    )
     shot(d, shots, "explain")
     select(d, "#explain-target", "1")  # a new target label explains again
     wait(d, lambda drv: "label 1: melanoma" in by_css(drv, "figure.result[data-method=nemt]").text, 60)
@@ -188,9 +216,17 @@ def test_a_dicom_file_is_shown_as_the_server_reads_it_and_explained(zoo, browser
     by_css(d, "#tab-explain [data-image-input] input[type=file]").send_keys(get_testdata_file("CT_small.dcm"))
     wait(d, lambda drv: "CT_small.dcm: 128 × 128" in by_css(drv, "#explain-input-caption").text, 20, "no DICOM preview")
     by_css(d, "#explain-run").click()
-    wait(d, lambda drv: (figs := all_css(drv, "figure.result")) and all(f.get_attribute("data-state") == "done" for f in figs),
-         90, "the DICOM image was not explained by every method")
-    assert d.execute_script("return document.querySelector('figure.result canvas').width") == 128, "masks at the input's resolution"
+    wait(
+        d,
+        lambda drv: (
+            (figs := all_css(drv, "figure.result")) and all(f.get_attribute("data-state") == "done" for f in figs)
+        ),
+        90,
+        "the DICOM image was not explained by every method",
+    )
+    assert d.execute_script("return document.querySelector('figure.result canvas').width") == 128, (
+        "masks at the input's resolution"
+    )
     shot(d, shots, "explain-dicom")
 
 
@@ -215,13 +251,19 @@ def test_relax_job_shows_live_progress_and_its_three_maps(zoo, browser, shots):
     select(d, "#job-method", "relax")
     assert by_css(d, "#job-param-num_masks").get_attribute("placeholder") == "3000", "the default is shown"
     job_id = _submit(d, "relax", "scenes-simclr:1", "scene-1.png", {"num_masks": 1500, "batch_size": 50})
-    seen_live = wait(d, lambda drv: all_css(drv, "#live-heat") or by_css(drv, "#job-panel").get_attribute("data-state") == "SUCCEEDED", 60)
+    seen_live = wait(
+        d,
+        lambda drv: all_css(drv, "#live-heat") or by_css(drv, "#job-panel").get_attribute("data-state") == "SUCCEEDED",
+        60,
+    )
     assert seen_live
     live = bool(all_css(d, "#live-heat"))
     widths: list[float] = []
 
     def finished(drv) -> bool:
-        widths.append(float(drv.execute_script("return parseFloat(document.getElementById('job-progress').style.width) || 0")))
+        widths.append(
+            float(drv.execute_script("return parseFloat(document.getElementById('job-progress').style.width) || 0"))
+        )
         return by_css(drv, "#job-panel").get_attribute("data-state") == "SUCCEEDED"
 
     wait(d, finished, 90, "the RELAX job did not finish")
@@ -243,9 +285,20 @@ def test_ablation_path_viewer_slider_and_film(zoo, browser, shots):
     select(d, "#job-method", "ablation_path")
     assert by_css(d, "#job-param-return_images").is_selected(), "the viewer asks for the intervened images"
     _submit(d, "ablation_path", "lesions-classifier:1", "lesion-1.png", {"max_iterations": 10})
-    wait(d, lambda drv: by_css(drv, "#job-panel").get_attribute("data-state") == "SUCCEEDED", 90, "the path job did not finish")
+    wait(
+        d,
+        lambda drv: by_css(drv, "#job-panel").get_attribute("data-state") == "SUCCEEDED",
+        90,
+        "the path job did not finish",
+    )
     by_css(d, "#job-open-path").click()
-    wait(d, lambda drv: by_css(drv, "body").get_attribute("data-tab") == "path" and by_css(drv, "#path-view").is_displayed(), 10)
+    wait(
+        d,
+        lambda drv: (
+            by_css(drv, "body").get_attribute("data-tab") == "path" and by_css(drv, "#path-view").is_displayed()
+        ),
+        10,
+    )
     slider = by_css(d, "#path-slider")
     assert slider.get_attribute("max") == "15", "14 interior slices and both ends"
     phi0, img0, t0 = pixels(d, "#path-phi"), pixels(d, "#path-image"), by_css(d, "#path-t").text
@@ -276,16 +329,30 @@ def test_a_straddling_path_loaded_by_id_shows_both_paths(zoo, browser):
 
     from selenium.webdriver.common.keys import Keys
 
-    body = {"method": "ablation_path", "model": "lesions-classifier", "ablation": {"score": "straddling", "max_iterations": 4},
-            "image": {"encoded": base64.b64encode((ROOT / "xaiserve/service/web/static/samples/lesion-2.png").read_bytes()).decode()}}
-    req = urllib.request.Request(zoo.base + "/api/jobs", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    body = {
+        "method": "ablation_path",
+        "model": "lesions-classifier",
+        "ablation": {"score": "straddling", "max_iterations": 4},
+        "image": {
+            "encoded": base64.b64encode(
+                (ROOT / "xaiserve/service/web/static/samples/lesion-2.png").read_bytes()
+            ).decode()
+        },
+    }
+    req = urllib.request.Request(
+        zoo.base + "/api/jobs", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     job_id = json.loads(urllib.request.urlopen(req, timeout=60).read())["id"]  # submitted elsewhere, e.g. by curl
     d = browser
     open_tab(d, zoo.base, "path")
     by_css(d, "#path-job-id").send_keys(job_id)
     by_css(d, "#path-load").click()  # still running: the page follows its events and shows it at the end
-    wait(d, lambda drv: by_css(drv, "#path-view").is_displayed() and by_css(drv, "#path-status").text.startswith(job_id), 90,
-         "the straddling path was not shown")
+    wait(
+        d,
+        lambda drv: by_css(drv, "#path-view").is_displayed() and by_css(drv, "#path-status").text.startswith(job_id),
+        90,
+        "the straddling path was not shown",
+    )
     assert by_css(d, "#path-down-figure").is_displayed(), "a straddling result has a second path"
     down0 = pixels(d, "#path-phi-down")
     for _ in range(5):
@@ -302,7 +369,12 @@ def test_a_running_job_is_cancelled_from_the_page(zoo, browser):
     _submit(d, "ablation_path", "lesions-classifier:1", "lesion-1.png", {"max_iterations": 5000})
     wait(d, lambda drv: by_css(drv, "#job-panel").get_attribute("data-state") == "RUNNING", 60)
     by_css(d, "#job-cancel").click()
-    wait(d, lambda drv: by_css(drv, "#job-panel").get_attribute("data-state") == "CANCELLED", 30, "the job was not cancelled")
+    wait(
+        d,
+        lambda drv: by_css(drv, "#job-panel").get_attribute("data-state") == "CANCELLED",
+        30,
+        "the job was not cancelled",
+    )
     assert not by_css(d, "#job-cancel").is_enabled()
 
 

@@ -6,6 +6,7 @@ default models over a real gRPC channel when pointed at them, warns loudly when 
 store, and `xaiserve bench` says what to do. The environment sees the system site-packages for
 the dependencies (so nothing is downloaded); the package itself comes only from the wheel.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,11 +24,11 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.conftest import DEFAULT_STORE, ROOT
+from tests.serverutil import free_port
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.proto.explain.v1 import explainer_pb2_grpc as pb_grpc
 from xaiserve.service.tensors import from_tensor, to_tensor
-from tests.conftest import DEFAULT_STORE, ROOT
-from tests.serverutil import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -40,8 +41,24 @@ def wheel(tmp_path_factory) -> Path:
         shutil.copy(ROOT / name, src / name)
     shutil.copytree(ROOT / "xaiserve", src / "xaiserve", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     out = tmp_path_factory.mktemp("dist")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-                    "-w", str(out), str(src)], check=True, timeout=300, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-w",
+            str(out),
+            str(src),
+        ],
+        check=True,
+        timeout=300,
+        capture_output=True,
+    )
     (whl,) = out.glob("xaiserve-*.whl")
     return whl
 
@@ -49,10 +66,26 @@ def wheel(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def venv(wheel, tmp_path_factory) -> Path:
     env_dir = tmp_path_factory.mktemp("venv")
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(env_dir)],
-                   check=True, timeout=120)
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(env_dir / "bin" / "python"), "install", "-q",
-                    "--no-deps", "--no-index", str(wheel)], check=True, timeout=300, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(env_dir)], check=True, timeout=120
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(env_dir / "bin" / "python"),
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            str(wheel),
+        ],
+        check=True,
+        timeout=300,
+        capture_output=True,
+    )
     return env_dir
 
 
@@ -67,14 +100,27 @@ def test_the_wheel_holds_one_package_and_declares_the_extras(wheel):
         dist = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
         record = z.read(f"{dist}/RECORD").decode()
         metadata = z.read(f"{dist}/METADATA").decode()
-        top_level = z.read(f"{dist}/top_level.txt").decode().split() if f"{dist}/top_level.txt" in names else ["xaiserve"]
+        top_level = (
+            z.read(f"{dist}/top_level.txt").decode().split() if f"{dist}/top_level.txt" in names else ["xaiserve"]
+        )
     tops = {line.split(",")[0].split("/")[0] for line in record.splitlines() if line}
     assert tops == {"xaiserve", dist}, sorted(tops)
     assert top_level == ["xaiserve"]
-    assert "xaiserve/proto/explain/v1/explainer.proto" in names and "xaiserve/proto/explain/v1/explainer_pb2.pyi" in names
-    for web in ("index.html", "app.js", "style.css", "vendor/marked.umd.js", "vendor/purify.min.js", "samples/particles.mrcs"):
+    assert (
+        "xaiserve/proto/explain/v1/explainer.proto" in names and "xaiserve/proto/explain/v1/explainer_pb2.pyi" in names
+    )
+    for web in (
+        "index.html",
+        "app.js",
+        "style.css",
+        "vendor/marked.umd.js",
+        "vendor/purify.min.js",
+        "samples/particles.mrcs",
+    ):
         assert f"xaiserve/service/web/static/{web}" in names, f"the web viewer's {web} is not in the wheel"
-    requires = [line.removeprefix("Requires-Dist: ") for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
+    requires = [
+        line.removeprefix("Requires-Dist: ") for line in metadata.splitlines() if line.startswith("Requires-Dist:")
+    ]
     core = {r.split(";")[0].split("<")[0].split(">")[0].split("=")[0].strip() for r in requires if ";" not in r}
     assert "torch<3,>=2.4" in requires and not any(r.startswith("torch==") for r in requires)
     for train_only in ("numba", "matplotlib", "prodigyopt", "onnxscript", "pytest", "ruff", "mypy"):
@@ -84,11 +130,19 @@ def test_the_wheel_holds_one_package_and_declares_the_extras(wheel):
 
 
 def test_the_installed_package_imports_from_the_environment_not_the_checkout(venv, tmp_path):
-    code = ("import importlib.util, json, xaiserve; from xaiserve import Client; "
-            "print(json.dumps([xaiserve.__file__, [m for m in ('service', 'handlers', 'training', 'explain', 'proto') "
-            "if importlib.util.find_spec(m)]]))")
-    r = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, cwd=tmp_path,
-                       env=_clean_env(), timeout=120)
+    code = (
+        "import importlib.util, json, xaiserve; from xaiserve import Client; "
+        "print(json.dumps([xaiserve.__file__, [m for m in ('service', 'handlers', 'training', 'explain', 'proto') "
+        "if importlib.util.find_spec(m)]]))"
+    )
+    r = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=_clean_env(),
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     where, tops = json.loads(r.stdout)
     assert Path(where).is_relative_to(venv) and tops == []
@@ -112,17 +166,35 @@ def _serve(venv: Path, cwd: Path, *args: str, without_extras: bool = False) -> t
         cmd = [str(venv / "bin" / "python"), str(cwd / "without_extras.py")]
     else:
         cmd = [str(venv / "bin" / "xaiserve")]
-    proc = subprocess.Popen([*cmd, "serve", "--port", str(port), "--metrics-port", "0",
-                             "--state-dir", str(cwd / "state"), "--log-json", "true", *args],
-                            cwd=cwd, env=_clean_env(), stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+    proc = subprocess.Popen(
+        [
+            *cmd,
+            "serve",
+            "--port",
+            str(port),
+            "--metrics-port",
+            "0",
+            "--state-dir",
+            str(cwd / "state"),
+            "--log-json",
+            "true",
+            *args,
+        ],
+        cwd=cwd,
+        env=_clean_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "w"),
+    )
     address = f"127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:
         assert proc.poll() is None, log.read_text()[-3000:]
         try:
             with grpc.insecure_channel(address) as ch:
-                if health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
+                if (
+                    health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
                     return proc, address, log
         except grpc.RpcError:
             pass
@@ -147,7 +219,9 @@ def test_xaiserve_serve_from_the_wheel_serves_the_default_models_without_the_ext
             models = stub.ListModels(pb.ListModelsRequest(), timeout=30).models
             img = pb.Image(tensor=to_tensor(np.random.default_rng(0).integers(0, 255, (48, 40, 3), dtype=np.uint8)))
             for model, method in (("scenes-nemu", ""), ("scenes-classifier", "saliency")):
-                r = stub.Explain(pb.ExplainRequest(model=model, image=img, options=pb.ExplainOptions(method=method)), timeout=60)
+                r = stub.Explain(
+                    pb.ExplainRequest(model=model, image=img, options=pb.ExplainOptions(method=method)), timeout=60
+                )
                 assert from_tensor(r.mask).shape == (48, 40)
             noisy = np.random.default_rng(1).normal(size=(2, 64, 64)).astype(np.float32)
             den = stub.Denoise(pb.DenoiseRequest(model="cryoem-spiral", tensor=to_tensor(noisy)), timeout=60)
@@ -178,6 +252,12 @@ def test_xaiserve_serve_from_the_wheel_without_a_store_warns_loudly(venv, tmp_pa
 
 
 def test_xaiserve_bench_from_the_wheel_says_it_needs_a_checkout(venv, tmp_path):
-    r = subprocess.run([str(venv / "bin" / "xaiserve"), "bench", "grpc"], capture_output=True, text=True, cwd=tmp_path,
-                       env=_clean_env(), timeout=120)
+    r = subprocess.run(
+        [str(venv / "bin" / "xaiserve"), "bench", "grpc"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=_clean_env(),
+        timeout=120,
+    )
     assert r.returncode == 2 and "source checkout" in r.stderr and "pip install -e ." in r.stderr

@@ -5,6 +5,7 @@ decoder exported to ONNX as a NEM-U graph, a classifier and a NEMt graph, and a 
 mask model (a wide convolution stack) for the streaming tests. The real default models in
 model_store/ are exercised by their own end-to-end tests.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -21,7 +22,9 @@ MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 class TinyEncoder(nn.Module):
     def __init__(self, dim: int = 16):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.ReLU())
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.ReLU()
+        )
         self.head = nn.Linear(8, dim)
 
     def forward(self, x):
@@ -62,14 +65,27 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), args, str(path), input_names=inputs, output_names=outputs,
-                          dynamic_axes={n: {0: "batch"} for n in inputs + outputs}, dynamo=False, opset_version=17)
+        torch.onnx.export(
+            module.eval(),
+            args,
+            str(path),
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes={n: {0: "batch"} for n in inputs + outputs},
+            dynamo=False,
+            opset_version=17,
+        )
 
 
 def _entry(name: str, kind: str, size: int, **kw) -> dict:
-    return {"name": name, "version": kw.pop("version", "1"), "kind": kind,
-            "files": {"onnx": f"{name}/{kw.get('v', '1')}/model.onnx"},
-            "input": {"height": size, "width": size, "channels": 3, "mean": MEAN, "std": STD}, **kw}
+    return {
+        "name": name,
+        "version": kw.pop("version", "1"),
+        "kind": kind,
+        "files": {"onnx": f"{name}/{kw.get('v', '1')}/model.onnx"},
+        "input": {"height": size, "width": size, "channels": 3, "mean": MEAN, "std": STD},
+        **kw,
+    }
 
 
 def build_store(root: Path, size: int = 32, slow: bool = True) -> Path:
@@ -85,10 +101,22 @@ def build_store(root: Path, size: int = 32, slow: bool = True) -> Path:
     _export(clf, (x,), root / "tiny-classifier/1/model.onnx", ["image"], ["output"])
     labels = ["a", "b", "c"]
     add_entry(root, _entry("tiny-classifier", "classifier", size, output_dim=3, labels=labels))
-    _export(TinyNemT(clf, 3), (x, torch.tensor([-1])), root / "tiny-nemt/1/model.onnx", ["image", "target"], ["mask", "output", "label"])
+    _export(
+        TinyNemT(clf, 3),
+        (x, torch.tensor([-1])),
+        root / "tiny-nemt/1/model.onnx",
+        ["image", "target"],
+        ["mask", "output", "label"],
+    )
     add_entry(root, _entry("tiny-nemt", "nemt", size, output_dim=3, labels=labels, explains="tiny-classifier:1"))
     if slow:
-        _export(TinyNemU(enc, width=96, depth=6), (torch.zeros(1, 3, 64, 64),), root / "slow-nemu/1/model.onnx", ["image"], ["mask", "output"])
+        _export(
+            TinyNemU(enc, width=96, depth=6),
+            (torch.zeros(1, 3, 64, 64),),
+            root / "slow-nemu/1/model.onnx",
+            ["image"],
+            ["mask", "output"],
+        )
         add_entry(root, _entry("slow-nemu", "nem_u", 64, output_dim=16, explains="tiny-encoder:1"))
     return root
 

@@ -5,6 +5,7 @@ jobs, CLI), ``xaiserve.handlers`` (one package per method family: pure math plus
 export), ``xaiserve.training`` (datasets, training loops, evaluation) and ``xaiserve.proto`` (the
 ``explain.v1`` wire API and its generated stubs). The public client is ``from xaiserve import Client``.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any

@@ -18,6 +18,7 @@ Batch sizes from memory: on CUDA, `per_item_bytes` measures the peak memory of a
 batch and `batch_for_memory` fits a power of two into a fraction of the free memory; on the CPU
 there is no free-memory reading that means anything to a shared host, and the configured size stays.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -64,8 +65,10 @@ def resolve_device(setting: str = "auto") -> torch.device:
     if s == "auto":
         return torch.device("cuda", 0) if available else torch.device("cpu")
     if not available:
-        raise DeviceUnavailable(f"device {s}: torch {torch.__version__} sees no CUDA device (a CPU build of torch, no NVIDIA "
-                           "driver, or CUDA_VISIBLE_DEVICES empty); use --device cpu or auto")
+        raise DeviceUnavailable(
+            f"device {s}: torch {torch.__version__} sees no CUDA device (a CPU build of torch, no NVIDIA "
+            "driver, or CUDA_VISIBLE_DEVICES empty); use --device cpu or auto"
+        )
     index = int(s.partition(":")[2] or 0)
     count = torch.cuda.device_count()
     if index >= count:
@@ -193,8 +196,9 @@ def free_memory(device: torch.device) -> int | None:
     return int(free)
 
 
-def batch_for_memory(free_bytes: int, per_item_bytes: float, *, fraction: float = 0.5, lo: int = 1,
-                     hi: int = 4096) -> int:
+def batch_for_memory(
+    free_bytes: int, per_item_bytes: float, *, fraction: float = 0.5, lo: int = 1, hi: int = 4096
+) -> int:
     """The largest b = lo * 2^k <= hi with b * per_item_bytes <= fraction * free_bytes (lo when none fits).
 
     A fraction below 1 leaves room for the allocator's fragmentation, other models on the same
@@ -224,8 +228,9 @@ def per_item_bytes(run: Callable[[int], Any], device: torch.device, probe: int =
     return max(1.0, peak / probe)
 
 
-def memory_batch(run: Callable[[int], Any], device: torch.device, default: int, *, lo: int = 1, hi: int = 4096,
-                 fraction: float = 0.5) -> int:
+def memory_batch(
+    run: Callable[[int], Any], device: torch.device, default: int, *, lo: int = 1, hi: int = 4096, fraction: float = 0.5
+) -> int:
     """A batch size chosen from free memory: on CUDA what fits in `fraction` of the free memory by a
     probe of `run` (in [lo, hi]); on the CPU `default`. Callers use it only when no size was configured."""
     per = per_item_bytes(run, device)

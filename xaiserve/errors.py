@@ -5,6 +5,7 @@ subclasses the built-in exception a Python caller would expect (an InvalidArgume
 a NotFound a LookupError, ...), so that library users can catch them without knowing xaiserve.
 `code` is the name of the gRPC status the one gRPC adapter (xaiserve.service.rpc) maps it to.
 """
+
 from __future__ import annotations
 
 MAX_QUOTE = 200  # characters of any user-supplied value quoted in an error message

@@ -18,6 +18,7 @@ the job workers (which class implements a job method), the CLI and the evaluatio
 Adding a method is one implementation module plus one entry in METHODS; adding a model kind is one
 entry in KINDS. This module imports nothing heavy (no torch, grpc or protobuf).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -42,14 +43,30 @@ class KindSpec:
 KINDS: dict[str, KindSpec] = {
     k.name: k
     for k in (
-        KindSpec("nem_u", ("image",), ("mask", "output"), masking=True, explains=("encoder",),
-                 doc="NEM-U masking network [NEM-U]: image[B,C,H,W] -> mask[B,1,H,W], output[B,D] of the frozen encoder"),
-        KindSpec("nemt", ("image", "target"), ("mask", "output", "label"), masking=True, explains=("classifier",),
-                 doc="NEMt masking network [NEMt]: image, target[B] int64 (-1 = argmax) -> mask, logits, label[B]"),
+        KindSpec(
+            "nem_u",
+            ("image",),
+            ("mask", "output"),
+            masking=True,
+            explains=("encoder",),
+            doc="NEM-U masking network [NEM-U]: image[B,C,H,W] -> mask[B,1,H,W], output[B,D] of the frozen encoder",
+        ),
+        KindSpec(
+            "nemt",
+            ("image", "target"),
+            ("mask", "output", "label"),
+            masking=True,
+            explains=("classifier",),
+            doc="NEMt masking network [NEMt]: image, target[B] int64 (-1 = argmax) -> mask, logits, label[B]",
+        ),
         KindSpec("encoder", ("image",), ("output",), doc="representation model: image -> output[B,D]"),
         KindSpec("classifier", ("image",), ("output",), doc="classifier: image -> logits[B,K]"),
-        KindSpec("denoiser", ("particles",), ("denoised",),
-                 doc="Cryo-EM denoiser [THESIS] ch. 7: particles[B,1,H,W] -> denoised[B,1,H,W], raw units"),
+        KindSpec(
+            "denoiser",
+            ("particles",),
+            ("denoised",),
+            doc="Cryo-EM denoiser [THESIS] ch. 7: particles[B,1,H,W] -> denoised[B,1,H,W], raw units",
+        ),
     )
 }
 MASK_KINDS = tuple(k for k, s in KINDS.items() if s.masking)
@@ -77,38 +94,92 @@ class MethodSpec:
 
 
 def _gradient(name: str, doc: str, kinds: Iterable[str] = FROZEN_KINDS) -> MethodSpec:
-    return MethodSpec(name, "Explain", frozenset(kinds), frozenset({"torch"}),
-                      impl="xaiserve.handlers.saliency:attribute", doc=doc, targeted=True)
+    return MethodSpec(
+        name,
+        "Explain",
+        frozenset(kinds),
+        frozenset({"torch"}),
+        impl="xaiserve.handlers.saliency:attribute",
+        doc=doc,
+        targeted=True,
+    )
 
 
 METHODS: dict[str, MethodSpec] = {
     m.name: m
     for m in (
-        MethodSpec("nem_u", "Explain", frozenset({"nem_u"}), frozenset({"onnx"}), own=True,
-                   doc="the NEM-U network's mask, one forward pass [NEM-U] sec. 3.3"),
-        MethodSpec("nemt", "Explain", frozenset({"nemt"}), frozenset({"onnx"}), own=True, targeted=True,
-                   doc="the NEMt network's mask for a target label [NEMt] eq. 2"),
+        MethodSpec(
+            "nem_u",
+            "Explain",
+            frozenset({"nem_u"}),
+            frozenset({"onnx"}),
+            own=True,
+            doc="the NEM-U network's mask, one forward pass [NEM-U] sec. 3.3",
+        ),
+        MethodSpec(
+            "nemt",
+            "Explain",
+            frozenset({"nemt"}),
+            frozenset({"onnx"}),
+            own=True,
+            targeted=True,
+            doc="the NEMt network's mask for a target label [NEMt] eq. 2",
+        ),
         _gradient("saliency", "gradient of the representation [RELAX] eq. 14 / of the target logit"),
         _gradient("guided_backprop", "guided backpropagation [RELAX] eq. 15"),
         _gradient("smoothgrad", "SmoothGrad [RELAX] eq. 16"),
-        _gradient("integrated_gradients", "Integrated Gradients from the dataset mean (captum), label-free for encoders"),
+        _gradient(
+            "integrated_gradients", "Integrated Gradients from the dataset mean (captum), label-free for encoders"
+        ),
         _gradient("gradient_shap", "GradientShap (captum), label-free for encoders"),
         _gradient("gradcam", "Grad-CAM on the last convolution (captum LayerGradCam)"),
         _gradient("label_free_saliency", "label-free Saliency of <f(x), f(x0)> [NEM-U] sec. 4.2", kinds=("encoder",)),
-        MethodSpec("relax", "SubmitJob", frozenset({"encoder"}), frozenset({"onnx", "torch"}), params="RelaxParams",
-                   impl="xaiserve.service.jobs.relax:RelaxJobMethod",
-                   doc="RELAX importance, uncertainty and U-RELAX [RELAX] eq. 1-13"),
-        MethodSpec("ablation_path", "SubmitJob", frozenset({"classifier"}), frozenset({"torch"}), params="AblationParams",
-                   impl="xaiserve.service.jobs.ablation:AblationJobMethod", targeted=True,
-                   doc="optimised ablation path [THESIS] ch. 2"),
-        MethodSpec("sift_ablation", "SubmitJob", frozenset({"classifier"}), frozenset({"torch"}), params="SiftParams",
-                   impl="xaiserve.service.jobs.sift:SiftAblationJobMethod", targeted=True,
-                   doc="ablation path over SIFT keypoint gains [THESIS] ch. 4 (eq. 4.44)"),
-        MethodSpec("sift_rise", "SubmitJob", frozenset({"encoder", "classifier"}), frozenset({"onnx", "torch"}),
-                   params="SiftParams", impl="xaiserve.service.jobs.sift:SiftRiseJobMethod",
-                   doc="random on/off SIFT keypoint gains with RELAX's estimator (beyond [THESIS] ch. 4, sec. 4.4)"),
-        MethodSpec("denoise", "Denoise", frozenset({"denoiser"}), frozenset({"onnx"}), own=True,
-                   doc="Cryo-EM particle denoising [THESIS] ch. 7"),
+        MethodSpec(
+            "relax",
+            "SubmitJob",
+            frozenset({"encoder"}),
+            frozenset({"onnx", "torch"}),
+            params="RelaxParams",
+            impl="xaiserve.service.jobs.relax:RelaxJobMethod",
+            doc="RELAX importance, uncertainty and U-RELAX [RELAX] eq. 1-13",
+        ),
+        MethodSpec(
+            "ablation_path",
+            "SubmitJob",
+            frozenset({"classifier"}),
+            frozenset({"torch"}),
+            params="AblationParams",
+            impl="xaiserve.service.jobs.ablation:AblationJobMethod",
+            targeted=True,
+            doc="optimised ablation path [THESIS] ch. 2",
+        ),
+        MethodSpec(
+            "sift_ablation",
+            "SubmitJob",
+            frozenset({"classifier"}),
+            frozenset({"torch"}),
+            params="SiftParams",
+            impl="xaiserve.service.jobs.sift:SiftAblationJobMethod",
+            targeted=True,
+            doc="ablation path over SIFT keypoint gains [THESIS] ch. 4 (eq. 4.44)",
+        ),
+        MethodSpec(
+            "sift_rise",
+            "SubmitJob",
+            frozenset({"encoder", "classifier"}),
+            frozenset({"onnx", "torch"}),
+            params="SiftParams",
+            impl="xaiserve.service.jobs.sift:SiftRiseJobMethod",
+            doc="random on/off SIFT keypoint gains with RELAX's estimator (beyond [THESIS] ch. 4, sec. 4.4)",
+        ),
+        MethodSpec(
+            "denoise",
+            "Denoise",
+            frozenset({"denoiser"}),
+            frozenset({"onnx"}),
+            own=True,
+            doc="Cryo-EM particle denoising [THESIS] ch. 7",
+        ),
     )
 }
 
@@ -122,7 +193,10 @@ def explain_methods() -> tuple[str, ...]:
 
 
 def applies(
-    spec: MethodSpec, kind: str, forms: Iterable[str], frozen_kind: str | None = None,
+    spec: MethodSpec,
+    kind: str,
+    forms: Iterable[str],
+    frozen_kind: str | None = None,
     frozen_forms: Iterable[str] | None = None,
 ) -> bool:
     """Whether `spec` can run on a model of `kind` with `forms`; for methods that explain the frozen
@@ -135,8 +209,12 @@ def applies(
 
 
 def supported_methods(
-    kind: str, forms: Iterable[str], frozen_kind: str | None = None, frozen_forms: Iterable[str] | None = None,
-    rpcs: Sequence[str] = RPCS, job_methods: Iterable[str] | None = None,
+    kind: str,
+    forms: Iterable[str],
+    frozen_kind: str | None = None,
+    frozen_forms: Iterable[str] | None = None,
+    rpcs: Sequence[str] = RPCS,
+    job_methods: Iterable[str] | None = None,
 ) -> list[str]:
     """The methods a model supports, in table order. `job_methods`: the job methods this server runs
     (None = all of the table's); a method that needs a job service the server lacks is not advertised."""
@@ -153,7 +231,12 @@ def supported_methods(
 
 
 def why_not(
-    spec: MethodSpec, model_id: str, kind: str, forms: Iterable[str], frozen_id: str, frozen_kind: str,
+    spec: MethodSpec,
+    model_id: str,
+    kind: str,
+    forms: Iterable[str],
+    frozen_id: str,
+    frozen_kind: str,
     frozen_forms: Iterable[str],
 ) -> str:
     """A message saying why `spec` does not apply to the model, and what would make it apply."""
@@ -163,10 +246,14 @@ def why_not(
         target_id, target_kind, target_forms = frozen_id, frozen_kind, set(frozen_forms)
     via = "" if target_id == model_id else f" (which {model_id} explains)"
     if target_kind not in spec.kinds:
-        return (f"method {spec.name!r} explains a {' or '.join(sorted(spec.kinds))}, but {target_id}{via} is a "
-                f"{target_kind}")
+        return (
+            f"method {spec.name!r} explains a {' or '.join(sorted(spec.kinds))}, but {target_id}{via} is a "
+            f"{target_kind}"
+        )
     need = " or ".join(sorted(spec.forms))
     have = ", ".join(sorted(target_forms)) or "none"
-    return (f"method {spec.name!r} needs the {need} form of {target_id}{via}, and the store has only: {have}; "
-            + ("add the model's torch form (TorchScript, torch.export .pt2, or a state dict) to its store entry"
-               if "torch" in spec.forms and "onnx" not in spec.forms else "add its ONNX graph to its store entry"))
+    return f"method {spec.name!r} needs the {need} form of {target_id}{via}, and the store has only: {have}; " + (
+        "add the model's torch form (TorchScript, torch.export .pt2, or a state dict) to its store entry"
+        if "torch" in spec.forms and "onnx" not in spec.forms
+        else "add its ONNX graph to its store entry"
+    )

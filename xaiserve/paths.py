@@ -7,6 +7,7 @@ the configuration (setting `model_store`, env XAISERVE_MODEL_STORE, flag --model
 checkout is the working directory or a folder above it, else the folder an editable install
 (`pip install -e .`) was made from, as pip records it (PEP 610 direct_url.json).
 """
+
 from __future__ import annotations
 
 import json
@@ -80,8 +81,13 @@ def code_version(where: Path | None = None) -> str:
         try:
             rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
             if rev.returncode == 0 and rev.stdout.strip():
-                dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                       capture_output=True, text=True, timeout=10)
+                dirty = subprocess.run(
+                    ["git", "status", "--porcelain", "--untracked-files=no"],
+                    cwd=root,
+                    capture_output=True,
+                    text=True,
+                    timeout=10,
+                )
                 return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
         except (OSError, subprocess.SubprocessError):
             pass
@@ -97,6 +103,8 @@ def checkout_root() -> Path:
     """`find_checkout()`, or exit with what to do: for the scripts of a checkout (bench/)."""
     root = find_checkout()
     if root is None:
-        raise SystemExit("this script belongs to a source checkout of xaiserve: run it from inside the "
-                         "repository (clone it and `pip install -e .`); an installed wheel has no bench/ or model_store/")
+        raise SystemExit(
+            "this script belongs to a source checkout of xaiserve: run it from inside the "
+            "repository (clone it and `pip install -e .`); an installed wheel has no bench/ or model_store/"
+        )
     return root

@@ -5,6 +5,7 @@ Helm chart). It targets the plaintext health-only port when XAISERVE_HEALTH_PORT
 when the gRPC port is TLS-only, since this check carries no certificate), otherwise XAISERVE_PORT
 (default 50051). `--service NAME` checks one service instead of the server as a whole.
 """
+
 from __future__ import annotations
 
 import argparse

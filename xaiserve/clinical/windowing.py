@@ -15,6 +15,7 @@ e.g. lung / soft tissue / bone for CT).
 Nothing here imports grpc, protobuf or pydicom; errors are xaiserve.errors types with messages a
 caller can act on.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,9 +49,13 @@ def check_window(center: float, width: float, function: str = "LINEAR", *, what:
     unknown function. LINEAR needs width >= 1 (PS3.3 C.11.2.1.2.1); the other functions any width > 0."""
     function = (function or "LINEAR").strip().upper()
     if function not in VOI_FUNCTIONS:
-        raise InvalidArgument(f"{what}: VOI LUT function {function[:32]!r} is unknown; use one of {', '.join(VOI_FUNCTIONS)}")
+        raise InvalidArgument(
+            f"{what}: VOI LUT function {function[:32]!r} is unknown; use one of {', '.join(VOI_FUNCTIONS)}"
+        )
     if not (math.isfinite(center) and math.isfinite(width)):
-        raise InvalidArgument(f"{what}: centre and width must be finite numbers (got centre {center!r}, width {width!r})")
+        raise InvalidArgument(
+            f"{what}: centre and width must be finite numbers (got centre {center!r}, width {width!r})"
+        )
     if width <= 0:
         raise InvalidArgument(
             f"{what}: window width must be > 0 (got {width:g}); give the width of the value range to show, "
@@ -116,7 +121,9 @@ def apply_lut_table(values: np.ndarray, first_mapped: int, table: np.ndarray, bi
     take the first entry, above the last the last one; the output is scaled to [0, 1] by 2**bits - 1."""
     t = np.asarray(table)
     if t.size == 0:
-        raise InvalidArgument("the VOI LUT Sequence has an empty LUT Data table; the file is damaged, or send a window instead")
+        raise InvalidArgument(
+            "the VOI LUT Sequence has an empty LUT Data table; the file is damaged, or send a window instead"
+        )
     if not 1 <= int(bits) <= 16:
         raise InvalidArgument(f"the VOI LUT Descriptor says {bits} bits per entry; DICOM allows 8 to 16")
     idx = np.clip(np.rint(np.asarray(values, dtype=np.float64)).astype(np.int64) - int(first_mapped), 0, t.size - 1)
@@ -170,9 +177,12 @@ class DicomDefaults:
         return f"{self.grey_to_channels}: " + (", ".join(w.describe() for w in self.windows) or "no default window")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"grey_to_channels": self.grey_to_channels,
-                "windows": [{"center": w.center, "width": w.width, "function": w.function, "label": w.label}
-                            for w in self.windows]}
+        return {
+            "grey_to_channels": self.grey_to_channels,
+            "windows": [
+                {"center": w.center, "width": w.width, "function": w.function, "label": w.label} for w in self.windows
+            ],
+        }
 
 
 def parse_dicom_defaults(d: Mapping[str, Any] | None, channels: int, *, what: str = "model") -> DicomDefaults | None:
@@ -197,19 +207,29 @@ def parse_dicom_defaults(d: Mapping[str, Any] | None, channels: int, *, what: st
             fn = str(w.get("function", "LINEAR")) if isinstance(w, Mapping) else "LINEAR"
             win = check_window(float(c), float(wd), fn, what=f"{what}: input.dicom.windows[{i}]")
         except (KeyError, IndexError, TypeError, InvalidArgument) as e:
-            raise ValueError(f"{what}: input.dicom.windows[{i}] is malformed ({e}); give {{'center': C, 'width': W}}") from None
+            raise ValueError(
+                f"{what}: input.dicom.windows[{i}] is malformed ({e}); give {{'center': C, 'width': W}}"
+            ) from None
         label = str(w.get("label", "")) if isinstance(w, Mapping) else ""
         windows.append(Window(win.center, win.width, win.function, label))
     if mode == "window_stack" and len(windows) != channels:
-        raise ValueError(f"{what}: input.dicom window_stack has {len(windows)} windows for a {channels}-channel model; "
-                         "give one window per channel")
+        raise ValueError(
+            f"{what}: input.dicom window_stack has {len(windows)} windows for a {channels}-channel model; "
+            "give one window per channel"
+        )
     if mode == "replicate" and len(windows) > 1:
         raise ValueError(f"{what}: input.dicom replicate takes at most one window, got {len(windows)}")
     return DicomDefaults(mode, tuple(windows))
 
 
-def grey_to_channels(modality: np.ndarray, windows: Sequence[Window], *, monochrome1: bool = False,
-                     slope: float = 1.0, intercept: float = 0.0) -> np.ndarray:
+def grey_to_channels(
+    modality: np.ndarray,
+    windows: Sequence[Window],
+    *,
+    monochrome1: bool = False,
+    slope: float = 1.0,
+    intercept: float = 0.0,
+) -> np.ndarray:
     """HWC float32 in [0, 1]: one channel per window (a window stack), or HW1 for one window (which
     to_channels replicates to the model's channels). `slope`/`intercept` fold the rescale in."""
     chans = [apply_window(modality, w, slope=slope, intercept=intercept) for w in windows]

@@ -11,6 +11,7 @@ was seen) and is not what the evaluation reports. The score rewards mask area (a
 larger area scores higher), so the evaluation reports it beside deletion / insertion AUC.
 Pure numpy: the server (service/fastpath.py) and training/metrics.py both call it.
 """
+
 from __future__ import annotations
 
 import numpy as np

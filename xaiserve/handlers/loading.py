@@ -6,6 +6,7 @@ family imports another through it: the frozen encoder/classifier for kinds encod
 for kinds nem_u/nemt, the denoiser for kind denoiser. Every failure is a FailedPrecondition that
 names the file and what to do.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,7 +33,9 @@ def load_module(entry, store: Path) -> nn.Module:
             return load_torch_form(store / entry.files[key], key, channels=s.channels, height=s.height, width=s.width)
     rel = entry.files.get("state_dict")
     if not rel:
-        raise FailedPrecondition(f"model {entry.id} has no 'state_dict' file in its manifest entry; it can only be served via ONNX")
+        raise FailedPrecondition(
+            f"model {entry.id} has no 'state_dict' file in its manifest entry; it can only be served via ONNX"
+        )
     state = load_state_dict_file(store / rel, what=f"model {entry.id} weights")
     if entry.kind in ("encoder", "classifier"):
         spec = frozen_spec_from_arch(entry.arch, what=f"model {entry.id}")

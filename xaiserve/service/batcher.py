@@ -6,6 +6,7 @@ arrived while it ran form the next batch (up to `max_rows` rows), optionally aft
 answers RESOURCE_EXHAUSTED at once instead of growing without bound. Requests whose caller went
 away (cancelled) or whose deadline passed are dropped before the model runs.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -146,7 +147,9 @@ class MicroBatcher:
                 if it.future.done():  # caller cancelled
                     continue
                 if it.deadline is not None and start >= it.deadline:
-                    it.future.set_exception(DeadlineExceeded("the deadline passed while the request waited for the model"))
+                    it.future.set_exception(
+                        DeadlineExceeded("the deadline passed while the request waited for the model")
+                    )
                     continue
                 live.append(it)
             if not live:
@@ -166,7 +169,7 @@ class MicroBatcher:
             metrics.BATCH_SIZE.labels(self.name).observe(rows)
             offset = 0
             for it in live:
-                part = {k: v[offset:offset + it.rows] for k, v in out.items()}
+                part = {k: v[offset : offset + it.rows] for k, v in out.items()}
                 offset += it.rows
                 metrics.QUEUE_WAIT.labels(self.name).observe(start - it.enqueued)
                 if not it.future.done():

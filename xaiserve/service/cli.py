@@ -1,4 +1,5 @@
 """`xaiserve` command line: serve, worker, explain, denoise, jobs, models, train, export, evaluate, bench."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,19 +13,30 @@ from dataclasses import fields
 from pathlib import Path
 
 TRAIN_TARGETS = {
-    "encoder": "xaiserve.training.cli_nem", "classifier": "xaiserve.training.cli_nem", "nem-u": "xaiserve.training.cli_nem",
-    "nemt": "xaiserve.training.cli_nem", "zoo": "xaiserve.training.cli_nem", "denoiser": "xaiserve.training.cli_denoise",
+    "encoder": "xaiserve.training.cli_nem",
+    "classifier": "xaiserve.training.cli_nem",
+    "nem-u": "xaiserve.training.cli_nem",
+    "nemt": "xaiserve.training.cli_nem",
+    "zoo": "xaiserve.training.cli_nem",
+    "denoiser": "xaiserve.training.cli_denoise",
 }
 EXPORT_TARGETS = {**TRAIN_TARGETS, "torchserve": "xaiserve.service.torchserve"}
-EVALUATE_TARGETS = {"explanations": "xaiserve.training.cli_eval", "nem": "xaiserve.training.cli_eval", "denoiser": "xaiserve.training.cli_denoise",
-                    "invariance": "xaiserve.training.evaluate_invariance"}
+EVALUATE_TARGETS = {
+    "explanations": "xaiserve.training.cli_eval",
+    "nem": "xaiserve.training.cli_eval",
+    "denoiser": "xaiserve.training.cli_denoise",
+    "invariance": "xaiserve.training.evaluate_invariance",
+}
 
 
 def _serve_parser(sub) -> None:
     from xaiserve.service.config import ServerConfig, describe, flag_name
 
-    p = sub.add_parser("serve", help="run the gRPC server on the model store",
-                       description="Settings: defaults < --config file < XAISERVE_* environment < flags.")
+    p = sub.add_parser(
+        "serve",
+        help="run the gRPC server on the model store",
+        description="Settings: defaults < --config file < XAISERVE_* environment < flags.",
+    )
     p.add_argument("--config", help="YAML or JSON file of settings")
     p.add_argument("--print-config", action="store_true", help="print the effective configuration and exit")
     # Every flag is taken as text and read by config.parse_setting, the parser of the file and the
@@ -33,8 +45,15 @@ def _serve_parser(sub) -> None:
     for name, default, comment in describe():
         if hints[name] is bool:
             # a bare flag (`--allow-volatile-queue`) means true
-            p.add_argument(flag_name(name), dest=name, default=None, metavar="BOOL", nargs="?", const="true",
-                           help=f"{comment} (true/false, yes/no, on/off, 1/0; default {str(default).lower()})")
+            p.add_argument(
+                flag_name(name),
+                dest=name,
+                default=None,
+                metavar="BOOL",
+                nargs="?",
+                const="true",
+                help=f"{comment} (true/false, yes/no, on/off, 1/0; default {str(default).lower()})",
+            )
         else:
             p.add_argument(flag_name(name), dest=name, default=None, help=f"{comment} (default {default!r})")
 
@@ -55,10 +74,9 @@ def _serve(args) -> int:
     from xaiserve.service.server import serve_forever
 
     setup_logging(cfg.log_level, cfg.log_json)
-    from xaiserve.service.jobs.factory import VolatileQueue
-
-    from xaiserve.service.registry import ManifestError
     from xaiserve.devices import DeviceUnavailable
+    from xaiserve.service.jobs.factory import VolatileQueue
+    from xaiserve.service.registry import ManifestError
 
     try:
         asyncio.run(serve_forever(cfg))
@@ -86,19 +104,34 @@ def _add_client_flags(p) -> None:
 def _explain(args) -> int:
     import numpy as np
 
-    from xaiserve.service.images import encode_png
-
     from xaiserve.service import cli_dicom
+    from xaiserve.service.images import encode_png
 
     fmt = cli_dicom.output_format(args)  # DICOM image + .dcm out: a DICOM Segmentation (or --format)
     with _client(args) as c:
-        r = c.explain(args.image, args.model, method=args.method, return_output=args.output, fidelity=args.fidelity,
-                      return_png=not fmt, target_label=args.target_label, timeout=args.timeout,
-                      output_format=fmt, dicom_overlay=args.overlay, dicom=cli_dicom.dicom_options(args))
+        r = c.explain(
+            args.image,
+            args.model,
+            method=args.method,
+            return_output=args.output,
+            fidelity=args.fidelity,
+            return_png=not fmt,
+            target_label=args.target_label,
+            timeout=args.timeout,
+            output_format=fmt,
+            dicom_overlay=args.overlay,
+            dicom=cli_dicom.dicom_options(args),
+        )
     if fmt:
-        summary = {"model": r.model, "method": args.method or "mask model", **cli_dicom.write_explain(r, args, fmt),
-                   "shape": list(r.mask.shape), "mask_mean": round(float(r.mask.mean()), 4), "target_label": r.target_label,
-                   "server_ms": round(r.timing.total_ms, 3)}
+        summary = {
+            "model": r.model,
+            "method": args.method or "mask model",
+            **cli_dicom.write_explain(r, args, fmt),
+            "shape": list(r.mask.shape),
+            "mask_mean": round(float(r.mask.mean()), 4),
+            "target_label": r.target_label,
+            "server_ms": round(r.timing.total_ms, 3),
+        }
         print(json.dumps(summary, indent=2))
         return 0
     out = Path(args.out or Path(args.image).with_suffix(".mask.png").name)
@@ -106,11 +139,17 @@ def _explain(args) -> int:
     ov = out.with_name(out.stem.removesuffix(".mask") + ".overlay.png")
     ov.write_bytes(r.overlay_png)
     summary = {
-        "model": r.model, "method": args.method or "mask model", "mask": str(out), "overlay": str(ov),
-        "shape": list(r.mask.shape), "mask_mean": round(float(r.mask.mean()), 4),
+        "model": r.model,
+        "method": args.method or "mask model",
+        "mask": str(out),
+        "overlay": str(ov),
+        "shape": list(r.mask.shape),
+        "mask_mean": round(float(r.mask.mean()), 4),
         "mask_max_at": [int(v) for v in np.unravel_index(int(r.mask.argmax()), r.mask.shape)],
-        "target_label": r.target_label, "fidelity": r.fidelity,
-        "server_ms": round(r.timing.total_ms, 3), "inference_ms": round(r.timing.inference_ms, 3),
+        "target_label": r.target_label,
+        "fidelity": r.fidelity,
+        "server_ms": round(r.timing.total_ms, 3),
+        "inference_ms": round(r.timing.inference_ms, 3),
     }
     if r.output is not None:
         summary["output"] = [round(float(v), 5) for v in r.output.ravel()[:16]]
@@ -129,8 +168,10 @@ def _models(args) -> int:
     print(f"{'model':28} {'kind':11} {'input':12} {'explains':20} methods")
     for m in ms:
         served = ", ".join(m.methods) if m.available else f"UNAVAILABLE: {m.unavailable_reason}"
-        print(f"{m.name + ':' + m.version:28} {m.kind:11} {f'{m.input.channels}x{m.input.height}x{m.input.width}':12} "
-              f"{m.explains or '-':20} {served}")
+        print(
+            f"{m.name + ':' + m.version:28} {m.kind:11} {f'{m.input.channels}x{m.input.height}x{m.input.width}':12} "
+            f"{m.explains or '-':20} {served}"
+        )
     return 0
 
 
@@ -142,7 +183,9 @@ def _denoise(args) -> int:
         den = c.denoise(stack, model=args.model, timeout=args.timeout)
     out = Path(args.out or Path(args.stack).with_suffix(".denoised.mrcs").name)
     write_stack(out, den)
-    print(json.dumps({"model": args.model, "particles": int(den.shape[0]), "shape": list(den.shape[1:]), "out": str(out)}))
+    print(
+        json.dumps({"model": args.model, "particles": int(den.shape[0]), "shape": list(den.shape[1:]), "out": str(out)})
+    )
     return 0
 
 
@@ -160,13 +203,18 @@ def _bench(argv: list[str]) -> int:
 
     root = find_checkout()
     if root is None or not (root / "bench").is_dir():
-        print("xaiserve bench: the benchmarks are the scripts in bench/ of a source checkout, which an installed "
-              "package does not include; clone the repository, `pip install -e .` in it, and run `xaiserve bench` "
-              "from inside it", file=sys.stderr)
+        print(
+            "xaiserve bench: the benchmarks are the scripts in bench/ of a source checkout, which an installed "
+            "package does not include; clone the repository, `pip install -e .` in it, and run `xaiserve bench` "
+            "from inside it",
+            file=sys.stderr,
+        )
         return 2
     names = sorted(p.stem.removeprefix("bench_") for p in (root / "bench").glob("bench_*.py"))
     if not argv or argv[0] not in names:
-        print(f"usage: xaiserve bench NAME [options]; benchmarks ({root / 'bench'}): {', '.join(names)}", file=sys.stderr)
+        print(
+            f"usage: xaiserve bench NAME [options]; benchmarks ({root / 'bench'}): {', '.join(names)}", file=sys.stderr
+        )
         return 2
     return subprocess.call([sys.executable, str(root / "bench" / f"bench_{argv[0]}.py"), *argv[1:]])
 
@@ -203,8 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", action="store_true", help="print the model output")
     importlib.import_module("xaiserve.service.cli_dicom").add_flags(p)
     _add_client_flags(p)
-    p = sub.add_parser("models", help="list the models a running server serves (`xaiserve models add|list|show|remove "
-                                      "--store DIR` manage a store: see `xaiserve models add --help`)")
+    p = sub.add_parser(
+        "models",
+        help="list the models a running server serves (`xaiserve models add|list|show|remove "
+        "--store DIR` manage a store: see `xaiserve models add --help`)",
+    )
     p.add_argument("action", nargs="?", choices=["list"], help="list (the default) with --address: ask that server")
     p.add_argument("--kind", default="")
     p.add_argument("--json", action="store_true")

@@ -9,6 +9,7 @@ the CLI copies them from the local source file (the submitted image, or `--sourc
 `jobs get` / `jobs watch`) before writing it, so the result files into the source's study.
 Nothing here prints a header value other than UIDs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,9 +23,13 @@ SUFFIX = {"dicom-seg": "seg", "dicom-pmap": "pmap"}
 
 def add_flags(p: argparse.ArgumentParser, *, jobs: bool = False) -> None:
     g = p.add_argument_group("DICOM")
-    g.add_argument("--format", choices=tuple(SUFFIX), default=None,
-                   help="return the result as DICOM (default for a DICOM image: dicom-seg"
-                        + (")" if jobs else " when --out ends in .dcm)"))
+    g.add_argument(
+        "--format",
+        choices=tuple(SUFFIX),
+        default=None,
+        help="return the result as DICOM (default for a DICOM image: dicom-seg"
+        + (")" if jobs else " when --out ends in .dcm)"),
+    )
     g.add_argument("--overlay", action="store_true", help="also a Secondary Capture of the result over the image")
     g.add_argument("--frame", type=int, default=None, help="multi-frame: the frame to explain (0-based)")
     g.add_argument("--window", default=None, metavar="C,W", help="greyscale window centre,width (e.g. 40,400)")
@@ -78,9 +83,15 @@ def summary_of(data: bytes) -> dict[str, Any]:
     for series in ds.get("ReferencedSeriesSequence", []):
         for inst in series.get("ReferencedInstanceSequence", []):
             refs.append(str(inst.ReferencedSOPInstanceUID))
-    frames = sorted({int(i.ReferencedFrameNumber) for g in ds.get("PerFrameFunctionalGroupsSequence", [])
-                     for d in g.get("DerivationImageSequence", []) for i in d.get("SourceImageSequence", [])
-                     if "ReferencedFrameNumber" in i})
+    frames = sorted(
+        {
+            int(i.ReferencedFrameNumber)
+            for g in ds.get("PerFrameFunctionalGroupsSequence", [])
+            for d in g.get("DerivationImageSequence", [])
+            for i in d.get("SourceImageSequence", [])
+            if "ReferencedFrameNumber" in i
+        }
+    )
     out = {"sop_class": ds.SOPClassUID.name, "study_instance_uid": str(ds.StudyInstanceUID), "references": refs}
     if frames:
         out["referenced_frames"] = frames

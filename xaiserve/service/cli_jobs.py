@@ -8,6 +8,7 @@
 `submit` prints the job id alone on stdout (so `ID=$(xaiserve jobs submit ...)` works); everything
 meant for a person goes to stderr. gRPC errors print "error: CODE: message" and exit 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,9 @@ from xaiserve.service import cli_dicom
 # Which JobRequest.params field a method's --param values go to: the field whose message is the
 # method's parameters message in the methods table.
 _PARAM_FIELDS = {f.message_type.name: f.name for f in pb.JobRequest.DESCRIPTOR.oneofs_by_name["params"].fields}
-PARAMS_FIELD = {name: _PARAM_FIELDS[METHODS[name].params] for name in JOB_METHODS if METHODS[name].params in _PARAM_FIELDS}
+PARAMS_FIELD = {
+    name: _PARAM_FIELDS[METHODS[name].params] for name in JOB_METHODS if METHODS[name].params in _PARAM_FIELDS
+}
 
 
 def _add_client_flags(p: argparse.ArgumentParser) -> None:
@@ -47,10 +50,19 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("image", help="image file (PNG, JPEG, ...)")
     s.add_argument("--method", required=True, help=" or ".join(JOB_METHODS))
     s.add_argument("--model", required=True, help="model name or name:version")
-    s.add_argument("--param", action="append", default=[], metavar="K=V",
-                   help="a RelaxParams / AblationParams field, e.g. num_masks=2000 (repeatable)")
-    s.add_argument("--params", choices=sorted(set(PARAMS_FIELD.values())), default=None,
-                   help="which parameter message --param fills (default: from --method)")
+    s.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="a RelaxParams / AblationParams field, e.g. num_masks=2000 (repeatable)",
+    )
+    s.add_argument(
+        "--params",
+        choices=sorted(set(PARAMS_FIELD.values())),
+        default=None,
+        help="which parameter message --param fills (default: from --method)",
+    )
     s.add_argument("--priority", type=int, default=0, help="higher runs first")
     s.add_argument("--deadline", type=float, default=0.0, help="seconds; past it the job ends EXPIRED")
     s.add_argument("--idempotency-key", default="", help="a retry with the same key returns the same job")
@@ -81,8 +93,14 @@ class UsageError(Exception):
 def _convert(field: FieldDescriptor, raw: str) -> Any:
     t = field.type
     try:
-        if t in (FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT32,
-                 FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT32, FieldDescriptor.TYPE_SINT64):
+        if t in (
+            FieldDescriptor.TYPE_INT32,
+            FieldDescriptor.TYPE_INT64,
+            FieldDescriptor.TYPE_UINT32,
+            FieldDescriptor.TYPE_UINT64,
+            FieldDescriptor.TYPE_SINT32,
+            FieldDescriptor.TYPE_SINT64,
+        ):
             return int(raw)
         if t in (FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_DOUBLE):
             return float(raw)
@@ -108,16 +126,26 @@ def _convert(field: FieldDescriptor, raw: str) -> Any:
 def _type_name(field: FieldDescriptor) -> str:
     if field.type == FieldDescriptor.TYPE_MESSAGE:
         return "image file" if field.message_type.full_name == "explain.v1.Image" else field.message_type.name
-    return {FieldDescriptor.TYPE_FLOAT: "float", FieldDescriptor.TYPE_DOUBLE: "float", FieldDescriptor.TYPE_BOOL: "bool",
-            FieldDescriptor.TYPE_STRING: "string"}.get(field.type, "int")
+    return {
+        FieldDescriptor.TYPE_FLOAT: "float",
+        FieldDescriptor.TYPE_DOUBLE: "float",
+        FieldDescriptor.TYPE_BOOL: "bool",
+        FieldDescriptor.TYPE_STRING: "string",
+    }.get(field.type, "int")
 
 
 def build_request(args: argparse.Namespace) -> pb.JobRequest:
     image = Path(args.image)
     if not image.is_file():
         raise UsageError(f"image {args.image!r} is not a file")
-    req = pb.JobRequest(method=args.method, model=args.model, image=pb.Image(encoded=image.read_bytes()),
-                        priority=args.priority, deadline_seconds=args.deadline, idempotency_key=args.idempotency_key)
+    req = pb.JobRequest(
+        method=args.method,
+        model=args.model,
+        image=pb.Image(encoded=image.read_bytes()),
+        priority=args.priority,
+        deadline_seconds=args.deadline,
+        idempotency_key=args.idempotency_key,
+    )
     req.output_format, req.dicom_overlay = cli_dicom.output_format(args, jobs=True), args.overlay
     dicom = cli_dicom.dicom_options(args)
     if dicom is not None:
@@ -187,16 +215,22 @@ def write_result(job: pb.Job, out: Path, source: Path | None = None) -> list[Pat
                 p.write_bytes(value)
                 written.append(p)
             elif field.is_repeated:  # repeated messages (SiftResult.keypoints) as JSON objects
-                scalars[field.name] = ([json_format.MessageToDict(v) for v in value]
-                                       if field.type == FieldDescriptor.TYPE_MESSAGE else list(value))
+                scalars[field.name] = (
+                    [json_format.MessageToDict(v) for v in value]
+                    if field.type == FieldDescriptor.TYPE_MESSAGE
+                    else list(value)
+                )
             else:
                 scalars[field.name] = value
         meta[which] = scalars
     if job.result.dicom:  # <method>.seg.dcm / .pmap.dcm, patient data restored from the local source
         written += cli_dicom.write_job_dicom(job.result, out, source)
         if source is None:
-            print("note: the DICOM result has empty patient and study attributes (the server stores none); "
-                  "pass --source scan.dcm to copy them from the submitted file", file=sys.stderr)
+            print(
+                "note: the DICOM result has empty patient and study attributes (the server stores none); "
+                "pass --source scan.dcm to copy them from the submitted file",
+                file=sys.stderr,
+            )
     p = out / "result.json"
     p.write_text(json.dumps(meta, indent=2, default=str))
     written.append(p)
@@ -207,8 +241,14 @@ def watch(client, job_id: str, out: str | None, source: Path | None = None) -> i
     from tqdm import tqdm
 
     final: pb.Job | None = None
-    bar = tqdm(total=100, desc=job_id[:12], unit="%", file=sys.stderr, dynamic_ncols=True,
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} {postfix}")
+    bar = tqdm(
+        total=100,
+        desc=job_id[:12],
+        unit="%",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} {postfix}",
+    )
     try:
         for ev in client.stub.WatchJob(pb.JobRef(id=job_id), metadata=client.metadata):
             bar.update(max(0, int(round(ev.progress * 100)) - bar.n))
@@ -227,8 +267,10 @@ def watch(client, job_id: str, out: str | None, source: Path | None = None) -> i
     finally:
         bar.close()
     if final is None:
-        print(f"error: the watch of job {job_id} ended before the job did; run `xaiserve jobs watch {job_id}` again",
-              file=sys.stderr)
+        print(
+            f"error: the watch of job {job_id} ended before the job did; run `xaiserve jobs watch {job_id}` again",
+            file=sys.stderr,
+        )
         return 1
     print(json.dumps(job_summary(final)))
     if final.state == pb.SUCCEEDED and out:
@@ -242,19 +284,25 @@ def main(argv: list[str] | None = None) -> int:
     from xaiserve.service.client import ExplainerClient
 
     try:
-        with ExplainerClient(args.address, token=args.token, ca_file=args.ca, cert_file=args.cert,
-                             key_file=args.key) as client:
+        with ExplainerClient(
+            args.address, token=args.token, ca_file=args.ca, cert_file=args.cert, key_file=args.key
+        ) as client:
             md, timeout = client.metadata, args.timeout
             if args.cmd == "submit":
                 job = client.stub.SubmitJob(build_request(args), timeout=timeout, metadata=md)
                 print(job.id, flush=True)
-                print(f"job {job.id}: {pb.JobState.Name(job.state)}"
-                      + (f", {job.queue_position} ahead" if job.state == pb.QUEUED else ""), file=sys.stderr)
+                print(
+                    f"job {job.id}: {pb.JobState.Name(job.state)}"
+                    + (f", {job.queue_position} ahead" if job.state == pb.QUEUED else ""),
+                    file=sys.stderr,
+                )
                 return watch(client, job.id, args.out, Path(args.image)) if args.watch else 0
             if args.cmd == "watch":
                 return watch(client, args.id, args.out, Path(args.source) if args.source else None)
             if args.cmd == "get":
-                job = client.stub.GetJob(pb.JobRef(id=args.id, include_result=bool(args.out)), timeout=timeout, metadata=md)
+                job = client.stub.GetJob(
+                    pb.JobRef(id=args.id, include_result=bool(args.out)), timeout=timeout, metadata=md
+                )
                 print(json.dumps(job_summary(job)))
                 if args.out:
                     if job.state != pb.SUCCEEDED:

@@ -18,6 +18,7 @@ Runtime); one given only as ONNX serves the methods that need no gradients (RELA
 the card says which file to add for the others. A running server picks the change up within a
 second (service/reload.py). Exit codes: 0 done, 2 bad usage or a model that does not load.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,14 @@ from xaiserve.errors import XaiError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SUBCOMMANDS = ("add", "list", "show", "remove", "schema")
-TORCH_SUFFIXES = {".pt2": "exported_program", ".ts": "torchscript", ".jit": "torchscript", ".pt": "torchscript",
-                  ".pth": "torchscript", ".torchscript": "torchscript"}
+TORCH_SUFFIXES = {
+    ".pt2": "exported_program",
+    ".ts": "torchscript",
+    ".jit": "torchscript",
+    ".pt": "torchscript",
+    ".pth": "torchscript",
+    ".torchscript": "torchscript",
+}
 STORED_NAMES = {"onnx": "model.onnx", "torchscript": "model.ts", "exported_program": "model.pt2"}
 PARITY_TOL = 1e-3  # max |onnx - torch| relative to 1 + max |output| on the test inputs
 
@@ -48,7 +55,7 @@ class UsageError(Exception):
 
 # -- files and inspection ---------------------------------------------------------------------------
 def file_form(path: Path) -> str:
-    """"onnx", "torchscript" or "exported_program" from the file's bytes (extension as a hint)."""
+    """ "onnx", "torchscript" or "exported_program" from the file's bytes (extension as a hint)."""
     if not path.is_file():
         raise UsageError(f"{path} does not exist or is not a file")
     head = path.read_bytes()[:4]
@@ -60,8 +67,11 @@ def file_form(path: Path) -> str:
 
     with zipfile.ZipFile(path) as z:
         names = z.namelist()
-    return "exported_program" if any("serialized_exported_program" in n or n.endswith("models/model.json") for n in names) \
+    return (
+        "exported_program"
+        if any("serialized_exported_program" in n or n.endswith("models/model.json") for n in names)
         else "torchscript"
+    )
 
 
 def onnx_signature(path: Path) -> tuple[list[tuple[str, str, list]], list[tuple[str, list]]]:
@@ -71,9 +81,14 @@ def onnx_signature(path: Path) -> tuple[list[tuple[str, str, list]], list[tuple[
     try:
         s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - ORT raises its own types on a bad file
-        raise UsageError(f"{path.name} is not an ONNX graph ONNX Runtime can load ({e.__class__.__name__}: "
-                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
-    return ([(i.name, i.type, list(i.shape)) for i in s.get_inputs()], [(o.name, list(o.shape)) for o in s.get_outputs()])
+        raise UsageError(
+            f"{path.name} is not an ONNX graph ONNX Runtime can load ({e.__class__.__name__}: "
+            f"{str(e).splitlines()[0][:200] if str(e) else ''})"
+        ) from None
+    return (
+        [(i.name, i.type, list(i.shape)) for i in s.get_inputs()],
+        [(o.name, list(o.shape)) for o in s.get_outputs()],
+    )
 
 
 def exported_input_shape(path: Path) -> list[int | None] | None:
@@ -142,6 +157,8 @@ def next_version(store: Path, name: str) -> str:
 # -- add ---------------------------------------------------------------------------------------------
 def add_model(args: argparse.Namespace) -> dict[str, Any]:
     """Everything `models add` does; returns the manifest entry written."""
+    import re
+
     import torch
 
     from xaiserve.handlers.nets.forms import export_onnx, first_tensor, load_torch_form
@@ -150,8 +167,6 @@ def add_model(args: argparse.Namespace) -> dict[str, Any]:
     from xaiserve.service.manifest_schema import NAME_PATTERN
     from xaiserve.service.modelstore import add_entry
     from xaiserve.service.registry import ModelEntry, OnnxModel, _check_outputs, io_map
-
-    import re
 
     store = Path(args.store)
     name = args.name
@@ -226,8 +241,10 @@ def add_model(args: argparse.Namespace) -> dict[str, Any]:
             files[torch_key] = str(rel / dst.name)
             module = load_torch_form(dst, torch_key, channels=c, height=h, width=w)
             if getattr(module, "opaque", False):
-                notes.append(f"the TorchScript could not be converted to a graph ({module.reason}): gradcam and "
-                             "guided_backprop are refused; add a torch.export .pt2 file for them")
+                notes.append(
+                    f"the TorchScript could not be converted to a graph ({module.reason}): gradcam and "
+                    "guided_backprop are refused; add a torch.export .pt2 file for them"
+                )
         onnx_dst = out / STORED_NAMES["onnx"]
         io: dict[str, str] = dict(_parse_io(args.io))
         if "onnx" in forms:
@@ -253,9 +270,15 @@ def add_model(args: argparse.Namespace) -> dict[str, Any]:
         dim = int(y.shape[1])
         if args.kind == "classifier" and labels and len(labels) != dim:
             raise UsageError(f"{len(labels)} labels in {args.labels} for {dim} classifier outputs")
-        probe = {"name": name, "version": version, "kind": args.kind, "files": files,
-                 "input": {"height": h, "width": w, "channels": c, "mean": mean, "std": std}, "labels": labels,
-                 "output_dim": dim}
+        probe = {
+            "name": name,
+            "version": version,
+            "kind": args.kind,
+            "files": files,
+            "input": {"height": h, "width": w, "channels": c, "mean": mean, "std": std},
+            "labels": labels,
+            "output_dim": dim,
+        }
         try:
             _check_outputs(ModelEntry.from_dict(probe), session.run({"image": np.concatenate([x, x])}))
         except XaiError as e:
@@ -285,13 +308,20 @@ def add_model(args: argparse.Namespace) -> dict[str, Any]:
         forms_have = {"onnx"} | ({"torch"} if module is not None else set())
         methods = supported_methods(args.kind, forms_have)
         entry: dict[str, Any] = {
-            "name": name, "version": version, "kind": args.kind,
+            "name": name,
+            "version": version,
+            "kind": args.kind,
             "description": args.description or f"user {args.kind} added from {src.name}",
             "files": {**files, "card": str(rel / "card.md")},
             "input": {"height": h, "width": w, "channels": c, "mean": mean, "std": std, "resize": args.resize},
-            "labels": labels, "output_dim": dim, "metrics": metrics,
-            "added": {"from": [str(p.name) for p in forms.values()], "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                      "test_image": test},
+            "labels": labels,
+            "output_dim": dim,
+            "metrics": metrics,
+            "added": {
+                "from": [str(p.name) for p in forms.values()],
+                "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                "test_image": test,
+            },
         }
         if io:
             entry["io"] = io
@@ -339,45 +369,74 @@ def _parse_io(text: str | None) -> list[tuple[str, str]]:
 def render_card(entry: dict[str, Any], methods: list[str], notes: list[str], ins, outs, torch_key: str | None) -> str:
     inp = entry["input"]
     lines = [
-        f"# {entry['name']}:{entry['version']} ({entry['kind']})", "", entry["description"], "",
-        "Added with `xaiserve models add`: a user model, not trained by xaiserve.", "",
-        "## Input", "",
+        f"# {entry['name']}:{entry['version']} ({entry['kind']})",
+        "",
+        entry["description"],
+        "",
+        "Added with `xaiserve models add`: a user model, not trained by xaiserve.",
+        "",
+        "## Input",
+        "",
         f"- {inp['channels']} x {inp['height']} x {inp['width']}, normalised (x - mean) / std with mean {inp['mean']}, std {inp['std']}"
-        + ("" if inp["mean"] != [0.0] * inp["channels"] or inp["std"] != [1.0] * inp["channels"]
-           else " (no --mean/--std given: the model receives pixel values in [0, 1])"),
-        f"- images of another size or aspect ratio: `{inp['resize']}` (docs/MODEL_STORE.md, \"Preprocessing\"); "
+        + (
+            ""
+            if inp["mean"] != [0.0] * inp["channels"] or inp["std"] != [1.0] * inp["channels"]
+            else " (no --mean/--std given: the model receives pixel values in [0, 1])"
+        ),
+        f'- images of another size or aspect ratio: `{inp["resize"]}` (docs/MODEL_STORE.md, "Preprocessing"); '
         "explanations come back at the image's own size",
         "",
-        "## Graph", "",
+        "## Graph",
+        "",
         f"- ONNX inputs: {', '.join(f'`{n}` {t} {s}' for n, t, s in ins)}",
         f"- ONNX outputs: {', '.join(f'`{n}` {s}' for n, s in outs)}",
     ]
     if entry.get("io"):
         lines.append(f"- tensor names mapped by the manifest's `io`: {entry['io']}")
-    lines.append(f"- output: {entry['output_dim']} values" + (f" ({len(entry['labels'])} labels: {', '.join(entry['labels'])})"
-                                                                if entry.get("labels") else ""))
+    lines.append(
+        f"- output: {entry['output_dim']} values"
+        + (f" ({len(entry['labels'])} labels: {', '.join(entry['labels'])})" if entry.get("labels") else "")
+    )
     lines += ["", "## Forms and methods", ""]
     lines.append(f"- torch form: {torch_key.replace('_', ' ') if torch_key else 'none'}")
     lines.append(f"- methods served: {', '.join(methods)}")
     if not torch_key:
-        lines.append("- gradient methods (saliency family, gradcam) and ablation paths need a torch form: "
-                     f"`xaiserve models add {entry['name']} model.onnx --torch model.pt2 --kind {entry['kind']}` "
-                     "(a torch.export .pt2 or TorchScript file of the same network)")
+        lines.append(
+            "- gradient methods (saliency family, gradcam) and ablation paths need a torch form: "
+            f"`xaiserve models add {entry['name']} model.onnx --torch model.pt2 --kind {entry['kind']}` "
+            "(a torch.export .pt2 or TorchScript file of the same network)"
+        )
     lines += [f"- note: {n}" for n in notes]
     m = entry["metrics"]
-    lines += ["", "## Checks at add time", "",
-              f"- test image: {entry['added']['test_image']}",
-              f"- ONNX Runtime latency, batch 1, one thread: {m['onnx_latency_ms_b1']} ms"]
+    lines += [
+        "",
+        "## Checks at add time",
+        "",
+        f"- test image: {entry['added']['test_image']}",
+        f"- ONNX Runtime latency, batch 1, one thread: {m['onnx_latency_ms_b1']} ms",
+    ]
     if "torch_latency_ms_b1" in m:
-        lines += [f"- torch forward latency, batch 1: {m['torch_latency_ms_b1']} ms",
-                  f"- ONNX vs torch form, max |difference| on the test inputs: {m['onnx_torch_max_abs_diff']}"]
+        lines += [
+            f"- torch forward latency, batch 1: {m['torch_latency_ms_b1']} ms",
+            f"- ONNX vs torch form, max |difference| on the test inputs: {m['onnx_torch_max_abs_diff']}",
+        ]
     train = "nemt --classifier" if entry["kind"] == "classifier" else "nem-u --encoder"
-    lines += ["", "## Masking network", "",
-              f"Train one on a folder of its images: `xaiserve train {train} {entry['name']}:{entry['version']} --images DIR`"
-              + (" (class subfolders or --labels labels.csv give the labels)" if entry["kind"] == "classifier" else "")
-              + ("" if torch_key else "; the decoder reads the model's inner feature maps, which needs the torch form "
-                 "(add it first, as above)"),
-              "", f"Files: {', '.join(f'`{v}`' for v in entry['files'].values())}", ""]
+    lines += [
+        "",
+        "## Masking network",
+        "",
+        f"Train one on a folder of its images: `xaiserve train {train} {entry['name']}:{entry['version']} --images DIR`"
+        + (" (class subfolders or --labels labels.csv give the labels)" if entry["kind"] == "classifier" else "")
+        + (
+            ""
+            if torch_key
+            else "; the decoder reads the model's inner feature maps, which needs the torch form "
+            "(add it first, as above)"
+        ),
+        "",
+        f"Files: {', '.join(f'`{v}`' for v in entry['files'].values())}",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -386,10 +445,28 @@ def list_store(store: Path) -> list[dict[str, Any]]:
     from xaiserve.service.registry import scan_manifest
 
     good, bad = scan_manifest(store)
-    rows = [{"model": e.id, "kind": e.kind, "input": f"{e.input.channels}x{e.input.height}x{e.input.width}",
-             "explains": e.explains, "available": True, "reason": ""} for e in good]
-    rows += [{"model": b.id, "kind": b.kind, "input": "", "explains": str(b.raw.get("explains", "")), "available": False,
-              "reason": b.reason} for b in bad]
+    rows = [
+        {
+            "model": e.id,
+            "kind": e.kind,
+            "input": f"{e.input.channels}x{e.input.height}x{e.input.width}",
+            "explains": e.explains,
+            "available": True,
+            "reason": "",
+        }
+        for e in good
+    ]
+    rows += [
+        {
+            "model": b.id,
+            "kind": b.kind,
+            "input": "",
+            "explains": str(b.raw.get("explains", "")),
+            "available": False,
+            "reason": b.reason,
+        }
+        for b in bad
+    ]
     return sorted(rows, key=lambda r: r["model"])
 
 
@@ -398,8 +475,11 @@ def _find(store: Path, model: str) -> list[dict[str, Any]]:
     if not path.exists():
         raise UsageError(f"no manifest at {path}")
     name, _, version = model.partition(":")
-    hits = [m for m in json.loads(path.read_text()).get("models", [])
-            if m.get("name") == name and (not version or str(m.get("version")) == version)]
+    hits = [
+        m
+        for m in json.loads(path.read_text()).get("models", [])
+        if m.get("name") == name and (not version or str(m.get("version")) == version)
+    ]
     if not hits:
         raise UsageError(f"{model} is not in {path}")
     return hits
@@ -411,7 +491,11 @@ def remove_model(store: Path, model: str, force: bool = False) -> list[str]:
     hits = _find(store, model)
     ids = {f"{m['name']}:{m['version']}" for m in hits} | {m["name"] for m in hits}
     others = json.loads((store / "manifest.json").read_text()).get("models", [])
-    deps = sorted(f"{m['name']}:{m['version']}" for m in others if m.get("explains") in ids and f"{m['name']}:{m['version']}" not in ids)
+    deps = sorted(
+        f"{m['name']}:{m['version']}"
+        for m in others
+        if m.get("explains") in ids and f"{m['name']}:{m['version']}" not in ids
+    )
     if deps and not force:
         raise UsageError(f"{', '.join(deps)} explain {model}; remove them first, or --force")
     name, _, version = model.partition(":")
@@ -432,7 +516,9 @@ def _parser() -> argparse.ArgumentParser:
     from xaiserve.paths import default_model_store
     from xaiserve.service.images import RESIZE_MODES
 
-    p = argparse.ArgumentParser(prog="xaiserve models", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="xaiserve models", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     store_help = "the model store (default: $XAISERVE_MODEL_STORE or ./model_store)"
     a = sub.add_parser("add", help="add a model file to the store")
@@ -444,16 +530,21 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--mean", nargs="+", help="per-channel mean the model was trained with, or 'imagenet' (default 0)")
     a.add_argument("--std", nargs="+", help="per-channel std, or 'imagenet' (default 1)")
     a.add_argument("--labels", help="classifier: a text file with one label per line, in output order")
-    a.add_argument("--resize", choices=RESIZE_MODES, default="stretch", help="fitting other image sizes (default stretch)")
+    a.add_argument(
+        "--resize", choices=RESIZE_MODES, default="stretch", help="fitting other image sizes (default stretch)"
+    )
     a.add_argument("--io", help="the graph's tensor names when they cannot be inferred: image=NAME,output=NAME")
     a.add_argument("--version", help="default: the next integer version of NAME")
     a.add_argument("--description", default="")
     a.add_argument("--force", action="store_true", help="replace files already in NAME/VERSION/")
     a.add_argument("--keep-on-error", action="store_true", help=argparse.SUPPRESS)
     a.add_argument("--store", type=Path, default=None, help=store_help)
-    for cmd, hlp in (("list", "list the store's models, with the reason for any that would not serve"),
-                     ("show", "print one entry and its card"), ("remove", "remove a model version and its files"),
-                     ("schema", "print the JSON Schema of a manifest entry")):
+    for cmd, hlp in (
+        ("list", "list the store's models, with the reason for any that would not serve"),
+        ("show", "print one entry and its card"),
+        ("remove", "remove a model version and its files"),
+        ("schema", "print the JSON Schema of a manifest entry"),
+    ):
         q = sub.add_parser(cmd, help=hlp)
         if cmd in ("show", "remove"):
             q.add_argument("model", help="NAME[:VERSION] (remove without a version removes every version)")
@@ -482,10 +573,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             entry = add_model(args)
             methods, notes = entry.pop("_methods"), entry.pop("_notes")
-            print(json.dumps({"added": f"{entry['name']}:{entry['version']}", "store": str(store), "kind": entry["kind"],
-                              "input": entry["input"], "output_dim": entry["output_dim"], "io": entry.get("io", {}),
-                              "files": entry["files"], "metrics": entry["metrics"], "methods": methods, "notes": notes,
-                              "test_image": entry["added"]["test_image"]}, indent=2))
+            print(
+                json.dumps(
+                    {
+                        "added": f"{entry['name']}:{entry['version']}",
+                        "store": str(store),
+                        "kind": entry["kind"],
+                        "input": entry["input"],
+                        "output_dim": entry["output_dim"],
+                        "io": entry.get("io", {}),
+                        "files": entry["files"],
+                        "metrics": entry["metrics"],
+                        "methods": methods,
+                        "notes": notes,
+                        "test_image": entry["added"]["test_image"],
+                    },
+                    indent=2,
+                )
+            )
         elif args.cmd == "list":
             rows = list_store(store)
             if args.json:

@@ -1,12 +1,13 @@
 """A small Python client for xaiserve.
 
-    from xaiserve.service.client import ExplainerClient
-    with ExplainerClient("127.0.0.1:50051") as c:
-        r = c.explain("cat.png", model="scenes-nemu", fidelity=True)
-        r.mask            # float32 [H, W] in [0, 1]
-        for a in c.stream(frames, model="scenes-nemu"):   # paced: at most two frames unanswered
-            decode_mask(a.result)                          # float32 [H, W] over the frame
+from xaiserve.service.client import ExplainerClient
+with ExplainerClient("127.0.0.1:50051") as c:
+    r = c.explain("cat.png", model="scenes-nemu", fidelity=True)
+    r.mask            # float32 [H, W] in [0, 1]
+    for a in c.stream(frames, model="scenes-nemu"):   # paced: at most two frames unanswered
+        decode_mask(a.result)                          # float32 [H, W] over the frame
 """
+
 from __future__ import annotations
 
 import os
@@ -100,22 +101,40 @@ class Explanation:
     mask_png: bytes
     overlay_png: bytes
     timing: pb.Timing
-    dicom: bytes = b""          # output_format: the DICOM Segmentation / Parametric Map
+    dicom: bytes = b""  # output_format: the DICOM Segmentation / Parametric Map
     dicom_overlay: bytes = b""  # dicom_overlay: the Secondary Capture
 
     @staticmethod
     def from_response(r: pb.ExplainResponse) -> "Explanation":
         return Explanation(
-            model=r.model, mask=decode_mask(r), output=from_tensor(r.output) if r.output.shape else None,
-            fidelity=r.fidelity if r.HasField("fidelity") else None, target_label=r.target_label,
-            mask_png=r.mask_png, overlay_png=r.overlay_png, timing=r.timing, dicom=r.dicom, dicom_overlay=r.dicom_overlay,
+            model=r.model,
+            mask=decode_mask(r),
+            output=from_tensor(r.output) if r.output.shape else None,
+            fidelity=r.fidelity if r.HasField("fidelity") else None,
+            target_label=r.target_label,
+            mask_png=r.mask_png,
+            overlay_png=r.overlay_png,
+            timing=r.timing,
+            dicom=r.dicom,
+            dicom_overlay=r.dicom_overlay,
         )
 
 
 class ExplainerClient:
-    def __init__(self, address: str = "127.0.0.1:50051", *, token: str | None = None, ca_file: str | None = None,
-                 cert_file: str | None = None, key_file: str | None = None, max_message_mb: int = 64):
-        opts = [("grpc.max_receive_message_length", max_message_mb << 20), ("grpc.max_send_message_length", max_message_mb << 20)]
+    def __init__(
+        self,
+        address: str = "127.0.0.1:50051",
+        *,
+        token: str | None = None,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        max_message_mb: int = 64,
+    ):
+        opts = [
+            ("grpc.max_receive_message_length", max_message_mb << 20),
+            ("grpc.max_send_message_length", max_message_mb << 20),
+        ]
         if ca_file:
             read = lambda p: Path(p).read_bytes() if p else None  # noqa: E731
             creds = grpc.ssl_channel_credentials(read(ca_file), read(key_file), read(cert_file))
@@ -134,31 +153,60 @@ class ExplainerClient:
     def close(self) -> None:
         self.channel.close()
 
-    def explain(self, image: ImageLike, model: str, *, method: str = "", return_output: bool = False,
-                fidelity: bool = False, return_png: bool = False, target_label: int | None = None,
-                mask_encoding: str | int | None = None, mask_resolution: str | int | None = None,
-                output_format: str = "", dicom_overlay: bool = False, dicom: pb.DicomOptions | None = None,
-                timeout: float | None = 30.0) -> Explanation:
+    def explain(
+        self,
+        image: ImageLike,
+        model: str,
+        *,
+        method: str = "",
+        return_output: bool = False,
+        fidelity: bool = False,
+        return_png: bool = False,
+        target_label: int | None = None,
+        mask_encoding: str | int | None = None,
+        mask_resolution: str | int | None = None,
+        output_format: str = "",
+        dicom_overlay: bool = False,
+        dicom: pb.DicomOptions | None = None,
+        timeout: float | None = 30.0,
+    ) -> Explanation:
         """`mask_encoding` "float32" (default) / "uint8" / "png" and `mask_resolution` "input" (default)
         / "model" choose what travels; `Explanation.mask` is float32 over the image either way.
         DICOM input: `dicom` picks the frame / window, `output_format` "dicom-seg" / "dicom-pmap" (and
         `dicom_overlay`) return the result as DICOM objects referencing the image."""
-        opts = pb.ExplainOptions(method=method, return_output=return_output, fidelity=fidelity, return_png=return_png,
-                                 mask_encoding=_mask_choice(MASK_ENCODINGS, mask_encoding, "mask_encoding"),
-                                 mask_resolution=_mask_choice(MASK_RESOLUTIONS, mask_resolution, "mask_resolution"),
-                                 output_format=output_format, dicom_overlay=dicom_overlay)
+        opts = pb.ExplainOptions(
+            method=method,
+            return_output=return_output,
+            fidelity=fidelity,
+            return_png=return_png,
+            mask_encoding=_mask_choice(MASK_ENCODINGS, mask_encoding, "mask_encoding"),
+            mask_resolution=_mask_choice(MASK_RESOLUTIONS, mask_resolution, "mask_resolution"),
+            output_format=output_format,
+            dicom_overlay=dicom_overlay,
+        )
         if target_label is not None:
             opts.target_label = target_label
         img = image_message(image)
         if dicom is not None:
             img.dicom.CopyFrom(dicom)
-        r = self.stub.Explain(pb.ExplainRequest(model=model, image=img, options=opts),
-                              timeout=timeout, metadata=self.metadata)
+        r = self.stub.Explain(
+            pb.ExplainRequest(model=model, image=img, options=opts), timeout=timeout, metadata=self.metadata
+        )
         return Explanation.from_response(r)
 
-    def stream(self, frames: Iterable[ImageLike], model: str, *, policy: int = pb.LATEST, max_queue: int = 0,
-               options: pb.ExplainOptions | None = None, pace: str | float | None = "auto", window: int = 2,
-               max_consecutive_errors: int = 0, timeout: float | None = None) -> Iterator[pb.ExplainFrameResult]:
+    def stream(
+        self,
+        frames: Iterable[ImageLike],
+        model: str,
+        *,
+        policy: int = pb.LATEST,
+        max_queue: int = 0,
+        options: pb.ExplainOptions | None = None,
+        pace: str | float | None = "auto",
+        window: int = 2,
+        max_consecutive_errors: int = 0,
+        timeout: float | None = None,
+    ) -> Iterator[pb.ExplainFrameResult]:
         """Frames in (ids 0, 1, ...), answers out in frame order (StreamExplain).
 
         pace: "auto" (default) pulls the next frame from `frames` only while fewer than `window`
@@ -210,7 +258,9 @@ class ExplainerClient:
             pacer.close()
             call.cancel()
 
-    def denoise(self, particles: np.ndarray | bytes, model: str = "cryoem-spiral", *, timeout: float | None = 60.0) -> np.ndarray:
+    def denoise(
+        self, particles: np.ndarray | bytes, model: str = "cryoem-spiral", *, timeout: float | None = 60.0
+    ) -> np.ndarray:
         req = pb.DenoiseRequest(model=model)
         if isinstance(particles, bytes):
             req.mrc = particles

@@ -10,6 +10,7 @@ list), and a value it cannot read is a `ConfigError` that names the setting and 
 (`--prefer-cuda maybe` and XAISERVE_PREFER_CUDA=maybe fail alike). `gather` applies it to a
 settings dataclass (ServerConfig here, the worker's settings in service/worker.py).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -134,16 +135,24 @@ def read_settings_file(path: str | os.PathLike) -> dict[str, Any]:
         else:
             data = json.loads(text)
     except Exception as e:  # noqa: BLE001 - yaml.YAMLError or json.JSONDecodeError: say where
-        raise ConfigError(f"config file {p} is not valid {'YAML' if p.suffix in ('.yaml', '.yml') else 'JSON'}: {e}",
-                          source=f"config file {p}") from None
+        raise ConfigError(
+            f"config file {p} is not valid {'YAML' if p.suffix in ('.yaml', '.yml') else 'JSON'}: {e}",
+            source=f"config file {p}",
+        ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p} must hold a mapping of settings", source=f"config file {p}")
     return data
 
 
-def gather(cls: type, *, file: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
-           env_settings: Iterable[str] | None = None, flags: Mapping[str, Any] | None = None,
-           overrides: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+def gather(
+    cls: type,
+    *,
+    file: str | os.PathLike | None = None,
+    env: Mapping[str, str] | None = None,
+    env_settings: Iterable[str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, Any], dict[str, str]]:
     """Values for the fields of dataclass `cls` from, in rising precedence, `file`, `env` (the
     XAISERVE_<NAME> variable of each field in `env_settings`, default all), `flags` (command-line
     text) and `overrides` (Python values from code); None means "not given" in flags and overrides.
@@ -275,8 +284,13 @@ class ServerConfig:
         return self.queue or f"sqlite:///{Path(self.state_dir).resolve() / 'jobs.sqlite'}"
 
 
-def load_config(file: str | os.PathLike | None = None, env: Mapping[str, str] | None = None, *,
-                flags: Mapping[str, Any] | None = None, **overrides: Any) -> ServerConfig:
+def load_config(
+    file: str | os.PathLike | None = None,
+    env: Mapping[str, str] | None = None,
+    *,
+    flags: Mapping[str, Any] | None = None,
+    **overrides: Any,
+) -> ServerConfig:
     """The effective config: defaults < `file` < `env` (default os.environ) < `flags` (text from the
     command line) < `overrides` (values from code). Raises ConfigError naming setting and source."""
     values, sources = gather(ServerConfig, file=file, env=env, flags=flags, overrides=overrides)
@@ -289,7 +303,11 @@ def validate(cfg: ServerConfig, sources: Mapping[str, str] | None = None) -> Non
     """Rules across settings; the message says where each setting involved came from."""
     checks: list[tuple[bool, tuple[str, ...], str]] = [
         (0 <= cfg.port <= 65535, ("port",), "port must be in 0..65535 (0 picks a free port)"),
-        (-1 <= cfg.metrics_port <= 65535, ("metrics_port",), "metrics_port must be in -1..65535 (0 picks a free port, -1 disables)"),
+        (
+            -1 <= cfg.metrics_port <= 65535,
+            ("metrics_port",),
+            "metrics_port must be in -1..65535 (0 picks a free port, -1 disables)",
+        ),
         (0 <= cfg.health_port <= 65535, ("health_port",), "health_port must be in 0..65535 (0 = off)"),
         (cfg.max_batch >= 1, ("max_batch",), "max_batch must be >= 1"),
         (cfg.max_delay_ms >= 0, ("max_delay_ms",), "max_delay_ms must be >= 0"),
@@ -297,8 +315,11 @@ def validate(cfg: ServerConfig, sources: Mapping[str, str] | None = None) -> Non
         (cfg.max_message_mb >= 1, ("max_message_mb",), "max_message_mb must be >= 1"),
         (cfg.max_denoise_batch >= 1, ("max_denoise_batch",), "max_denoise_batch must be >= 1"),
         (cfg.intra_op_threads >= 0, ("intra_op_threads",), "intra_op_threads must be >= 0 (0 = auto)"),
-        (cfg.stream_max_consecutive_errors >= 1, ("stream_max_consecutive_errors",),
-         "stream_max_consecutive_errors must be >= 1"),
+        (
+            cfg.stream_max_consecutive_errors >= 1,
+            ("stream_max_consecutive_errors",),
+            "stream_max_consecutive_errors must be >= 1",
+        ),
         (cfg.job_workers >= 0, ("job_workers",), "job_workers must be >= 0 (0 = gateway only)"),
         (cfg.job_max_queued >= 1, ("job_max_queued",), "job_max_queued must be >= 1"),
         (cfg.job_result_ttl_s > 0, ("job_result_ttl_s",), "job_result_ttl_s must be > 0"),
@@ -306,23 +327,34 @@ def validate(cfg: ServerConfig, sources: Mapping[str, str] | None = None) -> Non
         (cfg.load_models in ("all", "lazy"), ("load_models",), "load_models must be 'all' or 'lazy'"),
         (cfg.reload_interval_s >= 0, ("reload_interval_s",), "reload_interval_s must be >= 0 (0 = off)"),
         (bool(cfg.tls_cert) == bool(cfg.tls_key), ("tls_cert", "tls_key"), "tls_cert and tls_key go together"),
-        (not cfg.tls_client_ca or bool(cfg.tls_cert), ("tls_client_ca", "tls_cert"),
-         "tls_client_ca (mutual TLS) needs tls_cert and tls_key"),
-        (1 <= cfg.stream_default_queue <= cfg.stream_max_queue, ("stream_default_queue", "stream_max_queue"),
-         "need 1 <= stream_default_queue <= stream_max_queue"),
+        (
+            not cfg.tls_client_ca or bool(cfg.tls_cert),
+            ("tls_client_ca", "tls_cert"),
+            "tls_client_ca (mutual TLS) needs tls_cert and tls_key",
+        ),
+        (
+            1 <= cfg.stream_default_queue <= cfg.stream_max_queue,
+            ("stream_default_queue", "stream_max_queue"),
+            "need 1 <= stream_default_queue <= stream_max_queue",
+        ),
         (cfg.inference_threads >= 1, ("inference_threads",), "inference_threads must be >= 1"),
         (cfg.decode_threads >= 1, ("decode_threads",), "decode_threads must be >= 1"),
         (cfg.max_inflight >= 1, ("max_inflight",), "max_inflight must be >= 1"),
         (cfg.max_pending_calls >= 1, ("max_pending_calls",), "max_pending_calls must be >= 1"),
-        (cfg.max_inflight_per_principal >= 0, ("max_inflight_per_principal",),
-         "max_inflight_per_principal must be >= 0 (0 = off)"),
+        (
+            cfg.max_inflight_per_principal >= 0,
+            ("max_inflight_per_principal",),
+            "max_inflight_per_principal must be >= 0 (0 = off)",
+        ),
         (1 <= cfg.relax_batch_size <= 4096, ("relax_batch_size",), "relax_batch_size must be in 1..4096"),
         (_device_ok(cfg.device), ("device",), "device must be cpu, cuda, cuda:N (a device index) or auto"),
     ]
     for ok, names, msg in checks:
         if not ok:
             where = ", ".join(f"{n} from {(sources or {}).get(n, 'the default')}" for n in names)
-            raise ConfigError(f"invalid configuration: {msg} ({where})", names[0], (sources or {}).get(names[0], "default"))
+            raise ConfigError(
+                f"invalid configuration: {msg} ({where})", names[0], (sources or {}).get(names[0], "default")
+            )
 
 
 def _device_ok(text: str) -> bool:

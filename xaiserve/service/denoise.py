@@ -14,16 +14,17 @@ Input policy (also in the model card, and in the manifest entry under "particles
 - NaN/Inf, an empty batch and corrupt MRC bytes are InvalidArgument; a batch above `max_batch`
   (or an MRC header declaring more data than that allows) is ResourceExhausted.
 """
+
 from __future__ import annotations
 
 import math
 
 import numpy as np
 
-from xaiserve.proto.explain.v1 import explainer_pb2 as pb
+from xaiserve.errors import InvalidArgument, ResourceExhausted, quote
 from xaiserve.handlers.denoise.mrc import MrcTooLarge, mrc_bytes, parse_mrc_bytes
 from xaiserve.handlers.denoise.resample import DEFAULT_POLICY, fourier_resample
-from xaiserve.errors import InvalidArgument, ResourceExhausted, quote
+from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.service.registry import ModelEntry
 from xaiserve.service.tensors import DTYPES, from_tensor
 
@@ -54,7 +55,9 @@ def _from_tensor(t: pb.Tensor, max_batch: int, max_side: int) -> np.ndarray:
     if len(shape) == 4 and shape[1] == 1:
         shape = [shape[0], shape[2], shape[3]]
     if len(shape) not in (2, 3):
-        raise InvalidArgument(f"particles tensor has shape {list(t.shape)}; send float32 [N, H, W] (a stack) or [H, W] (one particle)")
+        raise InvalidArgument(
+            f"particles tensor has shape {list(t.shape)}; send float32 [N, H, W] (a stack) or [H, W] (one particle)"
+        )
     if len(shape) == 3:
         _check_batch(shape[0], max_batch)
     if any(s <= 0 for s in shape[-2:]):
@@ -71,7 +74,9 @@ def _from_mrc(data: bytes, max_batch: int, max_side: int) -> np.ndarray:
     try:
         arr = parse_mrc_bytes(data, max_values=max_batch * max_side * max_side)
     except MrcTooLarge as e:
-        raise ResourceExhausted(f"particles mrc: {e}; send at most {max_batch} particles of at most {max_side} x {max_side} per request") from e
+        raise ResourceExhausted(
+            f"particles mrc: {e}; send at most {max_batch} particles of at most {max_side} x {max_side} per request"
+        ) from e
     except ValueError as e:
         raise InvalidArgument(f"particles mrc: {e}") from e
     _check_batch(arr.shape[0], max_batch)
@@ -89,7 +94,9 @@ def particles_from_request(req: pb.DenoiseRequest, entry: ModelEntry, max_batch:
     max_side = int(pol["max_side_factor"]) * max(h, w)
     which = req.WhichOneof("particles")
     if which is None:
-        raise InvalidArgument("no particles: set DenoiseRequest.tensor (float32 [N, H, W] or [H, W]) or DenoiseRequest.mrc (MRC stack bytes)")
+        raise InvalidArgument(
+            "no particles: set DenoiseRequest.tensor (float32 [N, H, W] or [H, W]) or DenoiseRequest.mrc (MRC stack bytes)"
+        )
     if which == "tensor":
         arr = _from_tensor(req.tensor, max_batch, max_side)
     else:
@@ -104,12 +111,18 @@ def particles_from_request(req: pb.DenoiseRequest, entry: ModelEntry, max_batch:
             f"particle {int(bad[0])} of {n} contains NaN or Inf ({count} non-finite values in {len(bad)} particle(s)); remove or repair them"
         )
     if ph != pw:
-        raise InvalidArgument(f"particles are {ph} x {pw} (not square); model {entry.id} takes square particles ({h} x {w}); crop a square box centred on the particle")
+        raise InvalidArgument(
+            f"particles are {ph} x {pw} (not square); model {entry.id} takes square particles ({h} x {w}); crop a square box centred on the particle"
+        )
     if (ph, pw) != (h, w):
         if pol["size_policy"] != "resample" or ph < int(pol["min_side"]) or h != w:
             raise InvalidArgument(
                 f"particles are {ph} x {pw}; model {entry.id} takes {h} x {w}"
-                + (f" (sides from {pol['min_side']} to {max_side} are resampled)" if pol["size_policy"] == "resample" else "")
+                + (
+                    f" (sides from {pol['min_side']} to {max_side} are resampled)"
+                    if pol["size_policy"] == "resample"
+                    else ""
+                )
             )
         arr = fourier_resample(arr, h)
     return np.ascontiguousarray(arr[:, None], dtype=np.float32)

@@ -27,6 +27,7 @@ Privacy: nothing in this module logs, and no message quotes a header value. pydi
 report malformed values (a patient name among them) through warnings and their loggers; both are
 silenced here, once, for the whole process.
 """
+
 from __future__ import annotations
 
 import copy
@@ -38,8 +39,15 @@ from typing import Any
 
 import numpy as np
 
-from xaiserve.clinical.windowing import (DicomDefaults, Window, apply_window, check_bits, check_window, invert,
-                                         range_window)
+from xaiserve.clinical.windowing import (
+    DicomDefaults,
+    Window,
+    apply_window,
+    check_bits,
+    check_window,
+    invert,
+    range_window,
+)
 from xaiserve.errors import InvalidArgument, ResourceExhausted, quote
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 
@@ -83,12 +91,16 @@ def is_dicom_image(image: pb.Image) -> bool:
     if ct:
         if ct in DICOM_CONTENT_TYPES:
             if image.WhichOneof("source") != "encoded":
-                raise InvalidArgument("image.content_type is application/dicom but the image is a tensor; "
-                                      "send the .dcm file's bytes in image.encoded")
+                raise InvalidArgument(
+                    "image.content_type is application/dicom but the image is a tensor; "
+                    "send the .dcm file's bytes in image.encoded"
+                )
             return True
         if ct not in OTHER_CONTENT_TYPES:
-            raise InvalidArgument(f"image.content_type {quote(ct, 64)} is not supported; use "
-                                  f"{', '.join(DICOM_CONTENT_TYPES + OTHER_CONTENT_TYPES)} or leave it empty to detect")
+            raise InvalidArgument(
+                f"image.content_type {quote(ct, 64)} is not supported; use "
+                f"{', '.join(DICOM_CONTENT_TYPES + OTHER_CONTENT_TYPES)} or leave it empty to detect"
+            )
         return False
     if image.HasField("dicom") and image.WhichOneof("source") == "encoded" and not has_preamble(image.encoded):
         raise InvalidArgument(
@@ -113,8 +125,10 @@ class DicomSource:
     @property
     def uids(self) -> dict[str, str]:
         h = self.header
-        return {k: str(h.get(k, "")) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
-                                               "FrameOfReferenceUID")}
+        return {
+            k: str(h.get(k, ""))
+            for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "FrameOfReferenceUID")
+        }
 
 
 @dataclass(frozen=True)
@@ -149,8 +163,10 @@ def _transfer_syntax(ds) -> str:
     meta = getattr(ds, "file_meta", None)
     ts = meta.get("TransferSyntaxUID") if meta is not None else None
     if ts is None:
-        raise InvalidArgument("the DICOM file has no Transfer Syntax UID (0002,0010) in its File Meta Information; "
-                              "send a Part 10 file written by a DICOM toolkit (e.g. `dcmconv in.dcm out.dcm`)")
+        raise InvalidArgument(
+            "the DICOM file has no Transfer Syntax UID (0002,0010) in its File Meta Information; "
+            "send a Part 10 file written by a DICOM toolkit (e.g. `dcmconv in.dcm out.dcm`)"
+        )
     return str(ts)
 
 
@@ -199,8 +215,10 @@ def _first(value: Any) -> float:
         v = value if isinstance(value, (str, bytes, int, float)) else value[0]
         return float(v)
     except (TypeError, ValueError, IndexError):
-        raise InvalidArgument("a numeric header element (window or rescale) holds no number; fix the file, "
-                              "or send image.dicom.window_center / window_width") from None
+        raise InvalidArgument(
+            "a numeric header element (window or rescale) holds no number; fix the file, "
+            "or send image.dicom.window_center / window_width"
+        ) from None
 
 
 # attributes a functional group macro carries, flattened to the top level of a frame view
@@ -222,8 +240,13 @@ def frame_view(ds, index: int):
     view = Dataset()
     for elem in ds:
         if elem.tag in (0x7FE00010, 0x7FE00008, 0x7FE00009) or elem.keyword in (
-                "NumberOfFrames", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
-                "FrameIncrementPointer", "ExtendedOffsetTable", "ExtendedOffsetTableLengths"):
+            "NumberOfFrames",
+            "SharedFunctionalGroupsSequence",
+            "PerFrameFunctionalGroupsSequence",
+            "FrameIncrementPointer",
+            "ExtendedOffsetTable",
+            "ExtendedOffsetTableLengths",
+        ):
             continue
         view.add(copy.copy(elem))  # own elements: the flattening below must not write into `ds`
     if hasattr(ds, "file_meta"):
@@ -286,8 +309,10 @@ def _header(image: pb.Image) -> _Header:
         sop = ds.get("SOPClassUID")
         what = f" (SOP Class {_syntax_name(str(sop))})" if sop else ""
         if other:
-            raise InvalidArgument(f"the DICOM file{what} holds {other[0]} (floating-point pixels, e.g. a parametric map), "
-                                  "which this server does not take as input; send an image with integer Pixel Data")
+            raise InvalidArgument(
+                f"the DICOM file{what} holds {other[0]} (floating-point pixels, e.g. a parametric map), "
+                "which this server does not take as input; send an image with integer Pixel Data"
+            )
         raise InvalidArgument(
             f"the DICOM file{what} has no Pixel Data (7FE0,0010): it is not an image (a structured report, a "
             "DICOMDIR, a plan or a waveform, say); send an image instance such as CT, MR, CR, DX, US or SC"
@@ -312,10 +337,13 @@ def _header(image: pb.Image) -> _Header:
         raise ResourceExhausted(f"the DICOM header declares {frames} frames; at most {MAX_FRAMES} are accepted")
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     if photometric not in GREY + COLOUR:
-        raise InvalidArgument(f"Photometric Interpretation {quote(photometric, 32)} is not supported; "
-                              f"send {', '.join(GREY + COLOUR)}")
+        raise InvalidArgument(
+            f"Photometric Interpretation {quote(photometric, 32)} is not supported; send {', '.join(GREY + COLOUR)}"
+        )
     if (photometric in GREY or photometric == "PALETTE COLOR") != (samples == 1):
-        raise InvalidArgument(f"Photometric Interpretation {photometric} with {samples} samples per pixel is inconsistent; fix the file")
+        raise InvalidArgument(
+            f"Photometric Interpretation {photometric} with {samples} samples per pixel is inconsistent; fix the file"
+        )
     opts = _options(image)
     index = int(opts.frame) if opts.HasField("frame") else 0
     if not 0 <= index < frames:
@@ -326,11 +354,14 @@ def _header(image: pb.Image) -> _Header:
     if opts.HasField("window_width") != opts.HasField("window_center"):
         raise InvalidArgument("set image.dicom.window_center and image.dicom.window_width together")
     if opts.HasField("window_width"):
-        check_window(opts.window_center, opts.window_width, str(ds.get("VOILUTFunction", "LINEAR")),
-                     what="image.dicom window")
+        check_window(
+            opts.window_center, opts.window_width, str(ds.get("VOILUTFunction", "LINEAR")), what="image.dicom window"
+        )
         if photometric not in GREY:
-            raise InvalidArgument(f"image.dicom window_center / window_width apply to greyscale (MONOCHROME1/2) images; "
-                                  f"this one is {photometric}: leave them unset")
+            raise InvalidArgument(
+                f"image.dicom window_center / window_width apply to greyscale (MONOCHROME1/2) images; "
+                f"this one is {photometric}: leave them unset"
+            )
     _check_decoder(syntax)
     return _Header(ds, rows, cols, samples, frames, index, photometric, syntax)
 
@@ -358,7 +389,9 @@ def _frame_pixels(h: _Header) -> np.ndarray:
         arr = arr[0]
     want = (h.rows, h.columns) if h.samples == 1 else (h.rows, h.columns, 3)
     if arr.shape != want:
-        raise InvalidArgument(f"the DICOM pixel data decoded to shape {list(arr.shape)}, not the {list(want)} its header declares")
+        raise InvalidArgument(
+            f"the DICOM pixel data decoded to shape {list(arr.shape)}, not the {list(want)} its header declares"
+        )
     return arr
 
 
@@ -367,7 +400,12 @@ def _file_voi(view, stored_min: float | None = None) -> tuple[Window | None, Any
     seq = view.get("VOILUTSequence")
     if seq is not None and len(seq) and "LUTDescriptor" in seq[0] and "LUTData" in seq[0]:
         return None, seq[0]
-    if "WindowCenter" in view and "WindowWidth" in view and view.WindowCenter is not None and view.WindowWidth is not None:
+    if (
+        "WindowCenter" in view
+        and "WindowWidth" in view
+        and view.WindowCenter is not None
+        and view.WindowWidth is not None
+    ):
         fn = str(view.get("VOILUTFunction", "LINEAR") or "LINEAR")
         c, w = _first(view.WindowCenter), _first(view.WindowWidth)
         try:
@@ -377,8 +415,9 @@ def _file_voi(view, stored_min: float | None = None) -> tuple[Window | None, Any
     return None, None
 
 
-def _grey(h: _Header, view, arr: np.ndarray, image: pb.Image, defaults: DicomDefaults | None,
-          channels: int) -> tuple[np.ndarray, tuple[Window, ...], str]:
+def _grey(
+    h: _Header, view, arr: np.ndarray, image: pb.Image, defaults: DicomDefaults | None, channels: int
+) -> tuple[np.ndarray, tuple[Window, ...], str]:
     opts = _options(image)
     mono1 = h.photometric == "MONOCHROME1"
     if "ModalityLUTSequence" in view and len(view.ModalityLUTSequence):
@@ -397,7 +436,10 @@ def _grey(h: _Header, view, arr: np.ndarray, image: pb.Image, defaults: DicomDef
                 f"({defaults.describe()}); a single request window cannot replace it: leave image.dicom window unset"
             )
         fn = str(view.get("VOILUTFunction", "LINEAR") or "LINEAR")
-        windows, source = (check_window(opts.window_center, opts.window_width, fn, what="image.dicom window"),), "request"
+        windows, source = (
+            (check_window(opts.window_center, opts.window_width, fn, what="image.dicom window"),),
+            "request",
+        )
     elif defaults is not None and defaults.windows:
         windows, source = defaults.windows, "model"
     else:
@@ -407,7 +449,7 @@ def _grey(h: _Header, view, arr: np.ndarray, image: pb.Image, defaults: DicomDef
 
             modality = values if slope == 1.0 and intercept == 0.0 else values.astype(np.float32) * slope + intercept
             bits = int(lut.LUTDescriptor[2])
-            shown = np.asarray(apply_voi(modality, view, index=0), dtype=np.float32) / np.float32(2 ** bits - 1)
+            shown = np.asarray(apply_voi(modality, view, index=0), dtype=np.float32) / np.float32(2**bits - 1)
             shown = np.clip(shown, 0.0, 1.0)
             return (invert(shown) if mono1 else shown)[:, :, None], (), "file VOI LUT"
         if win is not None:
@@ -434,8 +476,10 @@ def _guarded(what: str):
         except InvalidArgument:
             raise
         except Exception as e:  # noqa: BLE001 - malformed LUTs and headers raise many built-ins
-            raise InvalidArgument(f"the DICOM file's {what} could not be applied ({e.__class__.__name__}): the header "
-                                  "is inconsistent with its pixel data; fix or re-export the image") from None
+            raise InvalidArgument(
+                f"the DICOM file's {what} could not be applied ({e.__class__.__name__}): the header "
+                "is inconsistent with its pixel data; fix or re-export the image"
+            ) from None
 
     return guard()
 
@@ -473,11 +517,33 @@ def _decode_dicom(image: pb.Image, defaults: DicomDefaults | None, channels: int
 # and what decoding and windowing read. Nothing else: no Patient, Study description, dates, times,
 # physicians, institution or device attributes, accession numbers, free text or private elements.
 STORE_KEEP = (
-    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "Modality",
-    "Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored", "HighBit",
-    "PixelRepresentation", "RescaleSlope", "RescaleIntercept", "RescaleType", "WindowCenter", "WindowWidth",
-    "VOILUTFunction", "PixelSpacing", "ImagerPixelSpacing", "SliceThickness", "SpacingBetweenSlices",
-    "ImageOrientationPatient", "ImagePositionPatient", "PatientOrientation",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "FrameOfReferenceUID",
+    "Modality",
+    "Rows",
+    "Columns",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "RescaleType",
+    "WindowCenter",
+    "WindowWidth",
+    "VOILUTFunction",
+    "PixelSpacing",
+    "ImagerPixelSpacing",
+    "SliceThickness",
+    "SpacingBetweenSlices",
+    "ImageOrientationPatient",
+    "ImagePositionPatient",
+    "PatientOrientation",
 )
 LUT_KEEP = ("LUTDescriptor", "LUTData", "ModalityLUTType")
 

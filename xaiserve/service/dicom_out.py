@@ -15,6 +15,7 @@ Patient and study attributes of a result are those of the header it was made fro
 own file for Explain (nothing is stored), the PHI-free stored frame view for a job, whose result a
 client completes with `restore_patient` from its local copy of the source.
 """
+
 from __future__ import annotations
 
 import io
@@ -32,9 +33,23 @@ SCHEME = "99XAISERVE"
 MANUFACTURER = "xaiserve"
 SERIES_NUMBER = {"dicom-seg": 9101, "dicom-pmap": 9102, "overlay": 9103}
 # the attributes restore_patient copies back: the Patient and General Study modules (PS3.3 C.7.1.1, C.7.2.1)
-PATIENT_STUDY = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "PatientAge",
-                 "OtherPatientIDsSequence", "EthnicGroup", "PatientComments", "StudyDate", "StudyTime", "AccessionNumber",
-                 "ReferringPhysicianName", "StudyID", "StudyDescription")
+PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "PatientAge",
+    "OtherPatientIDsSequence",
+    "EthnicGroup",
+    "PatientComments",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyID",
+    "StudyDescription",
+)
 
 
 @dataclass(frozen=True)
@@ -60,7 +75,9 @@ def check_output_format(fmt: str, overlay: bool = False, *, what: str = "options
     """The normalised output format ("" or one of FORMATS); InvalidArgument otherwise."""
     f = fmt.strip().lower()
     if f and f not in FORMATS:
-        raise InvalidArgument(f"{what} {quote(fmt, 64)} is unknown; use '' (tensors only), {' or '.join(repr(x) for x in FORMATS)}")
+        raise InvalidArgument(
+            f"{what} {quote(fmt, 64)} is unknown; use '' (tensors only), {' or '.join(repr(x) for x in FORMATS)}"
+        )
     if overlay and not f:
         raise InvalidArgument(f"dicom_overlay needs {what} set to {' or '.join(repr(x) for x in FORMATS)}")
     return f
@@ -102,7 +119,9 @@ CODES = {  # value -> meaning, the private scheme's whole vocabulary
 
 
 def _type_code(label: str):
-    key = {"importance": "IMPORTANCE", "uncertainty": "UNCERTAINTY", "u_relax": "IMPORTANCE", "heatmap": "HEATMAP"}.get(label, "MASK")
+    key = {"importance": "IMPORTANCE", "uncertainty": "UNCERTAINTY", "u_relax": "IMPORTANCE", "heatmap": "HEATMAP"}.get(
+        label, "MASK"
+    )
     return _code(key, CODES[key])
 
 
@@ -111,9 +130,13 @@ def _algorithm(algo: Algorithm):
     from pydicom.sr.codedict import codes
 
     params = {"method": algo.method, "model": f"{algo.model}:{algo.version}", **algo.parameters}
-    return hd.AlgorithmIdentificationSequence(name=algo.model[:64], family=codes.cid7162.ArtificialIntelligence,
-                                              version=str(algo.version)[:64], source=MANUFACTURER,
-                                              parameters={k: str(v)[:256] for k, v in params.items()})
+    return hd.AlgorithmIdentificationSequence(
+        name=algo.model[:64],
+        family=codes.cid7162.ArtificialIntelligence,
+        version=str(algo.version)[:64],
+        source=MANUFACTURER,
+        parameters={k: str(v)[:256] for k, v in params.items()},
+    )
 
 
 def _equipment(algo: Algorithm):
@@ -124,9 +147,13 @@ def _equipment(algo: Algorithm):
     from pydicom.sr.codedict import codes
 
     params = "; ".join(f"{k}={v}" for k, v in {"method": algo.method, **algo.parameters}.items())
-    return hd.ContributingEquipment(manufacturer=MANUFACTURER, purpose_of_reference=codes.DCM.ProcessingEquipment,
-                                    manufacturer_model_name=f"{algo.model}:{algo.version}"[:64], software_versions=_software(),
-                                    contribution_description=params[:1024])
+    return hd.ContributingEquipment(
+        manufacturer=MANUFACTURER,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=f"{algo.model}:{algo.version}"[:64],
+        software_versions=_software(),
+        contribution_description=params[:1024],
+    )
 
 
 def _software() -> str:
@@ -147,8 +174,17 @@ def _unit_range(values: np.ndarray) -> tuple[np.ndarray, bool]:
 
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyID", "StudyDate", "StudyTime",
-                "AccessionNumber", "ReferringPhysicianName")
+TYPE2_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 
@@ -159,10 +195,10 @@ def _single_frame_header(source: DicomSource):
     result of ONE frame is built from the frame view under a single-frame stand-in class instead (CT
     Image when the view has patient geometry, else Secondary Capture), and `_fix_references` puts the
     real class and the frame number back. Type 2 attributes it copies are added empty when absent."""
+    import copy
+
     from highdicom._standard_utils import is_multiframe_image
     from pydicom.dataset import Dataset
-
-    import copy
 
     h = source.header
     out = Dataset()
@@ -217,7 +253,9 @@ def _fix_references(ds, source: DicomSource) -> None:
 
 def check_source(fmt: str, source: DicomSource) -> None:
     """What a format needs of its source, checked before any model work."""
-    missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID") if not source.uids[k]]
+    missing = [
+        k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID") if not source.uids[k]
+    ]
     if missing:
         raise InvalidArgument(
             f"the DICOM image has no {', '.join(missing)}: a DICOM result must reference its source instance, so it "
@@ -292,21 +330,36 @@ def segmentation(source: DicomSource, maps: Sequence[Map], algo: Algorithm) -> b
         v, scaled = _unit_range(m.values)
         arrays.append(v)
         d = hd.seg.SegmentDescription(
-            segment_number=i + 1, segment_label=m.label[:64],
+            segment_number=i + 1,
+            segment_label=m.label[:64],
             segmented_property_category=_code("EXPLANATION", CODES["EXPLANATION"]),
             segmented_property_type=_type_code(m.label),
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algo_seq)
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algo_seq,
+        )
         d.SegmentDescription = (m.meaning + (" (min-max scaled to [0, 1])" if scaled else ""))[:64]
         descs.append(d)
     pixels = np.stack(arrays, axis=-1)[None]  # (1 frame, rows, cols, segments)
     seg = hd.seg.Segmentation(
-        source_images=[_single_frame_header(source)], pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL,
-        segment_descriptions=descs, series_instance_uid=generate_uid(), series_number=SERIES_NUMBER["dicom-seg"],
-        sop_instance_uid=generate_uid(), instance_number=1, manufacturer=MANUFACTURER,
-        manufacturer_model_name=MANUFACTURER, software_versions=_software(), device_serial_number="0",
-        fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY, max_fractional_value=255,
-        content_description=_description(source, algo), content_label="XAI", omit_empty_frames=False,
-        series_description=f"xaiserve {algo.method} {algo.model}"[:64], contributing_equipment=[_equipment(algo)],
+        source_images=[_single_frame_header(source)],
+        pixel_array=pixels,
+        segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL,
+        segment_descriptions=descs,
+        series_instance_uid=generate_uid(),
+        series_number=SERIES_NUMBER["dicom-seg"],
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=MANUFACTURER,
+        software_versions=_software(),
+        device_serial_number="0",
+        fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
+        max_fractional_value=255,
+        content_description=_description(source, algo),
+        content_label="XAI",
+        omit_empty_frames=False,
+        series_description=f"xaiserve {algo.method} {algo.model}"[:64],
+        contributing_equipment=[_equipment(algo)],
     )
     _fix_references(seg, source)
     _finish(seg, source)
@@ -326,22 +379,43 @@ def parametric_map(source: DicomSource, maps: Sequence[Map], algo: Algorithm) ->
     for i, m in enumerate(maps):
         v = values[0, :, :, i]
         lo, hi = float(v.min()), float(v.max())
-        mappings.append([hd.pm.RealWorldValueMapping(
-            lut_label=m.label[:16], lut_explanation=m.meaning[:64], unit=codes.UCUM.NoUnits,
-            value_range=(lo, hi if hi > lo else lo + 1.0), slope=1.0, intercept=0.0,
-            quantity_definition=_type_code(m.label))])
+        mappings.append(
+            [
+                hd.pm.RealWorldValueMapping(
+                    lut_label=m.label[:16],
+                    lut_explanation=m.meaning[:64],
+                    unit=codes.UCUM.NoUnits,
+                    value_range=(lo, hi if hi > lo else lo + 1.0),
+                    slope=1.0,
+                    intercept=0.0,
+                    quantity_definition=_type_code(m.label),
+                )
+            ]
+        )
     first = values[0, :, :, 0]
     lo, hi = float(first.min()), float(first.max())
     pm = hd.pm.ParametricMap(
-        source_images=[_single_frame_header(source)], pixel_array=values if len(maps) > 1 else values[..., 0],
-        series_instance_uid=generate_uid(), series_number=SERIES_NUMBER["dicom-pmap"], sop_instance_uid=generate_uid(),
-        instance_number=1, manufacturer=MANUFACTURER, manufacturer_model_name=MANUFACTURER,
-        software_versions=_software(), device_serial_number="0", contains_recognizable_visual_features=False,
+        source_images=[_single_frame_header(source)],
+        pixel_array=values if len(maps) > 1 else values[..., 0],
+        series_instance_uid=generate_uid(),
+        series_number=SERIES_NUMBER["dicom-pmap"],
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=MANUFACTURER,
+        software_versions=_software(),
+        device_serial_number="0",
+        contains_recognizable_visual_features=False,
         real_world_value_mappings=mappings if len(maps) > 1 else mappings[0],
-        voi_lut_transformations=[hd.VOILUTTransformation(window_center=(lo + hi) / 2.0, window_width=max(hi - lo, 1e-6),
-                                                         voi_lut_function="LINEAR_EXACT")],
-        content_description=_description(source, algo), content_label="XAI",
-        series_description=f"xaiserve {algo.method} {algo.model}"[:64], contributing_equipment=[_equipment(algo)],
+        voi_lut_transformations=[
+            hd.VOILUTTransformation(
+                window_center=(lo + hi) / 2.0, window_width=max(hi - lo, 1e-6), voi_lut_function="LINEAR_EXACT"
+            )
+        ],
+        content_description=_description(source, algo),
+        content_label="XAI",
+        series_description=f"xaiserve {algo.method} {algo.model}"[:64],
+        contributing_equipment=[_equipment(algo)],
     )
     _fix_references(pm, source)
     _finish(pm, source)
@@ -359,10 +433,18 @@ def secondary_capture(source: DicomSource, image: np.ndarray, heat: np.ndarray, 
 
     rgb = to_uint8(overlay(image, np.clip(heat, 0.0, 1.0)))
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=_single_frame_header(source), pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8,
-        coordinate_system="PATIENT", series_instance_uid=generate_uid(), series_number=SERIES_NUMBER["overlay"],
-        sop_instance_uid=generate_uid(), instance_number=1, manufacturer=MANUFACTURER,
-        patient_orientation=("L", "P"), transfer_syntax_uid="1.2.840.10008.1.2.1",
+        ref_dataset=_single_frame_header(source),
+        pixel_array=rgb,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=generate_uid(),
+        series_number=SERIES_NUMBER["overlay"],
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        patient_orientation=("L", "P"),
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
     )
     ref = Dataset()
     ref.ReferencedSOPClassUID = source.uids["SOPClassUID"]
@@ -377,8 +459,15 @@ def secondary_capture(source: DicomSource, image: np.ndarray, heat: np.ndarray, 
     return _save(sc)
 
 
-def encode(fmt: str, source: DicomSource, maps: Sequence[Map], algo: Algorithm, *,
-           overlay_image: np.ndarray | None = None, overlay_map: np.ndarray | None = None) -> tuple[bytes, bytes]:
+def encode(
+    fmt: str,
+    source: DicomSource,
+    maps: Sequence[Map],
+    algo: Algorithm,
+    *,
+    overlay_image: np.ndarray | None = None,
+    overlay_map: np.ndarray | None = None,
+) -> tuple[bytes, bytes]:
     """(result, overlay or b"") in the requested format."""
     check_source(fmt, source)
     algo = _with_input(algo, source)
@@ -396,7 +485,11 @@ def encode(fmt: str, source: DicomSource, maps: Sequence[Map], algo: Algorithm, 
         raise InvalidArgument(
             f"a DICOM {what} could not be built for this source image (SOP Class {source.uids['SOPClassUID']}; "
             f"{e.__class__.__name__}): its header lacks what the object must copy or reference; "
-            + ("try output_format 'dicom-seg'" if fmt == "dicom-pmap" else "leave dicom_overlay off, or the output format empty")
+            + (
+                "try output_format 'dicom-seg'"
+                if fmt == "dicom-pmap"
+                else "leave dicom_overlay off, or the output format empty"
+            )
         ) from None
     return body, over
 
@@ -410,16 +503,26 @@ def restore_patient(result: bytes, source: bytes) -> bytes:
     res = pydicom.dcmread(io.BytesIO(result))
     src = pydicom.dcmread(io.BytesIO(source), stop_before_pixels=True, force=not dicom_in.has_preamble(source))
     if str(src.get("StudyInstanceUID", "")) != str(res.get("StudyInstanceUID", "")):
-        raise InvalidArgument("the source file is not of the result's study (Study Instance UIDs differ); "
-                              "pass the .dcm file the job was submitted with")
+        raise InvalidArgument(
+            "the source file is not of the result's study (Study Instance UIDs differ); "
+            "pass the .dcm file the job was submitted with"
+        )
     for k in PATIENT_STUDY:
         if k in src:
             res[k] = src[k]
     return _save(res)
 
 
-def explain_result(fmt: str, source: DicomSource, image: np.ndarray, mask: np.ndarray, entry, method: str,
-                   target_label: int, overlay: bool) -> tuple[bytes, bytes]:
+def explain_result(
+    fmt: str,
+    source: DicomSource,
+    image: np.ndarray,
+    mask: np.ndarray,
+    entry,
+    method: str,
+    target_label: int,
+    overlay: bool,
+) -> tuple[bytes, bytes]:
     """The DICOM result of an Explain call: the mask (model grid) mapped back over the source frame
     as the response's mask is (images.to_input_geometry undoes the model's resize), then encoded."""
     from xaiserve.service.images import to_input_geometry
@@ -433,7 +536,9 @@ def explain_result(fmt: str, source: DicomSource, image: np.ndarray, mask: np.nd
     params = {"target_label": f"{target_label} ({label})" if label else str(target_label)} if target_label >= 0 else {}
     algo = Algorithm(entry.name, entry.version, method, params)
     meaning = f"{method} mask" + (f" for '{label}'" if label else "") + ", 1 = kept by the explanation"
-    return encode(fmt, source, [Map("mask", full, meaning)], algo, overlay_image=image if overlay else None, overlay_map=full)
+    return encode(
+        fmt, source, [Map("mask", full, meaning)], algo, overlay_image=image if overlay else None, overlay_map=full
+    )
 
 
 # -- jobs ------------------------------------------------------------------------------------------
@@ -461,14 +566,24 @@ def job_maps(request, result, spec, height: int, width: int) -> tuple[list[Map],
     which = result.WhichOneof("result")
     if which == "relax":
         r = result.relax
-        pairs = [("importance", r.importance, "RELAX importance R (mean similarity under masking, [RELAX] eq. 12)"),
-                 ("uncertainty", r.uncertainty, "RELAX uncertainty U (variance of the similarity, [RELAX] eq. 13)")]
+        pairs = [
+            ("importance", r.importance, "RELAX importance R (mean similarity under masking, [RELAX] eq. 12)"),
+            ("uncertainty", r.uncertainty, "RELAX uncertainty U (variance of the similarity, [RELAX] eq. 13)"),
+        ]
     elif which == "ablation":
-        pairs = [("heatmap", result.ablation.heatmap, f"ablation path heatmap ([THESIS] ch. 2), label {result.ablation.target_label}")]
+        pairs = [
+            (
+                "heatmap",
+                result.ablation.heatmap,
+                f"ablation path heatmap ([THESIS] ch. 2), label {result.ablation.target_label}",
+            )
+        ]
     else:
         raise InvalidArgument(f"job results of kind {which!r} have no DICOM form")
-    maps = [Map(label, to_input_geometry(from_tensor(t, what=label), spec, height, width, clip=False), meaning)
-            for label, t, meaning in pairs]
+    maps = [
+        Map(label, to_input_geometry(from_tensor(t, what=label), spec, height, width, clip=False), meaning)
+        for label, t, meaning in pairs
+    ]
     return maps, _unit_range(maps[0].values)[0]
 
 
@@ -488,7 +603,10 @@ def add_job_dicom(request, result, registry) -> None:
         import json
 
         p = json.loads(result.parameters_json)
-        params = {k: str(p[k]) for k in ("num_masks", "masking", "estimator", "score", "reduction", "target_label") if k in p}
+        params = {
+            k: str(p[k]) for k in ("num_masks", "masking", "estimator", "score", "reduction", "target_label") if k in p
+        }
     algo = Algorithm(entry.name, entry.version, request.method, params)
-    result.dicom, result.dicom_overlay = encode(fmt, source, maps, algo, overlay_image=image if request.dicom_overlay else None,
-                                                overlay_map=heat)
+    result.dicom, result.dicom_overlay = encode(
+        fmt, source, maps, algo, overlay_image=image if request.dicom_overlay else None, overlay_map=heat
+    )

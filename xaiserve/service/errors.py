@@ -4,6 +4,7 @@
 Everything else imports the errors from `xaiserve.errors` (no grpc there); the names are re-exported
 here so that adapters can import errors and their status from one module.
 """
+
 from __future__ import annotations
 
 import grpc
@@ -32,10 +33,23 @@ def status_of(err: XaiError) -> grpc.StatusCode:
 # The HTTP status of each code for the web API (service/web/api.py), as google.rpc.Code documents
 # it (and grpc-gateway answers); CANCELLED is nginx's 499 "client closed request".
 HTTP_STATUS: dict[str, int] = {
-    "OK": 200, "CANCELLED": 499, "UNKNOWN": 500, "INVALID_ARGUMENT": 400, "DEADLINE_EXCEEDED": 504,
-    "NOT_FOUND": 404, "ALREADY_EXISTS": 409, "PERMISSION_DENIED": 403, "UNAUTHENTICATED": 401,
-    "RESOURCE_EXHAUSTED": 429, "FAILED_PRECONDITION": 400, "ABORTED": 409, "OUT_OF_RANGE": 400,
-    "UNIMPLEMENTED": 501, "INTERNAL": 500, "UNAVAILABLE": 503, "DATA_LOSS": 500,
+    "OK": 200,
+    "CANCELLED": 499,
+    "UNKNOWN": 500,
+    "INVALID_ARGUMENT": 400,
+    "DEADLINE_EXCEEDED": 504,
+    "NOT_FOUND": 404,
+    "ALREADY_EXISTS": 409,
+    "PERMISSION_DENIED": 403,
+    "UNAUTHENTICATED": 401,
+    "RESOURCE_EXHAUSTED": 429,
+    "FAILED_PRECONDITION": 400,
+    "ABORTED": 409,
+    "OUT_OF_RANGE": 400,
+    "UNIMPLEMENTED": 501,
+    "INTERNAL": 500,
+    "UNAVAILABLE": 503,
+    "DATA_LOSS": 500,
 }
 
 

@@ -10,6 +10,7 @@ and the model calls to the batchers' inference pool. `Admission` bounds the requ
 (and optionally per caller): beyond the bound a request is refused at once, before any decoding,
 so an overloaded server answers refusals in microseconds and spends its cores on work it accepted.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -22,19 +23,25 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import numpy as np
-
-from xaiserve.proto.explain.v1 import explainer_pb2 as pb
-from xaiserve.service.batcher import MicroBatcher
-from xaiserve.service.config import ServerConfig
 from prometheus_client import Counter
 
-from xaiserve.service.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from xaiserve.handlers import fidelity as fid_score
+from xaiserve.methods import GRADIENT_METHODS, MASK_KINDS, METHODS
+from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.service import dicom_out
-from xaiserve.service.images import ImageHeader, decode_image_source, png_bound, probe_image, resize_mask, to_model_input
+from xaiserve.service.batcher import MicroBatcher
+from xaiserve.service.config import ServerConfig
+from xaiserve.service.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from xaiserve.service.images import (
+    ImageHeader,
+    decode_image_source,
+    png_bound,
+    probe_image,
+    resize_mask,
+    to_model_input,
+)
 from xaiserve.service.mask_wire import fill_mask
 from xaiserve.service.model_input import fast_model_input
-from xaiserve.methods import GRADIENT_METHODS, MASK_KINDS, METHODS
-from xaiserve.handlers import fidelity as fid_score
 from xaiserve.service.registry import ModelEntry, Registry
 from xaiserve.service.tensors import tensor_message_bytes, to_tensor
 
@@ -75,7 +82,9 @@ class CpuPool:
         with self._lock:
             if self._pending >= self.max_pending:
                 REFUSED.labels("cpu_pool").inc()
-                raise ResourceExhausted(f"the server's decode pool has {self.max_pending} tasks waiting; retry with backoff")
+                raise ResourceExhausted(
+                    f"the server's decode pool has {self.max_pending} tasks waiting; retry with backoff"
+                )
             self._pending += 1
             self.submitted += 1
         try:
@@ -109,12 +118,14 @@ class Admission:
             REFUSED.labels("server").inc()
             raise ResourceExhausted(
                 f"the server is at its limit of {self.limit} requests in progress (max_inflight); "
-                "retry with backoff or add replicas")
+                "retry with backoff or add replicas"
+            )
         if self.per_principal and self._by[principal] >= self.per_principal:
             REFUSED.labels("caller").inc()
             raise ResourceExhausted(
                 f"this caller already has {self.per_principal} requests in progress (max_inflight_per_principal); "
-                "wait for answers before sending more")
+                "wait for answers before sending more"
+            )
         self.inflight += 1
         self._by[principal] += 1
         try:
@@ -145,9 +156,12 @@ class FastPath:
         if b is None:
             onnx = self.registry.onnx(entry)
             b = MicroBatcher(
-                entry.id, onnx.run, self.executor,
+                entry.id,
+                onnx.run,
+                self.executor,
                 max_rows=self.config.max_batch if entry.kind != "denoiser" else max(self.config.max_batch, 64),
-                max_delay_ms=self.config.max_delay_ms, max_queue=self.config.max_queue,
+                max_delay_ms=self.config.max_delay_ms,
+                max_queue=self.config.max_queue,
             )
             self._batchers[entry.key] = b
         return b
@@ -171,7 +185,8 @@ class FastPath:
         if bound > self.max_message_bytes:
             raise ResourceExhausted(
                 f"the response would need up to {bound} bytes ({what}), more than max_message_mb = "
-                f"{self.config.max_message_mb} ({self.max_message_bytes} bytes); {hint}")
+                f"{self.config.max_message_mb} ({self.max_message_bytes} bytes); {hint}"
+            )
 
     @staticmethod
     def _explain_size(h: int, w: int, out_dim: int, png: bool) -> int:
@@ -188,8 +203,12 @@ class FastPath:
         lo, hi = 1, max(h, w)  # the largest square image whose answer fits, for the message
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if self._explain_size(mid, mid, out_dim, png) <= self.max_message_bytes else (lo, mid - 1)
-        hint = f"send a smaller image (at most {lo * lo} pixels, e.g. {lo} x {lo})" + (" or leave return_png off" if png else "")
+            lo, hi = (
+                (mid, hi) if self._explain_size(mid, mid, out_dim, png) <= self.max_message_bytes else (lo, mid - 1)
+            )
+        hint = f"send a smaller image (at most {lo * lo} pixels, e.g. {lo} x {lo})" + (
+            " or leave return_png off" if png else ""
+        )
         return n, what, hint
 
     @staticmethod
@@ -202,7 +221,9 @@ class FastPath:
         return arr, to_model_input(arr, spec)[None], source
 
     @staticmethod
-    def _render(resp: pb.ExplainResponse, image: np.ndarray, mask: np.ndarray, opts: pb.ExplainOptions, spec=None) -> None:
+    def _render(
+        resp: pb.ExplainResponse, image: np.ndarray, mask: np.ndarray, opts: pb.ExplainOptions, spec=None
+    ) -> None:
         # the mask in the encoding and on the grid opts ask for (float32 over the input by default),
         # undoing the model's resize (letterbox padding cut away): service/mask_wire.py
         fill_mask(resp, image, mask, opts, spec)
@@ -215,8 +236,14 @@ class FastPath:
         return resp
 
     # ---------------------------------------------------------------------------------------
-    async def explain(self, request: pb.ExplainRequest, *, timeout: float | None, entry: ModelEntry | None = None,
-                      prepared: tuple[np.ndarray, np.ndarray] | None = None) -> pb.ExplainResponse:
+    async def explain(
+        self,
+        request: pb.ExplainRequest,
+        *,
+        timeout: float | None,
+        entry: ModelEntry | None = None,
+        prepared: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> pb.ExplainResponse:
         """`prepared`: (image HWC in [0, 1], model input [1, C, H, W]) that the caller has already
         made (the Open Inference Protocol's raw tensors, in the model's input layout); request.image
         is then not read."""
@@ -234,8 +261,10 @@ class FastPath:
             method = entry.kind
         spec = self.registry.check_method(entry, method)
         if spec.rpc != "Explain":
-            raise InvalidArgument(f"method {method!r} is served by {spec.rpc}, not Explain"
-                                  + ("; submit it as a job" if spec.rpc == "SubmitJob" else ""))
+            raise InvalidArgument(
+                f"method {method!r} is served by {spec.rpc}, not Explain"
+                + ("; submit it as a job" if spec.rpc == "SubmitJob" else "")
+            )
         own = spec.own
         method = "" if own else method
         frozen = self.registry.frozen_for(entry)
@@ -243,9 +272,13 @@ class FastPath:
         target = -1
         if opts.HasField("target_label"):
             if frozen.kind != "classifier":
-                raise InvalidArgument(f"target_label applies to classifiers and NEMt models; {entry.id} explains an {frozen.kind}")
+                raise InvalidArgument(
+                    f"target_label applies to classifiers and NEMt models; {entry.id} explains an {frozen.kind}"
+                )
             if not 0 <= opts.target_label < n_labels:
-                raise InvalidArgument(f"target_label {opts.target_label} is out of range for {frozen.id}: labels 0..{n_labels - 1} ({', '.join(frozen.labels)})")
+                raise InvalidArgument(
+                    f"target_label {opts.target_label} is out of range for {frozen.id}: labels 0..{n_labels - 1} ({', '.join(frozen.labels)})"
+                )
             target = int(opts.target_label)
         fmt = dicom_out.check_output_format(opts.output_format, opts.dicom_overlay)
         hdr = probe_image(request.image) if prepared is None else ImageHeader(*prepared[0].shape)
@@ -255,7 +288,9 @@ class FastPath:
             what, hint = f"{what} and its DICOM result", hint or "send a smaller image, or leave dicom_overlay off"
         self.check_response_size(size, what, hint)
         if prepared is None:
-            image, x, source = await self.cpu.run(self._prepare, request.image, entry.input, bool(opts.return_png or fmt))
+            image, x, source = await self.cpu.run(
+                self._prepare, request.image, entry.input, bool(opts.return_png or fmt)
+            )
         else:
             (image, x), source = prepared, None
         if fmt:
@@ -281,7 +316,9 @@ class FastPath:
                 out = res["output"][0]
             resp.output.CopyFrom(to_tensor(out.astype(np.float32)))
         if opts.fidelity or entry.kind == "nemt":
-            fid, p_kept = await self._fidelity(frozen, x, mask, out, label, entry.kind == "nemt", self._left(t0, timeout))
+            fid, p_kept = await self._fidelity(
+                frozen, x, mask, out, label, entry.kind == "nemt", self._left(t0, timeout)
+            )
             if opts.fidelity:
                 resp.fidelity = fid
             if p_kept is not None:
@@ -291,7 +328,16 @@ class FastPath:
         await self.cpu.run(self._render, resp, image, mask, opts, entry.input)
         if fmt:
             resp.dicom, resp.dicom_overlay = await self.cpu.run(
-                dicom_out.explain_result, fmt, source, image, mask, entry, resp.method, resp.target_label, opts.dicom_overlay)
+                dicom_out.explain_result,
+                fmt,
+                source,
+                image,
+                mask,
+                entry,
+                resp.method,
+                resp.target_label,
+                opts.dicom_overlay,
+            )
         resp.timing.queue_ms = queue_s * 1e3
         resp.timing.inference_ms = infer_s * 1e3
         resp.timing.inference_share_ms = infer_s * 1e3 / max(bsize, 1)  # this request is one row of the batch
@@ -303,8 +349,16 @@ class FastPath:
     def _left(t0: float, timeout: float | None) -> float | None:
         return None if timeout is None else timeout - (time.perf_counter() - t0)
 
-    async def _fidelity(self, frozen: ModelEntry, x: np.ndarray, mask: np.ndarray, out: np.ndarray | None, label: int,
-                        kept: bool, timeout: float | None) -> tuple[float, float | None]:
+    async def _fidelity(
+        self,
+        frozen: ModelEntry,
+        x: np.ndarray,
+        mask: np.ndarray,
+        out: np.ndarray | None,
+        label: int,
+        kept: bool,
+        timeout: float | None,
+    ) -> tuple[float, float | None]:
         """(fidelity, target probability on x * m or None) from one batched pass of the frozen model.
 
         fidelity: handlers/fidelity.py, the evaluation's definition ([NEM-U] sec. 3.1): with m the
@@ -358,7 +412,9 @@ class FastPath:
         return await (asyncio.wait_for(fut, timeout) if timeout is not None else fut)
 
     # ---------------------------------------------------------------------------------------
-    async def denoise(self, request: pb.DenoiseRequest, *, timeout: float | None, entry: ModelEntry | None = None) -> pb.DenoiseResponse:
+    async def denoise(
+        self, request: pb.DenoiseRequest, *, timeout: float | None, entry: ModelEntry | None = None
+    ) -> pb.DenoiseResponse:
         t0 = time.perf_counter()
         entry = entry or self.registry.resolve(request.model)
         self.registry.check_method(entry, "denoise")  # a denoiser with its graph (the methods table)
@@ -367,8 +423,11 @@ class FastPath:
         particles = await self.cpu.run(particles_from_request, request, entry, self.config.max_denoise_batch)
         n, _, h, w = particles.shape
         bound = tensor_message_bytes((n, h, w)) * (2 if request.return_mrc else 1) + 1024 + 512
-        self.check_response_size(bound, f"{n} denoised particles of {h} x {w}" + (" as a tensor and as MRC" if request.return_mrc else ""),
-                                 "send fewer particles per request" + (" or leave return_mrc off" if request.return_mrc else ""))
+        self.check_response_size(
+            bound,
+            f"{n} denoised particles of {h} x {w}" + (" as a tensor and as MRC" if request.return_mrc else ""),
+            "send fewer particles per request" + (" or leave return_mrc off" if request.return_mrc else ""),
+        )
         res, bt = await self.batcher(entry).submit({"particles": particles}, timeout=timeout)
         resp = pb.DenoiseResponse(model=entry.id)
 

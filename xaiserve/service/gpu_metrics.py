@@ -13,6 +13,7 @@ The readings are taken at scrape time by a collector; `families` turns readings 
 families and is what the tests exercise with readings built in memory where no GPU exists.
 Labels stay low-cardinality (GPU index and model name, device, method).
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,8 +29,11 @@ log = logging.getLogger("xaiserve.gpu_metrics")
 
 GPU_METRICS = ("xaiserve_gpu_utilization_ratio", "xaiserve_gpu_memory_used_bytes", "xaiserve_gpu_memory_total_bytes")
 
-DEVICE_OOM = Counter("xaiserve_device_oom", "Out-of-memory errors a job method caught by halving its batch "
-                     "(the job went on with the smaller batch)", ["method"])
+DEVICE_OOM = Counter(
+    "xaiserve_device_oom",
+    "Out-of-memory errors a job method caught by halving its batch (the job went on with the smaller batch)",
+    ["method"],
+)
 DEVICE_INFO = Info("xaiserve_device", "The torch device of this process (cpu or cuda:N)")
 
 
@@ -38,7 +42,9 @@ def count_oom(method: str) -> Callable[[int, int], None]:
 
     def on_oom(old: int, new: int) -> None:
         DEVICE_OOM.labels(method).inc()
-        log.warning("out of device memory; batch halved, the job goes on", extra={"method": method, "batch": old, "now": new})
+        log.warning(
+            "out of device memory; batch halved, the job goes on", extra={"method": method, "batch": old, "now": new}
+        )
 
     return on_oom
 
@@ -59,10 +65,14 @@ def families(readings: Iterable[GpuReading]) -> list[GaugeMetricFamily]:
     rows = list(readings)
     if not rows:
         return []
-    util = GaugeMetricFamily(GPU_METRICS[0], "GPU utilisation: share of the last sample period in which a kernel "
-                             "ran (NVML), per device", labels=["gpu", "name"])
-    used = GaugeMetricFamily(GPU_METRICS[1], "GPU memory in use on the device, all processes (NVML)",
-                             labels=["gpu", "name"])
+    util = GaugeMetricFamily(
+        GPU_METRICS[0],
+        "GPU utilisation: share of the last sample period in which a kernel ran (NVML), per device",
+        labels=["gpu", "name"],
+    )
+    used = GaugeMetricFamily(
+        GPU_METRICS[1], "GPU memory in use on the device, all processes (NVML)", labels=["gpu", "name"]
+    )
     total = GaugeMetricFamily(GPU_METRICS[2], "GPU memory of the device (NVML)", labels=["gpu", "name"])
     for r in rows:
         labels = [str(r.index), r.name]

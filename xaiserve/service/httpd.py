@@ -16,6 +16,7 @@ Mounted routes (`mounts`): a path, or a prefix ending in "*", mapped to a callab
 the request on the handler itself (GET / HEAD / POST); the gateway mounts the web viewer and its
 /api there (service/web). The three routes above always win; unmounted paths still answer 404.
 """
+
 from __future__ import annotations
 
 import json
@@ -66,8 +67,15 @@ class BoundedCheck:
 class OpsServer:
     """The HTTP port; `live` and `ready` map check names to callables returning (ok, detail)."""
 
-    def __init__(self, host: str, port: int, *, live: dict[str, Check] | None = None,
-                 ready: dict[str, Check] | None = None, mounts: dict[str, Mount] | None = None):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        live: dict[str, Check] | None = None,
+        ready: dict[str, Check] | None = None,
+        mounts: dict[str, Mount] | None = None,
+    ):
         self.live, self.ready = dict(live or {}), dict(ready or {})
         self.mounts = dict(mounts or {})
         ops = self

@@ -5,6 +5,7 @@ Arrays are HWC float32 in [0, 1] until `to_model_input` turns them into the mode
 normalised tensor (x - mean) / std. Masking everywhere happens on that normalised tensor, so a
 masked-out pixel is the dataset mean (see METHODS.md, "pixel scaling").
 """
+
 from __future__ import annotations
 
 import io
@@ -14,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image as PILImage, UnidentifiedImageError
+from PIL import Image as PILImage
+from PIL import UnidentifiedImageError
 
 from xaiserve.clinical.windowing import DicomDefaults
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
@@ -126,8 +128,20 @@ def _open(data: bytes) -> PILImage.Image:
         return PILImage.open(io.BytesIO(data), formats=FORMATS)
     except PILImage.DecompressionBombError:
         raise ResourceExhausted(f"image is larger than {MAX_PIXELS} pixels") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError, struct.error,
-            EOFError, IndexError, KeyError, ZeroDivisionError, OverflowError, MemoryError) as e:
+    except (
+        UnidentifiedImageError,
+        OSError,
+        SyntaxError,
+        ValueError,
+        TypeError,
+        struct.error,
+        EOFError,
+        IndexError,
+        KeyError,
+        ZeroDivisionError,
+        OverflowError,
+        MemoryError,
+    ) as e:
         # Pillow's header parsers raise a zoo of built-ins on malformed input.
         raise _undecodable(data, e) from None
 
@@ -208,13 +222,26 @@ def decode_image(image: pb.Image, spec: InputSpec | None = None) -> np.ndarray:
             arr = np.asarray(im, dtype=np.float32) / 255.0
         except PILImage.DecompressionBombError:
             raise ResourceExhausted(f"image is larger than {MAX_PIXELS} pixels") from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError, struct.error,
-                EOFError, IndexError, KeyError, ZeroDivisionError, OverflowError) as e:
+        except (
+            UnidentifiedImageError,
+            OSError,
+            SyntaxError,
+            ValueError,
+            TypeError,
+            struct.error,
+            EOFError,
+            IndexError,
+            KeyError,
+            ZeroDivisionError,
+            OverflowError,
+        ) as e:
             raise _undecodable(data, e) from None
         finally:
             im.close()
         if arr.ndim not in (2, 3) or arr.shape[:2] != (h, w):
-            raise InvalidArgument(f"image.encoded decoded to shape {list(arr.shape)}, not the {h} x {w} its header declares")
+            raise InvalidArgument(
+                f"image.encoded decoded to shape {list(arr.shape)}, not the {h} x {w} its header declares"
+            )
     else:
         t = image.tensor
         _check_tensor_image(t)

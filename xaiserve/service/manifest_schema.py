@@ -6,6 +6,7 @@ cannot express (one mean/std per channel, a masking network names the model it e
 map names the kind's own tensors). docs/MODEL_STORE.md documents every field; `xaiserve models
 schema` prints the schema.
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,11 +21,31 @@ log = logging.getLogger("xaiserve.registry")
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 MODEL_FILES = ("onnx", "state_dict", "torchscript", "exported_program")
-KNOWN_FIELDS = ("name", "version", "kind", "description", "files", "input", "io", "labels", "output_dim", "explains",
-                "arch", "metrics", "training", "particles", "code_version", "added")
+KNOWN_FIELDS = (
+    "name",
+    "version",
+    "kind",
+    "description",
+    "files",
+    "input",
+    "io",
+    "labels",
+    "output_dim",
+    "explains",
+    "arch",
+    "metrics",
+    "training",
+    "particles",
+    "code_version",
+    "added",
+)
 
-_rel_path = {"type": "string", "minLength": 1, "pattern": r"^(?!/)(?!.*(^|/)\.\.(/|$)).+$",
-             "description": "a path relative to the store (no leading '/', no '..')"}
+_rel_path = {
+    "type": "string",
+    "minLength": 1,
+    "pattern": r"^(?!/)(?!.*(^|/)\.\.(/|$)).+$",
+    "description": "a path relative to the store (no leading '/', no '..')",
+}
 
 ENTRY_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -53,14 +74,19 @@ ENTRY_SCHEMA: dict[str, Any] = {
                 "std": {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0}, "minItems": 1},
                 "resize": {"enum": list(RESIZE_MODES)},
                 # greyscale DICOM -> channels (xaiserve.clinical.windowing.parse_dicom_defaults checks the rest)
-                "dicom": {"type": "object", "properties": {"grey_to_channels": {"enum": ["replicate", "window_stack"]},
-                                                           "windows": {"type": "array"}}},
+                "dicom": {
+                    "type": "object",
+                    "properties": {
+                        "grey_to_channels": {"enum": ["replicate", "window_stack"]},
+                        "windows": {"type": "array"},
+                    },
+                },
             },
         },
         "io": {
             "type": "object",
             "description": "the kind's tensor names (image, target, output, mask, label, particles, denoised) -> the "
-                           "ONNX graph's input/output names",
+            "ONNX graph's input/output names",
             "additionalProperties": {"type": "string", "minLength": 1},
         },
         "labels": {"type": "array", "items": {"type": "string"}},
@@ -102,7 +128,7 @@ def entry_problems(d: Any) -> list[str]:
             out.append(f"input.{key} has {len(inp[key])} values for {c} channel(s)")
     kind = KINDS[d["kind"]]
     if kind.masking and not d.get("explains"):
-        out.append(f"a {d['kind']} masking network must say which model it explains (explains: \"name:version\")")
+        out.append(f'a {d["kind"]} masking network must say which model it explains (explains: "name:version")')
     allowed = set(kind.inputs) | set(kind.outputs)
     for k in d.get("io", {}):
         if k not in allowed:

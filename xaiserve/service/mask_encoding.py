@@ -19,6 +19,7 @@ Precision, stated as a bound on |m - decoded| per pixel:
 The masks are those of [NEM-U] sec. 3 / [NEMt] sec. 3 (one value in [0, 1] a pixel); nothing
 here depends on how they were computed.
 """
+
 from __future__ import annotations
 
 import io
@@ -57,8 +58,14 @@ class MaskGeometry:
 
     @property
     def at_input(self) -> bool:
-        return (self.height, self.width, self.content_top, self.content_left, self.content_height, self.content_width) == (
-            self.input_height, self.input_width, 0, 0, self.input_height, self.input_width)
+        return (
+            self.height,
+            self.width,
+            self.content_top,
+            self.content_left,
+            self.content_height,
+            self.content_width,
+        ) == (self.input_height, self.input_width, 0, 0, self.input_height, self.input_width)
 
     def check(self) -> None:
         """Raise ValueError for a geometry no mask can have (a corrupt or hand-made message)."""
@@ -118,6 +125,6 @@ def to_input(mask: np.ndarray, geometry: MaskGeometry) -> np.ndarray:
         ys, xs = max(0, top), max(0, left)
         ye, xe = min(g.height, top + ch), min(g.width, left + cw)
         if ye > ys and xe > xs:
-            seen[ys - top: ye - top, xs - left: xe - left] = m[ys:ye, xs:xe]
+            seen[ys - top : ye - top, xs - left : xe - left] = m[ys:ye, xs:xe]
         m = seen
     return np.clip(_bilinear(m, g.input_height, g.input_width), 0.0, 1.0)

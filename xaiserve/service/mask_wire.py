@@ -10,6 +10,7 @@ instead of 1.2 MB at 640 x 480, no compression work on either side, and within 1
 mask once mapped back. PNG is smaller still for smooth masks (about half) but costs a deflate on
 the server and an inflate on the client for every frame.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -41,11 +42,15 @@ def choice(opts: pb.ExplainOptions) -> tuple[int, int]:
     enc = opts.mask_encoding or pb.MASK_FLOAT32
     res = opts.mask_resolution or pb.MASK_AT_INPUT
     if enc not in ENCODINGS:
-        raise InvalidArgument(f"options.mask_encoding {enc} is unknown; use "
-                              + ", ".join(f"{pb.MaskEncoding.Name(v)} ({v})" for v in ENCODINGS))
+        raise InvalidArgument(
+            f"options.mask_encoding {enc} is unknown; use "
+            + ", ".join(f"{pb.MaskEncoding.Name(v)} ({v})" for v in ENCODINGS)
+        )
     if res not in RESOLUTIONS:
-        raise InvalidArgument(f"options.mask_resolution {res} is unknown; use "
-                              + ", ".join(f"{pb.MaskResolution.Name(v)} ({v})" for v in RESOLUTIONS))
+        raise InvalidArgument(
+            f"options.mask_resolution {res} is unknown; use "
+            + ", ".join(f"{pb.MaskResolution.Name(v)} ({v})" for v in RESOLUTIONS)
+        )
     return enc, res
 
 
@@ -58,8 +63,13 @@ def geometry(mask_hw: tuple[int, int], h: int, w: int, spec: InputSpec | None) -
     return MaskGeometry(mh, mw, h, w, f.offset[0], f.offset[1], f.content[0], f.content[1])
 
 
-def fill_mask(resp: pb.ExplainResponse, image: np.ndarray, mask: np.ndarray, opts: pb.ExplainOptions,
-              spec: InputSpec | None = None) -> None:
+def fill_mask(
+    resp: pb.ExplainResponse,
+    image: np.ndarray,
+    mask: np.ndarray,
+    opts: pb.ExplainOptions,
+    spec: InputSpec | None = None,
+) -> None:
     """Put `mask` (the network's [h_m, w_m] map in [0, 1]) into `resp` as `opts` asks: mask /
     mask_png / mask_geometry, and with return_png the overlay over `image` (HWC, the input)."""
     enc, res = choice(opts)
@@ -76,10 +86,18 @@ def fill_mask(resp: pb.ExplainResponse, image: np.ndarray, mask: np.ndarray, opt
             m = resize(m[:, :, None], spec.height, spec.width)[:, :, 0]
         sent = np.clip(m, 0.0, 1.0)
         geom = geometry(sent.shape, h, w, spec)
-    resp.mask_geometry.CopyFrom(pb.MaskGeometry(
-        height=geom.height, width=geom.width, input_height=geom.input_height, input_width=geom.input_width,
-        content_top=geom.content_top, content_left=geom.content_left,
-        content_height=geom.content_height, content_width=geom.content_width))
+    resp.mask_geometry.CopyFrom(
+        pb.MaskGeometry(
+            height=geom.height,
+            width=geom.width,
+            input_height=geom.input_height,
+            input_width=geom.input_width,
+            content_top=geom.content_top,
+            content_left=geom.content_left,
+            content_height=geom.content_height,
+            content_width=geom.content_width,
+        )
+    )
     if enc == pb.MASK_FLOAT32:
         resp.mask.CopyFrom(to_tensor(sent.astype(np.float32)))
     elif enc == pb.MASK_UINT8:
@@ -99,8 +117,16 @@ def geometry_of(resp: pb.ExplainResponse, mask_hw: tuple[int, int]) -> MaskGeome
     if not resp.HasField("mask_geometry"):
         return MaskGeometry.identity(*mask_hw)
     g = resp.mask_geometry
-    geom = MaskGeometry(g.height, g.width, g.input_height, g.input_width, g.content_top, g.content_left,
-                        g.content_height, g.content_width)
+    geom = MaskGeometry(
+        g.height,
+        g.width,
+        g.input_height,
+        g.input_width,
+        g.content_top,
+        g.content_left,
+        g.content_height,
+        g.content_width,
+    )
     geom.check()
     return geom
 

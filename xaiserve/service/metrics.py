@@ -3,6 +3,7 @@
 Labels stay low-cardinality: rpc names, resolved model ids ("unknown" for names not in the store),
 status code names, stream events. Never a request id, job id, user or token.
 """
+
 from __future__ import annotations
 
 import platform
@@ -12,44 +13,93 @@ from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
 
 # Millisecond-resolution buckets: the fast path answers in 1-50 ms, jobs take seconds.
 LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
-    0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    0.0005,
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
 )
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256, 512)
 # Streaming calls last seconds to a day; in the request-latency buckets they all landed in +Inf.
-STREAM_DURATION_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0, 86400.0)
+STREAM_DURATION_BUCKETS = (
+    1.0,
+    5.0,
+    15.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    1800.0,
+    3600.0,
+    7200.0,
+    14400.0,
+    43200.0,
+    86400.0,
+)
 
 REQUEST_LATENCY = Histogram(
-    "xaiserve_request_latency_seconds", "End-to-end server-side latency per unary RPC and model",
-    ["rpc", "model"], buckets=LATENCY_BUCKETS,
+    "xaiserve_request_latency_seconds",
+    "End-to-end server-side latency per unary RPC and model",
+    ["rpc", "model"],
+    buckets=LATENCY_BUCKETS,
 )
 STREAM_DURATION = Histogram(
-    "xaiserve_stream_duration_seconds", "Duration of streaming RPCs (StreamExplain, WatchJob), open to end",
-    ["rpc", "model"], buckets=STREAM_DURATION_BUCKETS,
+    "xaiserve_stream_duration_seconds",
+    "Duration of streaming RPCs (StreamExplain, WatchJob), open to end",
+    ["rpc", "model"],
+    buckets=STREAM_DURATION_BUCKETS,
 )
 REQUESTS = Counter("xaiserve_requests", "Finished RPCs by status code", ["rpc", "model", "code"])
 INFLIGHT = Gauge("xaiserve_inflight_requests", "RPCs being served", ["rpc"])
 QUEUE_WAIT = Histogram(
-    "xaiserve_queue_wait_seconds", "Time a request waited for its micro-batch to start",
-    ["model"], buckets=LATENCY_BUCKETS,
+    "xaiserve_queue_wait_seconds",
+    "Time a request waited for its micro-batch to start",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
 )
 INFERENCE = Histogram(
-    "xaiserve_inference_seconds", "Model call time per micro-batch", ["model"], buckets=LATENCY_BUCKETS,
+    "xaiserve_inference_seconds",
+    "Model call time per micro-batch",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
 )
 BATCH_SIZE = Histogram("xaiserve_batch_size", "Requests per micro-batch", ["model"], buckets=BATCH_BUCKETS)
 BATCHER_QUEUE = Gauge("xaiserve_batcher_queue_depth", "Requests waiting for a micro-batch", ["model"])
 STREAM_EVENTS = ("received", "answered", "failed", "dropped")
 STREAM_FRAMES = Counter(
-    "xaiserve_stream_frames", "StreamExplain frames by event (received, answered, failed = answered with an error "
-    "status, dropped = replaced by a newer frame)", ["model", "event"],
+    "xaiserve_stream_frames",
+    "StreamExplain frames by event (received, answered, failed = answered with an error "
+    "status, dropped = replaced by a newer frame)",
+    ["model", "event"],
 )
 FRAME_LATENCY = Histogram(
-    "xaiserve_frame_latency_seconds", "StreamExplain, per answered frame: received to answer sent", ["model"],
+    "xaiserve_frame_latency_seconds",
+    "StreamExplain, per answered frame: received to answer sent",
+    ["model"],
     buckets=LATENCY_BUCKETS,
 )
 FRAME_QUEUE_WAIT = Histogram(
-    "xaiserve_frame_queue_wait_seconds", "StreamExplain, per answered frame: received to work starting on it "
-    "(waiting behind the stream's earlier frames)", ["model"], buckets=LATENCY_BUCKETS,
+    "xaiserve_frame_queue_wait_seconds",
+    "StreamExplain, per answered frame: received to work starting on it (waiting behind the stream's earlier frames)",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
 )
 ACTIVE_STREAMS = Gauge("xaiserve_active_streams", "Open StreamExplain calls")
 MODEL_LOAD = Gauge("xaiserve_model_load_seconds", "Time to load and warm a model", ["model"])
@@ -72,10 +122,15 @@ def set_build_info(version: str, git: str) -> None:
     import onnxruntime
     import torch
 
-    BUILD.info({
-        "version": version, "git": git, "python": platform.python_version(),
-        "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-    })
+    BUILD.info(
+        {
+            "version": version,
+            "git": git,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__,
+        }
+    )
 
 
 def start_metrics_http(host: str, port: int) -> Any:

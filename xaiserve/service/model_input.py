@@ -12,6 +12,7 @@ Anything else (DICOM, 16-bit or palette PNGs, other formats, tensors, a file tha
 decode) returns None and the caller takes the full path, which also raises its precise errors:
 a frame that fails here is decoded again there, only bad frames pay twice.
 """
+
 from __future__ import annotations
 
 import io

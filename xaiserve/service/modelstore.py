@@ -1,5 +1,6 @@
 """The model store: where it is (`xaiserve.paths`), whether it serves anything, and adding or
 replacing a manifest entry atomically (used by `xaiserve export`)."""
+
 from __future__ import annotations
 
 import fcntl
@@ -14,8 +15,10 @@ from xaiserve.service.registry import ModelEntry
 
 __all__ = ["DEFAULT_STORE", "add_entry", "default_model_store", "remove_entry", "store_problem"]
 
-POINT_AT_A_STORE = ("point the server at a store with --model-store DIR, XAISERVE_MODEL_STORE=DIR or model_store in the "
-                    "config file (a checkout's model_store/ holds the default models; see docs/MODEL_STORE.md)")
+POINT_AT_A_STORE = (
+    "point the server at a store with --model-store DIR, XAISERVE_MODEL_STORE=DIR or model_store in the "
+    "config file (a checkout's model_store/ holds the default models; see docs/MODEL_STORE.md)"
+)
 
 
 def store_problem(store: Path, models: int) -> str | None:
@@ -40,7 +43,9 @@ def add_entry(store: Path, entry: dict[str, Any]) -> None:
 
     problems = entry_problems(entry)
     if problems:
-        raise ValueError(f"manifest entry {entry.get('name', '?')}:{entry.get('version', '?')} is invalid: " + "; ".join(problems))
+        raise ValueError(
+            f"manifest entry {entry.get('name', '?')}:{entry.get('version', '?')} is invalid: " + "; ".join(problems)
+        )
     ModelEntry.from_dict(entry)  # raises ValueError on a malformed entry
 
     def edit(models: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -29,6 +29,7 @@ Request parameters: `method` (string, a method of the methods table that Explain
 `target_label` (int64), `fidelity` (bool), `timeout` (int64 microseconds, Triton's). Anything
 else is INVALID_ARGUMENT naming the known ones.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -100,8 +101,10 @@ def model_io(entry: ModelEntry, frozen: ModelEntry | None) -> tuple[list[TensorS
     """The inputs and outputs a model has over this protocol (see the module docstring)."""
     s = entry.input
     if entry.kind == "denoiser":
-        return ([TensorSpec("particles", "FP32", (-1, 1, s.height, s.width))],
-                [TensorSpec("denoised", "FP32", (-1, 1, s.height, s.width))])
+        return (
+            [TensorSpec("particles", "FP32", (-1, 1, s.height, s.width))],
+            [TensorSpec("denoised", "FP32", (-1, 1, s.height, s.width))],
+        )
     f = frozen or entry
     dim = f.output_dim or len(f.labels) or -1
     inputs = [TensorSpec("image", "FP32", (-1, s.channels, s.height, s.width))]
@@ -119,13 +122,15 @@ def _bytes_elements(data: bytes, n: int, what: str) -> list[bytes]:
     out, pos = [], 0
     for i in range(n):
         if pos + 4 > len(data):
-            raise InvalidArgument(f"{what}: raw BYTES data ends before element {i} of {n}; each element is a "
-                                  "4-byte little-endian length followed by that many bytes")
+            raise InvalidArgument(
+                f"{what}: raw BYTES data ends before element {i} of {n}; each element is a "
+                "4-byte little-endian length followed by that many bytes"
+            )
         (size,) = struct.unpack_from("<I", data, pos)
         pos += 4
         if pos + size > len(data):
             raise InvalidArgument(f"{what}: element {i} says {size} bytes but only {len(data) - pos} remain")
-        out.append(data[pos:pos + size])
+        out.append(data[pos : pos + size])
         pos += size
     if pos != len(data):
         raise InvalidArgument(f"{what}: {len(data) - pos} bytes left after the {n} elements its shape declares")
@@ -147,8 +152,10 @@ def read_inputs(request: oip.ModelInferRequest, max_elements: int) -> dict[str, 
     """Every input of the request, checked against the protocol (datatype, shape, data size)."""
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
-        raise InvalidArgument(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
-                              "send the data of every input there, in the order of `inputs`, or of none")
+        raise InvalidArgument(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
+            "send the data of every input there, in the order of `inputs`, or of none"
+        )
     out: dict[str, Input] = {}
     for i, t in enumerate(request.inputs):
         what = f"input {quote(t.name, 64)!s}"
@@ -156,14 +163,19 @@ def read_inputs(request: oip.ModelInferRequest, max_elements: int) -> dict[str, 
             raise InvalidArgument(f"{what} appears twice; send each input once")
         for k in t.parameters:
             if k not in TENSOR_PARAMETERS:
-                raise InvalidArgument(f"{what}: parameter {quote(k, 64)} is unknown; inputs take none "
-                                      "(request parameters: " + ", ".join(PARAMETERS) + ")")
+                raise InvalidArgument(
+                    f"{what}: parameter {quote(k, 64)} is unknown; inputs take none "
+                    "(request parameters: " + ", ".join(PARAMETERS) + ")"
+                )
         if t.datatype not in DATATYPES and t.datatype != "BYTES":
-            raise InvalidArgument(f"{what}: datatype {quote(t.datatype, 32)} is not one of the protocol's: "
-                                  + ", ".join([*DATATYPES, "BYTES"]))
+            raise InvalidArgument(
+                f"{what}: datatype {quote(t.datatype, 32)} is not one of the protocol's: "
+                + ", ".join([*DATATYPES, "BYTES"])
+            )
         if len(t.shape) > MAX_RANK or any(d < 0 for d in t.shape):
-            raise InvalidArgument(f"{what}: shape {list(t.shape)[:MAX_RANK + 1]} must have at most {MAX_RANK} "
-                                  "dimensions, none negative")
+            raise InvalidArgument(
+                f"{what}: shape {list(t.shape)[: MAX_RANK + 1]} must have at most {MAX_RANK} dimensions, none negative"
+            )
         shape = tuple(int(d) for d in t.shape)
         n = math.prod(shape)
         if n > max_elements:
@@ -175,21 +187,27 @@ def read_inputs(request: oip.ModelInferRequest, max_elements: int) -> dict[str, 
             else:
                 inp.items = list(t.contents.bytes_contents)
                 if len(inp.items) != n:
-                    raise InvalidArgument(f"{what}: contents.bytes_contents has {len(inp.items)} elements; shape "
-                                          f"{list(shape)} needs {n}")
+                    raise InvalidArgument(
+                        f"{what}: contents.bytes_contents has {len(inp.items)} elements; shape {list(shape)} needs {n}"
+                    )
         else:
             dt, field = DATATYPES[t.datatype]
             if raw:
                 if len(raw[i]) != n * dt.itemsize:
-                    raise InvalidArgument(f"{what}: {len(raw[i])} bytes of raw data, but {t.datatype} x shape "
-                                          f"{list(shape)} needs {n * dt.itemsize}")
+                    raise InvalidArgument(
+                        f"{what}: {len(raw[i])} bytes of raw data, but {t.datatype} x shape "
+                        f"{list(shape)} needs {n * dt.itemsize}"
+                    )
                 inp.array = np.frombuffer(raw[i], dtype=dt).reshape(shape)
             else:
                 values = getattr(t.contents, field) if field else ()
                 if len(values) != n:
-                    raise InvalidArgument(f"{what}: {len(values)} values in contents" + (f".{field}" if field else "")
-                                          + f", but shape {list(shape)} needs {n}"
-                                          + ("" if field else f"; {t.datatype} travels in raw_input_contents only"))
+                    raise InvalidArgument(
+                        f"{what}: {len(values)} values in contents"
+                        + (f".{field}" if field else "")
+                        + f", but shape {list(shape)} needs {n}"
+                        + ("" if field else f"; {t.datatype} travels in raw_input_contents only")
+                    )
                 inp.array = np.asarray(values, dtype=dt).reshape(shape)
         out[t.name] = inp
     return out
@@ -216,16 +234,19 @@ def _param(p: oip.InferParameter, name: str, kind: str) -> Any:
     which = p.WhichOneof("parameter_choice")
     ok = {"string": ("string_param",), "int": ("int64_param", "uint64_param"), "bool": ("bool_param",)}[kind]
     if which not in ok:
-        raise InvalidArgument(f"parameter {name} must be a {kind} (InferParameter.{' or '.join(ok)}), "
-                              f"not {which or 'empty'}")
+        raise InvalidArgument(
+            f"parameter {name} must be a {kind} (InferParameter.{' or '.join(ok)}), not {which or 'empty'}"
+        )
     return getattr(p, which)
 
 
 def read_options(params: Any) -> Options:
     unknown = [k for k in params if k not in PARAMETERS]
     if unknown:
-        raise InvalidArgument(f"parameter {quote(unknown[0], 64)} is unknown; known: "
-                              + "; ".join(f"{k} ({v})" for k, v in PARAMETERS.items()))
+        raise InvalidArgument(
+            f"parameter {quote(unknown[0], 64)} is unknown; known: "
+            + "; ".join(f"{k} ({v})" for k, v in PARAMETERS.items())
+        )
     method = _param(params["method"], "method", "string").strip() if "method" in params else ""
     target = int(_param(params["target_label"], "target_label", "int")) if "target_label" in params else None
     fid = bool(_param(params["fidelity"], "fidelity", "bool")) if "fidelity" in params else False
@@ -264,8 +285,15 @@ class InferenceServicer:
     service_name = SERVICE_NAME
     file = oip.DESCRIPTOR  # the .proto behind it (server reflection)
 
-    def __init__(self, registry: Registry, fast: FastPath, *, version: str, admit: Admit | None = None,
-                 ready: Callable[[], bool] = _serving):
+    def __init__(
+        self,
+        registry: Registry,
+        fast: FastPath,
+        *,
+        version: str,
+        admit: Admit | None = None,
+        ready: Callable[[], bool] = _serving,
+    ):
         self.registry, self.fast, self.version = registry, fast, version
         self.admit = admit
         self.ready = ready  # the server sets its own readiness flag once it serves
@@ -285,8 +313,9 @@ class InferenceServicer:
 
     def _resolve(self, obs: Observed, name: str, version: str) -> ModelEntry:
         if not name.strip():
-            raise InvalidArgument("the model name is empty; name one of: "
-                                  + ", ".join(sorted({e.name for e in self.registry.entries()})))
+            raise InvalidArgument(
+                "the model name is empty; name one of: " + ", ".join(sorted({e.name for e in self.registry.entries()}))
+            )
         if ":" in name:
             raise InvalidArgument(f"model name {quote(name, 64)} contains ':'; put the version in the version field")
         entry = self.registry.resolve(f"{name}:{version}" if version else name)
@@ -321,11 +350,18 @@ class InferenceServicer:
             inputs, outputs = model_io(entry, self._frozen(entry))
             versions = [e.version for e in self.registry.entries() if e.name == entry.name]
             return oip.ModelMetadataResponse(
-                name=entry.name, versions=versions, platform=f"xaiserve_{entry.kind}",
-                inputs=[oip.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape)
-                        for t in inputs],
-                outputs=[oip.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape)
-                         for t in outputs])
+                name=entry.name,
+                versions=versions,
+                platform=f"xaiserve_{entry.kind}",
+                inputs=[
+                    oip.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape)
+                    for t in inputs
+                ],
+                outputs=[
+                    oip.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape)
+                    for t in outputs
+                ],
+            )
 
         return await observed_unary("ModelMetadata", context, go)
 
@@ -335,8 +371,12 @@ class InferenceServicer:
             frozen = self._frozen(entry)
             inputs, outputs = model_io(entry, frozen)
             cfg = self.fast.config
-            c = oip.ModelConfig(name=entry.name, platform=f"xaiserve_{entry.kind}", backend="xaiserve",
-                                max_batch_size=self._max_rows(entry))
+            c = oip.ModelConfig(
+                name=entry.name,
+                platform=f"xaiserve_{entry.kind}",
+                backend="xaiserve",
+                max_batch_size=self._max_rows(entry),
+            )
             for t in inputs:
                 c.input.add(name=t.name, data_type=CONFIG_TYPES[t.datatype], dims=t.shape[1:], optional=t.optional)
             for t in outputs:
@@ -345,10 +385,17 @@ class InferenceServicer:
             c.dynamic_batching.max_queue_delay_microseconds = int(cfg.max_delay_ms * 1000)
             s = entry.input
             params = {
-                "kind": entry.kind, "explains": entry.explains, "labels": ",".join(entry.labels),
-                "methods": ",".join(m for m in self.registry.methods(entry) if METHODS[m].rpc in ("Explain", "Denoise")),
-                "mean": ",".join(f"{v:g}" for v in s.mean), "std": ",".join(f"{v:g}" for v in s.std),
-                "bytes_input": "" if entry.kind == "denoiser" else "image may also be BYTES [B]: encoded PNG/JPEG images",
+                "kind": entry.kind,
+                "explains": entry.explains,
+                "labels": ",".join(entry.labels),
+                "methods": ",".join(
+                    m for m in self.registry.methods(entry) if METHODS[m].rpc in ("Explain", "Denoise")
+                ),
+                "mean": ",".join(f"{v:g}" for v in s.mean),
+                "std": ",".join(f"{v:g}" for v in s.std),
+                "bytes_input": ""
+                if entry.kind == "denoiser"
+                else "image may also be BYTES [B]: encoded PNG/JPEG images",
                 "kind_doc": KINDS[entry.kind].doc,
             }
             for k, v in params.items():
@@ -361,15 +408,21 @@ class InferenceServicer:
     async def RepositoryIndex(self, request, context):
         async def go(obs: Observed):
             if request.repository_name not in ("", REPOSITORY):
-                raise NotFound(f"repository {quote(request.repository_name, 64)} is unknown; this server has one, "
-                               f"{REPOSITORY!r} (or leave the name empty)")
+                raise NotFound(
+                    f"repository {quote(request.repository_name, 64)} is unknown; this server has one, "
+                    f"{REPOSITORY!r} (or leave the name empty)"
+                )
             out = oip.RepositoryIndexResponse()
             ready = self.ready()
             for e in self.registry.entries():
                 ok = ready and "onnx" in self.registry.forms(e)
                 if ok or not request.ready:
-                    out.models.add(name=e.name, version=e.version, state="READY" if ok else "UNAVAILABLE",
-                                   reason="" if ok else ("draining" if not ready else "no ONNX graph in the store"))
+                    out.models.add(
+                        name=e.name,
+                        version=e.version,
+                        state="READY" if ok else "UNAVAILABLE",
+                        reason="" if ok else ("draining" if not ready else "no ONNX graph in the store"),
+                    )
             if not request.ready:
                 for b in self.registry.unavailable():
                     out.models.add(name=b.name, version=b.version, state="UNAVAILABLE", reason=b.reason)
@@ -403,9 +456,13 @@ class InferenceServicer:
                     answer = oip.ModelStreamInferResponse(error_message="DEADLINE_EXCEEDED: the request's time ran out")
                 except Exception as e:  # noqa: BLE001 - one request's failure is its answer, not the stream's end
                     ref = f"{id(e):x}"[-12:]
-                    log.error("internal error", exc_info=e, extra={"rpc": obs.rpc, "model": obs.model, "error_ref": ref})
+                    log.error(
+                        "internal error", exc_info=e, extra={"rpc": obs.rpc, "model": obs.model, "error_ref": ref}
+                    )
                     obs.code = "INTERNAL"
-                    answer = oip.ModelStreamInferResponse(error_message=f"INTERNAL: internal error (reference {ref} in the server log)")
+                    answer = oip.ModelStreamInferResponse(
+                        error_message=f"INTERNAL: internal error (reference {ref} in the server log)"
+                    )
                 finally:
                     obs.done()
                 yield answer
@@ -430,27 +487,37 @@ class InferenceServicer:
                 raise InvalidArgument(
                     f"model {entry.id} needs input {t.name!r} ({t.datatype} {list(t.shape)}"
                     + (", or BYTES [B]: encoded images" if t.name == "image" else ", or BYTES [1]: an MRC stack")
-                    + f"); the request has: {', '.join(quote(n, 64) for n in got) or 'no inputs'}")
+                    + f"); the request has: {', '.join(quote(n, 64) for n in got) or 'no inputs'}"
+                )
         for name in got:
             if name not in known_in:
-                raise InvalidArgument(f"model {entry.id} has no input {quote(name, 64)}; its inputs: "
-                                      + ", ".join(f"{t.name} {t.datatype} {list(t.shape)}" for t in inputs))
+                raise InvalidArgument(
+                    f"model {entry.id} has no input {quote(name, 64)}; its inputs: "
+                    + ", ".join(f"{t.name} {t.datatype} {list(t.shape)}" for t in inputs)
+                )
         wanted = [o.name for o in request.outputs]
         for o in request.outputs:
             if o.name not in known_out:
-                raise InvalidArgument(f"model {entry.id} has no output {quote(o.name, 64)}; its outputs: "
-                                      + ", ".join(known_out))
+                raise InvalidArgument(
+                    f"model {entry.id} has no output {quote(o.name, 64)}; its outputs: " + ", ".join(known_out)
+                )
             for k in o.parameters:
                 if k not in TENSOR_PARAMETERS:
-                    raise InvalidArgument(f"requested output {o.name!r}: parameter {quote(k, 64)} is not supported"
-                                          + ("; request output 'output' and take the top classes from the logits"
-                                             if k == "classification" else "; outputs take none"))
+                    raise InvalidArgument(
+                        f"requested output {o.name!r}: parameter {quote(k, 64)} is not supported"
+                        + (
+                            "; request output 'output' and take the top classes from the logits"
+                            if k == "classification"
+                            else "; outputs take none"
+                        )
+                    )
         resp = oip.ModelInferResponse(model_name=entry.name, model_version=entry.version, id=request.id)
         timeout = _deadline(context, opts)
         if entry.kind == "denoiser":
             if opts.method or opts.target_label is not None or opts.fidelity:
-                raise InvalidArgument(f"model {entry.id} is a denoiser; it takes no parameters method, target_label "
-                                      "or fidelity")
+                raise InvalidArgument(
+                    f"model {entry.id} is a denoiser; it takes no parameters method, target_label or fidelity"
+                )
             await self._denoise(entry, got["particles"], resp, timeout)
         else:
             await self._image(entry, frozen, got, opts, wanted, resp, timeout)
@@ -458,7 +525,9 @@ class InferenceServicer:
         return resp
 
     # -- denoisers ----------------------------------------------------------------------------
-    async def _denoise(self, entry: ModelEntry, inp: Input, resp: oip.ModelInferResponse, timeout: float | None) -> None:
+    async def _denoise(
+        self, entry: ModelEntry, inp: Input, resp: oip.ModelInferResponse, timeout: float | None
+    ) -> None:
         s = entry.input
         if inp.datatype == "BYTES":
             if len(inp.items or ()) != 1:
@@ -466,45 +535,64 @@ class InferenceServicer:
             req = pb.DenoiseRequest(model=entry.id, mrc=inp.items[0])  # type: ignore[index]
         else:
             if inp.datatype != "FP32" or len(inp.shape) != 4 or inp.shape[1] != 1:
-                raise InvalidArgument(f"input particles is {inp.datatype} {list(inp.shape)}; model {entry.id} takes "
-                                      f"FP32 [B, 1, {s.height}, {s.width}] (raw units) or BYTES [1] (an MRC stack)")
+                raise InvalidArgument(
+                    f"input particles is {inp.datatype} {list(inp.shape)}; model {entry.id} takes "
+                    f"FP32 [B, 1, {s.height}, {s.width}] (raw units) or BYTES [1] (an MRC stack)"
+                )
             arr = inp.array
             assert arr is not None  # read_inputs fills `array` for every numeric datatype
-            req = pb.DenoiseRequest(model=entry.id, tensor=pb.Tensor(dtype="float32", shape=[arr.shape[0], *arr.shape[2:]],
-                                                                     data=arr.tobytes()))
+            req = pb.DenoiseRequest(
+                model=entry.id,
+                tensor=pb.Tensor(dtype="float32", shape=[arr.shape[0], *arr.shape[2:]], data=arr.tobytes()),
+            )
         out = await self.fast.denoise(req, timeout=timeout, entry=entry)
         den = from_tensor(out.denoised, what="denoised")
         add_output(resp, "denoised", den.reshape(den.shape[0], 1, *den.shape[1:]))
         _timing(resp, out.timing)
 
     # -- image models ---------------------------------------------------------------------------
-    async def _image(self, entry: ModelEntry, frozen: ModelEntry | None, got: dict[str, Input], opts: Options,
-                     wanted: list[str], resp: oip.ModelInferResponse, timeout: float | None) -> None:
+    async def _image(
+        self,
+        entry: ModelEntry,
+        frozen: ModelEntry | None,
+        got: dict[str, Input],
+        opts: Options,
+        wanted: list[str],
+        resp: oip.ModelInferResponse,
+        timeout: float | None,
+    ) -> None:
         img = got["image"]
         s = entry.input
         f = frozen or entry
         rows = img.shape[0] if img.shape else 0
         if img.datatype == "BYTES":
             if len(img.shape) != 1:
-                raise InvalidArgument(f"input image as BYTES is one encoded image per row: shape [B], not {list(img.shape)}")
+                raise InvalidArgument(
+                    f"input image as BYTES is one encoded image per row: shape [B], not {list(img.shape)}"
+                )
         elif img.datatype != "FP32" or len(img.shape) != 4 or img.shape[1:] != (s.channels, s.height, s.width):
             raise InvalidArgument(
                 f"input image is {img.datatype} {list(img.shape)}; model {entry.id} takes FP32 [B, {s.channels}, "
                 f"{s.height}, {s.width}] normalised as (x - mean) / std with mean {list(s.mean)} and std {list(s.std)}, "
-                "or BYTES [B] encoded images (PNG, JPEG)")
+                "or BYTES [B] encoded images (PNG, JPEG)"
+            )
         if rows < 1:
             raise InvalidArgument("input image has no rows; send at least one")
         if rows > self._max_rows(entry):
-            raise InvalidArgument(f"input image has {rows} rows; this server takes at most {self._max_rows(entry)} per "
-                                  "request (max_batch): split the batch over several requests, sent at once")
+            raise InvalidArgument(
+                f"input image has {rows} rows; this server takes at most {self._max_rows(entry)} per "
+                "request (max_batch): split the batch over several requests, sent at once"
+            )
         targets = self._targets(entry, f, got.get("target"), opts, rows)
         explain = bool(opts.method) or entry.kind in MASK_KINDS
         if not explain:
             needs = [n for n in wanted if n in ("mask", "label", "fidelity")] + (["fidelity"] if opts.fidelity else [])
             if needs:
                 offered = [m for m in self.registry.methods(entry) if METHODS[m].rpc == "Explain"]
-                raise InvalidArgument(f"output {needs[0]!r} of {entry.kind} {entry.id} is an explanation: set parameter "
-                                      f"method to one of {', '.join(offered) or '(none for this model)'}")
+                raise InvalidArgument(
+                    f"output {needs[0]!r} of {entry.kind} {entry.id} is an explanation: set parameter "
+                    f"method to one of {', '.join(offered) or '(none for this model)'}"
+                )
         # the images' size, from their headers (no decoding yet): one batch is one size
         if img.datatype == "BYTES":
             images = [pb.Image(encoded=b) for b in img.items or ()]
@@ -516,16 +604,20 @@ class InferenceServicer:
                     raise type(e)(f"input image, element {i} of {rows} (BYTES): {e}") from None
                 sizes.add((hdr.height, hdr.width))
             if len(sizes) > 1:
-                raise InvalidArgument(f"the {rows} images are of {len(sizes)} sizes ({', '.join(f'{h} x {w}' for h, w in sorted(sizes)[:4])}); "
-                                      "the masks of one request form one tensor: send images of one size together")
-            (h, w), = sizes
+                raise InvalidArgument(
+                    f"the {rows} images are of {len(sizes)} sizes ({', '.join(f'{h} x {w}' for h, w in sorted(sizes)[:4])}); "
+                    "the masks of one request form one tensor: send images of one size together"
+                )
+            ((h, w),) = sizes
         else:
             images, (h, w) = [], (s.height, s.width)
         want = set(wanted) if wanted else None
         with_fid = opts.fidelity or (want is not None and "fidelity" in want)
         out_dim = max(f.output_dim, len(f.labels), 1)
         bound = rows * (tensor_message_bytes((1, h, w)) + tensor_message_bytes((out_dim,)) + 64) + 1024
-        self.fast.check_response_size(bound, f"{rows} masks of {h} x {w}", "send fewer rows per request or smaller images")
+        self.fast.check_response_size(
+            bound, f"{rows} masks of {h} x {w}", "send fewer rows per request or smaller images"
+        )
         prepared = None
         if img.datatype != "BYTES":
             prepared = await self.fast.cpu.run(_prepare_raw, img.array, s)
@@ -538,13 +630,22 @@ class InferenceServicer:
             resp.parameters["batch_size"].int64_param = max(bt.batch_rows for _, bt in results)
             return
 
-        options = pb.ExplainOptions(method=opts.method, return_output=want is None or "output" in want, fidelity=with_fid)
+        options = pb.ExplainOptions(
+            method=opts.method, return_output=want is None or "output" in want, fidelity=with_fid
+        )
         answers = await _all(
             self.fast.explain(
-                pb.ExplainRequest(model=entry.id, options=_with_target(options, None if targets is None else targets[i]),
-                                  **({"image": images[i]} if images else {})),
-                timeout=timeout, entry=entry, prepared=None if prepared is None else prepared[i])
-            for i in range(rows))
+                pb.ExplainRequest(
+                    model=entry.id,
+                    options=_with_target(options, None if targets is None else targets[i]),
+                    **({"image": images[i]} if images else {}),
+                ),
+                timeout=timeout,
+                entry=entry,
+                prepared=None if prepared is None else prepared[i],
+            )
+            for i in range(rows)
+        )
         await self.fast.cpu.run(_explain_outputs, resp, answers, want, with_fid)
         resp.parameters["method"].string_param = answers[0].method
         resp.parameters["batch_size"].int64_param = max(a.timing.batch_size for a in answers)
@@ -554,14 +655,18 @@ class InferenceServicer:
         if t is None and opts.target_label is None:
             return None
         if f.kind != "classifier":
-            raise InvalidArgument(f"target labels apply to classifiers and NEMt models; {entry.id} explains an {f.kind}")
+            raise InvalidArgument(
+                f"target labels apply to classifiers and NEMt models; {entry.id} explains an {f.kind}"
+            )
         if t is not None and opts.target_label is not None:
             raise InvalidArgument("give the target either as input 'target' or as parameter target_label, not both")
         if t is None:
             return [int(opts.target_label)] * rows  # type: ignore[arg-type]
         if t.datatype != "INT64" or t.shape != (rows,):
-            raise InvalidArgument(f"input target is {t.datatype} {list(t.shape)}; it is INT64 [{rows}]: one label per "
-                                  "row of image (-1 = the predicted label)")
+            raise InvalidArgument(
+                f"input target is {t.datatype} {list(t.shape)}; it is INT64 [{rows}]: one label per "
+                "row of image (-1 = the predicted label)"
+            )
         return [int(v) for v in t.array]  # type: ignore[union-attr]
 
 
@@ -613,8 +718,9 @@ def _decode(image: pb.Image, spec: Any) -> tuple[np.ndarray, np.ndarray]:
     return arr, x
 
 
-def _explain_outputs(resp: oip.ModelInferResponse, answers: list[pb.ExplainResponse], want: set[str] | None,
-                     with_fid: bool) -> None:
+def _explain_outputs(
+    resp: oip.ModelInferResponse, answers: list[pb.ExplainResponse], want: set[str] | None, with_fid: bool
+) -> None:
     masks = np.stack([from_tensor(a.mask, what="mask").astype(np.float32) for a in answers])[:, None]
     if want is None or "mask" in want:
         add_output(resp, "mask", masks)
@@ -633,8 +739,9 @@ def _timing(resp: oip.ModelInferResponse, timing: pb.Timing) -> None:
     resp.parameters["batch_size"].int64_param = timing.batch_size
 
 
-def add_inference_service(server: Any, registry: Registry, fast: FastPath, *, version: str,
-                          admit: Admit | None = None) -> InferenceServicer:
+def add_inference_service(
+    server: Any, registry: Registry, fast: FastPath, *, version: str, admit: Admit | None = None
+) -> InferenceServicer:
     """Register inference.GRPCInferenceService on `server` (grpc.aio) with the server's admission
     gate on ModelInfer, through service.rpc.add_service like explain.v1."""
     from xaiserve.service.rpc import add_service

@@ -10,6 +10,7 @@ The descriptors it answers from are one pool built for it (`reflection_pool`): t
 holds explain.v1 and health, the Open Inference Protocol lives in a pool of its own (see
 xaiserve.proto.inference), and the v1 reflection file is the v1alpha one under its v1 names.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -38,14 +39,14 @@ def _v1_file() -> descriptor_pb2.FileDescriptorProto:
         for m in messages:
             for f in m.field:
                 if f.type_name.startswith(old):
-                    f.type_name = new + f.type_name[len(old):]
+                    f.type_name = new + f.type_name[len(old) :]
             rename(m.nested_type)
 
     rename(fp.message_type)
     for s in fp.service:
         for m in s.method:
-            m.input_type = new + m.input_type[len(old):]
-            m.output_type = new + m.output_type[len(old):]
+            m.input_type = new + m.input_type[len(old) :]
+            m.output_type = new + m.output_type[len(old) :]
     return fp
 
 
@@ -79,5 +80,6 @@ def enable_reflection(server: Any, service_names: Iterable[str], files: Iterable
     v1 = grpc.stream_stream_rpc_method_handler(
         servicer.ServerReflectionInfo,
         request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
-        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(V1, {"ServerReflectionInfo": v1}),))

@@ -15,6 +15,7 @@ ONNX graph contract (batch axis dynamic everywhere):
     encoder    image -> output[B,D];  classifier  image -> output[B,K] (logits)
     denoiser   particles[B,1,H,W] -> denoised[B,1,H,W] (raw units in and out)
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,10 +31,10 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from xaiserve.errors import FailedPrecondition, InvalidArgument, NotFound, quote
-from xaiserve.methods import KINDS as KIND_TABLE
-from xaiserve.methods import JOB_METHODS, MASK_KINDS, METHODS, MethodSpec, supported_methods, why_not
 from xaiserve.clinical.windowing import parse_dicom_defaults
+from xaiserve.errors import FailedPrecondition, InvalidArgument, NotFound, quote
+from xaiserve.methods import JOB_METHODS, MASK_KINDS, METHODS, MethodSpec, supported_methods, why_not
+from xaiserve.methods import KINDS as KIND_TABLE
 from xaiserve.service.images import InputSpec
 
 log = logging.getLogger("xaiserve.registry")
@@ -84,8 +85,9 @@ class ModelEntry:
                 mean=tuple(float(v) for v in inp.get("mean", [0.0] * int(inp.get("channels", 1)))),
                 std=tuple(float(v) for v in inp.get("std", [1.0] * int(inp.get("channels", 1)))),
                 resize=str(inp.get("resize", "stretch")),
-                dicom=parse_dicom_defaults(inp.get("dicom"), int(inp.get("channels", 1)),
-                                           what=f"{d.get('name', '?')}:{d.get('version', '?')}"),
+                dicom=parse_dicom_defaults(
+                    inp.get("dicom"), int(inp.get("channels", 1)), what=f"{d.get('name', '?')}:{d.get('version', '?')}"
+                ),
             )
             kind = str(d["kind"])
             if kind not in KINDS:
@@ -144,7 +146,9 @@ def scan_manifest(store: Path) -> tuple[list[ModelEntry], list[BadEntry]]:
     store = Path(store)
     path = store / "manifest.json"
     if not path.exists():
-        raise FileNotFoundError(f"no manifest at {path}; run `xaiserve train ...` and `xaiserve export ...`, or point --model-store at a store")
+        raise FileNotFoundError(
+            f"no manifest at {path}; run `xaiserve train ...` and `xaiserve export ...`, or point --model-store at a store"
+        )
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -163,13 +167,19 @@ def scan_manifest(store: Path) -> tuple[list[ModelEntry], list[BadEntry]]:
         if not problems and f"{name}:{version}" in seen:
             problems = [f"a second entry for {name}:{version}; the first is served"]
         if not problems:
-            missing = [f"files.{k}: {d['files'][k]} is missing from the store" for k in MODEL_FILES
-                       if k in d["files"] and not (store / d["files"][k]).exists()]
+            missing = [
+                f"files.{k}: {d['files'][k]} is missing from the store"
+                for k in MODEL_FILES
+                if k in d["files"] and not (store / d["files"][k]).exists()
+            ]
             problems = missing
         if not problems:
             try:
-                stamp = tuple((k, (store / d["files"][k]).stat().st_mtime_ns, (store / d["files"][k]).stat().st_size)
-                              for k in MODEL_FILES if k in d["files"])
+                stamp = tuple(
+                    (k, (store / d["files"][k]).stat().st_mtime_ns, (store / d["files"][k]).stat().st_size)
+                    for k in MODEL_FILES
+                    if k in d["files"]
+                )
                 good.append(replace(ModelEntry.from_dict(d), files_stamp=stamp))
             except (ValueError, OSError) as e:
                 problems = [str(e)]
@@ -179,8 +189,10 @@ def scan_manifest(store: Path) -> tuple[list[ModelEntry], list[BadEntry]]:
         seen.add(f"{name}:{version}")
         extra = unknown_fields(d)
         if extra:
-            log.warning("manifest entry has fields the registry does not read (typos?)",
-                        extra={"model": f"{name}:{version}", "fields": extra})
+            log.warning(
+                "manifest entry has fields the registry does not read (typos?)",
+                extra={"model": f"{name}:{version}", "fields": extra},
+            )
     # a masking network whose frozen model is listed but bad is not served either (one whose frozen
     # model is not listed at all still serves its own graph; methods on the frozen model are refused)
     ids = {e.id for e in good} | {e.name for e in good}
@@ -188,7 +200,9 @@ def scan_manifest(store: Path) -> tuple[list[ModelEntry], list[BadEntry]]:
         why = next((b.reason for b in bad if e.explains in (b.id, b.name)), None)
         if why is not None:
             good.remove(e)
-            bad.append(BadEntry(e.name, e.version, e.kind, f"explains {e.explains}, which is unavailable: {why}", e.raw))
+            bad.append(
+                BadEntry(e.name, e.version, e.kind, f"explains {e.explains}, which is unavailable: {why}", e.raw)
+            )
     return good, bad
 
 
@@ -239,13 +253,16 @@ def ort_providers(prefer_cuda: bool = True, cuda_device: int = 0) -> list:
 
     avail = ort.get_available_providers()
     if prefer_cuda and "CUDAExecutionProvider" in avail:
-        cuda: Any = "CUDAExecutionProvider" if cuda_device == 0 else ("CUDAExecutionProvider", {"device_id": cuda_device})
+        cuda: Any = (
+            "CUDAExecutionProvider" if cuda_device == 0 else ("CUDAExecutionProvider", {"device_id": cuda_device})
+        )
         return [cuda, "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 
-def io_map(kind: str, inputs: list[tuple[str, str, list]], outputs: list[str], io: dict[str, str],
-           what: str = "the ONNX graph") -> tuple[dict[str, str], dict[str, str]]:
+def io_map(
+    kind: str, inputs: list[tuple[str, str, list]], outputs: list[str], io: dict[str, str], what: str = "the ONNX graph"
+) -> tuple[dict[str, str], dict[str, str]]:
     """The kind's tensor names (xaiserve.methods KINDS) -> the graph's, for inputs and outputs.
 
     inputs: (name, element type, shape) of the graph's inputs. A name comes from `io` when the
@@ -254,8 +271,9 @@ def io_map(kind: str, inputs: list[tuple[str, str, list]], outputs: list[str], i
     FailedPrecondition otherwise, naming the graph's tensors and the `io` entry that would fix it."""
     spec = KIND_TABLE[kind]
     in_names = [n for n, _, _ in inputs]
-    listing = (f"{what} has inputs {', '.join(f'{n} {t}{list(s)}' for n, t, s in inputs)} and outputs "
-               f"{', '.join(outputs)}")
+    listing = (
+        f"{what} has inputs {', '.join(f'{n} {t}{list(s)}' for n, t, s in inputs)} and outputs {', '.join(outputs)}"
+    )
     for k, v in io.items():
         if v not in in_names and v not in outputs:
             raise FailedPrecondition(f"io.{k} names {quote(v, 80)}, which {what} does not have; {listing}")
@@ -298,9 +316,18 @@ class OnnxModel:
     graph calls them (`io_map`), and a graph with a fixed batch of 1 is run row by row. Without it,
     the graph's own names pass through."""
 
-    def __init__(self, path: Path, *, intra_op_threads: int = 0, inter_op_threads: int = 1, prefer_cuda: bool = True,
-                 kind: str | None = None, io: dict[str, str] | None = None, allow_spinning: bool = False,
-                 cuda_device: int = 0):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        intra_op_threads: int = 0,
+        inter_op_threads: int = 1,
+        prefer_cuda: bool = True,
+        kind: str | None = None,
+        io: dict[str, str] | None = None,
+        allow_spinning: bool = False,
+        cuda_device: int = 0,
+    ):
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -315,7 +342,9 @@ class OnnxModel:
         so.log_severity_level = 3
         self.path = path
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=so, providers=ort_providers(prefer_cuda, cuda_device))
+            self.session = ort.InferenceSession(
+                str(path), sess_options=so, providers=ort_providers(prefer_cuda, cuda_device)
+            )
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types on a bad file
             raise FailedPrecondition(
                 f"{Path(path).name} is not an ONNX graph ONNX Runtime can load ({e.__class__.__name__}: "
@@ -338,7 +367,9 @@ class OnnxModel:
         graph_feeds = {self._in[k]: v for k, v in feeds.items()}
         rows = int(next(iter(feeds.values())).shape[0])
         if self.fixed_batch == 1 and rows > 1:
-            parts = [self.session.run(self._fetch, {k: v[i : i + 1] for k, v in graph_feeds.items()}) for i in range(rows)]
+            parts = [
+                self.session.run(self._fetch, {k: v[i : i + 1] for k, v in graph_feeds.items()}) for i in range(rows)
+            ]
             outs = [np.concatenate(col, axis=0) for col in zip(*parts)]
         else:
             outs = self.session.run(self._fetch, graph_feeds)
@@ -362,7 +393,9 @@ def _check_outputs(entry: ModelEntry, out: dict[str, np.ndarray]) -> None:
         if o.ndim != 2 or o.shape[0] != 2:
             raise FailedPrecondition(f"its output {list(o.shape)} on a batch of 2 is not [2, D]")
         if entry.output_dim and o.shape[1] != entry.output_dim:
-            raise FailedPrecondition(f"its output has {o.shape[1]} values but the manifest says output_dim {entry.output_dim}")
+            raise FailedPrecondition(
+                f"its output has {o.shape[1]} values but the manifest says output_dim {entry.output_dim}"
+            )
         if entry.kind in ("classifier", "nemt") and entry.labels and o.shape[1] != len(entry.labels):
             raise FailedPrecondition(f"it returns {o.shape[1]} logits for {len(entry.labels)} labels")
     if entry.kind in MASK_KINDS:
@@ -450,7 +483,9 @@ class Registry:
                 failed = {b.id for b in bad} | {b.name for b in bad}
                 for e in [e for e in good if e.kind in MASK_KINDS and e.explains not in ids and e.explains in failed]:
                     good.remove(e)
-                    bad.append(BadEntry(e.name, e.version, e.kind, f"explains {e.explains}, which is unavailable", e.raw))
+                    bad.append(
+                        BadEntry(e.name, e.version, e.kind, f"explains {e.explains}, which is unavailable", e.raw)
+                    )
             by_name: dict[str, dict[str, ModelEntry]] = {}
             for e in good:
                 by_name.setdefault(e.name, {})[e.version] = e
@@ -466,9 +501,12 @@ class Registry:
             for b in bad:
                 log.error("model unavailable", extra={"model": b.id, "reason": b.reason})
             gone = retired | {k for k in old if k not in keep}
-            report = ReloadReport(added=sorted(e.id for e in fresh if e in good),
-                                  removed=sorted({e.id for e in old.values()} - {e.id for e in good}),
-                                  retired=sorted(gone), unavailable=sorted(b.id for b in bad))
+            report = ReloadReport(
+                added=sorted(e.id for e in fresh if e in good),
+                removed=sorted({e.id for e in old.values()} - {e.id for e in good}),
+                retired=sorted(gone),
+                unavailable=sorted(b.id for b in bad),
+            )
             for fn in list(self._listeners):
                 try:
                     fn(gone)
@@ -508,16 +546,22 @@ class Registry:
         by_name, unavailable = self._by_name, self._unavailable
         versions = by_name.get(name)
         if version and f"{name}:{version}" in unavailable and (not versions or version not in versions):
-            raise FailedPrecondition(f"model {name}:{version} is unavailable: {unavailable[f'{name}:{version}'].reason}")
+            raise FailedPrecondition(
+                f"model {name}:{version} is unavailable: {unavailable[f'{name}:{version}'].reason}"
+            )
         if not versions:
             down = [b for b in unavailable.values() if b.name == name]
             if down:
                 b = max(down, key=lambda b: _version_key(b.version))
                 raise FailedPrecondition(f"model {b.id} is unavailable: {b.reason}")
-            raise NotFound(f"model {quote(name)} is not in the store; available: {', '.join(sorted(by_name)) or '(none)'}")
+            raise NotFound(
+                f"model {quote(name)} is not in the store; available: {', '.join(sorted(by_name)) or '(none)'}"
+            )
         if version:
             if version not in versions:
-                raise NotFound(f"model {quote(name)} has no version {quote(version)}; versions: {', '.join(sorted(versions, key=_version_key))}")
+                raise NotFound(
+                    f"model {quote(name)} has no version {quote(version)}; versions: {', '.join(sorted(versions, key=_version_key))}"
+                )
             return versions[version]
         return versions[max(versions, key=_version_key)]
 
@@ -566,7 +610,10 @@ class Registry:
                 self._onnx[entry.key] = m
                 self.load_seconds[entry.id] = time.perf_counter() - t0
                 backend = "onnxruntime" if isinstance(m, OnnxModel) else "spiral_runtime"
-                log.info("model loaded", extra={"model": entry.id, "backend": backend, "seconds": round(self.load_seconds[entry.id], 4)})
+                log.info(
+                    "model loaded",
+                    extra={"model": entry.id, "backend": backend, "seconds": round(self.load_seconds[entry.id], 4)},
+                )
             return m
 
     def onnx_intra_op_threads(self) -> int:
@@ -595,8 +642,11 @@ class Registry:
             if (e.name or "").split(".")[0] not in ("numba", "llvmlite"):
                 raise
             # numba is the optional [spiral] extra: the single ONNX graph computes the same map
-            log.warning("spiral runtime unavailable: numba is not installed (pip install 'xaiserve[spiral]'); "
-                        "serving the ONNX graph", extra={"model": entry.id, "reason": f"no module named {e.name!r}"})
+            log.warning(
+                "spiral runtime unavailable: numba is not installed (pip install 'xaiserve[spiral]'); "
+                "serving the ONNX graph",
+                extra={"model": entry.id, "reason": f"no module named {e.name!r}"},
+            )
             return None
         try:
             module = self.torch_module(entry)
@@ -604,7 +654,9 @@ class Registry:
                 module = copy.deepcopy(module).cpu()
             return SpiralRuntime(module, threads=self.config.intra_op_threads)
         except SpiralRuntimeUnavailable as e:
-            log.warning("spiral runtime unavailable; serving the ONNX graph", extra={"model": entry.id, "reason": str(e)})
+            log.warning(
+                "spiral runtime unavailable; serving the ONNX graph", extra={"model": entry.id, "reason": str(e)}
+            )
             return None
 
     def _warm(self, entry: ModelEntry, m: OnnxModel) -> None:
@@ -680,7 +732,8 @@ class Registry:
         if self._present(entry, "onnx"):
             have.add("onnx")
         if entry.kind in ("encoder", "classifier") and (
-                self._present(entry, "torchscript") or self._present(entry, "exported_program")):
+            self._present(entry, "torchscript") or self._present(entry, "exported_program")
+        ):
             have.add("torch")  # a user's own model (handlers.nets.forms)
         if self._present(entry, "state_dict"):
             if entry.kind in ("encoder", "classifier"):
@@ -695,8 +748,13 @@ class Registry:
     def methods(self, entry: ModelEntry, job_methods: Iterable[str] | None = None) -> list[str]:
         """What this server accepts for `entry`, from the methods table (ListModels advertises it)."""
         frozen = self._frozen_or_none(entry)
-        return supported_methods(entry.kind, self.forms(entry), frozen.kind if frozen else None,
-                                 self.forms(frozen) if frozen else frozenset(), job_methods=job_methods)
+        return supported_methods(
+            entry.kind,
+            self.forms(entry),
+            frozen.kind if frozen else None,
+            self.forms(frozen) if frozen else frozenset(),
+            job_methods=job_methods,
+        )
 
     def check_method(self, entry: ModelEntry, method: str, job_methods: Iterable[str] | None = None) -> MethodSpec:
         """The table's spec of `method` if it applies to `entry`; else InvalidArgument (unknown method,
@@ -706,17 +764,32 @@ class Registry:
         offered = self.methods(entry, job_methods)
         if spec is None or (spec.rpc == "SubmitJob" and method not in jobs):
             known = ", ".join(n for n in METHODS if n not in JOB_METHODS or n in jobs)
-            raise InvalidArgument(f"method {quote(method, 64)} is unknown; known: {known}. "
-                                  f"{entry.id} supports: {', '.join(offered) or '(none)'}")
+            raise InvalidArgument(
+                f"method {quote(method, 64)} is unknown; known: {known}. "
+                f"{entry.id} supports: {', '.join(offered) or '(none)'}"
+            )
         if method in offered:
             return spec
         frozen = self._frozen_or_none(entry)
-        reason = why_not(spec, entry.id, entry.kind, self.forms(entry), frozen.id if frozen else entry.id,
-                         frozen.kind if frozen else entry.kind, self.forms(frozen) if frozen else frozenset())
-        exc = InvalidArgument if (entry.kind not in spec.kinds and (frozen is None or frozen.kind not in spec.kinds)) else FailedPrecondition
+        reason = why_not(
+            spec,
+            entry.id,
+            entry.kind,
+            self.forms(entry),
+            frozen.id if frozen else entry.id,
+            frozen.kind if frozen else entry.kind,
+            self.forms(frozen) if frozen else frozenset(),
+        )
+        exc = (
+            InvalidArgument
+            if (entry.kind not in spec.kinds and (frozen is None or frozen.kind not in spec.kinds))
+            else FailedPrecondition
+        )
         others = [e.id for e in self.entries() if e.id != entry.id and method in self.methods(e, job_methods)]
-        raise exc(f"{reason}. {entry.id} supports: {', '.join(offered) or '(none)'}; "
-                  f"models in this store with {method!r}: {', '.join(others[:20]) or '(none)'}")
+        raise exc(
+            f"{reason}. {entry.id} supports: {', '.join(offered) or '(none)'}; "
+            f"models in this store with {method!r}: {', '.join(others[:20]) or '(none)'}"
+        )
 
     def _frozen_or_none(self, entry: ModelEntry) -> ModelEntry | None:
         try:

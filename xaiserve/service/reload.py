@@ -13,6 +13,7 @@ How (docs/MODEL_STORE.md, "Reload"):
   removed or replaced versions stop once their queued calls are answered (FastPath.retire).
 - A manifest that is not valid JSON is logged and the current set keeps serving.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -85,9 +86,16 @@ class ManifestWatcher:
                 if mid in self.registry.load_seconds:
                     metrics.MODEL_LOAD.labels(mid).set(self.registry.load_seconds[mid])
             self.reloads += 1
-            log.info("models reloaded", extra={"why": why, "added": report.added, "removed": report.removed,
-                                               "unavailable": report.unavailable,
-                                               "models": [e.id for e in self.registry.entries()]})
+            log.info(
+                "models reloaded",
+                extra={
+                    "why": why,
+                    "added": report.added,
+                    "removed": report.removed,
+                    "unavailable": report.unavailable,
+                    "models": [e.id for e in self.registry.entries()],
+                },
+            )
             return report
 
 
@@ -106,8 +114,16 @@ def with_availability(resp: Any, registry: Registry, kind: str = "") -> Any:
         for f in ("height", "width", "channels"):
             if isinstance(inp.get(f), int):
                 setattr(spec, f, inp[f])
-        resp.models.append(pb.ModelInfo(
-            name=b.name, version=b.version, kind=b.kind, input=spec, available=False, unavailable_reason=b.reason,
-            description=str(b.raw.get("description", ""))[:500], explains=str(b.raw.get("explains", ""))[:200],
-        ))
+        resp.models.append(
+            pb.ModelInfo(
+                name=b.name,
+                version=b.version,
+                kind=b.kind,
+                input=spec,
+                available=False,
+                unavailable_reason=b.reason,
+                description=str(b.raw.get("description", ""))[:500],
+                explains=str(b.raw.get("explains", ""))[:200],
+            )
+        )
     return resp

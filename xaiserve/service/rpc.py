@@ -10,6 +10,7 @@ the request message become INVALID_ARGUMENT "... is not a valid explain.v1.<Mess
 answer UNKNOWN), for a stream naming the position of the bad message. Large requests are parsed in
 the CPU pool rather than on the event loop, after the admission hook has let them in.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -99,8 +100,9 @@ async def observed_unary(rpc: str, context: grpc.aio.ServicerContext, body: Call
         obs.done()
 
 
-async def observed_stream(rpc: str, context: grpc.aio.ServicerContext,
-                          body: Callable[[Observed], AsyncIterator[T]]) -> AsyncIterator[T]:
+async def observed_stream(
+    rpc: str, context: grpc.aio.ServicerContext, body: Callable[[Observed], AsyncIterator[T]]
+) -> AsyncIterator[T]:
     obs = Observed(rpc, metrics.STREAM_DURATION)
     try:
         async for item in body(obs):
@@ -114,7 +116,6 @@ async def observed_stream(rpc: str, context: grpc.aio.ServicerContext,
         await abort(context, obs, e)
     finally:
         obs.done()
-
 
 
 # ------------------------------------------------------------------------------------- requests
@@ -131,8 +132,10 @@ class BadMessage:
         self.type_name, self.size, self.reason = type_name, size, reason
 
     def error(self, what: str = "the request") -> InvalidArgument:
-        return InvalidArgument(f"{what} is not a valid {self.type_name} ({self.size} bytes; protobuf says: "
-                               f"{quote(self.reason)}); send the serialised message the .proto defines")
+        return InvalidArgument(
+            f"{what} is not a valid {self.type_name} ({self.size} bytes; protobuf says: "
+            f"{quote(self.reason)}); send the serialised message the .proto defines"
+        )
 
 
 class LazyMessage:
@@ -174,7 +177,9 @@ class Pool(Protocol):  # the part of fastpath.CpuPool this module needs
 async def materialize(request: Any, pool: Pool | None, what: str = "the request") -> Message:
     """The parsed request; raises InvalidArgument for a BadMessage."""
     if isinstance(request, LazyMessage):
-        request = await pool.run(_parse, request.cls, request.data) if pool is not None else _parse(request.cls, request.data)
+        request = (
+            await pool.run(_parse, request.cls, request.data) if pool is not None else _parse(request.cls, request.data)
+        )
     if isinstance(request, BadMessage):
         raise request.error(what)
     return request
@@ -194,8 +199,9 @@ def _no_admission(context: grpc.aio.ServicerContext) -> ContextManager[Any]:
     return contextlib.nullcontext()
 
 
-def method_handlers(servicer: Any, service: ServiceDescriptor, *, pool: Pool | None = None,
-                    admit: Mapping[str, Admit] | None = None) -> grpc.GenericRpcHandler:
+def method_handlers(
+    servicer: Any, service: ServiceDescriptor, *, pool: Pool | None = None, admit: Mapping[str, Admit] | None = None
+) -> grpc.GenericRpcHandler:
     """A generic handler for every method of `service` on `servicer` (grpc.aio), with the
     never-raising deserializers. `admit[name](context)` is entered before a unary request is
     parsed and held for the call; its exception (ResourceExhausted) is the call's status."""
@@ -208,14 +214,20 @@ def method_handlers(servicer: Any, service: ServiceDescriptor, *, pool: Pool | N
         de = request_deserializer(req_cls)
         kw = dict(request_deserializer=de, response_serializer=serialize_response)
         if m.client_streaming:
+
             def make_stream(fn=fn):
                 async def handler(request_iterator, context):
                     async for item in fn(_frames(request_iterator, pool), context):
                         yield item
+
                 return handler
-            factory = grpc.stream_stream_rpc_method_handler if m.server_streaming else grpc.stream_unary_rpc_method_handler
+
+            factory = (
+                grpc.stream_stream_rpc_method_handler if m.server_streaming else grpc.stream_unary_rpc_method_handler
+            )
             handlers[m.name] = factory(make_stream(), **kw)
         elif m.server_streaming:
+
             def make_unary_stream(fn=fn, name=m.name, gate=gate):
                 async def handler(request, context):
                     obs_failed = None
@@ -228,9 +240,12 @@ def method_handlers(servicer: Any, service: ServiceDescriptor, *, pool: Pool | N
                         obs_failed = e
                     if obs_failed is not None:
                         await _refuse(name, context, obs_failed)
+
                 return handler
+
             handlers[m.name] = grpc.unary_stream_rpc_method_handler(make_unary_stream(), **kw)
         else:
+
             def make_unary(fn=fn, name=m.name, gate=gate):
                 async def handler(request, context):
                     try:
@@ -239,7 +254,9 @@ def method_handlers(servicer: Any, service: ServiceDescriptor, *, pool: Pool | N
                             return await fn(request, context)
                     except XaiError as e:  # refused or malformed before the servicer ran
                         await _refuse(name, context, e)
+
                 return handler
+
             handlers[m.name] = grpc.unary_unary_rpc_method_handler(make_unary(), **kw)
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 

@@ -33,6 +33,7 @@ Client side: `channel_credentials` (TLS / mTLS) and `token_call_credentials` (at
 token on a secure channel) or `bearer_metadata` (explicit metadata, also on plaintext channels, which
 should only be used on a trusted loopback since the token then travels in clear).
 """
+
 from __future__ import annotations
 
 import hmac
@@ -82,9 +83,7 @@ def _read_pem(path: str | os.PathLike[str], what: str, marker: bytes) -> bytes:
         raise InvalidArgument(f"{what} file {p} does not exist or is not a file")
     data = p.read_bytes()
     if marker not in data:
-        raise InvalidArgument(
-            f"{what} file {p} holds no PEM block ({marker.decode()}...); give a PEM-encoded file"
-        )
+        raise InvalidArgument(f"{what} file {p} holds no PEM block ({marker.decode()}...); give a PEM-encoded file")
     return data
 
 
@@ -311,7 +310,7 @@ def _load_directory(d: Path) -> dict[str, TokenPolicy]:
     for name in sorted(files):
         if name.endswith(".methods"):
             if name[: -len(".methods")] not in files:
-                raise InvalidArgument(f"{d}: {name} has no matching token file {name[:-len('.methods')]}")
+                raise InvalidArgument(f"{d}: {name} has no matching token file {name[: -len('.methods')]}")
             continue
         token = files[name].read_text().strip()
         methods = files[f"{name}.methods"].read_text() if f"{name}.methods" in files else None
@@ -442,7 +441,9 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         try:
             tokens = load_tokens(self._source)
         except (InvalidArgument, OSError) as exc:  # messages never quote a token
-            log.warning("tokens at %s changed but could not be loaded, keeping the previous ones: %s", self._source, exc)
+            log.warning(
+                "tokens at %s changed but could not be loaded, keeping the previous ones: %s", self._source, exc
+            )
             return
         self._set_tokens(tokens)
         self._stamp = stamp
@@ -493,11 +494,15 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         if policy is None:
             AUTH_REJECTED.labels(reason).inc()
             log.warning("rejected call: method=%s reason=%s_token status=UNAUTHENTICATED", method, reason)
-            return _abort_handler(await continuation(handler_call_details), grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+            return _abort_handler(
+                await continuation(handler_call_details), grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE
+            )
         if not policy.allows(method):
             AUTH_REJECTED.labels("forbidden").inc()
             log.warning("rejected call: method=%s token_name=%s status=PERMISSION_DENIED", method, policy.name)
-            return _abort_handler(await continuation(handler_call_details), grpc.StatusCode.PERMISSION_DENIED, PERMISSION_DENIED_MESSAGE)
+            return _abort_handler(
+                await continuation(handler_call_details), grpc.StatusCode.PERMISSION_DENIED, PERMISSION_DENIED_MESSAGE
+            )
         return await continuation(handler_call_details)
 
 

@@ -1,4 +1,5 @@
 """The gRPC server (grpc.aio): Explainer service, health, reflection, metrics, graceful drain."""
+
 from __future__ import annotations
 
 import asyncio
@@ -20,11 +21,11 @@ from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.proto.explain.v1 import explainer_pb2_grpc as pb_grpc
 from xaiserve.service import metrics
 from xaiserve.service.config import ServerConfig
-from xaiserve.service.modelstore import store_problem
-from xaiserve.service.rpc import Observed, add_service, observed_stream, observed_unary
 from xaiserve.service.fastpath import FastPath
+from xaiserve.service.modelstore import store_problem
 from xaiserve.service.registry import MASK_KINDS, Registry, RegistryConfig
 from xaiserve.service.reload import with_availability
+from xaiserve.service.rpc import Observed, add_service, observed_stream, observed_unary
 from xaiserve.service.streams import StreamHub, StreamSession
 
 log = logging.getLogger("xaiserve.server")
@@ -46,8 +47,15 @@ class ExplainerServicer(_job_mixin(), pb_grpc.ExplainerServicer):  # type: ignor
     """Registered by service.rpc.add_service (never-raising deserializers, admission before a
     request is parsed); Explain and Denoise answer bytes serialised off the event loop when large."""
 
-    def __init__(self, registry: Registry, fast: FastPath, config: ServerConfig, jobs: Any, principals: Any = None,
-                 streams: StreamHub | None = None):
+    def __init__(
+        self,
+        registry: Registry,
+        fast: FastPath,
+        config: ServerConfig,
+        jobs: Any,
+        principals: Any = None,
+        streams: StreamHub | None = None,
+    ):
         self.registry, self.fast, self.config, self.jobs = registry, fast, config, jobs
         self.principals = principals
         self.streams = streams if streams is not None else StreamHub()  # open streams, for the drain notice
@@ -107,13 +115,27 @@ def list_models(registry: Registry, kind: str, jobs: Any = None) -> pb.ListModel
         card = ""
         if "card" in e.files and (registry.store / e.files["card"]).exists():
             card = (registry.store / e.files["card"]).read_text()
-        out.models.append(pb.ModelInfo(
-            name=e.name, version=e.version, kind=e.kind,
-            input=pb.InputSpec(height=e.input.height, width=e.input.width, channels=e.input.channels,
-                               mean=list(e.input.mean), std=list(e.input.std)),
-            labels=list(e.labels), explains=e.explains, description=e.description, methods=methods,
-            loaded=registry.loaded(e), card=card, output_dim=e.output_dim,
-        ))
+        out.models.append(
+            pb.ModelInfo(
+                name=e.name,
+                version=e.version,
+                kind=e.kind,
+                input=pb.InputSpec(
+                    height=e.input.height,
+                    width=e.input.width,
+                    channels=e.input.channels,
+                    mean=list(e.input.mean),
+                    std=list(e.input.std),
+                ),
+                labels=list(e.labels),
+                explains=e.explains,
+                description=e.description,
+                methods=methods,
+                loaded=registry.loaded(e),
+                card=card,
+                output_dim=e.output_dim,
+            )
+        )
     # then the manifest entries that are not served, with available = false and the reason
     return with_availability(out, registry, kind)
 
@@ -163,12 +185,19 @@ async def start_server(config: ServerConfig) -> RunningServer:
     from xaiserve.service import gpu_metrics
 
     device = resolve_device(config.device)  # RuntimeError at start when cuda is asked for and absent
-    registry = Registry(RegistryConfig(store=store, intra_op_threads=config.intra_op_threads,
-                                       prefer_cuda=config.prefer_cuda and config.device != "cpu",
-                                       spiral_runtime=config.spiral_runtime,
-                                       allow_spinning=config.ort_spinning, concurrent_calls=config.inference_threads,
-                                       device=str(device), precision=config.precision,
-                                       batch_by_memory=config.batch_by_memory))
+    registry = Registry(
+        RegistryConfig(
+            store=store,
+            intra_op_threads=config.intra_op_threads,
+            prefer_cuda=config.prefer_cuda and config.device != "cpu",
+            spiral_runtime=config.spiral_runtime,
+            allow_spinning=config.ort_spinning,
+            concurrent_calls=config.inference_threads,
+            device=str(device),
+            precision=config.precision,
+            batch_by_memory=config.batch_by_memory,
+        )
+    )
     gpu_metrics.register(str(device))
     log.info("device", extra={"device": str(device), "precision": config.precision, "gpus": gpu_metrics.gpu_names()})
     log.info("model store", extra={"model_store": str(store), "models": len(registry.entries())})
@@ -181,8 +210,15 @@ async def start_server(config: ServerConfig) -> RunningServer:
         registry.load_all()
         for mid, s in registry.load_seconds.items():
             metrics.MODEL_LOAD.labels(mid).set(s)
-    log.info("models ready", extra={"models": [e.id for e in registry.entries()], "seconds": round(time.perf_counter() - t0, 3),
-                                    "intra_op_threads": registry.onnx_intra_op_threads(), "ort_spinning": config.ort_spinning})
+    log.info(
+        "models ready",
+        extra={
+            "models": [e.id for e in registry.entries()],
+            "seconds": round(time.perf_counter() - t0, 3),
+            "intra_op_threads": registry.onnx_intra_op_threads(),
+            "ort_spinning": config.ort_spinning,
+        },
+    )
     metrics.init_stream_series([e.id for e in registry.entries() if e.kind in MASK_KINDS])
     metrics.set_build_info(VERSION, code_version())
 
@@ -192,11 +228,14 @@ async def start_server(config: ServerConfig) -> RunningServer:
     from xaiserve.service.jobs.options import JobOptions
 
     jobs = build_job_service(
-        config.queue_url, registry,
-        JobOptions(max_queued=config.job_max_queued, embedded_workers=config.job_workers,
-                   result_ttl_s=config.job_result_ttl_s),
+        config.queue_url,
+        registry,
+        JobOptions(
+            max_queued=config.job_max_queued, embedded_workers=config.job_workers, result_ttl_s=config.job_result_ttl_s
+        ),
         methods=default_methods(settings={"relax": {"batch_size": config.relax_batch_size}}),
-        allow_volatile=config.allow_volatile_queue, admins=config.job_admins,
+        allow_volatile=config.allow_volatile_queue,
+        admins=config.job_admins,
     )
     await jobs.start()
 
@@ -217,12 +256,15 @@ async def start_server(config: ServerConfig) -> RunningServer:
     mb = config.max_message_mb * 1024 * 1024
     server = grpc.aio.server(
         interceptors=interceptors,
-        options=[("grpc.max_receive_message_length", mb), ("grpc.max_send_message_length", mb),
-                 ("grpc.so_reuseport", 0),
-                 # calls grpc holds before our code takes them: beyond, it cancels new calls itself, in C,
-                 # when the event loop falls behind (see config.max_pending_calls)
-                 ("grpc.server.max_pending_requests", config.max_pending_calls),
-                 ("grpc.server.max_pending_requests_hard_limit", 2 * config.max_pending_calls)],
+        options=[
+            ("grpc.max_receive_message_length", mb),
+            ("grpc.max_send_message_length", mb),
+            ("grpc.so_reuseport", 0),
+            # calls grpc holds before our code takes them: beyond, it cancels new calls itself, in C,
+            # when the event loop falls behind (see config.max_pending_calls)
+            ("grpc.server.max_pending_requests", config.max_pending_calls),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * config.max_pending_calls),
+        ],
     )
     principals = Principals(auth, config.job_admins)
 
@@ -231,8 +273,13 @@ async def start_server(config: ServerConfig) -> RunningServer:
 
     streams = StreamHub()
     servicer = ExplainerServicer(registry, fast, config, jobs, principals, streams)
-    add_service(server, servicer,
-                pb.DESCRIPTOR.services_by_name["Explainer"], pool=fast.cpu, admit={"Explain": admit, "Denoise": admit})
+    add_service(
+        server,
+        servicer,
+        pb.DESCRIPTOR.services_by_name["Explainer"],
+        pool=fast.cpu,
+        admit={"Explain": admit, "Denoise": admit},
+    )
     from xaiserve.service.oip import add_inference_service
     from xaiserve.service.reflection import enable_reflection
 
@@ -240,13 +287,18 @@ async def start_server(config: ServerConfig) -> RunningServer:
     inference = add_inference_service(server, registry, fast, version=VERSION, admit=admit)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    enable_reflection(server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                               inference.service_name), (pb.DESCRIPTOR, health_pb2.DESCRIPTOR, inference.file))
+    enable_reflection(
+        server,
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, inference.service_name),
+        (pb.DESCRIPTOR, health_pb2.DESCRIPTOR, inference.file),
+    )
     addr = f"{config.host}:{config.port}"
     if config.tls_cert:
         from xaiserve.service.security import server_credentials
 
-        port = server.add_secure_port(addr, server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca or None))
+        port = server.add_secure_port(
+            addr, server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca or None)
+        )
     else:
         port = server.add_insecure_port(addr)
     if port == 0:
@@ -267,23 +319,51 @@ async def start_server(config: ServerConfig) -> RunningServer:
     http = None
     mport = -1
     if config.metrics_port >= 0:
-        http = _ops_server(config, registry, jobs, asyncio.get_running_loop(), serving,
-                           servicer if config.web else None)
+        http = _ops_server(
+            config, registry, jobs, asyncio.get_running_loop(), serving, servicer if config.web else None
+        )
         mport = http.port
-    log.info("serving", extra={"grpc": f"{config.host}:{port}", "metrics": f"{config.metrics_host}:{mport}",
-                               "tls": bool(config.tls_cert), "mtls": bool(config.tls_client_ca),
-                               "auth": bool(config.tokens_file), "queue": config.queue_url.split("://")[0]})
+    log.info(
+        "serving",
+        extra={
+            "grpc": f"{config.host}:{port}",
+            "metrics": f"{config.metrics_host}:{mport}",
+            "tls": bool(config.tls_cert),
+            "mtls": bool(config.tls_client_ca),
+            "auth": bool(config.tokens_file),
+            "queue": config.queue_url.split("://")[0],
+        },
+    )
     from xaiserve.service.reload import ManifestWatcher
 
     # models added, removed or changed in the manifest are swapped in without a restart (service/reload.py)
     watcher = ManifestWatcher(registry, fast, interval_s=config.reload_interval_s, load=config.load_models == "all")
     watcher.start()
-    return RunningServer(server, port, mport, health_servicer, fast, jobs, registry, config, http, health_server, watcher,
-                         streams=streams, serving=serving)
+    return RunningServer(
+        server,
+        port,
+        mport,
+        health_servicer,
+        fast,
+        jobs,
+        registry,
+        config,
+        http,
+        health_server,
+        watcher,
+        streams=streams,
+        serving=serving,
+    )
 
 
-def _ops_server(config: ServerConfig, registry: Registry, jobs: Any, loop: asyncio.AbstractEventLoop,
-                serving_flag: threading.Event, servicer: Any = None):
+def _ops_server(
+    config: ServerConfig,
+    registry: Registry,
+    jobs: Any,
+    loop: asyncio.AbstractEventLoop,
+    serving_flag: threading.Event,
+    servicer: Any = None,
+):
     """The HTTP port (service.httpd): /metrics, /healthz (the event loop answers), /readyz (serving,
     models loaded, job queue reachable); with `servicer`, the web viewer and its /api (service.web)."""
     from xaiserve.service.httpd import BoundedCheck, OpsServer, loop_responsive
@@ -295,7 +375,11 @@ def _ops_server(config: ServerConfig, registry: Registry, jobs: Any, loop: async
         if config.load_models != "all":
             return True, f"lazy loading ({len(registry.entries())} models in the store)"
         missing = [e.id for e in registry.entries() if "onnx" in e.files and not registry.loaded(e)]
-        return (False, f"not loaded: {', '.join(missing[:10])}") if missing else (True, f"{len(registry.entries())} loaded")
+        return (
+            (False, f"not loaded: {', '.join(missing[:10])}")
+            if missing
+            else (True, f"{len(registry.entries())} loaded")
+        )
 
     ready = {"serving": serving, "models": models}
     if jobs is not None:
@@ -305,8 +389,9 @@ def _ops_server(config: ServerConfig, registry: Registry, jobs: Any, loop: async
         from xaiserve.service.web import mounts
 
         web = mounts(servicer, loop, serving_flag)
-    ops = OpsServer(config.metrics_host, config.metrics_port, live={"event_loop": loop_responsive(loop)},
-                    ready=ready, mounts=web).start()
+    ops = OpsServer(
+        config.metrics_host, config.metrics_port, live={"event_loop": loop_responsive(loop)}, ready=ready, mounts=web
+    ).start()
     if web:
         log.info("web viewer", extra={"url": f"http://{config.metrics_host}:{ops.port}/"})
     return ops

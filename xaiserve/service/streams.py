@@ -24,6 +24,7 @@ Each frame runs through FastPath.explain, so decoding, resizing and building the
 the fast path's CPU pool and the model call in its micro-batcher: frames of concurrent streams
 share batches.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -33,12 +34,21 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+
 import grpc
 
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.service import metrics
 from xaiserve.service.config import ServerConfig
-from xaiserve.service.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable, XaiError, quote, status_of
+from xaiserve.service.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+    XaiError,
+    quote,
+    status_of,
+)
 from xaiserve.service.fastpath import FastPath
 from xaiserve.service.mask_wire import with_stream_defaults
 from xaiserve.service.registry import ModelEntry
@@ -113,8 +123,13 @@ class _Rate:
 
 
 class StreamSession:
-    def __init__(self, fast: FastPath, config: ServerConfig, hub: StreamHub | None = None,
-                 context: grpc.aio.ServicerContext | None = None):
+    def __init__(
+        self,
+        fast: FastPath,
+        config: ServerConfig,
+        hub: StreamHub | None = None,
+        context: grpc.aio.ServicerContext | None = None,
+    ):
         self.fast = fast
         self.default_queue = config.stream_default_queue
         self.max_queue_limit = config.stream_max_queue
@@ -150,15 +165,21 @@ class StreamSession:
         if self._drain_deadline is None:
             return None
         left = max(0.0, self._drain_deadline - time.monotonic())
-        return pb.DrainNotice(seconds_left=left, message=(
-            f"the server is draining (shutting down) and ends this stream in about {left:.1f} s; "
-            "reconnect to another replica now"))
+        return pb.DrainNotice(
+            seconds_left=left,
+            message=(
+                f"the server is draining (shutting down) and ends this stream in about {left:.1f} s; "
+                "reconnect to another replica now"
+            ),
+        )
 
     async def _end_for_drain(self) -> None:
         if self.context is not None:
             self.context.set_trailing_metadata((DRAIN_METADATA,))
-        raise Unavailable("the server is draining (shutting down); reconnect to another replica "
-                          f"(last frame answered: {self.last_answered if self.last_answered is not None else 'none'})")
+        raise Unavailable(
+            "the server is draining (shutting down); reconnect to another replica "
+            f"(last frame answered: {self.last_answered if self.last_answered is not None else 'none'})"
+        )
 
     # -- reading -------------------------------------------------------------------------------
     def _configure(self, f: pb.ExplainFrame) -> None:
@@ -175,7 +196,9 @@ class StreamSession:
             if f.max_consecutive_errors:
                 self.max_errors = int(f.max_consecutive_errors)
         elif f.model and self.fast.registry.resolve(f.model).id != self.entry.id:
-            raise InvalidArgument(f"frame {f.frame_id}: a stream serves one model ({self.entry.id}); open another stream for {quote(f.model)}")
+            raise InvalidArgument(
+                f"frame {f.frame_id}: a stream serves one model ({self.entry.id}); open another stream for {quote(f.model)}"
+            )
         if f.HasField("options"):
             self.options = with_stream_defaults(f.options)
         if self.last_id is not None and f.frame_id <= self.last_id:
@@ -214,8 +237,9 @@ class StreamSession:
         """The frame's answer: its result, or its status when it failed (and the error)."""
         fid = frame.msg.frame_id
         metrics.FRAME_QUEUE_WAIT.labels(self.model_label).observe(time.perf_counter() - frame.received)
-        out = pb.ExplainFrameResult(frame_id=fid, received_unix_us=frame.received_us,
-                                    client_timestamp_us=frame.msg.client_timestamp_us)
+        out = pb.ExplainFrameResult(
+            frame_id=fid, received_unix_us=frame.received_us, client_timestamp_us=frame.msg.client_timestamp_us
+        )
         req = pb.ExplainRequest(model=self.entry.id, image=frame.msg.image, options=self.options)
         try:
             out.result.CopyFrom(await self.fast.explain(req, timeout=None, entry=self.entry))
@@ -227,7 +251,11 @@ class StreamSession:
         except Exception as e:  # noqa: BLE001 - one frame's failure is that frame's answer, not the stream's end
             ref = uuid.uuid4().hex[:12]
             log.error("frame failed", exc_info=e, extra={"model": self.model_label, "error_ref": ref})
-            code, message, err = grpc.StatusCode.INTERNAL, f"frame {fid}: internal error (reference {ref} in the server log)", e
+            code, message, err = (
+                grpc.StatusCode.INTERNAL,
+                f"frame {fid}: internal error (reference {ref} in the server log)",
+                e,
+            )
         out.status.CopyFrom(pb.FrameStatus(code=code.value[0], message=message))
         return out, err
 
@@ -248,8 +276,11 @@ class StreamSession:
 
     def _too_many_errors(self, res: pb.ExplainFrameResult, err: BaseException) -> XaiError:
         n = self.failed_in_a_row
-        tail = (f" ({n} frames in a row failed; this stream ends after max_consecutive_errors = {self.max_errors})"
-                if self.max_errors > 1 else "")
+        tail = (
+            f" ({n} frames in a row failed; this stream ends after max_consecutive_errors = {self.max_errors})"
+            if self.max_errors > 1
+            else ""
+        )
         message = res.status.message + tail
         if isinstance(err, XaiError):
             return type(err)(message)
@@ -315,4 +346,3 @@ class StreamSession:
             reader.cancel()
             for t, _ in inflight:
                 t.cancel()
-

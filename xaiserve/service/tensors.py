@@ -1,4 +1,5 @@
 """Conversion between numpy arrays and the `explain.v1.Tensor` message (little-endian, C order)."""
+
 from __future__ import annotations
 
 import math
@@ -29,7 +30,9 @@ def to_tensor(array: np.ndarray) -> pb.Tensor:
     return pb.Tensor(dtype=name, shape=list(a.shape), data=a.tobytes())
 
 
-def check_tensor(t: pb.Tensor, *, what: str = "tensor", max_elements: int | None = None) -> tuple[tuple[int, ...], np.dtype]:
+def check_tensor(
+    t: pb.Tensor, *, what: str = "tensor", max_elements: int | None = None
+) -> tuple[tuple[int, ...], np.dtype]:
     """Check a Tensor message's dtype, shape and byte length without touching its data (the
     admission step: nothing is allocated); returns (shape, dtype) or raises InvalidArgument /
     ResourceExhausted."""

@@ -11,6 +11,7 @@ able to import xaiserve (the same version: `pip install xaiserve` there, or a vi
     torchserve --start --model-store /srv/torchserve/model-store --models scenes-nemu=scenes-nemu.mar
     curl -T cat.png http://127.0.0.1:8080/predictions/scenes-nemu
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,13 +56,17 @@ def build_archive(store: Path, name: str, out: Path, *, threads: int = 1) -> Pat
         from model_archiver.model_archiver_config import ModelArchiverConfig
         from model_archiver.model_packaging import generate_model_archive
     except ImportError:
-        raise SystemExit("xaiserve export torchserve: torch-model-archiver is not installed; "
-                         "pip install 'xaiserve[torchserve]' (or torch-model-archiver)") from None
+        raise SystemExit(
+            "xaiserve export torchserve: torch-model-archiver is not installed; "
+            "pip install 'xaiserve[torchserve]' (or torch-model-archiver)"
+        ) from None
     registry = Registry(RegistryConfig(store=store, warmup=False))
     entry = registry.resolve(name)
     if entry.kind == "denoiser":
-        raise InvalidArgument(f"{entry.id} is a denoiser; the TorchServe handler serves image models (nem_u, nemt, "
-                              "encoder, classifier): serve denoisers with xaiserve (explain.v1 Denoise or OIP v2)")
+        raise InvalidArgument(
+            f"{entry.id} is a denoiser; the TorchServe handler serves image models (nem_u, nemt, "
+            "encoder, classifier): serve denoisers with xaiserve (explain.v1 Denoise or OIP v2)"
+        )
     frozen = registry.frozen_for(entry)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="xaiserve-mar-") as tmp:
@@ -76,19 +81,29 @@ def build_archive(store: Path, name: str, out: Path, *, threads: int = 1) -> Pat
                 shutil.copy2(store / rel, stage / rel)
             entries.append(raw)
         (stage / "manifest.json").write_text(json.dumps({"models": entries}, indent=1))
-        (stage / ARCHIVE_CONFIG).write_text(json.dumps({"model": entry.id, "intra_op_threads": threads,
-                                                        "xaiserve": __version__}))
+        (stage / ARCHIVE_CONFIG).write_text(
+            json.dumps({"model": entry.id, "intra_op_threads": threads, "xaiserve": __version__})
+        )
         handler = Path(tmp) / "handler.py"
         handler.write_text(HANDLER.format(model=entry.id, version=__version__))
-        generate_model_archive(ModelArchiverConfig(
-            model_name=entry.name, handler=str(handler), version=entry.version, extra_files=str(stage),
-            export_path=str(out), archive_format="default", force=True))
+        generate_model_archive(
+            ModelArchiverConfig(
+                model_name=entry.name,
+                handler=str(handler),
+                version=entry.version,
+                extra_files=str(stage),
+                export_path=str(out),
+                archive_format="default",
+                force=True,
+            )
+        )
     return out / f"{entry.name}.mar"
 
 
 def export_main(target: str, argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="xaiserve export torchserve", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="xaiserve export torchserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("name", help="the model: name or name:version")
     p.add_argument("--out", default=".", help="folder the .mar is written to (TorchServe's model store)")
     p.add_argument("--model-store", default="model_store", help="the xaiserve store the model comes from")
@@ -97,7 +112,9 @@ def export_main(target: str, argv: list[str]) -> int:
     from xaiserve.errors import XaiError
 
     try:
-        mar = build_archive(Path(a.model_store).expanduser().resolve(), a.name, Path(a.out).expanduser(), threads=a.threads)
+        mar = build_archive(
+            Path(a.model_store).expanduser().resolve(), a.name, Path(a.out).expanduser(), threads=a.threads
+        )
     except XaiError as e:
         print(f"xaiserve export torchserve: {e}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ float32)}, "output": [...], "label", "fidelity"}. A request that cannot be serve
 does not decode, an unknown method, ...) gets status 400 and {"error", "code"} through
 context.set_response_status for its index alone: the rest of the batch is answered as usual.
 """
+
 from __future__ import annotations
 
 import base64
@@ -38,8 +39,13 @@ from xaiserve.methods import MASK_KINDS, METHODS
 
 log = logging.getLogger("xaiserve.torchserve")
 ARCHIVE_CONFIG = "xaiserve_archive.json"
-HTTP_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "FAILED_PRECONDITION": 400, "RESOURCE_EXHAUSTED": 413,
-               "UNAVAILABLE": 503}
+HTTP_STATUS = {
+    "INVALID_ARGUMENT": 400,
+    "NOT_FOUND": 404,
+    "FAILED_PRECONDITION": 400,
+    "RESOURCE_EXHAUSTED": 413,
+    "UNAVAILABLE": 503,
+}
 
 
 @dataclass
@@ -115,8 +121,9 @@ class XaiserveHandler:
             try:
                 body = next((req[k] for k in ("data", "body", "image") if req.get(k) is not None), None)
                 if body is None:
-                    raise InvalidArgument("the request has no image: send PNG or JPEG bytes as the body (HTTP) or as "
-                                          "input 'data' (gRPC)")
+                    raise InvalidArgument(
+                        "the request has no image: send PNG or JPEG bytes as the body (HTTP) or as input 'data' (gRPC)"
+                    )
                 if isinstance(body, str):  # TorchServe hands a text body over as str
                     body = body.encode("latin-1")
                 self._options(row, req)
@@ -179,8 +186,10 @@ class XaiserveHandler:
             if entry.kind not in MASK_KINDS:
                 offered = [m for m in self.registry.methods(entry) if METHODS[m].rpc == "Explain"]
                 if req.get("fidelity") or req.get("target_label") is not None:
-                    raise InvalidArgument(f"model {entry.id} is a {entry.kind}: fidelity and target_label need a method, "
-                                          f"one of {', '.join(offered) or '(none)'}")
+                    raise InvalidArgument(
+                        f"model {entry.id} is a {entry.kind}: fidelity and target_label need a method, "
+                        f"one of {', '.join(offered) or '(none)'}"
+                    )
         else:
             spec = self.registry.check_method(entry, method)
             if spec.rpc != "Explain":
@@ -188,8 +197,9 @@ class XaiserveHandler:
             row.method = "" if spec.own else method
         if req.get("target_label") is not None:
             if self.frozen.kind != "classifier":
-                raise InvalidArgument(f"target_label applies to classifiers and NEMt models; {entry.id} explains an "
-                                      f"{self.frozen.kind}")
+                raise InvalidArgument(
+                    f"target_label applies to classifiers and NEMt models; {entry.id} explains an {self.frozen.kind}"
+                )
             try:
                 t = int(_text(req["target_label"]))
             except ValueError:

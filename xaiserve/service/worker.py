@@ -13,6 +13,7 @@ heart-beating and its job is claimed by another worker after --claim-idle-s.
 On start it prints one JSON line to stdout, {"event": "worker ready", "worker", "methods",
 "metrics_port", "queue"}, for supervisors and tests.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -86,27 +87,70 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xaiserve worker", description=__doc__.split("\n\n")[0])
     # default None = not given: the config file, the environment or WorkerConfig's default applies
     p.add_argument("--config", default=None, help="YAML or JSON file of worker settings (WorkerConfig field names)")
-    p.add_argument("--queue", type=_flag("queue"),
-                   help="redis://host:port/db (or sqlite:///path/jobs.sqlite shared on one host); env XAISERVE_QUEUE")
-    p.add_argument("--store", "--model-store", dest="store", type=_flag("model_store"),
-                   help="model store folder (default ./model_store); env XAISERVE_MODEL_STORE")
+    p.add_argument(
+        "--queue",
+        type=_flag("queue"),
+        help="redis://host:port/db (or sqlite:///path/jobs.sqlite shared on one host); env XAISERVE_QUEUE",
+    )
+    p.add_argument(
+        "--store",
+        "--model-store",
+        dest="store",
+        type=_flag("model_store"),
+        help="model store folder (default ./model_store); env XAISERVE_MODEL_STORE",
+    )
     # kept as text: the list rule of parse_setting splits it (as it does XAISERVE_* and file values)
-    p.add_argument("--methods", help="comma-separated job methods: relax, ablation_path, or module:Class (default relax,ablation_path)")
-    p.add_argument("--concurrency", type=_flag("concurrency"), help="jobs run at once in this process (threads; default 1)")
-    p.add_argument("--device", type=_flag("device"), help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--precision", type=_flag("precision"),
-                   help="autocast of frozen-model forwards: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16")
-    p.add_argument("--batch-by-memory", dest="batch_by_memory", type=_flag("batch_by_memory"),
-                   help="on a GPU, size RELAX / ablation batches by free device memory when a job sets none (default true)")
-    p.add_argument("--torch-threads", type=_flag("torch_threads"), help="torch intra-op threads (0: leave torch's default)")
-    p.add_argument("--metrics-host", type=_flag("metrics_host"), help="bind address of /metrics (default 127.0.0.1; 0.0.0.0 in containers)")
-    p.add_argument("--metrics-port", type=_flag("metrics_port"), help="default 9101; 0 picks a free port, -1 disables /metrics")
+    p.add_argument(
+        "--methods",
+        help="comma-separated job methods: relax, ablation_path, or module:Class (default relax,ablation_path)",
+    )
+    p.add_argument(
+        "--concurrency", type=_flag("concurrency"), help="jobs run at once in this process (threads; default 1)"
+    )
+    p.add_argument(
+        "--device", type=_flag("device"), help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N (default auto)"
+    )
+    p.add_argument(
+        "--precision",
+        type=_flag("precision"),
+        help="autocast of frozen-model forwards: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16",
+    )
+    p.add_argument(
+        "--batch-by-memory",
+        dest="batch_by_memory",
+        type=_flag("batch_by_memory"),
+        help="on a GPU, size RELAX / ablation batches by free device memory when a job sets none (default true)",
+    )
+    p.add_argument(
+        "--torch-threads", type=_flag("torch_threads"), help="torch intra-op threads (0: leave torch's default)"
+    )
+    p.add_argument(
+        "--metrics-host",
+        type=_flag("metrics_host"),
+        help="bind address of /metrics (default 127.0.0.1; 0.0.0.0 in containers)",
+    )
+    p.add_argument(
+        "--metrics-port", type=_flag("metrics_port"), help="default 9101; 0 picks a free port, -1 disables /metrics"
+    )
     p.add_argument("--worker-id", type=_flag("worker_id"), help="default: worker@HOST:PID")
-    for name in ("max_queued", "result_ttl_s", "claim_idle_s", "heartbeat_s", "max_attempts", "progress_min_interval_s"):
+    for name in (
+        "max_queued",
+        "result_ttl_s",
+        "claim_idle_s",
+        "heartbeat_s",
+        "max_attempts",
+        "progress_min_interval_s",
+    ):
         p.add_argument("--" + name.replace("_", "-"), type=_flag(name))
     p.add_argument("--grace-s", type=_flag("grace_s"), help="SIGTERM: time the running job may take to finish")
-    p.add_argument("--allow-volatile-queue", dest="allow_volatile_queue", action="store_const", const=True, default=None,
-                   help="start even when the Redis queue neither appends nor snapshots (a Redis restart loses every job)")
+    p.add_argument(
+        "--allow-volatile-queue",
+        dest="allow_volatile_queue",
+        action="store_const",
+        const=True,
+        default=None,
+        help="start even when the Redis queue neither appends nor snapshots (a Redis restart loses every job)",
+    )
     p.add_argument("--log-level", type=_flag("log_level"))
     p.add_argument("--log-json", dest="log_json", action="store_const", const=True, default=None)
     p.add_argument("--no-log-json", dest="log_json", action="store_const", const=False)
@@ -120,11 +164,14 @@ def load_worker_config(argv: list[str] | None = None, env: Mapping[str, str] | N
 
     args = _parser().parse_args(argv)
     flags = {f.name: getattr(args, "store" if f.name == "model_store" else f.name) for f in fields(WorkerConfig)}
-    values, sources = gather(WorkerConfig, file=args.config, env=os.environ if env is None else env,
-                             env_settings=WORKER_ENV, flags=flags)
+    values, sources = gather(
+        WorkerConfig, file=args.config, env=os.environ if env is None else env, env_settings=WORKER_ENV, flags=flags
+    )
     cfg = WorkerConfig(**values)
     if not cfg.queue:
-        raise ConfigError("--queue is required (redis://host:port/db or sqlite:///path); or set XAISERVE_QUEUE", "queue")
+        raise ConfigError(
+            "--queue is required (redis://host:port/db or sqlite:///path); or set XAISERVE_QUEUE", "queue"
+        )
     if cfg.concurrency < 1:
         raise ConfigError(f"--concurrency must be >= 1 (from {sources.get('concurrency')})", "concurrency")
     if not cfg.methods:
@@ -141,11 +188,19 @@ def load_worker_config(argv: list[str] | None = None, env: Mapping[str, str] | N
 def _options(args: WorkerConfig):
     from xaiserve.service.jobs.options import JobOptions
 
-    kw: dict[str, Any] = {k: v for k, v in {
-        "max_queued": args.max_queued, "result_ttl_s": args.result_ttl_s, "claim_idle_s": args.claim_idle_s,
-        "heartbeat_s": args.heartbeat_s, "max_attempts": args.max_attempts,
-        "progress_min_interval_s": args.progress_min_interval_s, "stop_grace_s": args.grace_s,
-    }.items() if v is not None}
+    kw: dict[str, Any] = {
+        k: v
+        for k, v in {
+            "max_queued": args.max_queued,
+            "result_ttl_s": args.result_ttl_s,
+            "claim_idle_s": args.claim_idle_s,
+            "heartbeat_s": args.heartbeat_s,
+            "max_attempts": args.max_attempts,
+            "progress_min_interval_s": args.progress_min_interval_s,
+            "stop_grace_s": args.grace_s,
+        }.items()
+        if v is not None
+    }
     if "claim_idle_s" in kw and "heartbeat_s" not in kw:
         kw["heartbeat_s"] = min(JobOptions.heartbeat_s, kw["claim_idle_s"] / 3.0)
     return JobOptions(embedded_workers=0, **kw)
@@ -178,9 +233,16 @@ def main(argv: list[str] | None = None) -> int:
         from xaiserve.service import gpu_metrics
 
         device = resolve_device(args.device)  # DeviceUnavailable (a RuntimeError): cuda asked for, none present
-        registry = Registry(RegistryConfig(store=Path(args.model_store).expanduser(), prefer_cuda=args.device != "cpu",
-                                           warmup=True, device=str(device), precision=args.precision,
-                                           batch_by_memory=args.batch_by_memory))
+        registry = Registry(
+            RegistryConfig(
+                store=Path(args.model_store).expanduser(),
+                prefer_cuda=args.device != "cpu",
+                warmup=True,
+                device=str(device),
+                precision=args.precision,
+                batch_by_memory=args.batch_by_memory,
+            )
+        )
         gpu_metrics.register(str(device))
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"xaiserve worker: {e}", file=sys.stderr)
@@ -227,12 +289,26 @@ def main(argv: list[str] | None = None) -> int:
         from xaiserve.service.httpd import BoundedCheck, OpsServer
 
         # /metrics, /healthz (the process runs), /readyz (the queue answers); 404 elsewhere
-        http = OpsServer(args.metrics_host, args.metrics_port, live={"process": lambda: (True, "ok")},
-                         ready={"queue": BoundedCheck(backend.ping, 1.0, f"the job queue ({backend.kind})")}).start()
+        http = OpsServer(
+            args.metrics_host,
+            args.metrics_port,
+            live={"process": lambda: (True, "ok")},
+            ready={"queue": BoundedCheck(backend.ping, 1.0, f"the job queue ({backend.kind})")},
+        ).start()
         mport = http.port
 
-    workers = [JobWorker(backend, methods, registry, options, ident if args.concurrency == 1 else f"{ident}#{i}",
-                         stop=stop, hand_back=hand_back) for i in range(args.concurrency)]
+    workers = [
+        JobWorker(
+            backend,
+            methods,
+            registry,
+            options,
+            ident if args.concurrency == 1 else f"{ident}#{i}",
+            stop=stop,
+            hand_back=hand_back,
+        )
+        for i in range(args.concurrency)
+    ]
     threads = [threading.Thread(target=w.run, name=f"job-worker-{i}", daemon=True) for i, w in enumerate(workers)]
     house = Housekeeper(backend, options, ident)
 
@@ -251,10 +327,28 @@ def main(argv: list[str] | None = None) -> int:
         t.start()
     hk = threading.Thread(target=housekeeping, name="housekeeping", daemon=True)
     hk.start()
-    print(json.dumps({"event": "worker ready", "worker": ident, "methods": sorted(methods), "metrics_port": mport,
-                      "queue": backend.kind}), flush=True)
-    log.info("worker ready", extra={"worker": ident, "methods": sorted(methods), "metrics_port": mport,
-                                    "device": str(registry.device), "gpus": gpu_metrics.gpu_names()})
+    print(
+        json.dumps(
+            {
+                "event": "worker ready",
+                "worker": ident,
+                "methods": sorted(methods),
+                "metrics_port": mport,
+                "queue": backend.kind,
+            }
+        ),
+        flush=True,
+    )
+    log.info(
+        "worker ready",
+        extra={
+            "worker": ident,
+            "methods": sorted(methods),
+            "metrics_port": mport,
+            "device": str(registry.device),
+            "gpus": gpu_metrics.gpu_names(),
+        },
+    )
 
     while not stop.wait(0.5):
         if not any(t.is_alive() for t in threads):

@@ -5,6 +5,7 @@ random resized crop (scale 0.25-1, aspect 3/4-4/3) with horizontal flip, colour 
 (brightness, contrast, saturation 0.4, hue 0.1), grayscale with p = 0.2. Gaussian blur is left out,
 as in the CIFAR variant of SimCLR for small images.
 """
+
 from __future__ import annotations
 
 import math
@@ -79,6 +80,8 @@ def random_gray(x: torch.Tensor, p: float, g: torch.Generator | None = None) -> 
     return on * gray + (1 - on) * x
 
 
-def simclr_view(x: torch.Tensor, cfg: AugmentConfig = AugmentConfig(), g: torch.Generator | None = None) -> torch.Tensor:
+def simclr_view(
+    x: torch.Tensor, cfg: AugmentConfig = AugmentConfig(), g: torch.Generator | None = None
+) -> torch.Tensor:
     """One augmented view of a [0,1] batch."""
     return random_gray(colour_jitter(resized_crop_flip(x, cfg, g), cfg, g), cfg.gray_p, g)

@@ -16,6 +16,7 @@
    (training time, held-out metrics, taps). Only the decoder's weights are kept beside it: the graph
    is what serves.
 """
+
 from __future__ import annotations
 
 import time
@@ -63,8 +64,10 @@ def frozen_entry(store: Path, model_id: str, kind: str) -> ModelEntry:
     name, _, version = model_id.partition(":")
     cands = [e for e in read_manifest(Path(store)) if e.name == name and (not version or e.version == version)]
     if not cands:
-        raise NotFound(f"model {model_id} is not in {store}/manifest.json (or is not valid: `xaiserve models list "
-                       f"--store {store}` says why); add it with `xaiserve models add`")
+        raise NotFound(
+            f"model {model_id} is not in {store}/manifest.json (or is not valid: `xaiserve models list "
+            f"--store {store}` says why); add it with `xaiserve models add`"
+        )
     from xaiserve.service.registry import _version_key
 
     entry = max(cands, key=lambda e: _version_key(e.version))
@@ -94,7 +97,7 @@ def decoder_arch(frozen: nn.Module, widths: Sequence[int] = ()) -> DecoderArch:
         if not 1 <= len(widths) <= levels:
             raise InvalidArgument(f"--decoder-widths gives {len(widths)} blocks for a pyramid of {levels} levels")
         return DecoderArch(widths=tuple(int(w) for w in widths))
-    return DecoderArch(widths=USER_WIDTHS[-min(4, levels):])
+    return DecoderArch(widths=USER_WIDTHS[-min(4, levels) :])
 
 
 def _table(split_metrics: dict[str, dict[str, float]]) -> str:
@@ -112,9 +115,18 @@ def train_user_nem(kind: str, model_id: str, opts: UserNemOptions) -> dict[str, 
     spec = entry.input
     frozen = pyramid_model(entry, opts.store, opts.taps)
     k = entry.output_dim or len(entry.labels)
-    ds = FolderDataset(opts.images, spec, labels_csv=opts.labels_csv, masks=opts.masks, class_names=entry.labels,
-                       num_classes=k if kind == "nemt" else 0, val_fraction=opts.val_fraction, seed=opts.seed,
-                       limit=opts.limit, labelled=kind == "nemt")
+    ds = FolderDataset(
+        opts.images,
+        spec,
+        labels_csv=opts.labels_csv,
+        masks=opts.masks,
+        class_names=entry.labels,
+        num_classes=k if kind == "nemt" else 0,
+        val_fraction=opts.val_fraction,
+        seed=opts.seed,
+        limit=opts.limit,
+        labelled=kind == "nemt",
+    )
     if kind == "nemt" and ds.label_source == "none":
         ds.relabel(frozen)  # no labels given: NEMt explains the classifier's own decisions
     arch = decoder_arch(frozen, opts.widths)
@@ -125,47 +137,95 @@ def train_user_nem(kind: str, model_id: str, opts: UserNemOptions) -> dict[str, 
         model, history, metrics = train_nemu(frozen, ds, cfg, decoder=arch, progress=opts.progress)
     else:
         smoothing = opts.smoothing or scaled_size(min(spec.height, spec.width))
-        model, history, metrics = train_nemt(frozen, ds, cfg, form=opts.form, conditional=opts.conditional, decoder=arch,
-                                             smoothing=smoothing, progress=opts.progress)
+        model, history, metrics = train_nemt(
+            frozen,
+            ds,
+            cfg,
+            form=opts.form,
+            conditional=opts.conditional,
+            decoder=arch,
+            smoothing=smoothing,
+            progress=opts.progress,
+        )
     seconds = time.perf_counter() - t0
     passes = opts.epochs * n_train * (max(k, 1) if kind == "nemt" and not opts.conditional else 1)
     taps = [{"layer": t.layer, "stride": t.stride, "channels": t.channels} for t in getattr(frozen, "taps", ())]
     strides = list(getattr(frozen, "pyramid_strides", ())) or [2**i for i in range(len(frozen.pyramid_channels))]
-    metrics_out = {**{s: m for s, m in metrics.items()}, "training_seconds": round(seconds, 1),
-                   "seconds_per_1000_images": round(1000 * seconds / max(passes, 1), 2)}
+    metrics_out = {
+        **{s: m for s, m in metrics.items()},
+        "training_seconds": round(seconds, 1),
+        "seconds_per_1000_images": round(1000 * seconds / max(passes, 1), 2),
+    }
     sections = {
-        "Data": (f"A folder of {sum(ds.sizes.values())} of the user's images (names not recorded), fitted to the model's "
-                 f"{spec.channels} x {spec.height} x {spec.width} input with `{spec.resize}` as the server fits requests. "
-                 f"Split (seed {opts.seed}): {ds.sizes['train']} train, {ds.sizes['val']} validation, {ds.sizes['test']} test"
-                 + (" (validation and test are the same held-out images: few images)" if ds.sizes["val"] == ds.sizes["test"]
-                    and ds.sizes["val"] < 2 else "")
-                 + f". Labels: {ds.label_source}. Ground-truth masks: {'yes' if ds.has_masks else 'none (no relevance mass)'}."),
-        "Frozen model": (f"`{entry.id}` ({entry.kind}), its torch form; feature pyramid "
-                         + (", ".join(f"`{t['layer']}` (stride {t['stride']}, {t['channels']} channels)" for t in taps)
-                            if taps else "of handlers.nets")
-                         + (" (named with --taps)" if opts.taps else " (found by a probe forward pass: the last activation "
-                            "at each stride 2..32)") + "."),
-        "Decoder": (f"U-Net decoder ([NEM-U] sec. 3.3) with blocks of {list(arch.widths)} channels on the "
-                    f"{len(arch.widths)} deepest levels (strides {strides[::-1][:len(arch.widths)]}), batch norm, sigmoid; "
-                    + ("NEM-U loss [NEM-U] eq. 5-9 (lambda1 1.5, lambda2 1)." if kind == "nem_u" else
-                       f"NEMt [NEMt] eq. 2, {opts.form} loss, "
-                       + ("one class-conditional network." if opts.conditional else f"one network per class ({k}).")
-                       + f" Smoothing {model.smoothing} x {model.smoothing} (the paper's 21 at 224 px, scaled).")),
-        "Training": (f"{opts.epochs} epochs, batch {opts.batch_size}, Prodigy (lr 1, weight decay 0.01); "
-                     f"{seconds:.1f} s in all, {metrics_out['seconds_per_1000_images']} s per 1000 images on this machine."),
+        "Data": (
+            f"A folder of {sum(ds.sizes.values())} of the user's images (names not recorded), fitted to the model's "
+            f"{spec.channels} x {spec.height} x {spec.width} input with `{spec.resize}` as the server fits requests. "
+            f"Split (seed {opts.seed}): {ds.sizes['train']} train, {ds.sizes['val']} validation, {ds.sizes['test']} test"
+            + (
+                " (validation and test are the same held-out images: few images)"
+                if ds.sizes["val"] == ds.sizes["test"] and ds.sizes["val"] < 2
+                else ""
+            )
+            + f". Labels: {ds.label_source}. Ground-truth masks: {'yes' if ds.has_masks else 'none (no relevance mass)'}."
+        ),
+        "Frozen model": (
+            f"`{entry.id}` ({entry.kind}), its torch form; feature pyramid "
+            + (
+                ", ".join(f"`{t['layer']}` (stride {t['stride']}, {t['channels']} channels)" for t in taps)
+                if taps
+                else "of handlers.nets"
+            )
+            + (
+                " (named with --taps)"
+                if opts.taps
+                else " (found by a probe forward pass: the last activation at each stride 2..32)"
+            )
+            + "."
+        ),
+        "Decoder": (
+            f"U-Net decoder ([NEM-U] sec. 3.3) with blocks of {list(arch.widths)} channels on the "
+            f"{len(arch.widths)} deepest levels (strides {strides[::-1][: len(arch.widths)]}), batch norm, sigmoid; "
+            + (
+                "NEM-U loss [NEM-U] eq. 5-9 (lambda1 1.5, lambda2 1)."
+                if kind == "nem_u"
+                else f"NEMt [NEMt] eq. 2, {opts.form} loss, "
+                + ("one class-conditional network." if opts.conditional else f"one network per class ({k}).")
+                + f" Smoothing {model.smoothing} x {model.smoothing} (the paper's 21 at 224 px, scaled)."
+            )
+        ),
+        "Training": (
+            f"{opts.epochs} epochs, batch {opts.batch_size}, Prodigy (lr 1, weight decay 0.01); "
+            f"{seconds:.1f} s in all, {metrics_out['seconds_per_1000_images']} s per 1000 images on this machine."
+        ),
         "Held-out metrics": _table({s: m for s, m in metrics.items() if isinstance(m, dict)}),
     }
     pub = Publication(
-        name=opts.name, version=opts.version, kind=kind,
+        name=opts.name,
+        version=opts.version,
+        kind=kind,
         description=f"{'NEM-U' if kind == 'nem_u' else 'NEMt'} masking network for the user model {entry.id}, trained on a "
-                    f"folder of its images",
-        input=dict(entry.raw["input"]), labels=tuple(entry.labels), output_dim=int(k),
+        f"folder of its images",
+        input=dict(entry.raw["input"]),
+        labels=tuple(entry.labels),
+        output_dim=int(k),
         # a handlers.nets frozen model keeps its rebuildable arch (the whole network's weights are saved)
-        arch={"type": kind, "frozen": ({"type": "user", "model": entry.id, "taps": taps, "strides": strides}
-                                       if isinstance(frozen, TappedModel) else dict(entry.arch)),
-              "decoder": arch.to_dict(),
-              **({"num_classes": k, "conditional": opts.conditional, "smoothing": model.smoothing} if kind == "nemt" else {})},
-        metrics=metrics_out, card_sections=sections, explains=entry.id,
+        arch={
+            "type": kind,
+            "frozen": (
+                {"type": "user", "model": entry.id, "taps": taps, "strides": strides}
+                if isinstance(frozen, TappedModel)
+                else dict(entry.arch)
+            ),
+            "decoder": arch.to_dict(),
+            **(
+                {"num_classes": k, "conditional": opts.conditional, "smoothing": model.smoothing}
+                if kind == "nemt"
+                else {}
+            ),
+        },
+        metrics=metrics_out,
+        card_sections=sections,
+        explains=entry.id,
     )
     frozen_onnx = Path(opts.store) / entry.files["onnx"] if "onnx" in entry.files else None
     return publish(opts.store, pub, model, frozen_onnx=frozen_onnx, decoder_only=isinstance(frozen, TappedModel))

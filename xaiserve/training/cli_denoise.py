@@ -13,6 +13,7 @@
 
 Default models: cryoem-spiral = spiral at SNR 1/64, cryoem-cartesian = cartesian at SNR 1/64.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,10 +81,17 @@ def _snr(text: str) -> float:
 
 
 def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="xaiserve train denoiser", description="Train a spiral or cartesian Cryo-EM denoiser on simulated particles.")
+    p = argparse.ArgumentParser(
+        prog="xaiserve train denoiser",
+        description="Train a spiral or cartesian Cryo-EM denoiser on simulated particles.",
+    )
     p.add_argument("--arch", choices=("spiral", "cartesian"), default="spiral")
-    p.add_argument("--snr", type=_snr, default=1.0 / 64.0, help="signal-to-noise ratio of norms, e.g. 1/4 or 1/64 (default 1/64)")
-    p.add_argument("--augment-rotations", action="store_true", help="random in-plane rotations of every batch (Fig. 7.9)")
+    p.add_argument(
+        "--snr", type=_snr, default=1.0 / 64.0, help="signal-to-noise ratio of norms, e.g. 1/4 or 1/64 (default 1/64)"
+    )
+    p.add_argument(
+        "--augment-rotations", action="store_true", help="random in-plane rotations of every batch (Fig. 7.9)"
+    )
     p.add_argument("--noise", choices=("gaussian", "poisson"), default="gaussian")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--n-train", type=int, default=2000)
@@ -96,14 +104,20 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-wind", type=int, default=0, help="spiral windings (0: size/2)")
     p.add_argument("--n-spls", type=int, default=0, help="spiral samples (0: round(pi n_wind^2))")
     p.add_argument("--predict", choices=("clean", "noise"), default="clean")
-    p.add_argument("--encode-sigma", type=float, default=None,
-                   help="input anti-aliasing in pixels (default: 0.7 for spiral = Gaussian input resampling, 0 for cartesian; "
-                        "spiral 0 = barycentric as in the thesis, cartesian > 0 = fixed Gaussian blur, an ablation)")
+    p.add_argument(
+        "--encode-sigma",
+        type=float,
+        default=None,
+        help="input anti-aliasing in pixels (default: 0.7 for spiral = Gaussian input resampling, 0 for cartesian; "
+        "spiral 0 = barycentric as in the thesis, cartesian > 0 = fixed Gaussian blur, an ablation)",
+    )
     p.add_argument("--seed", type=int, default=0, help="data seed (splits and molecules)")
     p.add_argument("--train-seed", type=int, default=0, help="initialisation / batch order seed")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a GPU when torch sees one; default)")
-    p.add_argument("--run-dir", type=Path, default=None, help=f"output directory (default {DEFAULT_RUNS}/ARCH-snrX[-aug])")
+    p.add_argument(
+        "--run-dir", type=Path, default=None, help=f"output directory (default {DEFAULT_RUNS}/ARCH-snrX[-aug])"
+    )
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -114,12 +128,11 @@ def train_main(target: str, argv: list[str]) -> int:
     args = train_parser().parse_args(argv)
     import torch
 
+    from xaiserve.devices import resolve_device
     from xaiserve.handlers.denoise.export import save_checkpoint
     from xaiserve.handlers.denoise.networks import Denoiser, DenoiserConfig, expected_signal_rms, parameter_count
     from xaiserve.handlers.denoise.train import TrainConfig, train
     from xaiserve.training.datasets.cryoem import CryoEMConfig, CryoEMSimulator
-
-    from xaiserve.devices import resolve_device
 
     torch.set_num_threads(max(1, args.threads))
     try:
@@ -130,37 +143,76 @@ def train_main(target: str, argv: list[str]) -> int:
     run = args.run_dir or DEFAULT_RUNS / run_name(args.arch, args.snr, args.augment_rotations, args.encode_sigma)
     run.mkdir(parents=True, exist_ok=True)
     data_cfg = CryoEMConfig(
-        size=args.size, snr=args.snr, noise=args.noise, seed=args.seed,
+        size=args.size,
+        snr=args.snr,
+        noise=args.noise,
+        seed=args.seed,
         sizes={"train": args.n_train, "val": args.n_val, "test": N_TEST},
     )
     model_cfg = DenoiserConfig(
-        arch=args.arch, size=args.size, channels=args.channels, kernel=args.kernel, n_wind=args.n_wind,
-        n_spls=args.n_spls, predict=args.predict, encode_sigma=args.encode_sigma,
+        arch=args.arch,
+        size=args.size,
+        channels=args.channels,
+        kernel=args.kernel,
+        n_wind=args.n_wind,
+        n_spls=args.n_spls,
+        predict=args.predict,
+        encode_sigma=args.encode_sigma,
         out_gain=expected_signal_rms(args.snr) if args.predict == "clean" else 1.0,
     )
-    train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, augment_rotations=args.augment_rotations, seed=args.train_seed)
+    train_cfg = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        augment_rotations=args.augment_rotations,
+        seed=args.train_seed,
+    )
     t0 = time.perf_counter()
     sim = CryoEMSimulator(data_cfg)
     tr, va = sim.generate("train"), sim.generate("val")
     torch.manual_seed(args.train_seed)
     model = Denoiser(model_cfg)
-    print(f"{run}: {args.arch} denoiser, {parameter_count(model)} parameters, SNR {args.snr:.6g}, "
-          f"{len(tr)} training particles, {args.epochs} epochs (data: {time.perf_counter() - t0:.1f} s)", flush=True)
-    config = {"data": _data_dict(data_cfg), "model": model_cfg.to_dict(), "train": asdict(train_cfg), "parameters": parameter_count(model), "code_version": code_version()}
+    print(
+        f"{run}: {args.arch} denoiser, {parameter_count(model)} parameters, SNR {args.snr:.6g}, "
+        f"{len(tr)} training particles, {args.epochs} epochs (data: {time.perf_counter() - t0:.1f} s)",
+        flush=True,
+    )
+    config = {
+        "data": _data_dict(data_cfg),
+        "model": model_cfg.to_dict(),
+        "train": asdict(train_cfg),
+        "parameters": parameter_count(model),
+        "code_version": code_version(),
+    }
     (run / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     log = run / "metrics.jsonl"
     log.write_text("")
 
     def show(rec: dict) -> None:
         tl = "-" if rec["train_loss"] is None else f"{rec['train_loss']:.4g}"
-        print(f"epoch {rec['epoch']:3d}  train {tl}  val mse {rec['val_mse']:.4g}  psnr {rec['val_psnr']:.2f} dB  "
-              f"equivariance {rec['equivariance']:.4f}  ({rec['seconds']:.0f} s)", flush=True)
+        print(
+            f"epoch {rec['epoch']:3d}  train {tl}  val mse {rec['val_mse']:.4g}  psnr {rec['val_psnr']:.2f} dB  "
+            f"equivariance {rec['equivariance']:.4f}  ({rec['seconds']:.0f} s)",
+            flush=True,
+        )
 
-    history = train(model, tr.noisy, tr.clean, va.noisy, va.clean, train_cfg, log_path=log, progress=not args.no_progress, on_epoch=show,
-                    device=device)
+    history = train(
+        model,
+        tr.noisy,
+        tr.clean,
+        va.noisy,
+        va.clean,
+        train_cfg,
+        log_path=log,
+        progress=not args.no_progress,
+        on_epoch=show,
+        device=device,
+    )
     save_checkpoint(run / "model.pt", model, {"data": config["data"], "train": config["train"], "history": history})
-    print(f"saved {run / 'model.pt'} (weights of epoch {history[-1]['best_epoch']}, the lowest validation loss; "
-          f"{time.perf_counter() - t0:.0f} s in all)")
+    print(
+        f"saved {run / 'model.pt'} (weights of epoch {history[-1]['best_epoch']}, the lowest validation loss; "
+        f"{time.perf_counter() - t0:.0f} s in all)"
+    )
     return 0
 
 
@@ -185,7 +237,9 @@ def _data_cfg(d: dict[str, Any]):
 # -- evaluate -----------------------------------------------------------------------------------
 
 
-def test_metrics(model, data_cfg, n_test: int = N_TEST, eq_particles: int = 128, eq_angles: int = 4) -> dict[str, float]:
+def test_metrics(
+    model, data_cfg, n_test: int = N_TEST, eq_particles: int = 128, eq_angles: int = 4
+) -> dict[str, float]:
     """Held-out test metrics of a torch denoiser: PSNR/MSE of output, of the noisy input and of the
     per-particle-mean predictor, and the equivariance error (eval mode)."""
     import torch
@@ -219,10 +273,17 @@ def _read_log(run: Path) -> list[dict]:
 
 
 def evaluate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="xaiserve evaluate denoiser", description="Compare the trained spiral and cartesian denoisers (table + curves).")
+    p = argparse.ArgumentParser(
+        prog="xaiserve evaluate denoiser",
+        description="Compare the trained spiral and cartesian denoisers (table + curves).",
+    )
     p.add_argument("--runs-root", type=Path, default=DEFAULT_RUNS, help="every subdirectory with model.pt is a run")
-    p.add_argument("--run", type=Path, action="append", default=None, help="a run directory (repeatable; overrides --runs-root)")
-    p.add_argument("--out", type=Path, default=None, help="where summary.json and denoiser_curves.png go (default: runs root)")
+    p.add_argument(
+        "--run", type=Path, action="append", default=None, help="a run directory (repeatable; overrides --runs-root)"
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help="where summary.json and denoiser_curves.png go (default: runs root)"
+    )
     p.add_argument("--n-test", type=int, default=N_TEST)
     p.add_argument("--threads", type=int, default=2)
     return p
@@ -239,7 +300,10 @@ def evaluate_main(target: str, argv: list[str]) -> int:
     torch.set_num_threads(max(1, args.threads))
     runs = args.run or sorted(p.parent for p in Path(args.runs_root).glob("*/model.pt"))
     if not runs:
-        print(f"no runs found (looked for */model.pt under {args.runs_root}); train with `xaiserve train denoiser ...` first", file=sys.stderr)
+        print(
+            f"no runs found (looked for */model.pt under {args.runs_root}); train with `xaiserve train denoiser ...` first",
+            file=sys.stderr,
+        )
         return 1
     out = args.out or (args.run[0].parent if args.run else Path(args.runs_root))
     out.mkdir(parents=True, exist_ok=True)
@@ -249,13 +313,20 @@ def evaluate_main(target: str, argv: list[str]) -> int:
         data_cfg = _data_cfg(ck["data"])
         log = _read_log(run)
         m = test_metrics(model, data_cfg, args.n_test)
-        rows.append({
-            "run": str(run), "arch": variant_label(model.config.to_dict()), "snr": data_cfg.snr, "augment": bool(ck["train"]["augment_rotations"]),
-            "parameters": sum(p.numel() for p in model.parameters()), "epochs": int(ck["train"]["epochs"]),
-            "best_epoch": log[-1].get("best_epoch") if log else None,
-            "equivariance_init": log[0]["equivariance"] if log else None,
-            "val_psnr_final": log[-1]["val_psnr"] if log else None, **m,
-        })
+        rows.append(
+            {
+                "run": str(run),
+                "arch": variant_label(model.config.to_dict()),
+                "snr": data_cfg.snr,
+                "augment": bool(ck["train"]["augment_rotations"]),
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "epochs": int(ck["train"]["epochs"]),
+                "best_epoch": log[-1].get("best_epoch") if log else None,
+                "equivariance_init": log[0]["equivariance"] if log else None,
+                "val_psnr_final": log[-1]["val_psnr"] if log else None,
+                **m,
+            }
+        )
         print(f"evaluated {run}", flush=True)
     summary = {"runs": rows, "comparisons": compare(rows)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -281,14 +352,20 @@ def compare(rows: list[dict]) -> list[dict]:
         s = by["spiral"]
         for other in sorted(k for k in by if k != "spiral"):
             c = by[other]
-            out.append({
-            "snr": cond[0], "augment": cond[1], "versus": other,
-            "psnr_spiral_minus_cartesian_db": s["test_psnr"] - c["test_psnr"],
-            "psnr_target_met": s["test_psnr"] - c["test_psnr"] >= -0.5,  # spiral at most 0.5 dB below
-            "equivariance_ratio_trained": s["test_equivariance"] / max(c["test_equivariance"], 1e-12),
-            "equivariance_ratio_init": (s["equivariance_init"] / max(c["equivariance_init"], 1e-12)) if s["equivariance_init"] and c["equivariance_init"] else None,
-            "spiral_at_most_half": s["test_equivariance"] <= 0.5 * c["test_equivariance"],
-            })
+            out.append(
+                {
+                    "snr": cond[0],
+                    "augment": cond[1],
+                    "versus": other,
+                    "psnr_spiral_minus_cartesian_db": s["test_psnr"] - c["test_psnr"],
+                    "psnr_target_met": s["test_psnr"] - c["test_psnr"] >= -0.5,  # spiral at most 0.5 dB below
+                    "equivariance_ratio_trained": s["test_equivariance"] / max(c["test_equivariance"], 1e-12),
+                    "equivariance_ratio_init": (s["equivariance_init"] / max(c["equivariance_init"], 1e-12))
+                    if s["equivariance_init"] and c["equivariance_init"]
+                    else None,
+                    "spiral_at_most_half": s["test_equivariance"] <= 0.5 * c["test_equivariance"],
+                }
+            )
     return out
 
 
@@ -318,7 +395,9 @@ def _half_target(c: dict) -> str:
 
 
 def format_comparisons(comps: list[dict]) -> str:
-    lines = ["spiral vs cartesian (targets: spiral PSNR at most 0.5 dB below; spiral equivariance error <= half the cartesian one)"]
+    lines = [
+        "spiral vs cartesian (targets: spiral PSNR at most 0.5 dB below; spiral equivariance error <= half the cartesian one)"
+    ]
     for c in comps:
         ri = "-" if c["equivariance_ratio_init"] is None else f"{c['equivariance_ratio_init']:.3f}"
         lines.append(
@@ -348,7 +427,9 @@ def plot_curves(runs: list[Path], path: Path) -> Path:
         title = f"SNR {_snr_text(cond[0])}" + (", rotation augmentation" if cond[1] else "")
         for arch, log in sorted(series[cond].items()):
             ep = [r["epoch"] for r in log]
-            style = dict(ms=3, label=arch, color=colours.get(arch, "tab:green" if arch.startswith("cartesian") else "tab:purple"))
+            style = dict(
+                ms=3, label=arch, color=colours.get(arch, "tab:green" if arch.startswith("cartesian") else "tab:purple")
+            )
             fmt = "o-" if arch in colours else "s--"
             axes[i, 0].plot(ep, [r["val_psnr"] for r in log], fmt, **style)
             axes[i, 1].plot(ep, [r["equivariance"] for r in log], fmt, **style)
@@ -429,15 +510,39 @@ def latency_section(bench: dict | None, extra: dict | None = None) -> str:
 def export_parser() -> argparse.ArgumentParser:
     from xaiserve.paths import default_model_store
 
-    p = argparse.ArgumentParser(prog="xaiserve export denoiser", description="Export a trained denoiser run to the model store (ONNX + card + manifest).")
-    p.add_argument("--run", type=Path, required=True, help="run directory with model.pt (from `xaiserve train denoiser`)")
+    p = argparse.ArgumentParser(
+        prog="xaiserve export denoiser",
+        description="Export a trained denoiser run to the model store (ONNX + card + manifest).",
+    )
+    p.add_argument(
+        "--run", type=Path, required=True, help="run directory with model.pt (from `xaiserve train denoiser`)"
+    )
     p.add_argument("--name", default=None, help="model name (default cryoem-ARCH)")
     p.add_argument("--version", default="1")
-    p.add_argument("--store", type=Path, default=default_model_store(),
-                   help="model store (default: $XAISERVE_MODEL_STORE, else ./model_store)")
-    p.add_argument("--summary", type=Path, default=None, help="summary.json of `xaiserve evaluate denoiser` to quote in the card (default: next to the run, if present)")
-    p.add_argument("--bench", type=Path, default=None, help="JSON of bench/bench_denoise.py --json to quote in the card (default: next to the run, if present)")
-    p.add_argument("--bench-extra", type=Path, default=None, help="JSON of a second bench run (e.g. --threads 2) shown for information (default: bench-threads2.json next to the run, if present)")
+    p.add_argument(
+        "--store",
+        type=Path,
+        default=default_model_store(),
+        help="model store (default: $XAISERVE_MODEL_STORE, else ./model_store)",
+    )
+    p.add_argument(
+        "--summary",
+        type=Path,
+        default=None,
+        help="summary.json of `xaiserve evaluate denoiser` to quote in the card (default: next to the run, if present)",
+    )
+    p.add_argument(
+        "--bench",
+        type=Path,
+        default=None,
+        help="JSON of bench/bench_denoise.py --json to quote in the card (default: next to the run, if present)",
+    )
+    p.add_argument(
+        "--bench-extra",
+        type=Path,
+        default=None,
+        help="JSON of a second bench run (e.g. --threads 2) shown for information (default: bench-threads2.json next to the run, if present)",
+    )
     p.add_argument("--n-test", type=int, default=N_TEST)
     p.add_argument("--threads", type=int, default=2)
     return p
@@ -484,7 +589,12 @@ def export_main(target: str, argv: list[str]) -> int:
     shutil.copyfile(args.run / "metrics.jsonl", dest / "metrics.jsonl")
     summary_path = args.summary or (args.run.parent / "summary.json")
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
-    files = {"onnx": str(rel / "model.onnx"), "state_dict": str(rel / "weights.pt"), "card": str(rel / "card.md"), "metrics_log": str(rel / "metrics.jsonl")}
+    files = {
+        "onnx": str(rel / "model.onnx"),
+        "state_dict": str(rel / "weights.pt"),
+        "card": str(rel / "card.md"),
+        "metrics_log": str(rel / "metrics.jsonl"),
+    }
     curves = args.run.parent / "denoiser_curves.png"
     if curves.exists():
         shutil.copyfile(curves, dest / "curves.png")

@@ -6,6 +6,7 @@
 Writes DIR/explanations_<dataset>.md (table), .json (means, std, standard errors, settings) and
 .png (examples: image, ground truth, one column per method), and prints the table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,22 +21,41 @@ TARGETS = ("explanations", "nem")  # service/cli.py routes both here; "nem" is a
 def _parser() -> argparse.ArgumentParser:
     from xaiserve.training.evaluate_explanations import DEFAULT_MASK_MODELS
 
-    p = argparse.ArgumentParser(prog="xaiserve evaluate explanations", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default=None, choices=sorted(DEFAULT_MASK_MODELS),
-                   help="a synthetic dataset with pixel-exact ground truth (or --model NAME --images DIR)")
+    p = argparse.ArgumentParser(
+        prog="xaiserve evaluate explanations", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--dataset",
+        default=None,
+        choices=sorted(DEFAULT_MASK_MODELS),
+        help="a synthetic dataset with pixel-exact ground truth (or --model NAME --images DIR)",
+    )
     p.add_argument("--model", default="", help="with --images: the frozen model, or one masking network of it")
     p.add_argument("--images", type=Path, default=None, help="a folder of your images (class subfolders = labels)")
-    p.add_argument("--masks", type=Path, default=None, help="with --images: ground-truth masks (same relative paths): "
-                   "adds the localisation columns; without, deletion/insertion faithfulness")
-    p.add_argument("--deletion-steps", type=int, default=16, help="with --images: steps of the deletion/insertion curves")
+    p.add_argument(
+        "--masks",
+        type=Path,
+        default=None,
+        help="with --images: ground-truth masks (same relative paths): "
+        "adds the localisation columns; without, deletion/insertion faithfulness",
+    )
+    p.add_argument(
+        "--deletion-steps", type=int, default=16, help="with --images: steps of the deletion/insertion curves"
+    )
     p.add_argument("--n", type=int, default=200, help="test images (the first n of the held-out split)")
     p.add_argument("--out", type=Path, default=Path("eval_out"), help="output directory")
     p.add_argument("--store", type=Path, default=None, help="model store (default: the repository's model_store/)")
-    p.add_argument("--mask-models", default=None,
-                   help="comma-separated masking networks (default: scenes-nemu | lesions-nemt,lesions-nemt-cond; '' = none)")
+    p.add_argument(
+        "--mask-models",
+        default=None,
+        help="comma-separated masking networks (default: scenes-nemu | lesions-nemt,lesions-nemt-cond; '' = none)",
+    )
     p.add_argument("--frozen", default="", help="frozen model (default: the one the mask models explain)")
-    p.add_argument("--methods", default=None, help="comma-separated gradient baselines (default: all for the model kind; '' = none)")
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated gradient baselines (default: all for the model kind; '' = none)",
+    )
     p.add_argument("--relax-masks", type=int, default=500, help="RELAX masks per image (paper: 3000)")
     p.add_argument("--relax-paper", action="store_true", help="use the paper's N = 3000 masks per image")
     p.add_argument("--relax-batch", type=int, default=100, help="RELAX masks per forward batch")
@@ -85,11 +105,26 @@ def evaluate_main(target: str, argv: list[str]) -> int:
 
             kw.update(images=args.images, masks=args.masks, model=args.model, deletion_steps=args.deletion_steps)
         cfg = EvalConfig(
-            dataset=args.dataset or FOLDER, out=args.out, n=args.n, mask_models=_names(args.mask_models), frozen=args.frozen,
-            methods=methods, relax=not args.no_relax, relax_masks=3000 if args.relax_paper else args.relax_masks,
-            relax_batch=args.relax_batch, random_row=not args.no_random, monotonicity=not args.no_monotonicity,
-            monotonicity_config=M.MonotonicityConfig(patch=args.monotonicity_patch, n_samples=args.monotonicity_samples),
-            threads=args.threads, seed=args.seed, data_root=args.data_root, examples=args.examples, quiet=args.quiet, **kw,
+            dataset=args.dataset or FOLDER,
+            out=args.out,
+            n=args.n,
+            mask_models=_names(args.mask_models),
+            frozen=args.frozen,
+            methods=methods,
+            relax=not args.no_relax,
+            relax_masks=3000 if args.relax_paper else args.relax_masks,
+            relax_batch=args.relax_batch,
+            random_row=not args.no_random,
+            monotonicity=not args.no_monotonicity,
+            monotonicity_config=M.MonotonicityConfig(
+                patch=args.monotonicity_patch, n_samples=args.monotonicity_samples
+            ),
+            threads=args.threads,
+            seed=args.seed,
+            data_root=args.data_root,
+            examples=args.examples,
+            quiet=args.quiet,
+            **kw,
         )
         result = evaluate(cfg)
         paths = write_report(result, args.out, cfg.examples)
@@ -104,7 +139,10 @@ def evaluate_main(target: str, argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
-        print(f"usage: python -m xaiserve.training.cli_eval TARGET [options]; targets: {', '.join(TARGETS)}", file=sys.stderr)
+        print(
+            f"usage: python -m xaiserve.training.cli_eval TARGET [options]; targets: {', '.join(TARGETS)}",
+            file=sys.stderr,
+        )
         return 2
     return evaluate_main(argv[0], argv[1:])
 

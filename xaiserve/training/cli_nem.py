@@ -14,6 +14,7 @@ Common options: --seed, --epochs, --resume (continue from <out>/<name>/ checkpoi
 --no-export (train only), --fashion-mnist DIR (scenes data).
 Each run ends with a summary of its validation metrics; exit code 0 on success, 2 on bad usage or input.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,10 +38,23 @@ ZOO: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("scenes-simclr", "encoder", {"epochs": 12, "stages": (5,)}),
     ("lesions-classifier", "classifier", {"dataset": "lesions", "epochs": 5}),
     ("scenes-nemu", "nem-u", {"encoder": "scenes-simclr:1", "epochs": 10}),
-    ("lesions-nemt", "nemt", {"classifier": "lesions-classifier:1", "form": "auto", "conditional": False, "epochs": 3,
-                              "ablate_smoothing": 21}),
+    (
+        "lesions-nemt",
+        "nemt",
+        {
+            "classifier": "lesions-classifier:1",
+            "form": "auto",
+            "conditional": False,
+            "epochs": 3,
+            "ablate_smoothing": 21,
+        },
+    ),
     ("scenes-classifier", "classifier", {"dataset": "scenes", "epochs": 15}),
-    ("lesions-nemt-cond", "nemt", {"classifier": "lesions-classifier:1", "form": "preservation", "conditional": True, "epochs": 6}),
+    (
+        "lesions-nemt-cond",
+        "nemt",
+        {"classifier": "lesions-classifier:1", "form": "preservation", "conditional": True, "epochs": 6},
+    ),
     # the DICOM demo: synthetic CT phantoms, window stack as channels (xaiserve/training/datasets/phantoms.py),
     # served with the gradient methods (its card says why there is no NEMt for it)
     ("ct-phantoms-classifier", "classifier", {"dataset": "ct-phantoms", "epochs": 8}),
@@ -49,46 +63,87 @@ DEFAULT_NAMES = {"encoder": "scenes-simclr", "nem-u": "scenes-nemu"}
 
 
 def _parser(cmd: str, target: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"xaiserve {cmd} {target}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=f"xaiserve {cmd} {target}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--name", help="model name in the store (default: the zoo name for the target)")
     p.add_argument("--version", default="1")
     # relative to the working directory (the repository root in a checkout), not to the package
     p.add_argument("--out", type=Path, default=Path("runs"), help="checkpoints and trained results (default: ./runs)")
-    p.add_argument("--store", type=Path, default=default_model_store(),
-                   help="model store (default: $XAISERVE_MODEL_STORE, else ./model_store)")
+    p.add_argument(
+        "--store",
+        type=Path,
+        default=default_model_store(),
+        help="model store (default: $XAISERVE_MODEL_STORE, else ./model_store)",
+    )
     if cmd == "train":
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--epochs", type=int, default=None, help="epochs (default: per model, see the model card)")
         p.add_argument("--resume", action="store_true", help="continue from the checkpoints under --out")
         p.add_argument("--limit", type=int, default=None, help="train on the first N training images only")
         p.add_argument("--threads", type=int, default=2)
-        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a GPU when torch sees one; default)")
+        p.add_argument(
+            "--device", default="auto", help="cpu, cuda, cuda:N or auto (a GPU when torch sees one; default)"
+        )
         p.add_argument("--no-progress", action="store_true")
         p.add_argument("--no-export", action="store_true", help="train only; publish later with `xaiserve export`")
         p.add_argument("--fashion-mnist", type=Path, default=None, help="directory with the Fashion-MNIST IDX files")
-        p.add_argument("--dataset", choices=("lesions", "scenes", "ct-phantoms"), default="lesions", help="classifier: which dataset")
-        p.add_argument("--encoder", default="scenes-simclr:1", help="nem-u: the frozen encoder (name[:version] in --store)")
+        p.add_argument(
+            "--dataset",
+            choices=("lesions", "scenes", "ct-phantoms"),
+            default="lesions",
+            help="classifier: which dataset",
+        )
+        p.add_argument(
+            "--encoder", default="scenes-simclr:1", help="nem-u: the frozen encoder (name[:version] in --store)"
+        )
         p.add_argument("--classifier", default="lesions-classifier:1", help="nemt: the frozen classifier")
-        p.add_argument("--form", choices=("auto", "preservation", "deletion"), default="auto",
-                       help="nemt loss form; auto = train both, keep the higher validation relevance mass")
+        p.add_argument(
+            "--form",
+            choices=("auto", "preservation", "deletion"),
+            default="auto",
+            help="nemt loss form; auto = train both, keep the higher validation relevance mass",
+        )
         p.add_argument("--conditional", action="store_true", help="nemt: one class-conditional (FiLM) network")
-        p.add_argument("--smoothing", type=int, default=None,
-                       help="nemt: neighbourhood size of the smoothing (odd; default: the paper's 21 at 224 px scaled to the "
-                            "image size, 7 at 64 px)")
-        p.add_argument("--ablate-smoothing", type=int, default=None,
-                       help="nemt: also train with this neighbourhood size and report it in the card (not served)")
+        p.add_argument(
+            "--smoothing",
+            type=int,
+            default=None,
+            help="nemt: neighbourhood size of the smoothing (odd; default: the paper's 21 at 224 px scaled to the "
+            "image size, 7 at 64 px)",
+        )
+        p.add_argument(
+            "--ablate-smoothing",
+            type=int,
+            default=None,
+            help="nemt: also train with this neighbourhood size and report it in the card (not served)",
+        )
         p.add_argument("--only", default=None, help="zoo: comma-separated model names to (re)train")
         # a masking network for any CNN in the store (training/byom_nem.py)
-        p.add_argument("--images", type=Path, default=None,
-                       help="nem-u/nemt: train on this folder of images (the model's own size and preprocessing); "
-                            "nemt: class subfolders give the labels")
-        p.add_argument("--masks", type=Path, default=None, help="with --images: ground-truth masks (same relative paths)")
+        p.add_argument(
+            "--images",
+            type=Path,
+            default=None,
+            help="nem-u/nemt: train on this folder of images (the model's own size and preprocessing); "
+            "nemt: class subfolders give the labels",
+        )
+        p.add_argument(
+            "--masks", type=Path, default=None, help="with --images: ground-truth masks (same relative paths)"
+        )
         p.add_argument("--labels", type=Path, default=None, help="nemt with --images: a CSV of path,label rows")
-        p.add_argument("--taps", default=None, help="with --images: the frozen model's layers to use as the pyramid, "
-                                                    "comma-separated (default: found by a probe forward pass)")
-        p.add_argument("--decoder-widths", default=None, help="with --images: decoder channels, deepest first (e.g. 48,32,16,8)")
+        p.add_argument(
+            "--taps",
+            default=None,
+            help="with --images: the frozen model's layers to use as the pyramid, "
+            "comma-separated (default: found by a probe forward pass)",
+        )
+        p.add_argument(
+            "--decoder-widths", default=None, help="with --images: decoder channels, deepest first (e.g. 48,32,16,8)"
+        )
         p.add_argument("--batch-size", type=int, default=16, help="with --images: images per training step")
-        p.add_argument("--val-fraction", type=float, default=0.2, help="with --images: held-out share (validation + test)")
+        p.add_argument(
+            "--val-fraction", type=float, default=0.2, help="with --images: held-out share (validation + test)"
+        )
     return p
 
 
@@ -103,20 +158,31 @@ def _name(target: str, args: argparse.Namespace) -> str:
 
 
 def _opts(args: argparse.Namespace):
+    from xaiserve.devices import resolve_device
     from xaiserve.training.zoo import RunOptions
 
-    from xaiserve.devices import resolve_device
-
-    return RunOptions(out=args.out, store=args.store, version=args.version, seed=args.seed, epochs=args.epochs,
-                      resume=args.resume, progress=not args.no_progress, limit=args.limit, export=not args.no_export,
-                      fashion_mnist=args.fashion_mnist, device=str(resolve_device(getattr(args, "device", "cpu"))))
+    return RunOptions(
+        out=args.out,
+        store=args.store,
+        version=args.version,
+        seed=args.seed,
+        epochs=args.epochs,
+        resume=args.resume,
+        progress=not args.no_progress,
+        limit=args.limit,
+        export=not args.no_export,
+        fashion_mnist=args.fashion_mnist,
+        device=str(resolve_device(getattr(args, "device", "cpu"))),
+    )
 
 
 def _summary(res: dict[str, Any]) -> str:
     m = res.get("metrics", {})
     keep = {k: v for k, v in m.items() if k != "form_comparison"}
     if "form_comparison" in m:
-        keep["form_comparison(val relevance mass)"] = {f: r["val"]["relevance_mass"] for f, r in m["form_comparison"].items()}
+        keep["form_comparison(val relevance mass)"] = {
+            f: r["val"]["relevance_mass"] for f, r in m["form_comparison"].items()
+        }
     return f"{res['name']} ({res['kind']}): " + json.dumps(keep, indent=1, default=float)
 
 
@@ -139,16 +205,25 @@ def _train_one(target: str, name: str, args: argparse.Namespace, extra: dict[str
     elif target == "nem-u":
         res = zoo.run_nemu(opts, name, extra.get("encoder", args.encoder))
     elif target == "nemt":
-        res = zoo.run_nemt(opts, name, extra.get("classifier", args.classifier), form=extra.get("form", args.form),
-                           conditional=extra.get("conditional", args.conditional), smoothing=args.smoothing,
-                           ablate_smoothing=extra.get("ablate_smoothing", args.ablate_smoothing))
+        res = zoo.run_nemt(
+            opts,
+            name,
+            extra.get("classifier", args.classifier),
+            form=extra.get("form", args.form),
+            conditional=extra.get("conditional", args.conditional),
+            smoothing=args.smoothing,
+            ablate_smoothing=extra.get("ablate_smoothing", args.ablate_smoothing),
+        )
     else:
         raise ValueError(target)
     print("validation summary: " + _summary(res), flush=True)
     if opts.export:
         entry = zoo.publish_result(opts, name)
-        print(f"exported {entry['name']}:{entry['version']} to {opts.store} (ORT vs torch max abs diff "
-              f"{entry['metrics']['onnx_max_abs_diff']})", flush=True)
+        print(
+            f"exported {entry['name']}:{entry['version']} to {opts.store} (ORT vs torch max abs diff "
+            f"{entry['metrics']['onnx_max_abs_diff']})",
+            flush=True,
+        )
     return res
 
 
@@ -160,16 +235,42 @@ def _train_user(target: str, args: argparse.Namespace) -> dict[str, Any]:
     name = args.name or f"{frozen.partition(':')[0]}-{'nemu' if target == 'nem-u' else 'nemt'}"
     form = "preservation" if args.form == "auto" else args.form
     opts = UserNemOptions(
-        images=args.images, store=args.store, name=name, version=args.version, masks=args.masks, labels_csv=args.labels,
+        images=args.images,
+        store=args.store,
+        name=name,
+        version=args.version,
+        masks=args.masks,
+        labels_csv=args.labels,
         taps=tuple(t.strip() for t in args.taps.split(",") if t.strip()) if args.taps else (),
         widths=tuple(int(w) for w in args.decoder_widths.split(",")) if args.decoder_widths else (),
-        epochs=args.epochs or 5, batch_size=args.batch_size, val_fraction=args.val_fraction, seed=args.seed,
-        limit=args.limit, conditional=args.conditional, form=form, smoothing=args.smoothing, progress=not args.no_progress)
+        epochs=args.epochs or 5,
+        batch_size=args.batch_size,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        limit=args.limit,
+        conditional=args.conditional,
+        form=form,
+        smoothing=args.smoothing,
+        progress=not args.no_progress,
+    )
     entry = train_user_nem("nem_u" if target == "nem-u" else "nemt", frozen, opts)
     m = entry["metrics"]
-    print(json.dumps({"exported": f"{entry['name']}:{entry['version']}", "explains": entry["explains"], "store": str(args.store),
-                      "onnx_max_abs_diff": m.get("onnx_max_abs_diff"), "training_seconds": m.get("training_seconds"),
-                      "test": m.get("test"), "latency": m.get("latency")}, indent=2, default=float), flush=True)
+    print(
+        json.dumps(
+            {
+                "exported": f"{entry['name']}:{entry['version']}",
+                "explains": entry["explains"],
+                "store": str(args.store),
+                "onnx_max_abs_diff": m.get("onnx_max_abs_diff"),
+                "training_seconds": m.get("training_seconds"),
+                "test": m.get("test"),
+                "latency": m.get("latency"),
+            },
+            indent=2,
+            default=float,
+        ),
+        flush=True,
+    )
     return entry
 
 
@@ -188,7 +289,10 @@ def train_main(target: str, argv: Sequence[str] | None = None) -> int:
                 print("--masks, --labels and --taps need --images DIR (the folder to train on)", file=sys.stderr)
                 return 2
             if args.no_export:
-                print("--no-export: a masking network trained with --images is published when it is trained", file=sys.stderr)
+                print(
+                    "--no-export: a masking network trained with --images is published when it is trained",
+                    file=sys.stderr,
+                )
                 return 2
             _train_user(target, args)
             return 0
@@ -223,7 +327,9 @@ def export_main(target: str, argv: Sequence[str] | None = None) -> int:
     try:
         for name in names:
             entry = publish_result(opts, name)
-            print(f"exported {entry['name']}:{entry['version']} (ORT vs torch max abs diff {entry['metrics']['onnx_max_abs_diff']})")
+            print(
+                f"exported {entry['name']}:{entry['version']} (ORT vs torch max abs diff {entry['metrics']['onnx_max_abs_diff']})"
+            )
     except XaiError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ Images: the first n test images of the lesions dataset whose blurred baseline (s
 the classifier's decision (the others cannot be explained with the default baseline and are
 counted, not hidden). Target: the classifier's argmax, the path's default.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,11 @@ def _strip(path_png: Path, x: torch.Tensor, out, spec, label: str) -> None:
     show = list(range(0, T + 2, 3)) + ([T + 1] if (T + 1) % 3 else [])
     full = P.with_boundaries(out.path_image)
     affine = P.with_boundaries(P.affine_path(T, *out.path_image.shape[-2:]))
-    rows = [("optimised path", interpolate(x, out.baseline, full)), ("its mask phi(t)", full),
-            ("affine path", interpolate(x, out.baseline, affine))]
+    rows = [
+        ("optimised path", interpolate(x, out.baseline, full)),
+        ("its mask phi(t)", full),
+        ("affine path", interpolate(x, out.baseline, affine)),
+    ]
     times = out.times.numpy()
     f = out.probabilities[:, out.target].numpy()
     fig, axes = plt.subplots(3, len(show), figsize=(1.6 * len(show), 5.2))
@@ -65,15 +69,19 @@ def _strip(path_png: Path, x: torch.Tensor, out, spec, label: str) -> None:
                 ax.set_title(f"t={times[k]:.2f}\nF={f[k]:.2f}", fontsize=7)
             if c == 0:
                 ax.set_ylabel(name, fontsize=7)
-    fig.suptitle(f"{label}: saturation {out.saturation_history[-1]:.2f} after {out.iterations} iterations "
-                 f"({out.stop_reason}); transition slice t={times[out.transition_index]:.2f}", fontsize=8)
+    fig.suptitle(
+        f"{label}: saturation {out.saturation_history[-1]:.2f} after {out.iterations} iterations "
+        f"({out.stop_reason}); transition slice t={times[out.transition_index]:.2f}",
+        fontsize=8,
+    )
     fig.tight_layout()
     fig.savefig(path_png, dpi=110)
     plt.close(fig)
 
 
-def evaluate(n: int = 24, out_dir: Path = ROOT / "docs" / "evaluation", threads: int = 1,
-             store: Path = ROOT / "model_store") -> dict:
+def evaluate(
+    n: int = 24, out_dir: Path = ROOT / "docs" / "evaluation", threads: int = 1, store: Path = ROOT / "model_store"
+) -> dict:
     torch.set_num_threads(threads)
     reg = Registry(RegistryConfig(store=store, warmup=False, intra_op_threads=threads, prefer_cuda=False))
     entry = reg.resolve("lesions-classifier")
@@ -96,41 +104,62 @@ def evaluate(n: int = 24, out_dir: Path = ROOT / "docs" / "evaluation", threads:
             continue
         gt = split.masks[i]
         cam = saliency.attribute("gradcam", module, x[None], kind="classifier", target=res.target)
-        rows.append({
-            "index": i, "label": int(split.labels[i]), "target": res.target,
-            "saturation_start": res.saturation_history[0], "saturation_end": res.saturation_history[-1],
-            "iterations": res.iterations, "stop_reason": res.stop_reason,
-            "max_distance_from_affine": float((res.path - affine).abs().max()),
-            "mean_distance_from_affine": float((res.path - affine).abs().mean()),
-            "transition_t": float(res.times[res.transition_index]),
-            "score": res.score, "score_affine": res.score_history[0],
-            "pointing_game": float(pointing_game(res.heatmap.numpy()[None], gt[None])[0]),
-            "pointing_game_gradcam": float(pointing_game(np.asarray(cam)[:1], gt[None])[0]),
-        })
+        rows.append(
+            {
+                "index": i,
+                "label": int(split.labels[i]),
+                "target": res.target,
+                "saturation_start": res.saturation_history[0],
+                "saturation_end": res.saturation_history[-1],
+                "iterations": res.iterations,
+                "stop_reason": res.stop_reason,
+                "max_distance_from_affine": float((res.path - affine).abs().max()),
+                "mean_distance_from_affine": float((res.path - affine).abs().mean()),
+                "transition_t": float(res.times[res.transition_index]),
+                "score": res.score,
+                "score_affine": res.score_history[0],
+                "pointing_game": float(pointing_game(res.heatmap.numpy()[None], gt[None])[0]),
+                "pointing_game_gradcam": float(pointing_game(np.asarray(cam)[:1], gt[None])[0]),
+            }
+        )
         if first is None:
             first = (x, res, i)
     seconds = time.perf_counter() - t0
     out_dir.mkdir(parents=True, exist_ok=True)
     x, res, i0 = first
-    _strip(out_dir / "ablation_lesions_strip.png", x, res, entry.input,
-           f"lesions test image {i0}, {entry.labels[res.target]}")
+    _strip(
+        out_dir / "ablation_lesions_strip.png",
+        x,
+        res,
+        entry.input,
+        f"lesions test image {i0}, {entry.labels[res.target]}",
+    )
+
     def col(k: str) -> np.ndarray:
         return np.array([r[k] for r in rows], dtype=float)
 
     stops = {s: sum(r["stop_reason"] == s for r in rows) for s in sorted({r["stop_reason"] for r in rows})}
     summary = {
-        "n": len(rows), "skipped_no_class_change": skipped, "model": entry.id, "seconds": seconds,
+        "n": len(rows),
+        "skipped_no_class_change": skipped,
+        "model": entry.id,
+        "seconds": seconds,
         "config": {**asdict(cfg), "sigma_image_px": cfg.image_sigma(64, 64), "sigma_mask_px": cfg.mask_sigma(64, 64)},
         "saturation_affine_start": start_sat,
-        "saturation_end_mean": float(col("saturation_end").mean()), "saturation_end_min": float(col("saturation_end").min()),
+        "saturation_end_mean": float(col("saturation_end").mean()),
+        "saturation_end_min": float(col("saturation_end").min()),
         "saturation_end_max": float(col("saturation_end").max()),
-        "iterations_mean": float(col("iterations").mean()), "iterations_min": int(col("iterations").min()),
-        "iterations_max": int(col("iterations").max()), "stop_reasons": stops,
+        "iterations_mean": float(col("iterations").mean()),
+        "iterations_min": int(col("iterations").min()),
+        "iterations_max": int(col("iterations").max()),
+        "stop_reasons": stops,
         "max_distance_from_affine_mean": float(col("max_distance_from_affine").mean()),
         "mean_distance_from_affine_mean": float(col("mean_distance_from_affine").mean()),
-        "score_mean": float(col("score").mean()), "score_affine_mean": float(col("score_affine").mean()),
+        "score_mean": float(col("score").mean()),
+        "score_affine_mean": float(col("score_affine").mean()),
         "transition_t_mean": float(col("transition_t").mean()),
-        "pointing_game": float(col("pointing_game").mean()), "pointing_game_gradcam": float(col("pointing_game_gradcam").mean()),
+        "pointing_game": float(col("pointing_game").mean()),
+        "pointing_game_gradcam": float(col("pointing_game_gradcam").mean()),
         "rows": rows,
     }
     (out_dir / "ablation_lesions.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -171,8 +200,9 @@ def evaluate(n: int = 24, out_dir: Path = ROOT / "docs" / "evaluation", threads:
     return summary
 
 
-def evaluate_two_findings(n: int = 12, out_dir: Path = ROOT / "docs" / "evaluation", threads: int = 1,
-                          store: Path = ROOT / "model_store") -> dict:
+def evaluate_two_findings(
+    n: int = 12, out_dir: Path = ROOT / "docs" / "evaluation", threads: int = 1, store: Path = ROOT / "model_store"
+) -> dict:
     """The same defaults on the two-finding lesions set (datasets/two_findings.py): a path targeted at
     each of the two classes k; pointing game on the lesion of class k (and on the other lesion),
     against GradCAM targeted at k."""
@@ -203,31 +233,60 @@ def evaluate_two_findings(n: int = 12, out_dir: Path = ROOT / "docs" / "evaluati
             cam = np.asarray(saliency.attribute("gradcam", module, x[None], kind="classifier", target=k))[:1]
             own, other = data.masks[i, j][None], data.masks[i, 1 - j][None]
             heat = res.heatmap.numpy()[None]
-            rows.append({"index": i, "target": k, "stop_reason": res.stop_reason, "iterations": res.iterations,
-                         "saturation_end": res.saturation_history[-1],
-                         "pointing_game_k": float(pointing_game(heat, own)[0]),
-                         "pointing_game_other": float(pointing_game(heat, other)[0]),
-                         "pointing_game_k_gradcam": float(pointing_game(cam, own)[0]),
-                         "pointing_game_other_gradcam": float(pointing_game(cam, other)[0])})
+            rows.append(
+                {
+                    "index": i,
+                    "target": k,
+                    "stop_reason": res.stop_reason,
+                    "iterations": res.iterations,
+                    "saturation_end": res.saturation_history[-1],
+                    "pointing_game_k": float(pointing_game(heat, own)[0]),
+                    "pointing_game_other": float(pointing_game(heat, other)[0]),
+                    "pointing_game_k_gradcam": float(pointing_game(cam, own)[0]),
+                    "pointing_game_other_gradcam": float(pointing_game(cam, other)[0]),
+                }
+            )
+
     def col(key: str) -> float:
         return float(np.mean([r[key] for r in rows])) if rows else float("nan")
 
     stops = {s: sum(r["stop_reason"] == s for r in rows) for s in sorted({r["stop_reason"] for r in rows})}
-    summary = {"n_images": n, "n_paths": len(rows), "skipped_no_class_change": skipped, "model": entry.id,
-               "seconds": time.perf_counter() - t0, "stop_reasons": stops,
-               **{key: col(key) for key in ("iterations", "saturation_end", "pointing_game_k", "pointing_game_other",
-                                            "pointing_game_k_gradcam", "pointing_game_other_gradcam")}, "rows": rows}
+    summary = {
+        "n_images": n,
+        "n_paths": len(rows),
+        "skipped_no_class_change": skipped,
+        "model": entry.id,
+        "seconds": time.perf_counter() - t0,
+        "stop_reasons": stops,
+        **{
+            key: col(key)
+            for key in (
+                "iterations",
+                "saturation_end",
+                "pointing_game_k",
+                "pointing_game_other",
+                "pointing_game_k_gradcam",
+                "pointing_game_other_gradcam",
+            )
+        },
+        "rows": rows,
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "ablation_two_findings.json").write_text(json.dumps(summary, indent=1) + "\n")
-    md = [f"Ablation paths (default parameters) targeted at each class k of the two-finding lesions set: {n} test "
-          f"images, {len(rows)} paths ({skipped} targets failed), {entry.id}; baseline: the same image without its lesions.", "",
-          "| | on the lesion of class k ↑ | on the other lesion ↓ |", "|---|---|---|",
-          f"| pointing game, class transition | **{summary['pointing_game_k']:.3f}** | {summary['pointing_game_other']:.3f} |",
-          f"| pointing game, GradCAM targeted at k | {summary['pointing_game_k_gradcam']:.3f} | "
-          f"{summary['pointing_game_other_gradcam']:.3f} |", "",
-          f"Saturation reached {summary['saturation_end']:.3f} on average after {summary['iterations']:.1f} iterations; "
-          f"stop reasons: {', '.join(f'{a}: {b}' for a, b in stops.items())}. "
-          f"Generated by `python -m xaiserve.training.evaluate_ablation --two-findings --n {n}`."]
+    md = [
+        f"Ablation paths (default parameters) targeted at each class k of the two-finding lesions set: {n} test "
+        f"images, {len(rows)} paths ({skipped} targets failed), {entry.id}; baseline: the same image without its lesions.",
+        "",
+        "| | on the lesion of class k ↑ | on the other lesion ↓ |",
+        "|---|---|---|",
+        f"| pointing game, class transition | **{summary['pointing_game_k']:.3f}** | {summary['pointing_game_other']:.3f} |",
+        f"| pointing game, GradCAM targeted at k | {summary['pointing_game_k_gradcam']:.3f} | "
+        f"{summary['pointing_game_other_gradcam']:.3f} |",
+        "",
+        f"Saturation reached {summary['saturation_end']:.3f} on average after {summary['iterations']:.1f} iterations; "
+        f"stop reasons: {', '.join(f'{a}: {b}' for a, b in stops.items())}. "
+        f"Generated by `python -m xaiserve.training.evaluate_ablation --two-findings --n {n}`.",
+    ]
     (out_dir / "ablation_two_findings.md").write_text("\n".join(md) + "\n")
     return summary
 

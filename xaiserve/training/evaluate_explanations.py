@@ -21,6 +21,7 @@ Targets for classifiers are the true labels, as in [NEMt] sec. 4.2 ("we explain 
 belonging to the true target label"). Timing: wall time of each explanation call after one warm-up
 call, same thread count for torch and ONNX Runtime; the metric computation is not timed.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from xaiserve.handlers.saliency import SaliencyConfig, attribute, methods_for
 from xaiserve.errors import FailedPrecondition, InvalidArgument, NotFound
+from xaiserve.handlers.saliency import SaliencyConfig, attribute, methods_for
 from xaiserve.paths import DEFAULT_STORE
 from xaiserve.service.registry import ModelEntry, Registry, RegistryConfig
 from xaiserve.training import metrics as M
@@ -245,7 +246,9 @@ def _resolve_models(registry: Registry, cfg: EvalConfig) -> tuple[ModelEntry, li
     else:
         frozen = registry.resolve(DEFAULT_FROZEN[cfg.dataset])
     if frozen.kind not in ("encoder", "classifier"):
-        raise InvalidArgument(f"{frozen.id} is a {frozen.kind}; explanations are evaluated on an encoder or a classifier")
+        raise InvalidArgument(
+            f"{frozen.id} is a {frozen.kind}; explanations are evaluated on an encoder or a classifier"
+        )
     trained_on = frozen.arch.get("dataset")
     if trained_on and trained_on != cfg.dataset:
         raise InvalidArgument(f"{frozen.id} was trained on {trained_on}, not {cfg.dataset}: use --dataset {trained_on}")
@@ -264,10 +267,17 @@ def _resolve_user_model(registry: Registry, cfg: EvalConfig) -> tuple[ModelEntry
     else:
         frozen = e
         names = cfg.mask_models
-        masks = ([registry.resolve(n) for n in names] if names is not None else
-                 [m for m in registry.entries() if m.kind in ("nem_u", "nemt") and m.explains in (frozen.id, frozen.name)])
+        masks = (
+            [registry.resolve(n) for n in names]
+            if names is not None
+            else [
+                m for m in registry.entries() if m.kind in ("nem_u", "nemt") and m.explains in (frozen.id, frozen.name)
+            ]
+        )
     if frozen.kind not in ("encoder", "classifier"):
-        raise InvalidArgument(f"{frozen.id} is a {frozen.kind}; explanations are evaluated on an encoder or a classifier")
+        raise InvalidArgument(
+            f"{frozen.id} is a {frozen.kind}; explanations are evaluated on an encoder or a classifier"
+        )
     return frozen, masks
 
 
@@ -278,9 +288,15 @@ def _load_folder(cfg: EvalConfig, frozen: ModelEntry, module: torch.nn.Module):
     from xaiserve.training.datasets.folder import FolderDataset
 
     spec = frozen.input
-    ds = FolderDataset(cfg.images, spec, masks=cfg.masks, class_names=frozen.labels,
-                       num_classes=frozen.output_dim or len(frozen.labels), labelled=frozen.kind == "classifier",
-                       limit=cfg.n)
+    ds = FolderDataset(
+        cfg.images,
+        spec,
+        masks=cfg.masks,
+        class_names=frozen.labels,
+        num_classes=frozen.output_dim or len(frozen.labels),
+        labelled=frozen.kind == "classifier",
+        limit=cfg.n,
+    )
     if frozen.kind == "classifier" and ds.label_source == "none":
         ds.relabel(module)
     sp = ds.everything()
@@ -303,7 +319,9 @@ def _load_split(cfg: EvalConfig, spec) -> tuple[torch.Tensor, np.ndarray, np.nda
     split = ds.split("test")
     n = min(cfg.n, len(split))
     if spec.channels != split.images.shape[1]:
-        raise FailedPrecondition(f"the model takes {spec.channels} channels; {cfg.dataset} images have {split.images.shape[1]}")
+        raise FailedPrecondition(
+            f"the model takes {spec.channels} channels; {cfg.dataset} images have {split.images.shape[1]}"
+        )
     u8 = split.images[:n]
     img = torch.from_numpy(u8).float() / 255.0
     mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
@@ -312,8 +330,14 @@ def _load_split(cfg: EvalConfig, spec) -> tuple[torch.Tensor, np.ndarray, np.nda
     return x, img.permute(0, 2, 3, 1).numpy(), split.masks[:n].astype(bool), split.labels[:n]
 
 
-def _build_runners(registry: Registry, cfg: EvalConfig, frozen: ModelEntry, masks: list[ModelEntry],
-                   module: torch.nn.Module, notes: list[str]) -> list[tuple[str, str, Runner, dict]]:
+def _build_runners(
+    registry: Registry,
+    cfg: EvalConfig,
+    frozen: ModelEntry,
+    masks: list[ModelEntry],
+    module: torch.nn.Module,
+    notes: list[str],
+) -> list[tuple[str, str, Runner, dict]]:
     """(label, family, runner, info) for every method, in table order."""
     kind = frozen.kind
     runners: list[tuple[str, str, Runner, dict]] = []
@@ -331,14 +355,18 @@ def _build_runners(registry: Registry, cfg: EvalConfig, frozen: ModelEntry, mask
                 def embed(b: torch.Tensor) -> torch.Tensor:
                     return torch.from_numpy(sess.run({"image": b.numpy().astype(np.float32)})["output"])
             else:
+
                 def embed(b: torch.Tensor) -> torch.Tensor:
                     with torch.no_grad():
                         return module(b)
+
             run, info = _relax_runner(embed, cfg, frozen.input, (Relax, RelaxConfig))
             runners.append(("RELAX", "relax", run, info))
             what = "the logit vector (label-free)" if kind == "classifier" else "the embedding"
-            notes.append(f"RELAX explains {what}; N = {cfg.relax_masks} masks per image (paper: 3000); "
-                         "RELAX and U-RELAX come from one run and share its time.")
+            notes.append(
+                f"RELAX explains {what}; N = {cfg.relax_masks} masks per image (paper: 3000); "
+                "RELAX and U-RELAX come from one run and share its time."
+            )
     for meth in cfg.methods if cfg.methods is not None else methods_for(kind):
         runners.append((meth, "gradient", _gradient_runner(meth, module, kind, cfg.saliency_config), {"method": meth}))
     if cfg.random_row:
@@ -372,8 +400,15 @@ def _run(cfg: EvalConfig, runners, x: torch.Tensor, targets: list[int | None]) -
     return rows
 
 
-def _score(cfg: EvalConfig, rows: list[MethodResult], module: torch.nn.Module, kind: str, x: torch.Tensor,
-           gt: np.ndarray, labels: np.ndarray) -> None:
+def _score(
+    cfg: EvalConfig,
+    rows: list[MethodResult],
+    module: torch.nn.Module,
+    kind: str,
+    x: torch.Tensor,
+    gt: np.ndarray,
+    labels: np.ndarray,
+) -> None:
     def forward(b: torch.Tensor) -> torch.Tensor:
         return module(b)
 
@@ -402,20 +437,27 @@ def _score(cfg: EvalConfig, rows: list[MethodResult], module: torch.nn.Module, k
 
     fid_targets = labels if kind == "classifier" else None
     for r in rows:
-        r.scores = M.map_scores(r.maps, gt) if with_gt else {"complexity": M.complexity(r.maps),
-                                                               "sparseness": M.sparseness(r.maps)}
+        r.scores = (
+            M.map_scores(r.maps, gt)
+            if with_gt
+            else {"complexity": M.complexity(r.maps), "sparseness": M.sparseness(r.maps)}
+        )
         # faithfulness that is not area: deletion / insertion AUC on every dataset (METHODS.md 2026-12)
-        r.scores["deletion_auc"], r.scores["insertion_auc"] = M.deletion_insertion(keeps, x, r.maps,
-                                                                                  steps=cfg.deletion_steps)
+        r.scores["deletion_auc"], r.scores["insertion_auc"] = M.deletion_insertion(
+            keeps, x, r.maps, steps=cfg.deletion_steps
+        )
         # one definition with Explain's fidelity option: the target's probability / the embedding cosine
         r.scores["fidelity"] = M.fidelity(logits, x, r.maps, kind=kind, targets=fid_targets)
-        r.scores["fidelity_ratio"] = M.fidelity_vs_random(logits, x, r.maps, kind=kind, targets=fid_targets,
-                                                          fidelity_scores=r.scores["fidelity"], seed=cfg.seed)
+        r.scores["fidelity_ratio"] = M.fidelity_vs_random(
+            logits, x, r.maps, kind=kind, targets=fid_targets, fidelity_scores=r.scores["fidelity"], seed=cfg.seed
+        )
         r.scores["accuracy_per_complexity"] = M.accuracy_per_complexity(r.scores["fidelity"], r.maps)
         # the border artefact: share of the maps' maxima within 3 px of the frame (chance: border_chance)
         r.scores["border_argmax"] = M.border_argmax(r.maps)
         if variance is not None:
-            r.scores["monotonicity"] = M.monotonicity(None, x, r.maps, config=cfg.monotonicity_config, variance=variance)
+            r.scores["monotonicity"] = M.monotonicity(
+                None, x, r.maps, config=cfg.monotonicity_config, variance=variance
+            )
 
 
 def evaluate(cfg: EvalConfig) -> EvalResult:
@@ -438,36 +480,60 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         with torch.no_grad():
             k = frozen.output_dim or int(module(x[:1]).shape[1])
         if labels.max(initial=0) >= k:
-            raise FailedPrecondition(f"{frozen.id} has {k} classes but {cfg.dataset} labels go up to {int(labels.max())}")
+            raise FailedPrecondition(
+                f"{frozen.id} has {k} classes but {cfg.dataset} labels go up to {int(labels.max())}"
+            )
         targets = [int(t) for t in labels]
     notes: list[str] = []
     rows = _run(cfg, _build_runners(registry, cfg, frozen, masks, module, notes), x, targets)
     _score(cfg, rows, module, kind, x, gt, labels)
     if folder is not None:
-        notes.append(f"data: {n} images of the user's folder, fitted with `{frozen.input.resize}`; labels: {folder.label_source}; "
-                     f"ground truth: {'given' if cfg.masks else 'none (localisation columns left out)'}.")
-    notes.append(f"deletion / insertion AUC (RISE, Petsiuk et al. 2018): {cfg.deletion_steps} steps removing (revealing) "
-                 "the top-ranked pixels, score = " + ("the target's probability" if kind == "classifier"
-                                                      else "cosine to the original embedding") + ".")
-    notes.append("fidelity = " + ("softmax(Phi(x*m))_target" if kind == "classifier" else "cos(Phi(x), Phi(x*m)) of the embeddings")
-                 + ", m = the min-max normalised map (the same definition as Explain's fidelity option); "
-                 "fidelity / random = mean fidelity over the mean fidelity of the same maps with their pixels randomly "
-                 "permuted (same area); "
-                 "acc./complexity = fidelity / mean(m) ([NEM-U] Table 3).")
+        notes.append(
+            f"data: {n} images of the user's folder, fitted with `{frozen.input.resize}`; labels: {folder.label_source}; "
+            f"ground truth: {'given' if cfg.masks else 'none (localisation columns left out)'}."
+        )
+    notes.append(
+        f"deletion / insertion AUC (RISE, Petsiuk et al. 2018): {cfg.deletion_steps} steps removing (revealing) "
+        "the top-ranked pixels, score = "
+        + ("the target's probability" if kind == "classifier" else "cosine to the original embedding")
+        + "."
+    )
+    notes.append(
+        "fidelity = "
+        + ("softmax(Phi(x*m))_target" if kind == "classifier" else "cos(Phi(x), Phi(x*m)) of the embeddings")
+        + ", m = the min-max normalised map (the same definition as Explain's fidelity option); "
+        "fidelity / random = mean fidelity over the mean fidelity of the same maps with their pixels randomly "
+        "permuted (same area); "
+        "acc./complexity = fidelity / mean(m) ([NEM-U] Table 3)."
+    )
     h, w = x.shape[2], x.shape[3]
-    notes.append(f"argmax at border: share of a map's maximal pixels within {M.BORDER_PX} px of the frame; chance "
-                 f"(the band's area) = {M.border_chance(h, w):.3f} at {h} x {w}.")
+    notes.append(
+        f"argmax at border: share of a map's maximal pixels within {M.BORDER_PX} px of the frame; chance "
+        f"(the band's area) = {M.border_chance(h, w):.3f} at {h} x {w}."
+    )
     if kind == "classifier":
         predicted = folder is not None and folder.label_source == "predicted"
-        notes.append("targets: the classifier's own predictions (the folder gives no labels)." if predicted
-                     else "targets: the true labels ([NEMt] sec. 4.2).")
+        notes.append(
+            "targets: the classifier's own predictions (the folder gives no labels)."
+            if predicted
+            else "targets: the true labels ([NEMt] sec. 4.2)."
+        )
         if cfg.monotonicity:
             mc = cfg.monotonicity_config
-            notes.append(f"monotonicity: {mc.patch}x{mc.patch} patches, {mc.baseline} baseline, {mc.n_samples} draws per patch.")
+            notes.append(
+                f"monotonicity: {mc.patch}x{mc.patch} patches, {mc.baseline} baseline, {mc.n_samples} draws per patch."
+            )
     settings = {
-        "dataset": cfg.dataset, "seed": cfg.seed, "n": n, "frozen": frozen.id, "kind": kind,
-        "mask_models": [e.id for e in masks], "relax_masks": cfg.relax_masks if cfg.relax else 0,
-        "threads": cfg.threads, "saliency": asdict(cfg.saliency_config), "target": "true label" if kind == "classifier" else "none",
+        "dataset": cfg.dataset,
+        "seed": cfg.seed,
+        "n": n,
+        "frozen": frozen.id,
+        "kind": kind,
+        "mask_models": [e.id for e in masks],
+        "relax_masks": cfg.relax_masks if cfg.relax else 0,
+        "threads": cfg.threads,
+        "saliency": asdict(cfg.saliency_config),
+        "target": "true label" if kind == "classifier" else "none",
     }
     return EvalResult(cfg.dataset, frozen.id, kind, n, display, gt, labels, rows, notes, settings)
 
@@ -488,12 +554,19 @@ def markdown_table(result: EvalResult) -> str:
     keys = [c for c in COLUMNS if any(c[0] in s for s in summ.values())]
     best: dict[str, float] = {}
     for key, _, higher in keys:
-        vals = [s[key]["mean"] for name, s in summ.items() if key in s and name != RANDOM_ROW and math.isfinite(s[key]["mean"])]
+        vals = [
+            s[key]["mean"]
+            for name, s in summ.items()
+            if key in s and name != RANDOM_ROW and math.isfinite(s[key]["mean"])
+        ]
         if vals:
             best[key] = max(vals) if higher else min(vals)
     head = "| method | " + " | ".join(f"{t} {'↑' if h else '↓'}" for _, t, h in keys) + " |"
-    where = (f"the user's folder ({result.n} images)" if result.dataset == FOLDER
-             else f"{result.dataset} (test split, first {result.n} images)")
+    where = (
+        f"the user's folder ({result.n} images)"
+        if result.dataset == FOLDER
+        else f"{result.dataset} (test split, first {result.n} images)"
+    )
     lines = [
         f"Explanations on {where}, frozen model {result.frozen} ({result.kind}).",
         "",
@@ -508,7 +581,11 @@ def markdown_table(result: EvalResult) -> str:
                 continue
             v = s[key]["mean"]
             txt = _fmt(v, key)
-            cells.append(f"**{txt}**" if key in best and math.isfinite(v) and abs(v - best[key]) < 1e-12 and name != RANDOM_ROW else txt)
+            cells.append(
+                f"**{txt}**"
+                if key in best and math.isfinite(v) and abs(v - best[key]) < 1e-12 and name != RANDOM_ROW
+                else txt
+            )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Means over images; bold = best among methods (the random reference row is excluded)."]
     lines += [f"- {n}" for n in result.notes]
@@ -551,7 +628,18 @@ def write_report(result: EvalResult, out: Path, examples: int = 6) -> dict[str, 
     md = out / f"{stem}.md"
     md.write_text(markdown_table(result))
     js = out / f"{stem}.json"
-    js.write_text(json.dumps({"settings": result.settings, "notes": result.notes, "results": result.summary(),
-                              "info": {r.name: r.info for r in result.rows}}, indent=2, default=float) + "\n")
+    js.write_text(
+        json.dumps(
+            {
+                "settings": result.settings,
+                "notes": result.notes,
+                "results": result.summary(),
+                "info": {r.name: r.info for r in result.rows},
+            },
+            indent=2,
+            default=float,
+        )
+        + "\n"
+    )
     png = save_grid(result, out / f"{stem}.png", examples)
     return {"markdown": md, "json": js, "png": png}

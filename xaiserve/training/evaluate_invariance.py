@@ -18,6 +18,7 @@ the same for every view. RELAX draws its masks afresh per view: its IoU includes
 Writes DIR/invariance_<model>.md (table), .json (per-image IoUs) and .png (one image: the views and
 every method's maps mapped back), and prints the table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,6 +44,7 @@ ROOT = Path(".")
 
 
 # -- the transforms (pure; images HWC in [0, 1], maps HW) -------------------------------------------
+
 
 def augment(name: str, image: np.ndarray) -> np.ndarray:
     """A(I) for an HWC image in [0, 1]."""
@@ -94,6 +96,7 @@ def iou_at_mean(a: np.ndarray, b: np.ndarray, valid: np.ndarray | None = None) -
 
 # -- the evaluation ------------------------------------------------------------------------------------
 
+
 @dataclass
 class InvarianceResult:
     model: str
@@ -115,8 +118,10 @@ def _resolve(registry: Registry, name: str) -> tuple[ModelEntry, ModelEntry, lis
     if e.kind in ("nem_u", "nemt"):
         return e, registry.frozen_for(e), [e]
     if e.kind not in ("encoder", "classifier"):
-        raise InvalidArgument(f"{e.id} is a {e.kind}; the invariance test explains an encoder or a classifier "
-                              "(or a masking network of one)")
+        raise InvalidArgument(
+            f"{e.id} is a {e.kind}; the invariance test explains an encoder or a classifier "
+            "(or a masking network of one)"
+        )
     masks = [m for m in registry.entries() if m.kind in ("nem_u", "nemt") and m.explains in (e.id, e.name)]
     return e, e, masks
 
@@ -133,28 +138,48 @@ def _dataset_for(entry: ModelEntry, frozen: ModelEntry, dataset: str | None) -> 
         for k in range(len(parts), 0, -1):
             if "-".join(parts[:k]) in DATASETS:
                 return "-".join(parts[:k])
-    raise InvalidArgument(f"cannot tell which dataset {entry.name} was trained on; give --dataset "
-                          f"({', '.join(sorted(DATASETS))})")
+    raise InvalidArgument(
+        f"cannot tell which dataset {entry.name} was trained on; give --dataset ({', '.join(sorted(DATASETS))})"
+    )
 
 
-def evaluate(model: str, *, methods: tuple[str, ...] | None = None, dataset: str | None = None, n: int = 8,
-             store: Path | None = None, relax_masks: int = 500, threads: int = 1, seed: int = 0,
-             augmentations: tuple[str, ...] = AUGMENTATIONS, quiet: bool = False) -> InvarianceResult:
+def evaluate(
+    model: str,
+    *,
+    methods: tuple[str, ...] | None = None,
+    dataset: str | None = None,
+    n: int = 8,
+    store: Path | None = None,
+    relax_masks: int = 500,
+    threads: int = 1,
+    seed: int = 0,
+    augmentations: tuple[str, ...] = AUGMENTATIONS,
+    quiet: bool = False,
+) -> InvarianceResult:
     """Run the test on the first n test images; `methods` filters the runners by name (the table's
     row names or the wire names of the gradient baselines; None = all)."""
     from xaiserve.training import evaluate_explanations as EE
     from xaiserve.training.datasets import get_dataset
 
     torch.set_num_threads(threads)
-    registry = Registry(RegistryConfig(store=store or ROOT / "model_store", intra_op_threads=threads,
-                                       warmup=False, prefer_cuda=False))
+    registry = Registry(
+        RegistryConfig(store=store or ROOT / "model_store", intra_op_threads=threads, warmup=False, prefer_cuda=False)
+    )
     entry, frozen, masks = _resolve(registry, model)
     ds_name = _dataset_for(entry, frozen, dataset)
     module = registry.torch_module(frozen)
     kind = frozen.kind
-    cfg = EE.EvalConfig(dataset=ds_name if ds_name in EE.DEFAULT_MASK_MODELS else "scenes", out=Path("."), n=n,
-                        relax_masks=relax_masks, threads=threads, seed=seed, quiet=True,
-                        methods=None, mask_models=tuple(m.name for m in masks))
+    cfg = EE.EvalConfig(
+        dataset=ds_name if ds_name in EE.DEFAULT_MASK_MODELS else "scenes",
+        out=Path("."),
+        n=n,
+        relax_masks=relax_masks,
+        threads=threads,
+        seed=seed,
+        quiet=True,
+        methods=None,
+        mask_models=tuple(m.name for m in masks),
+    )
     notes: list[str] = []
     runners = EE._build_runners(registry, cfg, frozen, masks, module, notes)
     if methods is not None:
@@ -165,20 +190,27 @@ def evaluate(model: str, *, methods: tuple[str, ...] | None = None, dataset: str
         known |= {"U-RELAX", "relax", "random"}
         bad = sorted(wanted - known - set(methods_for(kind)))
         if bad:
-            raise InvalidArgument(f"unknown method(s) {', '.join(bad)} for {frozen.id}; available: "
-                                  f"{', '.join(sorted(str(k) for k in known if k))}")
+            raise InvalidArgument(
+                f"unknown method(s) {', '.join(bad)} for {frozen.id}; available: "
+                f"{', '.join(sorted(str(k) for k in known if k))}"
+            )
         aliases = {"relax": "RELAX", "random": EE.RANDOM_ROW}
         wanted = {aliases.get(w, w) for w in wanted}
-        runners = [r for r in runners if r[0] in wanted or r[3].get("method") in wanted
-                   or (r[0] == "RELAX" and "U-RELAX" in wanted)]
+        runners = [
+            r
+            for r in runners
+            if r[0] in wanted or r[3].get("method") in wanted or (r[0] == "RELAX" and "U-RELAX" in wanted)
+        ]
     if not any(r[1] == "relax" for r in runners):  # _build_runners notes RELAX's settings
         notes = [t for t in notes if not t.startswith("RELAX")]
     split = get_dataset(ds_name).split("test")
     n = min(n, len(split.labels))
     spec = frozen.input
     if spec.height != split.images.shape[2] or spec.width != split.images.shape[3]:
-        raise InvalidArgument(f"{frozen.id} takes {spec.height}x{spec.width} images; {ds_name} images are "
-                              f"{split.images.shape[2]}x{split.images.shape[3]}")
+        raise InvalidArgument(
+            f"{frozen.id} takes {spec.height}x{spec.width} images; {ds_name} images are "
+            f"{split.images.shape[2]}x{split.images.shape[3]}"
+        )
     t0 = time.perf_counter()
     iou: dict[str, dict[str, list[float]]] = {}
     example: dict = {"views": {}, "maps": {}}
@@ -196,13 +228,17 @@ def evaluate(model: str, *, methods: tuple[str, ...] | None = None, dataset: str
         h, w = image.shape[:2]
         for mname, per in maps.items():
             for a in augmentations:
-                iou.setdefault(mname, {}).setdefault(a, []).append(iou_at_mean(per["original"], per[a], valid_region(a, h, w)))
+                iou.setdefault(mname, {}).setdefault(a, []).append(
+                    iou_at_mean(per["original"], per[a], valid_region(a, h, w))
+                )
         if i == 0:
             example = {"views": views, "maps": maps}
         if not quiet:
             print(f"  image {i + 1}/{n}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-    notes.append(f"{n} test images of {ds_name}; IoU at the mean threshold ([SSL-XAI] sec. 5.2); rotation about the "
-                 f"centre by {ANGLE:g} degrees (bilinear, reflected corners), IoU over the pixels that stay in the frame.")
+    notes.append(
+        f"{n} test images of {ds_name}; IoU at the mean threshold ([SSL-XAI] sec. 5.2); rotation about the "
+        f"centre by {ANGLE:g} degrees (bilinear, reflected corners), IoU over the pixels that stay in the frame."
+    )
     if kind == "classifier":
         notes.append("targets: the true labels, the same for every view.")
     return InvarianceResult(entry.id, frozen.id, ds_name, n, iou, time.perf_counter() - t0, example, notes)
@@ -210,21 +246,35 @@ def evaluate(model: str, *, methods: tuple[str, ...] | None = None, dataset: str
 
 # -- reporting -----------------------------------------------------------------------------------------
 
+
 def markdown(result: InvarianceResult) -> str:
     means = result.means()
     augs = list(next(iter(result.iou.values())).keys()) if result.iou else []
-    lines = [f"Invariance of explanations ([SSL-XAI] sec. 5.2, Table 1) for {result.model} "
-             f"(frozen model {result.frozen}), {result.n} test images of {result.dataset}.", "",
-             "| method | " + " | ".join(TITLES[a] for a in augs) + " | mean |",
-             "|---|" + "---|" * (len(augs) + 1)]
+    lines = [
+        f"Invariance of explanations ([SSL-XAI] sec. 5.2, Table 1) for {result.model} "
+        f"(frozen model {result.frozen}), {result.n} test images of {result.dataset}.",
+        "",
+        "| method | " + " | ".join(TITLES[a] for a in augs) + " | mean |",
+        "|---|" + "---|" * (len(augs) + 1),
+    ]
     for m, per in means.items():
-        se = {a: float(np.std(result.iou[m][a], ddof=1) / np.sqrt(len(result.iou[m][a]))) if len(result.iou[m][a]) > 1
-              else float("nan") for a in augs}
-        lines.append(f"| {m} | " + " | ".join(f"{per[a]:.3f} ± {se[a]:.3f}" for a in augs)
-                     + f" | {np.mean([per[a] for a in augs]):.3f} |")
-    lines += ["", "IoU of the above-mean sets of M_orig and A^-1(M_aug), mean ± standard error over images; 1 = the "
-              "explanation moves exactly with the image (equivariant), about 0.33 = chance (the random reference).",
-              *[f"- {n}" for n in result.notes]]
+        se = {
+            a: float(np.std(result.iou[m][a], ddof=1) / np.sqrt(len(result.iou[m][a])))
+            if len(result.iou[m][a]) > 1
+            else float("nan")
+            for a in augs
+        }
+        lines.append(
+            f"| {m} | "
+            + " | ".join(f"{per[a]:.3f} ± {se[a]:.3f}" for a in augs)
+            + f" | {np.mean([per[a] for a in augs]):.3f} |"
+        )
+    lines += [
+        "",
+        "IoU of the above-mean sets of M_orig and A^-1(M_aug), mean ± standard error over images; 1 = the "
+        "explanation moves exactly with the image (equivariant), about 0.33 = chance (the random reference).",
+        *[f"- {n}" for n in result.notes],
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -262,20 +312,38 @@ def write_report(result: InvarianceResult, out: Path) -> dict[str, Path]:
     stem = "invariance_" + result.model.split(":")[0]
     paths = {"md": out / f"{stem}.md", "json": out / f"{stem}.json", "png": out / f"{stem}.png"}
     paths["md"].write_text(markdown(result))
-    paths["json"].write_text(json.dumps({"model": result.model, "frozen": result.frozen, "dataset": result.dataset,
-                                         "n": result.n, "seconds": result.seconds, "means": result.means(),
-                                         "iou": result.iou, "notes": result.notes}, indent=1) + "\n")
+    paths["json"].write_text(
+        json.dumps(
+            {
+                "model": result.model,
+                "frozen": result.frozen,
+                "dataset": result.dataset,
+                "n": result.n,
+                "seconds": result.seconds,
+                "means": result.means(),
+                "iou": result.iou,
+                "notes": result.notes,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     write_png(result, paths["png"])
     return paths
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="xaiserve evaluate invariance", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="xaiserve evaluate invariance", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", required=True, help="a frozen model, or one masking network of it")
-    p.add_argument("--method", action="append", default=None,
-                   help="a method to include (repeatable; a row name such as RELAX or lesions-nemt, or a gradient "
-                        "baseline's wire name such as gradcam); default: every method")
+    p.add_argument(
+        "--method",
+        action="append",
+        default=None,
+        help="a method to include (repeatable; a row name such as RELAX or lesions-nemt, or a gradient "
+        "baseline's wire name such as gradcam); default: every method",
+    )
     p.add_argument("--dataset", default=None, help="test images (default: from the model's name)")
     p.add_argument("--n", type=int, default=8, help="test images (the first n of the held-out split)")
     p.add_argument("--out", type=Path, default=Path("eval_out"))
@@ -291,9 +359,16 @@ def evaluate_main(target: str, argv: list[str]) -> int:
     try:
         if args.n < 1:
             raise InvalidArgument(f"--n is {args.n}; use at least 1 image")
-        result = evaluate(args.model, methods=tuple(args.method) if args.method else None, dataset=args.dataset,
-                          n=args.n, store=args.store, relax_masks=args.relax_masks, threads=args.threads,
-                          quiet=args.quiet)
+        result = evaluate(
+            args.model,
+            methods=tuple(args.method) if args.method else None,
+            dataset=args.dataset,
+            n=args.n,
+            store=args.store,
+            relax_masks=args.relax_masks,
+            threads=args.threads,
+            quiet=args.quiet,
+        )
         paths = write_report(result, args.out)
     except XaiError as e:
         print(f"xaiserve evaluate invariance: {e.code}: {e}", file=sys.stderr)

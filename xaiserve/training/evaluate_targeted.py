@@ -10,6 +10,7 @@ Relevance mass as everywhere (metrics.relevance_mass: positive attribution insid
 class k / all positive attribution, maps min-max normalised); "on the other lesion" is the same
 share inside the lesion of the other class; pointing game on lesion k.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,12 +29,17 @@ from xaiserve.training.datasets.two_findings import render_two_findings
 
 ROOT = Path(__file__).resolve().parents[2]
 METHODS = ("lesions-nemt", "lesions-nemt-cond", "gradcam", "integrated_gradients")
-TITLES = {"lesions-nemt": "NEMt per-class bank (lesions-nemt)", "lesions-nemt-cond": "NEMt conditional (lesions-nemt-cond)",
-          "gradcam": "GradCAM (target k)", "integrated_gradients": "Integrated Gradients (target k)"}
+TITLES = {
+    "lesions-nemt": "NEMt per-class bank (lesions-nemt)",
+    "lesions-nemt-cond": "NEMt conditional (lesions-nemt-cond)",
+    "gradcam": "GradCAM (target k)",
+    "integrated_gradients": "Integrated Gradients (target k)",
+}
 
 
-def evaluate(n: int = 100, out_dir: Path = ROOT / "docs" / "evaluation", threads: int = 1,
-             store: Path = ROOT / "model_store") -> dict:
+def evaluate(
+    n: int = 100, out_dir: Path = ROOT / "docs" / "evaluation", threads: int = 1, store: Path = ROOT / "model_store"
+) -> dict:
     torch.set_num_threads(threads)
     reg = Registry(RegistryConfig(store=store, warmup=False, intra_op_threads=threads, prefer_cuda=False))
     frozen = reg.resolve("lesions-classifier")
@@ -51,11 +57,15 @@ def evaluate(n: int = 100, out_dir: Path = ROOT / "docs" / "evaluation", threads
             k = int(data.labels[i, j])
             for m in METHODS:
                 if m in sessions:
-                    out = sessions[m].run({"image": x[i:i + 1].numpy(), "target": np.array([k], dtype=np.int64)})
+                    out = sessions[m].run({"image": x[i : i + 1].numpy(), "target": np.array([k], dtype=np.int64)})
                     maps[m].append(np.asarray(out["mask"][0, 0], dtype=np.float32))
                 else:
-                    maps[m].append(np.asarray(saliency.attribute(m, module, x[i:i + 1], kind="classifier", target=k)[0],
-                                              dtype=np.float32))
+                    maps[m].append(
+                        np.asarray(
+                            saliency.attribute(m, module, x[i : i + 1], kind="classifier", target=k)[0],
+                            dtype=np.float32,
+                        )
+                    )
             gt_k.append(data.masks[i, j])
             gt_other.append(data.masks[i, 1 - j])
             tgt.append((i, k))
@@ -68,34 +78,49 @@ def evaluate(n: int = 100, out_dir: Path = ROOT / "docs" / "evaluation", threads
         empty = np.array([float(mm.max()) < 0.5 for mm in a]) if m in sessions else np.zeros(len(a), bool)
         zero = np.array([float(mm.max()) == 0.0 for mm in a])
         rows[m] = {
-            "relevance_mass_k": float(mass_k.mean()), "relevance_mass_k_se": float(mass_k.std(ddof=1) / np.sqrt(len(a))),
+            "relevance_mass_k": float(mass_k.mean()),
+            "relevance_mass_k_se": float(mass_k.std(ddof=1) / np.sqrt(len(a))),
             "relevance_mass_other": float(mass_o.mean()),
             "pointing_game_k": float(M.pointing_game(a, gk).mean()),
             "k_over_other": float((mass_k > mass_o).mean()),
-            "all_zero": float(zero.mean()), "max_below_half": float(empty.mean()),
+            "all_zero": float(zero.mean()),
+            "max_below_half": float(empty.mean()),
         }
     p_k = np.array([probs[i, k] for i, k in tgt])
-    summary = {"n_images": n, "n_targets": len(tgt), "seconds": time.perf_counter() - t0, "classifier": frozen.id,
-               "models": {m: reg.resolve(m).id for m in sessions}, "target_probability_mean": float(p_k.mean()),
-               "argmax_is_one_of_the_two": float(np.mean([probs[i].argmax() in data.labels[i] for i in range(n)])),
-               "rows": rows}
+    summary = {
+        "n_images": n,
+        "n_targets": len(tgt),
+        "seconds": time.perf_counter() - t0,
+        "classifier": frozen.id,
+        "models": {m: reg.resolve(m).id for m in sessions},
+        "target_probability_mean": float(p_k.mean()),
+        "argmax_is_one_of_the_two": float(np.mean([probs[i].argmax() in data.labels[i] for i in range(n)])),
+        "rows": rows,
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "targeted_two_findings.json").write_text(json.dumps(summary, indent=1) + "\n")
-    md = [f"Targeted explanations on the two-finding lesions set ({n} test images, two lesions of different classes "
-          f"each, {len(tgt)} targets), CURRENT default models (classifier {frozen.id}; not retrained on such images).",
-          "",
-          "| method | relevance mass on lesion k ↑ (target >= 0.8 for NEMt) | on the other lesion ↓ | pointing game on k ↑ | "
-          "share of targets with more mass on k than on the other | all-zero masks | masks with max < 0.5 |",
-          "|---|---|---|---|---|---|---|"]
+    md = [
+        f"Targeted explanations on the two-finding lesions set ({n} test images, two lesions of different classes "
+        f"each, {len(tgt)} targets), CURRENT default models (classifier {frozen.id}; not retrained on such images).",
+        "",
+        "| method | relevance mass on lesion k ↑ (target >= 0.8 for NEMt) | on the other lesion ↓ | pointing game on k ↑ | "
+        "share of targets with more mass on k than on the other | all-zero masks | masks with max < 0.5 |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for m, r in rows.items():
-        md.append(f"| {TITLES[m]} | {r['relevance_mass_k']:.3f} ± {r['relevance_mass_k_se']:.3f} | {r['relevance_mass_other']:.3f} | "
-                  f"{r['pointing_game_k']:.3f} | {r['k_over_other']:.3f} | {r['all_zero']:.3f} | "
-                  + (f"{r['max_below_half']:.3f} |" if m in sessions else "n/a |"))
-    md += ["", f"The classifier's mean probability of the target k on these images: {summary['target_probability_mean']:.3f}; "
-           f"its argmax is one of the two classes on {summary['argmax_is_one_of_the_two']:.3f} of the images (it was trained "
-           "on single-lesion images).",
-           "Relevance mass: positive min-max-normalised attribution inside the lesion / all of it (mean ± standard error). "
-           "Generated by `python -m xaiserve.training.evaluate_targeted --n " + str(n) + "`."]
+        md.append(
+            f"| {TITLES[m]} | {r['relevance_mass_k']:.3f} ± {r['relevance_mass_k_se']:.3f} | {r['relevance_mass_other']:.3f} | "
+            f"{r['pointing_game_k']:.3f} | {r['k_over_other']:.3f} | {r['all_zero']:.3f} | "
+            + (f"{r['max_below_half']:.3f} |" if m in sessions else "n/a |")
+        )
+    md += [
+        "",
+        f"The classifier's mean probability of the target k on these images: {summary['target_probability_mean']:.3f}; "
+        f"its argmax is one of the two classes on {summary['argmax_is_one_of_the_two']:.3f} of the images (it was trained "
+        "on single-lesion images).",
+        "Relevance mass: positive min-max-normalised attribution inside the lesion / all of it (mean ± standard error). "
+        "Generated by `python -m xaiserve.training.evaluate_targeted --n " + str(n) + "`.",
+    ]
     (out_dir / "targeted_two_findings.md").write_text("\n".join(md) + "\n")
     return summary
 

@@ -8,6 +8,7 @@ Devices: the trainers build their batches on the host (data, augmentation, RNG s
 CPU) and `train_loop(device=...)` moves each batch there just before the step, the one host-to-
 device copy per step; the trainers move their modules there once (`xaiserve train ... --device`).
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,8 +22,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from xaiserve.handlers.nets import load_state_dict_file
 from xaiserve.errors import FailedPrecondition
+from xaiserve.handlers.nets import load_state_dict_file
 
 StepFn = Callable[[Any], tuple[torch.Tensor, dict[str, float]]]
 
@@ -114,8 +115,13 @@ def train_loop(
         sums: dict[str, float] = {}
         n = 0
         t0 = time.perf_counter()
-        bar = tqdm(total=steps_per_epoch, desc=f"{cfg.desc} {epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
-                   leave=False, mininterval=1.0)
+        bar = tqdm(
+            total=steps_per_epoch,
+            desc=f"{cfg.desc} {epoch + 1}/{cfg.epochs}",
+            disable=not cfg.progress,
+            leave=False,
+            mininterval=1.0,
+        )
         for batch in batches(epoch):
             optimiser.zero_grad(set_to_none=True)
             loss, logs = step(to_device(batch, device))
@@ -140,12 +146,24 @@ def train_loop(
         if score is not None and (best is None or score > best["value"]):
             best = {"epoch": epoch + 1, "value": float(score), "module": copy.deepcopy(module.state_dict())}
         if cfg.progress or cfg.log_epochs:
-            print(f"{cfg.desc} epoch {epoch + 1}/{cfg.epochs}: " + ", ".join(f"{k}={v:.4g}" for k, v in rec.items() if k != "epoch"), flush=True)
+            print(
+                f"{cfg.desc} epoch {epoch + 1}/{cfg.epochs}: "
+                + ", ".join(f"{k}={v:.4g}" for k, v in rec.items() if k != "epoch"),
+                flush=True,
+            )
         if cfg.checkpoint is not None:
-            save_checkpoint(cfg.checkpoint, {
-                "module": module.state_dict(), "optimiser": optimiser.state_dict(), "rng": torch.get_rng_state(),
-                "epoch": epoch + 1, "history": history, "config": run_config, "best": best,
-            })
+            save_checkpoint(
+                cfg.checkpoint,
+                {
+                    "module": module.state_dict(),
+                    "optimiser": optimiser.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "epoch": epoch + 1,
+                    "history": history,
+                    "config": run_config,
+                    "best": best,
+                },
+            )
     if best is not None:
         module.load_state_dict(best["module"])
         for rec in history:

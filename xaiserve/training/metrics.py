@@ -32,6 +32,7 @@ Relation to Quantus 0.6.0 (tests/test_metrics.py checks each relation on random 
   H*W*n_samples forward passes per image). With patch = 1, one channel, a fixed baseline and one
   sample the two agree exactly.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -169,7 +170,8 @@ def top_k_intersection(a, gt, k: int | None = None) -> np.ndarray:
     k = top_k_for(*m.shape[1:]) if k is None else int(k)
     if not 1 <= k <= n_pix:
         raise InvalidArgument(
-            f"top-k intersection needs 1 <= k <= {n_pix} (the pixels of a {m.shape[1]}x{m.shape[2]} map); got k = {k}")
+            f"top-k intersection needs 1 <= k <= {n_pix} (the pixels of a {m.shape[1]}x{m.shape[2]} map); got k = {k}"
+        )
     return _top_k_hits(flat, gflat, np.full(len(flat), k)) / k
 
 
@@ -208,8 +210,9 @@ Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
-def fidelity(forward: Forward, x: torch.Tensor, a, *, kind: str = "encoder", targets=None,
-             batch_size: int = 64) -> np.ndarray:
+def fidelity(
+    forward: Forward, x: torch.Tensor, a, *, kind: str = "encoder", targets=None, batch_size: int = 64
+) -> np.ndarray:
     """The fidelity of each map ([NEM-U] sec. 3.1 and Appendix A, Table 3 "accuracy"), the same
     definition as Explain's fidelity option (handlers/fidelity.py): for a classifier (`forward`
     returns logits, `targets` the explained labels) softmax(Phi(x * m))_target; for an encoder
@@ -234,8 +237,17 @@ def fidelity(forward: Forward, x: torch.Tensor, a, *, kind: str = "encoder", tar
     return np.concatenate(out).astype(np.float64)
 
 
-def fidelity_vs_random(forward: Forward, x: torch.Tensor, a, *, kind: str = "encoder", targets=None,
-                       fidelity_scores: np.ndarray | None = None, seed: int = 0, batch_size: int = 64) -> np.ndarray:
+def fidelity_vs_random(
+    forward: Forward,
+    x: torch.Tensor,
+    a,
+    *,
+    kind: str = "encoder",
+    targets=None,
+    fidelity_scores: np.ndarray | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> np.ndarray:
     """Fidelity of each map over the fidelity of a random map of the same area: the same normalised
     map with its pixels randomly permuted (identical values, so identical mean(m) and L1 area).
     The fidelity rewards area (METHODS.md, decision 2026-12); this ratio does not: 1 = no better than
@@ -249,8 +261,11 @@ def fidelity_vs_random(forward: Forward, x: torch.Tensor, a, *, kind: str = "enc
     rng = np.random.default_rng(seed)
     flat = maps.reshape(n, -1)
     shuffled = np.stack([row[rng.permutation(row.size)] for row in flat]).reshape(maps.shape)
-    own = fidelity(forward, x, maps, kind=kind, targets=targets, batch_size=batch_size) if fidelity_scores is None \
+    own = (
+        fidelity(forward, x, maps, kind=kind, targets=targets, batch_size=batch_size)
+        if fidelity_scores is None
         else np.asarray(fidelity_scores, dtype=np.float64)
+    )
     rand = fidelity(forward, x, shuffled, kind=kind, targets=targets, batch_size=batch_size)
     return own / max(float(rand.mean()), 1e-12)
 
@@ -418,8 +433,9 @@ Score = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (batch, rows of 
 
 
 @torch.no_grad()
-def deletion_insertion(score: Score, x: torch.Tensor, a, *, steps: int = 16,
-                       batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+def deletion_insertion(
+    score: Score, x: torch.Tensor, a, *, steps: int = 16, batch_size: int = 32
+) -> tuple[np.ndarray, np.ndarray]:
     """Deletion and insertion curves (Petsiuk, Das and Saenko 2018, "RISE", sec. 4.1), as the area
     under each curve per image, for data without ground-truth masks.
 
@@ -448,14 +464,18 @@ def deletion_insertion(score: Score, x: torch.Tensor, a, *, steps: int = 16,
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
         idx = torch.tensor([i for i, _ in chunk])
-        keep = torch.stack([ranks_t[i] >= int(round(fracs[j] * h * w)) for i, j in chunk]).to(x.dtype)  # 1 = not yet removed
+        keep = torch.stack([ranks_t[i] >= int(round(fracs[j] * h * w)) for i, j in chunk]).to(
+            x.dtype
+        )  # 1 = not yet removed
         xb = x[idx]
         for name, batch in (("deletion", xb * keep), ("insertion", xb * (1 - keep))):
             vals = score(batch, idx).double().cpu().numpy()
             for (i, j), v in zip(chunk, vals):
                 curves[name][i, j] = v
-    auc = {k: np.trapezoid(c, fracs, axis=1) if hasattr(np, "trapezoid") else np.trapz(c, fracs, axis=1)
-           for k, c in curves.items()}
+    auc = {
+        k: np.trapezoid(c, fracs, axis=1) if hasattr(np, "trapezoid") else np.trapz(c, fracs, axis=1)
+        for k, c in curves.items()
+    }
     return auc["deletion"], auc["insertion"]
 
 

@@ -7,6 +7,7 @@ ONNX I/O (dynamic batch axis everywhere):
     nem_u       image -> mask[B,1,H,W], output[B,D]
     nemt        image, target[B] int64 (-1 = argmax) -> mask[B,1,H,W], output[B,K], label[B] int64
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -46,8 +47,9 @@ IO = {
 }
 
 
-def example_inputs(kind: str, channels: int, size: int, batch: int = 2, seed: int = 0,
-                   width: int | None = None) -> tuple[torch.Tensor, ...]:
+def example_inputs(
+    kind: str, channels: int, size: int, batch: int = 2, seed: int = 0, width: int | None = None
+) -> tuple[torch.Tensor, ...]:
     """Random normalised inputs size x size (size x width for a non-square model)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, channels, size, width or size, generator=g)
@@ -67,8 +69,15 @@ def export_onnx(module: nn.Module, kind: str, path: Path, inputs: tuple[torch.Te
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            wrapper, inputs, str(path), input_names=names_in, output_names=names_out, dynamic_axes=dyn,
-            opset_version=OPSET, dynamo=False, do_constant_folding=True,
+            wrapper,
+            inputs,
+            str(path),
+            input_names=names_in,
+            output_names=names_out,
+            dynamic_axes=dyn,
+            opset_version=OPSET,
+            dynamo=False,
+            do_constant_folding=True,
         )
     import onnx
 
@@ -94,11 +103,15 @@ def onnx_parity(module: nn.Module, kind: str, path: Path, inputs: tuple[torch.Te
     with torch.no_grad():
         ref = _Serve(module.eval(), kind)(*inputs)
     ref = ref if isinstance(ref, (tuple, list)) else (ref,)
-    return {n: float(np.abs(o.astype(np.float64) - r.numpy().astype(np.float64)).max()) for n, o, r in zip(names_out, outs, ref)}
+    return {
+        n: float(np.abs(o.astype(np.float64) - r.numpy().astype(np.float64)).max())
+        for n, o, r in zip(names_out, outs, ref)
+    }
 
 
-def latency_ratio(model_path: Path, frozen_path: Path, feeds: dict[str, np.ndarray], *, rounds: int = 15,
-                  reps: int = 10) -> dict[str, float]:
+def latency_ratio(
+    model_path: Path, frozen_path: Path, feeds: dict[str, np.ndarray], *, rounds: int = 15, reps: int = 10
+) -> dict[str, float]:
     """Median ORT latency per image at batch 1 of a mask model and of its frozen model (interleaved
     rounds, one intra-op thread), and their ratio (the latency goal: at most 2x)."""
     import time
@@ -156,8 +169,15 @@ def render_card(pub: Publication, files: dict[str, str], version: str) -> str:
     return "\n".join(lines)
 
 
-def publish(store: Path, pub: Publication, module: nn.Module, *, parity_batch: int = 3,
-            frozen_onnx: Path | None = None, decoder_only: bool = False) -> dict[str, Any]:
+def publish(
+    store: Path,
+    pub: Publication,
+    module: nn.Module,
+    *,
+    parity_batch: int = 3,
+    frozen_onnx: Path | None = None,
+    decoder_only: bool = False,
+) -> dict[str, Any]:
     """Write model.onnx, weights.pt, card.md under store/<name>/<version>/ and the manifest entry.
 
     Returns the manifest entry (with the ORT-vs-torch parity in metrics["onnx_max_abs_diff"], and for
@@ -170,10 +190,17 @@ def publish(store: Path, pub: Publication, module: nn.Module, *, parity_batch: i
     out = store / rel
     out.mkdir(parents=True, exist_ok=True)
     module = module.eval()
-    inputs = example_inputs(pub.kind, int(pub.input["channels"]), int(pub.input["height"]), batch=parity_batch,
-                            width=int(pub.input["width"]))
+    inputs = example_inputs(
+        pub.kind,
+        int(pub.input["channels"]),
+        int(pub.input["height"]),
+        batch=parity_batch,
+        width=int(pub.input["width"]),
+    )
     if pub.kind == "nemt":  # exercise both argmax and explicit targets in the parity check
-        targets = (torch.arange(parity_batch, dtype=torch.int64) - 1).clamp(max=max(pub.output_dim - 1, 0))  # -1, 0, 1, ...
+        targets = (torch.arange(parity_batch, dtype=torch.int64) - 1).clamp(
+            max=max(pub.output_dim - 1, 0)
+        )  # -1, 0, 1, ...
         inputs = (inputs[0], targets)
     export_onnx(module, pub.kind, out / "model.onnx", inputs)
     parity = onnx_parity(module, pub.kind, out / "model.onnx", inputs)
@@ -185,17 +212,19 @@ def publish(store: Path, pub: Publication, module: nn.Module, *, parity_batch: i
     if frozen_onnx is not None and Path(frozen_onnx).exists():
         one = {"image": inputs[0][:1].numpy(), "target": np.full((1,), -1, np.int64)}
         latency = latency_ratio(out / "model.onnx", Path(frozen_onnx), one)
-    files = {"onnx": str(rel / "model.onnx"), "card": str(rel / "card.md"),
-             **({"decoder_state": str(rel / "decoder.pt")} if decoder_only else {"state_dict": str(rel / "weights.pt")})}
+    files = {
+        "onnx": str(rel / "model.onnx"),
+        "card": str(rel / "card.md"),
+        **({"decoder_state": str(rel / "decoder.pt")} if decoder_only else {"state_dict": str(rel / "weights.pt")}),
+    }
     metrics = dict(pub.metrics)
     metrics["onnx_max_abs_diff"] = {k: float(f"{v:.3g}") for k, v in parity.items()}
     if latency is not None:
         metrics["latency"] = latency
     version = code_version()
     sections = dict(pub.card_sections)
-    sections["Export check"] = (
-        "ONNX Runtime vs torch on random inputs, max abs difference per output: "
-        + ", ".join(f"`{k}` {v:.2e}" for k, v in parity.items())
+    sections["Export check"] = "ONNX Runtime vs torch on random inputs, max abs difference per output: " + ", ".join(
+        f"`{k}` {v:.2e}" for k, v in parity.items()
     )
     if latency is not None:
         sections["Latency"] = (

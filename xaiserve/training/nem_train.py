@@ -13,6 +13,7 @@ on all images, the network of a class that is a quarter of the data collapsed to
 (the L1 term of the other three quarters wins and the sigmoid saturates). The mask passes through stochastic
 weighted neighbourhood averaging during training (random kernel per sample and forward pass).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,10 +28,17 @@ from prodigyopt import Prodigy
 from torch import nn
 
 from xaiserve.devices import module_device
-from xaiserve.handlers.nem.decoder import DecoderArch
-from xaiserve.handlers.nem.losses import NEMT_FORMS, NemTLossConfig, NemULossConfig, nemt_deletion_loss, nemt_preservation_loss, nemu_loss
-from xaiserve.handlers.nem.models import NemT, NemU
 from xaiserve.errors import InvalidArgument
+from xaiserve.handlers.nem.decoder import DecoderArch
+from xaiserve.handlers.nem.losses import (
+    NEMT_FORMS,
+    NemTLossConfig,
+    NemULossConfig,
+    nemt_deletion_loss,
+    nemt_preservation_loss,
+    nemu_loss,
+)
+from xaiserve.handlers.nem.models import NemT, NemU
 from xaiserve.training.datasets.base import SyntheticDataset
 from xaiserve.training.loop import LoopConfig, train_loop
 
@@ -92,7 +100,9 @@ def relevance_mass(mask: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
 
 
 # -- NEM-U ---------------------------------------------------------------------------------------
-def nemu_step(model: NemU, x: torch.Tensor, cfg: NemULossConfig = NemULossConfig()) -> tuple[torch.Tensor, dict[str, float]]:
+def nemu_step(
+    model: NemU, x: torch.Tensor, cfg: NemULossConfig = NemULossConfig()
+) -> tuple[torch.Tensor, dict[str, float]]:
     mask, z = model(x)
     z_m = model.frozen(x * mask)  # eq. 6
     z_bar = model.frozen(x * (1 - mask))  # eq. 7
@@ -112,8 +122,11 @@ def evaluate_nemu(model: NemU, ds: SyntheticDataset, split: str = "val", limit: 
             rm.append(relevance_mass(mask, gt))
             size.append(mask.flatten(1).mean(1))
             fid.append(torch.nn.functional.cosine_similarity(z, model.frozen(x * mask), dim=1))
-    out = {"relevance_mass": float(torch.cat(rm).mean()), "mask_mean": float(torch.cat(size).mean()),
-           "fidelity_cos": float(torch.cat(fid).mean())}
+    out = {
+        "relevance_mass": float(torch.cat(rm).mean()),
+        "mask_mean": float(torch.cat(size).mean()),
+        "fidelity_cos": float(torch.cat(fid).mean()),
+    }
     return out if getattr(ds, "has_masks", True) else {k: v for k, v in out.items() if k != "relevance_mass"}
 
 
@@ -128,10 +141,19 @@ def _select(ds, metric: str, without_masks: str | None) -> str | None:
     return metric if getattr(ds, "has_masks", True) else without_masks
 
 
-def train_nemu(frozen: nn.Module, ds: SyntheticDataset, cfg: NemTrainConfig, *, decoder: DecoderArch = NEMU_DECODER,
-               loss: NemULossConfig = NemULossConfig(), checkpoint: Path | None = None, resume: bool = False,
-               progress: bool = True, limit: int | None = None,
-               device: torch.device | str = "cpu") -> tuple[NemU, list[dict], dict[str, Any]]:
+def train_nemu(
+    frozen: nn.Module,
+    ds: SyntheticDataset,
+    cfg: NemTrainConfig,
+    *,
+    decoder: DecoderArch = NEMU_DECODER,
+    loss: NemULossConfig = NemULossConfig(),
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    limit: int | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[NemU, list[dict], dict[str, Any]]:
     """Train the decoder on `device` (the frozen encoder goes there with it); back on the CPU at the end."""
     torch.manual_seed(cfg.seed)
     model = NemU(frozen, decoder).to(device)
@@ -140,11 +162,27 @@ def train_nemu(frozen: nn.Module, ds: SyntheticDataset, cfg: NemTrainConfig, *, 
     history = train_loop(
         # the decoder of the epoch with the highest validation relevance mass is kept: the loss (eq. 5-9)
         # trades mask size against fidelity and the masks' localisation swings from epoch to epoch
-        LoopConfig(epochs=cfg.epochs, checkpoint=checkpoint, resume=resume, progress=progress, desc="nem-u",
-                   select=_select(ds, "relevance_mass", "fidelity_cos")),
-        model, opt, gen, steps, lambda b: nemu_step(model, b[0], loss),
+        LoopConfig(
+            epochs=cfg.epochs,
+            checkpoint=checkpoint,
+            resume=resume,
+            progress=progress,
+            desc="nem-u",
+            select=_select(ds, "relevance_mass", "fidelity_cos"),
+        ),
+        model,
+        opt,
+        gen,
+        steps,
+        lambda b: nemu_step(model, b[0], loss),
         validate=lambda e: evaluate_nemu(model, ds, "val", limit=512),
-        run_config={**asdict(cfg), "decoder": decoder.to_dict(), "loss": asdict(loss), "dataset": ds.describe(), "limit": limit},
+        run_config={
+            **asdict(cfg),
+            "decoder": decoder.to_dict(),
+            "loss": asdict(loss),
+            "dataset": ds.describe(),
+            "limit": limit,
+        },
         device=device,
     )
     model.eval()
@@ -153,8 +191,14 @@ def train_nemu(frozen: nn.Module, ds: SyntheticDataset, cfg: NemTrainConfig, *, 
 
 
 # -- NEMt ----------------------------------------------------------------------------------------
-def nemt_step(model: NemT, x: torch.Tensor, target: torch.Tensor, form: str, only: int | None = None,
-              loss: NemTLossConfig | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+def nemt_step(
+    model: NemT,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    form: str,
+    only: int | None = None,
+    loss: NemTLossConfig | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """One NEMt loss evaluation; `only` trains one decoder of a per-class bank (target = that class)."""
     loss = loss or NemTLossConfig(form=form)
     with torch.no_grad():
@@ -169,8 +213,9 @@ def nemt_step(model: NemT, x: torch.Tensor, target: torch.Tensor, form: str, onl
     return out, {k: float(v) for k, v in parts.items()}
 
 
-def evaluate_nemt(model: NemT, ds: SyntheticDataset, split: str = "val", limit: int | None = None,
-                  target: str = "label") -> dict[str, float]:
+def evaluate_nemt(
+    model: NemT, ds: SyntheticDataset, split: str = "val", limit: int | None = None, target: str = "label"
+) -> dict[str, float]:
     """Held-out relevance mass etc. of the served masks (eval mode, box smoothing).
 
     target="label": explain the true class (as the ground truth marks the lesion of that class);
@@ -188,18 +233,33 @@ def evaluate_nemt(model: NemT, ds: SyntheticDataset, split: str = "val", limit: 
             p = logits.softmax(1).gather(1, label[:, None])[:, 0]
             keep.append(model.frozen(x * mask).softmax(1).gather(1, label[:, None])[:, 0] - p)
             drop.append(model.frozen(x * (1 - mask)).softmax(1).gather(1, label[:, None])[:, 0] - p)
-    out = {"relevance_mass": float(torch.cat(rm).mean()), "mask_mean": float(torch.cat(size).mean()),
-           "prob_change_keep_mask": float(torch.cat(keep).mean()), "prob_change_delete_mask": float(torch.cat(drop).mean())}
+    out = {
+        "relevance_mass": float(torch.cat(rm).mean()),
+        "mask_mean": float(torch.cat(size).mean()),
+        "prob_change_keep_mask": float(torch.cat(keep).mean()),
+        "prob_change_delete_mask": float(torch.cat(drop).mean()),
+    }
     return out if getattr(ds, "has_masks", True) else {k: v for k, v in out.items() if k != "relevance_mass"}
 
 
 COND_HEAD_BIAS = 2.0  # initial mask logit of the class-conditional NEMt (see train_nemt)
 
 
-def train_nemt(frozen: nn.Module, ds: SyntheticDataset, cfg: NemTrainConfig, *, form: str = "preservation",
-               conditional: bool = False, decoder: DecoderArch | None = None, smoothing: int = 21,
-               checkpoint: Path | None = None, resume: bool = False, progress: bool = True,
-               limit: int | None = None, device: torch.device | str = "cpu") -> tuple[NemT, list[dict], dict[str, Any]]:
+def train_nemt(
+    frozen: nn.Module,
+    ds: SyntheticDataset,
+    cfg: NemTrainConfig,
+    *,
+    form: str = "preservation",
+    conditional: bool = False,
+    decoder: DecoderArch | None = None,
+    smoothing: int = 21,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    limit: int | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[NemT, list[dict], dict[str, Any]]:
     """Train a per-class NEMt bank (each decoder in turn) or one class-conditional NEMt, on
     `device` (the frozen classifier goes there with it); back on the CPU at the end."""
     if form not in NEMT_FORMS:
@@ -208,8 +268,15 @@ def train_nemt(frozen: nn.Module, ds: SyntheticDataset, cfg: NemTrainConfig, *, 
     k = int(frozen.output_dim)
     decoder = decoder or (NEMT_COND_DECODER if conditional else NEMT_BANK_DECODER)
     model = NemT(frozen, decoder, num_classes=k, conditional=conditional, smoothing=smoothing).to(device)
-    base = {**asdict(cfg), "form": form, "conditional": conditional, "decoder": decoder.to_dict(), "smoothing": smoothing,
-            "dataset": ds.describe(), "limit": limit}
+    base = {
+        **asdict(cfg),
+        "form": form,
+        "conditional": conditional,
+        "decoder": decoder.to_dict(),
+        "smoothing": smoothing,
+        "dataset": ds.describe(),
+        "limit": limit,
+    }
     history: list[dict] = []
     if conditional:
         # Start from masks that keep most of the image (sigmoid(2) = 0.88) and let the L1 term shrink
@@ -233,22 +300,46 @@ def train_nemt(frozen: nn.Module, ds: SyntheticDataset, cfg: NemTrainConfig, *, 
         ck = checkpoint.with_name(checkpoint.stem + "-cond.pt") if checkpoint else None
         # one network for every label can fall into "empty mask for a whole class" (sigmoid saturated,
         # no gradient left); the epoch with the highest validation relevance mass is kept
-        history = train_loop(LoopConfig(epochs=cfg.epochs, checkpoint=ck, resume=resume, progress=progress, desc=f"nemt-cond[{form}]",
-                                        select=_select(ds, "relevance_mass", "prob_change_keep_mask")),
-                             model, opt, gen, steps, step, run_config=base,
-                             validate=lambda e: evaluate_nemt(model, ds, "val", limit=512), device=device)
+        history = train_loop(
+            LoopConfig(
+                epochs=cfg.epochs,
+                checkpoint=ck,
+                resume=resume,
+                progress=progress,
+                desc=f"nemt-cond[{form}]",
+                select=_select(ds, "relevance_mass", "prob_change_keep_mask"),
+            ),
+            model,
+            opt,
+            gen,
+            steps,
+            step,
+            run_config=base,
+            validate=lambda e: evaluate_nemt(model, ds, "val", limit=512),
+            device=device,
+        )
     else:
         for c in range(k):
             opt = prodigy(model.decoders[c].parameters())
             gen, steps = _batches(ds, cfg.batch_size, cfg.seed, limit, focus=c)
             ck = checkpoint.with_name(f"{checkpoint.stem}-class{c}.pt") if checkpoint else None
             h = train_loop(
-                LoopConfig(epochs=cfg.epochs, checkpoint=ck, resume=resume and ck is not None and ck.exists(), progress=progress,
-                           desc=f"nemt[{form}] class {c}"),
-                model.decoders[c], opt, gen, steps,
-                lambda b, c=c: nemt_step(model, b[0], torch.full((len(b[0]),), c, dtype=torch.int64, device=b[0].device),
-                                         form, only=c),
-                run_config={**base, "class": c}, device=device,
+                LoopConfig(
+                    epochs=cfg.epochs,
+                    checkpoint=ck,
+                    resume=resume and ck is not None and ck.exists(),
+                    progress=progress,
+                    desc=f"nemt[{form}] class {c}",
+                ),
+                model.decoders[c],
+                opt,
+                gen,
+                steps,
+                lambda b, c=c: nemt_step(
+                    model, b[0], torch.full((len(b[0]),), c, dtype=torch.int64, device=b[0].device), form, only=c
+                ),
+                run_config={**base, "class": c},
+                device=device,
             )
             history += [{**r, "class": c} for r in h]
     model.eval()

@@ -14,6 +14,7 @@ to match views by that texture: with 4 epochs its linear probe scored 16.6 % tes
 and NEM-U on it masked the background rather than the items; with the augmentation, 5 epochs gave
 23.0 % (and NEM-U masks on the items), 12 epochs 28.9 %. The labels are never used.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from xaiserve.devices import module_device
 from xaiserve.handlers.nets import EncoderArch, PyramidEncoder
@@ -85,7 +86,9 @@ class SimCLRModel(nn.Module):
         return self.head(self.encoder(x))
 
 
-def embed_split(encoder: nn.Module, ds: SyntheticDataset, split: str, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+def embed_split(
+    encoder: nn.Module, ds: SyntheticDataset, split: str, batch_size: int = 512
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings and labels of a split, on the encoder's device."""
     encoder.eval()
     dev = module_device(encoder)
@@ -121,9 +124,17 @@ def linear_probe(encoder: nn.Module, ds: SyntheticDataset, *, steps: int = 150, 
     return out
 
 
-def train_simclr(ds: SyntheticDataset, cfg: SimCLRConfig, arch: EncoderArch = EncoderArch(), *,
-                 checkpoint: Path | None = None, resume: bool = False, progress: bool = True,
-                 limit: int | None = None, device: torch.device | str = "cpu") -> tuple[PyramidEncoder, list[dict], dict[str, Any]]:
+def train_simclr(
+    ds: SyntheticDataset,
+    cfg: SimCLRConfig,
+    arch: EncoderArch = EncoderArch(),
+    *,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    limit: int | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[PyramidEncoder, list[dict], dict[str, Any]]:
     """Train SimCLR on `device`; returns the encoder (eval mode, on the CPU), the history and the
     linear-probe metrics. The two views are made on the host, in the batch generator (the same
     draws from torch's generator, in the same order, as when they were made in the step)."""
@@ -156,12 +167,17 @@ def train_simclr(ds: SyntheticDataset, cfg: SimCLRConfig, arch: EncoderArch = En
     def step(batch):
         v1, v2 = batch
         z = model(torch.cat([v1, v2]))
-        loss = nt_xent(z[: len(v1)], z[len(v1):], cfg.temperature)
+        loss = nt_xent(z[: len(v1)], z[len(v1) :], cfg.temperature)
         return loss, {}
 
     history = train_loop(
         LoopConfig(epochs=cfg.epochs, checkpoint=checkpoint, resume=resume, progress=progress, desc="simclr"),
-        model, opt, batches, n // cfg.batch_size, step, run_config={**asdict(cfg), "arch": arch.to_dict(), "limit": limit},
+        model,
+        opt,
+        batches,
+        n // cfg.batch_size,
+        step,
+        run_config={**asdict(cfg), "arch": arch.to_dict(), "limit": limit},
         device=device,
     )
     enc = model.encoder.eval()

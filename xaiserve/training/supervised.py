@@ -4,6 +4,7 @@ These are the frozen models NEMt and the ablation paths explain. Augmentation: r
 vertical flips only (both datasets are flip-invariant; nothing that moves the ground truth off the
 pixels is needed at training time).
 """
+
 from __future__ import annotations
 
 import math
@@ -41,9 +42,17 @@ def accuracy(model: torch.nn.Module, ds: SyntheticDataset, split: str, batch_siz
     return hit / max(tot, 1)
 
 
-def train_classifier(ds: SyntheticDataset, cfg: ClassifierConfig, arch: EncoderArch = EncoderArch(), *,
-                     checkpoint: Path | None = None, resume: bool = False, progress: bool = True,
-                     limit: int | None = None, device: torch.device | str = "cpu") -> tuple[PyramidClassifier, list[dict], dict[str, Any]]:
+def train_classifier(
+    ds: SyntheticDataset,
+    cfg: ClassifierConfig,
+    arch: EncoderArch = EncoderArch(),
+    *,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    limit: int | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[PyramidClassifier, list[dict], dict[str, Any]]:
     """Train on `device` (batches built on the host); the model comes back on the CPU."""
     torch.manual_seed(cfg.seed)
     model = PyramidClassifier(arch, ds.num_classes).to(device)
@@ -73,8 +82,14 @@ def train_classifier(ds: SyntheticDataset, cfg: ClassifierConfig, arch: EncoderA
         return loss, {"acc": float((logits.argmax(1) == y).float().mean())}
 
     history = train_loop(
-        LoopConfig(epochs=cfg.epochs, checkpoint=checkpoint, resume=resume, progress=progress, desc=f"classifier[{ds.name}]"),
-        model, opt, batches, steps, step,
+        LoopConfig(
+            epochs=cfg.epochs, checkpoint=checkpoint, resume=resume, progress=progress, desc=f"classifier[{ds.name}]"
+        ),
+        model,
+        opt,
+        batches,
+        steps,
+        step,
         validate=lambda e: {"accuracy": accuracy(model, ds, "val")},
         run_config={**asdict(cfg), "arch": arch.to_dict(), "dataset": ds.describe(), "limit": limit},
         device=device,

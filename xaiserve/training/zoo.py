@@ -4,6 +4,7 @@ Each `run_*` function trains one model, saves the result (state dict + arch + me
 `<out>/<name>/result.pt`, and (unless export=False) publishes it to the model store via
 `publish_result`. `publish_result` alone is what `xaiserve export` runs.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,16 +15,16 @@ from typing import Any
 
 import torch
 
+from xaiserve.errors import FailedPrecondition, NotFound
+from xaiserve.handlers.loading import load_module
 from xaiserve.handlers.nem.build import arch_of, build_from_arch
-from xaiserve.training.nem_export import Publication, publish
 from xaiserve.handlers.nem.losses import NemTLossConfig, NemULossConfig
 from xaiserve.handlers.nem.smoothing import scaled_size
-from xaiserve.handlers.loading import load_module
 from xaiserve.handlers.nets import EncoderArch, FrozenSpec, frozen_spec_from_arch, load_into, load_state_dict_file
-from xaiserve.errors import FailedPrecondition, NotFound
 from xaiserve.service.registry import read_manifest
 from xaiserve.training.datasets import get_dataset
 from xaiserve.training.datasets.base import SyntheticDataset
+from xaiserve.training.nem_export import Publication, publish
 from xaiserve.training.nem_train import COND_HEAD_BIAS, NemTrainConfig, train_nemt, train_nemu
 from xaiserve.training.ssl import SimCLRConfig, train_simclr
 from xaiserve.training.supervised import ClassifierConfig, train_classifier
@@ -90,7 +91,9 @@ def save_result(opts: RunOptions, name: str, payload: dict[str, Any]) -> Path:
     path = opts.out / name / "result.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(payload, path)
-    (opts.out / name / "result.json").write_text(json.dumps({k: v for k, v in payload.items() if k != "state_dict"}, indent=2, default=str))
+    (opts.out / name / "result.json").write_text(
+        json.dumps({k: v for k, v in payload.items() if k != "state_dict"}, indent=2, default=str)
+    )
     return path
 
 
@@ -136,7 +139,14 @@ def _history_table(history: list[dict]) -> str:
     keys = [k for k in history[-1] if k not in ("epoch",)]
     rows = ["| epoch | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
     for r in history:
-        rows.append(f"| {r.get('epoch')} | " + " | ".join(f"{r.get(k, float('nan')):.4g}" if isinstance(r.get(k), (int, float)) else str(r.get(k, "")) for k in keys) + " |")
+        rows.append(
+            f"| {r.get('epoch')} | "
+            + " | ".join(
+                f"{r.get(k, float('nan')):.4g}" if isinstance(r.get(k), (int, float)) else str(r.get(k, ""))
+                for k in keys
+            )
+            + " |"
+        )
     return "\n".join(rows)
 
 
@@ -146,12 +156,30 @@ def run_encoder(opts: RunOptions, name: str = "scenes-simclr") -> dict[str, Any]
     cfg = SimCLRConfig(seed=opts.seed, **({"epochs": opts.epochs} if opts.epochs else {}))
     spec = FrozenSpec()
     t0 = time.perf_counter()
-    enc, history, probe = train_simclr(ds, cfg, spec.encoder, checkpoint=opts.out / name / "ckpt.pt", resume=opts.resume,
-                                       progress=opts.progress, limit=opts.limit, device=opts.device)
-    res = {"name": name, "kind": "encoder", "arch": spec.to_arch(), "state_dict": enc.state_dict(), "dataset": ds.describe(),
-           "input": input_spec(ds), "labels": list(ds.labels), "output_dim": spec.encoder.embed_dim,
-           "config": asdict(cfg), "history": history, "metrics": {**probe, "train_seconds": round(time.perf_counter() - t0, 1)},
-           "limit": opts.limit}
+    enc, history, probe = train_simclr(
+        ds,
+        cfg,
+        spec.encoder,
+        checkpoint=opts.out / name / "ckpt.pt",
+        resume=opts.resume,
+        progress=opts.progress,
+        limit=opts.limit,
+        device=opts.device,
+    )
+    res = {
+        "name": name,
+        "kind": "encoder",
+        "arch": spec.to_arch(),
+        "state_dict": enc.state_dict(),
+        "dataset": ds.describe(),
+        "input": input_spec(ds),
+        "labels": list(ds.labels),
+        "output_dim": spec.encoder.embed_dim,
+        "config": asdict(cfg),
+        "history": history,
+        "metrics": {**probe, "train_seconds": round(time.perf_counter() - t0, 1)},
+        "limit": opts.limit,
+    }
     save_result(opts, name, res)
     return res
 
@@ -166,11 +194,30 @@ def run_classifier(opts: RunOptions, name: str, data: str) -> dict[str, Any]:
     cfg = ClassifierConfig(seed=opts.seed, **({"epochs": opts.epochs} if opts.epochs else {}))
     spec = FrozenSpec(encoder=CLASSIFIER_ARCH.get(data, EncoderArch()), num_classes=ds.num_classes)
     t0 = time.perf_counter()
-    model, history, metrics = train_classifier(ds, cfg, spec.encoder, checkpoint=opts.out / name / "ckpt.pt", resume=opts.resume,
-                                               progress=opts.progress, limit=opts.limit, device=opts.device)
-    res = {"name": name, "kind": "classifier", "arch": spec.to_arch(), "state_dict": model.state_dict(), "dataset": ds.describe(),
-           "input": input_spec(ds), "labels": list(ds.labels), "output_dim": ds.num_classes, "config": asdict(cfg),
-           "history": history, "metrics": {**metrics, "train_seconds": round(time.perf_counter() - t0, 1)}, "limit": opts.limit}
+    model, history, metrics = train_classifier(
+        ds,
+        cfg,
+        spec.encoder,
+        checkpoint=opts.out / name / "ckpt.pt",
+        resume=opts.resume,
+        progress=opts.progress,
+        limit=opts.limit,
+        device=opts.device,
+    )
+    res = {
+        "name": name,
+        "kind": "classifier",
+        "arch": spec.to_arch(),
+        "state_dict": model.state_dict(),
+        "dataset": ds.describe(),
+        "input": input_spec(ds),
+        "labels": list(ds.labels),
+        "output_dim": ds.num_classes,
+        "config": asdict(cfg),
+        "history": history,
+        "metrics": {**metrics, "train_seconds": round(time.perf_counter() - t0, 1)},
+        "limit": opts.limit,
+    }
     save_result(opts, name, res)
     return res
 
@@ -181,18 +228,44 @@ def run_nemu(opts: RunOptions, name: str = "scenes-nemu", encoder: str = "scenes
     ds = dataset("scenes", opts)
     cfg = NemTrainConfig(seed=opts.seed, **({"epochs": opts.epochs} if opts.epochs else {}))
     t0 = time.perf_counter()
-    model, history, metrics = train_nemu(frozen, ds, cfg, checkpoint=opts.out / name / "ckpt.pt", resume=opts.resume,
-                                         progress=opts.progress, limit=opts.limit, device=opts.device)
-    res = {"name": name, "kind": "nem_u", "arch": arch_of(model, fentry["arch"], loss=asdict(NemULossConfig())),
-           "state_dict": model.state_dict(), "dataset": ds.describe(), "input": fentry["input"], "labels": fentry.get("labels", []),
-           "output_dim": fentry["output_dim"], "explains": f"{fentry['name']}:{fentry['version']}", "config": asdict(cfg),
-           "history": history, "metrics": {**metrics, "train_seconds": round(time.perf_counter() - t0, 1)}, "limit": opts.limit}
+    model, history, metrics = train_nemu(
+        frozen,
+        ds,
+        cfg,
+        checkpoint=opts.out / name / "ckpt.pt",
+        resume=opts.resume,
+        progress=opts.progress,
+        limit=opts.limit,
+        device=opts.device,
+    )
+    res = {
+        "name": name,
+        "kind": "nem_u",
+        "arch": arch_of(model, fentry["arch"], loss=asdict(NemULossConfig())),
+        "state_dict": model.state_dict(),
+        "dataset": ds.describe(),
+        "input": fentry["input"],
+        "labels": fentry.get("labels", []),
+        "output_dim": fentry["output_dim"],
+        "explains": f"{fentry['name']}:{fentry['version']}",
+        "config": asdict(cfg),
+        "history": history,
+        "metrics": {**metrics, "train_seconds": round(time.perf_counter() - t0, 1)},
+        "limit": opts.limit,
+    }
     save_result(opts, name, res)
     return res
 
 
-def run_nemt(opts: RunOptions, name: str, classifier: str = "lesions-classifier:1", form: str = "auto",
-             conditional: bool = False, smoothing: int | None = None, ablate_smoothing: int | None = None) -> dict[str, Any]:
+def run_nemt(
+    opts: RunOptions,
+    name: str,
+    classifier: str = "lesions-classifier:1",
+    form: str = "auto",
+    conditional: bool = False,
+    smoothing: int | None = None,
+    ablate_smoothing: int | None = None,
+) -> dict[str, Any]:
     """form="auto": train both loss forms and keep the one with the higher validation relevance mass.
 
     smoothing=None: the paper's 21 x 21 scaled to the image size (handlers.nem.smoothing.scaled_size).
@@ -207,26 +280,62 @@ def run_nemt(opts: RunOptions, name: str, classifier: str = "lesions-classifier:
     results: dict[str, Any] = {}
     t0 = time.perf_counter()
     for f in forms:
-        model, history, metrics = train_nemt(frozen, ds, cfg, form=f, conditional=conditional, smoothing=smoothing,
-                                             checkpoint=opts.out / name / f"ckpt-{f}.pt", resume=opts.resume,
-                                             progress=opts.progress, limit=opts.limit, device=opts.device)
+        model, history, metrics = train_nemt(
+            frozen,
+            ds,
+            cfg,
+            form=f,
+            conditional=conditional,
+            smoothing=smoothing,
+            checkpoint=opts.out / name / f"ckpt-{f}.pt",
+            resume=opts.resume,
+            progress=opts.progress,
+            limit=opts.limit,
+            device=opts.device,
+        )
         results[f] = (model, history, metrics)
     best = max(results, key=lambda f: results[f][2]["val"]["relevance_mass"])
     model, history, metrics = results[best]
     comparison = {f: results[f][2] for f in results}
     ablation = {}
     if ablate_smoothing and ablate_smoothing != smoothing:
-        _, _, abl = train_nemt(frozen, ds, cfg, form=best, conditional=conditional, smoothing=ablate_smoothing,
-                               checkpoint=opts.out / name / f"ckpt-{best}-s{ablate_smoothing}.pt", resume=opts.resume,
-                               progress=opts.progress, limit=opts.limit, device=opts.device)
+        _, _, abl = train_nemt(
+            frozen,
+            ds,
+            cfg,
+            form=best,
+            conditional=conditional,
+            smoothing=ablate_smoothing,
+            checkpoint=opts.out / name / f"ckpt-{best}-s{ablate_smoothing}.pt",
+            resume=opts.resume,
+            progress=opts.progress,
+            limit=opts.limit,
+            device=opts.device,
+        )
         ablation = {str(smoothing): metrics, str(ablate_smoothing): abl}
-    res = {"name": name, "kind": "nemt", "arch": arch_of(model, fentry["arch"], loss_form=best, loss=asdict(NemTLossConfig(form=best))),
-           "state_dict": model.state_dict(), "dataset": ds.describe(), "input": fentry["input"], "labels": fentry.get("labels", []),
-           "output_dim": fentry["output_dim"], "explains": f"{fentry['name']}:{fentry['version']}", "config": asdict(cfg),
-           "history": history, "metrics": {**metrics, "loss_form": best, "form_comparison": comparison,
-                                           **({"smoothing_ablation": ablation} if ablation else {}),
-                                           "train_seconds": round(time.perf_counter() - t0, 1)},
-           "conditional": conditional, "smoothing": smoothing, "limit": opts.limit}
+    res = {
+        "name": name,
+        "kind": "nemt",
+        "arch": arch_of(model, fentry["arch"], loss_form=best, loss=asdict(NemTLossConfig(form=best))),
+        "state_dict": model.state_dict(),
+        "dataset": ds.describe(),
+        "input": fentry["input"],
+        "labels": fentry.get("labels", []),
+        "output_dim": fentry["output_dim"],
+        "explains": f"{fentry['name']}:{fentry['version']}",
+        "config": asdict(cfg),
+        "history": history,
+        "metrics": {
+            **metrics,
+            "loss_form": best,
+            "form_comparison": comparison,
+            **({"smoothing_ablation": ablation} if ablation else {}),
+            "train_seconds": round(time.perf_counter() - t0, 1),
+        },
+        "conditional": conditional,
+        "smoothing": smoothing,
+        "limit": opts.limit,
+    }
     save_result(opts, name, res)
     return res
 
@@ -237,7 +346,8 @@ def _card(res: dict[str, Any]) -> dict[str, str]:
     data = {"lesions": LESIONS_DATA, "ct-phantoms": PHANTOMS_DATA}.get(res["dataset"]["name"], SCENES_DATA)
     ds = res["dataset"]
     sections = {
-        "Data": data + f"\n\nSplit sizes: {ds['splits']} (seed {ds['seed']}); labels: {', '.join(ds['labels'])}."
+        "Data": data
+        + f"\n\nSplit sizes: {ds['splits']} (seed {ds['seed']}); labels: {', '.join(ds['labels'])}."
         + (f"\n\nTraining used only the first {res['limit']} training images." if res.get("limit") else ""),
     }
     m = res["metrics"]
@@ -254,8 +364,12 @@ def _card(res: dict[str, Any]) -> dict[str, str]:
             f"(BG_Swap of Ryali et al. 2021, p={cfg.get('bg_swap', 0)} per view: pixels outside the items replaced by an item-free "
             "background; the foreground comes from the dataset's item masks instead of a saliency model - no labels are used); "
             f"AdamW lr {cfg['lr']} cosine, batch {cfg['batch_size']}, {cfg['epochs']} epochs, seed {cfg['seed']}."
-            + (" This run was resumed with more epochs: the cosine schedule restarted at the resumed epoch (warm restart; "
-               "see the history)." if res.get("resumed") else "")
+            + (
+                " This run was resumed with more epochs: the cosine schedule restarted at the resumed epoch (warm restart; "
+                "see the history)."
+                if res.get("resumed")
+                else ""
+            )
         )
         sections["Metrics"] = (
             "Linear probe (logistic regression, L-BFGS, on frozen standardised embeddings of the train split; label = class of the "
@@ -303,50 +417,69 @@ def _card(res: dict[str, Any]) -> dict[str, str]:
         )
         sections["Metrics"] = (
             "On held-out splits (masks min-max normalised; relevance mass = positive mass inside the ground truth / total; "
-            "fidelity = cos(Phi(x), Phi(x*m))):\n" + json.dumps({k: m[k] for k in ("val", "test")}, indent=1)
+            "fidelity = cos(Phi(x), Phi(x*m))):\n"
+            + json.dumps({k: m[k] for k in ("val", "test")}, indent=1)
             + "\n\nThe full comparison with RELAX and the gradient baselines is `xaiserve evaluate explanations`."
         )
         chosen = _selected_epoch(res)
-        epochs_text = (f"{cfg['epochs']} epochs as in the paper" if cfg["epochs"] == 10 else
-                       f"{cfg['epochs']} epochs instead of the paper's 10")
+        epochs_text = (
+            f"{cfg['epochs']} epochs as in the paper"
+            if cfg["epochs"] == 10
+            else f"{cfg['epochs']} epochs instead of the paper's 10"
+        )
         sections["Deviations"] = (
-            epochs_text + (f"; the decoder of epoch {chosen}, the one with the highest relevance mass on 512 validation "
-                           "images, is kept (model selection on the validation split: the paper does not say how it picked its "
-                           "checkpoint; the test split is not used)" if chosen is not None else "")
+            epochs_text
+            + (
+                f"; the decoder of epoch {chosen}, the one with the highest relevance mass on 512 validation "
+                "images, is kept (model selection on the validation split: the paper does not say how it picked its "
+                "checkpoint; the test split is not used)"
+                if chosen is not None
+                else ""
+            )
             + ". The decoder is far smaller than the paper's 9-10 M parameters (64 x 64 inputs; latency target at most 2x the "
             "frozen encoder)."
         )
     elif kind == "nemt":
         comp = m.get("form_comparison", {})
-        rows = ["| loss form | val relevance mass | test relevance mass | test mask mean | test prob. change (keep mask) | test prob. change (delete mask) |",
-                "|---|---|---|---|---|---|"]
+        rows = [
+            "| loss form | val relevance mass | test relevance mass | test mask mean | test prob. change (keep mask) | test prob. change (delete mask) |",
+            "|---|---|---|---|---|---|",
+        ]
         for f, r in comp.items():
-            rows.append(f"| {f} | {r['val']['relevance_mass']:.4f} | {r['test']['relevance_mass']:.4f} | {r['test']['mask_mean']:.4f} | "
-                        f"{r['test']['prob_change_keep_mask']:+.4f} | {r['test']['prob_change_delete_mask']:+.4f} |")
+            rows.append(
+                f"| {f} | {r['val']['relevance_mass']:.4f} | {r['test']['relevance_mass']:.4f} | {r['test']['mask_mean']:.4f} | "
+                f"{r['test']['prob_change_keep_mask']:+.4f} | {r['test']['prob_change_delete_mask']:+.4f} |"
+            )
         cond = arch.get("conditional")
         sections["Model"] = (
-            ("Class-conditional NEMt (beyond the papers): ONE U-Net decoder whose blocks are FiLM-modulated by the target label "
-             "(h <- h (1 + gamma_c) + beta_c), trained with the true label as the target for half of the images and a uniformly "
-             "random target for the other half. The mask head starts at logit "
-             f"{COND_HEAD_BIAS:g} (masks that keep most of the image) and the epoch with the highest validation relevance "
-             f"mass (512 images) is kept (epoch {_selected_epoch(res) or 'the last'}): from the default start the shared network once "
-             "collapsed every mask of the nevus class to zero, for every target label, within the first epoch."
-             if cond else
-             f"NEMt ([NEMt]): one masking network per target label ({res['output_dim']} U-Net decoders; decoder c is trained to "
-             "explain label c on all training images of class c plus as many other images drawn afresh each epoch), bundled in one "
-             "ONNX graph: the decoders run fused (grouped convolutions), the `target` input selects one.")
+            (
+                "Class-conditional NEMt (beyond the papers): ONE U-Net decoder whose blocks are FiLM-modulated by the target label "
+                "(h <- h (1 + gamma_c) + beta_c), trained with the true label as the target for half of the images and a uniformly "
+                "random target for the other half. The mask head starts at logit "
+                f"{COND_HEAD_BIAS:g} (masks that keep most of the image) and the epoch with the highest validation relevance "
+                f"mass (512 images) is kept (epoch {_selected_epoch(res) or 'the last'}): from the default start the shared network once "
+                "collapsed every mask of the nevus class to zero, for every target label, within the first epoch."
+                if cond
+                else f"NEMt ([NEMt]): one masking network per target label ({res['output_dim']} U-Net decoders; decoder c is trained to "
+                "explain label c on all training images of class c plus as many other images drawn afresh each epoch), bundled in one "
+                "ONNX graph: the decoders run fused (grouped convolutions), the `target` input selects one."
+            )
             + f" Decoder widths {arch['decoder']['widths']} on the deepest pyramid taps of the frozen classifier `{res['explains']}`; "
             "sigmoid, then stochastic weighted neighbourhood averaging (sec. 3.2.2): a random positive "
             f"{arch['smoothing']}x{arch['smoothing']} kernel summing to 1 per sample and training forward pass. Target -1 = the classifier's "
             f"argmax. Prodigy, batch {cfg['batch_size']}, {cfg['epochs']} epochs per network, seed {cfg['seed']}."
         )
         sections["Loss form"] = (
-            ("Both forms of METHODS.md were trained; the default is the one with the higher validation relevance mass: "
-             if len(comp) > 1 else "One form was trained, the one chosen for the per-class networks by validation relevance mass: ")
+            (
+                "Both forms of METHODS.md were trained; the default is the one with the higher validation relevance mass: "
+                if len(comp) > 1
+                else "One form was trained, the one chosen for the per-class networks by validation relevance mass: "
+            )
             + f"**{m.get('loss_form')}**.\n\n- preservation (authors' code): ||m||_1 + 2 (softmax(Phi(x*m))_c - softmax(Phi(x))_c)^2\n"
             "- deletion (eq. 2, read with the mask marking the deleted region, because the literal x*Psi(x) is minimised by m = 0): "
             "-(softmax(Phi(x))_c - softmax(Phi(x*(1-m)))_c)^2 + 0.5 ||m||_1 on probabilities (bounded, as the authors' "
-            "inverse option)\n\n" + "\n".join(rows)
+            "inverse option)\n\n"
+            + "\n".join(rows)
             + "\n\n(targets = true labels; masks min-max normalised before the relevance mass)"
         )
         sections["Inference-time smoothing"] = (
@@ -356,17 +489,21 @@ def _card(res: dict[str, Any]) -> dict[str, str]:
         )
         abl = m.get("smoothing_ablation")
         if abl:
-            rows = ["| neighbourhood | val relevance mass | test relevance mass | test mask mean | test prob. change (keep mask) |",
-                    "|---|---|---|---|---|"]
+            rows = [
+                "| neighbourhood | val relevance mass | test relevance mass | test mask mean | test prob. change (keep mask) |",
+                "|---|---|---|---|---|",
+            ]
             for k_, r in abl.items():
-                rows.append(f"| {k_}x{k_}{' (served)' if int(k_) == arch['smoothing'] else ''} | {r['val']['relevance_mass']:.4f} | "
-                            f"{r['test']['relevance_mass']:.4f} | {r['test']['mask_mean']:.4f} | {r['test']['prob_change_keep_mask']:+.4f} |")
+                rows.append(
+                    f"| {k_}x{k_}{' (served)' if int(k_) == arch['smoothing'] else ''} | {r['val']['relevance_mass']:.4f} | "
+                    f"{r['test']['relevance_mass']:.4f} | {r['test']['mask_mean']:.4f} | {r['test']['prob_change_keep_mask']:+.4f} |"
+                )
             sections["Smoothing neighbourhood (ablation)"] = (
                 "The paper's 21 x 21 neighbourhood was chosen for 224 x 224 images ([NEMt], Table A.2: robust to the size); at 64 x 64 "
                 "it spans a third of the image. **Deviation from the paper (the default of docs/METHODS.md since 2026-12):** the served network keeps the "
                 "paper's relative extent, 21 * 64 / 224 rounded up to the odd 7 x 7; the literal 21 x 21 was trained with the same "
-                "loss form and budget for comparison (`--smoothing 21` serves it):\n\n"
-                + "\n".join(rows))
+                "loss form and budget for comparison (`--smoothing 21` serves it):\n\n" + "\n".join(rows)
+            )
         sections["Metrics"] = json.dumps({k: m[k] for k in ("val", "test", "test_argmax") if k in m}, indent=1)
     sections["Training history"] = _history_table(res.get("history", []))
     return sections
@@ -390,14 +527,20 @@ def publish_result(opts: RunOptions, name: str) -> dict[str, Any]:
     load_into(module, res["state_dict"], name)
     desc = DESCRIPTIONS[kind]
     if kind == "classifier":
-        desc += f" on {res['dataset']['name']}" + {"lesions": " (synthetic lesions)", "ct-phantoms": " (synthetic CT phantoms, window stack)"}.get(
-            res["dataset"]["name"], " (Fashion-MNIST composites)")
+        desc += f" on {res['dataset']['name']}" + {
+            "lesions": " (synthetic lesions)",
+            "ct-phantoms": " (synthetic CT phantoms, window stack)",
+        }.get(res["dataset"]["name"], " (Fashion-MNIST composites)")
     if kind == "nemt":
-        desc += (", class-conditional (FiLM)" if res["arch"].get("conditional") else ", per-class networks") + f", {res['metrics'].get('loss_form')} loss"
+        desc += (
+            ", class-conditional (FiLM)" if res["arch"].get("conditional") else ", per-class networks"
+        ) + f", {res['metrics'].get('loss_form')} loss"
     metrics = {k: v for k, v in res["metrics"].items() if k not in ("form_comparison", "smoothing_ablation")}
     for key in ("form_comparison", "smoothing_ablation"):
         if key in res["metrics"]:
-            metrics[key] = {f: {s: r[s]["relevance_mass"] for s in ("val", "test")} for f, r in res["metrics"][key].items()}
+            metrics[key] = {
+                f: {s: r[s]["relevance_mass"] for s in ("val", "test")} for f, r in res["metrics"][key].items()
+            }
     sections = _card(res)
     if kind == "nemt" and res["arch"].get("conditional"):
         peer = _per_class_peer(opts, res)
@@ -405,9 +548,17 @@ def publish_result(opts: RunOptions, name: str) -> dict[str, Any]:
             sections["Class-conditional vs per-class networks"] = peer[0]
             metrics["compared_with_per_class"] = peer[1]
     pub = Publication(
-        name=name, version=opts.version, kind=kind, description=desc, input=res["input"], labels=tuple(res["labels"]),
-        output_dim=int(res["output_dim"]), arch={**res["arch"], "dataset": res["dataset"]["name"]}, metrics=metrics,
-        card_sections=sections, explains=res.get("explains", ""),
+        name=name,
+        version=opts.version,
+        kind=kind,
+        description=desc,
+        input=res["input"],
+        labels=tuple(res["labels"]),
+        output_dim=int(res["output_dim"]),
+        arch={**res["arch"], "dataset": res["dataset"]["name"]},
+        metrics=metrics,
+        card_sections=sections,
+        explains=res.get("explains", ""),
     )
     frozen_onnx = None
     if res.get("explains"):
@@ -426,20 +577,34 @@ def _per_class_peer(opts: RunOptions, res: dict[str, Any]) -> tuple[str, dict[st
             other = json.loads(cand.read_text())
         except (OSError, ValueError):
             continue
-        if other.get("kind") == "nemt" and not other.get("arch", {}).get("conditional") and other.get("explains") == res.get("explains"):
-            rows = ["| model | split | relevance mass | mask mean | prob. change (keep mask) | prob. change (delete mask) |",
-                    "|---|---|---|---|---|---|"]
+        if (
+            other.get("kind") == "nemt"
+            and not other.get("arch", {}).get("conditional")
+            and other.get("explains") == res.get("explains")
+        ):
+            rows = [
+                "| model | split | relevance mass | mask mean | prob. change (keep mask) | prob. change (delete mask) |",
+                "|---|---|---|---|---|---|",
+            ]
             out = {}
-            for label, r in ((f"per-class `{other['name']}` ({other['metrics'].get('loss_form')})", other["metrics"]),
-                             (f"class-conditional `{res['name']}`", res["metrics"])):
+            for label, r in (
+                (f"per-class `{other['name']}` ({other['metrics'].get('loss_form')})", other["metrics"]),
+                (f"class-conditional `{res['name']}`", res["metrics"]),
+            ):
                 for split in ("val", "test", "test_argmax"):
                     m = r[split]
-                    rows.append(f"| {label} | {split} | {m['relevance_mass']:.4f} | {m['mask_mean']:.4f} | "
-                                f"{m['prob_change_keep_mask']:+.4f} | {m['prob_change_delete_mask']:+.4f} |")
-            out = {"per_class_test_relevance_mass": other["metrics"]["test"]["relevance_mass"],
-                   "conditional_test_relevance_mass": res["metrics"]["test"]["relevance_mass"]}
-            text = ("Same data, classifier, smoothing and training budget (per-class: K networks x 3 epochs on class-balanced halves; "
-                    "conditional: 6 epochs on all images). `test_argmax` explains the predicted class, `val`/`test` the true label.\n\n"
-                    + "\n".join(rows))
+                    rows.append(
+                        f"| {label} | {split} | {m['relevance_mass']:.4f} | {m['mask_mean']:.4f} | "
+                        f"{m['prob_change_keep_mask']:+.4f} | {m['prob_change_delete_mask']:+.4f} |"
+                    )
+            out = {
+                "per_class_test_relevance_mass": other["metrics"]["test"]["relevance_mass"],
+                "conditional_test_relevance_mass": res["metrics"]["test"]["relevance_mass"],
+            }
+            text = (
+                "Same data, classifier, smoothing and training budget (per-class: K networks x 3 epochs on class-balanced halves; "
+                "conditional: 6 epochs on all images). `test_argmax` explains the predicted class, `val`/`test` the true label.\n\n"
+                + "\n".join(rows)
+            )
             return text, out
     return None

@@ -2,6 +2,7 @@
 the target image to a baseline, optimised so that the classification survives (or dissipates)
 along it, returned whole for inspection. The job method is xaiserve.service.jobs.ablation.AblationJobMethod.
 """
+
 from xaiserve.handlers.ablation.optimiser import AblationConfig, AblationOutput, AblationPath, AblationProgress
 
 __all__ = ["AblationConfig", "AblationOutput", "AblationPath", "AblationProgress"]

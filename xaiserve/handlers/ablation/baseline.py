@@ -9,6 +9,7 @@ first grid point that changes the argmax, bisection between it and the previous 
 narrows sigma to `tolerance` (relative). This assumes the decision does not flip back and forth
 between two neighbouring grid points (ratio 1.15), which the grid spacing makes a mild assumption.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -54,7 +55,7 @@ def blur_baseline(
     previous = None
     found = None
     for start in range(0, len(grid), batch_size):
-        sigmas = grid[start:start + batch_size]
+        sigmas = grid[start : start + batch_size]
         blurred = torch.stack([gaussian_blur(x, s) for s in sigmas])
         labels = _argmax(module, blurred)
         evaluations += len(sigmas)

@@ -20,6 +20,7 @@ with a saturation ramp tuned on validation images (SATURATION below).
 The optional step-size adaptation of Algorithm 2 line 9 is not implemented (the thesis reports
 it as optional; a fixed L-inf step is what sec. 2.8.2 recommends).
 """
+
 from __future__ import annotations
 
 import math
@@ -29,12 +30,12 @@ from typing import Callable
 
 import torch
 
+from xaiserve.devices import ChunkSize
+from xaiserve.errors import FailedPrecondition, InvalidArgument
 from xaiserve.handlers.ablation import path as P
 from xaiserve.handlers.ablation import reductions as R
 from xaiserve.handlers.ablation import scores as S
 from xaiserve.handlers.ablation.baseline import SIGMA_MAX, SIGMA_MIN, blur_baseline
-from xaiserve.devices import ChunkSize
-from xaiserve.errors import FailedPrecondition, InvalidArgument
 
 # sec. 2.5.1: 7 px at the thesis's 224 px images. The default scales it with the image (2 px at
 # 64 px); on lesions validation images 2 px gave pointing game 8/8, 4 px 5/8, 7 px 0/8 (METHODS.md)
@@ -90,18 +91,24 @@ class AblationConfig:
             if not (math.isfinite(v) and v > 0):
                 raise InvalidArgument(f"{name} is {v}; it must be a positive number")
         if self.step_size > 1.0:
-            raise InvalidArgument(f"step_size is {self.step_size}; an L-inf step above 1 leaves the [0, 1] range of the masks")
+            raise InvalidArgument(
+                f"step_size is {self.step_size}; an L-inf step above 1 leaves the [0, 1] range of the masks"
+            )
         if not (math.isfinite(self.saturation) and self.saturation >= 0):
             raise InvalidArgument(f"saturation is {self.saturation}; zeta_sat must be >= 0 (0 = off)")
         if self.saturation > 50:
-            raise InvalidArgument(f"saturation is {self.saturation}; zeta_sat above 50 binarises the path at once (sec. 2.5.2 uses < 1)")
+            raise InvalidArgument(
+                f"saturation is {self.saturation}; zeta_sat above 50 binarises the path at once (sec. 2.5.2 uses < 1)"
+            )
         if not 1 <= self.max_iterations <= 10000:
             raise InvalidArgument(f"max_iterations is {self.max_iterations}; use 1 to 10000 (default 100)")
         # min_iterations above max_iterations is allowed: the run then ends at max_iterations
         if not 0 <= self.min_iterations <= 10000:
             raise InvalidArgument(f"min_iterations is {self.min_iterations}; use 0 to 10000 (default 6)")
         if not (math.isfinite(self.transition_floor) and 0 <= self.transition_floor < 1):
-            raise InvalidArgument(f"transition_floor is {self.transition_floor}; use a share of the path in [0, 1) (default 0.25)")
+            raise InvalidArgument(
+                f"transition_floor is {self.transition_floor}; use a share of the path in [0, 1) (default 0.25)"
+            )
         if not (math.isfinite(self.stop_saturation) and 0 < self.stop_saturation <= 1):
             raise InvalidArgument(f"stop_saturation is {self.stop_saturation}; use a value in (0, 1] (default 0.8)")
         if not (math.isfinite(self.pinch) and 0 <= self.pinch <= 1):
@@ -169,8 +176,11 @@ class AblationOutput:
         if reduction not in R.REDUCTIONS:
             raise InvalidArgument(f"reduction {reduction!r} is unknown; use one of {', '.join(R.REDUCTIONS)}")
         paths = self.path[None] if self.path_down is None else torch.stack([self.path, self.path_down])
-        probs = self.probabilities[None] if self.probabilities_down is None else torch.stack(
-            [self.probabilities, self.probabilities_down])
+        probs = (
+            self.probabilities[None]
+            if self.probabilities_down is None
+            else torch.stack([self.probabilities, self.probabilities_down])
+        )
         if reduction == "contrastive" and paths.shape[0] != 2:
             raise InvalidArgument("reduction 'contrastive' (eq. 2.36) needs score 'straddling' (two paths)")
         raw, _ = R.reduce(reduction, self.score_name, paths, probs, self.target, floor=self.transition_floor)
@@ -187,8 +197,14 @@ class AblationOutput:
 class AblationPath:
     """Optimised ablation paths for a frozen classifier (logits [B, K]) on normalised [C, H, W] inputs."""
 
-    def __init__(self, classifier: torch.nn.Module, config: AblationConfig | None = None, *,
-                 slice_batch: int | None = None, on_oom: Callable[[int, int], None] | None = None):
+    def __init__(
+        self,
+        classifier: torch.nn.Module,
+        config: AblationConfig | None = None,
+        *,
+        slice_batch: int | None = None,
+        on_oom: Callable[[int, int], None] | None = None,
+    ):
         """Everything runs on the device of the image passed to `attribute` (put it where the
         classifier is). `slice_batch`: slices per forward + backward pass (None: all of them in
         one); a pass that runs out of memory is halved and retried, `on_oom(old, new)` is told."""
@@ -227,7 +243,9 @@ class AblationPath:
             raise InvalidArgument(f"x has shape {tuple(x.shape)}; give one image [C, H, W]")
         C, H, W = x.shape
         if cfg.mask_size > min(H, W):
-            raise InvalidArgument(f"mask_size {cfg.mask_size} is larger than the image ({H} x {W}); use at most {min(H, W)}")
+            raise InvalidArgument(
+                f"mask_size {cfg.mask_size} is larger than the image ({H} x {W}); use at most {min(H, W)}"
+            )
         timings = {"model": 0.0, "baseline": 0.0}
 
         p_target = self._check_classifier(x)
@@ -235,7 +253,9 @@ class AblationPath:
         if target is None:
             target = int(p_target.argmax())
         if not 0 <= target < K:
-            raise InvalidArgument(f"target label {target} is out of range for a classifier with {K} classes (0..{K - 1})")
+            raise InvalidArgument(
+                f"target label {target} is out of range for a classifier with {K} classes (0..{K - 1})"
+            )
 
         baseline_sigma = 0.0
         if baseline is None:
@@ -251,7 +271,9 @@ class AblationPath:
             baseline, baseline_sigma = bl.image, bl.sigma
         else:
             if tuple(baseline.shape) != (C, H, W):
-                raise InvalidArgument(f"baseline has shape {tuple(baseline.shape)}; it must match the image {(C, H, W)}")
+                raise InvalidArgument(
+                    f"baseline has shape {tuple(baseline.shape)}; it must match the image {(C, H, W)}"
+                )
         p_baseline = self._probabilities(baseline[None])[0]
         changes = bool(p_baseline.argmax() != p_target.argmax())
         f0, f1 = float(p_target[target]), float(p_baseline[target])
@@ -262,8 +284,9 @@ class AblationPath:
         blur_h = P.gaussian_blur_matrix(m, cfg.mask_sigma(H, W), device=x.device)
         # slices per forward + backward: all of them unless configured smaller or halved after an OOM
         # (read after the run: the size it ended with)
-        self.chunk = ChunkSize(self.slice_batch or T * (2 if cfg.score in ("contrastive", "straddling") else 1),
-                                x.device, self.on_oom)
+        self.chunk = ChunkSize(
+            self.slice_batch or T * (2 if cfg.score in ("contrastive", "straddling") else 1), x.device, self.on_oom
+        )
 
         score_history: list[float] = []
         saturation_history: list[float] = []
@@ -274,8 +297,9 @@ class AblationPath:
                 stop_reason = "stopped"
                 break
             t0 = time.perf_counter()
-            value, probs, grad = S.evaluate_with_grad(cfg.score, self.classifier, x, baseline, paths, target, f0, f1,
-                                                      self.chunk)
+            value, probs, grad = S.evaluate_with_grad(
+                cfg.score, self.classifier, x, baseline, paths, target, f0, f1, self.chunk
+            )
             timings["model"] += time.perf_counter() - t0
             self._check_gradient(grad, value, i)
             score_history.append(float(value.detach()))
@@ -297,14 +321,37 @@ class AblationPath:
             saturation_history.append(sat)
             iterations = i + 1
             if progress is not None:
-                progress(AblationProgress(iterations, cfg.max_iterations, score_history[-1], sat,
-                                          self._partial_heatmap(paths, probs, p_target, p_baseline, target, H, W)))
+                progress(
+                    AblationProgress(
+                        iterations,
+                        cfg.max_iterations,
+                        score_history[-1],
+                        sat,
+                        self._partial_heatmap(paths, probs, p_target, p_baseline, target, H, W),
+                    )
+                )
             if sat > cfg.stop_saturation and iterations >= cfg.min_iterations:
                 stop_reason = "saturation"
                 break
 
-        return self._finish(x, baseline, paths, target, f0, f1, p_target, p_baseline, score_history,
-                            saturation_history, stop_reason, iterations, baseline_sigma, changes, timings, t_run)
+        return self._finish(
+            x,
+            baseline,
+            paths,
+            target,
+            f0,
+            f1,
+            p_target,
+            p_baseline,
+            score_history,
+            saturation_history,
+            stop_reason,
+            iterations,
+            baseline_sigma,
+            changes,
+            timings,
+            t_run,
+        )
 
     # -- helpers ----------------------------------------------------------------------------------
     def _check_classifier(self, x: torch.Tensor) -> torch.Tensor:
@@ -318,43 +365,59 @@ class AblationPath:
             xg = x[None].clone().requires_grad_(True)
             logits = self.classifier(xg)
             if logits.dim() != 2:
-                raise FailedPrecondition(f"the classifier returned shape {tuple(logits.shape)}; a classifier must return logits [B, K]")
+                raise FailedPrecondition(
+                    f"the classifier returned shape {tuple(logits.shape)}; a classifier must return logits [B, K]"
+                )
             if not torch.isfinite(logits).all():
-                raise FailedPrecondition("the classifier's outputs on this image are NaN or infinite; it cannot be explained")
+                raise FailedPrecondition(
+                    "the classifier's outputs on this image are NaN or infinite; it cannot be explained"
+                )
             # a random combination of the logits has a zero gradient (almost surely) only if every logit's has
             gen = torch.Generator(device=logits.device).manual_seed(0)
             r = torch.randn(logits.shape, generator=gen, device=logits.device)
             (g,) = torch.autograd.grad((logits.float() * r).sum(), xg)
         if not torch.isfinite(g).all():
-            raise FailedPrecondition("the classifier's gradients with respect to the image are NaN or infinite; "
-                                     "ablation paths need a differentiable classifier with finite gradients")
+            raise FailedPrecondition(
+                "the classifier's gradients with respect to the image are NaN or infinite; "
+                "ablation paths need a differentiable classifier with finite gradients"
+            )
         if float(g.abs().max()) == 0.0:
-            raise FailedPrecondition("the classifier's gradients with respect to the image are all zero: its output does not "
-                                     "respond to the image, so no ablation path can be optimised")
+            raise FailedPrecondition(
+                "the classifier's gradients with respect to the image are all zero: its output does not "
+                "respond to the image, so no ablation path can be optimised"
+            )
         return torch.log_softmax(logits.detach().float(), dim=1).exp()[0]
 
     @staticmethod
     def _check_gradient(grad: torch.Tensor, value: torch.Tensor, iteration: int) -> None:
         """A classifier without usable gradients must fail the job, not return a meaningless path."""
         if not torch.isfinite(value):
-            raise FailedPrecondition(f"the classifier's score along the path is {float(value)} at iteration {iteration + 1}; "
-                                     "its outputs are not finite on these inputs")
+            raise FailedPrecondition(
+                f"the classifier's score along the path is {float(value)} at iteration {iteration + 1}; "
+                "its outputs are not finite on these inputs"
+            )
         largest = float(grad.abs().max())  # one reduction: NaN propagates through max, Inf is the max
         if not math.isfinite(largest):
-            raise FailedPrecondition(f"the classifier's gradients with respect to the path are NaN or infinite at iteration "
-                                     f"{iteration + 1}; ablation paths need a differentiable classifier with finite gradients")
+            raise FailedPrecondition(
+                f"the classifier's gradients with respect to the path are NaN or infinite at iteration "
+                f"{iteration + 1}; ablation paths need a differentiable classifier with finite gradients"
+            )
         if largest == 0.0:
-            raise FailedPrecondition(f"the classifier's gradients with respect to the path are all zero at iteration "
-                                     f"{iteration + 1}; its output does not respond to the image, so no path can be optimised")
+            raise FailedPrecondition(
+                f"the classifier's gradients with respect to the path are all zero at iteration "
+                f"{iteration + 1}; its output does not respond to the image, so no path can be optimised"
+            )
 
-    def _full_probs(self, paths: torch.Tensor, probs: torch.Tensor, p_target: torch.Tensor, p_baseline: torch.Tensor) -> torch.Tensor:
+    def _full_probs(
+        self, paths: torch.Tensor, probs: torch.Tensor, p_target: torch.Tensor, p_baseline: torch.Tensor
+    ) -> torch.Tensor:
         """[P, T + 2, K] class probabilities along each path from the evaluated slices and both ends."""
         T = paths.shape[1]
         cfg = self.config
         first = probs[:T]
         out = [torch.cat([p_target[None], first, p_baseline[None]])]
         if cfg.score == "straddling":
-            out.append(torch.cat([p_target[None], probs[T:2 * T], p_baseline[None]]))
+            out.append(torch.cat([p_target[None], probs[T : 2 * T], p_baseline[None]]))
         return torch.stack(out)
 
     def _heatmap(self, paths: torch.Tensor, full_probs: torch.Tensor, target: int, H: int, W: int):
@@ -371,8 +434,25 @@ class AblationPath:
         return self._heatmap(paths, full, target, H, W)[1]
 
     @torch.no_grad()
-    def _finish(self, x, baseline, paths, target, f0, f1, p_target, p_baseline, score_history, saturation_history,
-                stop_reason, iterations, baseline_sigma, changes, timings, t_run) -> AblationOutput:
+    def _finish(
+        self,
+        x,
+        baseline,
+        paths,
+        target,
+        f0,
+        f1,
+        p_target,
+        p_baseline,
+        score_history,
+        saturation_history,
+        stop_reason,
+        iterations,
+        baseline_sigma,
+        changes,
+        timings,
+        t_run,
+    ) -> AblationOutput:
         cfg = self.config
         C, H, W = x.shape
         t0 = time.perf_counter()

@@ -13,6 +13,7 @@ mean(phi(t)) = t. The projection (Algorithm 2, lines 12-15) is
 all as tensor operations (no per-pixel loops), so it runs on the GPU beside the classifier.
 Every function here is pure: tensors in, tensors out.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,7 +32,9 @@ def all_times(num_slices: int, *, dtype: torch.dtype = torch.float32, device=Non
     return torch.arange(0, num_slices + 2, dtype=dtype, device=device) / (num_slices + 1)
 
 
-def affine_path(num_slices: int, height: int, width: int, *, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+def affine_path(
+    num_slices: int, height: int, width: int, *, dtype: torch.dtype = torch.float32, device=None
+) -> torch.Tensor:
     """The start state phi(t, r) = t (eq. 2.17, Algorithm 2 line 1), shape [T, h, w]."""
     t = interior_times(num_slices, dtype=dtype, device=device)
     return t[:, None, None].expand(num_slices, height, width).clone()
@@ -44,6 +47,7 @@ def with_boundaries(phi: torch.Tensor) -> torch.Tensor:
 
 
 # -- monotonicity (sec. 2.6.2B) --------------------------------------------------------------------
+
 
 def monotone_envelope(p: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """L-infinity-optimal non-decreasing approximation of p along `dim`, for every other index at once.
@@ -95,6 +99,7 @@ def project_monotone_clamped(phi: torch.Tensor) -> torch.Tensor:
 
 # -- constant speed (sec. 2.6.2C) ------------------------------------------------------------------
 
+
 def constant_speed(phi: torch.Tensor) -> torch.Tensor:
     """Re-parametrise a monotone path so that mean(phi(t_k)) = t_k exactly (Lemma 7, [THESIS]).
 
@@ -134,6 +139,7 @@ def project(phi: torch.Tensor) -> torch.Tensor:
 
 
 # -- soft constraints (sec. 2.5) ------------------------------------------------------------------
+
 
 def _reflect_index(i: torch.Tensor, n: int) -> torch.Tensor:
     """Half-sample symmetric reflection of integer offsets into [0, n) (any distance, periodic 2n)."""

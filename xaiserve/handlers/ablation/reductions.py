@@ -13,6 +13,7 @@ works against the target class; `to_unit` maps them to [0, 1] with 0.5 = no infl
 All functions are pure; paths are [T, h, w] interior slices, probabilities [T + 2, K] along
 t_k = k / (T + 1), k = 0..T+1 (boundaries included).
 """
+
 from __future__ import annotations
 
 import math
@@ -53,7 +54,7 @@ def transition_index(probs: torch.Tensor, target: int, *, dissipating: bool = Fa
     Dissipating paths mirror it (t_k <= 1 - floor: at most 1 - floor of the image removed).
     """
     T = probs.shape[0] - 2
-    interior = probs[1:T + 1]
+    interior = probs[1 : T + 1]
     dominated = interior.argmax(dim=1) == target
     f = interior[:, target]
     if not dissipating:
@@ -67,8 +68,9 @@ def transition_index(probs: torch.Tensor, target: int, *, dissipating: bool = Fa
     return max(k, lo) if not dissipating else min(k, T + 1 - lo)
 
 
-def transition(phi: torch.Tensor, probs: torch.Tensor, target: int, *, dissipating: bool = False,
-               floor: float = 0.0) -> tuple[torch.Tensor, int]:
+def transition(
+    phi: torch.Tensor, probs: torch.Tensor, target: int, *, dissipating: bool = False, floor: float = 0.0
+) -> tuple[torch.Tensor, int]:
     """Theta_clt = phi(t_clt) (eq. 2.34), oriented; returns (heatmap, k) with t_clt = k / (T + 1)."""
     k = transition_index(probs, target, dissipating=dissipating, floor=floor)
     mask = phi[k - 1]

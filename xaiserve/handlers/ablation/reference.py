@@ -14,6 +14,7 @@ Algorithm 1, discretised on the t grid of one pixel:
      again, until nothing changes;
   4. replace p on each interval by its centre.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,7 +27,7 @@ def _grow(p: np.ndarray, l: int, r: int) -> tuple[int, int, float]:
     smallest value, i.e. (p(l_i) + p(r_i)) / 2 of Algorithm 1) is recomputed after every step.
     """
     n = p.shape[0]
-    hi, lo = float(p[l:r + 1].max()), float(p[l:r + 1].min())
+    hi, lo = float(p[l : r + 1].max()), float(p[l : r + 1].min())
     while True:
         m = 0.5 * (hi + lo)
         if l > 0 and p[l - 1] > m:
@@ -74,7 +75,7 @@ def algorithm1(p: np.ndarray) -> np.ndarray:
             blocks = out
     q = p.copy()
     for l, r, m in blocks:
-        q[l:r + 1] = m
+        q[l : r + 1] = m
     return q
 
 

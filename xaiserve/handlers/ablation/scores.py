@@ -17,6 +17,7 @@ gradient is the sum of the chunks' gradients of sum_k w_k F_k (exact; the weight
 autograd through `score_value`, so no score needs its own chunked form). A chunk that runs out
 of memory is halved (xaiserve.devices.run_chunked) and the iteration goes on.
 """
+
 from __future__ import annotations
 
 import torch
@@ -94,7 +95,7 @@ def score_value(score: str, f: torch.Tensor, f_target: float, f_baseline: float,
     if score == "dissipating":
         return 1.0 - trapezoid(f[:T], f_target, f_baseline)
     if score in ("contrastive", "straddling"):
-        return trapezoid(f[:T], f_target, f_baseline) + 1.0 - trapezoid(f[T:2 * T], f_target, f_baseline)
+        return trapezoid(f[:T], f_target, f_baseline) + 1.0 - trapezoid(f[T : 2 * T], f_target, f_baseline)
     raise ValueError(f"unknown score {score!r}; use one of {SCORES}")
 
 
@@ -121,8 +122,9 @@ def evaluate(
     return value, probs
 
 
-def _affine_form(score: str, num_slices: int, count: int, f_target: float, f_baseline: float,
-                 like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _affine_form(
+    score: str, num_slices: int, count: int, f_target: float, f_baseline: float, like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(c, w) with score_value(f) = c + w . f for the `count` evaluated slices (autograd at f = 0)."""
     f = torch.zeros(count, dtype=like.dtype, device=like.device, requires_grad=True)
     value = score_value(score, f, f_target, f_baseline, num_slices)

@@ -1,4 +1,5 @@
 """Model card (card.md) of an exported denoiser: what it is, how it was trained, what it scores."""
+
 from __future__ import annotations
 
 from fractions import Fraction
@@ -38,7 +39,11 @@ def comparison_section(summary: dict | None) -> str:
             f"| {r['arch']} | {_snr(r['snr'])} | {_fmt(r['augment'])} | {r['parameters']} | {r.get('best_epoch', '?')} / {r['epochs']} | {r['test_psnr']:.2f} | "
             f"{r['noisy_psnr']:.2f} | {r['mean_predictor_psnr']:.2f} | {_fmt(r['equivariance_init'])} | {r['test_equivariance']:.4f} |"
         )
-    lines += ["", "| SNR | rotation aug. | spiral versus | PSNR spiral - other | spiral at most 0.5 dB below | equivariance spiral / other (trained) | at most 1/2 | at initialisation |", "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| SNR | rotation aug. | spiral versus | PSNR spiral - other | spiral at most 0.5 dB below | equivariance spiral / other (trained) | at most 1/2 | at initialisation |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for c in summary["comparisons"]:
         lines.append(
             f"| {_snr(c['snr'])} | {_fmt(c['augment'])} | {c.get('versus', 'cartesian')} | {c['psnr_spiral_minus_cartesian_db']:+.2f} dB | {_fmt(c['psnr_target_met'])} | "
@@ -51,7 +56,11 @@ def findings_section(summary: dict | None) -> str:
     """The thesis's claims (sec. 7.4) set against the measured comparisons with the plain cartesian net."""
     if not summary:
         return ""
-    comps = {(round(c["snr"], 6), c["augment"]): c for c in summary["comparisons"] if c.get("versus", "cartesian") == "cartesian"}
+    comps = {
+        (round(c["snr"], 6), c["augment"]): c
+        for c in summary["comparisons"]
+        if c.get("versus", "cartesian") == "cartesian"
+    }
     lines = ["## The thesis's claims (sec. 7.4) on these runs"]
     any_c = next(iter(comps.values()), None)
     if any_c and any_c["equivariance_ratio_init"] is not None:
@@ -84,7 +93,9 @@ def findings_section(summary: dict | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_card(path: Path, entry: dict, model: Denoiser, summary: dict | None, history: list[dict], extra: str = "") -> None:
+def write_card(
+    path: Path, entry: dict, model: Denoiser, summary: dict | None, history: list[dict], extra: str = ""
+) -> None:
     cfg = model.config
     m = entry["metrics"]
     data = entry["training"]["data"]
@@ -92,11 +103,14 @@ def write_card(path: Path, entry: dict, model: Denoiser, summary: dict | None, h
     spiral = cfg.arch == "spiral"
     geom = ""
     if not spiral and cfg.encode_sigma > 0:
-        geom = f"Input blurred by a fixed Gaussian of sigma {cfg.encode_sigma} px (an ablation, not the plain baseline).\n"
+        geom = (
+            f"Input blurred by a fixed Gaussian of sigma {cfg.encode_sigma} px (an ablation, not the plain baseline).\n"
+        )
     if spiral:
         specs = model.ops.specs
         geom = (
-            "Spiral levels (n_wind, n_spls): " + ", ".join(f"({s.n_wind}, {s.n_spls})" for s in specs)
+            "Spiral levels (n_wind, n_spls): "
+            + ", ".join(f"({s.n_wind}, {s.n_spls})" for s in specs)
             + f"; ribbon of {cfg.kernel} rows across neighbouring windings, {cfg.kernel} x {cfg.kernel} filters. "
             "All resampling operators (cartesian -> spiral, spiral -> ribbon, between levels, spiral -> cartesian) "
             "are precomputed once from Delaunay triangulations with barycentric weights and stored with the model "
@@ -117,16 +131,18 @@ def write_card(path: Path, entry: dict, model: Denoiser, summary: dict | None, h
             )
         )
     curve_rows = "\n".join(
-        f"| {h['epoch']} | {_fmt(h['train_loss'])} | {h['val_mse']:.4g} | {h['val_psnr']:.2f} | {h['equivariance']:.4f} |" for h in history
+        f"| {h['epoch']} | {_fmt(h['train_loss'])} | {h['val_mse']:.4g} | {h['val_psnr']:.2f} | {h['equivariance']:.4f} |"
+        for h in history
     )
     served = (
         "\nThe server runs the same network from `weights.pt` with its resampling in compiled loops\n"
         "(handlers/denoise/spiral_runtime.py, see Latency); `model.onnx` is the portable form of the same map."
-        if cfg.arch == "spiral" else ""
+        if cfg.arch == "spiral"
+        else ""
     )
-    text = f"""# {entry['name']}:{entry['version']} — {cfg.arch} CNN Cryo-EM particle denoiser
+    text = f"""# {entry["name"]}:{entry["version"]} — {cfg.arch} CNN Cryo-EM particle denoiser
 
-{entry['description']}.
+{entry["description"]}.
 
 ## What it does
 Takes raw single-particle images (float32, {cfg.size} x {cfg.size}, any units) and returns the denoised
@@ -139,12 +155,12 @@ the output scales with the input (F(a x) = a F(x), a > 0) but is not offset-equi
 
 Residual design / target: the network predicts the **clean particle** directly (predict = "{cfg.predict}"), the
 thesis's choice (sec. 6.3: "direct signal estimation makes for clearer comparisons"); a learnable output gain starts
-at the expected clean-signal size in normalised units ({cfg.out_gain:.4g} for SNR {_snr(data['snr'])}).
+at the expected clean-signal size in normalised units ({cfg.out_gain:.4g} for SNR {_snr(data["snr"])}).
 
 ## Input handling (Denoise RPC)
 - a float tensor [N,H,W] or [H,W] (float32/float64/float16), or the bytes of an MRC image or stack (any real mode);
 - non-square particles are **rejected** (INVALID_ARGUMENT); square particles of another side between
-  {entry['particles']['min_side']} and {entry['particles']['max_side_factor']} x {cfg.size} pixels are **Fourier-resampled**
+  {entry["particles"]["min_side"]} and {entry["particles"]["max_side_factor"]} x {cfg.size} pixels are **Fourier-resampled**
   to {cfg.size} x {cfg.size} (crop / zero-pad of the centred spectrum, the usual binning) and the denoised stack is
   returned at {cfg.size} x {cfg.size} (pixel size scaled by side/{cfg.size});
 - NaN/Inf values, an empty batch and corrupt MRC bytes are INVALID_ARGUMENT; more particles than the server's
@@ -160,30 +176,30 @@ pooling and bilinear upsampling where the spiral model uses Gaussian averaging t
 interpolation back.
 
 ## Training data (synthetic)
-Simulated projections (training/datasets/cryoem.py): {data['n_families']} random compact molecules of
-{data['atoms'][0]}-{data['atoms'][1]} Gaussian atoms (sigma {data['atom_sigma']} of the disc radius) in
-{data['domains'][0]}-{data['domains'][1]} ellipsoidal domains, per-particle domain and atom jitter, uniformly random
+Simulated projections (training/datasets/cryoem.py): {data["n_families"]} random compact molecules of
+{data["atoms"][0]}-{data["atoms"][1]} Gaussian atoms (sigma {data["atom_sigma"]} of the disc radius) in
+{data["domains"][0]}-{data["domains"][1]} ellipsoidal domains, per-particle domain and atom jitter, uniformly random
 3-D orientations, exact projection along z, centred on the centre of mass, inside the unit disc; additive white Gaussian
-noise ({data['noise']}) at SNR {_snr(data['snr'])} (ratio of norms over the disc). {data['sizes']['train']} training,
-{data['sizes']['val']} validation particles (seed {data['seed']}); test metrics on {m.get('n_test', '?')} held-out particles.
+noise ({data["noise"]}) at SNR {_snr(data["snr"])} (ratio of norms over the disc). {data["sizes"]["train"]} training,
+{data["sizes"]["val"]} validation particles (seed {data["seed"]}); test metrics on {m.get("n_test", "?")} held-out particles.
 
-Training: Adam, lr {tr['lr']} with warm-up and cosine decay, batch {tr['batch_size']}, {tr['epochs']} epochs,
-rotation augmentation: {_fmt(tr['augment_rotations'])}. Loss: MSE on the disc in the per-particle normalised units.
-The weights are those of the epoch with the lowest validation loss (epoch {history[-1].get('best_epoch', '?') if history else '?'}; early
+Training: Adam, lr {tr["lr"]} with warm-up and cosine decay, batch {tr["batch_size"]}, {tr["epochs"]} epochs,
+rotation augmentation: {_fmt(tr["augment_rotations"])}. Loss: MSE on the disc in the per-particle normalised units.
+The weights are those of the epoch with the lowest validation loss (epoch {history[-1].get("best_epoch", "?") if history else "?"}; early
 stopping: the training particles have fixed noise, which the networks start to fit after a few epochs at SNR 1/64).
-Code version: {entry['training'].get('code_version', 'unknown')}.
+Code version: {entry["training"].get("code_version", "unknown")}.
 
 ## Metrics (held-out test set, this model)
 | metric | value |
 |---|---|
-| PSNR (dB, disc, peak = clean dynamic range) | {_fmt(m.get('test_psnr'))} |
-| PSNR of the noisy input | {_fmt(m.get('noisy_psnr'))} |
-| PSNR of the per-particle-mean predictor | {_fmt(m.get('mean_predictor_psnr'))} |
-| MSE (raw units, disc) | {_fmt(m.get('test_mse'))} |
-| equivariance error, trained (mean over random angles of ‖F(Rx) − R F(x)‖ / ‖F(x)‖, r ≤ 0.9) | {_fmt(m.get('test_equivariance'))} |
-| equivariance error at initialisation (validation subset) | {_fmt(m.get('equivariance_init'))} |
-| ONNX Runtime PSNR (same test set) | {_fmt(m.get('onnx_test_psnr'))} |
-| ONNX vs torch max relative difference | {_fmt(m.get('onnx_parity_max_rel'))} |
+| PSNR (dB, disc, peak = clean dynamic range) | {_fmt(m.get("test_psnr"))} |
+| PSNR of the noisy input | {_fmt(m.get("noisy_psnr"))} |
+| PSNR of the per-particle-mean predictor | {_fmt(m.get("mean_predictor_psnr"))} |
+| MSE (raw units, disc) | {_fmt(m.get("test_mse"))} |
+| equivariance error, trained (mean over random angles of ‖F(Rx) − R F(x)‖ / ‖F(x)‖, r ≤ 0.9) | {_fmt(m.get("test_equivariance"))} |
+| equivariance error at initialisation (validation subset) | {_fmt(m.get("equivariance_init"))} |
+| ONNX Runtime PSNR (same test set) | {_fmt(m.get("onnx_test_psnr"))} |
+| ONNX vs torch max relative difference | {_fmt(m.get("onnx_parity_max_rel"))} |
 
 Equivariance is measured with rotations by sinc interpolation (three DFT shears, handlers/denoise/equivariance.py),
 which keep white pixel noise white; the rim (r > 0.9) is excluded (Remark 31). Bilinear rotation shrinks the norm of

@@ -3,6 +3,7 @@
 read_stack(path) -> float32 [N, H, W]; write_stack(path, arr) writes an MRC image stack (mode 2).
 Errors are ValueError / FileNotFoundError with the path and what is wrong, for the CLI to print.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

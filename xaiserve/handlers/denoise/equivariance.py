@@ -22,6 +22,7 @@ where the particle is undefined (Remark 31), so the rim is excluded. Even sinc i
 rotate the spectral corners of pixel noise (frequencies beyond the inscribed circle of the DFT
 square, 21 % of white-noise energy), so a small floor remains for any denoiser that passes them.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,7 +50,9 @@ def rotate_bilinear(images: Tensor, angles: Tensor) -> Tensor:
     """Bilinear rotation (grid_sample), zero outside the box."""
     c, s = torch.cos(angles), torch.sin(angles)
     # grid gives, for each output pixel p, the input location R^-1 p.
-    theta = torch.stack([torch.stack([c, s, torch.zeros_like(c)], -1), torch.stack([-s, c, torch.zeros_like(c)], -1)], 1)
+    theta = torch.stack(
+        [torch.stack([c, s, torch.zeros_like(c)], -1), torch.stack([-s, c, torch.zeros_like(c)], -1)], 1
+    )
     grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 

@@ -6,6 +6,7 @@ dynamic; the per-particle normalisation is inside the graph. The spiral resampli
 buffers, so they are ONNX initialisers and part of the state dict (the precomputed geometry is
 cached with the model and not recomputed when it is loaded).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -33,7 +34,7 @@ def load_checkpoint(path: Path) -> tuple[Denoiser, dict[str, Any]]:
 
 def from_state_dict(config: DenoiserConfig, state_dict: dict[str, torch.Tensor]) -> Denoiser:
     """Rebuild a denoiser, taking the geometry buffers from the state dict instead of recomputing."""
-    ops = {k[len("ops."):]: v for k, v in state_dict.items() if k.startswith("ops.")}
+    ops = {k[len("ops.") :]: v for k, v in state_dict.items() if k.startswith("ops.")}
     model = Denoiser(config, operators=ops or None)
     model.load_state_dict(state_dict)
     model.eval()
@@ -44,12 +45,14 @@ def load_denoiser(entry, store: Path) -> Denoiser:
     """The torch module of a manifest entry (kind "denoiser"): entry.arch + files["state_dict"], in
     eval mode and in the inference form (the graph that is exported to ONNX). A missing or corrupt
     file, or weights that do not fit the arch, give FailedPrecondition naming the file."""
-    from xaiserve.handlers.nets import load_state_dict_file
     from xaiserve.errors import FailedPrecondition
+    from xaiserve.handlers.nets import load_state_dict_file
 
     rel = entry.files.get("state_dict")
     if not rel:
-        raise FailedPrecondition(f"model {entry.id} has no 'state_dict' file in its manifest entry; it can only be served via ONNX")
+        raise FailedPrecondition(
+            f"model {entry.id} has no 'state_dict' file in its manifest entry; it can only be served via ONNX"
+        )
     sd = load_state_dict_file(Path(store) / rel, what=f"model {entry.id} weights")
     try:
         return from_state_dict(DenoiserConfig.from_dict(entry.arch), sd)
@@ -102,7 +105,9 @@ def ort_denoise(session, particles: np.ndarray, batch_size: int = 64) -> np.ndar
     """Run an exported denoiser on [N,1,H,W] float32 in batches."""
     outs = []
     for i in range(0, particles.shape[0], batch_size):
-        outs.append(session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(particles[i : i + batch_size], np.float32)})[0])
+        outs.append(
+            session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(particles[i : i + batch_size], np.float32)})[0]
+        )
     return np.concatenate(outs, 0)
 
 

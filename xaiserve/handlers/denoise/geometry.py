@@ -23,6 +23,7 @@ Delaunay triangulation of the source points (scipy.spatial) with barycentric wei
 method the thesis uses (sec. 7.3.2). The maps are computed once in numpy here and stored by the
 network as buffers, so they travel in the state dict and as ONNX initialisers.
 """
+
 from __future__ import annotations
 
 import math

@@ -17,6 +17,7 @@ Both sides expose the same small interface, "space ops", used by the shared U-Ne
     make_conv(level, cin, cout) -> a conv module whose forward is conv(f, ops); f may be a list
                                    of feature maps, meaning their channel concatenation
 """
+
 from __future__ import annotations
 
 import math
@@ -111,7 +112,9 @@ def _bag(x_cl: Tensor, index: Tensor, weight: Tensor) -> Tensor:
     m, k = index.shape
     offs = (torch.arange(b, device=x_cl.device) * n).view(b, 1, 1)
     idx = (index.unsqueeze(0) + offs).reshape(b * m, k)
-    out = F.embedding_bag(idx, x_cl.reshape(b * n, c), per_sample_weights=weight.expand(b, m, k).reshape(b * m, k), mode="sum")
+    out = F.embedding_bag(
+        idx, x_cl.reshape(b * n, c), per_sample_weights=weight.expand(b, m, k).reshape(b * m, k), mode="sum"
+    )
     return out.view(b, m, c)
 
 
@@ -153,7 +156,7 @@ def spiral_levels(size: int, n_wind: int, n_spls: int, levels: int) -> list[geo.
     for lev in range(levels):
         w = n_wind // (2**lev)
         if w < 2:
-            raise ValueError(f"{levels} levels need n_wind >= {2 ** levels}, got {n_wind}")
+            raise ValueError(f"{levels} levels need n_wind >= {2**levels}, got {n_wind}")
         specs.append(geo.SpiralSpec(n_wind=w, n_spls=int(round(n_spls / 4**lev))))
     return specs
 
@@ -177,7 +180,14 @@ class SpiralOps(nn.Module):
         """Fold batch norms into the convolutions (inference form only, see ConvUnit)."""
         return self.portable
 
-    def __init__(self, size: int, specs: list[geo.SpiralSpec], rows: int, operators: dict[str, Tensor] | None = None, encode_sigma: float = 0.0):
+    def __init__(
+        self,
+        size: int,
+        specs: list[geo.SpiralSpec],
+        rows: int,
+        operators: dict[str, Tensor] | None = None,
+        encode_sigma: float = 0.0,
+    ):
         """`operators`: previously computed buffers (e.g. from a state dict) to reuse instead of
         triangulating again (about a second at 64 x 64)."""
         super().__init__()
@@ -237,7 +247,9 @@ class SpiralOps(nn.Module):
         grid = getattr(self, f"rib{level}_grid")
         if self.portable:
             b = f.shape[0]
-            return F.grid_sample(f, grid.expand(b, -1, -1, -1), mode="bilinear", padding_mode="zeros", align_corners=False)
+            return F.grid_sample(
+                f, grid.expand(b, -1, -1, -1), mode="bilinear", padding_mode="zeros", align_corners=False
+            )
         key = f"rib{level}_full"
         full = self._adjoints.get(key)
         if full is None or full[0].device != grid.device:
@@ -275,7 +287,9 @@ class SpiralOps(nn.Module):
             b, c, _, n = p.shape
             w = weight[:, lo : lo + c]
             lo += c
-            rib = F.grid_sample(p.reshape(1, b * c, 1, n), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            rib = F.grid_sample(
+                p.reshape(1, b * c, 1, n), grid, mode="bilinear", padding_mode="zeros", align_corners=False
+            )
             t_outer = F.conv2d(rib.view(b, c, len(outer), n), w[:, :, outer], None, padding=(0, pad))
             t_mid = F.conv2d(p, w[:, :, mid : mid + 1], bias if out is None else None, padding=(0, pad))
             out = t_mid if out is None else t_mid + out
@@ -322,7 +336,9 @@ class SpiralConv(nn.Module):
             bias = shift if bias is None else bias * scale + shift
         return weight, bias
 
-    def forward(self, f: Tensor | list[Tensor], ops: "SpiralOps", scale: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
+    def forward(
+        self, f: Tensor | list[Tensor], ops: "SpiralOps", scale: Tensor | None = None, shift: Tensor | None = None
+    ) -> Tensor:
         parts = list(f) if isinstance(f, (list, tuple)) else [f]
         weight, bias = self.folded(scale, shift)
         if ops.portable:

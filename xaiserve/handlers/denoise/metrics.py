@@ -6,6 +6,7 @@ Per particle, over the pixels of the unit disc (eq. 7.2):
            particle's dynamic range; the data have no fixed white level).
 Tables report the mean over particles of each (PSNR averaged in dB).
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -11,6 +11,7 @@ mrcfile allocates what a header declares, 2 GB for a 33 kB file claiming nsymbt 
 the data, with mrcfile in strict mode; every failure is a ValueError with a message saying what is
 wrong, which the serving layer turns into InvalidArgument.
 """
+
 from __future__ import annotations
 
 import io
@@ -68,23 +69,31 @@ def check_header(data: bytes, *, max_values: int | None = None) -> tuple[int, in
     (MrcTooLarge when nx * ny * nz exceeds max_values). Nothing is allocated beyond the header."""
     size = len(data)
     if size < HEADER_BYTES:
-        raise ValueError(f"{size} bytes is shorter than the {HEADER_BYTES}-byte MRC header; the file is truncated or not MRC")
+        raise ValueError(
+            f"{size} bytes is shorter than the {HEADER_BYTES}-byte MRC header; the file is truncated or not MRC"
+        )
     head = bytes(data[:HEADER_BYTES])
     if head[208:211] != b"MAP":
         raise ValueError("not a valid MRC file: the map id 'MAP ' is missing at byte 208 (not MRC, or corrupt)")
     order = _STAMP_ORDER.get(head[212])
     if order is None:
-        raise ValueError(f"not a valid MRC file: unrecognised machine stamp {head[212:216].hex()} "
-                         "(44 44 00 00 for little-endian, 11 11 00 00 for big-endian)")
+        raise ValueError(
+            f"not a valid MRC file: unrecognised machine stamp {head[212:216].hex()} "
+            "(44 44 00 00 for little-endian, 11 11 00 00 for big-endian)"
+        )
     h = np.frombuffer(head, dtype=HEADER_DTYPE.newbyteorder(order))[0]
     nx, ny, nz, mode, nsymbt = (int(h[k]) for k in ("nx", "ny", "nz", "mode", "nsymbt"))
     if min(nx, ny, nz) <= 0:
         raise ValueError(f"MRC header has a zero or negative dimension (nx={nx}, ny={ny}, nz={nz})")
     if mode not in REAL_MODES:
-        raise ValueError(f"MRC mode {mode} is not supported; use a real-valued mode ({', '.join(f'{k} {v}' for k, v in REAL_MODES.items())})")
+        raise ValueError(
+            f"MRC mode {mode} is not supported; use a real-valued mode ({', '.join(f'{k} {v}' for k, v in REAL_MODES.items())})"
+        )
     if nsymbt < 0 or nsymbt > size - HEADER_BYTES:
-        raise ValueError(f"MRC header declares an extended header of {nsymbt} bytes (nsymbt), but the file has "
-                         f"only {size - HEADER_BYTES} bytes after the main header")
+        raise ValueError(
+            f"MRC header declares an extended header of {nsymbt} bytes (nsymbt), but the file has "
+            f"only {size - HEADER_BYTES} bytes after the main header"
+        )
     n = nx * ny * nz  # Python ints: no overflow
     if max_values is not None and n > max_values:
         raise MrcTooLarge(f"MRC header declares {nz} x {ny} x {nx} = {n} values, more than the limit of {max_values}")
@@ -93,7 +102,8 @@ def check_header(data: bytes, *, max_values: int | None = None) -> tuple[int, in
         raise ValueError(
             f"MRC file is corrupt: its header declares {nz} x {ny} x {nx} values of mode {mode} ({REAL_MODES[mode]}) after a {nsymbt}-byte "
             f"extended header, {expected} bytes in all, but the file has {size} bytes"
-            + ("; it is truncated" if size < expected else "; trailing bytes follow the data"))
+            + ("; it is truncated" if size < expected else "; trailing bytes follow the data")
+        )
     return nx, ny, nz, mode, nsymbt
 
 

@@ -20,6 +20,7 @@ Both architectures share it, with the same channels and kernel sizes, so they ha
 parameter count (a SpiralConv on a rows x n ribbon with a rows x k filter has as many weights as a
 k x k conv2d when rows = k).
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
@@ -175,7 +176,9 @@ class Denoiser(nn.Module):
         levels = len(config.channels)
         if config.arch == "spiral":
             specs = spiral_levels(config.size, config.n_wind, config.n_spls, levels)
-            self.ops = SpiralOps(config.size, specs, rows=config.kernel, operators=operators, encode_sigma=config.encode_sigma)
+            self.ops = SpiralOps(
+                config.size, specs, rows=config.kernel, operators=operators, encode_sigma=config.encode_sigma
+            )
         else:
             self.ops = CartesianOps(config.size, levels, encode_sigma=config.encode_sigma)
         self.core = UNetCore(self.ops, config.channels, config.convs_per_level, config.kernel)
@@ -214,4 +217,12 @@ def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["ARCHS", "DenoiserConfig", "Denoiser", "build_denoiser", "expected_signal_rms", "normalise", "parameter_count"]
+__all__ = [
+    "ARCHS",
+    "DenoiserConfig",
+    "Denoiser",
+    "build_denoiser",
+    "expected_signal_rms",
+    "normalise",
+    "parameter_count",
+]

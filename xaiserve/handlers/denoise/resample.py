@@ -4,6 +4,7 @@ DEFAULT_POLICY is the input policy a denoiser's manifest entry starts from ("par
 square particles of another size are Fourier-resampled to the model's size if their side is
 within [min_side, max_side_factor x model side].
 """
+
 from __future__ import annotations
 
 import numpy as np

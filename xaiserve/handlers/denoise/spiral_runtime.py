@@ -26,6 +26,7 @@ Measured by bench/bench_denoise.py.
     rt = SpiralRuntime(denoiser, threads=1)      # a Denoiser of arch "spiral" (eval weights)
     out = rt.denoise(particles)                  # float32 [B, 1, H, W] -> [B, 1, H, W]
 """
+
 from __future__ import annotations
 
 import functools
@@ -85,7 +86,9 @@ def _sparse_blocked(x: np.ndarray, index: np.ndarray, weight: np.ndarray, out: n
 
 
 @numba.njit(fastmath=True, boundscheck=False, nogil=True)
-def _interp_rows(x: np.ndarray, i0: np.ndarray, i1: np.ndarray, w0: np.ndarray, w1: np.ndarray, out: np.ndarray) -> None:
+def _interp_rows(
+    x: np.ndarray, i0: np.ndarray, i1: np.ndarray, w0: np.ndarray, w1: np.ndarray, out: np.ndarray
+) -> None:
     """out[d, r, j] = w0[r, j] x[d, i0[r, j]] + w1[r, j] x[d, i1[r, j]]: linear interpolation of
     each row of x [D, n] at the positions of R ribbon rows (out [D, R, n]; weights are zero where
     a row leaves the spiral, as GridSample's zero padding)."""
@@ -101,7 +104,9 @@ def _interp_rows(x: np.ndarray, i0: np.ndarray, i1: np.ndarray, w0: np.ndarray, 
 
 
 @numba.njit(fastmath=True, boundscheck=False, nogil=True)
-def _interp_blocked(x: np.ndarray, i0: np.ndarray, i1: np.ndarray, w0: np.ndarray, w1: np.ndarray, out: np.ndarray) -> None:
+def _interp_blocked(
+    x: np.ndarray, i0: np.ndarray, i1: np.ndarray, w0: np.ndarray, w1: np.ndarray, out: np.ndarray
+) -> None:
     """_interp_rows on channel blocks: x [D, n, blk] -> out [D, R, n, blk]."""
     nd, _, nl = x.shape
     nr, n = i0.shape
@@ -140,8 +145,10 @@ class _Workspace(threading.local):
 
 
 def _taps_major(index: torch.Tensor, weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    return (np.ascontiguousarray(index.detach().cpu().numpy().T, dtype=np.int64),
-            np.ascontiguousarray(weight.detach().cpu().numpy().T, dtype=np.float32))
+    return (
+        np.ascontiguousarray(index.detach().cpu().numpy().T, dtype=np.int64),
+        np.ascontiguousarray(weight.detach().cpu().numpy().T, dtype=np.float32),
+    )
 
 
 class SpiralRuntimeUnavailable(RuntimeError):
@@ -155,6 +162,7 @@ class SpiralRuntimeUnavailable(RuntimeError):
 # convolutions compute in. Blocked maps go from one convolution to the next without the reorder
 # passes ONNX Runtime would otherwise add at each graph boundary (a fifth of the time at batch 32),
 # and every resampling tap moves blk contiguous channels.
+
 
 def _blocked(x: np.ndarray) -> bool:
     return x.ndim == 5
@@ -180,7 +188,9 @@ class _Ribbon:
         if _blocked(x):
             b, cb, _, n, blk = x.shape
             out = ws.get(key, (b, cb, r, n, blk))
-            _interp_blocked(x.reshape(b * cb, n, blk), self.i0, self.i1, self.w0, self.w1, out.reshape(b * cb, r, n, blk))
+            _interp_blocked(
+                x.reshape(b * cb, n, blk), self.i0, self.i1, self.w0, self.w1, out.reshape(b * cb, r, n, blk)
+            )
         else:
             b, c, _, n = x.shape
             out = ws.get(key, (b, c, r, n))
@@ -221,7 +231,13 @@ def conv_model(name: str, n: int, split: tuple[int, ...], weight: np.ndarray, bi
         nodes.append(helper.make_node("Add", [acc, t], [f"s{i}"]))
         acc = f"s{i}"
     nodes.append(helper.make_node("Relu" if relu else "Identity", [acc], ["y"]))
-    graph = helper.make_graph(nodes, name, inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", cout, 1, n])], initializer=inits)
+    graph = helper.make_graph(
+        nodes,
+        name,
+        inputs,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", cout, 1, n])],
+        initializer=inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9  # readable by ONNX Runtime builds older than the onnx package
     onnx.checker.check_model(model)
@@ -267,9 +283,11 @@ def nchwc_block() -> int:
 
     w = numpy_helper.from_array(np.ones((1, 1, 1, 3), np.float32), "w")
     graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[0, 1, 0, 1])], "probe",
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[0, 1, 0, 1])],
+        "probe",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 1, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 1, 8])], initializer=[w],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 1, 8])],
+        initializer=[w],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
@@ -326,7 +344,9 @@ class _RibbonConv:
     """One ribbon convolution (batch norm folded) on parts [B, C_p, 1, n] -> [B, C_out, 1, n],
     taking and giving each map in the layout its ONNX Runtime graph computes in."""
 
-    def __init__(self, name: str, level: int, n: int, split: tuple[int, ...], unit: torch.nn.Module, relu: bool, blk: int):
+    def __init__(
+        self, name: str, level: int, n: int, split: tuple[int, ...], unit: torch.nn.Module, relu: bool, blk: int
+    ):
         """`unit`: a networks.ConvUnit (its batch norm folded in, as in the exported graph) or a
         bare layers.SpiralConv."""
         with torch.no_grad():
@@ -344,11 +364,15 @@ class _RibbonConv:
         if blk:
             # outputs of fewer channels than a block stay NCHW: ONNX Runtime's NCHWc convolution
             # reads inputs of fewer channels than a block as NCHW (checked in SpiralRuntime)
-            model, self.in_blocked, self.out_blocked = _strip_reorders(_ort_optimised(self.model), blk, keep_output=self.cout < blk)
+            model, self.in_blocked, self.out_blocked = _strip_reorders(
+                _ort_optimised(self.model), blk, keep_output=self.cout < blk
+            )
             level_opt = "ORT_DISABLE_ALL"  # already optimised; its NCHWc nodes run as they are
         import onnxruntime as ort
 
-        self.session = ort.InferenceSession(model.SerializeToString(), sess_options=_options(level_opt), providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            model.SerializeToString(), sess_options=_options(level_opt), providers=["CPUExecutionProvider"]
+        )
 
     def __call__(self, parts: list[np.ndarray], ribbon: _Ribbon, ws: _Workspace) -> np.ndarray:
         arrays = []
@@ -402,7 +426,9 @@ class SpiralRuntime:
             idx = idx.view(ops.rows, n, 2)[outer].numpy()
             w = w.view(ops.rows, n, 2)[outer].numpy()
             c = np.ascontiguousarray
-            self.ribbons.append(_Ribbon(c(idx[..., 0]), c(idx[..., 1]), c(w[..., 0], np.float32), c(w[..., 1], np.float32)))
+            self.ribbons.append(
+                _Ribbon(c(idx[..., 0]), c(idx[..., 1]), c(w[..., 0], np.float32), c(w[..., 1], np.float32))
+            )
         chans = cfg.channels
         self.blk = blk = nchwc_block()
         self.enc = []
@@ -442,7 +468,9 @@ class SpiralRuntime:
                             f"{'blocked' if conv.in_blocked[f'{kind}{p}'] else 'as NCHW'}, against the layout rule; serve the single ONNX graph"
                         )
             if conv.out_blocked != blocked(conv.cout):
-                raise SpiralRuntimeUnavailable(f"output layout of {conv.name} does not follow the layout rule (block {self.blk})")
+                raise SpiralRuntimeUnavailable(
+                    f"output layout of {conv.name} does not follow the layout rule (block {self.blk})"
+                )
 
     def _map(self, name: str, x: np.ndarray, ws: _Workspace) -> np.ndarray:
         """[B, C, 1, N] (or [B, C, N]) -> [B, C, 1, M] by the stored operator `name`, in x's layout."""

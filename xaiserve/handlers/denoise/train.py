@@ -18,6 +18,7 @@ and at SNR 1/64 both networks start to fit that noise after a few epochs (valida
 up again, and the equivariance error with it); the model returned is the one of the epoch with
 the lowest validation loss, which the history marks ("best_epoch" in the last record).
 """
+
 from __future__ import annotations
 
 import copy
@@ -100,7 +101,11 @@ def evaluate(model: Denoiser, noisy: Tensor, clean: Tensor, batch_size: int = 64
 def model_equivariance(model: Denoiser, particles: Tensor, cfg: TrainConfig) -> float:
     model.eval()
     return equivariance_error(
-        model, particles.to(model.disc.device), angles_per_particle=cfg.equivariance_angles, inner_radius=cfg.inner_radius, seed=cfg.seed + 1
+        model,
+        particles.to(model.disc.device),
+        angles_per_particle=cfg.equivariance_angles,
+        inner_radius=cfg.inner_radius,
+        seed=cfg.seed + 1,
     )
 
 

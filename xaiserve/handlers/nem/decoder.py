@@ -11,14 +11,15 @@ Class-conditional variant (beyond the papers; METHODS.md "Known limit"): FiLM. A
 the target label to a per-channel scale and shift for every decoder block: h <- h * (1 + gamma_c) + beta_c,
 so a single network can explain any label.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,12 @@ class DecoderArch:
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "DecoderArch":
         # entries written before `norm` existed had no batch norm
-        return DecoderArch(widths=tuple(int(v) for v in d["widths"]), num_classes=int(d.get("num_classes", 0)),
-                           norm=bool(d.get("norm", False)), strides=tuple(int(v) for v in d.get("strides", ())))
+        return DecoderArch(
+            widths=tuple(int(v) for v in d["widths"]),
+            num_classes=int(d.get("num_classes", 0)),
+            norm=bool(d.get("norm", False)),
+            strides=tuple(int(v) for v in d.get("strides", ())),
+        )
 
 
 class UNetDecoder(nn.Module):
@@ -62,7 +67,11 @@ class UNetDecoder(nn.Module):
         self.arch = arch
         self.levels = len(arch.widths)
         strides = list(arch.strides) if arch.strides else [2**i for i in range(len(chans))]
-        if len(strides) != len(chans) or any(b % a for a, b in zip(strides, strides[1:])) or strides != sorted(set(strides)):
+        if (
+            len(strides) != len(chans)
+            or any(b % a for a, b in zip(strides, strides[1:]))
+            or strides != sorted(set(strides))
+        ):
             raise ValueError(f"pyramid strides {strides} must rise by integer factors, one per level of {len(chans)}")
         used = strides[::-1][: self.levels]  # deep -> shallow
         self.stride = used[-1]  # of the shallowest level used, relative to the input

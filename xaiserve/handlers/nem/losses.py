@@ -24,6 +24,7 @@ NEMt ([NEMt], eq. 2 and the authors' code), target class c per image:
     With the mask complemented this is the authors' inverse option, and the served mask points at
     the evidence in both forms.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -56,8 +57,9 @@ def mask_l1(mask: torch.Tensor) -> torch.Tensor:
     return mask.abs().flatten(1).mean(dim=1)
 
 
-def nemu_loss(z: torch.Tensor, z_m: torch.Tensor, z_bar: torch.Tensor, mask: torch.Tensor,
-              cfg: NemULossConfig = NemULossConfig()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def nemu_loss(
+    z: torch.Tensor, z_m: torch.Tensor, z_bar: torch.Tensor, mask: torch.Tensor, cfg: NemULossConfig = NemULossConfig()
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Eq. 5-9 of [NEM-U]. z = Phi(x), z_m = Phi(m*x), z_bar = Phi((1-m)*x), each [B,D]; mask [B,1,H,W].
 
     Returns the batch-mean loss and its parts (per-batch means) for logging."""
@@ -72,8 +74,9 @@ def _pick(t: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return t.gather(1, target.view(-1, 1).long()).squeeze(1)
 
 
-def nemt_preservation_loss(logits: torch.Tensor, logits_m: torch.Tensor, mask: torch.Tensor, target: torch.Tensor,
-                           weight: float = 2.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def nemt_preservation_loss(
+    logits: torch.Tensor, logits_m: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, weight: float = 2.0
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Authors' code: ||m||_1 + w (softmax(Phi(x*m))_c - softmax(Phi(x))_c)^2; logits of x and of x*m."""
     p = _pick(F.softmax(logits, dim=1), target)
     p_m = _pick(F.softmax(logits_m, dim=1), target)
@@ -83,8 +86,9 @@ def nemt_preservation_loss(logits: torch.Tensor, logits_m: torch.Tensor, mask: t
     return per.mean(), {"dist": dist.mean().detach(), "l1": l1.mean().detach()}
 
 
-def nemt_deletion_loss(logits: torch.Tensor, logits_del: torch.Tensor, mask: torch.Tensor, target: torch.Tensor,
-                       lambda1: float = 0.5) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def nemt_deletion_loss(
+    logits: torch.Tensor, logits_del: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, lambda1: float = 0.5
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Eq. 2 of [NEMt] on probabilities (deletion reading, see module docstring), bounded in [-1, lambda1]:
     -(softmax(Phi(x))_c - softmax(Phi(x*(1-m)))_c)^2 + lambda1 ||m||_1; logits of x and of x*(1-m)."""
     change = (_pick(F.softmax(logits, dim=1), target) - _pick(F.softmax(logits_del, dim=1), target)) ** 2

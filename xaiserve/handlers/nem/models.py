@@ -13,19 +13,20 @@ masked-out pixel is the dataset mean), exactly as the server's fidelity check do
   class-conditional decoder (FiLM). The mask goes through stochastic weighted neighbourhood averaging
   (random kernels in training, the expected box kernel in eval mode; see smoothing.py).
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
 from typing import Sequence
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
+from xaiserve.errors import InvalidArgument
 from xaiserve.handlers.nem.decoder import DecoderArch, UNetDecoder, bank_forward, logits_to_mask
 from xaiserve.handlers.nem.smoothing import DEFAULT_SIZE, stochastic_smooth
 from xaiserve.handlers.nets import require_pyramid
-from xaiserve.errors import InvalidArgument
 
 
 def _exporting() -> bool:
@@ -76,8 +77,15 @@ class NemT(nn.Module):
 
     kind = "nemt"
 
-    def __init__(self, frozen: nn.Module, decoder_arch: DecoderArch, *, num_classes: int, conditional: bool,
-                 smoothing: int = DEFAULT_SIZE):
+    def __init__(
+        self,
+        frozen: nn.Module,
+        decoder_arch: DecoderArch,
+        *,
+        num_classes: int,
+        conditional: bool,
+        smoothing: int = DEFAULT_SIZE,
+    ):
         super().__init__()
         chans = require_pyramid(frozen, "the classifier NEMt explains")
         self.frozen = freeze(frozen)
@@ -85,12 +93,20 @@ class NemT(nn.Module):
         self.conditional = bool(conditional)
         self.smoothing = int(smoothing)
         if self.conditional:
-            arch = DecoderArch(widths=decoder_arch.widths, num_classes=self.num_classes, norm=decoder_arch.norm,
-                               strides=with_strides(decoder_arch, frozen).strides)
+            arch = DecoderArch(
+                widths=decoder_arch.widths,
+                num_classes=self.num_classes,
+                norm=decoder_arch.norm,
+                strides=with_strides(decoder_arch, frozen).strides,
+            )
             self.decoders = nn.ModuleList([UNetDecoder(chans, arch)])
         else:
-            arch = DecoderArch(widths=decoder_arch.widths, num_classes=0, norm=decoder_arch.norm,
-                               strides=with_strides(decoder_arch, frozen).strides)
+            arch = DecoderArch(
+                widths=decoder_arch.widths,
+                num_classes=0,
+                norm=decoder_arch.norm,
+                strides=with_strides(decoder_arch, frozen).strides,
+            )
             self.decoders = nn.ModuleList([UNetDecoder(chans, arch) for _ in range(self.num_classes)])
 
     def train(self, mode: bool = True) -> "NemT":
@@ -110,7 +126,9 @@ class NemT(nn.Module):
                 )
         return torch.where(target < 0, logits.argmax(dim=1), target)
 
-    def mask_logits(self, pyramid: Sequence[torch.Tensor], label: torch.Tensor, only: int | None = None) -> torch.Tensor:
+    def mask_logits(
+        self, pyramid: Sequence[torch.Tensor], label: torch.Tensor, only: int | None = None
+    ) -> torch.Tensor:
         """Decoder logits for `label`; `only` = train/evaluate one per-class decoder alone."""
         if self.conditional:
             return self.decoders[0](pyramid, label)
@@ -121,9 +139,14 @@ class NemT(nn.Module):
         onehot = F.one_hot(label, self.num_classes).to(every.dtype)[:, :, None, None]
         return (every * onehot).sum(dim=1, keepdim=True)
 
-    def mask_from(self, pyramid: Sequence[torch.Tensor], label: torch.Tensor,
-                  only: int | None = None, generator: torch.Generator | None = None,
-                  stochastic: bool | None = None) -> torch.Tensor:
+    def mask_from(
+        self,
+        pyramid: Sequence[torch.Tensor],
+        label: torch.Tensor,
+        only: int | None = None,
+        generator: torch.Generator | None = None,
+        stochastic: bool | None = None,
+    ) -> torch.Tensor:
         """Mask [B,1,H,W]: random smoothing kernels if `stochastic` (default: in training mode), else the box."""
         m = logits_to_mask(self.mask_logits(pyramid, label, only), self.decoders[0].stride)
         stochastic = self.training if stochastic is None else stochastic

@@ -10,6 +10,7 @@ of i.i.d. weights are exchangeable, so each has expectation 1/k^2: the expected 
 k x k box, and since convolution is linear, E[smooth(m)] = box(m). (Deviation from the authors' code:
 reflect padding instead of circular, so that a lesion at one border does not leak into the other.)
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,8 +36,9 @@ def scaled_size(image_size: int, paper_size: int = DEFAULT_SIZE) -> int:
     return k if k % 2 else k + 1
 
 
-def random_kernels(batch: int, size: int = DEFAULT_SIZE, generator: torch.Generator | None = None,
-                   device: torch.device | str = "cpu") -> torch.Tensor:
+def random_kernels(
+    batch: int, size: int = DEFAULT_SIZE, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """[batch,1,size,size] kernels: uniform(0,1) weights normalised to sum 1 (positive almost surely)."""
     w = torch.rand(batch, 1, size, size, generator=generator, device=device)
     w = w + 1e-6  # strictly positive even if rand returns 0.0
@@ -67,8 +69,9 @@ def box_smooth(mask: torch.Tensor, size: int = DEFAULT_SIZE) -> torch.Tensor:
     return F.avg_pool2d(F.avg_pool2d(padded, (1, size), stride=1), (size, 1), stride=1)
 
 
-def stochastic_smooth(mask: torch.Tensor, size: int = DEFAULT_SIZE, *, training: bool,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+def stochastic_smooth(
+    mask: torch.Tensor, size: int = DEFAULT_SIZE, *, training: bool, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Random kernels while training, the expected (box) kernel otherwise."""
     if size <= 1:
         return mask

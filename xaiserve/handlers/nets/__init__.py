@@ -3,6 +3,7 @@ load their weights: `frozen_spec_from_arch`, `load_state_dict_file`, `load_into`
 manifest entry of any kind is `xaiserve.handlers.loading.load_module`. Every failure is a
 FailedPrecondition that names the file and what to do.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from xaiserve.handlers.nets.encoder import ARCH_TYPE, EncoderArch, FrozenSpec, PyramidClassifier, PyramidEncoder
 from xaiserve.errors import FailedPrecondition
+from xaiserve.handlers.nets.encoder import ARCH_TYPE, EncoderArch, FrozenSpec, PyramidClassifier, PyramidEncoder
 
 __all__ = [
     "ARCH_TYPE",
@@ -45,7 +46,9 @@ def frozen_spec_from_arch(arch: dict[str, Any], what: str = "model") -> FrozenSp
     except (KeyError, TypeError, ValueError) as e:
         raise FailedPrecondition(f"{what}: arch {arch} is malformed ({e}); re-export the model") from None
     if list(enc.pyramid_channels) != [int(c) for c in arch["pyramid"]]:
-        raise FailedPrecondition(f"{what}: arch pyramid {arch['pyramid']} does not match stem/widths {list(enc.pyramid_channels)}")
+        raise FailedPrecondition(
+            f"{what}: arch pyramid {arch['pyramid']} does not match stem/widths {list(enc.pyramid_channels)}"
+        )
     return FrozenSpec(encoder=enc, num_classes=int(arch.get("num_classes", 0)))
 
 

@@ -7,14 +7,15 @@ acts as the U-Net encoder"). Both modules share one interface used by the maskin
     features(x) -> (output, pyramid)   output = embedding [B,D] (encoder) or logits [B,K] (classifier)
     pyramid_channels: tuple[int, ...]  channels of the pyramid taps, shallow to deep
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 ARCH_TYPE = "resnet_pyramid"
 
@@ -78,7 +79,9 @@ class PyramidEncoder(nn.Module):
     def __init__(self, arch: EncoderArch = EncoderArch()):
         super().__init__()
         self.arch = arch
-        self.stem = nn.Sequential(nn.Conv2d(arch.in_channels, arch.stem, 3, 1, 1, bias=False), nn.BatchNorm2d(arch.stem), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(arch.in_channels, arch.stem, 3, 1, 1, bias=False), nn.BatchNorm2d(arch.stem), nn.ReLU()
+        )
         stages = []
         cin = arch.stem
         for w, nb in zip(arch.widths, arch.blocks):
@@ -135,8 +138,12 @@ class FrozenSpec:
     num_classes: int = 0  # 0 = encoder (no head)
 
     def to_arch(self) -> dict[str, Any]:
-        d = {"type": ARCH_TYPE, **self.encoder.to_dict(), "pyramid": list(self.encoder.pyramid_channels),
-             "pyramid_strides": [2**i for i in range(len(self.encoder.pyramid_channels))]}
+        d = {
+            "type": ARCH_TYPE,
+            **self.encoder.to_dict(),
+            "pyramid": list(self.encoder.pyramid_channels),
+            "pyramid_strides": [2**i for i in range(len(self.encoder.pyramid_channels))],
+        }
         if self.num_classes:
             d["num_classes"] = self.num_classes
         return d

@@ -26,6 +26,7 @@ the same along both axes) the LAST activation at that stride is kept: the deepes
 resolution, just before the network downsamples again. `taps=` names the layers (module names, or
 fx node names for graph forms) instead.
 """
+
 from __future__ import annotations
 
 import logging
@@ -65,7 +66,9 @@ def first_tensor(out: Any) -> torch.Tensor:
     if isinstance(out, dict) and out:
         out = next(iter(out.values()))
     if not isinstance(out, torch.Tensor):
-        raise FailedPrecondition(f"the model returned {type(out).__name__}, not a tensor (or a tuple whose first element is one)")
+        raise FailedPrecondition(
+            f"the model returned {type(out).__name__}, not a tensor (or a tuple whose first element is one)"
+        )
     return out
 
 
@@ -97,8 +100,13 @@ class GraphForm(nn.Module):
             def run_node(self, n):  # noqa: D401 - fx hook
                 out = super().run_node(n)
                 is_tap = n.op == "call_module" and str(n.target).startswith("xai_tap_")
-                if n.op in ("call_function", "call_module", "call_method") and not is_tap \
-                        and isinstance(out, torch.Tensor) and out.ndim == 4 and out.is_floating_point():
+                if (
+                    n.op in ("call_function", "call_module", "call_method")
+                    and not is_tap
+                    and isinstance(out, torch.Tensor)
+                    and out.ndim == 4
+                    and out.is_floating_point()
+                ):
                     seen.append((n.name, tuple(out.shape)))
                 return out
 
@@ -193,8 +201,11 @@ def _check_eval_graph(ep: Any, path: Path) -> None:
         if n.op != "call_function":
             continue
         t = str(n.target)
-        if t in _TRAINING_OPS or (t == "aten.batch_norm.default" and len(n.args) > 5 and n.args[5] is True) \
-                or (t == "aten.dropout.default" and len(n.args) > 2 and n.args[2] is True):
+        if (
+            t in _TRAINING_OPS
+            or (t == "aten.batch_norm.default" and len(n.args) > 5 and n.args[5] is True)
+            or (t == "aten.dropout.default" and len(n.args) > 2 and n.args[2] is True)
+        ):
             raise FailedPrecondition(
                 f"{path.name} was exported in training mode ({t} updates batch statistics or drops units); "
                 "call model.eval() before torch.export.export and save it again"
@@ -248,8 +259,10 @@ def load_torchscript(path: Path, example: torch.Tensor) -> nn.Module:
         raise
     except Exception as e:  # noqa: BLE001 - the converter is best effort; the raw module still serves
         reason = f"{e.__class__.__name__}: {quote(str(e).splitlines()[0] if str(e) else '', 160)}"
-        log.warning("TorchScript module kept as compiled code; gradcam and guided_backprop need a graph",
-                    extra={"file": path.name, "reason": reason})
+        log.warning(
+            "TorchScript module kept as compiled code; gradcam and guided_backprop need a graph",
+            extra={"file": path.name, "reason": reason},
+        )
         return ScriptForm(script, reason)
 
 
@@ -276,8 +289,10 @@ def load_torch_form(path: Path, key: str, *, channels: int, height: int, width: 
                     f"({e1.__class__.__name__}: {quote(str(e1).splitlines()[0] if str(e1) else '', 160)}); "
                     "check the manifest's input size and channels"
                 ) from None
-            log.info("torch form has a fixed batch of 1; running rows one by one", extra={"file": Path(path).name,
-                                                                                          "reason": str(e)[:120]})
+            log.info(
+                "torch form has a fixed batch of 1; running rows one by one",
+                extra={"file": Path(path).name, "reason": str(e)[:120]},
+            )
             module = freeze(RowWise(module))
             out = module(example)
     if out.ndim != 2 or out.shape[0] != example.shape[0]:
@@ -353,8 +368,9 @@ def _activations(module: nn.Module, x: torch.Tensor) -> list[tuple[str, tuple[in
     return seen
 
 
-def find_pyramid(module: nn.Module, x: torch.Tensor, taps: Sequence[str] | None = None,
-                 strides: Sequence[int] = PYRAMID_STRIDES) -> list[Tap]:
+def find_pyramid(
+    module: nn.Module, x: torch.Tensor, taps: Sequence[str] | None = None, strides: Sequence[int] = PYRAMID_STRIDES
+) -> list[Tap]:
     """The feature pyramid of `module` at input x [1,C,H,W] (see the module docstring), shallow to deep.
 
     taps: layer names to use instead (each must give a 4-D map at a power-of-two stride, strides
@@ -369,12 +385,16 @@ def find_pyramid(module: nn.Module, x: torch.Tensor, taps: Sequence[str] | None 
         for name in taps:
             if name not in by_name:
                 cands = ", ".join(f"{n} {list(s[1:])}" for n, s in acts[-40:])
-                raise FailedPrecondition(f"tap {quote(name, 80)} is not a 4-D activation of the model; the last ones are: {cands}")
+                raise FailedPrecondition(
+                    f"tap {quote(name, 80)} is not a 4-D activation of the model; the last ones are: {cands}"
+                )
             shape = by_name[name]
             s = _stride(inp, shape[2:])
             if s is None or s & (s - 1):
-                raise FailedPrecondition(f"tap {quote(name, 80)} has shape {list(shape[1:])}: not a power-of-two stride of the "
-                                         f"{inp[0]}x{inp[1]} input")
+                raise FailedPrecondition(
+                    f"tap {quote(name, 80)} has shape {list(shape[1:])}: not a power-of-two stride of the "
+                    f"{inp[0]}x{inp[1]} input"
+                )
             out.append(Tap(name, s, int(shape[1]), (int(shape[2]), int(shape[3]))))
         out.sort(key=lambda t: t.stride)
         if len({t.stride for t in out}) != len(out):
@@ -429,6 +449,7 @@ class TappedModel(nn.Module):
         def hook(i):
             def f(_m, _i, out):
                 got[i] = out
+
             return f
 
         with self._lock:
@@ -475,8 +496,17 @@ def export_onnx(module: nn.Module, path: Path, example: torch.Tensor, *, opset: 
     target = module.script if isinstance(module, ScriptForm) else _ExportWrapper(module)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(target, (example,), str(path), input_names=["image"], output_names=["output"],
-                          dynamic_axes=dynamic, opset_version=opset, dynamo=False, do_constant_folding=True)
+        torch.onnx.export(
+            target,
+            (example,),
+            str(path),
+            input_names=["image"],
+            output_names=["output"],
+            dynamic_axes=dynamic,
+            opset_version=opset,
+            dynamo=False,
+            do_constant_folding=True,
+        )
     import onnx
 
     onnx.checker.check_model(onnx.load(str(path)))

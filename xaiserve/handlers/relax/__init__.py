@@ -3,6 +3,7 @@
 `from handlers.relax import Relax, RelaxConfig, RelaxOutput`. The job method (ONNX Runtime,
 progress, cancellation) is xaiserve.service.jobs.relax.RelaxJobMethod.
 """
+
 from xaiserve.handlers.relax.relax import Relax, RelaxConfig, RelaxOutput, RelaxProgress
 
 __all__ = ["Relax", "RelaxConfig", "RelaxOutput", "RelaxProgress"]

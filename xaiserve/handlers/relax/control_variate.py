@@ -75,6 +75,7 @@ two offsets are independent and uniform, so the expectation over offsets is the 
 averages: a few [H, K] and [W, K] arrays. (The clamp to [0, 1] in masks.py is a no-op: the rows of
 the interpolation matrix are non-negative and sum to 1.)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -89,7 +90,9 @@ DTYPE = torch.float64
 
 
 # --- features ------------------------------------------------------------------------------------
-def pooling_matrix(size: int, k: int, dtype: torch.dtype = DTYPE, device: torch.device | str | None = None) -> torch.Tensor:
+def pooling_matrix(
+    size: int, k: int, dtype: torch.dtype = DTYPE, device: torch.device | str | None = None
+) -> torch.Tensor:
     """[k, size]: row r averages pixels floor(r size/k) .. ceil((r+1) size/k) - 1 (the regions of
     torch's adaptive_avg_pool)."""
     if not 1 <= k <= size:
@@ -155,8 +158,9 @@ def _axis_terms(cells: int, up: int, size: int, offsets: int, k: int, device: to
 
 
 @lru_cache(maxsize=16)
-def feature_expectations(geometry: MaskGeometry, p_keep: float, spec: FeatureSpec,
-                         device: torch.device = torch.device("cpu")) -> torch.Tensor:
+def feature_expectations(
+    geometry: MaskGeometry, p_keep: float, spec: FeatureSpec, device: torch.device = torch.device("cpu")
+) -> torch.Tensor:
     """C [H*W, F] float64 with C[ij] = E[M_ij f(M)] / E[M_ij] under the mask distribution of
     masks.py (sec. 3.1, [RELAX]), in closed form (module docstring), computed on `device`. Cached
     per geometry and device: treat the result as read-only."""
@@ -195,8 +199,10 @@ class Regression:
 
 
 def init_regression(num_features: int, device: torch.device | str | None = None) -> Regression:
-    return Regression(torch.zeros(num_features + 1, num_features + 1, dtype=DTYPE, device=device),
-                      torch.zeros(num_features + 1, dtype=DTYPE, device=device))
+    return Regression(
+        torch.zeros(num_features + 1, num_features + 1, dtype=DTYPE, device=device),
+        torch.zeros(num_features + 1, dtype=DTYPE, device=device),
+    )
 
 
 def accumulate(reg: Regression, feats: torch.Tensor, s: torch.Tensor) -> Regression:
@@ -273,10 +279,18 @@ class CVState:
         return sum(m.shape[0] for m in self.head_masks)
 
 
-def init_state(shape: tuple[int, int], num_features: int, *, w_init: float = 1e-8,
-               device: torch.device | str | None = None) -> CVState:
-    return CVState([], [], [], [], est.init_stats(shape, w_init=w_init, device=device),
-                   init_regression(num_features, device), init_regression(num_features, device))
+def init_state(
+    shape: tuple[int, int], num_features: int, *, w_init: float = 1e-8, device: torch.device | str | None = None
+) -> CVState:
+    return CVState(
+        [],
+        [],
+        [],
+        [],
+        est.init_stats(shape, w_init=w_init, device=device),
+        init_regression(num_features, device),
+        init_regression(num_features, device),
+    )
 
 
 def update(

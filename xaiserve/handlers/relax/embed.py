@@ -10,6 +10,7 @@
 
 Pure torch and numpy: the session is passed in (this module does not import onnxruntime).
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable

@@ -23,6 +23,7 @@ Beyond the paper we also keep W2 = sum of squared weights, which gives the stand
 weighted mean R (Kish's effective sample size n_eff = W^2 / W2):  SE = sqrt(U / (W - 1) * W2) / W.
 The adaptive stopping rule uses it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,14 +46,21 @@ class WeightedStats:
     count: int = 0
 
 
-def init_stats(shape: tuple[int, ...], *, w_init: float = 1e-8, dtype: torch.dtype = STATS_DTYPE,
-               device: torch.device | str | None = None) -> WeightedStats:
+def init_stats(
+    shape: tuple[int, ...],
+    *,
+    w_init: float = 1e-8,
+    dtype: torch.dtype = STATS_DTYPE,
+    device: torch.device | str | None = None,
+) -> WeightedStats:
     """Algorithm 1's initial state: R = U = 0, W = w_init (a small positive number), on `device`
     (float64 there too: the statistics are [H, W], small next to the forward passes)."""
     if w_init < 0:
         raise ValueError(f"w_init must be >= 0, got {w_init}")
     z = torch.zeros(shape, dtype=dtype, device=device)
-    return WeightedStats(torch.full(shape, float(w_init), dtype=dtype, device=device), z.clone(), z.clone(), z.clone(), 0)
+    return WeightedStats(
+        torch.full(shape, float(w_init), dtype=dtype, device=device), z.clone(), z.clone(), z.clone(), 0
+    )
 
 
 def sequential_update(stats: WeightedStats, mask: torch.Tensor, s: float | torch.Tensor) -> WeightedStats:

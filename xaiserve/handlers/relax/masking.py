@@ -26,6 +26,7 @@ model's normalised input; the reference representation is always h = f(x) (eq. 1
 - Canny here is the textbook pipeline in torch (Gaussian sigma 1, Sobel, non-maximum suppression,
   hysteresis with thresholds 0.1 / 0.2 of the largest gradient magnitude); [SSL-XAI] uses OpenCV's.
 """
+
 from __future__ import annotations
 
 import math
@@ -155,7 +156,9 @@ def darken(img: torch.Tensor, delta_l: float) -> torch.Tensor:
 
 def sharpen(img: torch.Tensor) -> torch.Tensor:
     """Laplacian sharpening x - lap(x), kernel [[0,-1,0],[-1,5,-1],[0,-1,0]] ([SSL-XAI] sec. 5.4)."""
-    k = torch.tensor([[0.0, -1.0, 0.0], [-1.0, 5.0, -1.0], [0.0, -1.0, 0.0]], dtype=img.dtype, device=img.device).view(1, 1, 3, 3)
+    k = torch.tensor([[0.0, -1.0, 0.0], [-1.0, 5.0, -1.0], [0.0, -1.0, 0.0]], dtype=img.dtype, device=img.device).view(
+        1, 1, 3, 3
+    )
     out = F.conv2d(F.pad(img[:, None], (1, 1, 1, 1), mode="replicate"), k)[:, 0]
     return out.clamp(0, 1)
 
@@ -180,8 +183,9 @@ class Perturbation:
         m = m[:, None].to(self.keep.dtype)
         if self.noise is not None:
             mu, sd = self.noise
-            fill = torch.randn((masks.shape[0], *self.keep.shape), generator=generator, dtype=self.keep.dtype,
-                               device=self.keep.device)
+            fill = torch.randn(
+                (masks.shape[0], *self.keep.shape), generator=generator, dtype=self.keep.dtype, device=self.keep.device
+            )
             fill = fill.mul_(sd).add_(mu)
             return torch.addcmul(fill, m, self.keep[None] - fill)
         if self.fill is None:

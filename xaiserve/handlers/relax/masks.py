@@ -15,6 +15,7 @@ Deviations, both only for sizes the paper never used (it uses 224 = 7 * 32):
   skimage.resize reflects; this changes values only within half a cell of the upsampled border,
   which the crop mostly discards.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -53,13 +54,17 @@ def mask_geometry(height: int, width: int, cells: int | tuple[int, int] = 7) -> 
     if height < 1 or width < 1:
         raise ValueError(f"image size {height} x {width} must be positive")
     if not (1 <= ch <= height and 1 <= cw <= width):
-        raise ValueError(f"a {ch} x {cw} grid does not fit a {height} x {width} image; use 1..{min(height, width)} cells")
+        raise ValueError(
+            f"a {ch} x {cw} grid does not fit a {height} x {width} image; use 1..{min(height, width)} cells"
+        )
     cell_h, up_h, off_h = _axis(height, ch)
     cell_w, up_w, off_w = _axis(width, cw)
     return MaskGeometry(height, width, ch, cw, cell_h, cell_w, up_h, up_w, off_h, off_w)
 
 
-def interpolation_matrix(cells: int, up: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+def interpolation_matrix(
+    cells: int, up: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+) -> torch.Tensor:
     """[up, cells]: column j is the linear upsampling (align_corners=False) of the j-th unit vector."""
     eye = torch.eye(cells, dtype=dtype, device=device)[None]  # [1, cells (channels), cells (length)]
     return F.interpolate(eye, size=up, mode="linear", align_corners=False)[0].T.contiguous()
@@ -87,7 +92,11 @@ def generate_masks(
     (same numbers as F.interpolate(mode="bilinear") + crop up to rounding, ~8x faster).
     """
     g = geometry
-    dev = torch.device(device) if device is not None else (generator.device if generator is not None else torch.device("cpu"))
+    dev = (
+        torch.device(device)
+        if device is not None
+        else (generator.device if generator is not None else torch.device("cpu"))
+    )
     grid = (torch.rand(n, g.cells_h, g.cells_w, generator=generator, device=dev) < p_keep).to(dtype)
     off_h = torch.randint(0, g.offsets_h, (n,), generator=generator, device=dev)
     off_w = torch.randint(0, g.offsets_w, (n,), generator=generator, device=dev)

@@ -31,6 +31,7 @@ the same N; "auto" (default) is plain for a fixed N (the paper's estimator) and 
 variate for the adaptive rule, where a smaller standard error means fewer masks. U (eq. 13) and
 U-RELAX always use the weighted variance of s itself.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,12 +45,12 @@ import torch
 import torch.nn.functional as F
 
 from xaiserve.devices import ChunkSize, run_chunked
+from xaiserve.errors import Cancelled, InvalidArgument
 from xaiserve.handlers.relax import control_variate as cv
 from xaiserve.handlers.relax import estimator as est
 from xaiserve.handlers.relax.masking import COLOUR_ONLY, MASKINGS, make_perturbation
 from xaiserve.handlers.relax.masks import generate_masks, mask_geometry
 from xaiserve.handlers.relax.uncertainty import THRESHOLD_RULES, threshold, u_relax
-from xaiserve.errors import Cancelled, InvalidArgument
 
 Embed = Callable[[torch.Tensor], torch.Tensor]
 
@@ -98,7 +99,17 @@ class RelaxConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise bad(name, "must be an integer")
-        for name in ("p_keep", "noise_mean", "noise_std", "target_error", "gamma", "w_init", "blur_sigma", "brightness_delta", "cv_ridge"):
+        for name in (
+            "p_keep",
+            "noise_mean",
+            "noise_std",
+            "target_error",
+            "gamma",
+            "w_init",
+            "blur_sigma",
+            "brightness_delta",
+            "cv_ridge",
+        ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise bad(name, "must be a finite number")
@@ -131,8 +142,11 @@ class RelaxConfig:
         if not 0 <= self.brightness_delta <= 100:
             raise bad("brightness_delta", "is a CIE-LAB lightness change, between 0 and 100")
         if not isinstance(self.estimator, str) or self.estimator not in ESTIMATORS:
-            raise bad("estimator", f"use one of {', '.join(ESTIMATORS)} (default auto: plain for a fixed N, "
-                      "control_variate with adaptive)")
+            raise bad(
+                "estimator",
+                f"use one of {', '.join(ESTIMATORS)} (default auto: plain for a fixed N, "
+                "control_variate with adaptive)",
+            )
         if not isinstance(self.cv_quadratic, bool):
             raise bad("cv_quadratic", "must be true or false")
         if self.cv_grid < 1:
@@ -156,7 +170,9 @@ class RelaxConfig:
                 f"relax parameter cells = {self.cells} is larger than the {height} x {width} model input; use 1..{min(height, width)}"
             )
         if self.masking in COLOUR_ONLY and channels != 3:
-            raise InvalidArgument(f"masking {self.masking!r} needs an RGB model; this model takes {channels} channel(s)")
+            raise InvalidArgument(
+                f"masking {self.masking!r} needs an RGB model; this model takes {channels} channel(s)"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -315,8 +331,9 @@ class Relax:
                     if cv_state is not None:
                         # slopes fitted on other (earlier, or for the head later) masks only: every
                         # correction has expectation 0 (control_variate.py)
-                        cv_state = cv.update(cv_state, masks, s, feats, c_feat, ridge=cfg.cv_ridge,
-                                             min_fit=head, weight_sq=w2)
+                        cv_state = cv.update(
+                            cv_state, masks, s, feats, c_feat, ridge=cfg.cv_ridge, min_fit=head, weight_sq=w2
+                        )
                     r_stats = stats
                     if cv_state is not None and track:
                         r_stats = cv.current(cv_state, c_feat, ridge=cfg.cv_ridge)
@@ -348,10 +365,13 @@ class Relax:
             if n == 0:
                 raise Cancelled("RELAX was stopped before the first batch of masks; there is no result")
             if cfg.two_pass:
+
                 def replay():
                     g = torch.Generator(device=dev)
                     g.set_state(mask_state)
-                    return (generate_masks(k, geom, p_keep=cfg.p_keep, generator=g, dtype=est.STATS_DTYPE) for k in sizes)
+                    return (
+                        generate_masks(k, geom, p_keep=cfg.p_keep, generator=g, dtype=est.STATS_DTYPE) for k in sizes
+                    )
 
                 # U (and the plain R) by the two-pass estimator; the control variate's R and standard
                 # error are weighted means merged with Chan's exact formula, which two passes would not change

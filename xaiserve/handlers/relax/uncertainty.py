@@ -7,6 +7,7 @@ The paper's default is the median with gamma = 1 (METHODS.md).
 Pixels whose uncertainty is +inf (no identifiable variance, see estimator.variance) never pass the
 filter and are left out of the mean / median.
 """
+
 from __future__ import annotations
 
 import math

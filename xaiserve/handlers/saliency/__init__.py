@@ -11,6 +11,7 @@ weights them equally).
 The method objects underneath (`METHOD_CLASSES`, captum style: construct with the module, call
 `.attribute(x, target)`) return raw input-space attributions; this function reduces them.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from xaiserve.errors import InvalidArgument
 from xaiserve.handlers.saliency.methods import (
     KINDS,
     METHOD_CLASSES,
@@ -29,12 +31,13 @@ from xaiserve.handlers.saliency.methods import (
 )
 from xaiserve.handlers.saliency.objectives import model_output
 from xaiserve.handlers.saliency.reduce import to_map
-from xaiserve.errors import InvalidArgument
 
 
 def _as_batch(x: np.ndarray | torch.Tensor) -> torch.Tensor:
     """Validate the input's shape, dtype and values (the copy happens under the attribution's grad mode)."""
-    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))  # host memory; moved to the module's device below
+    t = (
+        x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+    )  # host memory; moved to the module's device below
     if t.ndim == 3:
         t = t[None]
     if t.ndim != 4:
@@ -46,7 +49,9 @@ def _as_batch(x: np.ndarray | torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _targets(module: nn.Module, x: torch.Tensor, target: int | Sequence[int] | np.ndarray | torch.Tensor | None) -> torch.Tensor:
+def _targets(
+    module: nn.Module, x: torch.Tensor, target: int | Sequence[int] | np.ndarray | torch.Tensor | None
+) -> torch.Tensor:
     with torch.no_grad():
         logits = model_output(module, x)
     k = logits.shape[1]

@@ -17,11 +17,12 @@ Baselines: "absent" in normalised input space is 0, the dataset mean, the same c
 masking (x * m) used by RELAX and NEM. SmoothGrad noise is sigma = 0.15 x (max - min) of each image
 (Smilkov et al. 2017's recommended 10-20%); [RELAX] does not state M or sigma.
 """
+
 from __future__ import annotations
 
 import threading
-from abc import ABC, abstractmethod
 import weakref
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable
 
@@ -31,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from xaiserve.handlers.saliency.objectives import LabelFree, RepresentationMean, TargetLogit, model_output
 from xaiserve.errors import FailedPrecondition, InvalidArgument
+from xaiserve.handlers.saliency.objectives import LabelFree, RepresentationMean, TargetLogit, model_output
 from xaiserve.methods import FROZEN_KINDS
 from xaiserve.methods import METHODS as METHODS_TABLE
 
@@ -152,8 +153,16 @@ class _GuidedReLU(torch.autograd.Function):
 
 
 # the aten overloads are what torch.export graphs (handlers.nets.forms.GraphForm) call
-_RELUS = {F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_,
-          torch.ops.aten.relu.default, torch.ops.aten.relu_.default}
+_RELUS = {
+    F.relu,
+    F.relu_,
+    torch.relu,
+    torch.relu_,
+    torch.Tensor.relu,
+    torch.Tensor.relu_,
+    torch.ops.aten.relu.default,
+    torch.ops.aten.relu_.default,
+}
 
 
 def _refuse_opaque(module: nn.Module, method: str) -> None:
@@ -162,7 +171,8 @@ def _refuse_opaque(module: nn.Module, method: str) -> None:
         why = getattr(module, "reason", "")
         raise FailedPrecondition(
             f"{method} needs the model's layers, and its TorchScript could not be converted to a graph"
-            + (f" ({why})" if why else "") + "; add the model as a torch.export ExportedProgram (.pt2) "
+            + (f" ({why})" if why else "")
+            + "; add the model as a torch.export ExportedProgram (.pt2) "
             "(`xaiserve models add NAME model.onnx --torch model.pt2`)"
         )
 
@@ -263,7 +273,11 @@ class GradientShap(_Method):
                 torch.manual_seed(cfg.seed)
                 np.random.seed(cfg.seed % 2**32)
                 return CaptumGS(obj).attribute(
-                    x, baselines=base, n_samples=cfg.shap_samples, stdevs=cfg.shap_stdev, target=0,
+                    x,
+                    baselines=base,
+                    n_samples=cfg.shap_samples,
+                    stdevs=cfg.shap_stdev,
+                    target=0,
                     additional_forward_args=extra,
                 )
         finally:

@@ -11,6 +11,7 @@
 Each objective is an nn.Module returning [B, 1] so that captum (which hooks nn.Modules for guided
 backprop and needs a module tree for layer methods) can use it with target=0.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """From raw input-space attributions to maps: channel reduction and min-max normalisation (pure torch)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,7 +20,9 @@ def minmax(maps: torch.Tensor) -> torch.Tensor:
     flat = maps.flatten(1)
     lo = flat.amin(1, keepdim=True)
     span = flat.amax(1, keepdim=True) - lo
-    out = torch.where(span > 0, (flat - lo) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(flat))
+    out = torch.where(
+        span > 0, (flat - lo) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(flat)
+    )
     return out.view_as(maps)
 
 

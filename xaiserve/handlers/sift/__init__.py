@@ -10,12 +10,23 @@ cells around its scale-space keypoints, and saliency over the K keypoint gains.
 
 The job methods are xaiserve.service.jobs.sift.SiftAblationJobMethod and SiftRiseJobMethod.
 """
+
 from xaiserve.handlers.sift.ablation import SiftAblation, SiftAblationConfig, SiftAblationOutput
 from xaiserve.handlers.sift.decomposition import DecompositionConfig, SiftDecoder, decompose
 from xaiserve.handlers.sift.keypoints import KeypointConfig, Keypoints, detect
 from xaiserve.handlers.sift.rise import SiftRise, SiftRiseConfig, SiftRiseOutput
 
 __all__ = [
-    "DecompositionConfig", "KeypointConfig", "Keypoints", "SiftAblation", "SiftAblationConfig", "SiftAblationOutput",
-    "SiftDecoder", "SiftRise", "SiftRiseConfig", "SiftRiseOutput", "decompose", "detect",
+    "DecompositionConfig",
+    "KeypointConfig",
+    "Keypoints",
+    "SiftAblation",
+    "SiftAblationConfig",
+    "SiftAblationOutput",
+    "SiftDecoder",
+    "SiftRise",
+    "SiftRiseConfig",
+    "SiftRiseOutput",
+    "decompose",
+    "detect",
 ]

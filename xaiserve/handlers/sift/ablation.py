@@ -22,6 +22,7 @@ normalisation (mean -> W-weighted mean, so the constant-speed axiom counts a key
 decoded mass) and the gradient from the differential (g_j = dP/dphi_j / W_j, projected onto the
 W-mass-neutral directions).
 """
+
 from __future__ import annotations
 
 import math
@@ -66,10 +67,17 @@ class SiftAblationConfig:
         self.keypoints.check()
         self.cells.check()
         # the path parameters are ch. 2's: the same ranges and messages
-        AblationConfig(score=self.score, num_slices=self.num_slices, saturation=self.saturation,
-                       ramp_saturation=self.ramp_saturation, max_iterations=self.max_iterations,
-                       step_size=self.step_size, stop_saturation=self.stop_saturation, pinch=self.pinch,
-                       reduction=self.reduction).check()
+        AblationConfig(
+            score=self.score,
+            num_slices=self.num_slices,
+            saturation=self.saturation,
+            ramp_saturation=self.ramp_saturation,
+            max_iterations=self.max_iterations,
+            step_size=self.step_size,
+            stop_saturation=self.stop_saturation,
+            pinch=self.pinch,
+            reduction=self.reduction,
+        ).check()
         check_heatmap_sigmas(self.sigma_lp, self.sigma_hp)
 
     def to_dict(self) -> dict:
@@ -82,8 +90,9 @@ def check_heatmap_sigmas(sigma_lp: float, sigma_hp: float) -> None:
             raise InvalidArgument(f"{name} is {v}; the band-pass heatmap (eq. 4.48) needs a sigma in (0, 100] pixels")
 
 
-def keypoints_of(x: torch.Tensor, config: KeypointConfig, mean: Sequence[float] | None,
-                 std: Sequence[float] | None) -> Keypoints:
+def keypoints_of(
+    x: torch.Tensor, config: KeypointConfig, mean: Sequence[float] | None, std: Sequence[float] | None
+) -> Keypoints:
     """The SIFT keypoints of a normalised image x [C, H, W] (detected on its pixels in [0, 1])."""
     pixels = to_pixels(x.detach()[None].float(), mean, std)[0].clamp(0.0, 1.0)
     return detect(pixels.permute(1, 2, 0).numpy(), config)
@@ -115,8 +124,9 @@ def constant_speed(phi: torch.Tensor, weights: torch.Tensor | None = None) -> to
     lower = upper - 1
     m_lo, m_hi = torch.gather(mass, -1, lower), torch.gather(mass, -1, upper)
     span = m_hi - m_lo
-    eta = torch.where(span > 0, (target - m_lo) / torch.where(span > 0, span, torch.ones_like(span)),
-                      torch.zeros_like(span)).clamp(0.0, 1.0)[..., None, None]
+    eta = torch.where(
+        span > 0, (target - m_lo) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(span)
+    ).clamp(0.0, 1.0)[..., None, None]
     lo = torch.take_along_dim(full, lower[..., None, None], dim=-3)
     hi = torch.take_along_dim(full, upper[..., None, None], dim=-3)
     return (lo * (1.0 - eta) + hi * eta).clamp(0.0, 1.0)
@@ -163,8 +173,14 @@ class SiftAblation:
     """SIFT-based ablation paths for a frozen classifier (logits [B, classes]) on normalised [C, H, W]
     inputs; `mean`/`std` (the model's normalisation) give the pixels the keypoints are found on."""
 
-    def __init__(self, classifier: Callable[[torch.Tensor], torch.Tensor], config: SiftAblationConfig | None = None, *,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+    def __init__(
+        self,
+        classifier: Callable[[torch.Tensor], torch.Tensor],
+        config: SiftAblationConfig | None = None,
+        *,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ):
         self.classifier = classifier
         self.config = config or SiftAblationConfig()
         self.config.check()
@@ -202,19 +218,25 @@ class SiftAblation:
         if cfg.metric_weights:
             w = decoder.metric_weights()
             if float(w.min()) <= 0:
-                raise FailedPrecondition("a keypoint's feature decodes to an all-zero image, so its metric weight "
-                                         "(eq. 4.45) is 0; run without metric_weights")
+                raise FailedPrecondition(
+                    "a keypoint's feature decodes to an all-zero image, so its metric weight "
+                    "(eq. 4.45) is 0; run without metric_weights"
+                )
             weights = (w / w.mean()).view(1, K)
         with torch.no_grad():
             p_x = self._probabilities(x[None])[0]
             ends = self._probabilities(decoder.decode(torch.stack([torch.ones(K), torch.zeros(K)])))
         if not (torch.isfinite(p_x).all() and torch.isfinite(ends).all()):
-            raise FailedPrecondition("the classifier's outputs on this image are NaN or infinite; it cannot be explained")
+            raise FailedPrecondition(
+                "the classifier's outputs on this image are NaN or infinite; it cannot be explained"
+            )
         classes = p_x.shape[0]
         if target is None:
             target = int(p_x.argmax())
         if not 0 <= target < classes:
-            raise InvalidArgument(f"target label {target} is out of range for a classifier with {classes} classes (0..{classes - 1})")
+            raise InvalidArgument(
+                f"target label {target} is out of range for a classifier with {classes} classes (0..{classes - 1})"
+            )
         p_target, p_baseline = ends[0], ends[1]
         f0, f1 = float(p_target[target]), float(p_baseline[target])
 
@@ -264,17 +286,38 @@ class SiftAblation:
             timings["model"] += time.perf_counter() - t0
             full = self._full_probs(paths, probs, p_target, p_baseline)
             v, k = R.reduce(cfg.reduction, cfg.score, paths, full, target)
-            vor, band = extract(decoder, v[0], signed=cfg.reduction in R.SIGNED, mean=self.mean, std=self.std,
-                                sigma_lp=cfg.sigma_lp, sigma_hp=cfg.sigma_hp)
+            vor, band = extract(
+                decoder,
+                v[0],
+                signed=cfg.reduction in R.SIGNED,
+                mean=self.mean,
+                std=self.std,
+                sigma_lp=cfg.sigma_lp,
+                sigma_hp=cfg.sigma_hp,
+            )
             gains = 1.0 - P.with_boundaries(paths)[..., 0, :]  # [P, T + 2, K]
         timings["run"] = time.perf_counter() - t_run
         return SiftAblationOutput(
-            keypoints=decoder.keypoints, decoder=decoder, gains=gains[0], gains_down=gains[1] if n_paths == 2 else None,
-            times=P.all_times(T), probabilities=full[0], probabilities_down=full[1] if n_paths == 2 else None,
-            keypoint_scores=v[0], heatmap_voronoi=vor, heatmap_bandpass=band, transition_index=k, score=float(value),
-            score_history=score_history, saturation_history=saturation_history, stop_reason=stop_reason,
-            iterations=iterations, target=target, baseline_changes_class=bool(int(p_baseline.argmax()) != target),
-            metric_weights=None if weights is None else weights[0], timings=timings,
+            keypoints=decoder.keypoints,
+            decoder=decoder,
+            gains=gains[0],
+            gains_down=gains[1] if n_paths == 2 else None,
+            times=P.all_times(T),
+            probabilities=full[0],
+            probabilities_down=full[1] if n_paths == 2 else None,
+            keypoint_scores=v[0],
+            heatmap_voronoi=vor,
+            heatmap_bandpass=band,
+            transition_index=k,
+            score=float(value),
+            score_history=score_history,
+            saturation_history=saturation_history,
+            stop_reason=stop_reason,
+            iterations=iterations,
+            target=target,
+            baseline_changes_class=bool(int(p_baseline.argmax()) != target),
+            metric_weights=None if weights is None else weights[0],
+            timings=timings,
         )
 
     def _gradient(self, decoder: SiftDecoder, state: torch.Tensor, target: int, f0: float, f1: float):
@@ -288,7 +331,9 @@ class SiftAblation:
         masks = S.slice_masks(self.config.score, state)
         logits = self.classifier(decoder.decode(1.0 - masks[:, 0, :]))
         if logits.dim() != 2:
-            raise FailedPrecondition(f"the classifier returned shape {tuple(logits.shape)}; a classifier must return logits [B, K]")
+            raise FailedPrecondition(
+                f"the classifier returned shape {tuple(logits.shape)}; a classifier must return logits [B, K]"
+            )
         leaf = logits.detach().double().requires_grad_(True)
         probs = torch.log_softmax(leaf, dim=1).exp()
         value = S.score_value(self.config.score, probs[:, target], f0, f1, state.shape[1])
@@ -311,19 +356,25 @@ class SiftAblation:
         T = paths.shape[1]
         out = [torch.cat([p_target[None], probs[:T], p_baseline[None]])]
         if self.config.score == "straddling":
-            out.append(torch.cat([p_target[None], probs[T:2 * T], p_baseline[None]]))
+            out.append(torch.cat([p_target[None], probs[T : 2 * T], p_baseline[None]]))
         return torch.stack(out)
 
 
 def _check_gradient(grad: torch.Tensor, value: torch.Tensor, iteration: int) -> None:
     """A classifier without usable gradients fails the run instead of returning a meaningless path."""
     if not torch.isfinite(value):
-        raise FailedPrecondition(f"the classifier's score along the path is {float(value)} at iteration {iteration + 1}; "
-                                 "its outputs are not finite on these inputs")
+        raise FailedPrecondition(
+            f"the classifier's score along the path is {float(value)} at iteration {iteration + 1}; "
+            "its outputs are not finite on these inputs"
+        )
     largest = float(grad.abs().max())
     if not math.isfinite(largest):
-        raise FailedPrecondition(f"the classifier's gradients with respect to the keypoint gains are NaN or infinite at "
-                                 f"iteration {iteration + 1}; SIFT ablation needs a differentiable classifier")
+        raise FailedPrecondition(
+            f"the classifier's gradients with respect to the keypoint gains are NaN or infinite at "
+            f"iteration {iteration + 1}; SIFT ablation needs a differentiable classifier"
+        )
     if largest == 0.0:
-        raise FailedPrecondition(f"the classifier's gradients with respect to the keypoint gains are all zero at iteration "
-                                 f"{iteration + 1}; its output does not respond to the image, so no path can be optimised")
+        raise FailedPrecondition(
+            f"the classifier's gradients with respect to the keypoint gains are all zero at iteration "
+            f"{iteration + 1}; its output does not respond to the image, so no path can be optimised"
+        )

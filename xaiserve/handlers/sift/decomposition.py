@@ -35,6 +35,7 @@ by float32 storage; `reconstruction_error` reports the largest deviation, and th
 The scalar field of eq. 4.46-4.47 uses the same cells with C(sigma) = 1 per layer, normalised by the
 number of layers, so I_SIFT(1) = 1 everywhere.
 """
+
 from __future__ import annotations
 
 import math
@@ -73,10 +74,14 @@ class DecompositionConfig:
     def check(self) -> None:
         """Raise InvalidArgument naming the first bad parameter."""
         if not (math.isfinite(self.eta) and self.eta > 0):
-            raise InvalidArgument(f"eta is {self.eta}; the scale weight of the cell metric (eq. 4.18) must be > 0 "
-                                  "(the thesis uses 1, 2 and 4)")
+            raise InvalidArgument(
+                f"eta is {self.eta}; the scale weight of the cell metric (eq. 4.18) must be > 0 "
+                "(the thesis uses 1, 2 and 4)"
+            )
         if not (math.isfinite(self.sparsity) and 0 <= self.sparsity < 1):
-            raise InvalidArgument(f"sparsity is {self.sparsity}; the cutoff s of eq. 4.37 must be in [0, 1) (default 0.01)")
+            raise InvalidArgument(
+                f"sparsity is {self.sparsity}; the cutoff s of eq. 4.37 must be in [0, 1) (default 0.01)"
+            )
         if not (math.isfinite(self.guard) and 0 < self.guard <= 1):
             raise InvalidArgument(f"guard is {self.guard}; it must be in (0, 1] (default 1e-3)")
         if not 1 <= self.layers_per_octave <= 16:
@@ -85,7 +90,9 @@ class DecompositionConfig:
             raise InvalidArgument(f"sigma_first is {self.sigma_first}; use a value in (0, 4] pixels (default 0.5)")
         if not (math.isfinite(self.sigma_max) and self.sigma_max >= 0):
             raise InvalidArgument(f"sigma_max is {self.sigma_max}; use 0 (half the image side) or a sigma in pixels")
-        if list(self.resolution_sigmas) != sorted(self.resolution_sigmas) or any(s <= 0 for s in self.resolution_sigmas):
+        if list(self.resolution_sigmas) != sorted(self.resolution_sigmas) or any(
+            s <= 0 for s in self.resolution_sigmas
+        ):
             raise InvalidArgument(f"resolution_sigmas {self.resolution_sigmas} must be increasing and positive")
         if self.min_side < 2:
             raise InvalidArgument(f"min_side is {self.min_side}; use at least 2")
@@ -113,7 +120,7 @@ def scale_layers(height: int, width: int, config: DecompositionConfig) -> list[L
         raise InvalidArgument(f"sigma_max {R:g} must exceed sigma_first {cfg.sigma_first:g}")
     n = max(1, math.ceil(cfg.layers_per_octave * math.log2(R / cfg.sigma_first)))
     q = (R / cfg.sigma_first) ** (1.0 / n)
-    bounds = [0.0] + [cfg.sigma_first * q ** k for k in range(n + 1)] + [math.inf]
+    bounds = [0.0] + [cfg.sigma_first * q**k for k in range(n + 1)] + [math.inf]
     bounds[-2] = R
     out = []
     for lo, hi in zip(bounds[:-1], bounds[1:]):
@@ -205,8 +212,17 @@ class SiftDecoder:
     def dense(self) -> "SiftDecoder":
         """The same decoder with dense matrices (for tests and benchmarks: sparse and dense must agree)."""
         levels = [Level(lv.factor, lv.shape, lv.delta.to_dense(), lv.cells.to_dense()) for lv in self.levels]
-        return SiftDecoder(self.keypoints, self.image_shape, levels, self.layers, self.config, self.reconstruction_error,
-                           self.seconds, self.dropped_voxels, list(self.cells_per_layer))
+        return SiftDecoder(
+            self.keypoints,
+            self.image_shape,
+            levels,
+            self.layers,
+            self.config,
+            self.reconstruction_error,
+            self.seconds,
+            self.dropped_voxels,
+            list(self.cells_per_layer),
+        )
 
     @torch.no_grad()
     def metric_weights(self, batch: int = 128) -> torch.Tensor:
@@ -252,7 +268,7 @@ def _cell_crops(labels: np.ndarray, blur: float, smooth: bool, s: float) -> list
         if nz_r.size == 0:
             continue
         nz_c = np.flatnonzero(crop.any(axis=0))
-        crop = crop[nz_r[0]:nz_r[-1] + 1, nz_c[0]:nz_c[-1] + 1]
+        crop = crop[nz_r[0] : nz_r[-1] + 1, nz_c[0] : nz_c[-1] + 1]
         out.append((k, r0 + int(nz_r[0]), c0 + int(nz_c[0]), crop))
     return out
 
@@ -272,8 +288,14 @@ class _SparseLinear(torch.autograd.Function):
         return ctx.mat_t @ grad, None, None
 
 
-def _layer_entries(band: np.ndarray, lay_sigma: float, image_hw: tuple[int, int], tree: cKDTree,
-                   cfg: DecompositionConfig, c_weight: float) -> tuple[list[np.ndarray], int, int]:
+def _layer_entries(
+    band: np.ndarray,
+    lay_sigma: float,
+    image_hw: tuple[int, int],
+    tree: cKDTree,
+    cfg: DecompositionConfig,
+    c_weight: float,
+) -> tuple[list[np.ndarray], int, int]:
     """COO entries (Z rows, cols, values, cell rows, cell cols, cell values) of one layer on its grid
     (band [C, h, w]), the number of cells present and the voxels dropped by the guard."""
     C, h, w = band.shape
@@ -286,14 +308,14 @@ def _layer_entries(band: np.ndarray, lay_sigma: float, image_hw: tuple[int, int]
     crops = _cell_crops(labels, lay_sigma / math.sqrt(sy * sx), cfg.smooth, cfg.sparsity)
     m = np.zeros((h, w))
     for _, r0, c0, crop in crops:
-        m[r0:r0 + crop.shape[0], c0:c0 + crop.shape[1]] += crop
+        m[r0 : r0 + crop.shape[0], c0 : c0 + crop.shape[1]] += crop
     # eq. 4.38-4.39: chi~^{s,1} = chi~^s (1 + w~ / max(m~, guard)), w~ = 1 - m~
     gain = 1.0 + (1.0 - m) / np.maximum(m, cfg.guard)
     dropped = int((m < cfg.guard).sum())
     rows_d, cols_d, vals_d, rows_c, cols_c, vals_c = [], [], [], [], [], []
     for k, r0, c0, crop in crops:
         ch, cw = crop.shape
-        y = crop * gain[r0:r0 + ch, c0:c0 + cw]
+        y = crop * gain[r0 : r0 + ch, c0 : c0 + cw]
         ri, ci = np.nonzero(y)
         pix = (r0 + ri) * w + (c0 + ci)
         v = y[ri, ci]
@@ -312,8 +334,13 @@ def _layer_entries(band: np.ndarray, lay_sigma: float, image_hw: tuple[int, int]
 def _torch_csr(m: scipy.sparse.csr_matrix) -> torch.Tensor:
     with warnings.catch_warnings():  # "sparse CSR support is in beta": the products used here are tested
         warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(torch.from_numpy(m.indptr.astype(np.int64)), torch.from_numpy(m.indices.astype(np.int64)),
-                                       torch.from_numpy(m.data.astype(np.float32)), size=m.shape, check_invariants=False)
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(m.indptr.astype(np.int64)),
+            torch.from_numpy(m.indices.astype(np.int64)),
+            torch.from_numpy(m.data.astype(np.float32)),
+            size=m.shape,
+            check_invariants=False,
+        )
 
 
 def _csr(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
@@ -366,9 +393,15 @@ def decompose(x: torch.Tensor, keypoints: Keypoints, config: DecompositionConfig
     for factor in sorted(f for f in entries if f > 1):
         h, w = shapes[factor]
         rows_d, cols_d, vals_d = (np.concatenate([e[i] for e in entries[factor]]) for i in range(3))
-        z = scipy.sparse.coo_matrix((vals_d, (rows_d.astype(np.int64), cols_d.astype(np.int64))), shape=(C * h * w, K)).tocsr()
-        approx = F.interpolate(torch.from_numpy(np.asarray(z.sum(axis=1)).reshape(1, C, h, w)), size=(H, W),
-                               mode="bilinear", align_corners=False)[0]
+        z = scipy.sparse.coo_matrix(
+            (vals_d, (rows_d.astype(np.int64), cols_d.astype(np.int64))), shape=(C * h * w, K)
+        ).tocsr()
+        approx = F.interpolate(
+            torch.from_numpy(np.asarray(z.sum(axis=1)).reshape(1, C, h, w)),
+            size=(H, W),
+            mode="bilinear",
+            align_corners=False,
+        )[0]
         exact = sum(b for lay, b in zip(layers, bands) if lay.factor == factor)
         finest = min((lay for lay in layers if lay.factor == factor), key=lambda lay: lay.sigma)
         e, _, d = _layer_entries((exact - approx).numpy(), finest.sigma, (H, W), tree, cfg, 0.0)
@@ -378,11 +411,15 @@ def decompose(x: torch.Tensor, keypoints: Keypoints, config: DecompositionConfig
     levels = []
     for factor in sorted(entries):
         h, w = shapes[factor]
-        rows_d, cols_d, vals_d, rows_c, cols_c, vals_c = (np.concatenate([e[i] for e in entries[factor]]) for i in range(6))
+        rows_d, cols_d, vals_d, rows_c, cols_c, vals_c = (
+            np.concatenate([e[i] for e in entries[factor]]) for i in range(6)
+        )
         delta = _csr(rows_d, cols_d, vals_d, (C * h * w, K))
         cells = _csr(rows_c, cols_c, vals_c, (h * w, K))
         levels.append(Level(factor, (h, w), delta, cells, _transpose(delta), _transpose(cells)))
-    dec = SiftDecoder(keypoints, (C, H, W), levels, layers, cfg, dropped_voxels=dropped, cells_per_layer=cells_per_layer)
+    dec = SiftDecoder(
+        keypoints, (C, H, W), levels, layers, cfg, dropped_voxels=dropped, cells_per_layer=cells_per_layer
+    )
     with torch.no_grad():
         dec.reconstruction_error = float((dec.decode(torch.ones(K))[0].double() - xd).abs().max())
     dec.seconds = time.perf_counter() - t0

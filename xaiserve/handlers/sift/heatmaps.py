@@ -8,6 +8,7 @@ Two extractions of a gain vector v [K] (a path reduction or a RISE importance):
   y = D^{Delta,kappa}(v) the classifier would see, with the rectifier summed over the colour
   channels, in pixel units (the normalisation undone); sigma_LP = 8, sigma_HP = 5 (Table 4.2).
 """
+
 from __future__ import annotations
 
 from typing import Sequence

@@ -15,6 +15,7 @@ sec. 4.1.2). scikit-image emits one keypoint per dominant orientation, so the sa
 occur several times: duplicates are merged, because two identical keypoints would split one
 Voronoi cell arbitrarily (Remark 19).
 """
+
 from __future__ import annotations
 
 import math
@@ -46,7 +47,9 @@ class KeypointConfig:
 
     def check(self) -> None:
         if not (math.isfinite(self.contrast_threshold) and self.contrast_threshold > 0):
-            raise InvalidArgument(f"contrast_threshold is {self.contrast_threshold}; it must be > 0 (default {0.01 / 3:.5f})")
+            raise InvalidArgument(
+                f"contrast_threshold is {self.contrast_threshold}; it must be > 0 (default {0.01 / 3:.5f})"
+            )
         if not (math.isfinite(self.edge_threshold) and self.edge_threshold > 1):
             raise InvalidArgument(f"edge_threshold is {self.edge_threshold}; it must be > 1 (default 10)")
         if self.upsampling not in (1, 2, 4):
@@ -94,7 +97,9 @@ def detect(image: np.ndarray, config: KeypointConfig | None = None) -> Keypoints
     g = grey(image)
     if min(g.shape) < 8:
         raise InvalidArgument(f"the image is {g.shape[0]} x {g.shape[1]}; SIFT keypoints need at least 8 x 8 pixels")
-    sift = SIFT(upsampling=cfg.upsampling, n_scales=cfg.n_scales, c_dog=cfg.contrast_threshold, c_edge=cfg.edge_threshold)
+    sift = SIFT(
+        upsampling=cfg.upsampling, n_scales=cfg.n_scales, c_dog=cfg.contrast_threshold, c_edge=cfg.edge_threshold
+    )
     try:
         sift.detect(g)
     except RuntimeError:  # skimage: "SIFT found no features"
@@ -107,9 +112,11 @@ def detect(image: np.ndarray, config: KeypointConfig | None = None) -> Keypoints
         raise InvalidArgument(
             f"the image has no SIFT keypoint above the contrast cutoff (contrast_threshold {cfg.contrast_threshold:.5g}; "
             f"grey-level spread {float(g.std()):.4f}): a flat image has no features to ablate ([THESIS] sec. 4.1.2). "
-            "Send an image with structure, or lower contrast_threshold")
+            "Send an image with structure, or lower contrast_threshold"
+        )
     if len(sigmas) > cfg.max_keypoints:
         raise InvalidArgument(
             f"the image has {len(sigmas)} SIFT keypoints, more than this server's limit of {cfg.max_keypoints}; "
-            f"raise contrast_threshold (now {cfg.contrast_threshold:.5g}) to keep only the stronger ones")
+            f"raise contrast_threshold (now {cfg.contrast_threshold:.5g}) to keep only the stronger ones"
+        )
     return Keypoints(positions.astype(np.float64), sigmas.astype(np.float64))

@@ -18,6 +18,7 @@ Heatmaps: the importance min-max scaled to [0, 1] (R_j - E[s] orders the keypoin
 E[s | on] - E[s | off] = (R_j - E[s]) / (1 - p_keep)) through the two extractions of
 heatmaps.extract (eq. 4.46-4.48).
 """
+
 from __future__ import annotations
 
 import math
@@ -108,8 +109,15 @@ class SiftRise:
     """Random on/off keypoint gains for a model `forward` (a batch [B, C, H, W] -> [B, D]: logits
     for kind "classifier", a representation for "encoder")."""
 
-    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], config: SiftRiseConfig | None = None, *,
-                 kind: str = "classifier", mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+    def __init__(
+        self,
+        forward: Callable[[torch.Tensor], torch.Tensor],
+        config: SiftRiseConfig | None = None,
+        *,
+        kind: str = "classifier",
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ):
         if kind not in KINDS:
             raise InvalidArgument(f"sift_rise explains a classifier or an encoder, not a {kind}")
         self.forward = forward
@@ -158,7 +166,9 @@ class SiftRise:
             if target is None:
                 target = int(ref[0].argmax())
             if not 0 <= target < classes:
-                raise InvalidArgument(f"target label {target} is out of range for a classifier with {classes} classes (0..{classes - 1})")
+                raise InvalidArgument(
+                    f"target label {target} is out of range for a classifier with {classes} classes (0..{classes - 1})"
+                )
 
             def score(out: torch.Tensor) -> torch.Tensor:
                 return torch.log_softmax(out.double(), dim=1).exp()[:, target]
@@ -192,12 +202,21 @@ class SiftRise:
         if n == 0:
             raise Cancelled("sift_rise was stopped before the first batch of masks; there is no result")
         importance = stats.mean.float()
-        vor, band = extract(decoder, normalised(importance), mean=self.mean, std=self.std,
-                            sigma_lp=cfg.sigma_lp, sigma_hp=cfg.sigma_hp)
+        vor, band = extract(
+            decoder, normalised(importance), mean=self.mean, std=self.std, sigma_lp=cfg.sigma_lp, sigma_hp=cfg.sigma_hp
+        )
         timings["run"] = time.perf_counter() - t_run
         return SiftRiseOutput(
-            keypoints=decoder.keypoints, decoder=decoder, importance=importance,
-            uncertainty=est.variance(stats).float(), std_error=est.standard_error(stats).float(),
-            heatmap_voronoi=vor, heatmap_bandpass=band, num_masks=n, mean_score=total / n,
-            reference_score=reference, target=-1 if target is None else target, timings=timings,
+            keypoints=decoder.keypoints,
+            decoder=decoder,
+            importance=importance,
+            uncertainty=est.variance(stats).float(),
+            std_error=est.standard_error(stats).float(),
+            heatmap_voronoi=vor,
+            heatmap_bandpass=band,
+            num_masks=n,
+            mean_score=total / n,
+            reference_score=reference,
+            target=-1 if target is None else target,
+            timings=timings,
         )

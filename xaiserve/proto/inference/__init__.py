@@ -5,6 +5,7 @@ and others register their own copies of package `inference` in the default pool,
 defining one full name there refuse to load in the same process. xaiserve.service.protogen writes
 the stubs against this pool.
 """
+
 from google.protobuf import descriptor_pool
 
 POOL = descriptor_pool.DescriptorPool()

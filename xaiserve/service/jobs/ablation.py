@@ -7,6 +7,7 @@ frozen classifier as a torch module (Registry.torch_module -> handlers.nets.load
 optimises the path (Algorithm 2, [THESIS]), reports progress every iteration, stops within one
 iteration of a cancellation and returns pb.JobResult(ablation=pb.AblationResult(...)).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,19 +17,19 @@ import time
 import numpy as np
 import torch
 
-from xaiserve.methods import MASK_KINDS
-from xaiserve.proto.explain.v1 import explainer_pb2 as pb
-from xaiserve.service.render import ablation as render
+from xaiserve.devices import memory_batch
+from xaiserve.errors import InvalidArgument
 from xaiserve.handlers.ablation.optimiser import AblationConfig, AblationOutput, AblationPath, AblationProgress
 from xaiserve.handlers.ablation.path import affine_path, saturation, upsample, with_boundaries
 from xaiserve.handlers.ablation.scores import interpolate
 from xaiserve.handlers.saliency.methods import module_lock
-from xaiserve.errors import InvalidArgument
+from xaiserve.methods import MASK_KINDS
+from xaiserve.proto.explain.v1 import explainer_pb2 as pb
+from xaiserve.service.gpu_metrics import count_oom
 from xaiserve.service.images import decode_image, preview_shape, to_channels, to_input_geometry, to_model_input
 from xaiserve.service.registry import ModelEntry, Registry
+from xaiserve.service.render import ablation as render
 from xaiserve.service.tensors import to_tensor
-from xaiserve.devices import memory_batch
-from xaiserve.service.gpu_metrics import count_oom
 
 DEFAULT_MASK_SIZE = 64
 
@@ -72,10 +73,13 @@ def _classifier(request: pb.JobRequest, registry: Registry) -> ModelEntry:
         entry = registry.frozen_for(entry)
     if not _usable(entry, registry):
         names = sorted({e.id for e in registry.entries() if _usable(e, registry)})
-        why = (f"is a {entry.kind}; ablation paths explain a classifier's decision" if entry.kind != "classifier" else
-               "has no torch form (files.state_dict, torchscript or exported_program) in its manifest entry; ablation "
-               "paths need the classifier's gradients, which the ONNX graph alone does not give (add one with "
-               f"`xaiserve models add {entry.name} model.onnx --torch model.pt2 --kind classifier`)")
+        why = (
+            f"is a {entry.kind}; ablation paths explain a classifier's decision"
+            if entry.kind != "classifier"
+            else "has no torch form (files.state_dict, torchscript or exported_program) in its manifest entry; ablation "
+            "paths need the classifier's gradients, which the ONNX graph alone does not give (add one with "
+            f"`xaiserve models add {entry.name} model.onnx --torch model.pt2 --kind classifier`)"
+        )
         raise InvalidArgument(
             f"model {entry.id} {why}. Classifiers with torch weights in this store: {', '.join(names) if names else '(none)'}"
         )
@@ -97,8 +101,17 @@ def build_config(params: pb.AblationParams, entry: ModelEntry) -> tuple[Ablation
         kw["score"] = params.score
     if params.reduction:
         kw["reduction"] = params.reduction
-    for name in ("num_slices", "sigma_regu", "saturation", "ramp_saturation", "min_iterations", "max_iterations",
-                 "step_size", "window", "stop_saturation"):
+    for name in (
+        "num_slices",
+        "sigma_regu",
+        "saturation",
+        "ramp_saturation",
+        "min_iterations",
+        "max_iterations",
+        "step_size",
+        "window",
+        "stop_saturation",
+    ):
         if params.HasField(name):
             kw[name] = getattr(params, name)
     if params.HasField("mask_size"):
@@ -117,7 +130,9 @@ def build_config(params: pb.AblationParams, entry: ModelEntry) -> tuple[Ablation
         k = _num_classes(entry)
         if target < 0 or (k and target >= k):
             names = f" ({', '.join(entry.labels)})" if entry.labels else ""
-            raise InvalidArgument(f"target_label {target} is out of range for {entry.id}, which has {k} classes: 0..{k - 1}{names}")
+            raise InvalidArgument(
+                f"target_label {target} is out of range for {entry.id}, which has {k} classes: 0..{k - 1}{names}"
+            )
     return cfg, target
 
 
@@ -185,7 +200,9 @@ class AblationJobMethod:
             ctx.check_cancelled()
 
         optimiser = AblationPath(module, cfg, slice_batch=slice_batch, on_oom=count_oom(self.name))
-        out = optimiser.attribute(x, baseline=baseline, target=target, progress=progress, should_stop=lambda: ctx.cancelled)
+        out = optimiser.attribute(
+            x, baseline=baseline, target=target, progress=progress, should_stop=lambda: ctx.cancelled
+        )
         ctx.check_cancelled()  # a "stopped" path is never returned as a result
         out, x = to_host(out), x.cpu()
         t0 = time.perf_counter()
@@ -193,22 +210,24 @@ class AblationJobMethod:
         timings = dict(out.timings)
         timings.update({"render": time.perf_counter() - t0, "load": load_s, "run": time.perf_counter() - t_run})
         parameters = dict(cfg.to_dict())
-        parameters.update({
-            "model": entry.id,
-            "target_label": out.target,
-            "target_source": "request" if target is not None else "argmax",
-            "image_size": [entry.input.height, entry.input.width],
-            # the Gaussian regularisation actually applied (sigma_regu None = 7 px at 224 px, scaled)
-            "sigma_image_px": cfg.image_sigma(entry.input.height, entry.input.width),
-            "sigma_mask_px": cfg.mask_sigma(entry.input.height, entry.input.width),
-            "baseline": "given" if baseline is not None else "blur",
-            "baseline_sigma": out.baseline_sigma,
-            "baseline_changes_class": out.baseline_changes_class,
-            "return_images": params.return_images,
-            "seed": params.seed if params.HasField("seed") else None,
-            "device": str(dev),
-            "slice_batch": optimiser.chunk.size,
-        })
+        parameters.update(
+            {
+                "model": entry.id,
+                "target_label": out.target,
+                "target_source": "request" if target is not None else "argmax",
+                "image_size": [entry.input.height, entry.input.width],
+                # the Gaussian regularisation actually applied (sigma_regu None = 7 px at 224 px, scaled)
+                "sigma_image_px": cfg.image_sigma(entry.input.height, entry.input.width),
+                "sigma_mask_px": cfg.mask_sigma(entry.input.height, entry.input.width),
+                "baseline": "given" if baseline is not None else "blur",
+                "baseline_sigma": out.baseline_sigma,
+                "baseline_changes_class": out.baseline_changes_class,
+                "return_images": params.return_images,
+                "seed": params.seed if params.HasField("seed") else None,
+                "device": str(dev),
+                "slice_batch": optimiser.chunk.size,
+            }
+        )
         return pb.JobResult(ablation=result, timings=timings, parameters_json=json.dumps(parameters, sort_keys=True))
 
 
@@ -228,13 +247,22 @@ def _slice_batch(module: torch.nn.Module, x: torch.Tensor, cfg: AblationConfig, 
 
 def to_host(out: AblationOutput) -> AblationOutput:
     """The output with every tensor on the CPU (the renderings and protobuf read numpy)."""
-    moved = {f.name: getattr(out, f.name).cpu() for f in dataclasses.fields(out)
-             if isinstance(getattr(out, f.name), torch.Tensor)}
+    moved = {
+        f.name: getattr(out, f.name).cpu()
+        for f in dataclasses.fields(out)
+        if isinstance(getattr(out, f.name), torch.Tensor)
+    }
     return dataclasses.replace(out, **moved)
 
 
-def to_result(out: AblationOutput, x: torch.Tensor, entry: ModelEntry, *, return_images: bool = False,
-              image: np.ndarray | None = None) -> pb.AblationResult:
+def to_result(
+    out: AblationOutput,
+    x: torch.Tensor,
+    entry: ModelEntry,
+    *,
+    return_images: bool = False,
+    image: np.ndarray | None = None,
+) -> pb.AblationResult:
     """Every field of pb.AblationResult from an AblationOutput. With `image` (the decoded request
     image, HWC) the path, path_down, heatmap and heatmap PNG are at its resolution and geometry
     (the model's resize undone, letterbox padding cut away); the strip PNG and `images` show what
@@ -256,8 +284,14 @@ def to_result(out: AblationOutput, x: torch.Tensor, entry: ModelEntry, *, return
         imgs_down = render.denormalise(interpolate(x, out.baseline, full_down).numpy(), spec.mean, spec.std)
         down = (imgs_down, full_down.numpy(), out.probabilities_down[:, out.target].numpy())
     times = out.times.numpy()
-    strip = render.strip_png(images, masks, probs[:, out.target], times,
-                             title=f"{entry.id}: {label} (target {out.target}), score {out.score:.3f}", down=down)
+    strip = render.strip_png(
+        images,
+        masks,
+        probs[:, out.target],
+        times,
+        title=f"{entry.id}: {label} (target {out.target}), score {out.score:.3f}",
+        down=down,
+    )
     heat = back(out.heatmap.numpy())
     shown = images[0] if image is None else to_channels(image, 3)
     result = pb.AblationResult(

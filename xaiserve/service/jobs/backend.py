@@ -22,6 +22,7 @@ keep the same semantics (tests/test_jobs_backends.py runs one parametrised suite
 All methods are synchronous and short (milliseconds) except wait_for_work (blocks a worker thread up
 to a timeout) and wait_events (async, so that any number of WatchJob calls cost no thread each).
 """
+
 from __future__ import annotations
 
 import abc
@@ -261,7 +262,9 @@ class JobBackend(abc.ABC):
         """Record event.progress on the job and append the event; False when the claim is stale."""
 
     @abc.abstractmethod
-    def finish(self, claim: Claim, state: int, *, now: float, result: pb.JobResult | None = None, error: str = "") -> bool:
+    def finish(
+        self, claim: Claim, state: int, *, now: float, result: pb.JobResult | None = None, error: str = ""
+    ) -> bool:
         """RUNNING -> terminal state, storing the result exactly once; False when the claim is stale."""
 
     @abc.abstractmethod

@@ -4,6 +4,7 @@ A method is an object with a `name`, a `validate` that runs at SubmitJob time (s
 known at submit time fails later) and a `run` that does the work, reporting progress and checking
 for cancellation through a JobContext. Methods never see the queue backend (SQLite or Redis).
 """
+
 from __future__ import annotations
 
 from typing import Protocol

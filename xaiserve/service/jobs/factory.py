@@ -1,4 +1,5 @@
 """Build the job service from a queue URL: `sqlite:///path/jobs.sqlite` (default) or `redis://host:port/db`."""
+
 from __future__ import annotations
 
 import logging
@@ -26,9 +27,12 @@ def check_durability(backend: JobBackend, *, allow_volatile: bool) -> str:
         raise VolatileQueue(
             f"the {backend.kind} job queue does not persist: {how}. A restart of it would lose every queued and "
             "running job. Enable `appendonly yes` (or an RDB save policy) on the Redis server, or start with "
-            "--allow-volatile-queue to accept that risk")
-    log.warning("the job queue does not persist; a restart of it loses every job (allowed by --allow-volatile-queue)",
-                extra={"backend": backend.kind, "persistence": how})
+            "--allow-volatile-queue to accept that risk"
+        )
+    log.warning(
+        "the job queue does not persist; a restart of it loses every job (allowed by --allow-volatile-queue)",
+        extra={"backend": backend.kind, "persistence": how},
+    )
     return how
 
 
@@ -47,9 +51,15 @@ def open_backend(queue: str, options: JobOptions) -> JobBackend:
     raise ValueError(f"queue {queue!r} is neither sqlite:///path/jobs.sqlite nor redis://host:port/db")
 
 
-def build_job_service(queue: str, registry, options: JobOptions | None = None,
-                      methods: Mapping[str, JobMethod] | None = None, *, allow_volatile: bool = False,
-                      admins: frozenset[str] | set[str] | tuple[str, ...] = ()) -> JobService:
+def build_job_service(
+    queue: str,
+    registry,
+    options: JobOptions | None = None,
+    methods: Mapping[str, JobMethod] | None = None,
+    *,
+    allow_volatile: bool = False,
+    admins: frozenset[str] | set[str] | tuple[str, ...] = (),
+) -> JobService:
     """The JobService for a queue URL; methods default to service.jobs.methods.default_methods().
 
     The service owns the backend: `await svc.start()` recovers and starts workers, `await svc.stop()`

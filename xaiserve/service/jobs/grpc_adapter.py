@@ -5,6 +5,7 @@ The servicer class must set `self.jobs: JobService` and may set `self.principals
 principal, so a job is only seen by the principal that submitted it (and the admin allow-list).
 Metrics and error statuses come from service.rpc, as for every other RPC.
 """
+
 from __future__ import annotations
 
 from typing import AsyncIterator

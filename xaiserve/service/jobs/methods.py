@@ -1,4 +1,5 @@
 """Which JobMethod implements which job method name, loaded lazily (they import torch)."""
+
 from __future__ import annotations
 
 import importlib
@@ -9,7 +10,7 @@ from xaiserve.service.jobs.contract import JobMethod
 
 # name -> (module, class), from the methods table (xaiserve.methods): "relax", "ablation_path".
 KNOWN_METHODS: dict[str, tuple[str, str]] = {
-    name: tuple(METHODS[name].impl.split(":", 1)) for name in JOB_METHODS  # type: ignore[misc]
+    name: (METHODS[name].impl.partition(":")[0], METHODS[name].impl.partition(":")[2]) for name in JOB_METHODS
 }
 
 
@@ -30,8 +31,9 @@ def load_method(spec: str, settings: dict | None = None) -> JobMethod:
     elif ":" in spec:
         module, _, attr = spec.partition(":")
     else:
-        raise RuntimeError(f"unknown job method {spec!r}; known: {', '.join(sorted(KNOWN_METHODS))}, "
-                           "or give module:Class")
+        raise RuntimeError(
+            f"unknown job method {spec!r}; known: {', '.join(sorted(KNOWN_METHODS))}, or give module:Class"
+        )
     try:
         obj = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
@@ -44,12 +46,14 @@ def load_method(spec: str, settings: dict | None = None) -> JobMethod:
     return method
 
 
-def default_methods(names: Iterable[str] | None = None, settings: dict[str, dict] | None = None) -> dict[str, JobMethod]:
+def default_methods(
+    names: Iterable[str] | None = None, settings: dict[str, dict] | None = None
+) -> dict[str, JobMethod]:
     """Instantiate the job methods (default: all known), each with its `settings[name]` keyword
     arguments. Nothing is skipped silently: an import error is raised with its reason, because a
     server that quietly lacks RELAX is worse than one that says so."""
     out: dict[str, JobMethod] = {}
-    for spec in (list(KNOWN_METHODS) if names is None else list(names)):
+    for spec in list(KNOWN_METHODS) if names is None else list(names):
         m = load_method(spec, (settings or {}).get(spec))
         if m.name in out:
             raise RuntimeError(f"two job methods are called {m.name!r}")

@@ -1,4 +1,5 @@
 """Configuration of the job queue (both backends read the same options)."""
+
 from __future__ import annotations
 
 import math

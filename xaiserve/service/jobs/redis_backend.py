@@ -39,6 +39,7 @@ Deployment notes: one Redis primary (optionally with replicas / Sentinel), not R
 scripts compute key names); `maxmemory-policy noeviction` (an evicted job would be lost); enable
 `appendonly yes` so queued jobs survive a Redis restart.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -54,7 +55,15 @@ from redis.retry import Retry
 
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.service.errors import InvalidArgument, ResourceExhausted, quote
-from xaiserve.service.jobs.backend import ANONYMOUS, Claim, JobBackend, QueueStats, Recovered, deadline_from, job_message
+from xaiserve.service.jobs.backend import (
+    ANONYMOUS,
+    Claim,
+    JobBackend,
+    QueueStats,
+    Recovered,
+    deadline_from,
+    job_message,
+)
 from xaiserve.service.jobs.options import JobOptions
 
 log = logging.getLogger("xaiserve.jobs.redis")
@@ -130,7 +139,9 @@ end
 """
 
 # ARGV: P id method model priority now deadline idem request max_queued maxlen prio10 owner idemkey
-_SUBMIT = _PRELUDE + r"""
+_SUBMIT = (
+    _PRELUDE
+    + r"""
 local id, method, idem, request = ARGV[2], ARGV[3], ARGV[8], ARGV[9]
 local now, deadline = ARGV[6], tonumber(ARGV[7])
 local owner, idemk = ARGV[13], ARGV[14]
@@ -163,9 +174,12 @@ emit(id, now, 1, 0, '', ARGV[11])
 wake(method)
 return {'created', id}
 """
+)
 
 # ARGV: P worker now maxlen max_attempts ttl_ms method...
-_CLAIM = _PRELUDE + r"""
+_CLAIM = (
+    _PRELUDE
+    + r"""
 local worker, now = ARGV[2], tonumber(ARGV[3])
 local expired = {}
 -- The group must exist before anything is popped: a script that fails half-way keeps its writes.
@@ -206,9 +220,12 @@ while true do
   end
 end
 """
+)
 
 # ARGV: P id worker attempt now
-_HEARTBEAT = _PRELUDE + r"""
+_HEARTBEAT = (
+    _PRELUDE
+    + r"""
 local h = jk(ARGV[2])
 if not is_current(h, ARGV[3], ARGV[4]) then return 0 end
 local entry = redis.call('HGET', h, 'entry')
@@ -217,18 +234,24 @@ redis.call('HSET', h, 'heartbeat', ARGV[5])
 redis.call('ZADD', P .. ':workers', ARGV[5], ARGV[3])
 return 1
 """
+)
 
 # ARGV: P id worker attempt now progress maxlen pbdata
-_PROGRESS = _PRELUDE + r"""
+_PROGRESS = (
+    _PRELUDE
+    + r"""
 local h = jk(ARGV[2])
 if not is_current(h, ARGV[3], ARGV[4]) then return 0 end
 redis.call('HSET', h, 'progress', ARGV[6])
 emit(ARGV[2], ARGV[5], 3, ARGV[6], '', ARGV[7], ARGV[8])
 return 1
 """
+)
 
 # ARGV: P id worker attempt now state error ttl_ms maxlen result
-_FINISH = _PRELUDE + r"""
+_FINISH = (
+    _PRELUDE
+    + r"""
 local id = ARGV[2]
 local h = jk(id)
 if not is_current(h, ARGV[3], ARGV[4]) then return 0 end
@@ -240,9 +263,12 @@ end
 terminate(id, tonumber(ARGV[6]), ARGV[5], ARGV[7], ARGV[8], ARGV[9])
 return 1
 """
+)
 
 # ARGV: P id worker attempt now reason uncount maxlen
-_REQUEUE = _PRELUDE + r"""
+_REQUEUE = (
+    _PRELUDE
+    + r"""
 local id = ARGV[2]
 local h = jk(id)
 if not is_current(h, ARGV[3], ARGV[4]) then return 0 end
@@ -250,18 +276,24 @@ if ARGV[7] == '1' then redis.call('HINCRBY', h, 'attempts', -1) end
 to_queue(id, ARGV[5], ARGV[6], ARGV[8])
 return 1
 """
+)
 
 # ARGV: P id now ttl_ms maxlen
-_CANCEL = _PRELUDE + r"""
+_CANCEL = (
+    _PRELUDE
+    + r"""
 local h = jk(ARGV[2])
 local st = redis.call('HGET', h, 'state')
 if not st then return 0 end
 if st == '1' or st == '2' then terminate(ARGV[2], 5, ARGV[3], '', ARGV[4], ARGV[5]) end
 return 1
 """
+)
 
 # ARGV: P reclaimer idle_ms now max_attempts ttl_ms maxlen idle_s
-_RECOVER = _PRELUDE + r"""
+_RECOVER = (
+    _PRELUDE
+    + r"""
 local now = tonumber(ARGV[4])
 local res = redis.call('XAUTOCLAIM', P .. ':lease', 'workers', ARGV[2], ARGV[3], '0-0', 'COUNT', 100)
 local out = {}
@@ -292,9 +324,12 @@ for _, e in ipairs(res[2]) do
 end
 return out
 """
+)
 
 # ARGV: P now ttl_ms maxlen
-_EXPIRE = _PRELUDE + r"""
+_EXPIRE = (
+    _PRELUDE
+    + r"""
 local now = tonumber(ARGV[2])
 local out = {}
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. ':deadlines', '-inf', ARGV[2])) do
@@ -311,6 +346,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. ':deadlines', '-inf', ARGV[
 end
 return out
 """
+)
 
 
 def parse_redis_url(url: str) -> tuple[str, str]:
@@ -343,10 +379,20 @@ class RedisBackend(JobBackend):
         )
         self.r = redis.Redis.from_url(url, **self._client_kwargs)
         self._aclients: dict[int, tuple[asyncio.AbstractEventLoop, aredis.Redis]] = {}
-        self._scripts = {name: self.r.register_script(src) for name, src in (
-            ("submit", _SUBMIT), ("claim", _CLAIM), ("heartbeat", _HEARTBEAT), ("progress", _PROGRESS),
-            ("finish", _FINISH), ("requeue", _REQUEUE), ("cancel", _CANCEL), ("recover", _RECOVER),
-            ("expire", _EXPIRE))}
+        self._scripts = {
+            name: self.r.register_script(src)
+            for name, src in (
+                ("submit", _SUBMIT),
+                ("claim", _CLAIM),
+                ("heartbeat", _HEARTBEAT),
+                ("progress", _PROGRESS),
+                ("finish", _FINISH),
+                ("requeue", _REQUEUE),
+                ("cancel", _CANCEL),
+                ("recover", _RECOVER),
+                ("expire", _EXPIRE),
+            )
+        }
         self._ensure_group()
         self._check_policy()
         self._epoch = self._read_epoch()
@@ -387,13 +433,15 @@ class RedisBackend(JobBackend):
             info = self.r.info("persistence")
             if int(info.get("aof_enabled", 0)):
                 return True, "append-only file enabled (INFO persistence)"
-            return False, ("CONFIG is disabled and INFO persistence shows no append-only file, so whether "
-                           "RDB snapshots are configured cannot be told")
+            return False, (
+                "CONFIG is disabled and INFO persistence shows no append-only file, so whether "
+                "RDB snapshots are configured cannot be told"
+            )
         if aof == "yes":
             return True, "appendonly yes"
         if save.strip():
             return True, f"RDB snapshots (save {save})"
-        return False, "appendonly is no and no RDB save policy is set (save \"\")"
+        return False, 'appendonly is no and no RDB save policy is set (save "")'
 
     def check_integrity(self, *, now: float) -> str | None:
         current = _s(self.r.get(self._k("epoch")) or b"")
@@ -401,8 +449,10 @@ class RedisBackend(JobBackend):
             return None
         self._epoch = self._read_epoch()
         self.lost_at = now
-        return ("the Redis job store lost its data (its epoch key is gone: a restart without persistence, "
-                "a FLUSHALL or an eviction); jobs queued or running before now are lost")
+        return (
+            "the Redis job store lost its data (its epoch key is gone: a restart without persistence, "
+            "a FLUSHALL or an eviction); jobs queued or running before now are lost"
+        )
 
     def ping(self) -> None:
         self.r.ping()
@@ -447,11 +497,24 @@ class RedisBackend(JobBackend):
         prio = int(request.priority)
         idem = request.idempotency_key
         idem_key = f"{len(owner)}:{owner}:{idem}" if idem else ""  # unambiguous whatever the owner holds
-        status, ref = self._run("submit", [
-            job_id, request.method, request.model, prio, repr(now), repr(deadline_from(request, now)),
-            idem, data, self.options.max_queued, self.options.events_per_job,
-            f"{_PRIO_OFFSET - prio:010d}", owner, idem_key,
-        ])
+        status, ref = self._run(
+            "submit",
+            [
+                job_id,
+                request.method,
+                request.model,
+                prio,
+                repr(now),
+                repr(deadline_from(request, now)),
+                idem,
+                data,
+                self.options.max_queued,
+                self.options.events_per_job,
+                f"{_PRIO_OFFSET - prio:010d}",
+                owner,
+                idem_key,
+            ],
+        )
         status, ref = _s(status), _s(ref)
         if status == "full":
             raise ResourceExhausted(
@@ -523,9 +586,17 @@ class RedisBackend(JobBackend):
     def claim(self, worker_id: str, methods: Sequence[str], *, now: float) -> Claim | None:
         if not methods:
             return None
-        got, expired = self._run("claim", [
-            worker_id, repr(now), self.options.events_per_job, self.options.max_attempts, self._ttl_ms, *methods,
-        ])
+        got, expired = self._run(
+            "claim",
+            [
+                worker_id,
+                repr(now),
+                self.options.events_per_job,
+                self.options.max_attempts,
+                self._ttl_ms,
+                *methods,
+            ],
+        )
         if expired:
             self._observe([Recovered(_s(expired[i]), _s(expired[i + 1]), "expired") for i in range(0, len(expired), 2)])
         if not got:
@@ -534,8 +605,14 @@ class RedisBackend(JobBackend):
         request = pb.JobRequest()
         request.ParseFromString(req or b"")
         return Claim(
-            job_id=_s(job_id), method=_s(method), request=request, attempt=int(attempt), worker_id=worker_id,
-            created_unix=float(_s(created)), queued_unix=float(_s(queued)), deadline_unix=float(_s(deadline)),
+            job_id=_s(job_id),
+            method=_s(method),
+            request=request,
+            attempt=int(attempt),
+            worker_id=worker_id,
+            created_unix=float(_s(created)),
+            queued_unix=float(_s(queued)),
+            deadline_unix=float(_s(deadline)),
             token=_s(entry),
         )
 
@@ -557,37 +634,83 @@ class RedisBackend(JobBackend):
 
     def is_current(self, claim: Claim) -> bool:
         state, worker, attempts = self.r.hmget(self._k("job", claim.job_id), "state", "worker", "attempts")
-        return (state is not None and int(state) == pb.RUNNING and _s(worker) == claim.worker_id
-                and int(attempts) == claim.attempt)
+        return (
+            state is not None
+            and int(state) == pb.RUNNING
+            and _s(worker) == claim.worker_id
+            and int(attempts) == claim.attempt
+        )
 
     def progress(self, claim: Claim, event: pb.JobEvent) -> bool:
-        return bool(self._run("progress", [
-            claim.job_id, claim.worker_id, claim.attempt, repr(event.unix_time), repr(float(event.progress)),
-            self.options.events_per_job, event.SerializeToString(),
-        ]))
+        return bool(
+            self._run(
+                "progress",
+                [
+                    claim.job_id,
+                    claim.worker_id,
+                    claim.attempt,
+                    repr(event.unix_time),
+                    repr(float(event.progress)),
+                    self.options.events_per_job,
+                    event.SerializeToString(),
+                ],
+            )
+        )
 
-    def finish(self, claim: Claim, state: int, *, now: float, result: pb.JobResult | None = None, error: str = "") -> bool:
+    def finish(
+        self, claim: Claim, state: int, *, now: float, result: pb.JobResult | None = None, error: str = ""
+    ) -> bool:
         data = result.SerializeToString() if (result is not None and state == pb.SUCCEEDED) else b""
-        res = self._run("finish", [
-            claim.job_id, claim.worker_id, claim.attempt, repr(now), int(state), error, self._ttl_ms,
-            self.options.events_per_job, data,
-        ])
+        res = self._run(
+            "finish",
+            [
+                claim.job_id,
+                claim.worker_id,
+                claim.attempt,
+                repr(now),
+                int(state),
+                error,
+                self._ttl_ms,
+                self.options.events_per_job,
+                data,
+            ],
+        )
         if int(res) == -1:
-            log.error("a result was already stored for this job; the second one is dropped", extra={"job": claim.job_id})
+            log.error(
+                "a result was already stored for this job; the second one is dropped", extra={"job": claim.job_id}
+            )
         return int(res) == 1
 
     def requeue(self, claim: Claim, *, now: float, reason: str, count_attempt: bool) -> bool:
-        return bool(self._run("requeue", [
-            claim.job_id, claim.worker_id, claim.attempt, repr(now), reason, "0" if count_attempt else "1",
-            self.options.events_per_job,
-        ]))
+        return bool(
+            self._run(
+                "requeue",
+                [
+                    claim.job_id,
+                    claim.worker_id,
+                    claim.attempt,
+                    repr(now),
+                    reason,
+                    "0" if count_attempt else "1",
+                    self.options.events_per_job,
+                ],
+            )
+        )
 
     # -- housekeeping --------------------------------------------------------------------------
     def recover(self, *, now: float, reclaimer: str) -> list[Recovered]:
-        flat = self._run("recover", [
-            reclaimer, int(self.options.claim_idle_s * 1000), repr(now), self.options.max_attempts, self._ttl_ms,
-            self.options.events_per_job, f"{self.options.claim_idle_s:g}",
-        ])
+        flat = self._run(
+            "recover",
+            [
+                reclaimer,
+                int(self.options.claim_idle_s * 1000),
+                repr(now),
+                self.options.max_attempts,
+                self._ttl_ms,
+                self.options.events_per_job,
+                f"{self.options.claim_idle_s:g}",
+            ],
+        )
         return [Recovered(_s(flat[i]), _s(flat[i + 1]), _s(flat[i + 2])) for i in range(0, len(flat), 3)]
 
     def expire_due(self, *, now: float) -> list[Recovered]:
@@ -616,7 +739,7 @@ class RedisBackend(JobBackend):
         pipe.zcount(self._k("workers"), now - self.options.claim_idle_s, "+inf")
         res = pipe.execute()
         st = QueueStats(queued={m: int(n) for m, n in zip(methods, res[: len(methods)])})
-        oldest, leases, alive = res[len(methods):]
+        oldest, leases, alive = res[len(methods) :]
         st.oldest_queued_age_s = max(0.0, now - float(oldest[0][1])) if oldest else 0.0
         for _eid, fields in leases:
             m = _s(fields.get(b"method", b"?"))

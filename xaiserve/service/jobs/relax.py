@@ -17,6 +17,7 @@ goes there once and the maps come back once, here, at the adapter boundary. A jo
 batch_size takes the largest that fits in half the free device memory (registry.config.batch_by_memory);
 a forward that runs out of memory is halved, counted (xaiserve_device_oom_total) and the job goes on.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,17 +27,17 @@ import time
 import numpy as np
 import torch
 
-from xaiserve.proto.explain.v1 import explainer_pb2 as pb
-from xaiserve.handlers.relax.relax import Embed, Relax, RelaxConfig, RelaxProgress
-from xaiserve.service.render.relax import normalise, render_png
+from xaiserve.devices import memory_batch
 from xaiserve.errors import FailedPrecondition, InvalidArgument
+from xaiserve.handlers.relax.embed import ort_iobinding_embed, torch_embed
+from xaiserve.handlers.relax.relax import Embed, Relax, RelaxConfig, RelaxProgress
+from xaiserve.proto.explain.v1 import explainer_pb2 as pb
+from xaiserve.service.gpu_metrics import count_oom
 from xaiserve.service.images import decode_image, preview_shape, to_input_geometry, to_model_input
 from xaiserve.service.jobs.contract import JobContext
 from xaiserve.service.registry import ModelEntry, OnnxModel, Registry
+from xaiserve.service.render.relax import normalise, render_png
 from xaiserve.service.tensors import to_tensor
-from xaiserve.devices import memory_batch
-from xaiserve.handlers.relax.embed import ort_iobinding_embed, torch_embed
-from xaiserve.service.gpu_metrics import count_oom
 
 DEFAULT_BATCH_SIZE = 64
 MAX_NUM_MASKS = 100_000
@@ -65,8 +66,12 @@ def iobinding_embed(model: OnnxModel, device: torch.device) -> Embed:
     """handlers.relax.embed.ort_iobinding_embed over a registry session (the kind's tensor names
     mapped to the graph's): a batch made on the GPU is never copied to the host."""
     names_in, names_out = model.input_names, model.output_names
-    return ort_iobinding_embed(model.session, model._in["image" if "image" in names_in else names_in[0]],
-                               model._out["output" if "output" in names_out else names_out[0]], device)
+    return ort_iobinding_embed(
+        model.session,
+        model._in["image" if "image" in names_in else names_in[0]],
+        model._out["output" if "output" in names_out else names_out[0]],
+        device,
+    )
 
 
 def ort_on_cuda(model: OnnxModel) -> bool:
@@ -98,7 +103,9 @@ class RelaxJobMethod:
         """RelaxConfig from the request's RelaxParams (unset fields: METHODS.md defaults)."""
         which = request.WhichOneof("params")
         if which not in (None, "relax"):
-            raise InvalidArgument(f"method 'relax' takes relax parameters (JobRequest.relax), but {which} parameters were given")
+            raise InvalidArgument(
+                f"method 'relax' takes relax parameters (JobRequest.relax), but {which} parameters were given"
+            )
         p = request.relax
         kw: dict = {"batch_size": self.batch_size}
         for name in _OPTIONAL:
@@ -142,10 +149,14 @@ class RelaxJobMethod:
         if "onnx" in encoder.files:
             registry.path(encoder, "onnx")  # FailedPrecondition now, not a failed job later
         elif "torch" not in registry.forms(encoder):
-            raise FailedPrecondition(f"encoder {encoder.id} has neither an ONNX graph nor a torch form in the model store")
+            raise FailedPrecondition(
+                f"encoder {encoder.id} has neither an ONNX graph nor a torch form in the model store"
+            )
         return entry, encoder
 
-    def _input(self, request: pb.JobRequest, encoder: ModelEntry, cfg: RelaxConfig) -> tuple[np.ndarray, tuple[int, int]]:
+    def _input(
+        self, request: pb.JobRequest, encoder: ModelEntry, cfg: RelaxConfig
+    ) -> tuple[np.ndarray, tuple[int, int]]:
         """(the normalised model input, the image's own height and width)."""
         if not request.HasField("image"):
             raise InvalidArgument("the job has no image: set JobRequest.image (PNG/JPEG bytes or a raw tensor)")
@@ -173,7 +184,9 @@ class RelaxJobMethod:
         dev, dtype = registry.device, None
         session = registry.onnx(encoder) if "onnx" in encoder.files else None
         # a graph with a fixed batch of 1 is run row by row by OnnxModel.run: no binding for it
-        on_gpu_graph = session is not None and dev.type == "cuda" and ort_on_cuda(session) and session.fixed_batch is None
+        on_gpu_graph = (
+            session is not None and dev.type == "cuda" and ort_on_cuda(session) and session.fixed_batch is None
+        )
         if session is not None and (dev.type == "cpu" or on_gpu_graph or "torch" not in registry.forms(encoder)):
             if on_gpu_graph:
                 embed, backend = iobinding_embed(session, dev), "onnxruntime-cuda"
@@ -189,8 +202,13 @@ class RelaxJobMethod:
                     with torch.no_grad():
                         embed(torch.zeros((k, c, hh, ww), device=dev))
 
-                b = memory_batch(probe, dev, cfg.batch_size, lo=cfg.batch_size,
-                                 hi=max(cfg.batch_size, min(MEMORY_BATCH_MAX, self.max_batch_size)))
+                b = memory_batch(
+                    probe,
+                    dev,
+                    cfg.batch_size,
+                    lo=cfg.batch_size,
+                    hi=max(cfg.batch_size, min(MEMORY_BATCH_MAX, self.max_batch_size)),
+                )
                 cfg = dataclasses.replace(cfg, batch_size=b)
         t_loaded = time.perf_counter()
         ctx.check_cancelled()
@@ -213,8 +231,10 @@ class RelaxJobMethod:
         out = relax.attribute(torch.from_numpy(x).to(dev), progress=progress, should_stop=should_stop)
         t_relax = time.perf_counter()
 
-        imp, unc = (to_input_geometry(t.cpu().numpy().astype(np.float32), spec, h, w, clip=False)
-                    for t in (out.importance, out.uncertainty))
+        imp, unc = (
+            to_input_geometry(t.cpu().numpy().astype(np.float32), spec, h, w, clip=False)
+            for t in (out.importance, out.uncertainty)
+        )
         # U-RELAX ([RELAX] eq. 13) re-applied at the image's resolution: R where U < the threshold
         ur = np.where(unc < out.threshold, imp, 0.0).astype(np.float32)
         png = render_png(imp, unc, ur)

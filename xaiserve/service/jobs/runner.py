@@ -11,6 +11,7 @@ A JobWorker takes jobs of its methods from a backend, runs each in its own threa
                                               -> handed back to the queue without counting an attempt
 Nothing a method raises escapes the loop, so a bad job never takes the server or the worker down.
 """
+
 from __future__ import annotations
 
 import logging
@@ -47,8 +48,15 @@ class RunContext:
         self.handed_back = False
 
     # -- progress ------------------------------------------------------------------------------
-    def report(self, fraction: float, *, heatmap: np.ndarray | None = None, score: float | None = None,
-               metrics: dict[str, float] | None = None, message: str = "") -> None:
+    def report(
+        self,
+        fraction: float,
+        *,
+        heatmap: np.ndarray | None = None,
+        score: float | None = None,
+        metrics: dict[str, float] | None = None,
+        message: str = "",
+    ) -> None:
         f = float(fraction)
         f = 0.0 if not math.isfinite(f) else min(1.0, max(0.0, f))
         now = time.monotonic()
@@ -106,8 +114,17 @@ class RunContext:
 class JobWorker:
     """Takes and runs jobs until `stop` is set; `hand_back` makes the running job go back to the queue."""
 
-    def __init__(self, backend: JobBackend, methods: Mapping[str, JobMethod], registry, options: JobOptions,
-                 worker_id: str, *, stop: threading.Event | None = None, hand_back: threading.Event | None = None):
+    def __init__(
+        self,
+        backend: JobBackend,
+        methods: Mapping[str, JobMethod],
+        registry,
+        options: JobOptions,
+        worker_id: str,
+        *,
+        stop: threading.Event | None = None,
+        hand_back: threading.Event | None = None,
+    ):
         self.backend, self.methods, self.registry, self.options = backend, dict(methods), registry, options
         self.worker_id = worker_id
         self.stop = stop or threading.Event()
@@ -164,8 +181,9 @@ class JobWorker:
         metrics.WORKER_BUSY.inc()
         ctx = RunContext(self.backend, claim, self.options, self.hand_back)
         done = threading.Event()
-        hb = threading.Thread(target=self._heartbeat, args=(claim, ctx, done), daemon=True,
-                              name=f"heartbeat-{claim.job_id[:8]}")
+        hb = threading.Thread(
+            target=self._heartbeat, args=(claim, ctx, done), daemon=True, name=f"heartbeat-{claim.job_id[:8]}"
+        )
         hb.start()
         self.current = claim
         t0 = time.perf_counter()
@@ -193,19 +211,31 @@ class JobWorker:
             outcome, ended_here = self._conclude(claim, ctx, result, error, seconds)
         except Exception as e:  # noqa: BLE001 - the store failed at the end: the lease lapses, another worker reruns it
             outcome, ended_here = "lost", False
-            log.error("could not record the job's end; it will be recovered", extra={"job": claim.job_id, "error": repr(e)})
+            log.error(
+                "could not record the job's end; it will be recovered", extra={"job": claim.job_id, "error": repr(e)}
+            )
         metrics.WORKER_JOBS.labels(method_name, outcome).inc()
         metrics.RUN_TIME.labels(method_name, outcome).observe(seconds)
         if ended_here:
             metrics.JOBS.labels(method_name, outcome).inc()
             metrics.ATTEMPTS.labels(method_name).observe(claim.attempt)
-        log.info("job ended", extra={"job": claim.job_id, "method": method_name, "outcome": outcome,
-                                     "attempt": claim.attempt, "seconds": round(seconds, 4), "worker": self.worker_id})
+        log.info(
+            "job ended",
+            extra={
+                "job": claim.job_id,
+                "method": method_name,
+                "outcome": outcome,
+                "attempt": claim.attempt,
+                "seconds": round(seconds, 4),
+                "worker": self.worker_id,
+            },
+        )
         if error is not None and not isinstance(error, Exception):
             raise error
 
-    def _conclude(self, claim: Claim, ctx: RunContext, result: object, error: BaseException | None,
-                  seconds: float) -> tuple[str, bool]:
+    def _conclude(
+        self, claim: Claim, ctx: RunContext, result: object, error: BaseException | None, seconds: float
+    ) -> tuple[str, bool]:
         """End the job in the store; returns (outcome label, whether this call ended the job)."""
         now = time.time()
         b = self.backend
@@ -216,7 +246,9 @@ class JobWorker:
             return "lost", False
 
         if ctx.handed_back:
-            ok = b.requeue(claim, now=now, reason=f"worker {self.worker_id} shut down; handed back", count_attempt=False)
+            ok = b.requeue(
+                claim, now=now, reason=f"worker {self.worker_id} shut down; handed back", count_attempt=False
+            )
             if ok:
                 metrics.RETRIES.labels(claim.method, "handed_back").inc()
             return ("handed_back" if ok else "lost"), False
@@ -227,8 +259,11 @@ class JobWorker:
         if isinstance(error, JobCancelled) or (error is None and ctx.expired):
             if ctx.expired or (claim.deadline_unix and now > claim.deadline_unix):
                 d = claim.deadline_unix - claim.created_unix
-                return end(pb.EXPIRED, error=f"deadline of {d:.3g} s passed while running "
-                                             f"({now - claim.created_unix:.3g} s after submission)")
+                return end(
+                    pb.EXPIRED,
+                    error=f"deadline of {d:.3g} s passed while running "
+                    f"({now - claim.created_unix:.3g} s after submission)",
+                )
             return end(pb.CANCELLED, error=str(error or ""))
         if isinstance(error, XaiError):
             return end(pb.FAILED, error=str(error) or type(error).__name__)
@@ -236,15 +271,22 @@ class JobWorker:
             reason = f"{type(error).__name__}: {error}"
             log.error("job method raised", exc_info=error, extra={"job": claim.job_id, "attempt": claim.attempt})
             if claim.attempt < self.options.max_attempts:
-                ok = b.requeue(claim, now=now, count_attempt=True,
-                               reason=f"attempt {claim.attempt} of {self.options.max_attempts} failed ({reason}); retrying")
+                ok = b.requeue(
+                    claim,
+                    now=now,
+                    count_attempt=True,
+                    reason=f"attempt {claim.attempt} of {self.options.max_attempts} failed ({reason}); retrying",
+                )
                 if ok:
                     metrics.RETRIES.labels(claim.method, "error").inc()
                 return ("requeued" if ok else "lost"), False
             return end(pb.FAILED, error=f"failed after {claim.attempt} attempts; last error: {reason}")
         if not isinstance(result, pb.JobResult):
-            return end(pb.FAILED, error=f"job method {claim.method!r} returned {type(result).__name__}, "
-                                        "not a JobResult (a bug in the method)")
+            return end(
+                pb.FAILED,
+                error=f"job method {claim.method!r} returned {type(result).__name__}, "
+                "not a JobResult (a bug in the method)",
+            )
         if "run" not in result.timings:
             result.timings["run"] = seconds
         return end(pb.SUCCEEDED, result=result)

@@ -13,6 +13,7 @@ see every job.
 
 Lifecycle:  svc = JobService(backend, methods, registry, options); await svc.start(); ...; await svc.stop()
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -25,8 +26,8 @@ from typing import AsyncIterator, Awaitable, Callable, Mapping, TypeVar
 
 from xaiserve.methods import METHODS
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
-from xaiserve.service.errors import InvalidArgument, NotFound, Unavailable, quote
 from xaiserve.service.dicom_out import prepare_job_request
+from xaiserve.service.errors import InvalidArgument, NotFound, Unavailable, quote
 from xaiserve.service.jobs import metrics
 from xaiserve.service.jobs.backend import (
     ANONYMOUS,
@@ -52,9 +53,16 @@ WATCH_POLL_S = 5.0  # a watcher re-reads the job at least this often (covers tri
 class JobService:
     """Durable, cancellable jobs over a JobBackend (SQLite embedded or Redis distributed)."""
 
-    def __init__(self, backend: JobBackend, methods: Mapping[str, JobMethod], registry,
-                 options: JobOptions | None = None, *, role: str = "gateway",
-                 admins: frozenset[str] | set[str] | tuple[str, ...] = ()):
+    def __init__(
+        self,
+        backend: JobBackend,
+        methods: Mapping[str, JobMethod],
+        registry,
+        options: JobOptions | None = None,
+        *,
+        role: str = "gateway",
+        admins: frozenset[str] | set[str] | tuple[str, ...] = (),
+    ):
         self.backend = backend
         self.methods: dict[str, JobMethod] = dict(methods)
         for name, m in self.methods.items():
@@ -98,8 +106,9 @@ class JobService:
         the id itself tells (when it was created), never whether the job exists."""
         created = job_id_time(job_id)
         if created is None:
-            return NotFound(f"job {quote(job_id)} not found: it is not an id this queue issued "
-                            "(use the id SubmitJob returned)")
+            return NotFound(
+                f"job {quote(job_id)} not found: it is not an id this queue issued (use the id SubmitJob returned)"
+            )
         now = time.time()
         when = datetime.fromtimestamp(created, timezone.utc).isoformat(timespec="seconds")
         head = f"job {job_id} (submitted {when}, {now - created:.0f} s ago) not found"
@@ -108,11 +117,15 @@ class JobService:
             return NotFound(f"{head}: finished jobs are purged {ttl:g} s after they end, so it has likely been purged")
         lost = self.backend.lost_at
         if lost and created < lost:
-            return NotFound(f"{head}: the job store lost its data at "
-                            f"{datetime.fromtimestamp(lost, timezone.utc).isoformat(timespec='seconds')} "
-                            "(a restart without persistence?); submit the job again")
-        return NotFound(f"{head}: this queue has no job with this id visible to this caller (it may belong to "
-                        "another caller or another queue, or the store lost it)")
+            return NotFound(
+                f"{head}: the job store lost its data at "
+                f"{datetime.fromtimestamp(lost, timezone.utc).isoformat(timespec='seconds')} "
+                "(a restart without persistence?); submit the job again"
+            )
+        return NotFound(
+            f"{head}: this queue has no job with this id visible to this caller (it may belong to "
+            "another caller or another queue, or the store lost it)"
+        )
 
     def _visible(self, job: pb.Job | None, principal: str) -> bool:
         return job is not None and (job.owner == principal or principal in self.admins)
@@ -127,7 +140,9 @@ class JobService:
         if not math.isfinite(d) or d < 0:
             raise InvalidArgument(f"deadline_seconds must be >= 0 (0 = none), got {d}")
         if len(request.idempotency_key) > MAX_IDEMPOTENCY_KEY:
-            raise InvalidArgument(f"idempotency_key {quote(request.idempotency_key)} is longer than {MAX_IDEMPOTENCY_KEY} characters")
+            raise InvalidArgument(
+                f"idempotency_key {quote(request.idempotency_key)} is longer than {MAX_IDEMPOTENCY_KEY} characters"
+            )
         # The methods table decides whether the method applies to the model (what ListModels
         # advertises); then the method checks parameters and image: a job never fails later for these.
         await asyncio.to_thread(self._validate, method, request)
@@ -146,10 +161,15 @@ class JobService:
             self.registry.check_method(self.registry.resolve(request.model), request.method, self.methods)
         method.validate(request, self.registry)
 
-    async def get(self, ref: pb.JobRef | str, *, include_result: bool | None = None,
-                  principal: str = ANONYMOUS) -> pb.Job:
+    async def get(
+        self, ref: pb.JobRef | str, *, include_result: bool | None = None, principal: str = ANONYMOUS
+    ) -> pb.Job:
         job_id = self._job_id(ref)
-        inc = include_result if include_result is not None else (ref.include_result if isinstance(ref, pb.JobRef) else True)
+        inc = (
+            include_result
+            if include_result is not None
+            else (ref.include_result if isinstance(ref, pb.JobRef) else True)
+        )
         job = await self._call(self.backend.get, job_id, include_result=inc)
         if not self._visible(job, principal):
             raise self._not_found(job_id)
@@ -188,9 +208,11 @@ class JobService:
             except self.backend.transient_errors as e:
                 failures += 1
                 if failures > 10:
-                    raise Unavailable(f"the job store ({self.backend.kind}) is unreachable; watch again later") from None
+                    raise Unavailable(
+                        f"the job store ({self.backend.kind}) is unreachable; watch again later"
+                    ) from None
                 log.warning("watch: job store unreachable; retrying", extra={"error": repr(e)})
-                await asyncio.sleep(min(5.0, 0.2 * 2 ** failures))
+                await asyncio.sleep(min(5.0, 0.2 * 2**failures))
                 continue
             if not events:
                 snap = await self._call(self.backend.snapshot, job_id)
@@ -221,18 +243,34 @@ class JobService:
     async def _terminal_event(self, job: pb.Job, seq: int) -> pb.JobEvent:
         full = await self._call(self.backend.get, job.id, include_result=True)
         job = full if full is not None else job
-        ev = pb.JobEvent(job_id=job.id, type=TERMINAL_EVENT[job.state], progress=job.progress, message=job.error,
-                         unix_time=job.finished_unix, sequence=seq)
+        ev = pb.JobEvent(
+            job_id=job.id,
+            type=TERMINAL_EVENT[job.state],
+            progress=job.progress,
+            message=job.error,
+            unix_time=job.finished_unix,
+            sequence=seq,
+        )
         ev.job.CopyFrom(job)
         return ev
 
     async def _replay_event(self, job: pb.Job, seq: int) -> pb.JobEvent:
-        ev = pb.JobEvent(job_id=job.id, type=pb.EVENT_QUEUED if job.state == pb.QUEUED else pb.EVENT_STARTED,
-                         progress=job.progress, unix_time=time.time(), sequence=seq, message="current state")
+        ev = pb.JobEvent(
+            job_id=job.id,
+            type=pb.EVENT_QUEUED if job.state == pb.QUEUED else pb.EVENT_STARTED,
+            progress=job.progress,
+            unix_time=time.time(),
+            sequence=seq,
+            message="current state",
+        )
         ev.job.CopyFrom(job)
         if job.state == pb.RUNNING:
-            recent = await self._call(self.backend.events_after, job.id, max(0, seq - self.options.events_per_job),
-                                      limit=self.options.events_per_job)
+            recent = await self._call(
+                self.backend.events_after,
+                job.id,
+                max(0, seq - self.options.events_per_job),
+                limit=self.options.events_per_job,
+            )
             progress = [e for e in recent if e.type == pb.EVENT_PROGRESS and e.sequence <= seq]
             heat = next((e for e in reversed(progress) if e.HasField("partial_heatmap")), None)
             if heat is not None:  # the newest heatmap, which may be older than the newest numbers
@@ -256,14 +294,27 @@ class JobService:
         except self.backend.transient_errors as e:
             log.warning("job store unreachable at start; housekeeping will retry", extra={"error": repr(e)})
         for i in range(self.options.embedded_workers):
-            w = JobWorker(self.backend, self.methods, self.registry, self.options, f"{self.identity}#{i}",
-                          stop=self._stop, hand_back=self._hand_back)
+            w = JobWorker(
+                self.backend,
+                self.methods,
+                self.registry,
+                self.options,
+                f"{self.identity}#{i}",
+                stop=self._stop,
+                hand_back=self._hand_back,
+            )
             t = threading.Thread(target=w.run, name=f"job-worker-{i}", daemon=True)
             t.start()
             self._workers.append((w, t))
         self._house_task = asyncio.create_task(self._housekeeping(), name="jobs-housekeeping")
-        log.info("job service started", extra={"backend": self.backend.kind, "workers": self.options.embedded_workers,
-                                               "methods": sorted(self.methods)})
+        log.info(
+            "job service started",
+            extra={
+                "backend": self.backend.kind,
+                "workers": self.options.embedded_workers,
+                "methods": sorted(self.methods),
+            },
+        )
 
     async def _housekeeping(self) -> None:
         while True:

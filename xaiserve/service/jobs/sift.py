@@ -11,6 +11,7 @@ iteration or batch of masks and a cancellation check before each, and returns
 pb.JobResult(sift=pb.SiftResult(...)): the keypoints, the gains along the path or the per-keypoint
 importance and uncertainty, both heatmaps at the request image's resolution, PNGs.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,17 @@ from xaiserve.service.tensors import to_tensor
 MAX_KEYPOINTS = 1024
 
 # SiftParams fields that belong to one method only (the rest are shared)
-ABLATION_ONLY = ("score", "num_slices", "saturation", "ramp_saturation", "max_iterations", "step_size",
-                 "stop_saturation", "reduction", "metric_weights")
+ABLATION_ONLY = (
+    "score",
+    "num_slices",
+    "saturation",
+    "ramp_saturation",
+    "max_iterations",
+    "step_size",
+    "stop_saturation",
+    "reduction",
+    "metric_weights",
+)
 RISE_ONLY = ("num_masks", "p_keep", "batch_size", "seed")
 
 
@@ -53,7 +63,6 @@ def _f32(v: float) -> float:
 def _is_set(p: pb.SiftParams, name: str) -> bool:
     field = pb.SiftParams.DESCRIPTOR.fields_by_name[name]
     return p.HasField(name) if field.has_presence else bool(getattr(p, name))
-
 
 
 def _host_module(registry, entry):
@@ -71,6 +80,7 @@ def _host_module(registry, entry):
 
     return copy.deepcopy(module).cpu()
 
+
 class _SiftJob:
     name = ""
     other: tuple[str, ...] = ()  # the other method's fields, refused
@@ -84,12 +94,16 @@ class _SiftJob:
     def params(self, request: pb.JobRequest) -> pb.SiftParams:
         which = request.WhichOneof("params")
         if which not in (None, "sift"):
-            raise InvalidArgument(f"method {self.name!r} takes params.sift (SiftParams), but the request sets params.{which}")
+            raise InvalidArgument(
+                f"method {self.name!r} takes params.sift (SiftParams), but the request sets params.{which}"
+            )
         p = request.sift
         wrong = [n for n in self.other if _is_set(p, n)]
         if wrong:
             owner = "sift_rise" if self.name == "sift_ablation" else "sift_ablation"
-            raise InvalidArgument(f"SiftParams {', '.join(wrong)} belong to method {owner!r}, not {self.name!r}; leave them unset")
+            raise InvalidArgument(
+                f"SiftParams {', '.join(wrong)} belong to method {owner!r}, not {self.name!r}; leave them unset"
+            )
         return p
 
     def shared(self, p: pb.SiftParams) -> dict:
@@ -119,7 +133,9 @@ class _SiftJob:
         k = entry.output_dim or len(entry.labels)
         if p.target_label < 0 or (k and p.target_label >= k):
             names = f" ({', '.join(entry.labels)})" if entry.labels else ""
-            raise InvalidArgument(f"target_label {p.target_label} is out of range for {entry.id}, which has {k} classes: 0..{k - 1}{names}")
+            raise InvalidArgument(
+                f"target_label {p.target_label} is out of range for {entry.id}, which has {k} classes: 0..{k - 1}{names}"
+            )
         return p.target_label
 
     def image(self, request: pb.JobRequest, entry: ModelEntry) -> tuple[np.ndarray, np.ndarray]:
@@ -146,13 +162,17 @@ class _SiftJob:
         _, x = self.image(request, entry)
         self.keypoints(x, cfg, entry)
 
-    def _common_result(self, dec, entry: ModelEntry, arr: np.ndarray, vor: torch.Tensor, band: torch.Tensor) -> pb.SiftResult:
+    def _common_result(
+        self, dec, entry: ModelEntry, arr: np.ndarray, vor: torch.Tensor, band: torch.Tensor
+    ) -> pb.SiftResult:
         spec = entry.input
         h, w = int(arr.shape[0]), int(arr.shape[1])
         vor_in = to_input_geometry(vor.numpy(), spec, h, w)
         band_in = to_input_geometry(band.numpy(), spec, h, w)
-        kps = [pb.SiftKeypoint(row=float(r), col=float(c), sigma=float(s))
-               for (r, c), s in zip(dec.keypoints.positions, dec.keypoints.sigmas)]
+        kps = [
+            pb.SiftKeypoint(row=float(r), col=float(c), sigma=float(s))
+            for (r, c), s in zip(dec.keypoints.positions, dec.keypoints.sigmas)
+        ]
         return pb.SiftResult(
             keypoints=kps,
             heatmap_voronoi=to_tensor(vor_in.astype(np.float32)),
@@ -180,11 +200,15 @@ class SiftAblationJobMethod(_SiftJob):
             entry = registry.frozen_for(entry)
         if entry.kind != "classifier":
             names = sorted(e.id for e in registry.entries() if e.kind == "classifier" and "torch" in registry.forms(e))
-            raise InvalidArgument(f"method 'sift_ablation' explains a classifier's decision, but {entry.id} is a {entry.kind}; "
-                                  f"classifiers with a torch form in this store: {', '.join(names) or '(none)'}")
+            raise InvalidArgument(
+                f"method 'sift_ablation' explains a classifier's decision, but {entry.id} is a {entry.kind}; "
+                f"classifiers with a torch form in this store: {', '.join(names) or '(none)'}"
+            )
         if "torch" not in registry.forms(entry):
-            raise InvalidArgument(f"method 'sift_ablation' needs the gradients of {entry.id}, whose store entry has no torch form "
-                                  "(a state dict, TorchScript or torch.export file); ONNX gives no gradients")
+            raise InvalidArgument(
+                f"method 'sift_ablation' needs the gradients of {entry.id}, whose store entry has no torch form "
+                "(a state dict, TorchScript or torch.export file); ONNX gives no gradients"
+            )
         return entry
 
     def config(self, request: pb.JobRequest, entry: ModelEntry) -> tuple[SiftAblationConfig, int | None]:
@@ -229,13 +253,18 @@ class SiftAblationJobMethod(_SiftJob):
             # iterations done, or the way from the affine start's saturation to the stopping level
             by_saturation = (p.saturation - s0) / max(1e-6, cfg.stop_saturation - s0)
             done[0] = max(done[0], min(0.99, max(p.fraction, by_saturation)))
-            ctx.report(done[0], heatmap=to_input_geometry(p.heatmap.numpy(), entry.input, ph, pw), score=p.score,
-                       metrics={"saturation": p.saturation, "iteration": float(p.iteration)},
-                       message=f"iteration {p.iteration}/{p.max_iterations}, {dec.num_keypoints} keypoints")
+            ctx.report(
+                done[0],
+                heatmap=to_input_geometry(p.heatmap.numpy(), entry.input, ph, pw),
+                score=p.score,
+                metrics={"saturation": p.saturation, "iteration": float(p.iteration)},
+                message=f"iteration {p.iteration}/{p.max_iterations}, {dec.num_keypoints} keypoints",
+            )
             ctx.check_cancelled()
 
         out = SiftAblation(module, cfg, mean=entry.input.mean, std=entry.input.std).attribute(
-            x, target=target, progress=progress, should_stop=lambda: ctx.cancelled, decoder=dec)
+            x, target=target, progress=progress, should_stop=lambda: ctx.cancelled, decoder=dec
+        )
         ctx.check_cancelled()  # a "stopped" path is never returned as a result
         t0 = time.perf_counter()
         result = self._common_result(dec, entry, arr, out.heatmap_voronoi, out.heatmap_bandpass)
@@ -245,13 +274,21 @@ class SiftAblationJobMethod(_SiftJob):
             kept = out.decoder.voronoi(out.gains).numpy()
             down = None
             if out.gains_down is not None:
-                down = (denormalise(out.path_images(down=True).numpy(), spec.mean, spec.std),
-                        out.decoder.voronoi(out.gains_down).numpy(), out.probabilities_down[:, out.target].numpy())
+                down = (
+                    denormalise(out.path_images(down=True).numpy(), spec.mean, spec.std),
+                    out.decoder.voronoi(out.gains_down).numpy(),
+                    out.probabilities_down[:, out.target].numpy(),
+                )
         probs = out.probabilities.numpy()
         label = entry.labels[out.target] if out.target < len(entry.labels) else str(out.target)
         result.strip_png = render.path_strip_png(
-            images, kept, probs[:, out.target], out.times.numpy(), down=down,
-            title=f"{entry.id}: {label} (target {out.target}), SIFT path over {dec.num_keypoints} keypoints, score {out.score:.3f}")
+            images,
+            kept,
+            probs[:, out.target],
+            out.times.numpy(),
+            down=down,
+            title=f"{entry.id}: {label} (target {out.target}), SIFT path over {dec.num_keypoints} keypoints, score {out.score:.3f}",
+        )
         result.gains.CopyFrom(to_tensor(out.gains.numpy().astype(np.float32)))
         result.times.CopyFrom(to_tensor(out.times.numpy().astype(np.float32)))
         result.probabilities.CopyFrom(to_tensor(probs.astype(np.float32)))
@@ -270,13 +307,27 @@ class SiftAblationJobMethod(_SiftJob):
         if request.sift.return_images:
             result.images.CopyFrom(to_tensor(images.astype(np.float32)))
         timings = dict(out.timings)
-        timings.update({"keypoints": kp_s, "decompose": dec.seconds, "load": load_s,
-                        "render": time.perf_counter() - t0, "run": time.perf_counter() - t_run})
-        params = _parameters(cfg, entry, {
-            "target_label": out.target, "target_source": "request" if target is not None else "argmax",
-            "num_keypoints": dec.num_keypoints, "signed_heatmap": cfg.reduction in SIGNED,
-            "baseline_changes_class": out.baseline_changes_class, "return_images": request.sift.return_images,
-        })
+        timings.update(
+            {
+                "keypoints": kp_s,
+                "decompose": dec.seconds,
+                "load": load_s,
+                "render": time.perf_counter() - t0,
+                "run": time.perf_counter() - t_run,
+            }
+        )
+        params = _parameters(
+            cfg,
+            entry,
+            {
+                "target_label": out.target,
+                "target_source": "request" if target is not None else "argmax",
+                "num_keypoints": dec.num_keypoints,
+                "signed_heatmap": cfg.reduction in SIGNED,
+                "baseline_changes_class": out.baseline_changes_class,
+                "return_images": request.sift.return_images,
+            },
+        )
         return pb.JobResult(sift=result, timings=timings, parameters_json=params)
 
 
@@ -292,8 +343,10 @@ class SiftRiseJobMethod(_SiftJob):
             entry = registry.frozen_for(entry)
         if entry.kind not in ("classifier", "encoder"):
             names = sorted(e.id for e in registry.entries() if e.kind in ("classifier", "encoder"))
-            raise InvalidArgument(f"method 'sift_rise' explains a classifier or an encoder, but {entry.id} is a {entry.kind}; "
-                                  f"use one of: {', '.join(names) or '(none in this store)'}")
+            raise InvalidArgument(
+                f"method 'sift_rise' explains a classifier or an encoder, but {entry.id} is a {entry.kind}; "
+                f"use one of: {', '.join(names) or '(none in this store)'}"
+            )
         if not registry.forms(entry):
             raise FailedPrecondition(f"{entry.id} has neither an ONNX graph nor a torch form in the model store")
         return entry
@@ -331,17 +384,22 @@ class SiftRiseJobMethod(_SiftJob):
         load_s = time.perf_counter() - t0
 
         def progress(p: SiftRiseProgress) -> None:
-            ctx.report(p.fraction, heatmap=to_input_geometry(p.heatmap.numpy(), entry.input, ph, pw),
-                       score=p.max_std_error, metrics={"masks": float(p.num_masks)},
-                       message=f"{p.num_masks}/{p.max_masks} masks over {dec.num_keypoints} keypoints, "
-                               f"max standard error {p.max_std_error:.4f}")
+            ctx.report(
+                p.fraction,
+                heatmap=to_input_geometry(p.heatmap.numpy(), entry.input, ph, pw),
+                score=p.max_std_error,
+                metrics={"masks": float(p.num_masks)},
+                message=f"{p.num_masks}/{p.max_masks} masks over {dec.num_keypoints} keypoints, "
+                f"max standard error {p.max_std_error:.4f}",
+            )
 
         def should_stop() -> bool:
             ctx.check_cancelled()  # raises JobCancelled: checked before every batch
             return False
 
         out = SiftRise(forward, cfg, kind=entry.kind, mean=entry.input.mean, std=entry.input.std).attribute(
-            x, target=target, progress=progress, should_stop=should_stop, decoder=dec)
+            x, target=target, progress=progress, should_stop=should_stop, decoder=dec
+        )
         t0 = time.perf_counter()
         result = self._common_result(dec, entry, arr, out.heatmap_voronoi, out.heatmap_bandpass)
         spec = entry.input
@@ -349,12 +407,21 @@ class SiftRiseJobMethod(_SiftJob):
         with torch.no_grad():
             images = denormalise(dec.decode(torch.stack([torch.ones_like(v), v])).numpy(), spec.mean, spec.std)
             maps = dec.voronoi(torch.stack([v, normalised(out.uncertainty)])).clamp(0.0, 1.0).numpy()
-        what = f"P({entry.labels[out.target] if 0 <= out.target < len(entry.labels) else out.target})" \
-            if entry.kind == "classifier" else "cos(f(x), f(.))"
+        what = (
+            f"P({entry.labels[out.target] if 0 <= out.target < len(entry.labels) else out.target})"
+            if entry.kind == "classifier"
+            else "cos(f(x), f(.))"
+        )
         result.strip_png = render.tiles_png(
-            [("D(1)", images[0]), ("D(importance)", images[1]), ("importance", maps[0]), ("uncertainty", maps[1]),
-             ("band-pass", out.heatmap_bandpass.numpy())],
-            title=f"{entry.id}: sift_rise of {what}, {out.num_masks} masks, {dec.num_keypoints} keypoints")
+            [
+                ("D(1)", images[0]),
+                ("D(importance)", images[1]),
+                ("importance", maps[0]),
+                ("uncertainty", maps[1]),
+                ("band-pass", out.heatmap_bandpass.numpy()),
+            ],
+            title=f"{entry.id}: sift_rise of {what}, {out.num_masks} masks, {dec.num_keypoints} keypoints",
+        )
         result.importance.CopyFrom(to_tensor(out.importance.numpy().astype(np.float32)))
         result.keypoint_scores.CopyFrom(to_tensor(out.importance.numpy().astype(np.float32)))
         result.uncertainty.CopyFrom(to_tensor(out.uncertainty.numpy().astype(np.float32)))
@@ -365,10 +432,24 @@ class SiftRiseJobMethod(_SiftJob):
         if request.sift.return_images:
             result.images.CopyFrom(to_tensor(images.astype(np.float32)))
         timings = dict(out.timings)
-        timings.update({"keypoints": kp_s, "decompose": dec.seconds, "load": load_s,
-                        "render": time.perf_counter() - t0, "run": time.perf_counter() - t_run})
-        params = _parameters(cfg, entry, {
-            "target_label": out.target, "backend": backend, "num_keypoints": dec.num_keypoints,
-            "reference_score": out.reference_score, "return_images": request.sift.return_images,
-        })
+        timings.update(
+            {
+                "keypoints": kp_s,
+                "decompose": dec.seconds,
+                "load": load_s,
+                "render": time.perf_counter() - t0,
+                "run": time.perf_counter() - t_run,
+            }
+        )
+        params = _parameters(
+            cfg,
+            entry,
+            {
+                "target_label": out.target,
+                "backend": backend,
+                "num_keypoints": dec.num_keypoints,
+                "reference_score": out.reference_score,
+                "return_images": request.sift.return_images,
+            },
+        )
         return pb.JobResult(sift=result, timings=timings, parameters_json=params)

@@ -11,6 +11,7 @@ writes are serialised by SQLite's lock (busy_timeout), workers poll for new work
 `poll_s`, and a job whose worker process is gone is recovered at once when the worker ran on this
 host (its pid no longer exists) or after claim_idle_s without a heartbeat otherwise.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -85,9 +86,28 @@ _OWNER_INDEX = """
 DROP INDEX IF EXISTS jobs_idem;
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_owner_idem ON jobs(owner, idem) WHERE idem IS NOT NULL;
 """
-_COLUMNS = ("id", "method", "model", "state", "priority", "progress", "error", "created", "queued_at",
-            "started", "finished", "deadline", "idem", "attempts", "worker", "rid", "seq", "last_error", "heartbeat",
-            "owner")
+_COLUMNS = (
+    "id",
+    "method",
+    "model",
+    "state",
+    "priority",
+    "progress",
+    "error",
+    "created",
+    "queued_at",
+    "started",
+    "finished",
+    "deadline",
+    "idem",
+    "attempts",
+    "worker",
+    "rid",
+    "seq",
+    "last_error",
+    "heartbeat",
+    "owner",
+)
 _SELECT = "SELECT " + ", ".join(_COLUMNS) + " FROM jobs"
 
 
@@ -96,7 +116,7 @@ def parse_sqlite_url(url: str) -> Path:
     prefix = "sqlite:///"
     if not url.startswith(prefix) or len(url) == len(prefix):
         raise ValueError(f"queue URL {url!r} is not sqlite:///path/jobs.sqlite (or sqlite:////absolute/path)")
-    return Path(url[len(prefix):])
+    return Path(url[len(prefix) :])
 
 
 class _AsyncNotifier:
@@ -210,8 +230,15 @@ class SqliteBackend(JobBackend):
             (pb.QUEUED, row["method"], row["priority"], row["priority"], row["rid"]),
         ).fetchone()[0]
 
-    def _terminate(self, c: sqlite3.Connection, row: dict[str, Any], state: int, now: float, error: str,
-                   result: bytes | None = None) -> None:
+    def _terminate(
+        self,
+        c: sqlite3.Connection,
+        row: dict[str, Any],
+        state: int,
+        now: float,
+        error: str,
+        result: bytes | None = None,
+    ) -> None:
         progress = 1.0 if state == pb.SUCCEEDED else row["progress"]
         c.execute(
             "UPDATE jobs SET state = ?, finished = ?, error = ?, result = ?, progress = ?, worker = '' WHERE id = ?",
@@ -220,7 +247,9 @@ class SqliteBackend(JobBackend):
         self._append(c, row["id"], transition_event(TERMINAL_EVENT[state], now=now, progress=progress, message=error))
 
     # -- gateway side --------------------------------------------------------------------------
-    def submit(self, request: pb.JobRequest, *, job_id: str, now: float, owner: str = "anonymous") -> tuple[pb.Job, bool]:
+    def submit(
+        self, request: pb.JobRequest, *, job_id: str, now: float, owner: str = "anonymous"
+    ) -> tuple[pb.Job, bool]:
         data = request.SerializeToString(deterministic=True)
         idem = request.idempotency_key or None
         with self._tx() as c:
@@ -243,8 +272,19 @@ class SqliteBackend(JobBackend):
             c.execute(
                 "INSERT INTO jobs(id, method, model, state, priority, created, queued_at, deadline, idem, request, owner) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job_id, request.method, request.model, pb.QUEUED, int(request.priority), now, now,
-                 deadline_from(request, now), idem, data, owner),
+                (
+                    job_id,
+                    request.method,
+                    request.model,
+                    pb.QUEUED,
+                    int(request.priority),
+                    now,
+                    now,
+                    deadline_from(request, now),
+                    idem,
+                    data,
+                    owner,
+                ),
             )
             self._append(c, job_id, transition_event(pb.EVENT_QUEUED, now=now))
             row = self._row(c.execute(_SELECT + " WHERE id = ?", (job_id,)).fetchone())
@@ -281,7 +321,9 @@ class SqliteBackend(JobBackend):
             return job_message(row, queue_position=self._queue_position(self._conn, row)), int(row["seq"])
 
     def events_after(self, job_id: str, seq: int, *, limit: int = 256) -> list[pb.JobEvent]:
-        rows = self._read("SELECT data FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?", (job_id, seq, limit))
+        rows = self._read(
+            "SELECT data FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?", (job_id, seq, limit)
+        )
         out = []
         for (data,) in rows:
             ev = pb.JobEvent()
@@ -341,8 +383,14 @@ class SqliteBackend(JobBackend):
                 request = pb.JobRequest()
                 request.ParseFromString(c.execute("SELECT request FROM jobs WHERE id = ?", (row["id"],)).fetchone()[0])
                 claim = Claim(
-                    job_id=row["id"], method=row["method"], request=request, attempt=attempt, worker_id=worker_id,
-                    created_unix=row["created"], queued_unix=row["queued_at"], deadline_unix=row["deadline"],
+                    job_id=row["id"],
+                    method=row["method"],
+                    request=request,
+                    attempt=attempt,
+                    worker_id=worker_id,
+                    created_unix=row["created"],
+                    queued_unix=row["queued_at"],
+                    deadline_unix=row["deadline"],
                 )
                 break
         self._notifier.notify(expired + ([claim.job_id] if claim else []))
@@ -365,10 +413,13 @@ class SqliteBackend(JobBackend):
 
     def heartbeat(self, claim: Claim, *, now: float) -> bool:
         with self._tx() as c:
-            cur = c.execute(
-                "UPDATE jobs SET heartbeat = ? WHERE id = ? AND state = ? AND worker = ? AND attempts = ?",
-                (now, claim.job_id, pb.RUNNING, claim.worker_id, claim.attempt),
-            ).rowcount == 1
+            cur = (
+                c.execute(
+                    "UPDATE jobs SET heartbeat = ? WHERE id = ? AND state = ? AND worker = ? AND attempts = ?",
+                    (now, claim.job_id, pb.RUNNING, claim.worker_id, claim.attempt),
+                ).rowcount
+                == 1
+            )
             c.execute("INSERT OR REPLACE INTO workers(id, last_seen) VALUES (?, ?)", (claim.worker_id, now))
         return cur
 
@@ -385,7 +436,9 @@ class SqliteBackend(JobBackend):
         self._notifier.notify([claim.job_id])
         return True
 
-    def finish(self, claim: Claim, state: int, *, now: float, result: pb.JobResult | None = None, error: str = "") -> bool:
+    def finish(
+        self, claim: Claim, state: int, *, now: float, result: pb.JobResult | None = None, error: str = ""
+    ) -> bool:
         if state not in TERMINAL_STATES:
             raise ValueError(f"finish needs a terminal state, got {state}")
         data = result.SerializeToString() if (result is not None and state == pb.SUCCEEDED) else None
@@ -425,8 +478,11 @@ class SqliteBackend(JobBackend):
                 hb = row["heartbeat"]
                 if not gone and now - hb < idle:
                     continue
-                why = (f"worker {row['worker']} exited" if gone
-                       else f"worker {row['worker']} stopped heart-beating for {now - hb:.0f} s")
+                why = (
+                    f"worker {row['worker']} exited"
+                    if gone
+                    else f"worker {row['worker']} stopped heart-beating for {now - hb:.0f} s"
+                )
                 out.append(self._recover_one(c, row, now, why))
         if out:
             self._wake_workers(len(out))
@@ -441,14 +497,20 @@ class SqliteBackend(JobBackend):
             err = f"failed after {row['attempts']} attempts: {why}"
             self._terminate(c, row, pb.FAILED, now, err)
             return Recovered(row["id"], row["method"], "failed")
-        self._to_queue(c, row["id"], now, f"{why}; re-queued (attempt {row['attempts']} of {self.options.max_attempts} lost)")
+        self._to_queue(
+            c, row["id"], now, f"{why}; re-queued (attempt {row['attempts']} of {self.options.max_attempts} lost)"
+        )
         return Recovered(row["id"], row["method"], "requeued")
 
     def expire_due(self, *, now: float) -> list[Recovered]:
         out = []
         with self._tx() as c:
-            rows = [self._row(t) for t in c.execute(
-                _SELECT + " WHERE state = ? AND deadline > 0 AND deadline < ?", (pb.QUEUED, now)).fetchall()]
+            rows = [
+                self._row(t)
+                for t in c.execute(
+                    _SELECT + " WHERE state = ? AND deadline > 0 AND deadline < ?", (pb.QUEUED, now)
+                ).fetchall()
+            ]
             for row in rows:
                 self._terminate(c, row, pb.EXPIRED, now, _expired_msg(row, now, "before a worker started it"))
                 out.append(Recovered(row["id"], row["method"], "expired"))

@@ -5,10 +5,12 @@ ablation mask phi(t) below it (white = still the target, black = replaced by the
 under each column t and F(t) (the target-class probability) with a bar. Straddling results get a
 second band for phi_down. heatmap_png: the heatmap over the image (service.images.overlay).
 """
+
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image as PILImage, ImageDraw, ImageFont
+from PIL import Image as PILImage
+from PIL import ImageDraw, ImageFont
 
 from xaiserve.service.images import encode_png, overlay, to_channels
 
@@ -44,8 +46,15 @@ def _tile(arr: np.ndarray, factor: int) -> PILImage.Image:
     return im
 
 
-def _band(images: np.ndarray, masks: np.ndarray, f: np.ndarray, times: np.ndarray, factor: int, title: str,
-          font: ImageFont.ImageFont) -> PILImage.Image:
+def _band(
+    images: np.ndarray,
+    masks: np.ndarray,
+    f: np.ndarray,
+    times: np.ndarray,
+    factor: int,
+    title: str,
+    font: ImageFont.ImageFont,
+) -> PILImage.Image:
     n, h, w = masks.shape
     tw, th = w * factor, h * factor
     pad, text_h, title_h = 4, 30, 14
@@ -96,4 +105,3 @@ def heatmap_png(image: np.ndarray, heat: np.ndarray, *, min_side: int = 256, alp
     blend = overlay(np.asarray(image, dtype=np.float32), np.asarray(heat, dtype=np.float32), alpha=alpha)
     factor = _scale(blend.shape[0], blend.shape[1], min_side)
     return encode_png(np.asarray(_tile(blend, factor)))
-

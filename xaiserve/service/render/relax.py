@@ -1,5 +1,6 @@
 """PNG rendering of a RELAX result: importance | uncertainty | U-RELAX side by side, coloured with
 service.images.heat_colormap (red high, blue low), as in [RELAX] Fig. 3."""
+
 from __future__ import annotations
 
 import numpy as np

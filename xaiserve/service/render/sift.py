@@ -6,10 +6,12 @@ gains below it (white = kept), t and F(t) under each (service.render.ablation's 
 tiles_png: captioned tiles in a row (sift_rise: the reconstructions and the per-keypoint maps).
 heatmaps_png: the Voronoi and band-pass heatmaps over the image, side by side.
 """
+
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image as PILImage, ImageDraw, ImageFont
+from PIL import Image as PILImage
+from PIL import ImageDraw, ImageFont
 
 from xaiserve.service.images import encode_png, overlay, to_channels
 from xaiserve.service.render.ablation import strip_png
@@ -43,8 +45,15 @@ def tiles_png(tiles: list[tuple[str, np.ndarray]], *, title: str = "", min_side:
     return encode_png(np.asarray(out))
 
 
-def path_strip_png(images: np.ndarray, kept: np.ndarray, f: np.ndarray, times: np.ndarray, *, title: str,
-                   down: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> bytes:
+def path_strip_png(
+    images: np.ndarray,
+    kept: np.ndarray,
+    f: np.ndarray,
+    times: np.ndarray,
+    *,
+    title: str,
+    down: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> bytes:
     """images [N, H, W, C] in [0, 1] along the path, kept [N, H, W] (Voronoi map of the gains), F [N], t [N]."""
     masks = 1.0 - np.clip(kept, 0.0, 1.0)  # the ablation strip draws 1 - phi: white where kept
     dn = None if down is None else (down[0], 1.0 - np.clip(down[1], 0.0, 1.0), down[2])
@@ -53,5 +62,7 @@ def path_strip_png(images: np.ndarray, kept: np.ndarray, f: np.ndarray, times: n
 
 def heatmaps_png(image: np.ndarray, voronoi: np.ndarray, bandpass: np.ndarray, *, min_side: int = 192) -> bytes:
     """The two heatmaps [H, W] over the HWC [0, 1] image: Voronoi (eq. 4.46) | band-pass (eq. 4.48)."""
-    return tiles_png([("Voronoi (eq. 4.46)", overlay(image, voronoi)), ("band-pass (eq. 4.48)", overlay(image, bandpass))],
-                     min_side=min_side)
+    return tiles_png(
+        [("Voronoi (eq. 4.46)", overlay(image, voronoi)), ("band-pass (eq. 4.48)", overlay(image, bandpass))],
+        min_side=min_side,
+    )

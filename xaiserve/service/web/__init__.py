@@ -8,6 +8,7 @@
 `web` is on (the default). The page holds no data: every model, image and result goes through /api,
 which takes the same bearer tokens and allow-lists as the gRPC port.
 """
+
 from __future__ import annotations
 
 import asyncio

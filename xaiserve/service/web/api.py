@@ -41,6 +41,7 @@ writes the answer (I/O only); the servicer runs on the event loop, request parsi
 encoding in the fast path's bounded CPU pool. At most `max_calls` calls and `max_watchers` event
 streams are open at once; beyond, RESOURCE_EXHAUSTED.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -53,7 +54,8 @@ import re
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, fields as dc_fields
+from dataclasses import dataclass
+from dataclasses import fields as dc_fields
 from http.server import BaseHTTPRequestHandler
 from importlib import resources
 from typing import Any
@@ -73,8 +75,10 @@ log = logging.getLogger("xaiserve.web")
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Explainer"].full_name
 UNAUTHENTICATED_MESSAGE = "authentication required: send a valid bearer token in the Authorization header"
-CERT_ONLY_MESSAGE = ("this server authenticates callers by client certificate (mutual TLS), which its HTTP port "
-                     "cannot check; configure tokens_file to use the web API")
+CERT_ONLY_MESSAGE = (
+    "this server authenticates callers by client certificate (mutual TLS), which its HTTP port "
+    "cannot check; configure tokens_file to use the web API"
+)
 DEFAULT_TIMEOUT_S = 60.0
 MAX_TIMEOUT_S = 600.0
 KEEPALIVE_S = 15.0
@@ -122,7 +126,8 @@ class Route:
 
 
 ROUTES: tuple[Route, ...] = tuple(
-    Route(m, re.compile(p), rpc, perm, h) for m, p, rpc, perm, h in (
+    Route(m, re.compile(p), rpc, perm, h)
+    for m, p, rpc, perm, h in (
         ("GET", r"/api/models", "ListModels", "ListModels", "_models"),
         ("GET", r"/api/methods", "ListMethods", "ListModels", "_methods"),
         ("POST", r"/api/preview", "Preview", "Explain", "_preview"),
@@ -138,8 +143,9 @@ ROUTES: tuple[Route, ...] = tuple(
 
 # ----------------------------------------------------------------------------------------- JSON
 def to_dict(message: Message) -> dict:
-    return json_format.MessageToDict(message, preserving_proto_field_name=True,
-                                     always_print_fields_with_no_presence=True)
+    return json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
 
 
 def to_json(message: Message) -> bytes:
@@ -154,11 +160,14 @@ def parse_json(raw: bytes, cls: type[Message]) -> Message:
         doc = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         where = f" at line {e.lineno}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
-        raise InvalidArgument(f"the request body is not JSON{where}; send {name} in the protobuf JSON mapping "
-                              "(Content-Type: application/json)") from None
+        raise InvalidArgument(
+            f"the request body is not JSON{where}; send {name} in the protobuf JSON mapping "
+            "(Content-Type: application/json)"
+        ) from None
     if not isinstance(doc, dict):
-        raise InvalidArgument(f"the request body is a JSON {type(doc).__name__}, not an object; send {name} "
-                              "in the protobuf JSON mapping")
+        raise InvalidArgument(
+            f"the request body is a JSON {type(doc).__name__}, not an object; send {name} in the protobuf JSON mapping"
+        )
     try:
         return json_format.ParseDict(doc, cls(), max_recursion_depth=32)
     except (json_format.ParseError, ValueError, TypeError, RecursionError) as e:
@@ -186,10 +195,15 @@ def _proto_comments(message: str) -> dict[str, str]:
     return out
 
 
-_TYPES = {FieldDescriptor.CPPTYPE_INT32: "int", FieldDescriptor.CPPTYPE_INT64: "int",
-          FieldDescriptor.CPPTYPE_FLOAT: "float", FieldDescriptor.CPPTYPE_DOUBLE: "float",
-          FieldDescriptor.CPPTYPE_BOOL: "bool", FieldDescriptor.CPPTYPE_STRING: "string",
-          FieldDescriptor.CPPTYPE_MESSAGE: "message"}
+_TYPES = {
+    FieldDescriptor.CPPTYPE_INT32: "int",
+    FieldDescriptor.CPPTYPE_INT64: "int",
+    FieldDescriptor.CPPTYPE_FLOAT: "float",
+    FieldDescriptor.CPPTYPE_DOUBLE: "float",
+    FieldDescriptor.CPPTYPE_BOOL: "bool",
+    FieldDescriptor.CPPTYPE_STRING: "string",
+    FieldDescriptor.CPPTYPE_MESSAGE: "message",
+}
 
 
 def _param_fields(cls: type[Message], defaults: dict[str, Any], choices: dict[str, tuple[str, ...]]) -> list[dict]:
@@ -199,8 +213,16 @@ def _param_fields(cls: type[Message], defaults: dict[str, Any], choices: dict[st
         kind = _TYPES.get(f.cpp_type, "string")
         if kind == "message":
             kind = f.message_type.name.lower()  # "image": not a form field of the page
-        out.append({"name": f.name, "type": kind, "optional": f.has_presence, "default": defaults.get(f.name),
-                    "choices": list(choices.get(f.name, ())), "help": help_text.get(f.name, "")})
+        out.append(
+            {
+                "name": f.name,
+                "type": kind,
+                "optional": f.has_presence,
+                "default": defaults.get(f.name),
+                "choices": list(choices.get(f.name, ())),
+                "help": help_text.get(f.name, ""),
+            }
+        )
     return out
 
 
@@ -246,10 +268,28 @@ def job_parameters(jobs: Any) -> dict[str, dict]:
 def methods_document(servicer: Any) -> dict:
     cfg = servicer.config
     return {
-        "methods": {n: {"rpc": m.rpc, "kinds": sorted(m.kinds), "forms": sorted(m.forms), "own": m.own,
-                        "params": m.params, "doc": m.doc, "targeted": m.targeted} for n, m in METHODS.items()},
-        "kinds": {n: {"inputs": list(k.inputs), "outputs": list(k.outputs), "masking": k.masking,
-                      "explains": list(k.explains), "doc": k.doc} for n, k in KINDS.items()},
+        "methods": {
+            n: {
+                "rpc": m.rpc,
+                "kinds": sorted(m.kinds),
+                "forms": sorted(m.forms),
+                "own": m.own,
+                "params": m.params,
+                "doc": m.doc,
+                "targeted": m.targeted,
+            }
+            for n, m in METHODS.items()
+        },
+        "kinds": {
+            n: {
+                "inputs": list(k.inputs),
+                "outputs": list(k.outputs),
+                "masking": k.masking,
+                "explains": list(k.explains),
+                "doc": k.doc,
+            }
+            for n, k in KINDS.items()
+        },
         "jobs": job_parameters(servicer.jobs),
         "limits": {"max_message_mb": cfg.max_message_mb, "max_denoise_batch": cfg.max_denoise_batch},
         "auth": getattr(servicer.principals, "auth", None) is not None,
@@ -260,8 +300,15 @@ def methods_document(servicer: Any) -> dict:
 class WebApi:
     """The /api routes on the objects of `servicer` (service.server.ExplainerServicer)."""
 
-    def __init__(self, servicer: Any, loop: asyncio.AbstractEventLoop, *, serving: threading.Event | None = None,
-                 max_calls: int = 64, max_watchers: int = 64):
+    def __init__(
+        self,
+        servicer: Any,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        serving: threading.Event | None = None,
+        max_calls: int = 64,
+        max_watchers: int = 64,
+    ):
         self.servicer, self.loop, self.serving = servicer, loop, serving
         self.fast, self.registry = servicer.fast, servicer.registry
         self.principals = servicer.principals
@@ -275,8 +322,11 @@ class WebApi:
         self._watchers = threading.BoundedSemaphore(max_watchers)
         self._methods_doc = json.dumps(methods_document(servicer), separators=(",", ":")).encode()
         if self.auth is not None and cfg.metrics_host not in ("127.0.0.1", "localhost", "::1"):
-            log.warning("the web API on %s takes bearer tokens over plain HTTP; put a TLS-terminating proxy in front "
-                        "of the HTTP port or bind it to loopback", cfg.metrics_host)
+            log.warning(
+                "the web API on %s takes bearer tokens over plain HTTP; put a TLS-terminating proxy in front "
+                "of the HTTP port or bind it to loopback",
+                cfg.metrics_host,
+            )
 
     # -- HTTP plumbing -------------------------------------------------------------------------
     def handle(self, h: BaseHTTPRequestHandler) -> None:
@@ -289,8 +339,13 @@ class WebApi:
         route = next(((r, m) for r, m in matches if r.method == h.command), None)
         if route is None:
             allow = ", ".join(sorted({r.method for r, _ in matches}))
-            return self._error(h, "METHOD_NOT_ALLOWED", f"{h.command} is not allowed on {quote(path)}; use {allow}",
-                               status=405, headers={"Allow": allow})
+            return self._error(
+                h,
+                "METHOD_NOT_ALLOWED",
+                f"{h.command} is not allowed on {quote(path)}; use {allow}",
+                status=405,
+                headers={"Allow": allow},
+            )
         r, m = route
         try:
             self._same_origin(h)
@@ -323,13 +378,18 @@ class WebApi:
         if origin is not None:
             host = (h.headers.get("Host") or "").strip().lower()
             if origin == "null" or urlsplit(origin).netloc.lower() != host:
-                raise Aborted("PERMISSION_DENIED", f"cross-origin call from {quote(origin)} refused: the web API "
-                                                   "answers its own page only")
+                raise Aborted(
+                    "PERMISSION_DENIED",
+                    f"cross-origin call from {quote(origin)} refused: the web API answers its own page only",
+                )
         if h.command == "POST":
             ctype = (h.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
             if ctype != "application/json":
-                raise Aborted("INVALID_ARGUMENT", f"Content-Type {quote(ctype or '(none)')} is not JSON; send the body "
-                                                  "with Content-Type: application/json")
+                raise Aborted(
+                    "INVALID_ARGUMENT",
+                    f"Content-Type {quote(ctype or '(none)')} is not JSON; send the body "
+                    "with Content-Type: application/json",
+                )
 
     def _authorize(self, h: BaseHTTPRequestHandler, permission: str) -> str | None:
         """The Authorization header to hand on when the caller may call `permission`; raises Aborted
@@ -351,8 +411,14 @@ class WebApi:
             raise Aborted("PERMISSION_DENIED", PERMISSION_DENIED_MESSAGE)
         return values[0]
 
-    def _send(self, h: BaseHTTPRequestHandler, status: int, body: bytes, ctype: str = "application/json",
-              headers: dict[str, str] | None = None) -> None:
+    def _send(
+        self,
+        h: BaseHTTPRequestHandler,
+        status: int,
+        body: bytes,
+        ctype: str = "application/json",
+        headers: dict[str, str] | None = None,
+    ) -> None:
         h.send_response(status)
         h.send_header("Content-Type", f"{ctype}; charset=utf-8" if ctype == "application/json" else ctype)
         h.send_header("Content-Length", str(len(body)))
@@ -363,8 +429,15 @@ class WebApi:
         h.end_headers()
         h.wfile.write(body)
 
-    def _error(self, h: BaseHTTPRequestHandler, code: str, message: str, *, status: int | None = None,
-               headers: dict[str, str] | None = None) -> None:
+    def _error(
+        self,
+        h: BaseHTTPRequestHandler,
+        code: str,
+        message: str,
+        *,
+        status: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         status = status or http_status_of(code)
         headers = dict(headers or {})
         if status == 401:
@@ -388,9 +461,11 @@ class WebApi:
         if n < 0:
             raise InvalidArgument(f"Content-Length {n} is negative")
         if n > self.max_body:
-            raise ResourceExhausted(f"the request body has {n} bytes, more than the {self.max_body} this server takes "
-                                    f"(max_message_mb = {self.servicer.config.max_message_mb}, as JSON); send a smaller image "
-                                    "or fewer particles")
+            raise ResourceExhausted(
+                f"the request body has {n} bytes, more than the {self.max_body} this server takes "
+                f"(max_message_mb = {self.servicer.config.max_message_mb}, as JSON); send a smaller image "
+                "or fewer particles"
+            )
         data = h.rfile.read(n)
         if len(data) != n:
             raise InvalidArgument(f"the request body ended after {len(data)} of its {n} bytes")
@@ -425,12 +500,23 @@ class WebApi:
             raise Aborted("UNAVAILABLE", "the server is shutting down; retry on another replica") from None
 
     # -- unary calls ---------------------------------------------------------------------------
-    def _unary(self, h: BaseHTTPRequestHandler, route: Route, query: dict[str, str], authorization: str | None,
-               work: Callable[[HttpCall, bytes], Awaitable[bytes]], *, body: bool) -> None:
+    def _unary(
+        self,
+        h: BaseHTTPRequestHandler,
+        route: Route,
+        query: dict[str, str],
+        authorization: str | None,
+        work: Callable[[HttpCall, bytes], Awaitable[bytes]],
+        *,
+        body: bool,
+    ) -> None:
         """Read the body, run `work` on the event loop with the call's context, answer its JSON."""
         if not self._calls.acquire(blocking=False):
-            return self._refused(h, route.rpc, ResourceExhausted(
-                f"the web API has {self.max_calls} calls in progress; retry with backoff"))
+            return self._refused(
+                h,
+                route.rpc,
+                ResourceExhausted(f"the web API has {self.max_calls} calls in progress; retry with backoff"),
+            )
         try:
             try:
                 timeout = self._timeout(query)
@@ -525,8 +611,15 @@ class WebApi:
                     def render() -> bytes:
                         arr = decode_image(req.image, entry.input)  # DICOM windowed as the model takes it
                         h_, w_, c = arr.shape
-                        return json.dumps({"model": entry.id, "height": h_, "width": w_, "channels": c,
-                                           "png": base64.b64encode(encode_png(arr)).decode()}).encode()
+                        return json.dumps(
+                            {
+                                "model": entry.id,
+                                "height": h_,
+                                "width": w_,
+                                "channels": c,
+                                "png": base64.b64encode(encode_png(arr)).decode(),
+                            }
+                        ).encode()
 
                     return await self.fast.cpu.run(render)
 
@@ -612,8 +705,13 @@ class WebApi:
     # -- server-sent events --------------------------------------------------------------------
     def _watch_job(self, h, route, query, authorization, id: str) -> None:  # noqa: A002
         if not self._watchers.acquire(blocking=False):
-            return self._refused(h, route.rpc, ResourceExhausted(
-                f"{self.max_watchers} job event streams are open on the web API; close one and retry"))
+            return self._refused(
+                h,
+                route.rpc,
+                ResourceExhausted(
+                    f"{self.max_watchers} job event streams are open on the web API; close one and retry"
+                ),
+            )
         try:
             self._stream(h, HttpCall(authorization, None), pb.JobRef(id=id))
         finally:
@@ -642,7 +740,9 @@ class WebApi:
             try:
                 first = events.get(timeout=FIRST_EVENT_TIMEOUT_S)
             except queue.Empty:
-                return self._error(h, "UNAVAILABLE", f"the job store did not answer within {FIRST_EVENT_TIMEOUT_S:g} s; retry")
+                return self._error(
+                    h, "UNAVAILABLE", f"the job store did not answer within {FIRST_EVENT_TIMEOUT_S:g} s; retry"
+                )
             if isinstance(first, Aborted):
                 return self._error(h, first.code, first.message)
             if first is end:

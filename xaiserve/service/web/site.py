@@ -5,6 +5,7 @@ dictionary key and never reaches the file system (no traversal). Every answer ca
 Content-Security-Policy: scripts, styles and connections from this origin only, no inline script,
 images also from data: and blob: URLs (the page draws results into canvases and blobs).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,9 +23,14 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",
 }
-TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
-         ".html": "text/html; charset=utf-8", ".mrcs": "application/octet-stream", ".md": "text/plain; charset=utf-8",
-         ".txt": "text/plain; charset=utf-8"}
+TYPES = {
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".html": "text/html; charset=utf-8",
+    ".mrcs": "application/octet-stream",
+    ".md": "text/plain; charset=utf-8",
+    ".txt": "text/plain; charset=utf-8",
+}
 
 
 def _content_type(name: str) -> str:

@@ -1,4 +1,5 @@
 """Procedural datasets with pixel-exact ground-truth masks and fixed, seeded train/val/test splits."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,8 +10,9 @@ from xaiserve.training.datasets.base import SPLITS, Split, SyntheticDataset
 DATASETS = ("scenes", "lesions", "ct-phantoms")
 
 
-def get_dataset(name: str, *, seed: int = 0, size: int = 64, root: Path | str | None = None,
-                sizes: dict[str, int] | None = None) -> SyntheticDataset:
+def get_dataset(
+    name: str, *, seed: int = 0, size: int = 64, root: Path | str | None = None, sizes: dict[str, int] | None = None
+) -> SyntheticDataset:
     """Build a dataset by name ("scenes" needs the Fashion-MNIST IDX files under `root`)."""
     if name == "scenes":
         from xaiserve.training.datasets.scenes import scenes

@@ -5,6 +5,7 @@ so a split is identical on every machine and run, and nothing large is stored on
 kept in memory as uint8 (N, 3, H, W); ground-truth masks as bool (N, H, W), pixel-exact: a pixel
 is in the mask iff an object was drawn there (see each dataset's `render`).
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -77,7 +78,9 @@ class SyntheticDataset(ABC):
         return len(self.labels)
 
     @abstractmethod
-    def render(self, rng: np.random.Generator, n: int, split: str, chunk: int, *, draw_objects: bool = True) -> Rendered:
+    def render(
+        self, rng: np.random.Generator, n: int, split: str, chunk: int, *, draw_objects: bool = True
+    ) -> Rendered:
         """Render n images. With draw_objects=False the same random draws give the images without the
         ground-truth objects (used to check that the masks cover exactly the pixels the objects changed)."""
 
@@ -100,7 +103,9 @@ class SyntheticDataset(ABC):
                 imgs.append(to_uint8(r.images))
                 labs.append(r.labels)
                 masks.append(r.masks)
-            self._cache[name] = Split(np.concatenate(imgs), np.concatenate(labs).astype(np.int64), np.concatenate(masks))
+            self._cache[name] = Split(
+                np.concatenate(imgs), np.concatenate(labs).astype(np.int64), np.concatenate(masks)
+            )
         return self._cache[name]
 
     def stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -137,7 +142,13 @@ class SyntheticDataset(ABC):
             )
 
     def describe(self) -> dict:
-        return {"name": self.name, "size": self.size, "seed": self.seed, "splits": dict(self.sizes), "labels": list(self.labels)}
+        return {
+            "name": self.name,
+            "size": self.size,
+            "seed": self.seed,
+            "splits": dict(self.sizes),
+            "labels": list(self.labels),
+        }
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

@@ -24,6 +24,7 @@ sec. 6.1) a particle is the projection of a 3-D density made of Gaussian "atoms"
 Splits are independent streams of a fixed seed (train, val, test), so every run sees the same data.
 Particle stacks read and write as MRC files (`mrcfile`), the format Cryo-EM tools use.
 """
+
 from __future__ import annotations
 
 import math

@@ -18,6 +18,7 @@ the same held-out images. The interface is the one training/nem_train.py uses of
 datasets (split, normalise, batches, stats, describe), with `has_masks` saying whether ground truth
 exists. `describe()` holds counts only: no file names (they may name patients).
 """
+
 from __future__ import annotations
 
 import csv
@@ -27,7 +28,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image as PILImage, UnidentifiedImageError
+from PIL import Image as PILImage
+from PIL import UnidentifiedImageError
 
 from xaiserve.errors import InvalidArgument
 from xaiserve.service.images import InputSpec, to_model_input
@@ -37,8 +39,13 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def image_files(root: Path) -> list[Path]:
-    return sorted(p for p in Path(root).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    return sorted(
+        p
+        for p in Path(root).rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
 
 
 def _read(path: Path, channels: int) -> np.ndarray:
@@ -57,9 +64,20 @@ class FolderDataset:
     name = "folder"
     eval_batch = 32  # images per evaluation batch (training/nem_train.py)
 
-    def __init__(self, root: Path, spec: InputSpec, *, labels_csv: Path | None = None, masks: Path | None = None,
-                 class_names: Sequence[str] = (), num_classes: int = 0, val_fraction: float = 0.2, seed: int = 0,
-                 limit: int | None = None, labelled: bool = True):
+    def __init__(
+        self,
+        root: Path,
+        spec: InputSpec,
+        *,
+        labels_csv: Path | None = None,
+        masks: Path | None = None,
+        class_names: Sequence[str] = (),
+        num_classes: int = 0,
+        val_fraction: float = 0.2,
+        seed: int = 0,
+        limit: int | None = None,
+        labelled: bool = True,
+    ):
         root = Path(root)
         if not root.is_dir():
             raise InvalidArgument(f"--images {root} is not a folder")
@@ -69,7 +87,9 @@ class FolderDataset:
             step = len(files) / max(int(limit), 2)
             files = [files[int(i * step)] for i in range(max(int(limit), 2))]
         if len(files) < 2:
-            raise InvalidArgument(f"--images {root} holds {len(files)} image(s) ({', '.join(IMAGE_SUFFIXES)}); need at least 2")
+            raise InvalidArgument(
+                f"--images {root} holds {len(files)} image(s) ({', '.join(IMAGE_SUFFIXES)}); need at least 2"
+            )
         if not 0.0 < val_fraction < 1.0:
             raise InvalidArgument(f"val_fraction {val_fraction} must be in (0, 1)")
         self.spec = spec
@@ -79,7 +99,9 @@ class FolderDataset:
         k = num_classes or len(class_names)
         rel = [f.relative_to(root).as_posix() for f in files]
         # NEM-U needs no labels: class folders are then just folders
-        self.label_source, lab = self._labels(root, rel, labels_csv, k) if labelled else ("none", np.full(len(rel), -1, np.int64))
+        self.label_source, lab = (
+            self._labels(root, rel, labels_csv, k) if labelled else ("none", np.full(len(rel), -1, np.int64))
+        )
         self.has_masks = masks is not None
         bad: list[str] = []
         images = np.empty((len(files), spec.channels, spec.height, spec.width), dtype=np.float16)
@@ -95,13 +117,15 @@ class FolderDataset:
                 m = self._mask_file(Path(masks), rel[i])
                 gts[i] = to_model_input(_read(m, 1), mask_spec)[0] > 0.5
         if bad:
-            raise InvalidArgument(f"{len(bad)} of {len(files)} files could not be read as images, e.g. {', '.join(bad[:5])}")
+            raise InvalidArgument(
+                f"{len(bad)} of {len(files)} files could not be read as images, e.g. {', '.join(bad[:5])}"
+            )
         self._images, self._labels_all, self._masks = images, lab, gts
         n = len(files)
         order = np.random.default_rng([self.seed, 0xF01D]).permutation(n)
         held = max(1, int(round(val_fraction * n)))
         held_out, train = order[:held], order[held:]
-        val, test = (held_out[: held // 2], held_out[held // 2:]) if held >= 4 else (held_out, held_out)
+        val, test = (held_out[: held // 2], held_out[held // 2 :]) if held >= 4 else (held_out, held_out)
         self._index = {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
         self.sizes = {k: len(v) for k, v in self._index.items()}
 
@@ -134,12 +158,15 @@ class FolderDataset:
                     table[row[0].strip().replace("\\", "/")] = index(row[1], f"{path.name} line {n}")
             missing = [r for r in rel if r not in table]
             if missing:
-                raise InvalidArgument(f"{path.name} gives no label for {len(missing)} image(s), e.g. {', '.join(missing[:3])}")
+                raise InvalidArgument(
+                    f"{path.name} gives no label for {len(missing)} image(s), e.g. {', '.join(missing[:3])}"
+                )
             return "csv", np.array([table[r] for r in rel], dtype=np.int64)
         tops = {r.split("/")[0] for r in rel}
         if all("/" in r for r in rel) and len(tops) >= 2:
-            return "folders", np.array([index(r.split("/")[0], f"class folder {r.split('/')[0][:80]!r}") for r in rel],
-                                       dtype=np.int64)
+            return "folders", np.array(
+                [index(r.split("/")[0], f"class folder {r.split('/')[0][:80]!r}") for r in rel], dtype=np.int64
+            )
         return "none", np.full(len(rel), -1, dtype=np.int64)
 
     @staticmethod
@@ -181,8 +208,9 @@ class FolderDataset:
         """The images are stored normalised already (to_model_input); float32 for the model."""
         return torch.as_tensor(np.asarray(images, dtype=np.float32))
 
-    def batches(self, name: str, batch_size: int, *, shuffle: bool = False, seed: int = 0,
-                limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def batches(
+        self, name: str, batch_size: int, *, shuffle: bool = False, seed: int = 0, limit: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         sp = self.split(name)
         n = len(sp) if limit is None else min(limit, len(sp))
         order = np.random.default_rng(seed).permutation(len(sp))[:n] if shuffle else np.arange(n)
@@ -191,8 +219,19 @@ class FolderDataset:
             yield self.normalise(sp.images[idx]), torch.from_numpy(sp.labels[idx]), torch.from_numpy(sp.masks[idx])
 
     def describe(self) -> dict:
-        counts = np.bincount(self._labels_all[self._labels_all >= 0], minlength=self.num_classes).tolist() \
-            if (self._labels_all >= 0).any() else []
-        return {"name": self.name, "size": [self.spec.height, self.spec.width], "resize": self.spec.resize,
-                "seed": self.seed, "splits": dict(self.sizes), "labels": list(self.labels), "label_source": self.label_source,
-                "class_counts": counts, "ground_truth_masks": self.has_masks}
+        counts = (
+            np.bincount(self._labels_all[self._labels_all >= 0], minlength=self.num_classes).tolist()
+            if (self._labels_all >= 0).any()
+            else []
+        )
+        return {
+            "name": self.name,
+            "size": [self.spec.height, self.spec.width],
+            "resize": self.spec.resize,
+            "seed": self.seed,
+            "splits": dict(self.sizes),
+            "labels": list(self.labels),
+            "label_source": self.label_source,
+            "class_counts": counts,
+            "ground_truth_masks": self.has_masks,
+        }

@@ -3,6 +3,7 @@
 The IDX format: a big-endian header (magic: two zero bytes, a dtype code, the number of
 dimensions; then one uint32 per dimension) followed by the raw array.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -87,5 +88,7 @@ def load_fashion_mnist(root: Path | str = DEFAULT_FASHION_MNIST) -> FashionMnist
     )
     for imgs, labs, what in ((out.train_images, out.train_labels, "train"), (out.test_images, out.test_labels, "t10k")):
         if imgs.ndim != 3 or labs.ndim != 1 or imgs.shape[0] != labs.shape[0]:
-            raise FailedPrecondition(f"Fashion-MNIST {what} images {imgs.shape} and labels {labs.shape} do not match; {APT_HINT}")
+            raise FailedPrecondition(
+                f"Fashion-MNIST {what} images {imgs.shape} and labels {labs.shape} do not match; {APT_HINT}"
+            )
     return out

@@ -12,6 +12,7 @@ The ground truth is the lesion mask, pixel-exact: the lesion is composited with 
 pixel is in the mask iff the lesion was drawn there (hairs and ruler marks may cover lesion pixels
 afterwards; those pixels stay in the mask, as an annotator would draw them).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -51,8 +52,15 @@ class Lesions(SyntheticDataset):
         pores = rng.normal(0, 0.02, (n, 1, s, s)).astype(np.float32)
         return base + shade + texture + pores
 
-    def lesion_shape(self, rng: np.random.Generator, n: int, label: np.ndarray, *,
-                     centre: tuple[np.ndarray, np.ndarray] | None = None, scale: float = 1.0) -> np.ndarray:
+    def lesion_shape(
+        self,
+        rng: np.random.Generator,
+        n: int,
+        label: np.ndarray,
+        *,
+        centre: tuple[np.ndarray, np.ndarray] | None = None,
+        scale: float = 1.0,
+    ) -> np.ndarray:
         """Binary lesion masks [n,S,S] from a polar radius function r(theta), class-specific harmonics.
 
         centre (cy, cx) [n] in pixels and scale (of the radius) place smaller lesions elsewhere (the
@@ -74,7 +82,7 @@ class Lesions(SyntheticDataset):
         base_amp = rng.uniform(0, 1, (n, 16, 1, 1))
         nev, mel, sk = label == 0, label == 1, label == 2
         amp[nev, 1] = 0.10 * base_amp[nev, 1]  # slightly oval, smooth
-        amp[mel, 1:7] = (0.08 + 0.14 * base_amp[mel, 1:7])  # asymmetric, irregular
+        amp[mel, 1:7] = 0.08 + 0.14 * base_amp[mel, 1:7]  # asymmetric, irregular
         amp[mel, 10:16] = 0.04 * base_amp[mel, 10:16]  # ragged border
         amp[sk, 1] = 0.22 + 0.12 * base_amp[sk, 1]  # elongated oval
         r = R * (1 + (amp * np.cos(k * th[:, None] + ph)).sum(1))
@@ -101,7 +109,9 @@ class Lesions(SyntheticDataset):
         area = shape.sum((1, 2)).clip(1)
         cy = (shape * yy).sum((1, 2)) / area
         cx = (shape * xx).sum((1, 2)) / area
-        rad = np.sqrt((yy - cy[:, None, None]) ** 2 + (xx - cx[:, None, None]) ** 2) / (np.sqrt(area / np.pi)[:, None, None] + 1e-6)
+        rad = np.sqrt((yy - cy[:, None, None]) ** 2 + (xx - cx[:, None, None]) ** 2) / (
+            np.sqrt(area / np.pi)[:, None, None] + 1e-6
+        )
         rad = np.clip(rad, 0, 1.2).astype(np.float32)[:, None]
         jit = (rng.uniform(-0.07, 0.07, (n, 1, 1, 1)) + rng.uniform(-0.02, 0.02, (n, 3, 1, 1))).astype(np.float32)
         blotch = smooth_noise(rng, n, 3, 7, s)
@@ -142,7 +152,7 @@ class Lesions(SyntheticDataset):
         iy = np.floor(pts[..., 0]).astype(int)
         ix = np.floor(pts[..., 1]).astype(int)
         ok = (iy >= 0) & (iy < s) & (ix >= 0) & (ix < s)
-        ok &= (np.arange(h)[None, :, None] < count[:, None, None])
+        ok &= np.arange(h)[None, :, None] < count[:, None, None]
         cover = np.zeros((n, s, s), bool)
         rows = np.broadcast_to(np.arange(n)[:, None, None], iy.shape)
         cover[rows[ok], iy[ok], ix[ok]] = True
@@ -150,7 +160,7 @@ class Lesions(SyntheticDataset):
         ruler = rng.random(n) < cfg.ruler_prob
         side = rng.integers(0, 4, n)
         off = rng.integers(2, 6, n)
-        tick = (np.arange(s) % 4 == 0)
+        tick = np.arange(s) % 4 == 0
         yi, xi = yy.astype(int), xx.astype(int)
         for sd in range(4):
             sel = ruler & (side == sd)
@@ -170,7 +180,9 @@ class Lesions(SyntheticDataset):
         colour = np.broadcast_to(shade * np.array([1.0, 0.85, 0.7], np.float32).reshape(1, 3, 1, 1), (n, 3, s, s))
         return colour, cover
 
-    def render(self, rng: np.random.Generator, n: int, split: str, chunk: int, *, draw_objects: bool = True) -> Rendered:
+    def render(
+        self, rng: np.random.Generator, n: int, split: str, chunk: int, *, draw_objects: bool = True
+    ) -> Rendered:
         s = self.size
         label = rng.integers(0, len(LESION_LABELS), n)
         skin = self.skin(rng, n)

@@ -18,6 +18,7 @@ to a DICOM image, so a slice served as DICOM reaches the model as it was trained
 `phantom_dicom` writes a slice as a CT Image Storage DICOM file (stored values + Rescale Intercept
 -1024, 12 bits stored in 16), for tests, benchmarks and the README's round trip.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -51,7 +52,9 @@ def _disc(yy: np.ndarray, xx: np.ndarray, cy: np.ndarray, cx: np.ndarray, r: np.
 
 
 def _ellipse(yy: np.ndarray, xx: np.ndarray, cy, cx, ry, rx) -> np.ndarray:
-    return ((yy - cy[:, None, None]) / ry[:, None, None]) ** 2 + ((xx - cx[:, None, None]) / rx[:, None, None]) ** 2 < 1.0
+    return ((yy - cy[:, None, None]) / ry[:, None, None]) ** 2 + (
+        (xx - cx[:, None, None]) / rx[:, None, None]
+    ) ** 2 < 1.0
 
 
 class Phantoms(SyntheticDataset):
@@ -63,8 +66,9 @@ class Phantoms(SyntheticDataset):
         super().__init__(size=config.size, seed=config.seed, sizes=config.sizes)
         self.config = config
 
-    def slices(self, rng: np.random.Generator, n: int, *, draw_objects: bool = True,
-               label: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def slices(
+        self, rng: np.random.Generator, n: int, *, draw_objects: bool = True, label: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(HU float32 [n,S,S], labels int64 [n], finding masks bool [n,S,S])."""
         s = float(self.size)
         yy, xx = pixel_grid(self.size)
@@ -127,7 +131,7 @@ class Phantoms(SyntheticDataset):
                 r, v = (cal_r[k], cal_hu[k]) if lab == 1 else (cyst_r[k], cyst_hu[k])
                 y0, x0 = cy[k], cx[k]
                 for j in range(cand):
-                    d = _disc(yy, xx, soft_y[k, j:j + 1], soft_x[k, j:j + 1], np.array([r + 1.0]))[0]
+                    d = _disc(yy, xx, soft_y[k, j : j + 1], soft_x[k, j : j + 1], np.array([r + 1.0]))[0]
                     if not (d & (lung_any[k] | vert[k] | ~inner[k])).any():
                         y0, x0 = soft_y[k, j], soft_x[k, j]
                         break
@@ -140,7 +144,9 @@ class Phantoms(SyntheticDataset):
         hu = hu + rng.normal(0.0, self.config.noise_hu, hu.shape).astype(np.float32)
         return np.clip(hu, -1024.0, 3071.0).astype(np.float32), label.astype(np.int64), mask
 
-    def render(self, rng: np.random.Generator, n: int, split: str, chunk: int, *, draw_objects: bool = True) -> Rendered:
+    def render(
+        self, rng: np.random.Generator, n: int, split: str, chunk: int, *, draw_objects: bool = True
+    ) -> Rendered:
         hu, label, mask = self.slices(rng, n, draw_objects=draw_objects)
         img = np.stack([grey_to_channels(h, WINDOWS).transpose(2, 0, 1) for h in hu])
         return Rendered(img.astype(np.float32), label, mask)
@@ -153,13 +159,22 @@ def phantoms(*, seed: int = 0, size: int = 64, sizes: dict[str, int] | None = No
 def phantom_slice(size: int = 64, *, seed: int = 0, label: int | None = None) -> tuple[np.ndarray, int, np.ndarray]:
     """One slice (HU [S,S], label, mask), reproducible from the seed (any size, e.g. 512 for benchmarks)."""
     ds = Phantoms(PhantomsConfig(size=size, seed=seed, sizes={"train": 1, "val": 1, "test": 1}))
-    hu, lab, mask = ds.slices(np.random.default_rng([seed, 0xC7]), 1, label=None if label is None else np.array([label]))
+    hu, lab, mask = ds.slices(
+        np.random.default_rng([seed, 0xC7]), 1, label=None if label is None else np.array([label])
+    )
     return hu[0], int(lab[0]), mask[0]
 
 
-def phantom_dicom(hu: np.ndarray, *, patient_name: str = "Phantom^Synthetic", patient_id: str = "PHANTOM-0",
-                  birth_date: str = "", frames: int = 1, photometric: str = "MONOCHROME2",
-                  window: Window | None = WINDOWS[1]) -> bytes:
+def phantom_dicom(
+    hu: np.ndarray,
+    *,
+    patient_name: str = "Phantom^Synthetic",
+    patient_id: str = "PHANTOM-0",
+    birth_date: str = "",
+    frames: int = 1,
+    photometric: str = "MONOCHROME2",
+    window: Window | None = WINDOWS[1],
+) -> bytes:
     """A CT Image Storage Part 10 file of HU slice(s): stored = HU + 1024 (12 of 16 bits, unsigned),
     Rescale Intercept -1024. `frames` > 1 repeats the slice as a multi-frame image (frame k offset by
     k HU, so frames are distinguishable). `photometric` only labels the same stored values
@@ -182,7 +197,13 @@ def phantom_dicom(hu: np.ndarray, *, patient_name: str = "Phantom^Synthetic", pa
     ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = generate_uid(), generate_uid(), generate_uid()
     ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = patient_name, patient_id, birth_date, "O"
-    ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.ReferringPhysicianName, ds.StudyID = "20260101", "120000", "", "", "1"
+    ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.ReferringPhysicianName, ds.StudyID = (
+        "20260101",
+        "120000",
+        "",
+        "",
+        "1",
+    )
     ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 1, 1
     ds.Manufacturer = "xaiserve synthetic phantom"
     ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]

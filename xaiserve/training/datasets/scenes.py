@@ -8,6 +8,7 @@ ground truth is the union of the items' silhouettes, pixel-exact: a pixel is in 
 was drawn there. Items never repeat across splits: train and val take disjoint ranges of the
 Fashion-MNIST training set, test takes the Fashion-MNIST test set.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -87,7 +88,9 @@ class Scenes(SyntheticDataset):
         bg = bg + rng.normal(0, 0.03, bg.shape).astype(np.float32)
         return np.clip(bg, 0.0, 1.0).astype(np.float32)
 
-    def render(self, rng: np.random.Generator, n: int, split: str, chunk: int, *, draw_objects: bool = True) -> Rendered:
+    def render(
+        self, rng: np.random.Generator, n: int, split: str, chunk: int, *, draw_objects: bool = True
+    ) -> Rendered:
         s, cfg = self.size, self.config
         pool_x, pool_y = self._pool(split)
         bg = self.background(rng, n)
@@ -133,10 +136,14 @@ class Scenes(SyntheticDataset):
         largest = order[:, -1]
         labels = pool_y[pick[rows, largest]].astype(np.int64)
         item_labels = np.where(area > 0, pool_y[pick].astype(np.int64), -1)
-        return Rendered(np.clip(img, 0, 1).astype(np.float32), labels, gt, {"item_labels": item_labels, "item_areas": area})
+        return Rendered(
+            np.clip(img, 0, 1).astype(np.float32), labels, gt, {"item_labels": item_labels, "item_areas": area}
+        )
 
 
-def scenes(root: Path | str | None = None, *, seed: int = 0, size: int = 64, sizes: dict[str, int] | None = None) -> Scenes:
+def scenes(
+    root: Path | str | None = None, *, seed: int = 0, size: int = 64, sizes: dict[str, int] | None = None
+) -> Scenes:
     """Convenience constructor."""
     cfg = ScenesConfig(
         root=Path(root) if root else DEFAULT_FASHION_MNIST,

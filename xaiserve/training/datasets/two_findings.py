@@ -9,6 +9,7 @@ the two overlap the second is drawn on top, and the first lesion's ground truth 
 A pixel is in lesion j's mask iff lesion j is what was drawn there (distractors drawn afterwards may
 cover lesion pixels; those stay in the mask, as in lesions.py).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -39,8 +40,9 @@ class TwoFindings:
         return (self.images * 255 + 0.5).astype(np.uint8)
 
 
-def render_two_findings(n: int, split: str = "test", *, seed: int = 0, size: int = 64,
-                        draw_objects: bool = True) -> TwoFindings:
+def render_two_findings(
+    n: int, split: str = "test", *, seed: int = 0, size: int = 64, draw_objects: bool = True
+) -> TwoFindings:
     """n images of one split, deterministic in (seed, split); draw_objects=False gives the same skin,
     distractors and vignette without the lesions (for ground-truth checks)."""
     ds = Lesions(LesionsConfig(seed=seed, size=size))
