@@ -247,8 +247,8 @@ def why_not(
     via = "" if target_id == model_id else f" (which {model_id} explains)"
     if target_kind not in spec.kinds:
         return (
-            f"method {spec.name!r} explains a {' or '.join(sorted(spec.kinds))}, but {target_id}{via} is a "
-            f"{target_kind}"
+            f"method {spec.name!r} explains {_a(' or '.join(sorted(spec.kinds)))}, but {target_id}{via} is "
+            f"{_a(target_kind)}"
         )
     need = " or ".join(sorted(spec.forms))
     have = ", ".join(sorted(target_forms)) or "none"
@@ -257,3 +257,8 @@ def why_not(
         if "torch" in spec.forms and "onnx" not in spec.forms
         else "add its ONNX graph to its store entry"
     )
+
+
+def _a(noun: str) -> str:
+    """The noun with its indefinite article ("an encoder", "a classifier")."""
+    return ("an " if noun[:1] in "aeiou" else "a ") + noun
