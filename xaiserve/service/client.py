@@ -231,12 +231,18 @@ class ExplainerClient:
         period = 1.0 / float(pace) if pace is not None and not auto else 0.0
 
         def gen():
-            t0 = time.monotonic()
+            # A fixed rate never bursts to catch up: a source that was late (or blocked before its
+            # first frame) restarts the schedule, since frames sent back to back would only be
+            # replaced (dropped) by the server's LATEST policy.
+            next_at: float | None = None
             for i, f in enumerate(frames):
                 if period:
-                    delay = t0 + i * period - time.monotonic()
-                    if delay > 0:
-                        time.sleep(delay)
+                    now = time.monotonic()
+                    if next_at is None or next_at < now - period:
+                        next_at = now
+                    if next_at > now:
+                        time.sleep(next_at - now)
+                    next_at += period
                 if auto and not pacer.wait_for_room():
                     return
                 msg = pb.ExplainFrame(frame_id=i, image=image_message(f), client_timestamp_us=time.time_ns() // 1000)
