@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+from abc import ABC, abstractmethod
 
 import numpy as np
 import torch
@@ -81,7 +82,10 @@ def _host_module(registry, entry):
     return copy.deepcopy(module).cpu()
 
 
-class _SiftJob:
+class _SiftJob(ABC):
+    """What both SIFT job methods share; each subclass says which model it explains and how its
+    parameters become a config."""
+
     name = ""
     other: tuple[str, ...] = ()  # the other method's fields, refused
 
@@ -149,11 +153,13 @@ class _SiftJob:
         """The keypoints of the model input; InvalidArgument for a flat image or K above the limit."""
         return keypoints_of(torch.from_numpy(x), cfg.keypoints, entry.input.mean, entry.input.std)
 
+    @abstractmethod
     def model(self, request: pb.JobRequest, registry: Registry) -> ModelEntry:
-        raise NotImplementedError
+        """The model the method explains (NotFound / InvalidArgument when it does not apply)."""
 
+    @abstractmethod
     def config(self, request: pb.JobRequest, entry: ModelEntry):
-        raise NotImplementedError
+        """The method's config from the request's SiftParams (InvalidArgument on a bad value)."""
 
     # -- JobMethod ---------------------------------------------------------------------------------
     def validate(self, request: pb.JobRequest, registry: Registry) -> None:
