@@ -14,8 +14,11 @@ importance and uncertainty, both heatmaps at the request image's resolution, PNG
 
 from __future__ import annotations
 
+import copy
 import json
+import threading
 import time
+import weakref
 from abc import ABC, abstractmethod
 
 import numpy as np
@@ -66,6 +69,10 @@ def _is_set(p: pb.SiftParams, name: str) -> bool:
     return p.HasField(name) if field.has_presence else bool(getattr(p, name))
 
 
+_HOST_COPIES: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
+_HOST_LOCK = threading.Lock()
+
+
 def _host_module(registry, entry):
     """The frozen module on the CPU. The SIFT decomposition is sparse host-side work (scipy, sparse
     CSR matrices) and its tensors live on the CPU, so on a GPU worker SIFT jobs run on a CPU copy of
@@ -77,9 +84,11 @@ def _host_module(registry, entry):
         return module
     if device.type == "cpu":
         return module
-    import copy
-
-    return copy.deepcopy(module).cpu()
+    with _HOST_LOCK:  # one CPU copy per registry module, not one per job
+        host = _HOST_COPIES.get(module)
+        if host is None:
+            host = _HOST_COPIES[module] = copy.deepcopy(module).cpu()
+        return host
 
 
 class _SiftJob(ABC):
@@ -152,6 +161,23 @@ class _SiftJob(ABC):
     def keypoints(self, x: np.ndarray, cfg, entry: ModelEntry) -> Keypoints:
         """The keypoints of the model input; InvalidArgument for a flat image or K above the limit."""
         return keypoints_of(torch.from_numpy(x), cfg.keypoints, entry.input.mean, entry.input.std)
+
+    def prepare(self, request: pb.JobRequest, registry: Registry, ctx: JobContext):
+        """What both methods do first: the model, the config and target, the decoded image and its
+        model input, the preview size, the keypoints (and the seconds they took) and the
+        decomposition ([THESIS] sec. 4.1), checking for cancellation between the steps."""
+        entry = self.model(request, registry)
+        cfg, target = self.config(request, entry)
+        arr, x_np = self.image(request, entry)
+        preview = preview_shape(int(arr.shape[0]), int(arr.shape[1]), max(entry.input.height, entry.input.width))
+        x = torch.from_numpy(x_np)
+        t0 = time.perf_counter()
+        kp = self.keypoints(x_np, cfg, entry)
+        kp_s = time.perf_counter() - t0
+        ctx.check_cancelled()
+        dec = decompose(x, kp, cfg.cells)
+        ctx.check_cancelled()
+        return entry, cfg, target, arr, x_np, preview, x, kp, kp_s, dec
 
     @abstractmethod
     def model(self, request: pb.JobRequest, registry: Registry) -> ModelEntry:
@@ -238,17 +264,7 @@ class SiftAblationJobMethod(_SiftJob):
 
     def run(self, request: pb.JobRequest, registry: Registry, ctx: JobContext) -> pb.JobResult:
         t_run = time.perf_counter()
-        entry = self.model(request, registry)
-        cfg, target = self.config(request, entry)
-        arr, x_np = self.image(request, entry)
-        ph, pw = preview_shape(int(arr.shape[0]), int(arr.shape[1]), max(entry.input.height, entry.input.width))
-        x = torch.from_numpy(x_np)
-        t0 = time.perf_counter()
-        kp = self.keypoints(x_np, cfg, entry)
-        kp_s = time.perf_counter() - t0
-        ctx.check_cancelled()
-        dec = decompose(x, kp, cfg.cells)
-        ctx.check_cancelled()
+        entry, cfg, target, arr, x_np, (ph, pw), x, kp, kp_s, dec = self.prepare(request, registry, ctx)
         t0 = time.perf_counter()
         module = _Serialised(_host_module(registry, entry))
         load_s = time.perf_counter() - t0
@@ -371,17 +387,7 @@ class SiftRiseJobMethod(_SiftJob):
 
     def run(self, request: pb.JobRequest, registry: Registry, ctx: JobContext) -> pb.JobResult:
         t_run = time.perf_counter()
-        entry = self.model(request, registry)
-        cfg, target = self.config(request, entry)
-        arr, x_np = self.image(request, entry)
-        ph, pw = preview_shape(int(arr.shape[0]), int(arr.shape[1]), max(entry.input.height, entry.input.width))
-        x = torch.from_numpy(x_np)
-        t0 = time.perf_counter()
-        kp = self.keypoints(x_np, cfg, entry)
-        kp_s = time.perf_counter() - t0
-        ctx.check_cancelled()
-        dec = decompose(x, kp, cfg.cells)
-        ctx.check_cancelled()
+        entry, cfg, target, arr, x_np, (ph, pw), x, kp, kp_s, dec = self.prepare(request, registry, ctx)
         t0 = time.perf_counter()
         if "onnx" in entry.files:
             forward, backend = onnx_embed(registry.onnx(entry)), "onnxruntime"
