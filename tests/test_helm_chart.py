@@ -323,6 +323,15 @@ def test_worker_args_parse_with_the_workers_own_parser(default):
     assert "XAISERVE_QUEUE" in {e["name"] for e in c["env"]}  # the worker's --queue default
 
 
+def test_worker_probes_use_the_workers_health_routes(default):
+    from xaiserve.service.httpd import ROUTES
+
+    c = _container(default, "Deployment", fn("worker"))
+    live, ready = c["livenessProbe"]["httpGet"], c["readinessProbe"]["httpGet"]
+    assert (live["path"], ready["path"]) == ("/healthz", "/readyz")
+    assert {live["path"], ready["path"]} <= set(ROUTES) and live["port"] == ready["port"] == "metrics"
+
+
 def test_worker_requests_gpus_on_selected_nodes(default):
     c = _container(default, "Deployment", fn("worker"))
     assert c["image"].endswith(":0.1.0-cuda")
