@@ -49,6 +49,7 @@ COPY xaiserve ./xaiserve
 # the CUDA image onnxruntime-gpu provides the `onnxruntime` module; the CPU wheel that the
 # project's dependency list pulls in would shadow it, so it is removed again.
 RUN pip install --no-cache-dir "./[spiral]" \
+ && pip install --no-cache-dir --no-deps "onnx2torch==1.5.15" \
  && if [ "${FLAVOR}" = "cuda" ]; then \
         pip uninstall -y onnxruntime \
         && pip install --no-cache-dir --force-reinstall --no-deps "onnxruntime-gpu==${ONNXRUNTIME_VERSION}"; \

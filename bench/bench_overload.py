@@ -6,7 +6,12 @@
    keep its cores on the calls it accepted. Printed per load:
    - refusal latency p50 / p99 (goal p99 <= 5 ms),
    - goodput / capacity: answers/s during the window vs the capacity of part 1 (goal >= 0.9 at 2x),
-   - latency of the answered calls, other statuses (deadline, unavailable), and
+   - latency of the answered calls, other statuses (deadline, unavailable),
+   - taken/s: the calls that reached the server's code (everything but grpc's CANCELLED sheds): how
+     fast the event loop takes calls from grpc (docs/ARCHITECTURE.md "Overload": when the loop is
+     the bound this stays near the capacity, and refusals wait in grpc's queue before they happen),
+   - the client's own event-loop lag (p99 of how late a 1 ms timer fires): how much of a latency can
+     be the client's, and
    - the server's resident memory before, at the peak sampled, and after (growth).
 
 The server is a separate `xaiserve serve` process on this machine, on the tiny test models
@@ -104,6 +109,15 @@ async def offered(address: str, req: bytes, rate: float, duration: float, deadli
     """Send at `rate` per second for `duration` s (open loop); returns what came back."""
     results: list[tuple[float, float, str]] = []  # (sent, took, status)
     seen: dict[str, str] = {}  # first message of each unexpected status
+    lags: list[float] = []  # the client's own event-loop lag: how late a 1 ms timer fires
+    sending = True
+
+    async def ticker() -> None:  # is the client itself the bottleneck? (it shares the cores)
+        while sending:
+            t = time.perf_counter()
+            await asyncio.sleep(0.001)
+            lags.append(time.perf_counter() - t - 0.001)
+
     async with grpc.aio.insecure_channel(address) as ch:
         call = ch.unary_unary(METHOD, request_serializer=None, response_deserializer=None)
 
@@ -118,6 +132,7 @@ async def offered(address: str, req: bytes, rate: float, duration: float, deadli
             results.append((sent, time.perf_counter() - sent, code))
 
         tasks = []
+        tick = asyncio.ensure_future(ticker())
         t0 = time.perf_counter()
         n = int(rate * duration)
         for i in range(n):
@@ -128,9 +143,17 @@ async def offered(address: str, req: bytes, rate: float, duration: float, deadli
             tasks.append(asyncio.ensure_future(one(time.perf_counter())))
         sent_for = time.perf_counter() - t0
         await asyncio.gather(*tasks)
+        sending = False
+        await tick
     window_end = t0 + duration
     ok_in_window = sum(1 for s, d, c in results if c == "OK" and s + d <= window_end)
-    return {"results": results, "sent_rate": n / sent_for, "goodput": ok_in_window / duration, "seen": seen}
+    return {
+        "results": results,
+        "sent_rate": n / sent_for,
+        "goodput": ok_in_window / duration,
+        "seen": seen,
+        "client_lag": lags,
+    }
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -165,9 +188,14 @@ def main() -> None:
             print(
                 f"{'load':>5} {'sent/s':>8} {'answers/s':>10} {'goodput/cap':>12} {'refused':>8} {'refusal p50':>12} "
                 f"{'refusal p99':>12} {'shed':>7} {'shed p50':>11} {'shed p99':>11} {'answer p50':>11} {'answer p99':>11} "
-                f"{'other':>8} {'RSS before/peak/after MB':>26}"
+                f"{'other':>8} {'taken/s':>8} {'client lag p99':>15} {'RSS before/peak/after MB':>26}"
             )
-            print("(refused: RESOURCE_EXHAUSTED from admission; shed: CANCELLED by grpc beyond max_pending_calls)")
+            print(
+                "(refused: RESOURCE_EXHAUSTED from admission; shed: CANCELLED by grpc beyond max_pending_calls; "
+                "taken/s: calls that reached the server's code (all but shed), the rate its event loop takes calls "
+                "from grpc; client lag: how late the bench client's own 1 ms timer fired, a bound on how much of a "
+                "latency is the client's)"
+            )
             for k in (2, 5):
                 with RssSampler(pid) as mem:
                     r = asyncio.run(offered(srv.address, req, k * cap, args.duration, args.deadline))
@@ -182,11 +210,13 @@ def main() -> None:
                 ratio = r["goodput"] / cap
                 goal = " (goal p99 <= 5 ms" + (", goodput >= 0.9)" if k == 2 else ")")
                 other.pop("CANCELLED", None)
+                taken = (len(res) - len(shed)) / args.duration
                 print(
                     f"{k:>4}x {r['sent_rate']:8.1f} {r['goodput']:10.1f} {ratio:12.2f} {len(refused):8d} "
                     f"{pct(refused, 50):10.2f}ms {pct(refused, 99):10.2f}ms {len(shed):7d} {pct(shed, 50):9.2f}ms {pct(shed, 99):9.2f}ms "
                     f"{pct(answered, 50):9.1f}ms {pct(answered, 99):9.1f}ms "
-                    f"{str(other or '-'):>8} {mem.before:8.0f}/{mem.peak:.0f}/{mem.after:.0f}{goal}"
+                    f"{str(other or '-'):>8} {taken:8.1f} {pct(r['client_lag'], 99):13.2f}ms "
+                    f"{mem.before:8.0f}/{mem.peak:.0f}/{mem.after:.0f}{goal}"
                 )
 
 

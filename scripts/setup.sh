@@ -26,4 +26,8 @@ $PY -m pip install -q --disable-pip-version-check torch==2.13.0
 # every extra: training (train), the spiral runtime's numba (spiral), tests and linters (test, dev),
 # PyAV for bench/bench_stream.py (bench)
 $PY -m pip install -q --disable-pip-version-check -e ".[train,spiral,test,dev,bench]"
+# the ONNX-to-torch converter of ONNX-only user models (handlers/nets/onnx_torch.py). --no-deps: it
+# declares torchvision, which would pull another (CUDA) torch; it needs it only for two detection
+# ops, and its other requirements (torch, onnx, numpy) are installed above
+$PY -m pip install -q --disable-pip-version-check --no-deps onnx2torch==1.5.15
 echo "setup: done ($($PY -c 'import torch, onnxruntime; print("torch", torch.__version__, "onnxruntime", onnxruntime.__version__)'))"

@@ -43,40 +43,45 @@ class VGGish(nn.Module):
         return self.classifier(self.pool(self.features(x)))
 
 
+ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "hardswish": nn.Hardswish}
+
+
 class Separable(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
+    def __init__(self, cin: int, cout: int, stride: int, act: str = "relu"):
         super().__init__()
         self.dw = nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False)
         self.bn1 = nn.BatchNorm2d(cin)
         self.pw = nn.Conv2d(cin, cout, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.act = nn.ReLU()
+        self.act = ACTIVATIONS[act]()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.bn2(self.pw(self.act(self.bn1(self.dw(x))))))
 
 
 class MobileNetish(nn.Module):
-    def __init__(self, dim: int = 16):
+    """act: the blocks' activation, "relu", "relu6" (MobileNet v1/v2) or "hardswish" (MobileNet v3)."""
+
+    def __init__(self, dim: int = 16, act: str = "relu"):
         super().__init__()
         self.stem = nn.Sequential(
-            nn.Conv2d(3, 8, 7, 2, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(3, 2, 1)
+            nn.Conv2d(3, 8, 7, 2, 3, bias=False), nn.BatchNorm2d(8), ACTIVATIONS[act](), nn.MaxPool2d(3, 2, 1)
         )
         self.blocks = nn.Sequential(
-            Separable(8, 12, 1), Separable(12, 16, 2), Separable(16, 24, 2), Separable(24, 32, 2)
+            Separable(8, 12, 1, act), Separable(12, 16, 2, act), Separable(16, 24, 2, act), Separable(24, 32, 2, act)
         )
-        self.head = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, dim))
+        self.head = nn.Sequential(nn.Linear(32, 32), ACTIVATIONS[act](), nn.Linear(32, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
 
 
-def make(arch: str, seed: int = 0, size: tuple[int, int] = (224, 224)) -> nn.Module:
+def make(arch: str, seed: int = 0, size: tuple[int, int] = (224, 224), act: str = "relu") -> nn.Module:
     """A randomly initialised network whose output depends visibly on its input: He-initialised
     convolutions, and batch-norm statistics measured on random images (as training would leave
     them; with default statistics the random MobileNet's embedding is the same for every image)."""
     torch.manual_seed(seed)
-    m = VGGish(pool=(max(1, size[0] // 32), max(1, size[1] // 32))) if arch == "vgg" else MobileNetish()
+    m = VGGish(pool=(max(1, size[0] // 32), max(1, size[1] // 32))) if arch == "vgg" else MobileNetish(act=act)
     for mod in m.modules():
         if isinstance(mod, nn.Conv2d):
             nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
@@ -123,3 +128,47 @@ def save_forms(
         dyn = None if static_batch else ({0: torch.export.Dim("batch")},)
         torch.export.save(torch.export.export(module, (x,), dynamic_shapes=dyn), str(paths["exported_program"]))
     return paths
+
+
+class OpsNet(nn.Module):
+    """A classifier whose ONNX graph holds the common CNN ops a converter must handle: Conv (plain and
+    depthwise), BatchNormalization (after an Add, so the exporter cannot fold it into a Conv), Relu,
+    Clip(0, 6) (ReLU6), HardSwish, Sigmoid (squeeze-excite), GlobalAveragePool, AveragePool, MaxPool,
+    Concat, Mul, Add, Flatten, Reshape (its target computed from Shape, as `x.reshape(x.shape[0], -1)`
+    exports), Gemm and MatMul. Input 3 x 64 x 64."""
+
+    def __init__(self, classes: int = 4):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, 2, 1)
+        self.a1 = nn.ReLU6()
+        self.dw = nn.Conv2d(8, 8, 3, 1, 1, groups=8)
+        self.hs = nn.Hardswish()
+        self.bn = nn.BatchNorm2d(16)
+        self.se = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 4, 1), nn.ReLU(), nn.Conv2d(4, 16, 1), nn.Sigmoid()
+        )
+        self.c2 = nn.Conv2d(16, 16, 3, 2, 1)
+        self.ap = nn.AvgPool2d(2)
+        self.mp = nn.MaxPool2d(2)
+        self.fc = nn.Linear(16 * 2 * 2, 12)
+        self.proj = nn.Parameter(torch.randn(12, classes) * 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a1(self.c1(x))  # 32 x 32
+        z = self.hs(self.dw(y))
+        c = torch.cat([y, z], 1)
+        c = self.bn(c * self.se(c) + c)
+        c = torch.relu(self.c2(c))  # 16 x 16
+        c = self.mp(self.ap(self.mp(c)))  # 2 x 2
+        f = c.reshape(c.shape[0], -1)
+        h = torch.clamp(self.fc(f), 0.0, 6.0)
+        return torch.matmul(h, self.proj) + torch.flatten(c, 1)[:, :1]
+
+
+def make_ops_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    m = OpsNet()
+    with torch.no_grad():
+        m.bn.running_mean.uniform_(-0.2, 0.2)
+        m.bn.running_var.uniform_(0.5, 2.0)
+    return m.eval()

@@ -121,6 +121,7 @@ def test_added_models_appear_without_restart_with_their_methods(served):
     assert vgg.available and mob.available
     assert vgg.kind == "classifier" and list(vgg.labels) == ["cat", "dog", "bird"] and vgg.output_dim == 3
     assert (vgg.input.height, vgg.input.width, vgg.input.channels) == (224, 224, 3)
+    assert vgg.input.resize == "letterbox" and mob.input.resize == "stretch"
     # (other job methods of this server may be advertised too)
     assert set(vgg.methods) >= {*GRADIENT[:6], "ablation_path"} and "label_free_saliency" not in vgg.methods
     assert set(mob.methods) >= {*GRADIENT, "relax"}
@@ -202,9 +203,20 @@ def test_ablation_job_on_the_exported_classifier(served):
 
 
 def test_onnx_only_model_refuses_gradient_methods_naming_the_file_to_add(served):
+    """Without its torch form (--no-convert here; or a graph onnx2torch cannot convert, see
+    tests/test_byom_onnx_only.py) an ONNX model serves no gradient method and says which file to add."""
     _, stub, store, root = served
     rc = cli_models.main(
-        ["add", "user-vgg-onnx", str(root / "vgg" / "model.onnx"), "--kind", "classifier", "--store", str(store)]
+        [
+            "add",
+            "user-vgg-onnx",
+            str(root / "vgg" / "model.onnx"),
+            "--kind",
+            "classifier",
+            "--no-convert",
+            "--store",
+            str(store),
+        ]
     )
     assert rc == 0
     info = wait_for(stub, "user-vgg-onnx:1")

@@ -191,6 +191,85 @@ def test_stream_explain_takes_dicom_frames(stub):
     assert numbers == [1, 2, 3]
 
 
+def _ref_frame(data: bytes) -> int:
+    seg = pydicom.dcmread(io.BytesIO(data))
+    return int(
+        seg.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber
+    )
+
+
+def test_stream_explains_every_frame_of_a_cine(stub):
+    """One message carrying a multi-frame file with image.dicom.all_frames: one answer per frame, in
+    frame order, each with dicom_frame and a SEG referencing that frame; the masks are those of
+    explaining each frame on its own; the next message of the stream is answered after them."""
+    hu, _, _ = phantom_slice(64, seed=4)
+    data = phantom_dicom(hu, frames=4)  # frame k = the slice + k HU
+    opts = pb.ExplainOptions(output_format="dicom-seg", method="saliency", mask_encoding=pb.MASK_FLOAT32)
+    msgs = [
+        pb.ExplainFrame(
+            frame_id=5, model=DEMO, options=opts, image=pb.Image(encoded=data, dicom=pb.DicomOptions(all_frames=True))
+        ),
+        pb.ExplainFrame(frame_id=6, image=pb.Image(encoded=data, dicom=pb.DicomOptions(frame=1))),
+    ]
+    out = [a for a in stub.StreamExplain(iter(msgs), timeout=120) if a.frame_id or a.HasField("result")]
+    assert [(a.frame_id, a.dicom_frame if a.HasField("dicom_frame") else None) for a in out] == [
+        (5, 0),
+        (5, 1),
+        (5, 2),
+        (5, 3),
+        (6, None),
+    ]
+    assert all(not a.HasField("status") or a.status.code == 0 for a in out)
+    assert [_ref_frame(a.result.dicom) for a in out] == [1, 2, 3, 4, 2]
+    for k in range(4):
+        single = explain(stub, data, DEMO, dicom=pb.DicomOptions(frame=k), method="saliency")
+        np.testing.assert_allclose(decode_mask(out[k].result), decode_mask(single), atol=1e-6)
+    np.testing.assert_array_equal(decode_mask(out[4].result), decode_mask(out[1].result))
+
+
+def test_stream_all_frames_of_a_jpeg_cine_under_latest(stub):
+    """The 30-frame ultrasound cine (JPEG baseline, YBR) in one message under policy LATEST: no
+    frame of it is dropped, answers 0..29 in order."""
+    data = sample("examples_ybr_color.dcm")
+    msg = pb.ExplainFrame(
+        frame_id=1,
+        model=MODEL,
+        policy=pb.LATEST,
+        options=pb.ExplainOptions(output_format="dicom-seg"),
+        image=pb.Image(encoded=data, dicom=pb.DicomOptions(all_frames=True)),
+    )
+    out = [a for a in stub.StreamExplain(iter([msg]), timeout=300) if a.HasField("result")]
+    assert [a.dicom_frame for a in out] == list(range(30))
+    assert out[-1].dropped_total == 0
+    assert [_ref_frame(a.result.dicom) for a in (out[0], out[29])] == [1, 30]
+
+
+def test_all_frames_refusals(stub, monkeypatch):
+    """all_frames is refused on Explain; on a stream a message that cannot be split (frame set as
+    well, not DICOM, frames x rows x columns over the limit, checked on the header before decoding)
+    is one failed answer with its status, and the stream goes on."""
+    from xaiserve.service import dicom_in
+
+    hu, _, _ = phantom_slice(64, seed=5)
+    data = phantom_dicom(hu, frames=3)
+    e = refused(stub, data, DEMO, dicom=pb.DicomOptions(all_frames=True), method="saliency")
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "StreamExplain" in e.details()
+    monkeypatch.setattr(dicom_in, "MAX_ALL_FRAMES_PIXELS", 2 * 64 * 64)  # the server runs in this process
+    images = [
+        pb.Image(encoded=data, dicom=pb.DicomOptions(all_frames=True, frame=1)),
+        pb.Image(encoded=data, dicom=pb.DicomOptions(all_frames=True)),  # 3 x 64 x 64 > the limit
+        pb.Image(encoded=data, dicom=pb.DicomOptions(frame=2)),
+    ]
+    msgs = [pb.ExplainFrame(frame_id=i + 1, image=img) for i, img in enumerate(images)]
+    msgs[0].model, msgs[0].options.method, msgs[0].policy = DEMO, "saliency", pb.ALL
+    out = [a for a in stub.StreamExplain(iter(msgs), timeout=120) if a.frame_id]
+    assert [a.frame_id for a in out] == [1, 2, 3]
+    assert out[0].status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "not both" in out[0].status.message
+    assert out[1].status.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert "3 frames of 64 x 64" in out[1].status.message and "several messages" in out[1].status.message
+    assert out[2].HasField("result") and not out[2].HasField("dicom_frame")
+
+
 # -- bad input: each INVALID_ARGUMENT (or RESOURCE_EXHAUSTED) with what to do -----------------------
 def test_preamble_without_dicom(stub):
     e = refused(stub, b"\0" * 128 + b"DICM" + b"this is not DICOM at all" * 20)
@@ -281,6 +360,19 @@ def test_objects_validate_with_dciodvfy(stub, tmp_path):
     r = explain(stub, sample("CT_small.dcm"), output_format="dicom-pmap", dicom_overlay=True)
     made += [("ct.pmap.dcm", r.dicom), ("ct.sc.dcm", r.dicom_overlay)]
     made.append(("ct.seg.dcm", explain(stub, sample("CT_small.dcm"), output_format="dicom-seg").dicom))
+    # the same file again: built from the cached template (dicom_out), a new instance of its own
+    made.append(("ct.seg2.dcm", explain(stub, sample("CT_small.dcm"), output_format="dicom-seg").dicom))
+    a, b = (pydicom.dcmread(io.BytesIO(d)) for _, d in made[-2:])
+    assert a.SOPInstanceUID != b.SOPInstanceUID and a.SeriesInstanceUID != b.SeriesInstanceUID
+    assert a.file_meta.MediaStorageSOPInstanceUID == a.SOPInstanceUID
+    assert b.file_meta.MediaStorageSOPInstanceUID == b.SOPInstanceUID
+    assert hd.seg.segread(io.BytesIO(made[-1][1])).get_source_image_uids() == [
+        (
+            a.StudyInstanceUID,
+            a.ReferencedSeriesSequence[0].SeriesInstanceUID,
+            a.SourceImageSequence[0].ReferencedSOPInstanceUID,
+        )
+    ]
     r = explain(
         stub,
         sample("examples_ybr_color.dcm"),
@@ -329,3 +421,84 @@ def test_the_stored_frame_view_decodes_like_the_original(name, frame):
     ds = pydicom.dcmread(io.BytesIO(stored.encoded))
     assert {e.keyword for e in ds if e.tag.group != 0x0009} <= set(STORE_KEEP) | {"PixelData", "PlanarConfiguration"}
     assert not stored.dicom.HasField("frame") and image_for_storage(stored).encoded == stored.encoded
+
+
+def test_a_cached_template_gives_the_object_highdicom_builds():
+    """dicom_out builds a result once per source frame with placeholder pixels and splices the
+    per-result elements in afterwards: the object equals one built without the cache (a source
+    without a digest), element by element, except the per-result UIDs and times; the pixels are
+    highdicom's (round(v * 255)) and the Parametric Map's value ranges and window follow the values."""
+    import dataclasses
+
+    from xaiserve.service import dicom_out
+    from xaiserve.service.images import decode_image_source
+
+    _, source = decode_image_source(pb.Image(encoded=sample("CT_small.dcm")))
+    rng = np.random.default_rng(0)
+    per_result = {
+        "SOPInstanceUID",
+        "SeriesInstanceUID",
+        "MediaStorageSOPInstanceUID",
+        "InstanceCreationDate",
+        "InstanceCreationTime",
+        "ContentDate",
+        "ContentTime",
+        "ContributionDateTime",
+        "DimensionOrganizationUID",
+        "FileMetaInformationGroupLength",
+    }
+
+    def flat(ds, pre=""):
+        out = {}
+        for e in ds:
+            if e.keyword in per_result:
+                continue
+            if e.VR == "SQ":
+                for i, item in enumerate(e.value):
+                    out.update(flat(item, f"{pre}{e.keyword}[{i}]."))
+            else:
+                out[pre + e.keyword] = e.value if isinstance(e.value, bytes) else str(e.value)
+        return out
+
+    algo = dicom_out.Algorithm("m", "1", "saliency")
+    uncached = dataclasses.replace(source, digest="")
+    for fn in (dicom_out.segmentation, dicom_out.parametric_map):
+        for k in range(3):  # a miss, then hits with new values each time
+            v = rng.random((source.header.Rows, source.header.Columns), dtype=np.float32) * (3 if k else 1) - k
+            maps = [dicom_out.Map("importance", v, "test"), dicom_out.Map("uncertainty", v * 0.5, "test")]
+            a = pydicom.dcmread(io.BytesIO(fn(source, maps, algo)))
+            b = pydicom.dcmread(io.BytesIO(fn(uncached, maps, algo)))
+            assert flat(a) == flat(b) and flat(a.file_meta) == flat(b.file_meta)
+            assert a.SOPInstanceUID != b.SOPInstanceUID
+        if fn is dicom_out.segmentation:
+            unit = (v - v.min()) / (v.max() - v.min())
+            np.testing.assert_array_equal(a.pixel_array[0], np.around(unit * np.float32(255)).astype(np.uint8))
+            assert "min-max scaled" in a.SegmentSequence[0].SegmentDescription
+        else:
+            frame = a.PerFrameFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+            assert frame.DoubleFloatRealWorldValueFirstValueMapped == float(v.min())
+            voi = a.SharedFunctionalGroupsSequence[0].FrameVOILUTSequence[0]
+            assert abs(float(voi.WindowWidth) - (float(v.max()) - float(v.min()))) < 1e-12
+
+
+def test_the_demo_explains_with_its_default_method(stub):
+    """ct-phantoms-classifier's manifest default_method (saliency) is used when a request names no
+    method, and ListModels advertises it; a bad default_method is refused by the manifest check."""
+    from xaiserve.service.manifest_schema import entry_problems
+
+    r = explain(stub, sample("CT_small.dcm"), DEMO, output_format="dicom-seg")
+    assert r.method == "saliency" and r.dicom
+    info = {m.name: m for m in stub.ListModels(pb.ListModelsRequest()).models}
+    assert info[DEMO].default_method == "saliency" and info[MODEL].default_method == ""
+    base = {
+        "name": "x",
+        "version": "1",
+        "kind": "classifier",
+        "files": {"onnx": "x.onnx"},
+        "input": {"height": 8, "width": 8},
+    }
+    assert entry_problems({**base, "default_method": "saliency"}) == []
+    assert any("default_method" in p for p in entry_problems({**base, "default_method": "nosuch"}))
+    assert any(
+        "does not apply" in p for p in entry_problems({**base, "kind": "denoiser", "default_method": "saliency"})
+    )

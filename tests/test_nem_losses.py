@@ -89,6 +89,26 @@ def test_nemt_deletion_loss_is_bounded():
     assert most.item() == pytest.approx(0.5, abs=1e-6)
 
 
+def test_one_sided_nemt_losses_count_only_a_drop_of_the_target():
+    """one_sided (two-finding images): a RISE of the target probability is neither rewarded (deletion)
+    nor penalised (preservation); a drop counts as in the two-sided form."""
+    logits = torch.tensor([[0.0, math.log(3.0)]])  # softmax = [0.25, 0.75]
+    other = torch.tensor([[0.0, 0.0]])  # softmax = [0.5, 0.5]: target 0 rises 0.25 -> 0.5, target 1 drops 0.75 -> 0.5
+    rise, drop = torch.tensor([0]), torch.tensor([1])
+    # preservation: ||m||_1 = 0.5 plus 2 relu(p - p_m)^2
+    lr, pr = nemt_preservation_loss(logits, other, MASK, rise, one_sided=True)
+    ld, pd = nemt_preservation_loss(logits, other, MASK, drop, one_sided=True)
+    assert pr["dist"].item() == 0.0 and lr.item() == pytest.approx(0.5, abs=1e-6)
+    assert pd["dist"].item() == pytest.approx(0.0625, abs=1e-6) and ld.item() == pytest.approx(0.625, abs=1e-6)
+    # deletion: -relu(p - p_del)^2 + 0.5 ||m||_1
+    lr, pr = nemt_deletion_loss(logits, other, MASK, rise, lambda1=0.5, one_sided=True)
+    ld, pd = nemt_deletion_loss(logits, other, MASK, drop, lambda1=0.5, one_sided=True)
+    assert pr["dist"].item() == 0.0 and lr.item() == pytest.approx(0.25, abs=1e-6)
+    assert ld.item() == pytest.approx(-0.0625 + 0.25, abs=1e-6)
+    two_sided, _ = nemt_deletion_loss(logits, other, MASK, rise, lambda1=0.5)
+    assert two_sided.item() == pytest.approx(-0.0625 + 0.25, abs=1e-6)  # the two-sided form rewards the rise
+
+
 def test_random_kernels_are_positive_and_sum_to_one():
     k = random_kernels(16, 21, torch.Generator().manual_seed(0))
     assert k.shape == (16, 1, 21, 21)

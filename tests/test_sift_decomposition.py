@@ -10,7 +10,13 @@ import torch
 
 from xaiserve.errors import InvalidArgument
 from xaiserve.handlers.sift.ablation import keypoints_of
-from xaiserve.handlers.sift.decomposition import DecompositionConfig, _nearest_keypoint, decompose, scale_layers
+from xaiserve.handlers.sift.decomposition import (
+    DecompositionConfig,
+    _nearest_keypoint,
+    _smooth_cells,
+    decompose,
+    scale_layers,
+)
 from xaiserve.handlers.sift.heatmaps import bandpass_amplitude, extract
 from xaiserve.handlers.sift.keypoints import KeypointConfig, Keypoints, detect
 
@@ -154,6 +160,36 @@ def test_cells_are_nearest_keypoints_in_the_eta_metric():
             + eta**2 * (3.0 - kp.sigmas) ** 2
         )
         assert (got == d.argmin(axis=-1)).all()  # eq. 4.18-4.19
+
+
+@pytest.mark.parametrize(
+    "shape, blur, s",
+    [((20, 17), 1.3, 0.01), ((9, 11), 6.0, 0.01), ((12, 12), 2.0, 0.3), ((16, 8), 0.7, 0.0)],
+    ids=["default", "kernel-wider-than-grid", "cutoff", "no-cutoff"],
+)
+def test_bulk_cells_are_the_per_cell_definition(shape, blur, s):
+    # the sparse-product construction of all cells at once equals eq. 4.27 + 4.37-4.39 cell by cell:
+    # each characteristic function blurred on the whole grid (scipy's reflecting boundary, which
+    # folds kernels wider than the grid), cut off at s, and the mass redistributed with the guard
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(1)
+    K = 7
+    labels = rng.integers(0, K - 1, shape)  # keypoint K - 1 owns no voxel
+    labels[: shape[0] // 2, : shape[1] // 2] = 0  # one big cell
+    got, present, dropped = _smooth_cells(labels, blur, True, s, 1e-3, K)
+    cells = np.stack([gaussian_filter((labels == k).astype(float), blur, mode="reflect") for k in range(K)], -1)
+    if s > 0:
+        cells = np.where(cells > s, (cells - s) / (1 - s), 0.0)
+    m = cells.sum(-1, keepdims=True)
+    want = cells * (1 + (1 - m) / np.maximum(m, 1e-3))
+    assert np.abs(got.toarray().reshape(*shape, K) - want).max() < 1e-12
+    assert present == int((want.reshape(-1, K) > 0).any(0).sum()) and dropped == int((m < 1e-3).sum())
+    # a partition of unity again where m >= guard (Lemma 10)
+    kept = (m >= 1e-3).ravel()
+    assert np.allclose(np.asarray(got.sum(axis=1)).ravel()[kept], 1.0)
+    hard, _, _ = _smooth_cells(labels, blur, False, s, 1e-3, K)
+    assert (hard.toarray() == np.eye(K)[labels.ravel()]).all()  # version 1: the hard cells (eq. 4.20)
 
 
 def test_layers_tile_the_sigma_axis_and_reduce_resolution():

@@ -44,3 +44,24 @@ def test_the_single_lesion_set_is_unchanged_by_the_placement_options():
     a = ds.lesion_shape(rng1, 4, labels)
     b = ds.lesion_shape(rng2, 4, labels, centre=(np.full(4, 20.0), np.full(4, 40.0)), scale=0.7)
     assert a.sum() > b.sum() > 0 and rng1.random() == rng2.random()
+
+
+def test_training_mix_labels_one_lesion_and_keeps_the_classifier_normalisation():
+    """lesions_with_two_findings: half the rows are two-finding images labelled with ONE of their
+    classes, ground truth = that lesion; statistics are the single-lesion set's (the classifier's)."""
+    from xaiserve.training.datasets.two_findings import lesions_with_two_findings
+
+    sizes = {"train": 64, "val": 64, "test": 64}
+    mix = lesions_with_two_findings(sizes=sizes, share=0.5)
+    assert mix.stats() == lesions().stats()
+    ck = mix.render_chunk("train", 0, 64)
+    bare = mix.render_chunk("train", 0, 64, draw_objects=False)
+    two = ck.meta["two_findings"]
+    assert two.sum() == 32 and ck.labels.min() >= 0 and ck.labels.max() < 4
+    changed = np.abs(ck.images - bare.images).max(axis=1) > 0
+    for i in range(64):
+        # the labelled lesion is drawn where its mask is (hairs and ruler marks may cover some of it);
+        # a two-finding image changed outside it too (the other lesion)
+        assert changed[i][ck.masks[i]].mean() > 0.7
+        assert (changed[i] & ~ck.masks[i]).any() == bool(two[i])
+    assert np.array_equal(mix.split("val").images, lesions_with_two_findings(sizes=sizes).split("val").images)

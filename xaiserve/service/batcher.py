@@ -1,8 +1,10 @@
 """Per-model micro-batching on the asyncio event loop.
 
-One model call runs at a time per model, in a thread pool, off the event loop. The requests that
-arrived while it ran form the next batch (up to `max_rows` rows), optionally after waiting up to
-`max_delay_ms` for more: at low load a request runs at once, at high load batches fill by themselves. The waiting queue is bounded: a full queue
+Up to `concurrency` model calls run at a time per model (default 1), in a thread pool, off the event
+loop. The requests that arrived while the calls ran form the next batch (up to `max_rows` rows),
+optionally after waiting up to `max_delay_ms` for more: at low load a request runs at once, at high
+load batches fill by themselves. With concurrency 2, a batch starts while the previous one still
+runs: a model whose calls use one core each (one intra-op thread) keeps two cores busy. The waiting queue is bounded: a full queue
 answers RESOURCE_EXHAUSTED at once instead of growing without bound. Requests whose caller went
 away (cancelled) or whose deadline passed are dropped before the model runs.
 """
@@ -56,8 +58,10 @@ class MicroBatcher:
         max_rows: int = 16,
         max_delay_ms: float = 2.0,
         max_queue: int = 256,
+        concurrency: int = 1,
     ):
         self.name = name
+        self.concurrency = max(1, int(concurrency))
         self._run = run
         self._executor = executor
         self.max_rows = max_rows
@@ -66,7 +70,7 @@ class MicroBatcher:
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=max_queue)
         self._task: asyncio.Task | None = None
         self._carry: _Item | None = None
-        self._busy = False  # a batch was taken from the queue and is not answered yet
+        self._active = 0  # batches taken from the queue and not answered yet
         self._depth = metrics.BATCHER_QUEUE.labels(name)
 
     def start(self) -> None:
@@ -85,7 +89,7 @@ class MicroBatcher:
     async def drain_and_stop(self, poll_s: float = 0.05) -> None:
         """Stop once every request already queued has its answer (a model version a reload retired:
         nothing new arrives, what is queued finishes on this model)."""
-        while self._busy or self._carry is not None or not self._queue.empty():
+        while self._active or self._carry is not None or not self._queue.empty():
             await asyncio.sleep(poll_s)
         await self.stop()
 
@@ -113,7 +117,7 @@ class MicroBatcher:
 
     async def _next_batch(self) -> list[_Item]:
         first = self._carry or await self._queue.get()
-        self._busy = True
+        self._active += 1
         self._carry = None
         batch, rows = [first], first.rows
         end = time.perf_counter() + self.max_delay
@@ -138,42 +142,62 @@ class MicroBatcher:
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            self._busy = False
-            batch = await self._next_batch()
-            start = time.perf_counter()
-            live: list[_Item] = []
-            for it in batch:
-                if it.future.done():  # caller cancelled
-                    continue
-                if it.deadline is not None and start >= it.deadline:
-                    it.future.set_exception(
-                        DeadlineExceeded("the deadline passed while the request waited for the model")
-                    )
-                    continue
-                live.append(it)
-            if not live:
+        slots = asyncio.Semaphore(self.concurrency)
+        running: set[asyncio.Task] = set()
+
+        def finished(task: asyncio.Task) -> None:
+            running.discard(task)
+            self._active -= 1
+            slots.release()
+
+        try:
+            while True:
+                await slots.acquire()
+                try:
+                    batch = await self._next_batch()
+                except BaseException:
+                    slots.release()
+                    raise
+                task = loop.create_task(self._answer(loop, batch), name=f"batch-{self.name}")
+                running.add(task)
+                task.add_done_callback(finished)
+        finally:
+            for task in list(running):
+                task.cancel()
+
+    async def _answer(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
+        """Run one batch and answer its requests (a failure fails this batch only)."""
+        start = time.perf_counter()
+        live: list[_Item] = []
+        for it in batch:
+            if it.future.done():  # caller cancelled
                 continue
-            feeds = _concat([it.feeds for it in live])
-            try:
-                out = await loop.run_in_executor(self._executor, self._run, feeds)
-            except Exception as e:  # a model failure fails this batch only, never the loop
-                log.exception("model call failed", extra={"model": self.name, "rows": sum(i.rows for i in live)})
-                for it in live:
-                    if not it.future.done():
-                        it.future.set_exception(e)
+            if it.deadline is not None and start >= it.deadline:
+                it.future.set_exception(DeadlineExceeded("the deadline passed while the request waited for the model"))
                 continue
-            took = time.perf_counter() - start
-            rows = sum(it.rows for it in live)
-            metrics.INFERENCE.labels(self.name).observe(took)
-            metrics.BATCH_SIZE.labels(self.name).observe(rows)
-            offset = 0
+            live.append(it)
+        if not live:
+            return
+        feeds = _concat([it.feeds for it in live])
+        try:
+            out = await loop.run_in_executor(self._executor, self._run, feeds)
+        except Exception as e:  # a model failure fails this batch only, never the loop
+            log.exception("model call failed", extra={"model": self.name, "rows": sum(i.rows for i in live)})
             for it in live:
-                part = {k: v[offset : offset + it.rows] for k, v in out.items()}
-                offset += it.rows
-                metrics.QUEUE_WAIT.labels(self.name).observe(start - it.enqueued)
                 if not it.future.done():
-                    it.future.set_result((part, BatchTiming(start - it.enqueued, took, rows, len(live))))
+                    it.future.set_exception(e)
+            return
+        took = time.perf_counter() - start
+        rows = sum(it.rows for it in live)
+        metrics.INFERENCE.labels(self.name).observe(took)
+        metrics.BATCH_SIZE.labels(self.name).observe(rows)
+        offset = 0
+        for it in live:
+            part = {k: v[offset : offset + it.rows] for k, v in out.items()}
+            offset += it.rows
+            metrics.QUEUE_WAIT.labels(self.name).observe(start - it.enqueued)
+            if not it.future.done():
+                it.future.set_result((part, BatchTiming(start - it.enqueued, took, rows, len(live))))
 
 
 def _concat(feeds: Sequence[Feeds]) -> Feeds:

@@ -107,6 +107,10 @@ def _explain(args) -> int:
     from xaiserve.service import cli_dicom
     from xaiserve.service.images import encode_png
 
+    if args.all_frames:  # a multi-frame DICOM, every frame over one StreamExplain call
+        with _client(args) as c:
+            print(json.dumps(cli_dicom.explain_all_frames(c, args), indent=2))
+        return 0
     fmt = cli_dicom.output_format(args)  # DICOM image + .dcm out: a DICOM Segmentation (or --format)
     with _client(args) as c:
         r = c.explain(

@@ -33,6 +33,13 @@ def add_flags(p: argparse.ArgumentParser, *, jobs: bool = False) -> None:
     g.add_argument("--overlay", action="store_true", help="also a Secondary Capture of the result over the image")
     g.add_argument("--frame", type=int, default=None, help="multi-frame: the frame to explain (0-based)")
     g.add_argument("--window", default=None, metavar="C,W", help="greyscale window centre,width (e.g. 40,400)")
+    if not jobs:
+        g.add_argument(
+            "--all-frames",
+            action="store_true",
+            help="multi-frame (cine): explain every frame over one StreamExplain call; --out is a directory "
+            "that gets frame_NNNN.<seg|pmap>.dcm per frame (0-based)",
+        )
 
 
 def is_dicom_file(path: str | Path) -> bool:
@@ -107,6 +114,58 @@ def write_explain(r, args: argparse.Namespace, fmt: str) -> dict[str, Any]:
         ov.write_bytes(r.dicom_overlay)
         res["dicom_overlay"] = str(ov)
     return res
+
+
+def explain_all_frames(client, args: argparse.Namespace) -> dict[str, Any]:
+    """`xaiserve explain cine.dcm --all-frames --out DIR`: the file once, on StreamExplain with
+    image.dicom.all_frames (policy ALL), one DICOM result per frame written as it arrives. A frame
+    that failed is listed with its status; the call fails (SystemExit) only when the stream does."""
+    import grpc
+
+    from xaiserve.service.client import image_message
+
+    if args.frame is not None:
+        raise SystemExit("--all-frames explains every frame: leave out --frame")
+    if not args.out:
+        raise SystemExit("--all-frames needs --out DIR (one DICOM file per frame goes there)")
+    fmt = args.format or "dicom-seg"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    img = image_message(args.image)
+    o = dicom_options(args) or pb.DicomOptions()
+    o.all_frames = True
+    img.dicom.CopyFrom(o)
+    opts = pb.ExplainOptions(method=args.method, output_format=fmt, dicom_overlay=args.overlay)
+    if args.target_label is not None:
+        opts.target_label = args.target_label
+    msg = pb.ExplainFrame(frame_id=0, image=img, model=args.model, options=opts, policy=pb.ALL)
+    written, failed, method = [], [], ""
+    try:
+        for a in client.stub.StreamExplain(iter([msg]), timeout=args.timeout, metadata=client.metadata):
+            if not a.HasField("dicom_frame") and not a.HasField("status"):
+                continue  # a drain notice
+            k = a.dicom_frame if a.HasField("dicom_frame") else None
+            if a.HasField("status") and a.status.code != 0:
+                failed.append({"frame": k, "code": _code(a.status.code).name, "message": a.status.message})
+                continue
+            method = a.result.method or method
+            path = out / f"frame_{k:04d}.{SUFFIX[fmt]}.dcm"
+            path.write_bytes(a.result.dicom)
+            entry = {"frame": k, "dicom": str(path)}
+            if a.result.dicom_overlay:
+                ov = path.with_name(path.name.removesuffix(".dcm") + ".overlay.dcm")
+                ov.write_bytes(a.result.dicom_overlay)
+                entry["dicom_overlay"] = str(ov)
+            written.append(entry)
+    except grpc.RpcError as e:
+        raise SystemExit(f"StreamExplain failed: {e.code().name}: {e.details()}") from None
+    return {"model": args.model, "method": method, "frames": len(written), "written": written, "failed": failed}
+
+
+def _code(number: int):
+    import grpc
+
+    return next((c for c in grpc.StatusCode if c.value[0] == number), grpc.StatusCode.UNKNOWN)
 
 
 def write_job_dicom(result: pb.JobResult, out: Path, source: Path | None, fmt_hint: str = "") -> list[Path]:

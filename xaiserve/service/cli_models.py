@@ -14,8 +14,10 @@ FILE is an ONNX graph (.onnx), a TorchScript file (torch.jit.save) or a torch.ex
 way the server will, runs it on a test image, checks that its ONNX and torch forms agree, measures its
 latency, copies the files to DIR/NAME/VERSION/, writes a model card and a validated manifest entry.
 A model given only as TorchScript / ExportedProgram is exported to ONNX (the fast path runs ONNX
-Runtime); one given only as ONNX serves the methods that need no gradients (RELAX, fidelity), and
-the card says which file to add for the others. A running server picks the change up within a
+Runtime); one given only as ONNX is converted to torch with onnx2torch (checked against ONNX Runtime,
+saved as a .pt2 when torch.export can capture it, else converted again at load), so it gets the
+gradient methods too; when it does not convert (or --no-convert) it serves the methods that need no
+gradients (RELAX, fidelity), and the card says which file to add for the others. A running server picks the change up within a
 second (service/reload.py). Exit codes: 0 done, 2 bad usage or a model that does not load.
 """
 
@@ -264,6 +266,11 @@ def add_model(args: argparse.Namespace) -> dict[str, Any]:
         except XaiError as e:
             raise UsageError(f"{e}") from None
         io = {k: v for k, v in {**ins_map, **outs_map}.items() if k != v}
+        torch_form: dict[str, Any] | None = None
+        if module is None and not args.no_convert:
+            module, torch_form = _convert(onnx_dst, out, rel, files, notes, c, h, w, io)
+            if torch_form and torch_form["stored"] == "exported_program":
+                torch_key = "exported_program"
         session = OnnxModel(onnx_dst, intra_op_threads=1, prefer_cuda=False, kind=args.kind, io=io)
         x = to_model_input(test_image(h, w), spec)[None]
         y = session.run({"image": x})["output"]
@@ -297,7 +304,7 @@ def add_model(args: argparse.Namespace) -> dict[str, Any]:
             metrics["onnx_torch_max_abs_diff"] = float(f"{diff:.3g}")
             if not diff <= PARITY_TOL * (1.0 + float(np.abs(ref).max())):
                 raise UsageError(
-                    f"the ONNX graph and the {torch_key.replace('_', ' ')} disagree (max |difference| {diff:.3g} on the test "
+                    f"the ONNX graph and the {(torch_key or 'converted torch form').replace('_', ' ')} disagree (max |difference| {diff:.3g} on the test "
                     f"inputs); they must be the same model, or gradient explanations would explain another network"
                 )
         test = {"output_dim": dim, "output_norm": round(float(np.linalg.norm(y[0])), 4)}
@@ -325,7 +332,10 @@ def add_model(args: argparse.Namespace) -> dict[str, Any]:
         }
         if io:
             entry["io"] = io
-        (out / "card.md").write_text(render_card(entry, methods, notes, ins, outs, torch_key))
+        if torch_form:
+            entry["torch_form"] = torch_form
+        card_form = torch_key or ("onnx2torch" if torch_form else None)
+        (out / "card.md").write_text(render_card(entry, methods, notes, ins, outs, card_form))
         add_entry(store, entry)
     except BaseException:
         if created and not args.keep_on_error:
@@ -336,6 +346,52 @@ def add_model(args: argparse.Namespace) -> dict[str, Any]:
     entry["_methods"] = methods
     entry["_notes"] = notes
     return entry
+
+
+def _convert(onnx_dst: Path, out: Path, rel: Path, files: dict[str, str], notes: list[str], c: int, h: int, w: int, io):
+    """An ONNX-only model's torch form (handlers/nets/onnx_torch.py): converted with onnx2torch and
+    checked against ONNX Runtime, then saved as model.pt2 (a torch.export program: the server loads it
+    like a user's own .pt2) or, when it cannot be exported, converted again at load. Returns
+    (the module as the server will load it, the manifest's `torch_form`), or (None, None) with a note
+    when there is no converter or the graph does not convert: the model then serves the methods that
+    need no gradients."""
+    from xaiserve.handlers.nets.forms import load_torch_form
+    from xaiserve.handlers.nets.onnx_torch import (
+        CONVERTER,
+        PARITY_RTOL,
+        convert_onnx,
+        converter_version,
+        export_program,
+    )
+
+    try:
+        module = convert_onnx(onnx_dst, channels=c, height=h, width=w, io=io)
+    except XaiError as e:
+        notes.append(f"no torch form, so no gradient methods or masking-network training: {e}")
+        return None, None
+    form = {
+        "from": "onnx",
+        "converter": f"{CONVERTER} {converter_version()}".strip(),
+        "max_abs_diff": float(f"{module.parity_max_abs_diff:.3g}"),
+        "rtol": PARITY_RTOL,
+    }
+    pt2 = out / STORED_NAMES["exported_program"]
+    why = export_program(module, pt2, channels=c, height=h, width=w)
+    if why is None:
+        files["exported_program"] = str(rel / pt2.name)
+        form["stored"] = "exported_program"
+        notes.append(
+            f"torch form converted from the ONNX graph by {form['converter']} (max |difference| to ONNX Runtime "
+            f"{form['max_abs_diff']}) and saved as {pt2.name}"
+        )
+        return load_torch_form(pt2, "exported_program", channels=c, height=h, width=w), form
+    form["stored"] = "converted at load"
+    notes.append(
+        f"torch form converted from the ONNX graph by {form['converter']} (max |difference| to ONNX Runtime "
+        f"{form['max_abs_diff']}); it could not be saved as a .pt2 ({why}), so the server converts the graph "
+        f"again when it loads the model ({CONVERTER} must be installed there)"
+    )
+    return module, form
 
 
 def _floats(values: Sequence[str], n: int, flag: str, imagenet: tuple[float, ...]) -> list[float]:
@@ -398,7 +454,15 @@ def render_card(entry: dict[str, Any], methods: list[str], notes: list[str], ins
         + (f" ({len(entry['labels'])} labels: {', '.join(entry['labels'])})" if entry.get("labels") else "")
     )
     lines += ["", "## Forms and methods", ""]
-    lines.append(f"- torch form: {torch_key.replace('_', ' ') if torch_key else 'none'}")
+    tf = entry.get("torch_form")
+    if tf:
+        label = f"converted from the ONNX graph by {tf['converter']}, max |difference| to ONNX Runtime " + (
+            f"{tf['max_abs_diff']} (allowed {tf['rtol']} x (1 + max |output|)); "
+            + ("saved as a torch.export .pt2" if tf["stored"] == "exported_program" else "converted again at load")
+        )
+    else:
+        label = torch_key.replace("_", " ") if torch_key else "none"
+    lines.append(f"- torch form: {label}")
     lines.append(f"- methods served: {', '.join(methods)}")
     if not torch_key:
         lines.append(
@@ -536,6 +600,11 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--io", help="the graph's tensor names when they cannot be inferred: image=NAME,output=NAME")
     a.add_argument("--version", help="default: the next integer version of NAME")
     a.add_argument("--description", default="")
+    a.add_argument(
+        "--no-convert",
+        action="store_true",
+        help="FILE is ONNX and no --torch: do not convert it to torch (onnx2torch); gradient methods are then refused",
+    )
     a.add_argument("--force", action="store_true", help="replace files already in NAME/VERSION/")
     a.add_argument("--keep-on-error", action="store_true", help=argparse.SUPPRESS)
     a.add_argument("--store", type=Path, default=None, help=store_help)

@@ -210,9 +210,10 @@ class ExplainerClient:
         """Frames in (ids 0, 1, ...), answers out in frame order (StreamExplain).
 
         pace: "auto" (default) pulls the next frame from `frames` only while fewer than `window`
-        frames are unanswered: with policy LATEST the server then never drops (one frame runs, one
-        waits) and no bandwidth goes to frames it would discard; `frames` is simply iterated more
-        slowly (a live source should hand out its newest frame when asked). A number: at most that
+        frames are unanswered: with policy LATEST the server then never drops (at the default window
+        of 2 both frames run at once, the server's stream_latest_inflight) and no bandwidth goes
+        to frames it would discard; `frames` is simply iterated more slowly (a live source should
+        hand out its newest frame when asked). A number: at most that
         many frames per second, unanswered or not (a camera's own rate). None: as fast as `frames`
         yields. Each answer's dropped_total and answer_fps say how the server keeps up.
 

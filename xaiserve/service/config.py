@@ -199,6 +199,7 @@ class ServerConfig:
     metrics_host: str = "127.0.0.1"  # /metrics and /healthz HTTP bind address
     metrics_port: int = 9100  # 0 picks a free port; -1 disables the HTTP endpoint
     web: bool = True  # the web viewer (/) and its JSON API (/api/...) on the metrics HTTP port
+    oip_rest: bool = True  # the Open Inference Protocol v2 over HTTP (/v2/...) on the metrics HTTP port
     max_message_mb: int = 64  # largest request or response message
     # models
     # folder holding manifest.json and the model files; a relative path is read from the working
@@ -236,7 +237,8 @@ class ServerConfig:
     max_denoise_batch: int = 512  # particles per Denoise request
     inference_threads: int = 2  # threads running model calls off the event loop
     decode_threads: int = 2  # threads decoding images / MRC stacks and building responses off the event loop
-    # Explain/Denoise calls in progress at once; beyond, RESOURCE_EXHAUSTED at once (before any decoding)
+    # Explain/Denoise calls and StreamExplain frames in progress at once; beyond, RESOURCE_EXHAUSTED at
+    # once (before any decoding; for a frame, its own frame status)
     max_inflight: int = 64
     max_inflight_per_principal: int = 0  # the same bound per caller (token / client certificate); 0 = off
     # calls that reached the server but not yet its event loop; beyond, grpc itself cancels new calls at
@@ -246,6 +248,9 @@ class ServerConfig:
     # streams
     stream_max_queue: int = 64  # upper bound of ExplainFrame.max_queue (policy ALL)
     stream_default_queue: int = 8
+    # frames of one LATEST stream in progress at once (started, not yet answered); beyond, only the
+    # newest waits. 2 absorbs one slow frame without a drop; 1 = strictly one at a time
+    stream_latest_inflight: int = 2
     # failed frames in a row that end a stream (ExplainFrame.max_consecutive_errors = 0 takes this)
     stream_max_consecutive_errors: int = 10
     # jobs
@@ -336,6 +341,11 @@ def validate(cfg: ServerConfig, sources: Mapping[str, str] | None = None) -> Non
             1 <= cfg.stream_default_queue <= cfg.stream_max_queue,
             ("stream_default_queue", "stream_max_queue"),
             "need 1 <= stream_default_queue <= stream_max_queue",
+        ),
+        (
+            1 <= cfg.stream_latest_inflight <= 8,
+            ("stream_latest_inflight",),
+            "stream_latest_inflight must be 1..8",
         ),
         (cfg.inference_threads >= 1, ("inference_threads",), "inference_threads must be >= 1"),
         (cfg.decode_threads >= 1, ("decode_threads",), "decode_threads must be >= 1"),

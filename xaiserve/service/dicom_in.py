@@ -31,6 +31,7 @@ silenced here, once, for the whole process.
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import logging
 import warnings
@@ -53,6 +54,7 @@ from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 
 DICOM_CONTENT_TYPES = ("application/dicom",)
 OTHER_CONTENT_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/tiff", "image/gif")
+MAX_ALL_FRAMES_PIXELS = 1 << 30  # image.dicom.all_frames: frames x rows x columns (4096 frames of 512 x 512)
 MAX_FRAMES = 65535  # Number of Frames is an IS of at most 2**16 - 1 in practice; beyond it the header lies
 PRIVATE_GROUP, PRIVATE_CREATOR = 0x0009, "XAISERVE 1"  # the stored frame view: which frame of how many
 GREY = ("MONOCHROME1", "MONOCHROME2")
@@ -121,6 +123,7 @@ class DicomSource:
     number_of_frames: int
     windows: tuple[Window, ...]
     window_source: str  # "request", "model", "file", "file VOI LUT", "image range", or "" (colour)
+    digest: str = ""  # of the whole file: the key of dicom_out's result templates ("" = none)
 
     @property
     def uids(self) -> dict[str, str]:
@@ -292,7 +295,12 @@ def _options(image: pb.Image) -> pb.DicomOptions:
     return image.dicom if image.HasField("dicom") else pb.DicomOptions()
 
 
-def _header(image: pb.Image) -> _Header:
+def _header(image: pb.Image, *, all_frames: bool = False) -> _Header:
+    if _options(image).all_frames and not all_frames:
+        raise InvalidArgument(
+            "image.dicom.all_frames is for StreamExplain (one answer per frame); this call explains one frame: "
+            "choose it with image.dicom.frame, or send the file on StreamExplain"
+        )
     data = image.encoded
     if not data:
         raise InvalidArgument("image.encoded is empty: send the .dcm file's bytes")
@@ -364,6 +372,28 @@ def _header(image: pb.Image) -> _Header:
             )
     _check_decoder(syntax)
     return _Header(ds, rows, cols, samples, frames, index, photometric, syntax)
+
+
+def probe_all_frames(image: pb.Image) -> int:
+    """The number of frames of a multi-frame DICOM sent with image.dicom.all_frames (StreamExplain
+    answers each), from its header alone, before any frame is decoded: every frame fits the image
+    limits (rows x columns), and frames x rows x columns is at most MAX_ALL_FRAMES_PIXELS."""
+    if not is_dicom_image(image):
+        raise InvalidArgument(
+            "image.dicom.all_frames is set but the image is not DICOM (no 'DICM' preamble, no content type "
+            "application/dicom): send the multi-frame .dcm file"
+        )
+    if _options(image).HasField("frame"):
+        raise InvalidArgument("set image.dicom.frame (one frame) or image.dicom.all_frames (every frame), not both")
+    h = _header(image, all_frames=True)
+    total = h.frames * h.rows * h.columns
+    if total > MAX_ALL_FRAMES_PIXELS:
+        raise ResourceExhausted(
+            f"image.dicom.all_frames: the file holds {h.frames} frames of {h.rows} x {h.columns} ({total} pixels); "
+            f"at most {MAX_ALL_FRAMES_PIXELS} pixels in all are explained per message: send the frames in several "
+            "messages (image.dicom.frame) instead"
+        )
+    return h.frames
 
 
 def probe_dicom(image: pb.Image) -> tuple[int, int, int]:
@@ -508,7 +538,8 @@ def _decode_dicom(image: pb.Image, defaults: DicomDefaults | None, channels: int
             rgb = arr
             top = float(2 ** int(view.get("BitsStored", 8)) - 1)
         pixels, windows, source = (rgb.astype(np.float32) / np.float32(top)).clip(0.0, 1.0), (), ""
-    src = DicomSource(view, frame_number, n_frames, windows, source)
+    digest = hashlib.blake2b(image.encoded, digest_size=16).hexdigest()  # ~1 ms per MB
+    src = DicomSource(view, frame_number, n_frames, windows, source, digest)
     return DecodedDicom(np.ascontiguousarray(pixels, dtype=np.float32), src)
 
 

@@ -19,6 +19,9 @@ client completes with `restore_patient` from its local copy of the source.
 from __future__ import annotations
 
 import io
+import struct
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -317,18 +320,194 @@ def _with_input(algo: Algorithm, source: DicomSource) -> Algorithm:
     return Algorithm(algo.model, algo.version, algo.method, {**algo.parameters, **extra})
 
 
+# -- templates: what does not depend on the pixels, built once per source frame ----------------------
+# highdicom spends most of an encoding on work that depends on the source header, the algorithm and
+# the map labels, not on the values: copying and checking the source's modules against the IOD
+# tables, building the functional groups and references, pydicom writing ~150 nested elements
+# (bench/bench_dicom.py, cProfile: ~85 % of a 512 x 512 SEG). So an object is built once per
+# (source file digest, frame, format, algorithm, map labels) with placeholder pixels, saved, and
+# kept as its encoded bytes split around the elements that change per result: the instance's UIDs,
+# creation / content date and time, the pixel data, and for a Parametric Map the value ranges of the
+# shared functional groups. A result is then those bytes with fresh elements spliced in: the same
+# object highdicom would write (tests compare them element by element) at a fraction of the cost.
+# The cache holds encoded headers (patient attributes of the source included) in process memory
+# only, TEMPLATE_CACHE entries at most, least recently used first out; it is keyed by a digest of
+# the whole source file, so only the very same file and frame can hit an entry.
+TEMPLATE_CACHE = 32
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+_LONG_VR = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_GROUP_LENGTH, _MEDIA_UID = 0x00020000, 0x00020003
+_PER_RESULT = {  # tag -> VR of the top-level elements every result sets afresh
+    0x00020003: "UI",  # Media Storage SOP Instance UID
+    0x00080012: "DA",  # Instance Creation Date
+    0x00080013: "TM",  # Instance Creation Time
+    0x00080018: "UI",  # SOP Instance UID
+    0x00080023: "DA",  # Content Date
+    0x00080033: "TM",  # Content Time
+    0x0020000E: "UI",  # Series Instance UID
+}
+PIXEL_DATA, FLOAT_PIXEL_DATA = 0x7FE00010, 0x7FE00008
+SHARED_GROUPS, PER_FRAME_GROUPS, CONTRIBUTING = 0x52009229, 0x52009230, 0x0018A001
+_templates: OrderedDict[tuple, _Template] = OrderedDict()
+_templates_lock = threading.Lock()
+
+
+_iod_lookup_cached = False
+
+
+def _cache_iod_lookups() -> None:
+    """Memoise highdicom's `is_attribute_in_iod`: a pure function of its standard tables that
+    walks every attribute of every module of the IOD on each call, and highdicom calls it 8 times
+    per object (~25 % of a template build). Rebound where highdicom imported it by name."""
+    global _iod_lookup_cached
+    if _iod_lookup_cached:
+        return
+    import functools
+
+    import highdicom._standard_utils as su
+    import highdicom.base
+    import highdicom.sr.content
+
+    original = su.is_attribute_in_iod
+
+    @functools.lru_cache(maxsize=4096)
+    def cached(attribute: str, sop_class_uid: str, exclude: tuple[str, ...] | None) -> bool:
+        return original(attribute, sop_class_uid, list(exclude) if exclude is not None else None)
+
+    def is_attribute_in_iod(attribute, sop_class_uid, exclude_path_elements=None):
+        exclude = tuple(exclude_path_elements) if exclude_path_elements is not None else None
+        return cached(str(attribute), str(sop_class_uid), exclude)
+
+    for module in (su, highdicom.base, highdicom.sr.content):
+        if getattr(module, "is_attribute_in_iod", None) is original:
+            module.is_attribute_in_iod = is_attribute_in_iod  # type: ignore[attr-defined]
+    _iod_lookup_cached = True
+
+
+def _element(tag: int, vr: str, value: bytes) -> bytes:
+    """One element in Explicit VR Little Endian (PS3.5 7.1.2), its value padded to even length."""
+    if len(value) % 2:
+        value += b" " if vr in ("DA", "TM", "LO", "SH", "CS", "DS", "IS") else b"\0"
+    v = vr.encode()
+    head = struct.pack("<HH2s", tag >> 16, tag & 0xFFFF, v)
+    if v in _LONG_VR:
+        return head + struct.pack("<HI", 0, len(value)) + value
+    return head + struct.pack("<H", len(value)) + value
+
+
+class _Template:
+    """An encoded object cut around its per-result elements: `pieces` is static bytes or a tag."""
+
+    def __init__(self, data: bytes, extra, dynamic: set[int]):
+        from pydicom.filereader import data_element_generator
+
+        self.extra = extra  # what a kind of result needs besides the bytes (the PM's functional groups)
+
+        if data[128:132] != b"DICM":
+            raise ValueError("not a Part 10 file")
+        fp = io.BytesIO(data)
+        fp.seek(132)
+        spans = []
+        gen = data_element_generator(fp, False, True, defer_size=256)
+        while True:
+            start = fp.tell()
+            try:
+                elem = next(gen)
+            except StopIteration:
+                break
+            spans.append((int(elem.tag), start, fp.tell()))
+        found = {t for t, _, _ in spans}
+        if not dynamic <= found or _GROUP_LENGTH not in found:
+            raise ValueError(f"template lacks {sorted(dynamic - found)}")
+        self.meta: list[bytes | int] = []
+        self.body: list[bytes | int] = []
+        for tag, a, b in spans:
+            into = self.meta if tag >> 16 == 2 else self.body
+            if tag in dynamic or tag == _GROUP_LENGTH:
+                into.append(tag)
+            elif into and isinstance(into[-1], bytes):
+                into[-1] += data[a:b]
+            else:
+                into.append(data[a:b])
+
+    def render(self, values: dict[int, bytes]) -> bytes:
+        meta = b"".join(values[p] if isinstance(p, int) else p for p in self.meta if p != _GROUP_LENGTH)
+        group = _element(_GROUP_LENGTH, "UL", struct.pack("<I", len(meta)))
+        body = b"".join(values[p] if isinstance(p, int) else p for p in self.body)
+        return b"\0" * 128 + b"DICM" + group + meta + body
+
+
+def _template(key: tuple, build, dynamic: set[int]) -> _Template:
+    with _templates_lock:
+        t = _templates.get(key)
+        if t is not None:
+            _templates.move_to_end(key)
+            return t
+    data, extra = build()
+    t = _Template(data, extra, dynamic)  # outside the lock: two threads may build the same one, harmlessly
+    with _templates_lock:
+        _templates[key] = t
+        while len(_templates) > TEMPLATE_CACHE:
+            _templates.popitem(last=False)
+    return t
+
+
+def _key(kind: str, source: DicomSource, algo: Algorithm, labels: tuple, shape: tuple) -> tuple | None:
+    if not source.digest:
+        return None
+    params = tuple(sorted(algo.parameters.items()))
+    return (kind, source.digest, source.frame_number, algo.model, algo.version, algo.method, params, labels, shape)
+
+
+def _per_result(now, sop_uid: str, series_uid: str) -> dict[int, bytes]:
+    date, time_ = now.strftime("%Y%m%d").encode(), now.strftime("%H%M%S.%f").encode()
+    v = {0x00020003: sop_uid.encode(), 0x00080018: sop_uid.encode(), 0x0020000E: series_uid.encode()}
+    v.update({0x00080012: date, 0x00080023: date, 0x00080013: time_, 0x00080033: time_})
+    return {tag: _element(tag, _PER_RESULT[tag], value) for tag, value in v.items()}
+
+
+def _rendered(template: _Template, pixels: tuple[int, str, bytes], ranges: list | None = None) -> bytes:
+    import datetime
+
+    from pydicom.uid import generate_uid
+
+    now = datetime.datetime.now()
+    values = _per_result(now, generate_uid(), generate_uid())
+    values[pixels[0]] = _element(*pixels)
+    values.update(_refreshed(template.extra, now.strftime("%Y%m%d%H%M%S.%f"), ranges))
+    return template.render(values)
+
+
 def segmentation(source: DicomSource, maps: Sequence[Map], algo: Algorithm) -> bytes:
     """A FRACTIONAL (PROBABILITY) DICOM Segmentation, one segment per map (values scaled to [0, 1]
-    when they are not already; the segment description says so)."""
+    when they are not already; the segment description says so). 8 bits per value (Maximum
+    Fractional Value 255, the cheapest FRACTIONAL encoding), uncompressed Explicit VR Little Endian;
+    frames in segment order, each value round(v * 255) as highdicom computes it."""
+    shape = _check_shape(source, maps)
+    units = [_unit_range(m.values) for m in maps]
+    labels = tuple((m.label, m.meaning, scaled) for m, (_, scaled) in zip(maps, units))
+    pixels = b"".join(np.around(v * np.float32(255.0)).astype(np.uint8).tobytes() for v, _ in units)
+
+    def build() -> tuple[bytes, dict]:
+        return _segmentation_template(source, maps, [s for _, s in units], algo)
+
+    key = _key("dicom-seg", source, algo, labels, shape)
+    dynamic = set(_PER_RESULT) | {PIXEL_DATA, CONTRIBUTING}
+    t = _template(key, build, dynamic) if key else _Template(*build(), dynamic)
+    return _rendered(t, (PIXEL_DATA, "OB", pixels))
+
+
+def _segmentation_template(
+    source: DicomSource, maps: Sequence[Map], scaled: list[bool], algo: Algorithm
+) -> tuple[bytes, dict]:
+    """The SEG with all-zero placeholder pixels (boolean: highdicom's cheapest value check)."""
     import highdicom as hd
     from pydicom.uid import generate_uid
 
-    _check_shape(source, maps)
+    _cache_iod_lookups()
     algo_seq = _algorithm(algo)
-    arrays, descs = [], []
-    for i, m in enumerate(maps):
-        v, scaled = _unit_range(m.values)
-        arrays.append(v)
+    descs = []
+    for i, (m, sc) in enumerate(zip(maps, scaled)):
         d = hd.seg.SegmentDescription(
             segment_number=i + 1,
             segment_label=m.label[:64],
@@ -337,12 +516,12 @@ def segmentation(source: DicomSource, maps: Sequence[Map], algo: Algorithm) -> b
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algo_seq,
         )
-        d.SegmentDescription = (m.meaning + (" (min-max scaled to [0, 1])" if scaled else ""))[:64]
+        d.SegmentDescription = (m.meaning + (" (min-max scaled to [0, 1])" if sc else ""))[:64]
         descs.append(d)
-    pixels = np.stack(arrays, axis=-1)[None]  # (1 frame, rows, cols, segments)
+    rows, cols = int(source.header.Rows), int(source.header.Columns)
     seg = hd.seg.Segmentation(
         source_images=[_single_frame_header(source)],
-        pixel_array=pixels,
+        pixel_array=np.zeros((1, rows, cols, len(maps)), dtype=bool),
         segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL,
         segment_descriptions=descs,
         series_instance_uid=generate_uid(),
@@ -360,25 +539,94 @@ def segmentation(source: DicomSource, maps: Sequence[Map], algo: Algorithm) -> b
         omit_empty_frames=False,
         series_description=f"xaiserve {algo.method} {algo.model}"[:64],
         contributing_equipment=[_equipment(algo)],
+        transfer_syntax_uid=EXPLICIT_LE,
     )
+    if len(maps) > 1:  # what highdicom infers for several truly fractional segments (its check saw zeros)
+        seg.SegmentsOverlap = "UNDEFINED"
     _fix_references(seg, source)
     _finish(seg, source)
-    return _save(seg)
+    return _save(seg), _sequences(seg, (CONTRIBUTING,))
+
+
+def _pm_values(maps: Sequence[Map]) -> tuple[np.ndarray, list[tuple[float, float]]]:
+    values = np.stack([np.nan_to_num(np.asarray(m.values, np.float32)) for m in maps], axis=-1)
+    ranges = [(float(values[..., i].min()), float(values[..., i].max())) for i in range(len(maps))]
+    return values, ranges
+
+
+def _encoded(elem) -> bytes:
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_data_element
+
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_data_element(fp, elem)
+    return fp.getvalue()
+
+
+def _refreshed(extra: dict, now: str, ranges: list[tuple[float, float]] | None = None) -> dict[int, bytes]:
+    """The template's sequences that hold per-result values, copied, updated and encoded: the
+    Contribution DateTime highdicom records in Contributing Equipment, and for a Parametric Map the
+    maps' value ranges (Real World Value Mapping: shared for one map, per frame for several) and the
+    window of the first map (Frame VOI LUT, shared), formatted as highdicom formats them."""
+    import copy
+
+    from pydicom.valuerep import DSfloat
+
+    out = {}
+    for tag, elem in extra.items():
+        elem = copy.deepcopy(elem)
+        for i, item in enumerate(elem.value):
+            if "ContributionDateTime" in item:
+                item.ContributionDateTime = now
+            if ranges is None:
+                continue
+            for mapping in item.get("RealWorldValueMappingSequence", ()):
+                lo, hi = ranges[i]
+                mapping.DoubleFloatRealWorldValueFirstValueMapped = lo
+                mapping.DoubleFloatRealWorldValueLastValueMapped = hi if hi > lo else lo + 1.0
+            if tag == SHARED_GROUPS and "FrameVOILUTSequence" in item:
+                lo, hi = ranges[0]
+                voi = item.FrameVOILUTSequence[0]
+                voi.WindowCenter = DSfloat((lo + hi) / 2.0, auto_format=True)
+                voi.WindowWidth = DSfloat(max(hi - lo, 1e-6), auto_format=True)
+        out[tag] = _encoded(elem)
+    return out
+
+
+def _sequences(ds, tags: tuple[int, ...]) -> dict:
+    """The elements of a built object that `_refreshed` updates per result (copied on use)."""
+    return {tag: ds[tag] for tag in tags if tag in ds}
 
 
 def parametric_map(source: DicomSource, maps: Sequence[Map], algo: Algorithm) -> bytes:
     """A Parametric Map of float32 values, one channel per map, with a real world value mapping
-    (identity, no units) and a local quantity code each."""
+    (identity, no units) and a local quantity code each; the window of the first map's range.
+    Uncompressed Explicit VR Little Endian, frames in map order."""
+    shape = _check_shape(source, maps)
+    values, ranges = _pm_values(maps)
+    labels = tuple((m.label, m.meaning) for m in maps)
+    dynamic = set(_PER_RESULT) | {FLOAT_PIXEL_DATA, CONTRIBUTING, SHARED_GROUPS, PER_FRAME_GROUPS}
+
+    def build() -> tuple[bytes, dict]:
+        return _parametric_map_template(source, maps, values, ranges, algo)
+
+    key = _key("dicom-pmap", source, algo, labels, shape)
+    t = _template(key, build, dynamic) if key else _Template(*build(), dynamic)
+    pixels = np.ascontiguousarray(np.moveaxis(values, -1, 0)).tobytes()  # one frame per map
+    return _rendered(t, (FLOAT_PIXEL_DATA, "OF", pixels), ranges)
+
+
+def _parametric_map_template(
+    source: DicomSource, maps: Sequence[Map], values: np.ndarray, ranges: list[tuple[float, float]], algo: Algorithm
+) -> tuple[bytes, dict]:
     import highdicom as hd
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
 
-    _check_shape(source, maps)
-    values = np.stack([np.nan_to_num(np.asarray(m.values, np.float32)) for m in maps], axis=-1)[None]
+    _cache_iod_lookups()
     mappings = []
-    for i, m in enumerate(maps):
-        v = values[0, :, :, i]
-        lo, hi = float(v.min()), float(v.max())
+    for m, (lo, hi) in zip(maps, ranges):
         mappings.append(
             [
                 hd.pm.RealWorldValueMapping(
@@ -392,11 +640,11 @@ def parametric_map(source: DicomSource, maps: Sequence[Map], algo: Algorithm) ->
                 )
             ]
         )
-    first = values[0, :, :, 0]
-    lo, hi = float(first.min()), float(first.max())
+    lo, hi = ranges[0]
+    placeholder = np.zeros((1, *values.shape), np.float32)
     pm = hd.pm.ParametricMap(
         source_images=[_single_frame_header(source)],
-        pixel_array=values if len(maps) > 1 else values[..., 0],
+        pixel_array=placeholder if len(maps) > 1 else placeholder[..., 0],
         series_instance_uid=generate_uid(),
         series_number=SERIES_NUMBER["dicom-pmap"],
         sop_instance_uid=generate_uid(),
@@ -416,10 +664,11 @@ def parametric_map(source: DicomSource, maps: Sequence[Map], algo: Algorithm) ->
         content_label="XAI",
         series_description=f"xaiserve {algo.method} {algo.model}"[:64],
         contributing_equipment=[_equipment(algo)],
+        transfer_syntax_uid=EXPLICIT_LE,
     )
     _fix_references(pm, source)
     _finish(pm, source)
-    return _save(pm)
+    return _save(pm), _sequences(pm, (CONTRIBUTING, SHARED_GROUPS, PER_FRAME_GROUPS))
 
 
 def secondary_capture(source: DicomSource, image: np.ndarray, heat: np.ndarray, algo: Algorithm) -> bytes:
@@ -559,7 +808,8 @@ def prepare_job_request(request):
 
 def job_maps(request, result, spec, height: int, width: int) -> tuple[list[Map], np.ndarray]:
     """The maps of a job result over the source frame (RELAX: importance and uncertainty, eq. 12-13
-    of [RELAX]; ablation path: the heatmap, [THESIS] ch. 2) and the one an overlay shows."""
+    of [RELAX]; ablation path: the heatmap, [THESIS] ch. 2; sift_ablation / sift_rise: the Voronoi
+    and band-pass heatmaps, [THESIS] sec. 4.3) and the one an overlay shows."""
     from xaiserve.service.images import to_input_geometry
     from xaiserve.service.tensors import from_tensor
 
@@ -578,6 +828,20 @@ def job_maps(request, result, spec, height: int, width: int) -> tuple[list[Map],
                 f"ablation path heatmap ([THESIS] ch. 2), label {result.ablation.target_label}",
             )
         ]
+    elif which == "sift":
+        # Both SIFT methods carry the same two maps ([THESIS] sec. 4.3, eq. 4.46-4.48), already at the
+        # source image's resolution (jobs/sift.py maps them back before storing): used as they are.
+        s, how = result.sift, f"{request.method}, label {result.sift.target_label}"
+        maps = []
+        for label, t, meaning in (
+            ("voronoi", s.heatmap_voronoi, f"SIFT Voronoi heatmap ([THESIS] eq. 4.46-4.47), {how}"),
+            ("bandpass", s.heatmap_bandpass, f"SIFT band-pass heatmap ([THESIS] eq. 4.48), {how}"),
+        ):
+            v = np.asarray(from_tensor(t, what=label), dtype=np.float32)
+            if v.shape != (height, width):  # an older result at the model's input size
+                v = to_input_geometry(v, spec, height, width, clip=False)
+            maps.append(Map(label, v, meaning))
+        return maps, _unit_range(maps[0].values)[0]
     else:
         raise InvalidArgument(f"job results of kind {which!r} have no DICOM form")
     maps = [
@@ -604,7 +868,9 @@ def add_job_dicom(request, result, registry) -> None:
 
         p = json.loads(result.parameters_json)
         params = {
-            k: str(p[k]) for k in ("num_masks", "masking", "estimator", "score", "reduction", "target_label") if k in p
+            k: str(p[k])
+            for k in ("num_masks", "masking", "estimator", "score", "reduction", "target_label", "num_keypoints")
+            if k in p
         }
     algo = Algorithm(entry.name, entry.version, request.method, params)
     result.dicom, result.dicom_overlay = encode(

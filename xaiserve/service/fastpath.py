@@ -45,7 +45,7 @@ from xaiserve.service.model_input import fast_model_input
 from xaiserve.service.registry import ModelEntry, Registry
 from xaiserve.service.tensors import tensor_message_bytes, to_tensor
 
-__all__ = ["GRADIENT_METHODS", "Admission", "CpuPool", "FastPath"]
+__all__ = ["GRADIENT_METHODS", "Admission", "CpuPool", "FastPath", "Overloaded"]
 
 T = TypeVar("T")
 # Low cardinality: why a request was refused before any work ("server", "caller", "cpu_pool").
@@ -54,6 +54,12 @@ REFUSED = Counter("xaiserve_admission_refused", "Requests refused at admission, 
 OFFLOAD_SERIALIZE_BYTES = 1 << 20
 # NEMt: the target counts as present in the kept region when x * m gives it more than this probability
 ABSENT_BELOW = 0.5
+
+
+class Overloaded(ResourceExhausted):
+    """RESOURCE_EXHAUSTED because of load, not because of the request (admission, the decode pool's
+    backlog): the same request can succeed later. A stream answers such a frame with this status
+    and goes on, without counting it towards max_consecutive_errors (service/streams.py)."""
 
 
 class CpuPool:
@@ -82,9 +88,7 @@ class CpuPool:
         with self._lock:
             if self._pending >= self.max_pending:
                 REFUSED.labels("cpu_pool").inc()
-                raise ResourceExhausted(
-                    f"the server's decode pool has {self.max_pending} tasks waiting; retry with backoff"
-                )
+                raise Overloaded(f"the server's decode pool has {self.max_pending} tasks waiting; retry with backoff")
             self._pending += 1
             self.submitted += 1
         try:
@@ -116,13 +120,13 @@ class Admission:
     def slot(self, principal: str = "") -> Iterator[None]:
         if self.inflight >= self.limit:
             REFUSED.labels("server").inc()
-            raise ResourceExhausted(
+            raise Overloaded(
                 f"the server is at its limit of {self.limit} requests in progress (max_inflight); "
                 "retry with backoff or add replicas"
             )
         if self.per_principal and self._by[principal] >= self.per_principal:
             REFUSED.labels("caller").inc()
-            raise ResourceExhausted(
+            raise Overloaded(
                 f"this caller already has {self.per_principal} requests in progress (max_inflight_per_principal); "
                 "wait for answers before sending more"
             )
@@ -143,8 +147,8 @@ class FastPath:
         self.config = config
         self.executor = ThreadPoolExecutor(max_workers=config.inference_threads, thread_name_prefix="infer")
         self._batchers: dict[str, MicroBatcher] = {}
-        # Streams run frames through explain() without an admission slot; each holds at most two
-        # frames, hence the backlog allowance beyond max_inflight.
+        # Unary calls and stream frames hold an admission slot each while they run; a call that was
+        # cancelled leaves its slot while its decode still runs, hence the allowance beyond max_inflight.
         self.cpu = CpuPool(config.decode_threads, 2 * config.max_inflight, "decode")
         self.admission = Admission(config.max_inflight, config.max_inflight_per_principal)
         self.max_message_bytes = config.max_message_mb * 1024 * 1024
@@ -162,9 +166,21 @@ class FastPath:
                 max_rows=self.config.max_batch if entry.kind != "denoiser" else max(self.config.max_batch, 64),
                 max_delay_ms=self.config.max_delay_ms,
                 max_queue=self.config.max_queue,
+                concurrency=1 if entry.kind == "denoiser" else self._calls_per_model(),
             )
             self._batchers[entry.key] = b
         return b
+
+    def _calls_per_model(self) -> int:
+        """Model calls one model may run at once: up to inference_threads, as far as the cores hold
+        their intra-op threads (1 thread each on 2 cores: 2 calls, so one busy model uses both cores;
+        a session with every core's threads: 1)."""
+        from xaiserve.service.registry import available_cores
+
+        per_call = self.registry.onnx_intra_op_threads()
+        if per_call <= 0:
+            return 1
+        return max(1, min(self.config.inference_threads, available_cores() // per_call))
 
     def retire(self, keys) -> None:
         """Stop the batchers of entries a reload removed or replaced, once their queued calls are answered."""
@@ -220,6 +236,42 @@ class FastPath:
         arr, source = decode_image_source(image, spec)  # source: what a DICOM result references (DICOM input)
         return arr, to_model_input(arr, spec)[None], source
 
+    def warm_image_path(self) -> int:
+        """Run the per-frame CPU steps once on tiny synthetic images, before the server answers:
+        decoding (fast and full path, JPEG and PNG), fitting to each model's input and every mask
+        encoding. The first decode in a process imports Pillow's image plugins and the first
+        encoding its PNG path: measured 25-40 ms on the first frame of the first stream on a busy
+        2-core machine (up to 140 ms), which made the frames behind it wait and, under LATEST, be
+        replaced (bench/bench_stream.py). The registry warms the model calls; no model runs here.
+        Returns the number of input specs warmed."""
+        import io
+
+        from PIL import Image as PILImage
+
+        from xaiserve.service.mask_wire import RESOLUTIONS, with_stream_defaults
+
+        rng = np.random.default_rng(0)
+        images = []
+        for fmt, mode in (("JPEG", "RGB"), ("PNG", "RGB"), ("PNG", "L")):
+            buf = io.BytesIO()
+            shape = (24, 32, 3) if mode == "RGB" else (24, 32)
+            PILImage.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(buf, format=fmt)
+            images.append(pb.Image(encoded=buf.getvalue()))
+        options = [with_stream_defaults(pb.ExplainOptions()), pb.ExplainOptions(return_png=True)]
+        options += [pb.ExplainOptions(mask_encoding=pb.MASK_PNG, mask_resolution=r) for r in RESOLUTIONS]
+        specs: dict[tuple, Any] = {}
+        for e in self.registry.entries():
+            if e.kind != "denoiser":  # images in, a mask out
+                specs.setdefault((e.input.height, e.input.width, e.input.channels, e.input.resize), e.input)
+        for spec in specs.values():
+            for img in images:
+                for pixels in (False, True):
+                    image, x, _ = self._prepare(img, spec, pixels)
+                mask = np.full(x.shape[2:], 0.5, np.float32)
+                for opts in options:
+                    self._render(pb.ExplainResponse(), image, mask, opts, spec)
+        return len(specs)
+
     @staticmethod
     def _render(
         resp: pb.ExplainResponse, image: np.ndarray, mask: np.ndarray, opts: pb.ExplainOptions, spec=None
@@ -250,7 +302,7 @@ class FastPath:
         t0 = time.perf_counter()
         entry = entry or self.registry.resolve(request.model)
         opts = request.options
-        method = opts.method.strip()
+        method = opts.method.strip() or entry.default_method  # manifest default_method (checked below)
         if not method:
             if entry.kind not in MASK_KINDS:
                 offered = [m for m in self.registry.methods(entry) if METHODS[m].rpc == "Explain"]

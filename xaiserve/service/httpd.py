@@ -14,13 +14,21 @@ and tell when it is stuck.
 
 Mounted routes (`mounts`): a path, or a prefix ending in "*", mapped to a callable that answers
 the request on the handler itself (GET / HEAD / POST); the gateway mounts the web viewer and its
-/api there (service/web). The three routes above always win; unmounted paths still answer 404.
+/api there (service/web) and the Open Inference Protocol's /v2 (service/oip_http). The three
+routes above always win; unmounted paths still answer 404.
+
+Connections: HTTP/1.1 keep-alive for the three routes when the request has no body, and for the
+mounts named in `keep_alive` (which read every request body in full, or set close_connection);
+every other answer says `Connection: close` and closes, as before. A kept connection idle for
+IDLE_TIMEOUT_S is closed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,6 +41,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 log = logging.getLogger("xaiserve.http")
 
 ROUTES = ("/metrics", "/healthz", "/readyz")
+IDLE_TIMEOUT_S = 60.0
 Check = Callable[[], tuple[bool, str]]
 Mount = Callable[[BaseHTTPRequestHandler], None]
 
@@ -64,6 +73,13 @@ class BoundedCheck:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # the listen backlog (socketserver's default is 5): beyond it the kernel drops a client's SYN and
+    # the client retries after a second, which 8 clients connecting at once were paying
+    request_queue_size = 128
+
+
 class OpsServer:
     """The HTTP port; `live` and `ready` map check names to callables returning (ok, detail)."""
 
@@ -75,14 +91,34 @@ class OpsServer:
         live: dict[str, Check] | None = None,
         ready: dict[str, Check] | None = None,
         mounts: dict[str, Mount] | None = None,
+        keep_alive: tuple[str, ...] = (),
     ):
         self.live, self.ready = dict(live or {}), dict(ready or {})
         self.mounts = dict(mounts or {})
+        self.keep_alive = frozenset(keep_alive)  # mount keys that may keep their connection
         ops = self
 
         class Handler(BaseHTTPRequestHandler):
             server_version = "xaiserve"
             sys_version = ""
+            protocol_version = "HTTP/1.1"  # keep-alive only where ops.keeps_alive says (else closed)
+            timeout = IDLE_TIMEOUT_S
+
+            def setup(self) -> None:
+                super().setup()
+                # headers and body leave in separate writes: with Nagle's algorithm the body would wait
+                # for the client's delayed ACK of the headers (40 ms per answer on a kept connection)
+                with contextlib.suppress(OSError):
+                    self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+            def end_headers(self) -> None:
+                if self.close_connection:
+                    self.send_header("Connection", "close")
+                super().end_headers()
+
+            def _connection(self, path: str) -> None:
+                if not ops.keeps_alive(path, self.command, self.headers):
+                    self.close_connection = True
 
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's name
                 pass  # probes every few seconds would flood the log; failures are in the answers
@@ -111,6 +147,7 @@ class OpsServer:
 
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 path = self.path.split("?", 1)[0]
+                self._connection(path)
                 if path == "/metrics":
                     self._send(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
                 elif path == "/healthz":
@@ -126,13 +163,16 @@ class OpsServer:
             do_HEAD = do_GET  # noqa: N815
 
             def _not_allowed(self) -> None:
+                self.close_connection = True  # its body, if any, is not read
                 self.send_response(405)
                 self.send_header("Allow", "GET, HEAD")
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
-                mount = ops.mount_for(self.path.split("?", 1)[0])
+                path = self.path.split("?", 1)[0]
+                self._connection(path)
+                mount = ops.mount_for(path)
                 if mount is None:
                     self._not_allowed()
                 else:
@@ -140,19 +180,29 @@ class OpsServer:
 
             do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed  # noqa: N815
 
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _Server((host, port), Handler)
         self.port = self.httpd.server_address[1]
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="ops-http", daemon=True)
 
     def mount_for(self, path: str) -> Mount | None:
         """The mounted callable answering `path` (exact keys first, then the longest "*" prefix)."""
+        key = self.mount_key(path)
+        return self.mounts[key] if key is not None else None
+
+    def mount_key(self, path: str) -> str | None:
         if path in ROUTES:
             return None
         if path in self.mounts:
-            return self.mounts[path]
-        best = max((k for k in self.mounts if k.endswith("*") and path.startswith(k[:-1])), key=len, default=None)
-        return self.mounts[best] if best is not None else None
+            return path
+        return max((k for k in self.mounts if k.endswith("*") and path.startswith(k[:-1])), key=len, default=None)
+
+    def keeps_alive(self, path: str, command: str, headers: Any) -> bool:
+        """Whether the connection may carry another request after this one (see the module docstring)."""
+        key = self.mount_key(path)
+        if key is not None:
+            return key in self.keep_alive
+        bodiless = headers.get("Content-Length") in (None, "0") and not headers.get("Transfer-Encoding")
+        return command in ("GET", "HEAD") and bodiless
 
     def start(self) -> "OpsServer":
         self._thread.start()

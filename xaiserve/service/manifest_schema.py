@@ -14,7 +14,7 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
-from xaiserve.methods import KINDS
+from xaiserve.methods import KINDS, METHODS
 from xaiserve.service.images import RESIZE_MODES
 
 log = logging.getLogger("xaiserve.registry")
@@ -38,7 +38,11 @@ KNOWN_FIELDS = (
     "particles",
     "code_version",
     "added",
+    "torch_form",
+    "default_method",
 )
+# what manifest default_method may name: the methods Explain serves (the methods table)
+EXPLAIN_METHODS = tuple(n for n, m in METHODS.items() if m.rpc == "Explain")
 
 _rel_path = {
     "type": "string",
@@ -92,11 +96,26 @@ ENTRY_SCHEMA: dict[str, Any] = {
         "labels": {"type": "array", "items": {"type": "string"}},
         "output_dim": {"type": "integer", "minimum": 0},
         "explains": {"type": "string", "pattern": NAME_PATTERN[:-1] + r"(:[A-Za-z0-9][A-Za-z0-9._-]{0,31})?$"},
+        # the Explain method of a request that names none; must apply to the kind (entry_problems)
+        # and to the store's model forms (Registry.check_method at load)
+        "default_method": {"enum": list(EXPLAIN_METHODS)},
         "arch": {"type": "object"},
         "metrics": {"type": "object"},
         "training": {"type": "object"},
         "particles": {"type": "object"},
         "code_version": {"type": "string"},
+        # provenance of a torch form converted from the ONNX graph (handlers/nets/onnx_torch.py); with
+        # from "onnx" and no torchscript / exported_program file, the graph is converted at load
+        "torch_form": {
+            "type": "object",
+            "properties": {
+                "from": {"enum": ["onnx"]},
+                "converter": {"type": "string"},
+                "max_abs_diff": {"type": "number"},
+                "rtol": {"type": "number"},
+                "stored": {"type": "string"},
+            },
+        },
     },
 }
 
@@ -129,6 +148,13 @@ def entry_problems(d: Any) -> list[str]:
     kind = KINDS[d["kind"]]
     if kind.masking and not d.get("explains"):
         out.append(f'a {d["kind"]} masking network must say which model it explains (explains: "name:version")')
+    dm = d.get("default_method")
+    if dm:
+        # a masking network's methods run on the model it explains (methods table: spec.kinds)
+        kinds = {d["kind"], *kind.explains}
+        if not kinds & set(METHODS[dm].kinds):
+            fits = [n for n in EXPLAIN_METHODS if kinds & set(METHODS[n].kinds)]
+            out.append(f"default_method: {dm!r} does not apply to a {d['kind']}; use one of {', '.join(fits)}")
     allowed = set(kind.inputs) | set(kind.outputs)
     for k in d.get("io", {}):
         if k not in allowed:

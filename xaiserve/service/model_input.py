@@ -63,12 +63,18 @@ def fast_model_input(image: pb.Image, spec: InputSpec) -> tuple[np.ndarray, np.n
         if channels == 4:  # images.to_channels drops alpha
             im = im.convert("RGB")
         f = fit(h, w, spec)
-        bands = _resized_bands(im, f.content)
+        if f.content == (h, w):
+            # no resize (an image at the model's size): the 8-bit pixels as float32 directly, the
+            # same values the bands' convert("F") gives, without splitting (2.8x less CPU at 224 x 224)
+            a = np.asarray(im, dtype=np.float32)
+            a = a[:, :, None] if a.ndim == 2 else a
+        else:
+            a = np.stack(_resized_bands(im, f.content), axis=2)
     except Exception:  # noqa: BLE001 - truncated or corrupt: the full path raises the precise error
         return None
     finally:
         im.close()
-    a = np.stack(bands, axis=2) * np.float32(1.0 / 255.0)
+    a = a * np.float32(1.0 / 255.0)
     if spec.channels == 3 and a.shape[2] == 1:
         a = np.repeat(a, 3, axis=2)
     elif spec.channels == 1 and a.shape[2] == 3:

@@ -61,6 +61,9 @@ class ModelEntry:
     # (key, mtime_ns, size) of its model files when the manifest was read: a file replaced in place
     # changes the entry's key, so a reload (SIGHUP) loads it afresh
     files_stamp: tuple = ()
+    # manifest default_method: the Explain method used when a request names none ("" = none; a
+    # masking network runs its own graph then). Checked against the methods table at load.
+    default_method: str = ""
 
     @property
     def id(self) -> str:
@@ -106,9 +109,19 @@ class ModelEntry:
                 metrics=dict(d.get("metrics", {})),
                 raw=dict(d),
                 io={str(k): str(v) for k, v in d.get("io", {}).items()},
+                default_method=str(d.get("default_method", "")),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"manifest entry {d.get('name', '?')}:{d.get('version', '?')} is malformed: {e}") from e
+
+
+def _converts_at_load(entry: "ModelEntry") -> bool:
+    """An ONNX-only entry whose torch form is converted from the graph at load (`torch_form.from: onnx`),
+    when the converter is installed (checked without importing it or torch)."""
+    import importlib.util
+
+    tf = entry.raw.get("torch_form")
+    return isinstance(tf, dict) and tf.get("from") == "onnx" and importlib.util.find_spec("onnx2torch") is not None
 
 
 def _version_key(v: str) -> tuple:
@@ -452,6 +465,9 @@ class Registry:
         self._unavailable: dict[str, BadEntry] = {}
         self._listeners: list[Callable[[set[str]], None]] = []
         self.manifest_stamp: tuple[int, int, int] | None = None  # (mtime_ns, inode, size) of the manifest read last
+        # +1 whenever the served set changes (a reload, an entry marked unavailable): open streams
+        # compare it with the value they saw and re-resolve their model only when it moved
+        self.generation = 0
         self.reload()
 
     # -- manifest ------------------------------------------------------------------------------
@@ -493,6 +509,7 @@ class Registry:
             with self._lock:
                 self._by_name = by_name
                 self._unavailable = {b.id: b for b in bad}
+                self.generation += 1
                 retired = {k for k in (*self._onnx, *self._torch) if k not in keep}
                 for k in retired:
                     self._onnx.pop(k, None)
@@ -537,6 +554,7 @@ class Registry:
                     del by_name[entry.name]
                 self._by_name = by_name
                 self._unavailable = {**self._unavailable, bad.id: bad}
+                self.generation += 1
         return bad
 
     def resolve(self, model_id: str) -> ModelEntry:
@@ -735,6 +753,8 @@ class Registry:
             self._present(entry, "torchscript") or self._present(entry, "exported_program")
         ):
             have.add("torch")  # a user's own model (handlers.nets.forms)
+        elif entry.kind in ("encoder", "classifier") and "onnx" in have and _converts_at_load(entry):
+            have.add("torch")  # a user's ONNX graph converted to torch at load (handlers.nets.onnx_torch)
         if self._present(entry, "state_dict"):
             if entry.kind in ("encoder", "classifier"):
                 from xaiserve.handlers.nets.encoder import ARCH_TYPE

@@ -11,6 +11,9 @@ How (docs/MODEL_STORE.md, "Reload"):
   are swapped in. The swap is one assignment: a call resolves its model either before (old set) or
   after (new set), and keeps the session and batcher it resolved until it finishes. The batchers of
   removed or replaced versions stop once their queued calls are answered (FastPath.retire).
+- Open streams (StreamExplain) are woken: one whose model version was rewritten goes on with the
+  new version from its next frame; one whose model was removed or became unavailable ends, after
+  the frames in flight are answered, with NOT_FOUND / FAILED_PRECONDITION saying so.
 - A manifest that is not valid JSON is logged and the current set keeps serving.
 """
 
@@ -29,9 +32,12 @@ log = logging.getLogger("xaiserve.reload")
 class ManifestWatcher:
     """Polls the manifest and reloads the registry when it changes (and on `trigger()`)."""
 
-    def __init__(self, registry: Registry, fast: Any, *, interval_s: float = 1.0, load: bool = True):
+    def __init__(
+        self, registry: Registry, fast: Any, *, interval_s: float = 1.0, load: bool = True, streams: Any = None
+    ):
         self.registry = registry
         self.fast = fast
+        self.streams = streams  # service.streams.StreamHub: open streams re-check their model after a reload
         self.interval_s = float(interval_s)
         self.load = load
         self.reloads = 0
@@ -82,6 +88,8 @@ class ManifestWatcher:
                 self.registry.manifest_stamp = manifest_stamp(self.registry.store)
                 return None
             self.fast.retire(report.retired)
+            if self.streams is not None:
+                self.streams.models_changed()
             for mid in report.added:
                 if mid in self.registry.load_seconds:
                     metrics.MODEL_LOAD.labels(mid).set(self.registry.load_seconds[mid])
@@ -114,6 +122,8 @@ def with_availability(resp: Any, registry: Registry, kind: str = "") -> Any:
         for f in ("height", "width", "channels"):
             if isinstance(inp.get(f), int):
                 setattr(spec, f, inp[f])
+        if isinstance(inp.get("resize"), str):
+            spec.resize = inp["resize"][:32]
         resp.models.append(
             pb.ModelInfo(
                 name=b.name,

@@ -83,7 +83,9 @@ class ExplainerServicer(_job_mixin(), pb_grpc.ExplainerServicer):  # type: ignor
         return await observed_unary("ListModels", context, go)
 
     async def StreamExplain(self, request_iterator, context) -> AsyncIterator[pb.ExplainFrameResult]:
-        session = StreamSession(self.fast, self.config, self.streams, context)
+        # frames take admission slots as unary calls do, per principal when that bound is set
+        who = self.principals.of(context) if self.principals is not None and self.fast.admission.per_principal else ""
+        session = StreamSession(self.fast, self.config, self.streams, context, principal=who)
 
         async def body(obs: Observed) -> AsyncIterator[pb.ExplainFrameResult]:
             metrics.ACTIVE_STREAMS.inc()
@@ -126,6 +128,7 @@ def list_models(registry: Registry, kind: str, jobs: Any = None) -> pb.ListModel
                     channels=e.input.channels,
                     mean=list(e.input.mean),
                     std=list(e.input.std),
+                    resize=e.input.resize,
                 ),
                 labels=list(e.labels),
                 explains=e.explains,
@@ -134,6 +137,7 @@ def list_models(registry: Registry, kind: str, jobs: Any = None) -> pb.ListModel
                 loaded=registry.loaded(e),
                 card=card,
                 output_dim=e.output_dim,
+                default_method=e.default_method if e.default_method in methods else "",
             )
         )
     # then the manifest entries that are not served, with available = false and the reason
@@ -223,6 +227,9 @@ async def start_server(config: ServerConfig) -> RunningServer:
     metrics.set_build_info(VERSION, code_version())
 
     fast = FastPath(registry, config)
+    # the image path's first-use costs (Pillow's plugins, the mask encoders) paid here, not by the
+    # first frames of the first streams (FastPath.warm_image_path)
+    fast.warm_image_path()
     from xaiserve.service.jobs.factory import build_job_service
     from xaiserve.service.jobs.methods import default_methods
     from xaiserve.service.jobs.options import JobOptions
@@ -320,7 +327,13 @@ async def start_server(config: ServerConfig) -> RunningServer:
     mport = -1
     if config.metrics_port >= 0:
         http = _ops_server(
-            config, registry, jobs, asyncio.get_running_loop(), serving, servicer if config.web else None
+            config,
+            registry,
+            jobs,
+            asyncio.get_running_loop(),
+            serving,
+            servicer if config.web else None,
+            (inference, principals) if config.oip_rest else None,
         )
         mport = http.port
     log.info(
@@ -337,7 +350,9 @@ async def start_server(config: ServerConfig) -> RunningServer:
     from xaiserve.service.reload import ManifestWatcher
 
     # models added, removed or changed in the manifest are swapped in without a restart (service/reload.py)
-    watcher = ManifestWatcher(registry, fast, interval_s=config.reload_interval_s, load=config.load_models == "all")
+    watcher = ManifestWatcher(
+        registry, fast, interval_s=config.reload_interval_s, load=config.load_models == "all", streams=streams
+    )
     watcher.start()
     return RunningServer(
         server,
@@ -363,9 +378,11 @@ def _ops_server(
     loop: asyncio.AbstractEventLoop,
     serving_flag: threading.Event,
     servicer: Any = None,
+    oip: tuple[Any, Any] | None = None,
 ):
     """The HTTP port (service.httpd): /metrics, /healthz (the event loop answers), /readyz (serving,
-    models loaded, job queue reachable); with `servicer`, the web viewer and its /api (service.web)."""
+    models loaded, job queue reachable); with `servicer`, the web viewer and its /api (service.web);
+    with `oip` (the OIP servicer, the principals), the Open Inference Protocol's /v2 (service.oip_http)."""
     from xaiserve.service.httpd import BoundedCheck, OpsServer, loop_responsive
 
     def serving() -> tuple[bool, str]:
@@ -389,8 +406,20 @@ def _ops_server(
         from xaiserve.service.web import mounts
 
         web = mounts(servicer, loop, serving_flag)
+    keep: tuple[str, ...] = ()
+    if oip is not None:
+        from xaiserve.service import oip_http
+
+        v2 = oip_http.mounts(oip[0], oip[1], config, loop, serving_flag)
+        web.update(v2)
+        keep = tuple(v2)
     ops = OpsServer(
-        config.metrics_host, config.metrics_port, live={"event_loop": loop_responsive(loop)}, ready=ready, mounts=web
+        config.metrics_host,
+        config.metrics_port,
+        live={"event_loop": loop_responsive(loop)},
+        ready=ready,
+        mounts=web,
+        keep_alive=keep,
     ).start()
     if web:
         log.info("web viewer", extra={"url": f"http://{config.metrics_host}:{ops.port}/"})

@@ -1,12 +1,18 @@
 """StreamExplain: frames in, masks out, in frame order, with a drop policy, per-frame errors,
 flow-control figures and a drain notice.
 
-- LATEST (default): one frame runs at a time; of the frames that arrive meanwhile only the newest
-  waits (a newer one replaces it and the replaced one is counted as dropped). The next frame starts
-  as soon as one is done, before its answer is written. Memory per stream is bounded by three
-  frames (being answered, running, waiting) whatever the sender or reader does.
+- LATEST (default): a frame starts when it arrives while fewer than `stream_latest_inflight`
+  (default 2) frames of the stream are unanswered; of the frames that arrive beyond that only the
+  newest waits (a newer one replaces it and the replaced one is counted as dropped). Two in flight,
+  not one: with one, a single slow frame (a stalled core, the first frame after start) made the
+  next frame wait and the one after replace it, so a 30 fps camera lost a frame whenever one took
+  more than about two frame periods although the server had spare capacity (bench/bench_stream.py
+  traced every such drop). Memory per stream is bounded by inflight + 2 frames (in flight, waiting,
+  being answered) whatever the sender or reader does.
 - ALL: every frame runs, in order; at most `max_queue` wait; beyond that the stream ends with
   RESOURCE_EXHAUSTED. Two frames may be in flight so the model is never idle between frames.
+In both, a frame starts as soon as it arrives when there is room (not when the previous answer is
+written); answers go out in frame order.
 A client that stops reading blocks our writes (HTTP/2 flow control); the reader keeps bounded
 state, so server memory does not grow.
 
@@ -14,6 +20,9 @@ A frame that fails (its image does not decode, is too large, the model queue is 
 answered with its own FrameStatus and no result; the stream goes on. Only errors about the stream
 itself (no or unknown model, frame ids that do not increase, an ALL queue overflowing) end it, and
 so do `max_consecutive_errors` failed frames in a row (a sender whose every frame is broken).
+A running frame holds an admission slot like a unary call (max_inflight, and per principal when
+set), so streams cannot starve unary callers: a frame beyond the limit is answered at once with
+RESOURCE_EXHAUSTED, which (the server's load, not the sender's fault) does not count in that run.
 
 Every answer carries dropped_total and answer_fps (answers per second over about the last second),
 so a sender can pace itself. On drain (SIGTERM) every open stream gets a DrainNotice at once and on
@@ -49,7 +58,7 @@ from xaiserve.service.errors import (
     quote,
     status_of,
 )
-from xaiserve.service.fastpath import FastPath
+from xaiserve.service.fastpath import FastPath, Overloaded
 from xaiserve.service.mask_wire import with_stream_defaults
 from xaiserve.service.registry import ModelEntry
 
@@ -57,6 +66,19 @@ log = logging.getLogger("xaiserve.streams")
 
 DRAIN_METADATA = ("xaiserve-draining", "1")
 RATE_WINDOW_S = 1.0  # answer_fps is measured over about this long
+
+
+async def _cine_frames(frame: _Frame, fast: FastPath) -> list[_Frame]:
+    """A frame whose image asks for image.dicom.all_frames, as one frame per frame of its
+    multi-frame DICOM (checked on the header first, in the CPU pool: frame count and size limits,
+    dicom_in.probe_all_frames); a file that cannot be split is one failed frame with that status."""
+    from xaiserve.service.dicom_in import probe_all_frames
+
+    try:
+        n = await fast.cpu.run(probe_all_frames, frame.msg.image)
+    except XaiError as e:
+        return [_Frame(frame.msg, frame.received_us, frame.received, error=e)]
+    return [_Frame(frame.msg, frame.received_us, frame.received, dicom_frame=k) for k in range(n)]
 
 
 def _now_us() -> int:
@@ -74,6 +96,8 @@ class _Frame:
     msg: pb.ExplainFrame
     received_us: int
     received: float  # perf_counter
+    dicom_frame: int | None = None  # image.dicom.all_frames: the frame of the file this one explains
+    error: XaiError | None = None  # the all_frames message could not be split: its answer's status
 
 
 class StreamHub:
@@ -94,6 +118,12 @@ class StreamHub:
 
     def __len__(self) -> int:
         return len(self._sessions)
+
+    def models_changed(self) -> None:
+        """After a model store reload: wake every open stream, so that one whose model was removed
+        ends now, not at its next frame (StreamSession._follow_reload; event loop only)."""
+        for s in list(self._sessions):
+            s._wake.set()
 
     def drain(self, grace_s: float) -> None:
         """Every open stream: notice now, ended shortly before `grace_s` from now (event loop only)."""
@@ -129,11 +159,14 @@ class StreamSession:
         config: ServerConfig,
         hub: StreamHub | None = None,
         context: grpc.aio.ServicerContext | None = None,
+        principal: str = "",
     ):
         self.fast = fast
+        self.principal = principal  # whose admission slots the frames take (max_inflight_per_principal)
         self.default_queue = config.stream_default_queue
         self.max_queue_limit = config.stream_max_queue
         self.max_errors = config.stream_max_consecutive_errors
+        self.latest_inflight = config.stream_latest_inflight
         self.hub, self.context = hub, context
         self.entry: ModelEntry | None = None
         self.options = with_stream_defaults(pb.ExplainOptions())
@@ -144,13 +177,16 @@ class StreamSession:
         self.last_id: int | None = None  # of the frames received
         self.last_answered: int | None = None
         self._pending: deque[_Frame] = deque()
+        self._inflight: deque[tuple[asyncio.Task, _Frame]] = deque()  # started, not yet answered (in order)
         self._wake = asyncio.Event()
+        self._started = asyncio.Event()  # _launch ran: the reader of an all_frames message waits on it
         self._error: XaiError | None = None
         self._eof = False
         self._rate = _Rate()
         self._drain_deadline: float | None = None  # time.monotonic() when the server stops
         self._drain_end: float | None = None  # when this stream ends itself
         self._notice_sent = False
+        self._generation = fast.registry.generation  # the registry's served set this stream saw last
 
     @property
     def model_label(self) -> str:
@@ -225,7 +261,14 @@ class StreamSession:
                         self.dropped += 1
                         metrics.STREAM_FRAMES.labels(self.model_label, "dropped").inc()
                     self._pending.append(frame)
+                if f.image.dicom.all_frames:  # one frame per frame of the file; read on once all have started
+                    self._pending.pop()
+                    self._pending.extend(await _cine_frames(frame, self.fast))
+                self._launch()  # start it now if the policy's depth has room
                 self._wake.set()
+                while f.image.dicom.all_frames and self._pending and self._error is None:
+                    self._started.clear()
+                    await self._started.wait()
         except XaiError as e:
             self._error = e
         finally:
@@ -241,8 +284,15 @@ class StreamSession:
             frame_id=fid, received_unix_us=frame.received_us, client_timestamp_us=frame.msg.client_timestamp_us
         )
         req = pb.ExplainRequest(model=self.entry.id, image=frame.msg.image, options=self.options)
+        if frame.dicom_frame is not None:
+            out.dicom_frame = req.image.dicom.frame = frame.dicom_frame
+            req.image.dicom.ClearField("all_frames")
         try:
-            out.result.CopyFrom(await self.fast.explain(req, timeout=None, entry=self.entry))
+            if frame.error is not None:
+                raise frame.error
+            # a slot like a unary call's: a frame beyond max_inflight is refused at once (Overloaded)
+            with self.fast.admission.slot(self.principal):
+                out.result.CopyFrom(await self.fast.explain(req, timeout=None, entry=self.entry))
             return out, None
         except XaiError as e:
             code, message, err = status_of(e), f"frame {fid}: {e}", e
@@ -289,19 +339,54 @@ class StreamSession:
         return XaiError(message)  # INTERNAL
 
     # -- the stream ----------------------------------------------------------------------------
-    def _launch(self, inflight: deque) -> None:
-        """Start waiting frames while fewer than the policy's depth run (known once the first
-        frame has been read): one for LATEST, two for ALL so that the model never idles between frames."""
-        depth = 2 if self.policy == pb.ALL else 1
-        while self._pending and len(inflight) < depth:
+    def _follow_reload(self) -> bool:
+        """After a model store reload (Registry.generation moved): the stream's model rewritten under
+        the same name:version switches to the new version for the frames not yet started (started
+        ones finish on the version they began with, as unary calls do); a model removed or made
+        unavailable ends the stream, once the frames in flight are answered, with the status a new
+        call would get (NOT_FOUND / FAILED_PRECONDITION) and a message saying what happened. False
+        when the stream must end: frames not yet started are dropped, so the old version is not
+        used again (no batcher or session is rebuilt for it)."""
+        if self._error is not None:
+            self._pending.clear()
+            return False
+        reg = self.fast.registry
+        if self.entry is None or self._generation == reg.generation:
+            return True
+        self._generation = reg.generation
+        try:
+            now = reg.resolve(self.entry.id)
+        except XaiError as e:
+            last = self.last_answered if self.last_answered is not None else "none"
+            self._error = type(e)(
+                f"the model of this stream, {self.entry.id}, is no longer served after a model store reload ({e}); "
+                f"last frame answered: {last}; open a new stream"
+            )
+            self._pending.clear()
+            self._wake.set()
+            return False
+        if now.key != self.entry.key:
+            log.info("stream follows its reloaded model", extra={"model": now.id})
+            self.entry = now
+        return True
+
+    def _launch(self) -> None:
+        """Start waiting frames while fewer than the policy's depth are unanswered (known once the
+        first frame has been read): stream_latest_inflight for LATEST, two for ALL so that the model
+        never idles between frames. Called when a frame arrives and when one is answered."""
+        if not self._follow_reload():
+            return
+        depth = 2 if self.policy == pb.ALL else self.latest_inflight
+        while self._pending and len(self._inflight) < depth:
             frame = self._pending.popleft()
-            inflight.append((asyncio.ensure_future(self._run(frame)), frame))
+            self._inflight.append((asyncio.ensure_future(self._run(frame)), frame))
+        self._started.set()
 
     async def run(self, requests: AsyncIterator[pb.ExplainFrame]) -> AsyncIterator[pb.ExplainFrameResult]:
         if self.hub is not None:
             self.hub.open(self)
         reader = asyncio.get_running_loop().create_task(self._read(requests))
-        inflight: deque[tuple[asyncio.Task, _Frame]] = deque()
+        inflight = self._inflight
         try:
             while True:
                 if self._drain_deadline is not None:
@@ -310,20 +395,24 @@ class StreamSession:
                         yield self._finish(pb.ExplainFrameResult(), None)
                     if self._drain_end is not None and time.monotonic() >= self._drain_end:
                         await self._end_for_drain()
-                self._launch(inflight)
+                self._launch()
                 if inflight:
-                    task, frame = inflight.popleft()
+                    task, frame = inflight[0]
                     res, err = await task
+                    inflight.popleft()  # only now: while it ran it counted towards the depth
                     # the next frame starts before this answer is written: writing can wait on the
                     # network, and a frame left waiting meanwhile would be replaced (dropped)
-                    self._launch(inflight)
+                    self._launch()
                     if err is None:
                         self.failed_in_a_row = 0
                         metrics.STREAM_FRAMES.labels(self.model_label, "answered").inc()
                         yield self._finish(res, frame.received)
                         continue
-                    self.failed_in_a_row += 1
                     metrics.STREAM_FRAMES.labels(self.model_label, "failed").inc()
+                    if isinstance(err, Overloaded):  # the server's load, not a broken sender: not counted
+                        yield self._finish(res, None)
+                        continue
+                    self.failed_in_a_row += 1
                     if self.failed_in_a_row >= self.max_errors:
                         raise self._too_many_errors(res, err)
                     yield self._finish(res, None)
@@ -333,7 +422,7 @@ class StreamSession:
                 if self._eof:
                     return
                 self._wake.clear()
-                if not self._pending and not self._eof:
+                if not self._pending and not inflight and not self._eof:
                     end = self._drain_end
                     timeout = None if end is None else max(0.0, end - time.monotonic())
                     try:

@@ -1,16 +1,19 @@
 """NEM-U / NEMt masking networks for a user's own CNN, trained on a folder of its images.
 
-    xaiserve train nem-u --encoder NAME[:V] --images DIR [--masks DIR] [--taps a,b,c] [--epochs N]
-    xaiserve train nemt --classifier NAME[:V] --images DIR [--labels labels.csv] [--conditional]
+    xaiserve train nem-u --encoder NAME[:V] --images DIR [--masks DIR] [--taps a,b,c] [--epochs N] [--device D]
+    xaiserve train nemt --classifier NAME[:V] --images DIR [--labels labels.csv] [--conditional] [--device D]
 
 1. The frozen model comes from the store in its torch form (TorchScript / torch.export via
-   handlers.nets.forms, or a handlers.nets network), at its own input size (non-square too).
+   handlers.nets.forms, an ONNX graph converted by handlers.nets.onnx_torch, or a handlers.nets
+   network), at its own input size (non-square too).
 2. Its feature pyramid is found by a probe forward pass (handlers.nets.forms.find_pyramid: the last
    4-D activation at each stride 2..32; `--taps` names the layers instead) and the U-Net decoder is
    built for those strides and channels ([NEM-U] sec. 3.3; handlers.nem.decoder with `strides`).
 3. The images are fitted to the model's input as the server fits requests (training/datasets/folder.py),
    a held-out split selects the epoch and gives the card's metrics.
-4. Training is nem_train.train_nemu / train_nemt unchanged ([NEM-U] eq. 5-9, [NEMt] eq. 2).
+4. Training is nem_train.train_nemu / train_nemt unchanged ([NEM-U] eq. 5-9, [NEMt] eq. 2), on
+   `--device` (cpu | cuda | cuda:N | auto, xaiserve/devices.py) like the other train commands; the
+   trained network comes back to the CPU for the export.
 5. One ONNX graph returns the mask and the frozen model's output from one pass (the contract of
    service/registry.py), checked against the torch module, and is added to the store with a card
    (training time, held-out metrics, taps). Only the decoder's weights are kept beside it: the graph
@@ -58,6 +61,9 @@ class UserNemOptions:
     form: str = "preservation"
     smoothing: int | None = None
     progress: bool = True
+    device: str = (
+        "cpu"  # where the decoder trains, with the frozen model (a resolved torch device); exported on the CPU
+    )
 
 
 def frozen_entry(store: Path, model_id: str, kind: str) -> ModelEntry:
@@ -83,7 +89,8 @@ def pyramid_model(entry: ModelEntry, store: Path, taps: Sequence[str] = ()) -> n
     except FailedPrecondition as e:
         raise FailedPrecondition(
             f"{e}. A masking network reads the frozen model's inner feature maps, so it needs its torch form: "
-            f"`xaiserve models add {entry.name} model.onnx --torch model.pt2 --kind {entry.kind}`"
+            f"`xaiserve models add {entry.name} model.onnx --kind {entry.kind}` converts an ONNX graph to one "
+            f"(onnx2torch), or give it: `xaiserve models add {entry.name} model.onnx --torch model.pt2 --kind {entry.kind}`"
         ) from None
     if callable(getattr(module, "features", None)) and getattr(module, "pyramid_channels", None) and not taps:
         return module
@@ -134,7 +141,7 @@ def train_user_nem(kind: str, model_id: str, opts: UserNemOptions) -> dict[str, 
     n_train = ds.sizes["train"]
     t0 = time.perf_counter()
     if kind == "nem_u":
-        model, history, metrics = train_nemu(frozen, ds, cfg, decoder=arch, progress=opts.progress)
+        model, history, metrics = train_nemu(frozen, ds, cfg, decoder=arch, progress=opts.progress, device=opts.device)
     else:
         smoothing = opts.smoothing or scaled_size(min(spec.height, spec.width))
         model, history, metrics = train_nemt(
@@ -146,6 +153,7 @@ def train_user_nem(kind: str, model_id: str, opts: UserNemOptions) -> dict[str, 
             decoder=arch,
             smoothing=smoothing,
             progress=opts.progress,
+            device=opts.device,
         )
     seconds = time.perf_counter() - t0
     passes = opts.epochs * n_train * (max(k, 1) if kind == "nemt" and not opts.conditional else 1)
@@ -154,6 +162,7 @@ def train_user_nem(kind: str, model_id: str, opts: UserNemOptions) -> dict[str, 
     metrics_out = {
         **{s: m for s, m in metrics.items()},
         "training_seconds": round(seconds, 1),
+        "training_device": str(opts.device),
         "seconds_per_1000_images": round(1000 * seconds / max(passes, 1), 2),
     }
     sections = {
@@ -195,7 +204,8 @@ def train_user_nem(kind: str, model_id: str, opts: UserNemOptions) -> dict[str, 
         ),
         "Training": (
             f"{opts.epochs} epochs, batch {opts.batch_size}, Prodigy (lr 1, weight decay 0.01); "
-            f"{seconds:.1f} s in all, {metrics_out['seconds_per_1000_images']} s per 1000 images on this machine."
+            f"{seconds:.1f} s in all on {opts.device}, {metrics_out['seconds_per_1000_images']} s per 1000 images on "
+            "this machine."
         ),
         "Held-out metrics": _table({s: m for s, m in metrics.items() if isinstance(m, dict)}),
     }

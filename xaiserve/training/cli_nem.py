@@ -38,6 +38,11 @@ ZOO: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("scenes-simclr", "encoder", {"epochs": 12, "stages": (5,)}),
     ("lesions-classifier", "classifier", {"dataset": "lesions", "epochs": 5}),
     ("scenes-nemu", "nem-u", {"encoder": "scenes-simclr:1", "epochs": 10}),
+    # the lesions NEMt: stage 1 is the recipe of the models before the two-finding images (single-lesion set,
+    # two-sided preservation, 7 x 7); stage 2 continues from it on the set with two-finding images, with the
+    # one-sided loss, a 3 x 3 neighbourhood and both loss forms, the served one picked by the targeted relevance
+    # mass on two-finding validation images (docs/METHODS.md, NEMt). `--init-from lesions-nemt:1,...` takes
+    # stage 1 from a store model trained by stage 1 alone (the committed models were made that way).
     (
         "lesions-nemt",
         "nemt",
@@ -45,15 +50,27 @@ ZOO: tuple[tuple[str, str, dict[str, Any]], ...] = (
             "classifier": "lesions-classifier:1",
             "form": "auto",
             "conditional": False,
-            "epochs": 3,
-            "ablate_smoothing": 21,
+            "epochs": 2,
+            "smoothing": 3,
+            "one_sided": True,
+            "two_findings": 0.5,
+            "pretrain": {"epochs": 3, "form": "preservation", "smoothing": 7},
         },
     ),
     ("scenes-classifier", "classifier", {"dataset": "scenes", "epochs": 15}),
     (
         "lesions-nemt-cond",
         "nemt",
-        {"classifier": "lesions-classifier:1", "form": "preservation", "conditional": True, "epochs": 6},
+        {
+            "classifier": "lesions-classifier:1",
+            "form": "auto",
+            "conditional": True,
+            "epochs": 3,
+            "smoothing": 3,
+            "one_sided": True,
+            "two_findings": 0.5,
+            "pretrain": {"epochs": 6, "form": "preservation", "smoothing": 7},
+        },
     ),
     # the DICOM demo: synthetic CT phantoms, window stack as channels (xaiserve/training/datasets/phantoms.py),
     # served with the gradient methods (its card says why there is no NEMt for it)
@@ -118,6 +135,24 @@ def _parser(cmd: str, target: str) -> argparse.ArgumentParser:
             default=None,
             help="nemt: also train with this neighbourhood size and report it in the card (not served)",
         )
+        p.add_argument(
+            "--one-sided",
+            action="store_true",
+            help="nemt: only a drop of the target probability counts in the loss (handlers.nem.losses)",
+        )
+        p.add_argument(
+            "--two-findings",
+            type=float,
+            default=0.0,
+            help="nemt on lesions: share of two-finding training images; epochs and the form are then selected "
+            "by the targeted relevance mass on two-finding validation images",
+        )
+        p.add_argument(
+            "--init-from",
+            default=None,
+            help="nemt with a two-stage recipe (the zoo's lesions NEMt): take the first stage's weights from this "
+            "store model (name:version) instead of training it",
+        )
         p.add_argument("--only", default=None, help="zoo: comma-separated model names to (re)train")
         # a masking network for any CNN in the store (training/byom_nem.py)
         p.add_argument(
@@ -173,6 +208,7 @@ def _opts(args: argparse.Namespace):
         export=not args.no_export,
         fashion_mnist=args.fashion_mnist,
         device=str(resolve_device(getattr(args, "device", "cpu"))),
+        extra={"init_from": args.init_from} if getattr(args, "init_from", None) else {},
     )
 
 
@@ -211,8 +247,11 @@ def _train_one(target: str, name: str, args: argparse.Namespace, extra: dict[str
             extra.get("classifier", args.classifier),
             form=extra.get("form", args.form),
             conditional=extra.get("conditional", args.conditional),
-            smoothing=args.smoothing,
+            smoothing=args.smoothing if args.smoothing is not None else extra.get("smoothing"),
             ablate_smoothing=extra.get("ablate_smoothing", args.ablate_smoothing),
+            one_sided=extra.get("one_sided", args.one_sided),
+            two_findings=extra.get("two_findings", args.two_findings),
+            pretrain=extra.get("pretrain"),
         )
     else:
         raise ValueError(target)
@@ -229,6 +268,7 @@ def _train_one(target: str, name: str, args: argparse.Namespace, extra: dict[str
 
 def _train_user(target: str, args: argparse.Namespace) -> dict[str, Any]:
     """`--images`: a masking network for any encoder/classifier of the store, on the user's folder."""
+    from xaiserve.devices import resolve_device
     from xaiserve.training.byom_nem import UserNemOptions, train_user_nem
 
     frozen = args.encoder if target == "nem-u" else args.classifier
@@ -252,6 +292,7 @@ def _train_user(target: str, args: argparse.Namespace) -> dict[str, Any]:
         form=form,
         smoothing=args.smoothing,
         progress=not args.no_progress,
+        device=str(resolve_device(args.device)),
     )
     entry = train_user_nem("nem_u" if target == "nem-u" else "nemt", frozen, opts)
     m = entry["metrics"]
@@ -263,6 +304,7 @@ def _train_user(target: str, args: argparse.Namespace) -> dict[str, Any]:
                 "store": str(args.store),
                 "onnx_max_abs_diff": m.get("onnx_max_abs_diff"),
                 "training_seconds": m.get("training_seconds"),
+                "device": m.get("training_device"),
                 "test": m.get("test"),
                 "latency": m.get("latency"),
             },

@@ -148,6 +148,7 @@ class Publication:
     metrics: dict[str, Any]
     card_sections: dict[str, str]  # title -> markdown body (data, parameters, metrics, decisions, ...)
     explains: str = ""
+    default_method: str = ""  # manifest default_method: the Explain method used when a request names none
 
 
 def render_card(pub: Publication, files: dict[str, str], version: str) -> str:
@@ -249,5 +250,7 @@ def publish(
     }
     if pub.explains:
         entry["explains"] = pub.explains
+    if pub.default_method:
+        entry["default_method"] = pub.default_method
     add_entry(store, entry)
     return entry

@@ -205,9 +205,13 @@ def nemt_step(
         logits, pyr = model.frozen.features(x)
     mask = model.mask_from(pyr, target, only=only, stochastic=True)
     if form == "preservation":
-        out, parts = nemt_preservation_loss(logits, model.frozen(x * mask), mask, target, loss.preservation_weight)
+        out, parts = nemt_preservation_loss(
+            logits, model.frozen(x * mask), mask, target, loss.preservation_weight, loss.one_sided
+        )
     elif form == "deletion":
-        out, parts = nemt_deletion_loss(logits, model.frozen(x * (1 - mask)), mask, target, loss.deletion_lambda1)
+        out, parts = nemt_deletion_loss(
+            logits, model.frozen(x * (1 - mask)), mask, target, loss.deletion_lambda1, loss.one_sided
+        )
     else:
         raise InvalidArgument(f"unknown NEMt loss form {form!r}; use one of {NEMT_FORMS}")
     return out, {k: float(v) for k, v in parts.items()}
@@ -242,6 +246,41 @@ def evaluate_nemt(
     return out if getattr(ds, "has_masks", True) else {k: v for k, v in out.items() if k != "relevance_mass"}
 
 
+def evaluate_nemt_two_findings(
+    model: NemT, ds: SyntheticDataset, split: str = "val", n: int = 128, only: int | None = None
+) -> dict[str, float]:
+    """Targeted relevance mass on the two-finding set (datasets/two_findings.py, `n` images of `split`):
+    for each image and each of its two classes k, the share of the mask on the lesion of class k
+    (and on the other lesion); only=c: the targets of class c alone (one decoder of a bank)."""
+    from xaiserve.training.datasets.base import to_uint8
+    from xaiserve.training.datasets.two_findings import render_two_findings
+
+    model.eval()
+    dev = module_device(model)
+    t = render_two_findings(n, split, seed=ds.seed, size=ds.size)
+    x = ds.normalise(to_uint8(t.images)).to(dev)
+    on_k, on_other = [], []
+    with torch.no_grad():
+        for j in (0, 1):
+            k = torch.from_numpy(t.labels[:, j]).to(dev)
+            sel = torch.ones_like(k, dtype=torch.bool) if only is None else k == only
+            if not bool(sel.any()):
+                continue
+            for i in range(0, int(sel.sum()), 256):
+                xs, ks = x[sel][i : i + 256], k[sel][i : i + 256]
+                mask, _, _ = model(xs, ks)
+                gk = torch.from_numpy(t.masks[:, j]).to(dev)[sel][i : i + 256]
+                go = torch.from_numpy(t.masks[:, 1 - j]).to(dev)[sel][i : i + 256]
+                on_k.append(relevance_mass(mask, gk))
+                on_other.append(relevance_mass(mask, go))
+    if not on_k:
+        return {}
+    return {
+        "targeted_relevance_mass": float(torch.cat(on_k).mean()),
+        "other_lesion_mass": float(torch.cat(on_other).mean()),
+    }
+
+
 COND_HEAD_BIAS = 2.0  # initial mask logit of the class-conditional NEMt (see train_nemt)
 
 
@@ -254,6 +293,9 @@ def train_nemt(
     conditional: bool = False,
     decoder: DecoderArch | None = None,
     smoothing: int = 21,
+    one_sided: bool = False,
+    two_findings_val: int = 0,
+    init: dict[str, torch.Tensor] | None = None,
     checkpoint: Path | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -261,7 +303,12 @@ def train_nemt(
     device: torch.device | str = "cpu",
 ) -> tuple[NemT, list[dict], dict[str, Any]]:
     """Train a per-class NEMt bank (each decoder in turn) or one class-conditional NEMt, on
-    `device` (the frozen classifier goes there with it); back on the CPU at the end."""
+    `device` (the frozen classifier goes there with it); back on the CPU at the end.
+
+    one_sided: only a drop of the target probability counts in the loss (handlers.nem.losses).
+    two_findings_val=n: select epochs by the targeted relevance mass on n two-finding validation
+    images (both targets each; per class for a bank) and report it on 100 two-finding test images.
+    init: a state dict of the same NemT (decoders only are read) to continue from (a second stage)."""
     if form not in NEMT_FORMS:
         raise InvalidArgument(f"unknown NEMt loss form {form!r}; use one of {NEMT_FORMS}")
     torch.manual_seed(cfg.seed)
@@ -274,16 +321,31 @@ def train_nemt(
         "conditional": conditional,
         "decoder": decoder.to_dict(),
         "smoothing": smoothing,
+        "one_sided": one_sided,
+        "two_findings_val": two_findings_val,
         "dataset": ds.describe(),
         "limit": limit,
     }
+    loss_cfg = NemTLossConfig(form=form, one_sided=one_sided)
+    tv = int(two_findings_val)
+
+    def validate_cond(e):
+        out = evaluate_nemt(model, ds, "val", limit=512)
+        if tv:
+            out.update(evaluate_nemt_two_findings(model, ds, "val", tv))
+        return out
+
     history: list[dict] = []
+    if init is not None:
+        dec = {k[len("decoders.") :]: v for k, v in init.items() if k.startswith("decoders.")}
+        model.decoders.load_state_dict(dec)
     if conditional:
         # Start from masks that keep most of the image (sigmoid(2) = 0.88) and let the L1 term shrink
         # them: from the default start (0.5) the shared network drove every mask of one class to 0
         # within the first epoch (sigmoid saturated, no gradient back), for every target label.
-        with torch.no_grad():
-            model.decoders[0].head.bias.fill_(COND_HEAD_BIAS)
+        if init is None:
+            with torch.no_grad():
+                model.decoders[0].head.bias.fill_(COND_HEAD_BIAS)
         opt = prodigy(model.decoders.parameters())
         gen, steps = _batches(ds, cfg.batch_size, cfg.seed, limit)
         g = torch.Generator().manual_seed(cfg.seed)
@@ -295,7 +357,7 @@ def train_nemt(
             # drawn on the host (the same targets on every device), moved to the batch's device
             rand = torch.randint(0, k, (len(x),), generator=g).to(x.device)
             t = torch.where((torch.rand(len(x), generator=g) < 0.5).to(x.device), y, rand)
-            return nemt_step(model, x, t, form)
+            return nemt_step(model, x, t, form, loss=loss_cfg)
 
         ck = checkpoint.with_name(checkpoint.stem + "-cond.pt") if checkpoint else None
         # one network for every label can fall into "empty mask for a whole class" (sigmoid saturated,
@@ -307,7 +369,7 @@ def train_nemt(
                 resume=resume,
                 progress=progress,
                 desc=f"nemt-cond[{form}]",
-                select=_select(ds, "relevance_mass", "prob_change_keep_mask"),
+                select="targeted_relevance_mass" if tv else _select(ds, "relevance_mass", "prob_change_keep_mask"),
             ),
             model,
             opt,
@@ -315,7 +377,7 @@ def train_nemt(
             steps,
             step,
             run_config=base,
-            validate=lambda e: evaluate_nemt(model, ds, "val", limit=512),
+            validate=validate_cond,
             device=device,
         )
     else:
@@ -330,15 +392,22 @@ def train_nemt(
                     resume=resume and ck is not None and ck.exists(),
                     progress=progress,
                     desc=f"nemt[{form}] class {c}",
+                    select="targeted_relevance_mass" if tv else None,
                 ),
                 model.decoders[c],
                 opt,
                 gen,
                 steps,
                 lambda b, c=c: nemt_step(
-                    model, b[0], torch.full((len(b[0]),), c, dtype=torch.int64, device=b[0].device), form, only=c
+                    model,
+                    b[0],
+                    torch.full((len(b[0]),), c, dtype=torch.int64, device=b[0].device),
+                    form,
+                    only=c,
+                    loss=loss_cfg,
                 ),
                 run_config={**base, "class": c},
+                validate=(lambda e, c=c: evaluate_nemt_two_findings(model, ds, "val", tv, only=c)) if tv else None,
                 device=device,
             )
             history += [{**r, "class": c} for r in h]
@@ -348,4 +417,8 @@ def train_nemt(
         "test": evaluate_nemt(model, ds, "test"),
         "test_argmax": evaluate_nemt(model, ds, "test", target="argmax"),
     }
+    if tv:
+        metrics["val_two_findings"] = evaluate_nemt_two_findings(model, ds, "val", tv)
+        metrics["test_two_findings"] = evaluate_nemt_two_findings(model, ds, "test", 100)
+    model.eval()
     return model.cpu(), history, metrics

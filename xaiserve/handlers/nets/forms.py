@@ -80,7 +80,8 @@ class GraphForm(nn.Module):
     def __init__(self, graph_module: torch.fx.GraphModule, source: str):
         super().__init__()
         self.graph_module = graph_module
-        self.source = source  # "exported_program" | "torchscript" | "module"
+        self.source = source  # "exported_program" | "torchscript" | "onnx" (onnx2torch) | "module"
+        self.output_index = 0  # which output of a multi-output graph is the model's output
         self._taps: dict[str, str] = {}  # fx node name -> tap submodule name
 
     def train(self, mode: bool = True) -> "GraphForm":
@@ -89,7 +90,17 @@ class GraphForm(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return first_tensor(self.graph_module(x))
+        out = self.graph_module(x)
+        if self.output_index and isinstance(out, (tuple, list)):
+            out = out[self.output_index]
+        return first_tensor(out)
+
+    def shape_prop(self, x: torch.Tensor) -> None:
+        """Record every node's output shape (meta "tensor_meta") for graphs built without it (onnx2torch's)."""
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        with torch.no_grad():
+            ShapeProp(self.graph_module).propagate(x)
 
     # -- graph inspection ------------------------------------------------------------------------
     def activations(self, x: torch.Tensor) -> list[tuple[str, tuple[int, ...]]]:
@@ -115,7 +126,15 @@ class GraphForm(nn.Module):
         return seen
 
     def conv_nodes(self) -> list[str]:
-        return [n.name for n in self.graph_module.graph.nodes if n.op == "call_function" and n.target in _CONV_TARGETS]
+        """Convolutions: aten calls (torch.export graphs) or nn.Conv2d submodules (onnx2torch graphs)."""
+        gm = self.graph_module
+        out = []
+        for n in gm.graph.nodes:
+            if n.op == "call_function" and n.target in _CONV_TARGETS:
+                out.append(n.name)
+            elif n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), nn.Conv2d):
+                out.append(n.name)
+        return out
 
     def tap(self, node_name: str) -> nn.Module:
         """The tap module after fx node `node_name` (inserted on first use): hooks on it see that output."""
@@ -147,11 +166,19 @@ class GraphForm(nn.Module):
 
         def shape(n):
             v = n.meta.get("val")
-            return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+            if isinstance(v, torch.Tensor):
+                return tuple(v.shape)
+            tm = n.meta.get("tensor_meta")  # ShapeProp's record (onnx2torch graphs)
+            return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
+
+        def elementwise(n) -> bool:
+            if n.op == "call_function":
+                return True
+            return n.op == "call_module" and not str(n.target).startswith("xai_tap_")
 
         while len(node.users) == 1:
             (user,) = node.users
-            if user.op != "call_function" or shape(user) is None or shape(user) != shape(node):
+            if not elementwise(user) or shape(user) is None or shape(user) != shape(node):
                 break
             node = user
         return self.tap(node.name)

@@ -5,7 +5,8 @@ Raw attributions are [B,C,H,W] input-space tensors (GradCAM: [B,1,H,W] upsampled
 
 Encoders (representations):
 - Saliency          [RELAX] eq. 14: (1/D) sum_d grad f_d(x), one backward pass of the mean.
-- GuidedBackprop    [RELAX] eq. 15: eq. 14 with negative gradients zeroed at every ReLU.
+- GuidedBackprop    [RELAX] eq. 15: eq. 14 with negative gradients zeroed at every ReLU (and every
+  capped rectifier: ReLU6, Clip(0, hi); other activations keep their ordinary gradient).
 - SmoothGrad        [RELAX] eq. 16: eq. 14 averaged over M noisy copies x + N(0, sigma^2).
 - IntegratedGradients, GradientShap, LabelFreeSaliency: captum methods on the label-free objective
   g(x) = <f(x), f(x0)>, x0 = x (Crabbe & van der Schaar 2022; [NEM-U] sec. 4.2 baselines).
@@ -152,6 +153,23 @@ class _GuidedReLU(torch.autograd.Function):
         return g.clamp(min=0) * (y > 0).to(g.dtype)
 
 
+class _GuidedReLU6(torch.autograd.Function):
+    """A rectifier capped at `hi` (ReLU6 = clamp(x, 0, 6), ONNX Clip(0, hi), Hardtanh(0, hi)), guided
+    like a ReLU: the backward passes positive incoming gradients where the unit is in its linear
+    range 0 < x < hi (where its own derivative is 1) and zeroes the rest."""
+
+    @staticmethod
+    def forward(ctx, x, hi):
+        ctx.save_for_backward(x)
+        ctx.hi = hi
+        return x.clamp(min=0, max=hi)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g.clamp(min=0) * ((x > 0) & (x < ctx.hi)).to(g.dtype), None
+
+
 # the aten overloads are what torch.export graphs (handlers.nets.forms.GraphForm) call
 _RELUS = {
     F.relu,
@@ -163,6 +181,45 @@ _RELUS = {
     torch.ops.aten.relu.default,
     torch.ops.aten.relu_.default,
 }
+# clamps: guided when their lower bound is 0 (a rectifier: ReLU6, Clip(0, 6), clamp(min=0)); any
+# other clamp keeps its ordinary gradient. (name of the lower / upper bound argument, its default)
+_HARDTANH = (("min_val", -1.0), ("max_val", 1.0))
+_CLAMP = (("min", None), ("max", None))
+_CLAMPS = {
+    F.hardtanh: _HARDTANH,
+    F.hardtanh_: _HARDTANH,
+    torch.ops.aten.hardtanh.default: _HARDTANH,
+    torch.ops.aten.hardtanh_.default: _HARDTANH,
+    F.relu6: None,  # always (0, 6)
+    torch.clamp: _CLAMP,
+    torch.clamp_: _CLAMP,
+    torch.clip: _CLAMP,
+    torch.clip_: _CLAMP,
+    torch.Tensor.clamp: _CLAMP,
+    torch.Tensor.clamp_: _CLAMP,
+    torch.Tensor.clip: _CLAMP,
+    torch.Tensor.clip_: _CLAMP,
+    torch.ops.aten.clamp.default: _CLAMP,
+    torch.ops.aten.clamp_.default: _CLAMP,
+    torch.ops.aten.clip.default: _CLAMP,
+}
+
+
+def _rectifier_cap(func, args, kwargs) -> tuple[bool, float | None]:
+    """(whether this clamp call is a rectifier, i.e. its lower bound is 0, its upper bound or None)."""
+    spec = _CLAMPS[func]
+    if spec is None:
+        return True, 6.0
+    vals = []
+    for i, (name, default) in enumerate(spec, start=1):
+        v = args[i] if len(args) > i else kwargs.get(name, default)
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = float(v)
+        if v is not None and not isinstance(v, (int, float)):
+            return False, None  # tensor bounds: not a fixed rectifier
+        vals.append(v)
+    lo, hi = vals
+    return (lo is not None and float(lo) == 0.0 and (hi is None or float(hi) > 0.0)), hi
 
 
 def _refuse_opaque(module: nn.Module, method: str) -> None:
@@ -178,16 +235,29 @@ def _refuse_opaque(module: nn.Module, method: str) -> None:
 
 
 class _GuidedMode(TorchFunctionMode):
-    """Routes every ReLU (nn.ReLU, F.relu, torch.relu, Tensor.relu, in-place or not) through _GuidedReLU.
+    """Routes every ReLU (nn.ReLU, F.relu, torch.relu, Tensor.relu, in-place or not) through _GuidedReLU,
+    and every capped rectifier (nn.ReLU6, F.relu6, Hardtanh / clamp / clip with lower bound 0, the
+    aten ops of exported graphs) through _GuidedReLU6.
+
+    Other activations (HardSwish, HardSigmoid, Sigmoid, SiLU, GELU, LeakyReLU, clamps whose lower
+    bound is not 0) are not rectifiers and keep their ordinary gradient: guided backprop zeroes
+    negative gradients at the rectifiers only (Springenberg et al. 2015; captum's GuidedBackprop
+    likewise modifies nn.ReLU only). A MobileNet v3 whose every activation is HardSwish therefore
+    gets (nearly) plain saliency from guided_backprop.
 
     captum's GuidedBackprop hooks nn.ReLU modules only, and handlers.nets' residual blocks call F.relu:
     captum would silently guide the stem alone. A torch-function mode is thread-local and sees them all.
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         if func in _RELUS:
             return _GuidedReLU.apply(args[0])
-        return func(*args, **(kwargs or {}))
+        if func in _CLAMPS and args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+            rect, hi = _rectifier_cap(func, args, kwargs)
+            if rect:
+                return _GuidedReLU.apply(args[0]) if hi is None else _GuidedReLU6.apply(args[0], float(hi))
+        return func(*args, **kwargs)
 
 
 class GuidedBackprop(Saliency):

@@ -94,6 +94,46 @@ class Aborted(Exception):
         self.code, self.message = code, message
 
 
+def refuse_cross_origin(h: BaseHTTPRequestHandler, surface: str) -> None:
+    """A call whose Origin is not this host is refused (cross-site request forgery): another web
+    site's page may not call the HTTP APIs from a visitor's browser."""
+    origin = h.headers.get("Origin")
+    if origin is not None:
+        host = (h.headers.get("Host") or "").strip().lower()
+        if origin == "null" or urlsplit(origin).netloc.lower() != host:
+            raise Aborted("PERMISSION_DENIED", f"cross-origin call from {quote(origin, 80)} refused: {surface}")
+
+
+def authorize_http(h: BaseHTTPRequestHandler, auth: Any, cert_only: bool, method: str, surface: str) -> str | None:
+    """The Authorization header to hand on when the caller may call the gRPC `method`
+    (/package.Service/Rpc); raises Aborted (UNAUTHENTICATED / PERMISSION_DENIED) as the gRPC
+    interceptor would. `surface` names the HTTP API in the log line."""
+    values = h.headers.get_all("Authorization") or []
+    if cert_only:
+        raise Aborted("UNAUTHENTICATED", CERT_ONLY_MESSAGE)
+    if auth is None:
+        return values[0] if len(values) == 1 else None
+    policy, reason = auth.authenticate([("authorization", v) for v in values])
+    if policy is None:
+        AUTH_REJECTED.labels(reason).inc()
+        log.warning("rejected %s call: method=%s reason=%s_token status=UNAUTHENTICATED", surface, method, reason)
+        raise Aborted("UNAUTHENTICATED", UNAUTHENTICATED_MESSAGE)
+    if not policy.allows(method):
+        AUTH_REJECTED.labels("forbidden").inc()
+        log.warning("rejected %s call: method=%s token_name=%s status=PERMISSION_DENIED", surface, method, policy.name)
+        raise Aborted("PERMISSION_DENIED", PERMISSION_DENIED_MESSAGE)
+    return values[0]
+
+
+def run_on_loop(loop: asyncio.AbstractEventLoop, coro: Awaitable[Any]) -> concurrent.futures.Future:
+    """Hand a coroutine from an HTTP thread to the server's event loop."""
+    try:
+        return asyncio.run_coroutine_threadsafe(coro, loop)  # type: ignore[arg-type]
+    except RuntimeError:  # the loop is closed: the server has stopped
+        coro.close()  # type: ignore[attr-defined]
+        raise Aborted("UNAVAILABLE", "the server is shutting down; retry on another replica") from None
+
+
 class HttpCall:
     """What the servicer reads of a grpc.aio.ServicerContext, for one HTTP call: the caller's
     Authorization header as metadata (so service.security.Principals names the same principal),
@@ -374,14 +414,7 @@ class WebApi:
         """Refuse what another web site's page could make a visitor's browser send (cross-site
         request forgery): a POST must be JSON, which a cross-origin page can only send after a CORS
         preflight this server never grants, and a call whose Origin is not this host is refused."""
-        origin = h.headers.get("Origin")
-        if origin is not None:
-            host = (h.headers.get("Host") or "").strip().lower()
-            if origin == "null" or urlsplit(origin).netloc.lower() != host:
-                raise Aborted(
-                    "PERMISSION_DENIED",
-                    f"cross-origin call from {quote(origin)} refused: the web API answers its own page only",
-                )
+        refuse_cross_origin(h, "the web API answers its own page only")
         if h.command == "POST":
             ctype = (h.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
             if ctype != "application/json":
@@ -392,24 +425,8 @@ class WebApi:
                 )
 
     def _authorize(self, h: BaseHTTPRequestHandler, permission: str) -> str | None:
-        """The Authorization header to hand on when the caller may call `permission`; raises Aborted
-        (UNAUTHENTICATED / PERMISSION_DENIED) as the gRPC interceptor would."""
-        values = h.headers.get_all("Authorization") or []
-        if self.cert_only:
-            raise Aborted("UNAUTHENTICATED", CERT_ONLY_MESSAGE)
-        if self.auth is None:
-            return values[0] if len(values) == 1 else None
-        method = f"/{SERVICE}/{permission}"
-        policy, reason = self.auth.authenticate([("authorization", v) for v in values])
-        if policy is None:
-            AUTH_REJECTED.labels(reason).inc()
-            log.warning("rejected web call: method=%s reason=%s_token status=UNAUTHENTICATED", method, reason)
-            raise Aborted("UNAUTHENTICATED", UNAUTHENTICATED_MESSAGE)
-        if not policy.allows(method):
-            AUTH_REJECTED.labels("forbidden").inc()
-            log.warning("rejected web call: method=%s token_name=%s status=PERMISSION_DENIED", method, policy.name)
-            raise Aborted("PERMISSION_DENIED", PERMISSION_DENIED_MESSAGE)
-        return values[0]
+        """The Authorization header to hand on when the caller may call `permission`."""
+        return authorize_http(h, self.auth, self.cert_only, f"/{SERVICE}/{permission}", "web")
 
     def _send(
         self,
@@ -493,11 +510,7 @@ class WebApi:
         raise InvalidArgument(f"query parameter {name} = {quote(v)}: use 1 or 0 (true / false)")
 
     def _on_loop(self, coro: Awaitable[Any]) -> concurrent.futures.Future:
-        try:
-            return asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
-        except RuntimeError:  # the loop is closed: the server has stopped
-            coro.close()  # type: ignore[attr-defined]
-            raise Aborted("UNAVAILABLE", "the server is shutting down; retry on another replica") from None
+        return run_on_loop(self.loop, coro)
 
     # -- unary calls ---------------------------------------------------------------------------
     def _unary(

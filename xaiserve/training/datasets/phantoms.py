@@ -61,6 +61,7 @@ class Phantoms(SyntheticDataset):
     name = "ct-phantoms"
     labels = PHANTOM_LABELS
     dicom_input = DICOM_INPUT  # published as the manifest's input.dicom (training.zoo.input_spec)
+    default_method = "saliency"  # its classifier's manifest default_method (no NEMt for it: see its card)
 
     def __init__(self, config: PhantomsConfig = PhantomsConfig()):
         super().__init__(size=config.size, seed=config.seed, sizes=config.sizes)

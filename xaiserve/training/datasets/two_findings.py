@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from xaiserve.training.datasets.base import pixel_grid
+from xaiserve.training.datasets.base import Rendered, pixel_grid
 from xaiserve.training.datasets.lesions import LESION_LABELS, Lesions, LesionsConfig
 
 SCALE = 0.7  # lesion radius relative to the single-lesion set
@@ -47,7 +47,12 @@ def render_two_findings(
     distractors and vignette without the lesions (for ground-truth checks)."""
     ds = Lesions(LesionsConfig(seed=seed, size=size))
     rng = np.random.default_rng([seed, _SPLIT_CODE[split], 0x2F1D])
-    s = size
+    return render_pairs(ds, rng, n, draw_objects=draw_objects)
+
+
+def render_pairs(ds: Lesions, rng: np.random.Generator, n: int, *, draw_objects: bool = True) -> TwoFindings:
+    """n two-finding images drawn with `rng` by the single-lesion generator `ds`."""
+    s = ds.size
     first = rng.integers(0, len(LESION_LABELS), n)
     second = (first + rng.integers(1, len(LESION_LABELS), n)) % len(LESION_LABELS)
     labels = np.stack([first, second], axis=1)
@@ -76,3 +81,52 @@ def render_two_findings(
     use_vig = rng.random((n, 1, 1)) < 0.5
     img = np.where((vig & use_vig)[:, None], img * 0.15, img)
     return TwoFindings(np.clip(img, 0, 1).astype(np.float32), labels.astype(np.int64), masks, dcov)
+
+
+@dataclass(frozen=True)
+class MixedConfig(LesionsConfig):
+    two_findings: float = 0.5  # share of two-finding images per chunk
+
+
+class LesionsWithTwoFindings(Lesions):
+    """The lesions set with a share of two-finding images, for training targeted masks (NEMt).
+
+    A two-finding row carries ONE of its two classes as the label (drawn per image) and that lesion
+    as its ground truth, so a target taken from the label asks "where is class k" with the other
+    class in the image. Normalisation statistics are those of the single-lesion set (the classifier's),
+    and the splits are fixed by (seed, split, chunk) as everywhere; they do not overlap
+    render_two_findings' evaluation images (another random stream)."""
+
+    config: MixedConfig
+
+    def __init__(self, config: MixedConfig = MixedConfig()):
+        super().__init__(config)
+        self._base = Lesions(LesionsConfig(size=config.size, seed=config.seed, sizes=config.sizes))
+
+    def stats(self):
+        return self._base.stats()
+
+    def render(self, rng: np.random.Generator, n: int, split: str, chunk: int, *, draw_objects: bool = True):
+        n2 = int(round(n * self.config.two_findings))
+        one = super().render(rng, n - n2, split, chunk, draw_objects=draw_objects)
+        if n2 == 0:
+            return one
+        two = render_pairs(self, rng, n2, draw_objects=draw_objects)
+        j = rng.integers(0, 2, n2)
+        rows = np.arange(n2)
+        images = np.concatenate([one.images, two.images])
+        labels = np.concatenate([one.labels, two.labels[rows, j]])
+        masks = np.concatenate([one.masks, two.masks[rows, j]])
+        order = rng.permutation(n)
+        return Rendered(images[order], labels[order], masks[order], {"two_findings": (order >= n - n2)})
+
+    def describe(self) -> dict:
+        return {**super().describe(), "two_findings": self.config.two_findings}
+
+
+def lesions_with_two_findings(
+    *, seed: int = 0, size: int = 64, sizes: dict[str, int] | None = None, share: float = 0.5
+) -> LesionsWithTwoFindings:
+    return LesionsWithTwoFindings(
+        MixedConfig(seed=seed, size=size, sizes=sizes or LesionsConfig().sizes, two_findings=share)
+    )

@@ -95,14 +95,16 @@ class Image(_message.Message):
     def __init__(self, encoded: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., content_type: _Optional[str] = ..., dicom: _Optional[_Union[DicomOptions, _Mapping]] = ...) -> None: ...
 
 class DicomOptions(_message.Message):
-    __slots__ = ("frame", "window_center", "window_width")
+    __slots__ = ("frame", "window_center", "window_width", "all_frames")
     FRAME_FIELD_NUMBER: _ClassVar[int]
     WINDOW_CENTER_FIELD_NUMBER: _ClassVar[int]
     WINDOW_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    ALL_FRAMES_FIELD_NUMBER: _ClassVar[int]
     frame: int
     window_center: float
     window_width: float
-    def __init__(self, frame: _Optional[int] = ..., window_center: _Optional[float] = ..., window_width: _Optional[float] = ...) -> None: ...
+    all_frames: bool
+    def __init__(self, frame: _Optional[int] = ..., window_center: _Optional[float] = ..., window_width: _Optional[float] = ..., all_frames: bool = ...) -> None: ...
 
 class Timing(_message.Message):
     __slots__ = ("queue_ms", "inference_ms", "total_ms", "batch_size", "inference_share_ms")
@@ -239,7 +241,7 @@ class DrainNotice(_message.Message):
     def __init__(self, seconds_left: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ExplainFrameResult(_message.Message):
-    __slots__ = ("frame_id", "result", "received_unix_us", "answered_unix_us", "dropped_total", "client_timestamp_us", "status", "answer_fps", "drain")
+    __slots__ = ("frame_id", "result", "received_unix_us", "answered_unix_us", "dropped_total", "client_timestamp_us", "status", "answer_fps", "drain", "dicom_frame")
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_UNIX_US_FIELD_NUMBER: _ClassVar[int]
@@ -249,6 +251,7 @@ class ExplainFrameResult(_message.Message):
     STATUS_FIELD_NUMBER: _ClassVar[int]
     ANSWER_FPS_FIELD_NUMBER: _ClassVar[int]
     DRAIN_FIELD_NUMBER: _ClassVar[int]
+    DICOM_FRAME_FIELD_NUMBER: _ClassVar[int]
     frame_id: int
     result: ExplainResponse
     received_unix_us: int
@@ -258,7 +261,8 @@ class ExplainFrameResult(_message.Message):
     status: FrameStatus
     answer_fps: float
     drain: DrainNotice
-    def __init__(self, frame_id: _Optional[int] = ..., result: _Optional[_Union[ExplainResponse, _Mapping]] = ..., received_unix_us: _Optional[int] = ..., answered_unix_us: _Optional[int] = ..., dropped_total: _Optional[int] = ..., client_timestamp_us: _Optional[int] = ..., status: _Optional[_Union[FrameStatus, _Mapping]] = ..., answer_fps: _Optional[float] = ..., drain: _Optional[_Union[DrainNotice, _Mapping]] = ...) -> None: ...
+    dicom_frame: int
+    def __init__(self, frame_id: _Optional[int] = ..., result: _Optional[_Union[ExplainResponse, _Mapping]] = ..., received_unix_us: _Optional[int] = ..., answered_unix_us: _Optional[int] = ..., dropped_total: _Optional[int] = ..., client_timestamp_us: _Optional[int] = ..., status: _Optional[_Union[FrameStatus, _Mapping]] = ..., answer_fps: _Optional[float] = ..., drain: _Optional[_Union[DrainNotice, _Mapping]] = ..., dicom_frame: _Optional[int] = ...) -> None: ...
 
 class DenoiseRequest(_message.Message):
     __slots__ = ("model", "tensor", "mrc", "return_mrc")
@@ -649,21 +653,23 @@ class ListModelsRequest(_message.Message):
     def __init__(self, kind: _Optional[str] = ...) -> None: ...
 
 class InputSpec(_message.Message):
-    __slots__ = ("height", "width", "channels", "mean", "std")
+    __slots__ = ("height", "width", "channels", "mean", "std", "resize")
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     CHANNELS_FIELD_NUMBER: _ClassVar[int]
     MEAN_FIELD_NUMBER: _ClassVar[int]
     STD_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_FIELD_NUMBER: _ClassVar[int]
     height: int
     width: int
     channels: int
     mean: _containers.RepeatedScalarFieldContainer[float]
     std: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ...) -> None: ...
+    resize: str
+    def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., resize: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "kind", "input", "labels", "explains", "description", "methods", "loaded", "card", "output_dim", "available", "unavailable_reason")
+    __slots__ = ("name", "version", "kind", "input", "labels", "explains", "description", "methods", "loaded", "card", "output_dim", "available", "unavailable_reason", "default_method")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -677,6 +683,7 @@ class ModelInfo(_message.Message):
     OUTPUT_DIM_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_FIELD_NUMBER: _ClassVar[int]
     UNAVAILABLE_REASON_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_METHOD_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     kind: str
@@ -690,7 +697,8 @@ class ModelInfo(_message.Message):
     output_dim: int
     available: bool
     unavailable_reason: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., kind: _Optional[str] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., labels: _Optional[_Iterable[str]] = ..., explains: _Optional[str] = ..., description: _Optional[str] = ..., methods: _Optional[_Iterable[str]] = ..., loaded: bool = ..., card: _Optional[str] = ..., output_dim: _Optional[int] = ..., available: bool = ..., unavailable_reason: _Optional[str] = ...) -> None: ...
+    default_method: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., kind: _Optional[str] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., labels: _Optional[_Iterable[str]] = ..., explains: _Optional[str] = ..., description: _Optional[str] = ..., methods: _Optional[_Iterable[str]] = ..., loaded: bool = ..., card: _Optional[str] = ..., output_dim: _Optional[int] = ..., available: bool = ..., unavailable_reason: _Optional[str] = ..., default_method: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
