@@ -73,7 +73,14 @@ from xaiserve.proto.inference import grpc_predict_v2_pb2 as oip
 from xaiserve.service.errors import InvalidArgument, ResourceExhausted, Unavailable, XaiError, http_status_of, quote
 from xaiserve.service.oip import DATATYPES, SERVICE_NAME
 from xaiserve.service.rpc import Observed, failure, observed_unary
-from xaiserve.service.web.api import Aborted, HttpCall, authorize_http, refuse_cross_origin, run_on_loop
+from xaiserve.service.web.api import (
+    Aborted,
+    HttpCall,
+    authorize_http,
+    read_body,
+    refuse_cross_origin,
+    run_on_loop,
+)
 
 log = logging.getLogger("xaiserve.oip.http")
 
@@ -483,28 +490,7 @@ class OipRest:
             self._calls.release()
 
     def _read_body(self, h: BaseHTTPRequestHandler) -> bytes:
-        if h.headers.get("Transfer-Encoding"):
-            raise InvalidArgument("chunked request bodies are not accepted; send Content-Length")
-        length = h.headers.get("Content-Length")
-        if length is None:
-            if h.command == "POST":
-                h.close_connection = True  # HTTP/1.1 without a length: the body runs to the end
-            return b""
-        try:
-            n = int(length)
-        except ValueError:
-            raise InvalidArgument(f"Content-Length {quote(length, 32)} is not a number") from None
-        if n < 0:
-            raise InvalidArgument(f"Content-Length {n} is negative")
-        if n > self.max_body:
-            raise ResourceExhausted(
-                f"the request body has {n} bytes, more than the {self.max_body} this server takes "
-                f"(max_message_mb); send fewer rows per request"
-            )
-        data = h.rfile.read(n)
-        if len(data) != n:
-            raise InvalidArgument(f"the request body ended after {len(data)} of its {n} bytes")
-        return data
+        return read_body(h, self.max_body, "(max_message_mb); send fewer rows per request")
 
     @staticmethod
     def _same_origin(h: BaseHTTPRequestHandler) -> None:

@@ -71,7 +71,7 @@ def converter_version() -> str:
 
 def _missing_torchvision(name: str):
     def f(*_a: Any, **_k: Any):
-        raise NotImplementedError(
+        raise FailedPrecondition(
             f"ONNX op needs torchvision.ops.{name}, and torchvision is not installed (detection ops such as "
             "NonMaxSuppression and RoiAlign are not converted)"
         )

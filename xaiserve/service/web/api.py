@@ -125,6 +125,36 @@ def authorize_http(h: BaseHTTPRequestHandler, auth: Any, cert_only: bool, method
     return values[0]
 
 
+def read_body(h: BaseHTTPRequestHandler, max_body: int, too_large_hint: str, missing: str | None = None) -> bytes:
+    """The request body by its Content-Length, refused before reading when it is over `max_body`
+    (`too_large_hint` says what to send instead). Without a length: InvalidArgument(`missing`), or
+    when `missing` is None an empty body (a POST without a length then closes the connection: under
+    HTTP/1.1 its body runs to the end)."""
+    if h.headers.get("Transfer-Encoding"):
+        raise InvalidArgument("chunked request bodies are not accepted; send Content-Length")
+    length = h.headers.get("Content-Length")
+    if length is None:
+        if missing is not None:
+            raise InvalidArgument(missing)
+        if h.command == "POST":
+            h.close_connection = True
+        return b""
+    try:
+        n = int(length)
+    except ValueError:
+        raise InvalidArgument(f"Content-Length {quote(length, 32)} is not a number") from None
+    if n < 0:
+        raise InvalidArgument(f"Content-Length {n} is negative")
+    if n > max_body:
+        raise ResourceExhausted(
+            f"the request body has {n} bytes, more than the {max_body} this server takes {too_large_hint}"
+        )
+    data = h.rfile.read(n)
+    if len(data) != n:
+        raise InvalidArgument(f"the request body ended after {len(data)} of its {n} bytes")
+    return data
+
+
 def run_on_loop(loop: asyncio.AbstractEventLoop, coro: Awaitable[Any]) -> concurrent.futures.Future:
     """Hand a coroutine from an HTTP thread to the server's event loop."""
     try:
@@ -466,27 +496,12 @@ class WebApi:
             pass  # the client is gone
 
     def _read_body(self, h: BaseHTTPRequestHandler) -> bytes:
-        length = h.headers.get("Content-Length")
-        if h.headers.get("Transfer-Encoding"):
-            raise InvalidArgument("chunked request bodies are not accepted; send Content-Length")
-        if length is None:
-            raise InvalidArgument("the request has no Content-Length; send the JSON body with its length")
-        try:
-            n = int(length)
-        except ValueError:
-            raise InvalidArgument(f"Content-Length {quote(length)} is not a number") from None
-        if n < 0:
-            raise InvalidArgument(f"Content-Length {n} is negative")
-        if n > self.max_body:
-            raise ResourceExhausted(
-                f"the request body has {n} bytes, more than the {self.max_body} this server takes "
-                f"(max_message_mb = {self.servicer.config.max_message_mb}, as JSON); send a smaller image "
-                "or fewer particles"
-            )
-        data = h.rfile.read(n)
-        if len(data) != n:
-            raise InvalidArgument(f"the request body ended after {len(data)} of its {n} bytes")
-        return data
+        return read_body(
+            h,
+            self.max_body,
+            f"(max_message_mb = {self.servicer.config.max_message_mb}, as JSON); send a smaller image or fewer particles",
+            missing="the request has no Content-Length; send the JSON body with its length",
+        )
 
     def _timeout(self, query: dict[str, str]) -> float:
         raw = query.get("timeout")
