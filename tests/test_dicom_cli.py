@@ -185,3 +185,12 @@ def test_jobs_submit_sift_writes_dicom(address, tmp_path, method, params, fmt):
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
     made_by = [e for e in obj.ContributingEquipmentSequence if e.get("ManufacturerModelName") == "lesions-classifier:1"]
     assert made_by and f"method={method}" in made_by[0].ContributionDescription
+
+
+def test_models_table_marks_the_default_method(address, capsys):
+    """`xaiserve models` shows which method Explain runs when a request names none (the manifest's
+    default_method, advertised by ListModels)."""
+    assert cli.main(["models", "--address", address]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert "saliency (default)" in rows["ct-phantoms-classifier:1"]
+    assert "(default)" not in rows["lesions-classifier:1"]

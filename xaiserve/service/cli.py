@@ -171,7 +171,9 @@ def _models(args) -> int:
         return 0
     print(f"{'model':28} {'kind':11} {'input':12} {'explains':20} methods")
     for m in ms:
-        served = ", ".join(m.methods) if m.available else f"UNAVAILABLE: {m.unavailable_reason}"
+        # the manifest's default_method (what Explain runs when a request names none) is marked
+        methods = ", ".join(f"{x} (default)" if x == m.default_method else x for x in m.methods)
+        served = methods if m.available else f"UNAVAILABLE: {m.unavailable_reason}"
         print(
             f"{m.name + ':' + m.version:28} {m.kind:11} {f'{m.input.channels}x{m.input.height}x{m.input.width}':12} "
             f"{m.explains or '-':20} {served}"
