@@ -88,6 +88,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     XAISERVE_MODEL_STORE=/app/model_store \
     XAISERVE_STATE_DIR=/var/lib/xaiserve \
     XAISERVE_LOG_JSON=true \
+    XAISERVE_PROCESSES=1 \
     HOME=/tmp \
     XDG_CACHE_HOME=/tmp/.cache \
     MPLCONFIGDIR=/tmp/matplotlib

@@ -6,14 +6,20 @@
    values; and 8-bit RGB of the window stack). Goal: <= 2x the PNG.
 2. Encode: a 512 x 512 mask as a DICOM Segmentation (FRACTIONAL, 8 bits) and as a Parametric Map
    (float32), vs the PNG rendering the fast path makes (images.render_pngs: mask PNG + overlay PNG),
-   and vs the mask PNG alone. Goal: SEG <= 2x the PNG rendering. Warm: the source frame's result
-   template is cached (dicom_out templates: the same file and frame again, e.g. a second method or a
-   retry); cold: a new source file each call, so highdicom builds the template in the call.
+   and vs the mask PNG alone. Goal: SEG <= 2x the PNG rendering. Warm: the same source frame again;
+   cold: a new source file each call (another patient, study, series, instance, position) of a header
+   structure seen before, so its values are spliced into the structure's template
+   (service/dicom_template.py); uncached: highdicom from the source every call; first of structure:
+   the process's first source of that structure (two stand-in builds by highdicom).
 3. End to end: Explain over gRPC on the same model and method (ct-phantoms-classifier, saliency)
    and the same 512 x 512 slice: DICOM in + SEG out, vs PNG in (the window stack as 8-bit RGB) +
    tensor out, server in-process.
 
-Usage: python bench/bench_dicom.py [--rounds 40] [--calls 30] [--parts 1,2,3] [--size 512]
+4. Cine: the CPU cost per frame of a multi-frame file sent once with image.dicom.all_frames on
+   StreamExplain, before (each frame re-read the whole file) and now (read once, frames cut lazily),
+   on pydicom's bundled multi-frame files and a 30-frame 512 x 512 phantom.
+
+Usage: python bench/bench_dicom.py [--rounds 40] [--calls 30] [--parts 1,2,3,4] [--size 512]
 """
 
 from __future__ import annotations
@@ -98,10 +104,35 @@ def part_encode(data: bytes, rounds: int, size: int = 512) -> None:
     import dataclasses
     import itertools
 
+    from pydicom.uid import generate_uid
+
+    from xaiserve.service import dicom_template
+
+    def another(k: int):  # the same structure, every source-specific value new: another patient's slice
+        h = source.header.copy()
+        for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID"):
+            setattr(h, kw, generate_uid())
+        h.PatientName, h.PatientID, h.StudyDate = (
+            f"Bench^Patient{k}",
+            f"ID{k:06d}",
+            f"2024{1 + k % 12:02d}{1 + k % 28:02d}",
+        )
+        h.ImagePositionPatient = [-100.0, -100.0, float(k)]
+        return dataclasses.replace(source, header=h)
+
+    others = [another(k) for k in range(2 * rounds + 8)]
     fresh = itertools.count()
 
-    def cold(fn):  # a source file never seen before: the template is built (highdicom) on this call
-        return fn(dataclasses.replace(source, digest=f"cold-{next(fresh)}"), maps, algo)
+    def cold(fn):  # a source file never seen before, of a structure seen before (template hit)
+        return fn(others[next(fresh) % len(others)], maps, algo)
+
+    def first(fn):  # the first source of its structure in the process: two stand-in builds by highdicom
+        kept = dict(dicom_template._templates)
+        dicom_template.clear()
+        try:
+            return fn(source, maps, algo)
+        finally:
+            dicom_template._templates.update(kept)  # the other contestants' templates, as they were
 
     t = interleaved(
         {
@@ -109,6 +140,9 @@ def part_encode(data: bytes, rounds: int, size: int = 512) -> None:
             "dicom parametric map": lambda: dicom_out.parametric_map(source, maps, algo),
             "dicom seg, cold": lambda: cold(dicom_out.segmentation),
             "dicom parametric map, cold": lambda: cold(dicom_out.parametric_map),
+            "dicom seg, uncached": lambda: dicom_out.segmentation(source, maps, algo, cache=False),
+            "dicom pmap, uncached": lambda: dicom_out.parametric_map(source, maps, algo, cache=False),
+            "dicom seg, first of structure": lambda: first(dicom_out.segmentation),
             "png rendering (mask+overlay)": lambda: render_pngs(image, mask),
             "png mask alone": lambda: encode_png(mask),
         },
@@ -118,10 +152,19 @@ def part_encode(data: bytes, rounds: int, size: int = 512) -> None:
     for k, v in t.items():
         print(f"   {k:30s} {v * 1e3:7.3f}")
     print(
-        "   (warm: the same source frame as the call before, its template cached; cold: a source file not seen "
-        "before, the template built by highdicom in the call)"
+        "   (warm: the same source frame again; cold: a source file not seen before (new patient, UIDs, position) "
+        "whose header structure was seen (dicom_template); uncached: highdicom from the source on every call, "
+        "as before templates; first of structure: the template built from two stand-ins)"
     )
-    for k in ("dicom seg (fractional)", "dicom parametric map", "dicom seg, cold", "dicom parametric map, cold"):
+    for k in (
+        "dicom seg (fractional)",
+        "dicom parametric map",
+        "dicom seg, cold",
+        "dicom parametric map, cold",
+        "dicom seg, uncached",
+        "dicom pmap, uncached",
+        "dicom seg, first of structure",
+    ):
         print(
             f"   ratio {k} / png rendering: {t[k] / t['png rendering (mask+overlay)']:.2f}x (goal <= 2x)   "
             f"/ png mask alone: {t[k] / t['png mask alone']:.2f}x"
@@ -162,11 +205,55 @@ def part_e2e(data: bytes, hu: np.ndarray, calls: int) -> None:
     print(f"   ratio dicom/seg vs png/tensor: {t['dicom in, seg out'] / t['png in, tensor out']:.2f}x")
 
 
+def part_cine(rounds: int) -> None:
+    """Per-frame CPU cost of image.dicom.all_frames on StreamExplain: before, every frame was the
+    whole file with image.dicom.frame = k (the request copied it, probe and decode parsed it, the
+    decode hashed it); now the file is read once per message (dicom_in.Cine) and each frame is cut
+    from it as a single-frame file. Both then go through the same probe (admission) and decode."""
+    from tests.dicomutil import sample
+    from xaiserve.service.dicom_in import Cine, probe_dicom
+    from xaiserve.service.images import decode_image_source
+
+    hu, _, _ = phantom_slice(512, seed=9)
+    files = {
+        "examples_ybr_color.dcm (30 x 240 x 320, JPEG)": sample("examples_ybr_color.dcm"),
+        "rtdose.dcm (15 x 10 x 10, implicit)": sample("rtdose.dcm"),
+        "SC_rgb_rle_2frame.dcm (2 x 100 x 100, RLE)": sample("SC_rgb_rle_2frame.dcm"),
+        "phantom CT (30 x 512 x 512, explicit)": phantom_dicom(hu, frames=30),
+    }
+    spec = InputSpec(64, 64, 3, (0.5,) * 3, (0.25,) * 3, dicom=DICOM_INPUT)
+    print(f"\n4. cine on StreamExplain (image.dicom.all_frames), CPU per frame (median ms over {rounds} passes):")
+    for name, data in files.items():
+        msg = pb.Image(encoded=data, dicom=pb.DicomOptions(all_frames=True))
+        n = Cine(msg).frames
+
+        def before():
+            for k in range(n):
+                req = pb.ExplainRequest(model="m", image=msg)
+                req.image.dicom.ClearField("all_frames")
+                req.image.dicom.frame = k
+                probe_dicom(req.image)
+                decode_image_source(req.image, spec)
+
+        def after():
+            cine = Cine(msg)
+            for k in range(n):
+                req = pb.ExplainRequest(model="m", image=cine.image(k))
+                probe_dicom(req.image)
+                decode_image_source(req.image, spec)
+
+        t = interleaved({"before": before, "after": after}, rounds)
+        print(
+            f"   {name:46s} before {t['before'] / n * 1e3:7.2f}  after {t['after'] / n * 1e3:7.2f}  "
+            f"({t['before'] / t['after']:.1f}x; {len(data) / 1e6:.2f} MB)"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--calls", type=int, default=30)
-    ap.add_argument("--parts", default="1,2,3")
+    ap.add_argument("--parts", default="1,2,3,4")
     ap.add_argument("--size", type=int, default=512, help="slice side (the goals are stated for 512)")
     a = ap.parse_args()
     hu, label, _ = phantom_slice(a.size, seed=7)
@@ -181,6 +268,8 @@ def main() -> None:
         part_encode(data, a.rounds, a.size)
     if 3 in parts:
         part_e2e(data, hu, a.calls)
+    if 4 in parts:
+        part_cine(max(3, a.rounds // 8))
 
 
 if __name__ == "__main__":

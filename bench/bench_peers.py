@@ -39,6 +39,7 @@ is stopped at the end. Ratios are against explain.v1 measured in the same run.
 
     python bench/bench_peers.py [--rounds 3] [--requests 100] [--requests-224 25] [--concurrency 1,8,32]
                                 [--sizes 64,224] [--skip torchserve,kserve,mlserver] [--cache DIR]
+                                [--baseline OTHER_CHECKOUT] [--processes 2 --channels 4]
 """
 
 from __future__ import annotations
@@ -423,16 +424,25 @@ class GrpcContestant(Contestant):
         super().__init__(name, pids_fn, mask_of)
         self.address, self.method, self.request = address, method, request
 
+    channels = 1  # connections per gRPC contestant (--channels; a --processes group gets connections)
+
     async def setup(self) -> np.ndarray:
-        self.channel = grpc.aio.insecure_channel(self.address, options=[("grpc.max_receive_message_length", 64 << 20)])
-        self.fn = self.channel.unary_unary(self.method)  # raw bytes both ways: no client-side parsing cost
+        opts = [("grpc.max_receive_message_length", 64 << 20)]
+        if self.channels > 1:  # each channel its own connection (grpc would share one)
+            opts.append(("grpc.use_local_subchannel_pool", 1))
+        self.chans = [grpc.aio.insecure_channel(self.address, options=opts) for _ in range(self.channels)]
+        # raw bytes both ways: no client-side parsing cost
+        self.fns = [ch.unary_unary(self.method) for ch in self.chans]
+        self.next = 0
         return await super().setup()
 
     async def call(self) -> tuple[bytes, dict]:
-        return await self.fn(self.request, timeout=60), {}
+        self.next += 1
+        return await self.fns[self.next % len(self.fns)](self.request, timeout=60), {}
 
     async def close(self) -> None:
-        await self.channel.close()
+        for ch in self.chans:
+            await ch.close()
 
 
 class HttpContestant(Contestant):
@@ -518,12 +528,25 @@ def bare_mask(size: int) -> Callable[[bytes, dict], np.ndarray]:
 
 
 # ----------------------------------------------------------------------------------- servers
-def start_xaiserve(store: Path, procs: list[subprocess.Popen], work: Path) -> tuple[str, int]:
+def start_xaiserve(
+    store: Path, procs: list[subprocess.Popen], work: Path, root: Path = ROOT, processes: int = 1
+) -> tuple[str, int]:
+    """`xaiserve serve` from the checkout `root` (--baseline: another checkout, e.g. a git worktree);
+    `processes` > 1: a group of that many server processes on the port (--processes)."""
     port, hport = free_port(), free_port()
     cmd = [sys.executable, "-m", "xaiserve.service.cli", "serve", "--port", str(port), "--metrics-port", str(hport)]
     cmd += ["--model-store", str(store), "--job-workers", "0", "--intra-op-threads", "1"]
-    spawn(cmd, procs, work / "xaiserve.log", cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"))
+    cmd += ["--processes", str(processes)] if processes > 1 else []
+    log = work / ("xaiserve.log" if root == ROOT else "xaiserve-baseline.log")
+    log = log.with_name(f"xaiserve-p{processes}.log") if processes > 1 else log
+    spawn(cmd, procs, log, cwd=root, env=dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1"))
     wait_grpc(f"127.0.0.1:{port}")
+    end = time.time() + 120
+    while processes > 1 and time.time() < end:  # every process of the group serving
+        with urllib.request.urlopen(f"http://127.0.0.1:{hport}/metrics", timeout=5) as r:
+            if f"xaiserve_server_processes {float(processes)}" in r.read().decode():
+                break
+        time.sleep(0.2)
     return f"127.0.0.1:{port}", hport
 
 
@@ -850,7 +873,8 @@ async def run(args) -> None:
     skipped: list[str] = []
 
     def add(size: int, c: Contestant) -> None:
-        by_size[size].append(c)
+        if c.name not in args.skip:
+            by_size[size].append(c)
 
     try:
         addr, hport = start_xaiserve(store, procs, work)
@@ -882,6 +906,38 @@ async def run(args) -> None:
                     "oip.rest", hport, f"/v2/models/{name}/infer", body, headers, lambda: [xpid], oip_rest_mask
                 ),
             )
+        if args.processes > 1:  # explain.v1 served by a group of processes on one port
+            gaddr, _ = start_xaiserve(store, procs, work, processes=args.processes)
+            gpid = procs[-1].pid
+            for size, name in names.items():
+                explain = pb.ExplainRequest(model=name, image=pb.Image(encoded=pngs[size])).SerializeToString()
+                add(
+                    size,
+                    GrpcContestant(
+                        f"explain.v1.p{args.processes}",
+                        gaddr,
+                        "/explain.v1.Explainer/Explain",
+                        explain,
+                        lambda gpid=gpid: tree(gpid),
+                        explain_mask,
+                    ),
+                )
+        if args.baseline:
+            base_addr, _ = start_xaiserve(store, procs, work, Path(args.baseline).resolve())
+            base_pid = procs[-1].pid
+            for size, name in names.items():
+                explain = pb.ExplainRequest(model=name, image=pb.Image(encoded=pngs[size])).SerializeToString()
+                add(
+                    size,
+                    GrpcContestant(
+                        "explain.v1.base",
+                        base_addr,
+                        "/explain.v1.Explainer/Explain",
+                        explain,
+                        lambda base_pid=base_pid: [base_pid],
+                        explain_mask,
+                    ),
+                )
         peers = [p for p in ("torchserve", "kserve", "mlserver") if p not in args.skip]
         for peer in peers:
             try:
@@ -1064,8 +1120,24 @@ def main() -> None:
     ap.add_argument("--concurrency", type=ints, default=[1, 8, 32])
     ap.add_argument("--sizes", type=ints, default=[64, 224])
     ap.add_argument(
-        "--skip", type=lambda s: s.split(","), default=[], help="peers to leave out: torchserve,kserve,mlserver"
+        "--skip",
+        type=lambda s: s.split(","),
+        default=[],
+        help="peers to leave out: torchserve,kserve,mlserver; or contestants by name: oip.grpc,oip.rest,bare.grpc",
     )
+    ap.add_argument(
+        "--baseline",
+        default="",
+        help="another checkout (e.g. `git worktree add /tmp/old HEAD`): its `xaiserve serve` runs beside this "
+        "one as contestant explain.v1.base (before/after in one interleaved run)",
+    )
+    ap.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="N > 1: also `xaiserve serve --processes N` as contestant explain.v1.pN (use with --channels)",
+    )
+    ap.add_argument("--channels", type=int, default=1, help="connections per gRPC contestant, calls spread round-robin")
     ap.add_argument("--no-torchserve", action="store_true", help="the same as --skip torchserve")
     ap.add_argument(
         "--cache",
@@ -1073,6 +1145,7 @@ def main() -> None:
         help="where the peers' virtualenvs and the bench store are kept between runs",
     )
     args = ap.parse_args()
+    GrpcContestant.channels = max(1, args.channels)
     if args.no_torchserve:
         args.skip.append("torchserve")
     if 64 not in args.sizes:

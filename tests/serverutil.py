@@ -165,3 +165,18 @@ def server_process(
                 proc.kill()
                 proc.wait()
         log_file.close()
+
+
+# DICOM result elements that differ between two encodings of the same result (fresh UIDs, times, lengths)
+DICOM_PER_RESULT = {
+    "SOPInstanceUID",
+    "SeriesInstanceUID",
+    "MediaStorageSOPInstanceUID",
+    "InstanceCreationDate",
+    "InstanceCreationTime",
+    "ContentDate",
+    "ContentTime",
+    "ContributionDateTime",
+    "DimensionOrganizationUID",
+    "FileMetaInformationGroupLength",
+}

@@ -1,7 +1,11 @@
 """The border statistic (training.metrics.border_argmax): the share of a map's maximal pixels within
 3 px of the frame against chance (the band's area), computed by hand and on the served NEM-U over
-a real gRPC channel. The figure for the served model is reported in docs/evaluation; fixing the
-artefact needs a retrained decoder, so this test measures and does not assert the fix."""
+a real gRPC channel, on the original test backgrounds and on the held-out background families
+(2026-12). The served decoder is still the zero-padded one (0.26 on 200 test images, 0.465 on 200
+held-out-family images; chance 0.179): the retrained decoder of `--nemu-recipe families` (0.06 /
+0.11, docs/evaluation/nemu_heldout_families.md) lost relevance mass and is not served, so the bound
+below guards the served model against getting worse, and is to be tightened to 0.25 when a fixed
+decoder is served."""
 
 from __future__ import annotations
 
@@ -11,6 +15,10 @@ import pytest
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.service.tensors import from_tensor, to_tensor
 from xaiserve.training import metrics as M
+
+# the share of argmax pixels within 3 px of the frame the served scenes-nemu must stay below, on 48
+# images of each split (chance 0.179; the served zero-padded decoder: 0.26 test / 0.465 held-out on 200)
+BORDER_BOUND = {"test": 0.40, "heldout": 0.60}
 
 
 def test_border_argmax_by_hand():
@@ -26,10 +34,15 @@ def test_border_argmax_by_hand():
 
 
 @pytest.mark.slow
-def test_border_share_of_the_served_nem_u(zoo):
+@pytest.mark.parametrize("split_name", ["test", "heldout"])
+def test_border_share_of_the_served_nem_u(zoo, split_name):
     from xaiserve.training.datasets import get_dataset
+    from xaiserve.training.datasets.scenes import scenes_families
 
-    split = get_dataset("scenes").split("test")
+    if split_name == "test":
+        split = get_dataset("scenes").split("test")
+    else:
+        split = scenes_families(sizes={"train": 64, "val": 64, "test": 64}).split("heldout")
     stub = zoo.stub()
     n = 48
     masks = []
@@ -50,7 +63,7 @@ def test_border_share_of_the_served_nem_u(zoo):
     np.testing.assert_allclose(share, by_hand)
     chance = M.border_chance(64, 64)
     print(
-        f"served scenes-nemu: argmax within 3 px of the border on {share.mean():.3f} of {n} test images "
+        f"served scenes-nemu: argmax within 3 px of the border on {share.mean():.3f} of {n} {split_name} images "
         f"(chance {chance:.3f})"
     )
-    assert 0.0 <= share.mean() <= 1.0
+    assert share.mean() < BORDER_BOUND[split_name]

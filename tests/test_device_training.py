@@ -39,6 +39,7 @@ HOST = {
     ("supervised.py", "batches"),
     ("nem_train.py", "gen"),
     ("nem_train.py", "step"),
+    ("nem_train.py", "evaluate_nemu"),  # pointing game and border statistic are numpy metrics, once per eval batch
     ("train.py", "train"),
     ("equivariance.py", "random_angles"),
     ("metrics.py", "as_tensor"),

@@ -3,7 +3,8 @@
 A real `xaiserve serve` process (debug logging) gets DICOM files whose Patient Name, Patient ID,
 Birth Date, Other Patient IDs, Accession Number, Referring Physician, Institution and Study
 Description hold unique marker strings: successful Explain calls (SEG, Parametric Map, overlay),
-failing ones, a RELAX job and an ablation-path job with DICOM results, and a failed job. Then every
+failing ones, a RELAX job, an ablation-path job and a SIFT job (sift_rise, Voronoi and band-pass
+heatmaps as a Segmentation with an overlay) with DICOM results, and a failed job. Then every
 log line, the /metrics page, every error message, the jobs as GetJob returns them and the raw bytes
 of the job database are searched for the markers. The stored request must keep only the frame,
 the attributes decoding needs and the UIDs a result references.
@@ -111,6 +112,17 @@ def test_no_phi_anywhere(tmp_path):
                 ),
                 timeout=60,
             ),
+            stub.SubmitJob(
+                pb.JobRequest(
+                    method="sift_rise",
+                    model="lesions-classifier",
+                    image=pb.Image(encoded=ct),
+                    sift=pb.SiftParams(num_masks=32, batch_size=32, seed=3),
+                    output_format="dicom-seg",
+                    dicom_overlay=True,
+                ),
+                timeout=60,
+            ),
         ]
         again = stub.SubmitJob(
             pb.JobRequest(
@@ -144,6 +156,11 @@ def test_no_phi_anywhere(tmp_path):
         and ref.ReferencedSOPInstanceUID == pydicom.dcmread(io.BytesIO(phantom)).SOPInstanceUID
     )
 
+    sift = pydicom.dcmread(io.BytesIO(done[2].result.dicom))  # the SIFT job's SEG: its two heatmaps, no patient
+    assert [x.SegmentLabel for x in sift.SegmentSequence] == ["voronoi", "bandpass"]
+    assert sift.StudyInstanceUID == src.StudyInstanceUID and str(sift.PatientName) == "" and sift.PatientID == ""
+    assert done[2].result.dicom_overlay and done[2].result.WhichOneof("result") == "sift"
+
     assert len(logs) > 1000 and len(metrics) > 1000 and len(db) > 10000  # the places searched are not empty
     for m in markers:
         for where, blob in (("logs", logs), ("metrics", metrics), ("job database", db)):
@@ -152,12 +169,13 @@ def test_no_phi_anywhere(tmp_path):
             assert m not in e, f"{m!r} in an error message: {e}"
         for j in done:
             assert m.encode() not in j.SerializeToString(), f"{m!r} in job {j.id}"
+            assert m.encode() not in j.result.dicom and m.encode() not in j.result.dicom_overlay
 
     # what the store holds: the reduced frame view (STORE_KEEP + the frame reference), nothing else
     con = sqlite3.connect(str(state / "jobs.sqlite"))
     rows = con.execute("SELECT request FROM jobs").fetchall()
     con.close()
-    assert len(rows) == 2
+    assert len(rows) == 3
     for (blob,) in rows:
         req = pb.JobRequest.FromString(blob)
         ds = pydicom.dcmread(io.BytesIO(req.image.encoded))

@@ -74,6 +74,10 @@ def _serve(args) -> int:
     from xaiserve.service.server import serve_forever
 
     setup_logging(cfg.log_level, cfg.log_json)
+    if cfg.process_count > 1:  # a supervisor and N server processes on the same ports (service/supervisor.py)
+        from xaiserve.service.supervisor import run_supervisor
+
+        return run_supervisor(cfg)
     from xaiserve.devices import DeviceUnavailable
     from xaiserve.service.jobs.factory import VolatileQueue
     from xaiserve.service.registry import ManifestError

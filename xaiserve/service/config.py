@@ -264,6 +264,12 @@ class ServerConfig:
     allow_volatile_queue: bool = False
     relax_batch_size: int = 64  # RELAX masks per forward batch when a job does not say
     # lifecycle
+    # server processes on the same gRPC and HTTP ports (SO_REUSEPORT; the kernel spreads connections,
+    # not calls, over them), each with its own event loop, models, admission and batchers, under a
+    # supervisor that forwards signals and restarts one that dies; "auto" = the cores this process may
+    # use; 1 = a single process, no supervisor. Per-process bounds (max_inflight, max_queue, job_workers,
+    # ...) apply in each (docs/ARCHITECTURE.md "Process model")
+    processes: str = "1"
     # SIGTERM: drain in-flight calls for at most this long; open streams get a DrainNotice at once and
     # are ended (UNAVAILABLE, "xaiserve-draining" trailer) shortly before it runs out
     grace_s: float = 10.0
@@ -283,6 +289,16 @@ class ServerConfig:
 
     def replace(self, **kw: Any) -> "ServerConfig":
         return dataclasses.replace(self, **kw)
+
+    @property
+    def process_count(self) -> int:
+        """`processes` as a number ("auto": the cores this process may use)."""
+        text = str(self.processes).strip().lower()
+        if text == "auto":
+            from xaiserve.service.registry import available_cores
+
+            return available_cores()
+        return int(text, 10)
 
     @property
     def queue_url(self) -> str:
@@ -357,6 +373,7 @@ def validate(cfg: ServerConfig, sources: Mapping[str, str] | None = None) -> Non
             "max_inflight_per_principal must be >= 0 (0 = off)",
         ),
         (1 <= cfg.relax_batch_size <= 4096, ("relax_batch_size",), "relax_batch_size must be in 1..4096"),
+        (_processes_ok(cfg.processes), ("processes",), "processes must be an integer >= 1 or auto"),
         (_device_ok(cfg.device), ("device",), "device must be cpu, cuda, cuda:N (a device index) or auto"),
     ]
     for ok, names, msg in checks:
@@ -365,6 +382,11 @@ def validate(cfg: ServerConfig, sources: Mapping[str, str] | None = None) -> Non
             raise ConfigError(
                 f"invalid configuration: {msg} ({where})", names[0], (sources or {}).get(names[0], "default")
             )
+
+
+def _processes_ok(text: str) -> bool:
+    t = str(text).strip().lower()
+    return t == "auto" or (t.isdigit() and int(t) >= 1)
 
 
 def _device_ok(text: str) -> bool:

@@ -31,9 +31,10 @@ silenced here, once, for the whole process.
 from __future__ import annotations
 
 import copy
-import hashlib
 import io
 import logging
+import struct
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +58,10 @@ OTHER_CONTENT_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "im
 MAX_ALL_FRAMES_PIXELS = 1 << 30  # image.dicom.all_frames: frames x rows x columns (4096 frames of 512 x 512)
 MAX_FRAMES = 65535  # Number of Frames is an IS of at most 2**16 - 1 in practice; beyond it the header lies
 PRIVATE_GROUP, PRIVATE_CREATOR = 0x0009, "XAISERVE 1"  # the stored frame view: which frame of how many
+CINE_GROUP = 0x7FDF  # the same block in a frame cut from a cine: the last group before the pixel data
+# a cine file smaller than this is not cut into frames: re-reading it per frame costs about what
+# cutting does (bench/bench_dicom.py part 4: equal at 0.2 MB, cutting 9x cheaper at 16 MB)
+CINE_CUT_BYTES = 1 << 20
 GREY = ("MONOCHROME1", "MONOCHROME2")
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT", "YBR_PARTIAL_420", "PALETTE COLOR")
 
@@ -123,7 +128,6 @@ class DicomSource:
     number_of_frames: int
     windows: tuple[Window, ...]
     window_source: str  # "request", "model", "file", "file VOI LUT", "image range", or "" (colour)
-    digest: str = ""  # of the whole file: the key of dicom_out's result templates ("" = none)
 
     @property
     def uids(self) -> dict[str, str]:
@@ -271,12 +275,15 @@ def frame_view(ds, index: int):
 
 
 def _private(ds) -> tuple[int, int] | None:
-    """(frame number, number of frames) of the source instance, in a stored frame view."""
-    try:
-        block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)
-        return int(block[0x01].value), int(block[0x02].value)
-    except (KeyError, ValueError, TypeError):
-        return None
+    """(frame number, number of frames) of the source instance, in a stored frame view (group
+    0009) or a frame cut from a cine (group 7FDF, written last before the pixel data: Cine)."""
+    for group in (PRIVATE_GROUP, CINE_GROUP):
+        try:
+            block = ds.private_block(group, PRIVATE_CREATOR)
+            return int(block[0x01].value), int(block[0x02].value)
+        except (KeyError, ValueError, TypeError):
+            continue
+    return None
 
 
 @dataclass(frozen=True)
@@ -377,23 +384,175 @@ def _header(image: pb.Image, *, all_frames: bool = False) -> _Header:
 def probe_all_frames(image: pb.Image) -> int:
     """The number of frames of a multi-frame DICOM sent with image.dicom.all_frames (StreamExplain
     answers each), from its header alone, before any frame is decoded: every frame fits the image
-    limits (rows x columns), and frames x rows x columns is at most MAX_ALL_FRAMES_PIXELS."""
-    if not is_dicom_image(image):
-        raise InvalidArgument(
-            "image.dicom.all_frames is set but the image is not DICOM (no 'DICM' preamble, no content type "
-            "application/dicom): send the multi-frame .dcm file"
+    limits (rows x columns), and frames x rows x columns is at most MAX_ALL_FRAMES_PIXELS (Cine)."""
+    return Cine(image).frames
+
+
+class Cine:
+    """A multi-frame DICOM sent with image.dicom.all_frames (StreamExplain), read once per message.
+
+    The file is parsed and checked once (probe_all_frames' limits, on the header, before any frame
+    is decoded); then `image(k)` makes frame k's own request image, lazily, when that frame runs: a
+    single-frame Part 10 file of frame_view(k) (every attribute of the source, the frame's
+    functional groups flattened) holding only frame k's pixel data, as stored (still compressed for
+    an encapsulated syntax), and the private block that makes its DicomSource reference frame k+1 of
+    the source (as a job's stored frame does). Each frame then costs its header and its own pixels,
+    not a copy, a parse and a digest of the whole file: frames were ~O(file) each before
+    (bench/bench_dicom.py part 4). Without per-frame functional groups, in a little-endian syntax,
+    the frame file's header is written once and each frame appends its block and pixels. A file
+    under CINE_CUT_BYTES, or a layout this cannot cut (1-bit or YBR_FULL_422 native pixels, a
+    deflated syntax, pixel data shorter than declared) falls back to the whole file with
+    image.dicom.frame = k, decoded as a unary Explain of that frame."""
+
+    def __init__(self, image: pb.Image):
+        if not is_dicom_image(image):
+            raise InvalidArgument(
+                "image.dicom.all_frames is set but the image is not DICOM (no 'DICM' preamble, no content type "
+                "application/dicom): send the multi-frame .dcm file"
+            )
+        if _options(image).HasField("frame"):
+            raise InvalidArgument("set image.dicom.frame (one frame) or image.dicom.all_frames (every frame), not both")
+        self._data = image.encoded  # one copy out of the message, for the fallback
+        h = _header(image, all_frames=True)
+        total = h.frames * h.rows * h.columns
+        if total > MAX_ALL_FRAMES_PIXELS:
+            raise ResourceExhausted(
+                f"image.dicom.all_frames: the file holds {h.frames} frames of {h.rows} x {h.columns} ({total} pixels); "
+                f"at most {MAX_ALL_FRAMES_PIXELS} pixels in all are explained per message: send the frames in several "
+                "messages (image.dicom.frame) instead"
+            )
+        self.h, self.frames = h, h.frames
+        self._options = pb.DicomOptions()
+        self._options.CopyFrom(_options(image))
+        self._options.ClearField("all_frames")
+        self._lock = threading.Lock()
+        self._fragments: list[bytes] | None = None
+        self._frame_bytes = 0
+        self._prefix: bytes | None = None  # the header shared by every frame (b"": none, each is written)
+        self._implicit = False
+        from pydicom.uid import UID
+
+        ts = UID(h.syntax)
+        bits = int(h.ds.BitsAllocated)
+        self.cut = len(self._data) >= CINE_CUT_BYTES and not ts.is_deflated
+        self.cut = self.cut and (ts.is_encapsulated or (bits % 8 == 0 and h.photometric != "YBR_FULL_422"))
+        if self.cut and not ts.is_encapsulated:
+            self._frame_bytes = h.rows * h.columns * h.samples * (bits // 8)
+            self.cut = len(h.ds.PixelData) >= self._frame_bytes * h.frames
+        self._encapsulated = ts.is_encapsulated
+
+    def _frame_data(self, k: int) -> bytes:
+        if not self._encapsulated:
+            return self.h.ds.PixelData[k * self._frame_bytes : (k + 1) * self._frame_bytes]
+        with self._lock:  # the fragments are split once, by the first frame that needs them
+            if self._fragments is None:
+                from pydicom.encaps import generate_frames
+
+                self._fragments = list(generate_frames(self.h.ds.PixelData, number_of_frames=self.frames))
+        if k >= len(self._fragments):
+            raise InvalidArgument(
+                f"the DICOM pixel data holds {len(self._fragments)} compressed frames, not the {self.frames} its header "
+                "declares; re-export the image"
+            )
+        return self._fragments[k]
+
+    def image(self, k: int) -> pb.Image:
+        """Frame k's request image (0-based), made in the CPU pool when the frame runs."""
+        if not self.cut:
+            out = pb.Image(encoded=self._data, content_type=DICOM_CONTENT_TYPES[0])
+            out.dicom.CopyFrom(self._options)
+            out.dicom.frame = k
+            return out
+        with _guarded("header (cutting frame out of the cine)"):
+            return self._image(k)
+
+    def _image(self, k: int) -> pb.Image:
+        data = self._frame_data(k)
+        if self._prefix is None:
+            with self._lock:
+                if self._prefix is None:
+                    self._prefix = self._make_prefix()
+        if self._prefix:  # the same header for every frame: written once, frame number and pixels appended
+            body = self._prefix + self._block(k) + self._pixels(data)
+        else:
+            body = self._write(k, data)
+        out = pb.Image(encoded=body, content_type=DICOM_CONTENT_TYPES[0])
+        out.dicom.CopyFrom(self._options)
+        return out
+
+    def _view(self, k: int):
+        from pydicom.dataset import FileMetaDataset
+
+        view = frame_view(self.h.ds, k)
+        meta = FileMetaDataset()
+        for elem in self.h.ds.file_meta:
+            meta.add(copy.copy(elem))
+        view.file_meta = meta
+        return view
+
+    def _make_prefix(self) -> bytes:
+        """The file up to the frame block, when it is the same for every frame (no per-frame
+        functional groups) and can be written in a little-endian syntax; b"" otherwise."""
+        from pydicom.uid import UID
+
+        ds = self.h.ds
+        little = UID(self.h.syntax).is_little_endian
+        if (
+            "PerFrameFunctionalGroupsSequence" in ds
+            or not little
+            or any(e.tag.group >= CINE_GROUP for e in ds if e.tag < 0x7FE00010 and e.tag.group >= CINE_GROUP)
+        ):
+            return b""
+        view = self._view(0)
+        if any(int(e.tag) > 0x7FE00010 for e in view):
+            return b""
+        buf = io.BytesIO()
+        view.save_as(buf, enforce_file_format=True)
+        self._implicit = UID(self.h.syntax).is_implicit_VR
+        return buf.getvalue()
+
+    def _element(self, tag: int, vr: bytes, value: bytes, undefined: bool = False) -> bytes:
+        if len(value) % 2:
+            value += b" "
+        length = 0xFFFFFFFF if undefined else len(value)
+        head = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+        if self._implicit:
+            return head + struct.pack("<I", length) + value
+        if vr in (b"OB", b"OW"):
+            return head + vr + struct.pack("<HI", 0, length) + value
+        return head + vr + struct.pack("<H", len(value)) + value
+
+    def _block(self, k: int) -> bytes:
+        g = CINE_GROUP << 16
+        return (
+            self._element(g | 0x0010, b"LO", PRIVATE_CREATOR.encode())
+            + self._element(g | 0x1001, b"IS", str(k + 1).encode())
+            + self._element(g | 0x1002, b"IS", str(self.frames).encode())
         )
-    if _options(image).HasField("frame"):
-        raise InvalidArgument("set image.dicom.frame (one frame) or image.dicom.all_frames (every frame), not both")
-    h = _header(image, all_frames=True)
-    total = h.frames * h.rows * h.columns
-    if total > MAX_ALL_FRAMES_PIXELS:
-        raise ResourceExhausted(
-            f"image.dicom.all_frames: the file holds {h.frames} frames of {h.rows} x {h.columns} ({total} pixels); "
-            f"at most {MAX_ALL_FRAMES_PIXELS} pixels in all are explained per message: send the frames in several "
-            "messages (image.dicom.frame) instead"
-        )
-    return h.frames
+
+    def _pixels(self, data: bytes) -> bytes:
+        if self._encapsulated:
+            from pydicom.encaps import encapsulate
+
+            value = encapsulate([data]) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+            return self._element(0x7FE00010, b"OB", value, undefined=True)
+        return self._element(0x7FE00010, b"OB" if int(self.h.ds.BitsAllocated) <= 8 else b"OW", data)
+
+    def _write(self, k: int, data: bytes) -> bytes:
+        view = self._view(k)
+        if self._encapsulated:
+            from pydicom.encaps import encapsulate
+
+            view.add_new(0x7FE00010, "OB", encapsulate([data]))
+            view["PixelData"].is_undefined_length = True
+        else:
+            view.add_new(0x7FE00010, "OB" if int(self.h.ds.BitsAllocated) <= 8 else "OW", data)
+        block = view.private_block(CINE_GROUP, PRIVATE_CREATOR, create=True)
+        block.add_new(0x01, "IS", k + 1)
+        block.add_new(0x02, "IS", self.frames)
+        buf = io.BytesIO()
+        view.save_as(buf, enforce_file_format=True)
+        return buf.getvalue()
 
 
 def probe_dicom(image: pb.Image) -> tuple[int, int, int]:
@@ -538,8 +697,7 @@ def _decode_dicom(image: pb.Image, defaults: DicomDefaults | None, channels: int
             rgb = arr
             top = float(2 ** int(view.get("BitsStored", 8)) - 1)
         pixels, windows, source = (rgb.astype(np.float32) / np.float32(top)).clip(0.0, 1.0), (), ""
-    digest = hashlib.blake2b(image.encoded, digest_size=16).hexdigest()  # ~1 ms per MB
-    src = DicomSource(view, frame_number, n_frames, windows, source, digest)
+    src = DicomSource(view, frame_number, n_frames, windows, source)
     return DecodedDicom(np.ascontiguousarray(pixels, dtype=np.float32), src)
 
 

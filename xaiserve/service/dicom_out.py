@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import io
 import struct
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -206,7 +204,8 @@ def _single_frame_header(source: DicomSource):
     h = source.header
     out = Dataset()
     for elem in h:
-        out.add(copy.copy(elem))  # own elements: setting a value below must not change the source header
+        if not elem.tag.is_private:  # highdicom copies no private element; templates have none either
+            out.add(copy.copy(elem))  # own elements: setting a value below must not change the source header
     if "PixelSpacing" in h and "SliceThickness" not in h:
         # highdicom copies Pixel Spacing into a Pixel Measures Sequence that then lacks Slice Thickness
         # (type 1 there) and refuses to read its own object back: such a source (SC, CR, NM ...) gets a
@@ -320,36 +319,29 @@ def _with_input(algo: Algorithm, source: DicomSource) -> Algorithm:
     return Algorithm(algo.model, algo.version, algo.method, {**algo.parameters, **extra})
 
 
-# -- templates: what does not depend on the pixels, built once per source frame ----------------------
-# highdicom spends most of an encoding on work that depends on the source header, the algorithm and
-# the map labels, not on the values: copying and checking the source's modules against the IOD
-# tables, building the functional groups and references, pydicom writing ~150 nested elements
-# (bench/bench_dicom.py, cProfile: ~85 % of a 512 x 512 SEG). So an object is built once per
-# (source file digest, frame, format, algorithm, map labels) with placeholder pixels, saved, and
-# kept as its encoded bytes split around the elements that change per result: the instance's UIDs,
-# creation / content date and time, the pixel data, and for a Parametric Map the value ranges of the
-# shared functional groups. A result is then those bytes with fresh elements spliced in: the same
-# object highdicom would write (tests compare them element by element) at a fraction of the cost.
-# The cache holds encoded headers (patient attributes of the source included) in process memory
-# only, TEMPLATE_CACHE entries at most, least recently used first out; it is keyed by a digest of
-# the whole source file, so only the very same file and frame can hit an entry.
-TEMPLATE_CACHE = 32
+# -- templates: what does not depend on the pixels nor on the source's values -----------------------
+# service/dicom_template.py: a result is built by highdicom once per (format, source header
+# STRUCTURE, algorithm, map labels, frame size) from two stand-in headers whose values are
+# sentinels, compiled into encoded pieces and slots, and every call splices the source's values and
+# the per-result elements (the instance's UIDs, creation / content date and time, the pixel data,
+# the Contribution DateTime, a Parametric Map's value ranges and window) into it. Templates hold no
+# value of any real source (module docstring there); a structure whose stand-in builds differ
+# outside the slots is built by highdicom on every call, as is a source with a value that cannot be
+# spliced byte-exactly (an invalid DS).
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
-_LONG_VR = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-_GROUP_LENGTH, _MEDIA_UID = 0x00020000, 0x00020003
-_PER_RESULT = {  # tag -> VR of the top-level elements every result sets afresh
-    0x00020003: "UI",  # Media Storage SOP Instance UID
-    0x00080012: "DA",  # Instance Creation Date
-    0x00080013: "TM",  # Instance Creation Time
-    0x00080018: "UI",  # SOP Instance UID
-    0x00080023: "DA",  # Content Date
-    0x00080033: "TM",  # Content Time
-    0x0020000E: "UI",  # Series Instance UID
+_PER_RESULT = {  # tag -> (VR, name) of the top-level elements every result sets afresh
+    0x00020003: ("UI", "sop"),  # Media Storage SOP Instance UID
+    0x00080012: ("DA", "date"),  # Instance Creation Date
+    0x00080013: ("TM", "time"),  # Instance Creation Time
+    0x00080018: ("UI", "sop"),  # SOP Instance UID
+    0x00080023: ("DA", "date"),  # Content Date
+    0x00080033: ("TM", "time"),  # Content Time
+    0x0020000E: ("UI", "series"),  # Series Instance UID
 }
 PIXEL_DATA, FLOAT_PIXEL_DATA = 0x7FE00010, 0x7FE00008
 SHARED_GROUPS, PER_FRAME_GROUPS, CONTRIBUTING = 0x52009229, 0x52009230, 0x0018A001
-_templates: OrderedDict[tuple, _Template] = OrderedDict()
-_templates_lock = threading.Lock()
+CONTRIBUTION_DATETIME, FRAME_VOI_LUT = 0x0018A002, 0x00289132
+RWV_FIRST, RWV_LAST, WINDOW_CENTER, WINDOW_WIDTH = 0x00409214, 0x00409213, 0x00281050, 0x00281051
 
 
 _iod_lookup_cached = False
@@ -384,122 +376,125 @@ def _cache_iod_lookups() -> None:
     _iod_lookup_cached = True
 
 
-def _element(tag: int, vr: str, value: bytes) -> bytes:
-    """One element in Explicit VR Little Endian (PS3.5 7.1.2), its value padded to even length."""
-    if len(value) % 2:
-        value += b" " if vr in ("DA", "TM", "LO", "SH", "CS", "DS", "IS") else b"\0"
-    v = vr.encode()
-    head = struct.pack("<HH2s", tag >> 16, tag & 0xFFFF, v)
-    if v in _LONG_VR:
-        return head + struct.pack("<HI", 0, len(value)) + value
-    return head + struct.pack("<H", len(value)) + value
+def _slot_of(tag: int, path: tuple) -> tuple[str, int] | None:
+    """Which per-result value an element of a built object is (dicom_template.compile_template)."""
+    if not path:
+        if tag in _PER_RESULT:
+            return _PER_RESULT[tag][1], 0
+        return ("pixels", 0) if tag in (PIXEL_DATA, FLOAT_PIXEL_DATA) else None
+    if tag == CONTRIBUTION_DATETIME:
+        return "datetime", 0
+    if tag in (RWV_FIRST, RWV_LAST):
+        return ("rwv_first" if tag == RWV_FIRST else "rwv_last"), path[0][1] if path[0][0] == PER_FRAME_GROUPS else 0
+    if (
+        tag in (WINDOW_CENTER, WINDOW_WIDTH)
+        and path[0][0] == SHARED_GROUPS
+        and any(t == FRAME_VOI_LUT for t, _ in path)
+    ):
+        return ("window_center" if tag == WINDOW_CENTER else "window_width"), 0
+    return None
 
 
-class _Template:
-    """An encoded object cut around its per-result elements: `pieces` is static bytes or a tag."""
-
-    def __init__(self, data: bytes, extra, dynamic: set[int]):
-        from pydicom.filereader import data_element_generator
-
-        self.extra = extra  # what a kind of result needs besides the bytes (the PM's functional groups)
-
-        if data[128:132] != b"DICM":
-            raise ValueError("not a Part 10 file")
-        fp = io.BytesIO(data)
-        fp.seek(132)
-        spans = []
-        gen = data_element_generator(fp, False, True, defer_size=256)
-        while True:
-            start = fp.tell()
-            try:
-                elem = next(gen)
-            except StopIteration:
-                break
-            spans.append((int(elem.tag), start, fp.tell()))
-        found = {t for t, _, _ in spans}
-        if not dynamic <= found or _GROUP_LENGTH not in found:
-            raise ValueError(f"template lacks {sorted(dynamic - found)}")
-        self.meta: list[bytes | int] = []
-        self.body: list[bytes | int] = []
-        for tag, a, b in spans:
-            into = self.meta if tag >> 16 == 2 else self.body
-            if tag in dynamic or tag == _GROUP_LENGTH:
-                into.append(tag)
-            elif into and isinstance(into[-1], bytes):
-                into[-1] += data[a:b]
-            else:
-                into.append(data[a:b])
-
-    def render(self, values: dict[int, bytes]) -> bytes:
-        meta = b"".join(values[p] if isinstance(p, int) else p for p in self.meta if p != _GROUP_LENGTH)
-        group = _element(_GROUP_LENGTH, "UL", struct.pack("<I", len(meta)))
-        body = b"".join(values[p] if isinstance(p, int) else p for p in self.body)
-        return b"\0" * 128 + b"DICM" + group + meta + body
-
-
-def _template(key: tuple, build, dynamic: set[int]) -> _Template:
-    with _templates_lock:
-        t = _templates.get(key)
-        if t is not None:
-            _templates.move_to_end(key)
-            return t
-    data, extra = build()
-    t = _Template(data, extra, dynamic)  # outside the lock: two threads may build the same one, harmlessly
-    with _templates_lock:
-        _templates[key] = t
-        while len(_templates) > TEMPLATE_CACHE:
-            _templates.popitem(last=False)
-    return t
-
-
-def _key(kind: str, source: DicomSource, algo: Algorithm, labels: tuple, shape: tuple) -> tuple | None:
-    if not source.digest:
-        return None
-    params = tuple(sorted(algo.parameters.items()))
-    return (kind, source.digest, source.frame_number, algo.model, algo.version, algo.method, params, labels, shape)
-
-
-def _per_result(now, sop_uid: str, series_uid: str) -> dict[int, bytes]:
-    date, time_ = now.strftime("%Y%m%d").encode(), now.strftime("%H%M%S.%f").encode()
-    v = {0x00020003: sop_uid.encode(), 0x00080018: sop_uid.encode(), 0x0020000E: series_uid.encode()}
-    v.update({0x00080012: date, 0x00080023: date, 0x00080013: time_, 0x00080033: time_})
-    return {tag: _element(tag, _PER_RESULT[tag], value) for tag, value in v.items()}
-
-
-def _rendered(template: _Template, pixels: tuple[int, str, bytes], ranges: list | None = None) -> bytes:
+def _encoded_result(
+    kind: str,
+    source: DicomSource,
+    algo: Algorithm,
+    labels: tuple,
+    shape: tuple,
+    build,
+    pixels: bytes,
+    ranges: list[tuple[float, float]] | None = None,
+    cache: bool = True,
+) -> bytes:
+    """The result: its template (built by `build(source, algo)` from stand-ins on a miss, or from
+    `source` itself when it cannot be templated or cache=False) with this call's values spliced in."""
+    import dataclasses
     import datetime
 
     from pydicom.uid import generate_uid
+    from pydicom.valuerep import DSfloat
+
+    from xaiserve.service import dicom_template as dt
+
+    template, values = None, None
+    if cache:
+        si = dt.stand_ins(source.header, ("frame",), copies=False)
+        params = tuple(sorted((k, v) for k, v in algo.parameters.items() if k != "frame"))
+        key: tuple = (kind, si.key, source.number_of_frames, algo.model, algo.version, algo.method, params)
+        key += ("frame" in algo.parameters, labels, shape)
+
+        def make():
+            full = dt.stand_ins(source.header, ("frame",))
+            built = []
+            for s, header in ((1, full.a), (2, full.b)):
+                frame = dt.extra_sentinel(full, "frame", s)
+                p = dict(algo.parameters)
+                if "frame" in p:
+                    p["frame"] = str(frame)
+                stand_in = dataclasses.replace(source, header=header, frame_number=frame)
+                built.append(build(stand_in, dataclasses.replace(algo, parameters=p)))
+            return dt.compile_template(built[0], built[1], full, _slot_of)
+
+        def safe():
+            try:
+                return make()
+            except Exception:  # noqa: BLE001 - stand-ins highdicom refuses, or builds that differ: not templatable
+                return None
+
+        template = dt.cached(key, safe)
+        if template is not None:
+            values = dt.source_values(source.header, template.paths, {"frame": source.frame_number})
+    if template is None or values is None:  # highdicom from the source itself, every call
+        data = build(source, algo)
+        template = dt.compile_template(data, data, dt.StandIns(None, None, "", [], ({}, {}), ({}, {})), _slot_of)
+        values = []
 
     now = datetime.datetime.now()
-    values = _per_result(now, generate_uid(), generate_uid())
-    values[pixels[0]] = _element(*pixels)
-    values.update(_refreshed(template.extra, now.strftime("%Y%m%d%H%M%S.%f"), ranges))
-    return template.render(values)
+    date, time_ = now.strftime("%Y%m%d").encode(), now.strftime("%H%M%S.%f").encode()
+    fresh = {
+        "sop": generate_uid().encode(),
+        "series": generate_uid().encode(),
+        "date": date,
+        "time": time_,
+        "datetime": now.strftime("%Y%m%d%H%M%S.%f").encode(),
+    }
+
+    def result(slot) -> bytes:
+        if slot.result == "pixels":
+            return dt._leaf_bytes(slot.tag, slot.vr, pixels)
+        if slot.result in fresh:
+            return dt._leaf_bytes(slot.tag, slot.vr, fresh[slot.result])
+        assert ranges is not None  # value ranges are slots of a Parametric Map only
+        lo, hi = ranges[slot.index] if slot.result.startswith("rwv") else ranges[0]
+        if slot.result == "rwv_first":
+            return dt._leaf_bytes(slot.tag, slot.vr, struct.pack("<d", lo))
+        if slot.result == "rwv_last":
+            return dt._leaf_bytes(slot.tag, slot.vr, struct.pack("<d", hi if hi > lo else lo + 1.0))
+        v = (lo + hi) / 2.0 if slot.result == "window_center" else max(hi - lo, 1e-6)
+        return dt._leaf_bytes(slot.tag, slot.vr, str(DSfloat(v, auto_format=True)).encode())
+
+    return template.render(values, result)
 
 
-def segmentation(source: DicomSource, maps: Sequence[Map], algo: Algorithm) -> bytes:
+def segmentation(source: DicomSource, maps: Sequence[Map], algo: Algorithm, *, cache: bool = True) -> bytes:
     """A FRACTIONAL (PROBABILITY) DICOM Segmentation, one segment per map (values scaled to [0, 1]
     when they are not already; the segment description says so). 8 bits per value (Maximum
     Fractional Value 255, the cheapest FRACTIONAL encoding), uncompressed Explicit VR Little Endian;
-    frames in segment order, each value round(v * 255) as highdicom computes it."""
+    frames in segment order, each value round(v * 255) as highdicom computes it. cache=False: built
+    by highdicom from this source (the reference the tests compare templates with)."""
     shape = _check_shape(source, maps)
     units = [_unit_range(m.values) for m in maps]
     labels = tuple((m.label, m.meaning, scaled) for m, (_, scaled) in zip(maps, units))
     pixels = b"".join(np.around(v * np.float32(255.0)).astype(np.uint8).tobytes() for v, _ in units)
+    scaled = [s for _, s in units]
 
-    def build() -> tuple[bytes, dict]:
-        return _segmentation_template(source, maps, [s for _, s in units], algo)
+    def build(src: DicomSource, a: Algorithm) -> bytes:
+        return _segmentation_template(src, maps, scaled, a)
 
-    key = _key("dicom-seg", source, algo, labels, shape)
-    dynamic = set(_PER_RESULT) | {PIXEL_DATA, CONTRIBUTING}
-    t = _template(key, build, dynamic) if key else _Template(*build(), dynamic)
-    return _rendered(t, (PIXEL_DATA, "OB", pixels))
+    return _encoded_result("dicom-seg", source, algo, labels, shape, build, pixels, cache=cache)
 
 
-def _segmentation_template(
-    source: DicomSource, maps: Sequence[Map], scaled: list[bool], algo: Algorithm
-) -> tuple[bytes, dict]:
+def _segmentation_template(source: DicomSource, maps: Sequence[Map], scaled: list[bool], algo: Algorithm) -> bytes:
     """The SEG with all-zero placeholder pixels (boolean: highdicom's cheapest value check)."""
     import highdicom as hd
     from pydicom.uid import generate_uid
@@ -545,7 +540,7 @@ def _segmentation_template(
         seg.SegmentsOverlap = "UNDEFINED"
     _fix_references(seg, source)
     _finish(seg, source)
-    return _save(seg), _sequences(seg, (CONTRIBUTING,))
+    return _save(seg)
 
 
 def _pm_values(maps: Sequence[Map]) -> tuple[np.ndarray, list[tuple[float, float]]]:
@@ -554,72 +549,24 @@ def _pm_values(maps: Sequence[Map]) -> tuple[np.ndarray, list[tuple[float, float
     return values, ranges
 
 
-def _encoded(elem) -> bytes:
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_data_element
-
-    fp = DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, False
-    write_data_element(fp, elem)
-    return fp.getvalue()
-
-
-def _refreshed(extra: dict, now: str, ranges: list[tuple[float, float]] | None = None) -> dict[int, bytes]:
-    """The template's sequences that hold per-result values, copied, updated and encoded: the
-    Contribution DateTime highdicom records in Contributing Equipment, and for a Parametric Map the
-    maps' value ranges (Real World Value Mapping: shared for one map, per frame for several) and the
-    window of the first map (Frame VOI LUT, shared), formatted as highdicom formats them."""
-    import copy
-
-    from pydicom.valuerep import DSfloat
-
-    out = {}
-    for tag, elem in extra.items():
-        elem = copy.deepcopy(elem)
-        for i, item in enumerate(elem.value):
-            if "ContributionDateTime" in item:
-                item.ContributionDateTime = now
-            if ranges is None:
-                continue
-            for mapping in item.get("RealWorldValueMappingSequence", ()):
-                lo, hi = ranges[i]
-                mapping.DoubleFloatRealWorldValueFirstValueMapped = lo
-                mapping.DoubleFloatRealWorldValueLastValueMapped = hi if hi > lo else lo + 1.0
-            if tag == SHARED_GROUPS and "FrameVOILUTSequence" in item:
-                lo, hi = ranges[0]
-                voi = item.FrameVOILUTSequence[0]
-                voi.WindowCenter = DSfloat((lo + hi) / 2.0, auto_format=True)
-                voi.WindowWidth = DSfloat(max(hi - lo, 1e-6), auto_format=True)
-        out[tag] = _encoded(elem)
-    return out
-
-
-def _sequences(ds, tags: tuple[int, ...]) -> dict:
-    """The elements of a built object that `_refreshed` updates per result (copied on use)."""
-    return {tag: ds[tag] for tag in tags if tag in ds}
-
-
-def parametric_map(source: DicomSource, maps: Sequence[Map], algo: Algorithm) -> bytes:
+def parametric_map(source: DicomSource, maps: Sequence[Map], algo: Algorithm, *, cache: bool = True) -> bytes:
     """A Parametric Map of float32 values, one channel per map, with a real world value mapping
     (identity, no units) and a local quantity code each; the window of the first map's range.
-    Uncompressed Explicit VR Little Endian, frames in map order."""
+    Uncompressed Explicit VR Little Endian, frames in map order. cache=False as for segmentation."""
     shape = _check_shape(source, maps)
     values, ranges = _pm_values(maps)
     labels = tuple((m.label, m.meaning) for m in maps)
-    dynamic = set(_PER_RESULT) | {FLOAT_PIXEL_DATA, CONTRIBUTING, SHARED_GROUPS, PER_FRAME_GROUPS}
 
-    def build() -> tuple[bytes, dict]:
-        return _parametric_map_template(source, maps, values, ranges, algo)
+    def build(src: DicomSource, a: Algorithm) -> bytes:
+        return _parametric_map_template(src, maps, values, ranges, a)
 
-    key = _key("dicom-pmap", source, algo, labels, shape)
-    t = _template(key, build, dynamic) if key else _Template(*build(), dynamic)
     pixels = np.ascontiguousarray(np.moveaxis(values, -1, 0)).tobytes()  # one frame per map
-    return _rendered(t, (FLOAT_PIXEL_DATA, "OF", pixels), ranges)
+    return _encoded_result("dicom-pmap", source, algo, labels, shape, build, pixels, ranges, cache=cache)
 
 
 def _parametric_map_template(
     source: DicomSource, maps: Sequence[Map], values: np.ndarray, ranges: list[tuple[float, float]], algo: Algorithm
-) -> tuple[bytes, dict]:
+) -> bytes:
     import highdicom as hd
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
@@ -668,7 +615,7 @@ def _parametric_map_template(
     )
     _fix_references(pm, source)
     _finish(pm, source)
-    return _save(pm), _sequences(pm, (CONTRIBUTING, SHARED_GROUPS, PER_FRAME_GROUPS))
+    return _save(pm)
 
 
 def secondary_capture(source: DicomSource, image: np.ndarray, heat: np.ndarray, algo: Algorithm) -> bytes:

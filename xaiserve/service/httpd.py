@@ -80,6 +80,10 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 128
 
 
+class _SharedServer(_Server):
+    allow_reuse_port = True  # SO_REUSEPORT (socketserver, Python 3.11): one port, several processes
+
+
 class OpsServer:
     """The HTTP port; `live` and `ready` map check names to callables returning (ok, detail)."""
 
@@ -92,8 +96,14 @@ class OpsServer:
         ready: dict[str, Check] | None = None,
         mounts: dict[str, Mount] | None = None,
         keep_alive: tuple[str, ...] = (),
+        registry: Any = None,
+        reuse_port: bool = False,
     ):
+        """`registry`: what /metrics exports (default prometheus_client's REGISTRY; a gateway with
+        several processes passes metrics.scrape_registry()). `reuse_port`: bind with SO_REUSEPORT so
+        that the server processes of one gateway share the port (service/supervisor.py)."""
         self.live, self.ready = dict(live or {}), dict(ready or {})
+        self.registry = REGISTRY if registry is None else registry
         self.mounts = dict(mounts or {})
         self.keep_alive = frozenset(keep_alive)  # mount keys that may keep their connection
         ops = self
@@ -149,7 +159,7 @@ class OpsServer:
                 path = self.path.split("?", 1)[0]
                 self._connection(path)
                 if path == "/metrics":
-                    self._send(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
+                    self._send(200, generate_latest(ops.registry), CONTENT_TYPE_LATEST)
                 elif path == "/healthz":
                     self._checks(ops.live)
                 elif path == "/readyz":
@@ -180,7 +190,7 @@ class OpsServer:
 
             do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed  # noqa: N815
 
-        self.httpd = _Server((host, port), Handler)
+        self.httpd = (_SharedServer if reuse_port else _Server)((host, port), Handler)
         self.port = self.httpd.server_address[1]
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="ops-http", daemon=True)
 

@@ -1,5 +1,12 @@
 """Prometheus metrics of the gRPC gateway (prometheus_client, default registry, one HTTP port).
 
+With `processes` > 1 (service/supervisor.py) every server process writes its values to files in
+PROMETHEUS_MULTIPROC_DIR (prometheus_client's multiprocess mode) and /metrics, answered by any of
+them, aggregates the group (`scrape_registry`): counters and histograms summed over every process
+that ever ran, gauges by their `multiprocess_mode` (in-flight, queues, streams, processes: summed
+over the live processes; serving and load times: their maximum). Info metrics and the GPU collector
+are the answering process's (the same in every process of the group).
+
 Labels stay low-cardinality: rpc names, resolved model ids ("unknown" for names not in the store),
 status code names, stream events. Never a request id, job id, user or token.
 """
@@ -67,7 +74,7 @@ STREAM_DURATION = Histogram(
     buckets=STREAM_DURATION_BUCKETS,
 )
 REQUESTS = Counter("xaiserve_requests", "Finished RPCs by status code", ["rpc", "model", "code"])
-INFLIGHT = Gauge("xaiserve_inflight_requests", "RPCs being served", ["rpc"])
+INFLIGHT = Gauge("xaiserve_inflight_requests", "RPCs being served", ["rpc"], multiprocess_mode="livesum")
 QUEUE_WAIT = Histogram(
     "xaiserve_queue_wait_seconds",
     "Time a request waited for its micro-batch to start",
@@ -81,7 +88,9 @@ INFERENCE = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 BATCH_SIZE = Histogram("xaiserve_batch_size", "Requests per micro-batch", ["model"], buckets=BATCH_BUCKETS)
-BATCHER_QUEUE = Gauge("xaiserve_batcher_queue_depth", "Requests waiting for a micro-batch", ["model"])
+BATCHER_QUEUE = Gauge(
+    "xaiserve_batcher_queue_depth", "Requests waiting for a micro-batch", ["model"], multiprocess_mode="livesum"
+)
 STREAM_EVENTS = ("received", "answered", "failed", "dropped")
 STREAM_FRAMES = Counter(
     "xaiserve_stream_frames",
@@ -101,10 +110,14 @@ FRAME_QUEUE_WAIT = Histogram(
     ["model"],
     buckets=LATENCY_BUCKETS,
 )
-ACTIVE_STREAMS = Gauge("xaiserve_active_streams", "Open StreamExplain calls")
-MODEL_LOAD = Gauge("xaiserve_model_load_seconds", "Time to load and warm a model", ["model"])
+ACTIVE_STREAMS = Gauge("xaiserve_active_streams", "Open StreamExplain calls", multiprocess_mode="livesum")
+MODEL_LOAD = Gauge(
+    "xaiserve_model_load_seconds", "Time to load and warm a model", ["model"], multiprocess_mode="livemax"
+)
 BUILD = Info("xaiserve_build", "Build information")
-SERVING = Gauge("xaiserve_serving", "1 while the server accepts calls, 0 while draining")
+SERVING = Gauge("xaiserve_serving", "1 while the server accepts calls, 0 while draining", multiprocess_mode="livemax")
+# 1 per server process while it serves: with `processes` > 1 the sum over the group (multiprocess mode)
+PROCESSES = Gauge("xaiserve_server_processes", "Server processes serving on this port", multiprocess_mode="livesum")
 
 
 def init_stream_series(models: list[str]) -> None:
@@ -131,6 +144,35 @@ def set_build_info(version: str, git: str) -> None:
             "onnxruntime": onnxruntime.__version__,
         }
     )
+
+
+def scrape_registry() -> Any:
+    """What /metrics of the gateway exports: the default registry, or in multiprocess mode
+    (PROMETHEUS_MULTIPROC_DIR set) the aggregate of every process's files plus this process's
+    Info metrics and custom collectors (which multiprocess mode does not write to files)."""
+    import os
+
+    from prometheus_client import REGISTRY, CollectorRegistry
+
+    from xaiserve.service import gpu_metrics
+
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return REGISTRY
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    reg = CollectorRegistry()
+    MultiProcessCollector(reg)
+
+    class _Local:
+        def collect(self):  # noqa: ANN202 - prometheus_client's collector protocol
+            yield from BUILD.collect()
+            yield from gpu_metrics.DEVICE_INFO.collect()
+            for c in list(gpu_metrics._registered.values()):  # the NVML collector, when a GPU was found
+                if c is not None:
+                    yield from c.collect()
+
+    reg.register(_Local())  # type: ignore[arg-type]
+    return reg
 
 
 def start_metrics_http(host: str, port: int) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
@@ -169,6 +170,7 @@ class RunningServer:
         if self.streams is not None:  # a DrainNotice now; each stream ends itself just before `grace`
             self.streams.drain(grace)
         metrics.SERVING.set(0)
+        metrics.PROCESSES.set(0)
         if self.serving is not None:
             self.serving.clear()
         await self.health.enter_graceful_shutdown()
@@ -202,6 +204,17 @@ async def start_server(config: ServerConfig) -> RunningServer:
             batch_by_memory=config.batch_by_memory,
         )
     )
+    group = config.process_count  # > 1: one of the processes of `xaiserve serve --processes N` (service/supervisor.py)
+    if group > 1 and config.intra_op_threads == 0:
+        # auto intra-op threads: this process's share of the cores, not all of them in every process
+        from xaiserve.service.registry import available_cores, serving_intra_op_threads
+
+        onnx_models = sum(1 for e in registry.entries() if "onnx" in e.files)
+        share = max(1, available_cores() // group)
+        registry.config = dataclasses.replace(
+            registry.config,
+            intra_op_threads=serving_intra_op_threads(share, onnx_models, config.inference_threads),
+        )
     gpu_metrics.register(str(device))
     log.info("device", extra={"device": str(device), "precision": config.precision, "gpus": gpu_metrics.gpu_names()})
     log.info("model store", extra={"model_store": str(store), "models": len(registry.entries())})
@@ -266,7 +279,9 @@ async def start_server(config: ServerConfig) -> RunningServer:
         options=[
             ("grpc.max_receive_message_length", mb),
             ("grpc.max_send_message_length", mb),
-            ("grpc.so_reuseport", 0),
+            # off for one process (a second server on a port in use fails to bind); on for the
+            # processes of one group, which share the port (the kernel spreads connections over them)
+            ("grpc.so_reuseport", 1 if group > 1 else 0),
             # calls grpc holds before our code takes them: beyond, it cancels new calls itself, in C,
             # when the event loop falls behind (see config.max_pending_calls)
             ("grpc.server.max_pending_requests", config.max_pending_calls),
@@ -314,6 +329,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
     for svc in ("", SERVICE_NAME):
         await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
     metrics.SERVING.set(1)
+    metrics.PROCESSES.set(1)
     serving = threading.Event()  # per server: the metric is process-wide
     serving.set()
     inference.ready = serving.is_set
@@ -420,6 +436,8 @@ def _ops_server(
         ready=ready,
         mounts=web,
         keep_alive=keep,
+        registry=metrics.scrape_registry(),
+        reuse_port=config.process_count > 1,  # every process of a group answers the HTTP port too
     ).start()
     if web:
         log.info("web viewer", extra={"url": f"http://{config.metrics_host}:{ops.port}/"})

@@ -43,6 +43,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -70,15 +71,17 @@ RATE_WINDOW_S = 1.0  # answer_fps is measured over about this long
 
 async def _cine_frames(frame: _Frame, fast: FastPath) -> list[_Frame]:
     """A frame whose image asks for image.dicom.all_frames, as one frame per frame of its
-    multi-frame DICOM (checked on the header first, in the CPU pool: frame count and size limits,
-    dicom_in.probe_all_frames); a file that cannot be split is one failed frame with that status."""
-    from xaiserve.service.dicom_in import probe_all_frames
+    multi-frame DICOM: the file is read and checked once, in the CPU pool (frame count and size
+    limits on the header, before any frame is decoded: dicom_in.Cine); each frame's own image is
+    cut from it when that frame runs (_run). A file that cannot be split is one failed frame with
+    that status."""
+    from xaiserve.service.dicom_in import Cine
 
     try:
-        n = await fast.cpu.run(probe_all_frames, frame.msg.image)
+        cine = await fast.cpu.run(Cine, frame.msg.image)
     except XaiError as e:
         return [_Frame(frame.msg, frame.received_us, frame.received, error=e)]
-    return [_Frame(frame.msg, frame.received_us, frame.received, dicom_frame=k) for k in range(n)]
+    return [_Frame(frame.msg, frame.received_us, frame.received, dicom_frame=k, cine=cine) for k in range(cine.frames)]
 
 
 def _now_us() -> int:
@@ -98,6 +101,7 @@ class _Frame:
     received: float  # perf_counter
     dicom_frame: int | None = None  # image.dicom.all_frames: the frame of the file this one explains
     error: XaiError | None = None  # the all_frames message could not be split: its answer's status
+    cine: Any = None  # dicom_in.Cine of the all_frames message: cuts this frame's image
 
 
 class StreamHub:
@@ -283,13 +287,15 @@ class StreamSession:
         out = pb.ExplainFrameResult(
             frame_id=fid, received_unix_us=frame.received_us, client_timestamp_us=frame.msg.client_timestamp_us
         )
-        req = pb.ExplainRequest(model=self.entry.id, image=frame.msg.image, options=self.options)
-        if frame.dicom_frame is not None:
-            out.dicom_frame = req.image.dicom.frame = frame.dicom_frame
-            req.image.dicom.ClearField("all_frames")
         try:
             if frame.error is not None:
                 raise frame.error
+            if frame.cine is not None:  # a frame of an all_frames message: its own small image
+                out.dicom_frame = frame.dicom_frame
+                image = await self.fast.cpu.run(frame.cine.image, frame.dicom_frame)
+                req = pb.ExplainRequest(model=self.entry.id, image=image, options=self.options)
+            else:
+                req = pb.ExplainRequest(model=self.entry.id, image=frame.msg.image, options=self.options)
             # a slot like a unary call's: a frame beyond max_inflight is refused at once (Overloaded)
             with self.fast.admission.slot(self.principal):
                 out.result.CopyFrom(await self.fast.explain(req, timeout=None, entry=self.entry))

@@ -42,6 +42,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--deletion-steps", type=int, default=16, help="with --images: steps of the deletion/insertion curves"
     )
+    p.add_argument(
+        "--backgrounds",
+        default="legacy",
+        choices=("legacy", "families"),
+        help="scenes: the original background (legacy) or the background families scenes-nemu trains on",
+    )
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=("test", "heldout"),
+        help="scenes: test, or heldout (test items on the held-out background families); "
+        "writes explanations_scenes[_families|_heldout].*",
+    )
     p.add_argument("--n", type=int, default=200, help="test images (the first n of the held-out split)")
     p.add_argument("--out", type=Path, default=Path("eval_out"), help="output directory")
     p.add_argument("--store", type=Path, default=None, help="model store (default: the repository's model_store/)")
@@ -124,6 +137,8 @@ def evaluate_main(target: str, argv: list[str]) -> int:
             data_root=args.data_root,
             examples=args.examples,
             quiet=args.quiet,
+            backgrounds=args.backgrounds,
+            split=args.split,
             **kw,
         )
         result = evaluate(cfg)

@@ -70,6 +70,10 @@ ZOO: tuple[tuple[str, str, dict[str, Any]], ...] = (
             "one_sided": True,
             "two_findings": 0.5,
             "pretrain": {"epochs": 6, "form": "preservation", "smoothing": 7},
+            # one CPU thread (2026-12): the shared FiLM network's stage 1 is fragile. With 1 thread it
+            # repeats the committed stage 1 exactly; with 2 (another summation order) the nevus and
+            # seborrheic keratosis masks died (all zero, validation relevance mass 0.43 instead of 0.86)
+            "threads": 1,
         },
     ),
     # the DICOM demo: synthetic CT phantoms, window stack as channels (xaiserve/training/datasets/phantoms.py),
@@ -153,6 +157,13 @@ def _parser(cmd: str, target: str) -> argparse.ArgumentParser:
             help="nemt with a two-stage recipe (the zoo's lesions NEMt): take the first stage's weights from this "
             "store model (name:version) instead of training it",
         )
+        p.add_argument(
+            "--nemu-recipe",
+            default="original",
+            choices=("original", "families"),
+            help="nem-u on scenes: the committed recipe, or the background-family recipe of the 2026-12 decision "
+            "(docs/METHODS.md, NEM-U; trained with --epochs 1)",
+        )
         p.add_argument("--only", default=None, help="zoo: comma-separated model names to (re)train")
         # a masking network for any CNN in the store (training/byom_nem.py)
         p.add_argument(
@@ -228,6 +239,12 @@ def _train_one(target: str, name: str, args: argparse.Namespace, extra: dict[str
     from xaiserve.training import zoo
 
     opts = _opts(args)
+    if "threads" in extra and opts.device == "cpu":  # the recipe pins it (ZOO); the zoo loop resets it per model
+        print(
+            f"{name}: {extra['threads']} CPU thread(s), as its recipe says (--threads {args.threads} ignored)",
+            flush=True,
+        )
+        set_threads(int(extra["threads"]))
     if args.epochs is None and "epochs" in extra:
         opts = replace(opts, epochs=int(extra["epochs"]))
     stages = tuple(extra.get("stages", ())) if args.epochs is None else ()
@@ -239,7 +256,12 @@ def _train_one(target: str, name: str, args: argparse.Namespace, extra: dict[str
     elif target == "classifier":
         res = zoo.run_classifier(opts, name, extra.get("dataset", args.dataset))
     elif target == "nem-u":
-        res = zoo.run_nemu(opts, name, extra.get("encoder", args.encoder))
+        res = zoo.run_nemu(
+            opts,
+            name,
+            extra.get("encoder", args.encoder),
+            recipe=extra.get("recipe", getattr(args, "nemu_recipe", "original")),
+        )
     elif target == "nemt":
         res = zoo.run_nemt(
             opts,
@@ -344,6 +366,7 @@ def train_main(target: str, argv: Sequence[str] | None = None) -> int:
             for name, tgt, extra in ZOO:
                 if only is None or name in only:
                     print(f"== {name} ({tgt})", flush=True)
+                    set_threads(args.threads)
                     _train_one(tgt, name, args, extra)
             print(f"zoo done in {time.perf_counter() - t0:.0f} s", flush=True)
         else:

@@ -104,6 +104,10 @@ class EvalConfig:
     masks: Path | None = None
     model: str = ""
     deletion_steps: int = 16  # deletion / insertion curves (no ground truth needed)
+    # scenes only (2026-12): "legacy" = the original background (what the encoder trained on),
+    # "families" = the background families scenes-nemu trains on (datasets/scenes.py TRAIN_FAMILIES)
+    backgrounds: str = "legacy"
+    split: str = "test"  # "heldout" (scenes): test items on the held-out families (HELDOUT_FAMILIES)
 
     def __post_init__(self) -> None:
         if self.images is not None:
@@ -117,6 +121,19 @@ class EvalConfig:
             raise InvalidArgument("--relax-masks and --relax-batch must be >= 1")
         if self.threads < 1:
             raise InvalidArgument("--threads must be >= 1")
+        if self.backgrounds not in ("legacy", "families"):
+            raise InvalidArgument(f"--backgrounds {self.backgrounds!r}: use legacy or families")
+        if self.split not in ("test", "heldout"):
+            raise InvalidArgument(f"--split {self.split!r}: use test or heldout")
+        if (self.backgrounds != "legacy" or self.split != "test") and self.dataset != "scenes":
+            raise InvalidArgument("--backgrounds and --split heldout exist for --dataset scenes only")
+
+    @property
+    def tag(self) -> str:
+        """File-name suffix: '' (legacy test), '_families' (family test), '_heldout' (held-out families)."""
+        if self.split == "heldout":
+            return "_heldout"
+        return "_families" if self.backgrounds == "families" else ""
 
 
 @dataclass
@@ -141,6 +158,8 @@ class EvalResult:
     rows: list[MethodResult]
     notes: list[str]
     settings: dict
+    tag: str = ""  # EvalConfig.tag
+    split_text: str = "test split"
 
     def summary(self) -> dict[str, dict[str, dict[str, float]]]:
         out: dict[str, dict[str, dict[str, float]]] = {}
@@ -315,8 +334,13 @@ def _load_split(cfg: EvalConfig, spec) -> tuple[torch.Tensor, np.ndarray, np.nda
 
     if spec.height != spec.width:
         raise FailedPrecondition(f"the model takes {spec.height}x{spec.width} images; the datasets are square")
-    ds = get_dataset(cfg.dataset, seed=cfg.seed, size=spec.height, root=cfg.data_root, sizes=cfg.split_sizes)
-    split = ds.split("test")
+    if cfg.dataset == "scenes" and (cfg.backgrounds == "families" or cfg.split == "heldout"):
+        from xaiserve.training.datasets.scenes import scenes_families
+
+        ds = scenes_families(cfg.data_root, seed=cfg.seed, size=spec.height, sizes=cfg.split_sizes)
+    else:
+        ds = get_dataset(cfg.dataset, seed=cfg.seed, size=spec.height, root=cfg.data_root, sizes=cfg.split_sizes)
+    split = ds.split(cfg.split)
     n = min(cfg.n, len(split))
     if spec.channels != split.images.shape[1]:
         raise FailedPrecondition(
@@ -535,7 +559,18 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         "saliency": asdict(cfg.saliency_config),
         "target": "true label" if kind == "classifier" else "none",
     }
-    return EvalResult(cfg.dataset, frozen.id, kind, n, display, gt, labels, rows, notes, settings)
+    split_text = "test split"
+    if cfg.dataset == "scenes":
+        from xaiserve.training.datasets.scenes import HELDOUT_FAMILIES, TRAIN_FAMILIES
+
+        settings.update(backgrounds=cfg.backgrounds, split=cfg.split)
+        if cfg.split == "heldout":
+            split_text = f"held-out background families {', '.join(HELDOUT_FAMILIES)}, test items"
+        elif cfg.backgrounds == "families":
+            split_text = f"test split on the training background families {', '.join(TRAIN_FAMILIES)}"
+        else:
+            split_text = "test split, original background"
+    return EvalResult(cfg.dataset, frozen.id, kind, n, display, gt, labels, rows, notes, settings, cfg.tag, split_text)
 
 
 # -- reporting ------------------------------------------------------------------------------------
@@ -565,7 +600,7 @@ def markdown_table(result: EvalResult) -> str:
     where = (
         f"the user's folder ({result.n} images)"
         if result.dataset == FOLDER
-        else f"{result.dataset} (test split, first {result.n} images)"
+        else f"{result.dataset} ({result.split_text}, first {result.n} images)"
     )
     lines = [
         f"Explanations on {where}, frozen model {result.frozen} ({result.kind}).",
@@ -624,7 +659,7 @@ def save_grid(result: EvalResult, path: Path, examples: int = 6) -> Path:
 
 def write_report(result: EvalResult, out: Path, examples: int = 6) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"explanations_{result.dataset}"
+    stem = f"explanations_{result.dataset}{result.tag}"
     md = out / f"{stem}.md"
     md.write_text(markdown_table(result))
     js = out / f"{stem}.json"

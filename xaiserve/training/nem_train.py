@@ -43,6 +43,9 @@ from xaiserve.training.datasets.base import SyntheticDataset
 from xaiserve.training.loop import LoopConfig, train_loop
 
 NEMU_DECODER = DecoderArch(widths=(32, 16, 8))
+# the 2026-12 decision: replicate padding (no frame feature) and a bounded logit (b tanh(l / b), b = 6: the mask in
+# [0.0025, 0.9975], never a dead saturated sigmoid); the zoo's scenes-nemu uses it
+NEMU_DECODER_BOUNDED = DecoderArch(widths=(32, 16, 8), pad="replicate", logit_bound=6.0)
 NEMT_BANK_DECODER = DecoderArch(widths=(16, 8))
 NEMT_COND_DECODER = DecoderArch(widths=(32, 16, 8))
 
@@ -110,11 +113,28 @@ def nemu_step(
     return loss, {k: float(v) for k, v in parts.items()}
 
 
+def augment_shift(x: torch.Tensor, shift: int, g: torch.Generator) -> torch.Tensor:
+    """Training augmentation (beyond [NEM-U], the 2026-12 decision): each image translated by up to `shift` px in
+    x and y (reflect padding, so no new edge appears) and flipped horizontally with probability 1/2;
+    the frame then carries no fixed content. The loss (eq. 5-9) needs no labels, so any view is valid."""
+    if shift <= 0:
+        return x
+    b, _, h, w = x.shape
+    pad = torch.nn.functional.pad(x, (shift, shift, shift, shift), mode="reflect")
+    off = torch.randint(0, 2 * shift + 1, (b, 2), generator=g)
+    flip = torch.rand(b, generator=g) < 0.5
+    out = torch.stack([pad[i, :, oy : oy + h, ox : ox + w] for i, (oy, ox) in enumerate(off.tolist())])
+    return torch.where(flip.to(x.device)[:, None, None, None], out.flip(-1), out)
+
+
 def evaluate_nemu(model: NemU, ds: SyntheticDataset, split: str = "val", limit: int | None = None) -> dict[str, float]:
-    """Relevance mass, mask size and fidelity cos(Phi(x), Phi(x*m)) on a held-out split."""
+    """Relevance mass, pointing game, argmax at the border (training.metrics), mask size and fidelity
+    cos(Phi(x), Phi(x*m)) on a held-out split; `localisation` = (relevance mass + pointing game) / 2."""
+    from xaiserve.training import metrics as M
+
     model.eval()
     dev = module_device(model)
-    rm, size, fid = [], [], []
+    rm, size, fid, pg, border = [], [], [], [], []
     with torch.no_grad():
         for x, _, gt in ds.batches(split, _eval_batch(ds), limit=limit):
             x, gt = x.to(dev), gt.to(dev)
@@ -122,12 +142,28 @@ def evaluate_nemu(model: NemU, ds: SyntheticDataset, split: str = "val", limit: 
             rm.append(relevance_mass(mask, gt))
             size.append(mask.flatten(1).mean(1))
             fid.append(torch.nn.functional.cosine_similarity(z, model.frozen(x * mask), dim=1))
+            mk = mask[:, 0].cpu().numpy()
+            border.append(M.border_argmax(mk))
+            if getattr(ds, "has_masks", True):
+                g = gt.cpu().numpy().astype(bool)
+                keep = g.reshape(len(g), -1).any(1)  # the pointing game needs an object pixel
+                if keep.any():
+                    pg.append(M.pointing_game(mk[keep], g[keep]))
     out = {
         "relevance_mass": float(torch.cat(rm).mean()),
         "mask_mean": float(torch.cat(size).mean()),
         "fidelity_cos": float(torch.cat(fid).mean()),
+        "border_argmax": float(np.concatenate(border).mean()),
     }
+    if pg:
+        out["pointing_game"] = float(np.concatenate(pg).mean())
+        out["localisation"] = (out["relevance_mass"] + out["pointing_game"]) / 2
     return out if getattr(ds, "has_masks", True) else {k: v for k, v in out.items() if k != "relevance_mass"}
+
+
+def has_heldout(ds: SyntheticDataset) -> bool:
+    """A scenes dataset with held-out background families (the `heldout` split)."""
+    return bool(getattr(getattr(ds, "config", None), "heldout_families", ()))
 
 
 def _eval_batch(ds) -> int:
@@ -153,12 +189,18 @@ def train_nemu(
     progress: bool = True,
     limit: int | None = None,
     device: torch.device | str = "cpu",
+    shift: int = 0,
+    select: str = "relevance_mass",
 ) -> tuple[NemU, list[dict], dict[str, Any]]:
-    """Train the decoder on `device` (the frozen encoder goes there with it); back on the CPU at the end."""
+    """Train the decoder on `device` (the frozen encoder goes there with it); back on the CPU at the end.
+
+    shift > 0: random translations (and flips) of the training images (augment_shift).
+    select: the validation metric that picks the epoch ("relevance_mass" or "localisation")."""
     torch.manual_seed(cfg.seed)
     model = NemU(frozen, decoder).to(device)
     opt = prodigy(model.decoder.parameters())
     gen, steps = _batches(ds, cfg.batch_size, cfg.seed, limit)
+    g_aug = torch.Generator().manual_seed(cfg.seed + 1)
     history = train_loop(
         # the decoder of the epoch with the highest validation relevance mass is kept: the loss (eq. 5-9)
         # trades mask size against fidelity and the masks' localisation swings from epoch to epoch
@@ -168,13 +210,13 @@ def train_nemu(
             resume=resume,
             progress=progress,
             desc="nem-u",
-            select=_select(ds, "relevance_mass", "fidelity_cos"),
+            select=_select(ds, select, "fidelity_cos"),
         ),
         model,
         opt,
         gen,
         steps,
-        lambda b: nemu_step(model, b[0], loss),
+        lambda b: nemu_step(model, augment_shift(b[0], shift, g_aug), loss),
         validate=lambda e: evaluate_nemu(model, ds, "val", limit=512),
         run_config={
             **asdict(cfg),
@@ -182,11 +224,15 @@ def train_nemu(
             "loss": asdict(loss),
             "dataset": ds.describe(),
             "limit": limit,
+            **({"shift": shift} if shift else {}),
+            **({"select": select} if select != "relevance_mass" else {}),
         },
         device=device,
     )
     model.eval()
     metrics = {"val": evaluate_nemu(model, ds, "val"), "test": evaluate_nemu(model, ds, "test")}
+    if has_heldout(ds):
+        metrics["heldout"] = evaluate_nemu(model, ds, "heldout")
     return model.cpu(), history, metrics
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from xaiserve.errors import FailedPrecondition, NotFound
+from xaiserve.errors import FailedPrecondition, InvalidArgument, NotFound
 from xaiserve.handlers.loading import load_module
 from xaiserve.handlers.nem.build import arch_of, build_from_arch
 from xaiserve.handlers.nem.losses import NemTLossConfig, NemULossConfig
@@ -224,15 +224,41 @@ def run_classifier(opts: RunOptions, name: str, data: str) -> dict[str, Any]:
 
 
 # -- masking networks ----------------------------------------------------------------------------
-def run_nemu(opts: RunOptions, name: str = "scenes-nemu", encoder: str = "scenes-simclr:1") -> dict[str, Any]:
+NEMU_SHIFT = 6  # px of random translation in the scenes-nemu recipe (2026-12)
+
+
+def run_nemu(
+    opts: RunOptions, name: str = "scenes-nemu", encoder: str = "scenes-simclr:1", recipe: str = "original"
+) -> dict[str, Any]:
+    """recipe="original": the committed scenes-nemu (original background, zero-padded decoder,
+    epoch picked by validation relevance mass). recipe="families" (2026-12, `--nemu-recipe families`):
+    trained on the scenes background families (datasets/scenes.py TRAIN_FAMILIES; HELDOUT_FAMILIES
+    make the `heldout` split, never seen in training or selection), normalised with the frozen
+    encoder's own statistics, replicate-padded bounded decoder, random translations, the epoch picked
+    by the validation localisation (relevance mass + pointing game) / 2."""
+    from xaiserve.training.datasets.scenes import scenes_families
+    from xaiserve.training.nem_train import NEMU_DECODER, NEMU_DECODER_BOUNDED
+
+    if recipe not in ("original", "families"):
+        raise InvalidArgument(f"NEM-U recipe {recipe!r}: use original or families")
+    fam = recipe == "families"
     frozen, fentry = frozen_from_store(opts.store, encoder, "encoder")
-    ds = dataset("scenes", opts)
+    ds: SyntheticDataset
+    if fam:
+        fds = scenes_families(opts.fashion_mnist, seed=opts.seed, sizes=opts.sizes)
+        fds.use_stats(fentry["input"]["mean"], fentry["input"]["std"])  # the encoder's normalisation, as served
+        ds = fds
+    else:
+        ds = dataset("scenes", opts)
     cfg = NemTrainConfig(seed=opts.seed, **({"epochs": opts.epochs} if opts.epochs else {}))
     t0 = time.perf_counter()
     model, history, metrics = train_nemu(
         frozen,
         ds,
         cfg,
+        decoder=NEMU_DECODER_BOUNDED if fam else NEMU_DECODER,
+        shift=NEMU_SHIFT if fam else 0,
+        select="localisation" if fam else "relevance_mass",
         checkpoint=opts.out / name / "ckpt.pt",
         resume=opts.resume,
         progress=opts.progress,
@@ -250,6 +276,7 @@ def run_nemu(opts: RunOptions, name: str = "scenes-nemu", encoder: str = "scenes
         "output_dim": fentry["output_dim"],
         "explains": f"{fentry['name']}:{fentry['version']}",
         "config": asdict(cfg),
+        **({"shift": NEMU_SHIFT, "select": "localisation", "recipe": recipe} if fam else {}),
         "history": history,
         "metrics": {**metrics, "train_seconds": round(time.perf_counter() - t0, 1)},
         "limit": opts.limit,
@@ -432,6 +459,28 @@ def _nemt_stage1(
     }
 
 
+def _stage1_text(s1: dict[str, Any], name: str) -> str:
+    """The card's account of a two-stage NEMt: where stage 1's weights came from (run_nemt `pretrain`)."""
+    k = int(s1.get("smoothing") or 0)
+    text = (
+        "Stage 1 (the recipe of the models before the two-finding images): the single-lesion set, the two-sided "
+        f"{s1.get('form') or 'preservation'} loss, a {k}x{k} neighbourhood"
+    )
+    tm = s1.get("test_relevance_mass")
+    tm_s = f"test relevance mass {tm:.4f}" if isinstance(tm, (int, float)) else "test relevance mass not recorded"
+    if "from_store" in s1:
+        text += (
+            f"; its weights were taken from the store model `{s1['from_store']}` as it was before this retraining "
+            f"(`--init-from`; trained by stage 1 alone, {tm_s}), not trained in this run. A from-scratch "
+            f"`xaiserve train zoo --only {name}` trains stage 1 itself (docs/evaluation/README.md gives its figures)."
+        )
+    else:
+        text += f", {s1.get('epochs')} epochs per network, trained in this run ({tm_s})."
+    return text + (
+        " Stage 2 (the sections below): every loss form continues from the stage-1 weights on the set with two-finding images."
+    )
+
+
 # -- publishing ----------------------------------------------------------------------------------
 def _card(res: dict[str, Any]) -> dict[str, str]:
     kind = res["kind"]
@@ -510,16 +559,35 @@ def _card(res: dict[str, Any]) -> dict[str, str]:
     elif kind == "nem_u":
         sections["Model"] = (
             f"NEM-U ([NEM-U], sec. 3.3): U-Net decoder (blocks of widths {arch['decoder']['widths']}, deepest first, on the "
-            f"{len(arch['decoder']['widths'])} deepest pyramid taps of the frozen encoder `{res['explains']}`; the mask logits are "
-            "bilinearly upsampled to 64 x 64, then a sigmoid). Only the decoder trains. Loss eq. 5-9: "
+            f"{len(arch['decoder']['widths'])} deepest pyramid taps of the frozen encoder `{res['explains']}`"
+            + (f", {arch['decoder']['pad']}-padded convolutions" if arch["decoder"].get("pad") else "")
+            + (
+                f"; mask logit l bounded as {arch['decoder']['logit_bound']:g} tanh(l / {arch['decoder']['logit_bound']:g})"
+                if arch["decoder"].get("logit_bound")
+                else ""
+            )
+            + "; the mask logits are bilinearly upsampled to 64 x 64, then a sigmoid). Only the decoder trains. Loss eq. 5-9: "
             "(lambda1 - N_d) P_d + lambda2 ||m||_1 with lambda1 = 1.5, lambda2 = 1, ||m||_1 as the pixel mean, pixel scaling on the "
             f"normalised input (0 = dataset mean). Prodigy (lr 1, weight decay 0.01, safeguard warm-up), batch {cfg['batch_size']}, "
-            f"{cfg['epochs']} epochs, no augmentation, seed {cfg['seed']}."
+            f"{cfg['epochs']} epochs, "
+            + (
+                f"random translations up to {res['shift']} px (reflect padding) and horizontal flips"
+                if res.get("shift")
+                else "no augmentation"
+            )
+            + f", seed {cfg['seed']}."
         )
+        if res["dataset"].get("families"):
+            sections["Data"] = sections.get("Data", "") + (
+                f"\n\nBackground families (datasets/scenes.py): train/val/test draw from {res['dataset']['families']} "
+                f"with colour/contrast jitter; {res['dataset']['heldout_families']} are held out (never in training or epoch "
+                f"selection) and make the `heldout` split ({res['dataset']['heldout_size']} images, test items). Images are "
+                "normalised with the frozen encoder's statistics (the served input)."
+            )
         sections["Metrics"] = (
             "On held-out splits (masks min-max normalised; relevance mass = positive mass inside the ground truth / total; "
             "fidelity = cos(Phi(x), Phi(x*m))):\n"
-            + json.dumps({k: m[k] for k in ("val", "test")}, indent=1)
+            + json.dumps({k: m[k] for k in ("val", "test", "heldout") if k in m}, indent=1)
             + "\n\nThe full comparison with RELAX and the gradient baselines is `xaiserve evaluate explanations`."
         )
         chosen = _selected_epoch(res)
@@ -531,8 +599,13 @@ def _card(res: dict[str, Any]) -> dict[str, str]:
         sections["Deviations"] = (
             epochs_text
             + (
-                f"; the decoder of epoch {chosen}, the one with the highest relevance mass on 512 validation "
-                "images, is kept (model selection on the validation split: the paper does not say how it picked its "
+                f"; the decoder of epoch {chosen}, the one with the highest "
+                + (
+                    "localisation ((relevance mass + pointing game) / 2)"
+                    if res.get("select") == "localisation"
+                    else "relevance mass"
+                )
+                + " on 512 validation images, is kept (model selection on the validation split: the paper does not say how it picked its "
                 "checkpoint; the test split is not used)"
                 if chosen is not None
                 else ""
@@ -570,6 +643,8 @@ def _card(res: dict[str, Any]) -> dict[str, str]:
             f"{arch['smoothing']}x{arch['smoothing']} kernel summing to 1 per sample and training forward pass. Target -1 = the classifier's "
             f"argmax. Prodigy, batch {cfg['batch_size']}, {cfg['epochs']} epochs per network, seed {cfg['seed']}."
         )
+        if m.get("stage1"):
+            sections["Training stages"] = _stage1_text(m["stage1"], res["name"])
         sections["Loss form"] = (
             (
                 "Both forms of METHODS.md were trained; the default is the one with the higher validation relevance mass: "

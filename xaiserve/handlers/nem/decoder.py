@@ -35,6 +35,13 @@ class DecoderArch:
     # input strides of the pyramid levels, shallow to deep (a user model's taps, e.g. 2, 4, 8, 16, 32);
     # empty: 1, 2, 4, ... (handlers.nets' pyramid). Consecutive levels may be any integer factor apart.
     strides: tuple[int, ...] = ()
+    # "zeros" (entries before the 2026-12 decision) or "replicate": the decoder convs' padding. Zero padding makes
+    # the frame a feature of its own (the served NEM-U put its maximum within 3 px of the border on 26 %
+    # of the test images, chance 18 %); replicate padding continues the edge activations instead.
+    pad: str = "zeros"
+    # > 0: mask logit l -> b * tanh(l / b) before the sigmoid (a bounded, calibrated head: the mask stays
+    # in [sigmoid(-b), sigmoid(b)] and keeps a gradient; unbounded logits reached -467, sigmoid saturated)
+    logit_bound: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -43,6 +50,10 @@ class DecoderArch:
             d["strides"] = list(self.strides)
         else:
             d.pop("strides")  # entries of handlers.nets pyramids stay as they were
+        if self.pad == "zeros":
+            d.pop("pad")
+        if not self.logit_bound:
+            d.pop("logit_bound")
         return d
 
     @staticmethod
@@ -53,6 +64,8 @@ class DecoderArch:
             num_classes=int(d.get("num_classes", 0)),
             norm=bool(d.get("norm", False)),
             strides=tuple(int(v) for v in d.get("strides", ())),
+            pad=str(d.get("pad", "zeros")),
+            logit_bound=float(d.get("logit_bound", 0.0)),
         )
 
 
@@ -77,10 +90,13 @@ class UNetDecoder(nn.Module):
         self.stride = used[-1]  # of the shallowest level used, relative to the input
         # upsampling factor before block i (i >= 1): 2 between handlers.nets levels, any integer for a user model
         self.factors = [used[i - 1] // used[i] for i in range(1, self.levels)]
+        if arch.pad not in ("zeros", "replicate"):
+            raise ValueError(f"decoder padding {arch.pad!r}: use 'zeros' or 'replicate'")
         deep = chans[::-1][: self.levels]
-        blocks = [nn.Conv2d(deep[0], arch.widths[0], 3, 1, 1)]
+        pm = arch.pad
+        blocks = [nn.Conv2d(deep[0], arch.widths[0], 3, 1, 1, padding_mode=pm)]
         for i in range(1, len(deep)):
-            blocks.append(nn.Conv2d(arch.widths[i - 1] + deep[i], arch.widths[i], 3, 1, 1))
+            blocks.append(nn.Conv2d(arch.widths[i - 1] + deep[i], arch.widths[i], 3, 1, 1, padding_mode=pm))
         self.blocks = nn.ModuleList(blocks)
         self.norms = nn.ModuleList([nn.BatchNorm2d(w) for w in arch.widths]) if arch.norm else None
         self.head = nn.Conv2d(arch.widths[-1], 1, 1)
@@ -110,7 +126,10 @@ class UNetDecoder(nn.Module):
                 h = h * (1 + film[:, off : off + w]) + film[:, off + w : off + 2 * w]
                 off += 2 * w
             h = F.relu(h)
-        return self.head(h)
+        out = self.head(h)
+        if self.arch.logit_bound > 0:
+            out = self.arch.logit_bound * torch.tanh(out / self.arch.logit_bound)
+        return out
 
 
 def upsample(h: torch.Tensor, factor: int) -> torch.Tensor:
@@ -143,7 +162,8 @@ def bank_forward(decoders: Sequence[UNetDecoder], pyramid: Sequence[torch.Tensor
     tap with the K weight slices stacked; the heads form a grouped 1x1 conv. The weight stacking is
     constant-folded on ONNX export, so the served graph has about as many nodes as a single decoder.
     """
-    if any(d.training for d in decoders):  # batch statistics cannot be folded: run them one by one
+    if any(d.training for d in decoders) or decoders[0].arch.pad != "zeros" or decoders[0].arch.logit_bound:
+        # batch statistics cannot be folded (and the fused convs zero-pad): run them one by one
         return torch.cat([d(pyramid) for d in decoders], dim=1)
     k = len(decoders)
     arch = decoders[0].arch

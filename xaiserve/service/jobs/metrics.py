@@ -6,7 +6,8 @@ Never a job id, model, user or token.
 
 Counters are per process (a gateway counts submissions, a worker counts what it ran; Prometheus sums
 over instances). Gauges marked "from the store" read the shared queue, so with Redis every gateway
-and worker reports the same value: aggregate them with max(), not sum().
+and worker reports the same value: aggregate them with max(), not sum() (what the multiprocess mode
+of `xaiserve serve --processes N` does: livemax; the per-process worker gauges: livesum).
 """
 
 from __future__ import annotations
@@ -45,10 +46,22 @@ JOBS = Counter(
     "Jobs entering a state (queued at submit, running at claim, terminal at the end)",
     ["method", "state"],
 )
-QUEUE_DEPTH = Gauge("xaiserve_job_queue_depth", "Jobs waiting in the queue (from the store)", ["method"])
-RUNNING = Gauge("xaiserve_jobs_running", "Jobs running on some worker (from the store)", ["method"])
-OLDEST_QUEUED = Gauge("xaiserve_job_oldest_queued_age_seconds", "Age of the oldest queued job (from the store)")
-WORKERS_ALIVE = Gauge("xaiserve_job_workers_alive", "Workers that reported within claim_idle_s (from the store)")
+QUEUE_DEPTH = Gauge(
+    "xaiserve_job_queue_depth", "Jobs waiting in the queue (from the store)", ["method"], multiprocess_mode="livemax"
+)
+RUNNING = Gauge(
+    "xaiserve_jobs_running", "Jobs running on some worker (from the store)", ["method"], multiprocess_mode="livemax"
+)
+OLDEST_QUEUED = Gauge(
+    "xaiserve_job_oldest_queued_age_seconds",
+    "Age of the oldest queued job (from the store)",
+    multiprocess_mode="livemax",
+)
+WORKERS_ALIVE = Gauge(
+    "xaiserve_job_workers_alive",
+    "Workers that reported within claim_idle_s (from the store)",
+    multiprocess_mode="livemax",
+)
 QUEUE_WAIT = Histogram(
     "xaiserve_job_queue_wait_seconds",
     "Time from (re-)queueing to a worker starting the job",
@@ -71,8 +84,8 @@ RETRIES = Counter(
     ["method", "reason"],
 )
 WORKER_JOBS = Counter("xaiserve_worker_jobs", "Jobs this worker process ran, by outcome", ["method", "state"])
-WORKER_BUSY = Gauge("xaiserve_worker_busy", "Worker threads of this process running a job")
-WORKER_THREADS = Gauge("xaiserve_worker_threads", "Worker threads of this process")
+WORKER_BUSY = Gauge("xaiserve_worker_busy", "Worker threads of this process running a job", multiprocess_mode="livesum")
+WORKER_THREADS = Gauge("xaiserve_worker_threads", "Worker threads of this process", multiprocess_mode="livesum")
 STORE_DATA_LOST = Counter(
     "xaiserve_job_store_data_lost",
     "Times this process found the job store had lost its "

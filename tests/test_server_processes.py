@@ -1,0 +1,230 @@
+"""`xaiserve serve --processes N` (service/supervisor.py): real processes, real gRPC, one port.
+
+The group shares the gRPC and HTTP ports (SO_REUSEPORT); the kernel spreads connections, so the
+tests open many channels (each its own connection: grpc.use_local_subchannel_pool). Which child
+answered is read from the children's own metric files (prometheus_client multiprocess mode writes
+one file per process: counter_<pid>.db), and /metrics must equal their sum.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+from prometheus_client.mmap_dict import MmapedDict
+
+from tests.serverutil import ROOT, free_port, server_process
+from tests.tiny_models import build_store
+from xaiserve.proto.explain.v1 import explainer_pb2 as pb
+from xaiserve.proto.explain.v1 import explainer_pb2_grpc as pb_grpc
+from xaiserve.service.config import ConfigError, load_config
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+IMAGE = pb.Image(encoded=_png())
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return build_store(tmp_path_factory.mktemp("store"))
+
+
+def children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return sorted(int(x) for x in text.split())
+
+
+def dead(pid: int) -> bool:
+    try:
+        return "\tZ" in next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("State"))
+    except FileNotFoundError:
+        return True
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.read().decode()
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of one sample of the exposition text (0 when absent)."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        m = re.match(r"([^{ ]+)(\{[^}]*\})? (\S+)", line)
+        if not m or m.group(1) != name:
+            continue
+        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        if all(got.get(k) == v for k, v in labels.items()):
+            total += float(m.group(3))
+    return total
+
+
+def wait_for(pred, timeout: float = 90.0, what: str = "") -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            if pred():
+                return
+        except (OSError, grpc.RpcError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def explains_by_pid(mdir: Path) -> dict[int, float]:
+    """Explain calls answered OK, per process, from each process's own counter file."""
+    out: dict[int, float] = {}
+    for f in mdir.glob("counter_*.db"):
+        pid = int(f.stem.split("_")[-1])
+        for key, value, _ts, _pos in MmapedDict.read_all_values_from_file(str(f)):
+            _metric, sample_name, labels, _help = json.loads(key)
+            if sample_name == "xaiserve_requests_total" and labels.get("rpc") == "Explain" and labels["code"] == "OK":
+                out[pid] = out.get(pid, 0.0) + value
+    return out
+
+
+def explain_on_new_connections(address: str, connections: int, calls: int = 2, retries: int = 0) -> int:
+    """Explain calls over `connections` new connections; `retries`: new connections tried after an
+    UNAVAILABLE (a connection reset while a killed child's socket goes away)."""
+    ok = 0
+    for _ in range(connections):
+        for attempt in range(retries + 1):
+            try:
+                with grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+                    stub = pb_grpc.ExplainerStub(ch)
+                    for _ in range(calls):
+                        r = stub.Explain(pb.ExplainRequest(model="tiny-nemu", image=IMAGE), timeout=30)
+                        assert r.model.startswith("tiny-nemu")
+                        ok += 1
+                break
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == retries:
+                    raise
+                time.sleep(0.2)
+    return ok
+
+
+def test_processes_setting_is_parsed_and_checked():
+    assert load_config(None, env={}).process_count == 1
+    assert load_config(None, env={}, processes="3").process_count == 3
+    assert load_config(None, env={"XAISERVE_PROCESSES": "auto"}).process_count >= 1
+    for bad in ("0", "two", "-1"):
+        with pytest.raises(ConfigError, match="processes must be an integer >= 1 or auto"):
+            load_config(None, env={}, processes=bad)
+
+
+def test_group_of_two_shares_the_port_restarts_a_killed_child_and_drains(store, tmp_path):
+    mdir = tmp_path / "metrics"
+    mdir.mkdir()
+    (mdir / "counter_1.db").write_bytes(b"stale")  # an earlier run's file: deleted at start
+    with server_process(
+        store,
+        state_dir=tmp_path / "state",
+        processes=2,
+        job_workers=1,
+        log_json="true",
+        env={"PROMETHEUS_MULTIPROC_DIR": str(mdir)},
+    ) as srv:
+        parent = srv.process.pid
+        assert not (mdir / "counter_1.db").exists()
+        wait_for(lambda: sample(scrape(srv.metrics_url), "xaiserve_server_processes") == 2, what="2 serving")
+        first = children(parent)
+        assert len(first) == 2
+
+        # many connections: both children answer, and /metrics sums them
+        n = explain_on_new_connections(srv.address, 24)
+        by_pid = explains_by_pid(mdir)
+        assert set(by_pid) == set(first), by_pid
+        assert all(v > 0 for v in by_pid.values()), by_pid
+        text = scrape(srv.metrics_url)
+        assert sample(text, "xaiserve_requests_total", rpc="Explain", code="OK") == n == sum(by_pid.values())
+        assert sample(text, "xaiserve_serving") == 1
+        assert "xaiserve_build_info{" in text  # Info metrics are exported beside the multiprocess files
+        for path in ("/healthz", "/readyz"):  # whichever child the connection reaches answers
+            assert scrape(srv.metrics_url.replace("/metrics", path)).startswith('{"status": "ok"')
+
+        # SIGKILL one child: the port keeps answering (the other child), the supervisor restarts it
+        victim = first[0]
+        os.kill(victim, signal.SIGKILL)
+        # (seen on this machine: right after the kill a new connection can be reset, UNAVAILABLE,
+        # which a client retries; the next reaches the live child)
+        wait_for(lambda: dead(victim), 10, "the killed child to exit")
+        assert explain_on_new_connections(srv.address, 6, 1, retries=3) == 6
+        wait_for(lambda: len(children(parent)) == 2 and victim not in children(parent), what="a new child")
+        wait_for(lambda: sample(scrape(srv.metrics_url), "xaiserve_server_processes") == 2, what="2 serving again")
+        text = scrape(srv.metrics_url)
+        assert sample(text, "xaiserve_server_process_restarts_total") == 1
+        # counters of the dead child are kept in the sum
+        assert sample(text, "xaiserve_requests_total", rpc="Explain", code="OK") >= n + 6
+        assert explain_on_new_connections(srv.address, 8, 1) == 8
+        log = srv.log_path.read_text()
+        assert "server process exited; restarting it" in log and f'"pid": {victim}' in log
+
+        # SIGTERM: forwarded, every child drains and exits, the supervisor exits 0
+        kids = children(parent)
+        srv.process.send_signal(signal.SIGTERM)
+        assert srv.process.wait(60) == 0
+        for pid in kids:
+            wait_for(lambda pid=pid: not Path(f"/proc/{pid}").exists(), 10, f"child {pid} gone")
+    log = srv.log_path.read_text()
+    assert log.count('"message": "stopped"') >= 2  # each child's own drain ran to its end
+
+
+def test_one_process_is_unchanged_and_a_group_refuses_its_port(store, tmp_path):
+    with server_process(store, state_dir=tmp_path / "state", job_workers=0) as srv:
+        assert children(srv.process.pid) == []  # no supervisor
+        text = scrape(srv.metrics_url)
+        assert sample(text, "xaiserve_server_processes") == 1
+        assert "process_resident_memory_bytes" in text  # the ordinary registry, not multiprocess mode
+        # the single server binds without SO_REUSEPORT: a group cannot join its port
+        port = srv.address.rsplit(":", 1)[1]
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            with pytest.raises(OSError):
+                probe.bind(("127.0.0.1", int(port)))
+        r = subprocess.run(
+            [sys.executable, "-m", "xaiserve.service.cli", "serve", "--processes", "2", "--port", port]
+            + ["--metrics-port", str(free_port()), "--model-store", str(store), "--state-dir", str(tmp_path / "s2")],
+            cwd=ROOT,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 2
+        assert f"the gRPC port 127.0.0.1:{port} is in use" in r.stderr
+
+
+def test_a_child_that_cannot_start_stops_the_group(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "xaiserve.service.cli", "serve", "--processes", "2", "--port", "0"]
+        + ["--metrics-port", "0", "--model-store", str(tmp_path / "nowhere"), "--state-dir", str(tmp_path / "s")]
+        + ["--queue", "redis://127.0.0.1:1/0"],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode != 0
+    assert "server process failed at start" in r.stderr
