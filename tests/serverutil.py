@@ -180,3 +180,18 @@ DICOM_PER_RESULT = {
     "DimensionOrganizationUID",
     "FileMetaInformationGroupLength",
 }
+
+
+def dicom_elements(ds, skip=DICOM_PER_RESULT, pre: str = "") -> dict:
+    """A dataset flattened to {path: value} (sequences as `Keyword[i].`), elements named in `skip` left out:
+    two encodings of one result compare equal iff these dicts do."""
+    out = {}
+    for e in ds:
+        if e.keyword in skip:
+            continue
+        if e.VR == "SQ":
+            for i, item in enumerate(e.value):
+                out.update(dicom_elements(item, skip, f"{pre}{e.keyword}[{i}]."))
+        else:
+            out[pre + (e.keyword or str(e.tag))] = e.value if isinstance(e.value, bytes) else str(e.value)
+    return out

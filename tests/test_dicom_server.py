@@ -16,7 +16,7 @@ import pydicom
 import pytest
 
 from tests.dicomutil import edited, sample, unsupported_syntax
-from tests.serverutil import DICOM_PER_RESULT, ROOT, running_server
+from tests.serverutil import DICOM_PER_RESULT, ROOT, dicom_elements, running_server
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.service.mask_wire import decode_mask
 from xaiserve.training.datasets.phantoms import phantom_dicom, phantom_slice
@@ -273,17 +273,8 @@ def test_cine_frames_cut_from_one_read_give_the_unary_results(stub, monkeypatch,
     skip = {"SOPInstanceUID", "SeriesInstanceUID", "MediaStorageSOPInstanceUID", "InstanceCreationDate"}
     skip |= {"InstanceCreationTime", "ContentDate", "ContentTime", "ContributionDateTime"}
 
-    def flat(ds, pre=""):
-        res = {}
-        for e in ds:
-            if e.keyword in skip:
-                continue
-            if e.VR == "SQ":
-                for i, item in enumerate(e.value):
-                    res.update(flat(item, f"{pre}{e.keyword}[{i}]."))
-            else:
-                res[pre + e.keyword] = e.value if isinstance(e.value, bytes) else str(e.value)
-        return res
+    def flat(ds):
+        return dicom_elements(ds, skip)
 
     for k in sorted({0, n // 2, n - 1}):
         single = explain(
@@ -490,17 +481,8 @@ def test_a_cached_template_gives_the_object_highdicom_builds():
     _, source = decode_image_source(pb.Image(encoded=sample("CT_small.dcm")))
     rng = np.random.default_rng(0)
 
-    def flat(ds, pre=""):
-        out = {}
-        for e in ds:
-            if e.keyword in DICOM_PER_RESULT:
-                continue
-            if e.VR == "SQ":
-                for i, item in enumerate(e.value):
-                    out.update(flat(item, f"{pre}{e.keyword}[{i}]."))
-            else:
-                out[pre + e.keyword] = e.value if isinstance(e.value, bytes) else str(e.value)
-        return out
+    def flat(ds):
+        return dicom_elements(ds, DICOM_PER_RESULT)
 
     algo = dicom_out.Algorithm("m", "1", "saliency")
     for fn in (dicom_out.segmentation, dicom_out.parametric_map):

@@ -17,7 +17,7 @@ import pydicom
 import pytest
 
 from tests.dicomutil import MARKERS, sample, with_phi
-from tests.serverutil import DICOM_PER_RESULT, ROOT, running_server
+from tests.serverutil import ROOT, dicom_elements, running_server
 from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.service import dicom_out, dicom_template
 from xaiserve.service.images import decode_image_source
@@ -44,17 +44,7 @@ def other_patient(data: bytes, tag: str) -> bytes:
     return buf.getvalue()
 
 
-def flat(ds, pre: str = "") -> dict:
-    out = {}
-    for e in ds:
-        if e.keyword in DICOM_PER_RESULT:
-            continue
-        if e.VR == "SQ":
-            for i, item in enumerate(e.value):
-                out.update(flat(item, f"{pre}{e.keyword}[{i}]."))
-        else:
-            out[pre + (e.keyword or str(e.tag))] = e.value if isinstance(e.value, bytes) else str(e.value)
-    return out
+flat = dicom_elements
 
 
 def text_values(ds) -> set[str]:
