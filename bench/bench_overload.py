@@ -27,19 +27,28 @@ With `--processes 1,2` the server runs as a group of that many processes on one 
 rounds (interleaved); RSS is then the sum over the supervisor and its children. The client spreads
 its calls over `--channels` connections (the kernel gives each connection to one process).
 
+`--store model_store --model scenes-nemu --size 64` runs it on a served default model instead (the
+model's own cost then bounds the capacity, as with users' models). `--server-cpus 0 --client-cpus 1`
+pins the server (all its processes and threads) and the client to separate cores, so that neither's
+work is counted in the other's latency (on 2 cores: the server gets one).
+
     python bench/bench_overload.py [--duration 8] [--model tiny-nemu] [--max-inflight 64]
                                    [--processes 1,2] [--rounds 1] [--channels 8]
+                                   [--store DIR] [--server-cpus 0 --client-cpus 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
+import os
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -211,11 +220,14 @@ def main() -> None:
     ap.add_argument("--processes", default="1", help="comma-separated server process counts, e.g. 1,2")
     ap.add_argument("--rounds", type=int, default=1, help="rounds over --processes (interleaved)")
     ap.add_argument("--channels", type=int, default=8, help="client connections")
+    ap.add_argument("--store", default="", help="a model store to serve (default: the tiny test models, built here)")
+    ap.add_argument("--server-cpus", default="", help="cores for the server, e.g. 0 (default: all)")
+    ap.add_argument("--client-cpus", default="", help="cores for this client, e.g. 1 (default: all)")
     args = ap.parse_args()
     global CHANNELS
     CHANNELS = args.channels
     with tempfile.TemporaryDirectory() as tmp:
-        store = build_store(Path(tmp) / "store")
+        store = Path(args.store) if args.store else build_store(Path(tmp) / "store")
         for rnd in range(args.rounds):
             for n in [int(x) for x in args.processes.split(",")]:
                 print(f"\n##### round {rnd + 1}/{args.rounds}: --processes {n}, {args.channels} client connections")
@@ -232,15 +244,34 @@ def _serving(url: str) -> float:
     return 0.0
 
 
+def _cpus(text: str) -> set[int]:
+    return {int(x) for x in text.split(",")} if text else set(range(os.cpu_count() or 1))
+
+
+@contextlib.contextmanager
+def _pinned_server(args, store: Path, tmp: Path, n: int) -> Iterator:
+    """The server on --server-cpus (a process inherits the cores of the thread that starts it, and
+    its threads and children theirs), then this thread on --client-cpus."""
+    with contextlib.ExitStack() as stack:
+        os.sched_setaffinity(0, _cpus(args.server_cpus))
+        try:
+            srv = stack.enter_context(
+                server_process(
+                    store,
+                    state_dir=tmp / "state",
+                    job_workers=0,
+                    max_inflight=args.max_inflight,
+                    host="127.0.0.1",
+                    processes=n,
+                )
+            )
+        finally:
+            os.sched_setaffinity(0, _cpus(args.client_cpus))
+        yield srv
+
+
 def one_server(args, store: Path, tmp: Path, n: int) -> None:
-    with server_process(
-        store,
-        state_dir=tmp / "state",
-        job_workers=0,
-        max_inflight=args.max_inflight,
-        host="127.0.0.1",
-        processes=n,
-    ) as srv:
+    with _pinned_server(args, store, tmp, n) as srv:
         end = time.time() + 120
         while _serving(srv.metrics_url) < n and time.time() < end:  # every process of the group serving
             time.sleep(0.2)
@@ -248,9 +279,8 @@ def one_server(args, store: Path, tmp: Path, n: int) -> None:
         req = request_bytes(args.model, args.size)
         with RssSampler(pid) as mem0:
             cap = asyncio.run(capacity(srv.address, req, args.clients, args.duration))
-        print(
-            f"load average {' '.join(f'{x:.1f}' for x in __import__('os').getloadavg())} on {__import__('os').cpu_count()} cores"
-        )
+        pins = f"; server on cores {args.server_cpus or 'all'}, client on {args.client_cpus or 'all'}"
+        print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores{pins}")
         print(
             f"== capacity ({args.model}, {args.size} x {args.size} PNG, {args.clients} closed-loop clients, "
             f"max_inflight {args.max_inflight}): {cap:.1f} answers/s; RSS {mem0.before:.0f} -> {mem0.after:.0f} MB"

@@ -269,7 +269,9 @@ def test_health_and_listmodels_answer_while_slow_decodes_saturate_the_server(tin
         for k, v in times.items():
             ms = [round(x * 1e3, 1) for x in v]
             assert statistics.median(v) < 0.05, (k, ms)
-            assert max(v) < 0.25, (k, ms)
+            # one slow probe is the shared machine (407 ms seen once at load 4.5); a decode on the
+            # loop would hold every probe behind it (a 2000 x 2000 PNG: seconds)
+            assert max(v) < 1.0, (k, ms)
 
 
 @pytest.mark.slow

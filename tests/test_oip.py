@@ -179,6 +179,41 @@ def test_masks_equal_explain_for_bytes_and_for_raw_tensors(zoo, client):
     np.testing.assert_allclose(raw["mask"][0, 0], mask, atol=1e-5)  # float rounding of the client's preprocessing
 
 
+@pytest.mark.parametrize("size, rows", [(64, 1), (48, 3), (600, 1)])
+def test_a_nemu_mask_costs_the_decode_pool_what_explain_costs(zoo, client, size, rows):
+    """The common case (a NEM-U mask, no fidelity) runs explain.v1's path: one decode-pool task per
+    image, the output tensors built on the thread that ran the model (a large image: the tasks
+    Explain adds for it, no more), the same bytes. Counted by the pool itself."""
+    fast = zoo.running.fast
+    data, _ = png(size, size, seed=6)
+    before = fast.cpu.submitted
+    ref = zoo.stub().Explain(
+        pb.ExplainRequest(
+            model="scenes-nemu", image=pb.Image(encoded=data), options=pb.ExplainOptions(return_output=True)
+        )
+    )
+    explain_tasks = fast.cpu.submitted - before
+    if size * size <= 512 * 512:
+        assert explain_tasks == 1
+    # else also: parsing the 1 MB request, rendering the mask, serialising the 1.4 MB answer off the loop
+    before = fast.cpu.submitted
+    r = client.infer("scenes-nemu", [bytes_input(*[data] * rows)])
+    assert fast.cpu.submitted - before == rows * explain_tasks
+    got = outputs(r)
+    assert set(got) == {"mask", "output"}
+    assert got["mask"].shape == (rows, 1, size, size) and got["output"].shape[0] == rows
+    for i in range(rows):
+        assert np.array_equal(got["mask"][i, 0], from_tensor(ref.mask))
+        assert np.array_equal(got["output"][i], from_tensor(ref.output))
+    params = r.get_response().parameters
+    assert params["method"].string_param == "nem_u" and params["batch_size"].int64_param >= 1
+    # only the mask asked for: no output tensor, still one task per image
+    before = fast.cpu.submitted
+    only = outputs(client.infer("scenes-nemu", [bytes_input(data)], outputs=[tg.InferRequestedOutput("mask")]))
+    assert fast.cpu.submitted - before == explain_tasks
+    assert set(only) == {"mask"} and np.array_equal(only["mask"][0, 0], from_tensor(ref.mask))
+
+
 def test_classifier_explanations_and_targets_equal_explain(zoo, client):
     stub = zoo.stub()
     data, _ = png(64, 64, seed=4)

@@ -91,16 +91,25 @@ def wait_for(pred, timeout: float = 90.0, what: str = "") -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def explains_by_pid(mdir: Path) -> dict[int, float]:
-    """Explain calls answered OK, per process, from each process's own counter file."""
+def calls_by_pid(mdir: Path, rpc: str, code: str | None = "OK") -> dict[int, float]:
+    """Calls of `rpc` answered (with `code`; None: any), per process, from each process's own
+    counter file."""
     out: dict[int, float] = {}
     for f in mdir.glob("counter_*.db"):
         pid = int(f.stem.split("_")[-1])
         for key, value, _ts, _pos in MmapedDict.read_all_values_from_file(str(f)):
             _metric, sample_name, labels, _help = json.loads(key)
-            if sample_name == "xaiserve_requests_total" and labels.get("rpc") == "Explain" and labels["code"] == "OK":
+            if (
+                sample_name == "xaiserve_requests_total"
+                and labels.get("rpc") == rpc
+                and (code is None or labels["code"] == code)
+            ):
                 out[pid] = out.get(pid, 0.0) + value
     return out
+
+
+def explains_by_pid(mdir: Path) -> dict[int, float]:
+    return calls_by_pid(mdir, "Explain")
 
 
 def explain_on_new_connections(address: str, connections: int, calls: int = 2, retries: int = 0) -> int:
@@ -131,6 +140,10 @@ def test_processes_setting_is_parsed_and_checked():
     for bad in ("0", "two", "-1"):
         with pytest.raises(ConfigError, match="processes must be an integer >= 1 or auto"):
             load_config(None, env={}, processes=bad)
+    assert load_config(None, env={}).process_watchdog_s == 30.0
+    assert load_config(None, env={}, process_watchdog_s=0).process_watchdog_s == 0
+    with pytest.raises(ConfigError, match="process_watchdog_s must be 0 .off. or >= 3"):
+        load_config(None, env={}, process_watchdog_s=1)
 
 
 def test_group_of_two_shares_the_port_restarts_a_killed_child_and_drains(store, tmp_path):
@@ -228,3 +241,137 @@ def test_a_child_that_cannot_start_stops_the_group(tmp_path):
     )
     assert r.returncode != 0
     assert "server process failed at start" in r.stderr
+
+
+def test_watchdog_dumps_the_stacks_of_a_stuck_child_kills_and_restarts_it(store, tmp_path):
+    """A child that is alive but whose event loop does not run (here: SIGSTOP, as a frozen process)
+    takes the connections the kernel hashes to it and answers none; the supervisor notices the
+    missing heartbeats, has it write its thread stacks, kills it and starts a new one."""
+    mdir = tmp_path / "metrics"
+    with server_process(
+        store,
+        state_dir=tmp_path / "state",
+        processes=2,
+        job_workers=0,
+        process_watchdog_s=3,
+        env={"PROMETHEUS_MULTIPROC_DIR": str(mdir)},
+    ) as srv:
+        parent = srv.process.pid
+        wait_for(lambda: sample(scrape(srv.metrics_url), "xaiserve_server_processes") == 2, what="2 serving")
+        first = children(parent)
+        assert explain_on_new_connections(srv.address, 4, 1) == 4
+        # heartbeats keep a healthy child alive well past the watchdog time
+        time.sleep(4.5)
+        assert children(parent) == first
+        victim, other = first
+        os.kill(victim, signal.SIGSTOP)
+        wait_for(lambda: dead(victim), 30, "the stuck child to be killed")
+        wait_for(lambda: len(children(parent)) == 2 and victim not in children(parent), what="a new child")
+        assert other in children(parent)  # the healthy one was left alone
+        wait_for(lambda: sample(scrape(srv.metrics_url), "xaiserve_server_processes") == 2, what="2 serving again")
+        assert sample(scrape(srv.metrics_url), "xaiserve_server_process_restarts_total") == 1
+        assert explain_on_new_connections(srv.address, 8, 1, retries=3) == 8
+        log = srv.log_path.read_text()
+        stuck = log.index("server process stuck")
+        assert f'"pid": {victim}' in log[stuck : stuck + 400]
+        # faulthandler's dump of the stuck child (SIGUSR1), written before it was killed
+        assert "most recent call first" in log[stuck:], log[stuck : stuck + 2000]
+        restarted = log.index("server process exited; restarting it", stuck)
+        assert '"reason": "stuck"' in log[restarted : restarted + 400]
+
+
+def _tls_channel(port: int, ca: Path) -> grpc.Channel:
+    from xaiserve.service.security import channel_credentials
+
+    creds = channel_credentials(ca, None, None)
+    return grpc.secure_channel(f"localhost:{port}", creds, options=[("grpc.use_local_subchannel_pool", 1)])
+
+
+ALICE, BOB = "alice-group-token-0123456789abcdef", "bob-group-token-0123456789abcdefgh"
+
+
+def test_group_over_tls_with_tokens_enforces_auth_in_every_child_and_shares_jobs(store, tmp_path):
+    """TLS and tokens in group mode: every child loads the same certificate and token file; a job
+    submitted through one child is watched, read and found by its idempotency key through another
+    (the shared SQLite store), and stays invisible to another principal there."""
+    from tests.test_security import make_pki
+    from xaiserve.service.security import bearer_metadata
+
+    pki = make_pki(tmp_path / "pki", "group")
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text(f"tokens:\n  - {{name: alice, token: {ALICE}}}\n  - {{name: bob, token: {BOB}}}\n")
+    alice, bob = bearer_metadata(ALICE), bearer_metadata(BOB)
+    mdir = tmp_path / "metrics"
+    health = free_port()
+    with server_process(
+        store,
+        ready_port=health,
+        state_dir=tmp_path / "state",
+        processes=2,
+        job_workers=1,
+        tls_cert=pki.server_cert,
+        tls_key=pki.server_key,
+        tokens_file=tokens,
+        health_port=health,
+        env={"PROMETHEUS_MULTIPROC_DIR": str(mdir)},
+    ) as srv:
+        port = int(srv.address.rsplit(":", 1)[1])
+        wait_for(lambda: len(children(srv.process.pid)) == 2, what="2 children")
+
+        # one channel (one connection) per child, found by which child's counter moved
+        by_child: dict[int, grpc.Channel] = {}
+        for _ in range(40):
+            before = calls_by_pid(mdir, "ListModels")
+            ch = _tls_channel(port, pki.ca)
+            pb_grpc.ExplainerStub(ch).ListModels(pb.ListModelsRequest(), metadata=alice, timeout=30)
+            after = calls_by_pid(mdir, "ListModels")
+            (pid,) = [p for p in after if after[p] != before.get(p, 0.0)]
+            if pid in by_child:
+                ch.close()
+            else:
+                by_child[pid] = ch
+            if len(by_child) == 2:
+                break
+        assert len(by_child) == 2, "40 connections all reached one child"
+        (pid_a, ch_a), (pid_b, ch_b) = by_child.items()
+        a, b = pb_grpc.ExplainerStub(ch_a), pb_grpc.ExplainerStub(ch_b)
+
+        # every child enforces the tokens: none, or an unknown one, is refused by both
+        for stub in (a, b):
+            for md in ((), (("authorization", "Bearer not-a-known-token-0123456789"),)):
+                with pytest.raises(grpc.RpcError) as e:
+                    stub.ListModels(pb.ListModelsRequest(), metadata=md, timeout=30)
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+        req = pb.JobRequest(
+            method="relax",
+            model="tiny-encoder",
+            image=IMAGE,
+            relax=pb.RelaxParams(num_masks=64, seed=3),
+            idempotency_key="group-key-1",
+        )
+        job = a.SubmitJob(req, metadata=alice, timeout=30)
+        assert job.owner == "token:alice"
+        assert calls_by_pid(mdir, "SubmitJob").get(pid_a) == 1
+        # the same key through the other child: the same job; bob's key space is his own
+        assert b.SubmitJob(req, metadata=alice, timeout=30).id == job.id
+        assert calls_by_pid(mdir, "SubmitJob").get(pid_b) == 1
+        # another principal, through either child: NOT_FOUND
+        for stub in (a, b):
+            for name in ("GetJob", "CancelJob"):
+                with pytest.raises(grpc.RpcError) as e:
+                    getattr(stub, name)(pb.JobRef(id=job.id), metadata=bob, timeout=30)
+                assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        # the owner watches it through the other child to the end and reads the result there
+        final = None
+        for ev in b.WatchJob(pb.JobRef(id=job.id), metadata=alice, timeout=120):
+            if ev.job.state in (pb.SUCCEEDED, pb.FAILED, pb.CANCELLED):
+                final = ev.job
+                break
+        assert final is not None and final.state == pb.SUCCEEDED, final
+        got = b.GetJob(pb.JobRef(id=job.id, include_result=True), metadata=alice, timeout=30)
+        imp = got.result.relax.importance
+        assert list(imp.shape) == [32, 32] and len(imp.data) == 32 * 32 * 4
+        assert calls_by_pid(mdir, "GetJob").get(pid_b, 0) >= 1 and calls_by_pid(mdir, "WatchJob").get(pid_b, 0) >= 1
+        for ch in by_child.values():
+            ch.close()

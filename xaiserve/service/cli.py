@@ -71,16 +71,18 @@ def _serve(args) -> int:
         print(json.dumps({f.name: getattr(cfg, f.name) for f in fields(cfg)}, indent=2))
         return 0
     from xaiserve.service.logs import setup_logging
-    from xaiserve.service.server import serve_forever
 
     setup_logging(cfg.log_level, cfg.log_json)
     if cfg.process_count > 1:  # a supervisor and N server processes on the same ports (service/supervisor.py)
         from xaiserve.service.supervisor import run_supervisor
 
+        # (before the server's modules: their metrics would open files in PROMETHEUS_MULTIPROC_DIR,
+        # which the supervisor creates and empties first)
         return run_supervisor(cfg)
     from xaiserve.devices import DeviceUnavailable
     from xaiserve.service.jobs.factory import VolatileQueue
     from xaiserve.service.registry import ManifestError
+    from xaiserve.service.server import serve_forever
 
     try:
         asyncio.run(serve_forever(cfg))

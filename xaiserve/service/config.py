@@ -270,6 +270,9 @@ class ServerConfig:
     # use; 1 = a single process, no supervisor. Per-process bounds (max_inflight, max_queue, job_workers,
     # ...) apply in each (docs/ARCHITECTURE.md "Process model")
     processes: str = "1"
+    # --processes groups: a server process whose event loop has not run for this long (it writes a
+    # heartbeat every second) has its thread stacks dumped to the log, is killed and restarted (0 = off)
+    process_watchdog_s: float = 30.0
     # SIGTERM: drain in-flight calls for at most this long; open streams get a DrainNotice at once and
     # are ended (UNAVAILABLE, "xaiserve-draining" trailer) shortly before it runs out
     grace_s: float = 10.0
@@ -374,6 +377,11 @@ def validate(cfg: ServerConfig, sources: Mapping[str, str] | None = None) -> Non
         ),
         (1 <= cfg.relax_batch_size <= 4096, ("relax_batch_size",), "relax_batch_size must be in 1..4096"),
         (_processes_ok(cfg.processes), ("processes",), "processes must be an integer >= 1 or auto"),
+        (
+            cfg.process_watchdog_s == 0 or cfg.process_watchdog_s >= 3,
+            ("process_watchdog_s",),
+            "process_watchdog_s must be 0 (off) or >= 3 (seconds; heartbeats come every second)",
+        ),
         (_device_ok(cfg.device), ("device",), "device must be cpu, cuda, cuda:N (a device index) or auto"),
     ]
     for ok, names, msg in checks:

@@ -21,6 +21,7 @@ import time
 from collections import Counter as _Tally
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -46,7 +47,7 @@ from xaiserve.service.model_input import fast_model_input
 from xaiserve.service.registry import ModelEntry, Registry
 from xaiserve.service.tensors import tensor_message_bytes, to_tensor
 
-__all__ = ["GRADIENT_METHODS", "Admission", "CpuPool", "FastPath", "Overloaded"]
+__all__ = ["GRADIENT_METHODS", "Admission", "CpuPool", "ExplainPlan", "FastPath", "Overloaded"]
 
 T = TypeVar("T")
 # Low cardinality: why a request was refused before any work ("server", "caller", "cpu_pool").
@@ -59,6 +60,17 @@ OFFLOAD_SERIALIZE_BYTES = 1 << 20
 RENDER_INLINE_PIXELS = 512 * 512
 # NEMt: the target counts as present in the kept region when x * m gives it more than this probability
 ABSENT_BELOW = 0.5
+
+
+@dataclass(frozen=True)
+class ExplainPlan:
+    """What FastPath.plan_explain decided for one Explain request."""
+
+    method: str  # "" = the masking network's own mask, else a method of the methods table
+    frozen: ModelEntry  # the model explained (the entry itself for a classifier or encoder)
+    target: int  # the label to explain, -1 = the predicted one
+    fmt: Any  # the DICOM output format, falsy for none
+    one: bool  # the common case: one CPU-pool task per request (FastPath._explain_one)
 
 
 class Overloaded(ResourceExhausted):
@@ -298,19 +310,17 @@ class FastPath:
         return resp
 
     # ---------------------------------------------------------------------------------------
-    async def explain(
+    def plan_explain(
         self,
         request: pb.ExplainRequest,
-        *,
-        timeout: float | None,
-        entry: ModelEntry | None = None,
+        entry: ModelEntry,
         prepared: tuple[np.ndarray, np.ndarray] | None = None,
-    ) -> pb.ExplainResponse:
-        """`prepared`: (image HWC in [0, 1], model input [1, C, H, W]) that the caller has already
-        made (the Open Inference Protocol's raw tensors, in the model's input layout); request.image
-        is then not read."""
-        t0 = time.perf_counter()
-        entry = entry or self.registry.resolve(request.model)
+        header: ImageHeader | None = None,
+    ) -> ExplainPlan:
+        """The checks Explain makes on the event loop before any pixel is decoded (method, target,
+        output format, the answer's size from the image's header) and what they decided; every
+        protocol runs them (explain.v1 here, the Open Inference Protocol in service/oip.py).
+        `header`: request.image's header when the caller has already probed it."""
         opts = request.options
         method = opts.method.strip() or entry.default_method  # manifest default_method (checked below)
         if not method:
@@ -327,8 +337,7 @@ class FastPath:
                 f"method {method!r} is served by {spec.rpc}, not Explain"
                 + ("; submit it as a job" if spec.rpc == "SubmitJob" else "")
             )
-        own = spec.own
-        method = "" if own else method
+        method = "" if spec.own else method
         frozen = self.registry.frozen_for(entry)
         n_labels = len(frozen.labels) or frozen.output_dim
         target = -1
@@ -343,14 +352,38 @@ class FastPath:
                 )
             target = int(opts.target_label)
         fmt = dicom_out.check_output_format(opts.output_format, opts.dicom_overlay)
-        hdr = probe_image(request.image) if prepared is None else ImageHeader(*prepared[0].shape)
+        if header is not None:
+            hdr = header
+        else:
+            hdr = probe_image(request.image) if prepared is None else ImageHeader(*prepared[0].shape)
         size, what, hint = self._explain_bound(hdr, opts, frozen)
         if fmt:  # the DICOM result comes on top of the mask
             size += dicom_out.bound(hdr.height, hdr.width, 1, fmt, opts.dicom_overlay)
             what, hint = f"{what} and its DICOM result", hint or "send a smaller image, or leave dicom_overlay off"
         self.check_response_size(size, what, hint)
-        if not method and entry.kind != "nemt" and not fmt and not opts.fidelity:
-            # the common case (a NEM-U mask, no second model pass): one task per request, see _explain_one
+        # the common case (a NEM-U mask, no second model pass): one task per request, see _explain_one
+        one = not method and entry.kind != "nemt" and not fmt and not opts.fidelity
+        return ExplainPlan(method, frozen, target, fmt, one)
+
+    async def explain(
+        self,
+        request: pb.ExplainRequest,
+        *,
+        timeout: float | None,
+        entry: ModelEntry | None = None,
+        prepared: tuple[np.ndarray, np.ndarray] | None = None,
+        plan: ExplainPlan | None = None,
+    ) -> pb.ExplainResponse:
+        """`prepared`: (image HWC in [0, 1], model input [1, C, H, W]) that the caller has already
+        made (the Open Inference Protocol's raw tensors, in the model's input layout); request.image
+        is then not read. `plan`: what plan_explain decided for this request, when the caller has
+        already run it."""
+        t0 = time.perf_counter()
+        entry = entry or self.registry.resolve(request.model)
+        opts = request.options
+        plan = plan or self.plan_explain(request, entry, prepared)
+        method, frozen, target, fmt = plan.method, plan.frozen, plan.target, plan.fmt
+        if plan.one:
             resp = await self._explain_one(request, entry, opts, prepared, timeout)
             resp.timing.total_ms = (time.perf_counter() - t0) * 1e3
             return resp
@@ -419,34 +452,39 @@ class FastPath:
         opts: pb.ExplainOptions,
         prepared: tuple[np.ndarray, np.ndarray] | None,
         timeout: float | None,
+        build: Callable[[np.ndarray, dict[str, np.ndarray], Any], Any] | None = None,
     ) -> asyncio.Future:
         """A masking network's own mask (nem_u) with no second model pass, checked on the loop by
-        `explain`: the image is decoded and queued to the model's batcher by one CPU-pool task; the
-        thread that runs the batch (that pool thread itself when the request is alone: the pool has
-        nothing else queued and the batcher is idle) renders the mask and builds the response; the
-        event loop only awaits the answer, which comes with one loop wake-up per batch. Same decoding, batching, metrics, errors and bytes as the
-        step-by-step path (decode task, batcher, render task) it replaces: 3 thread hand-offs and
-        their loop wake-ups per request become 1-2 (docs/ARCHITECTURE.md, fast path)."""
+        `plan_explain` (plan.one): the image is decoded and queued to the model's batcher by one
+        CPU-pool task; the thread that runs the batch (that pool thread itself when the request is
+        alone: the pool has nothing else queued and the batcher is idle) renders the mask and builds
+        the response; the event loop only awaits the answer, which comes with one loop wake-up per
+        batch. Same decoding, batching, metrics, errors and bytes as the step-by-step path (decode task, batcher, render task) it replaces: 3 thread hand-offs and
+        their loop wake-ups per request become 1-2 (docs/ARCHITECTURE.md, fast path).
+
+        `build(image, outputs, timing)`: what the future answers instead of the ExplainResponse,
+        made on the same thread (the Open Inference Protocol builds its output tensors there, so it
+        costs no second task)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future = loop.create_future()
         batcher = self.batcher(entry)
         spec = entry.input
-        resp = pb.ExplainResponse(model=entry.id, target_label=-1, method=entry.kind)
 
         def post(image: np.ndarray, res: dict[str, np.ndarray], bt: Any) -> Any:
             if image.shape[0] * image.shape[1] > RENDER_INLINE_PIXELS:  # large: rendered in the CPU pool
 
                 def render() -> None:
                     try:
-                        resolve_threadsafe([(fut, build(image, res, bt), None)])
+                        resolve_threadsafe([(fut, make(image, res, bt), None)])
                     except BaseException as e:  # noqa: BLE001
                         resolve_threadsafe([(fut, None, e)])
 
                 self.cpu.start(render)
                 return DEFERRED
-            return build(image, res, bt)
+            return make(image, res, bt)
 
-        def build(image: np.ndarray, res: dict[str, np.ndarray], bt: Any) -> pb.ExplainResponse:
+        def explain_response(image: np.ndarray, res: dict[str, np.ndarray], bt: Any) -> pb.ExplainResponse:
+            resp = pb.ExplainResponse(model=entry.id, target_label=-1, method=entry.kind)
             if opts.return_output:
                 resp.output.CopyFrom(to_tensor(res["output"][0].astype(np.float32)))
             self._render(resp, image, res["mask"][0, 0], opts, spec)
@@ -456,6 +494,7 @@ class FastPath:
             resp.timing.batch_size = bt.batch_rows
             return resp
 
+        make = build or explain_response
         if prepared is not None:  # nothing to decode: queued from here, answered by a model thread
             image, x = prepared
             batcher.put(batcher.item({"image": x}, fut, timeout, functools.partial(post, image)))

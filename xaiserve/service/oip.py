@@ -33,9 +33,11 @@ else is INVALID_ARGUMENT naming the known ones.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import struct
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -48,7 +50,7 @@ from xaiserve.proto.explain.v1 import explainer_pb2 as pb
 from xaiserve.proto.inference import grpc_predict_v2_pb2 as oip
 from xaiserve.service.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, XaiError, quote
 from xaiserve.service.fastpath import FastPath
-from xaiserve.service.images import probe_image
+from xaiserve.service.images import ImageHeader, probe_image, to_input_geometry
 from xaiserve.service.registry import ModelEntry, Registry
 from xaiserve.service.rpc import Observed, observed_unary
 from xaiserve.service.tensors import from_tensor, tensor_message_bytes
@@ -594,6 +596,7 @@ class InferenceServicer:
                     f"method to one of {', '.join(offered) or '(none for this model)'}"
                 )
         # the images' size, from their headers (no decoding yet): one batch is one size
+        headers: list[ImageHeader] = []
         if img.datatype == "BYTES":
             images = [pb.Image(encoded=b) for b in img.items or ()]
             sizes = set()
@@ -602,6 +605,7 @@ class InferenceServicer:
                     hdr = probe_image(im)
                 except XaiError as e:
                     raise type(e)(f"input image, element {i} of {rows} (BYTES): {e}") from None
+                headers.append(hdr)
                 sizes.add((hdr.height, hdr.width))
             if len(sizes) > 1:
                 raise InvalidArgument(
@@ -633,18 +637,50 @@ class InferenceServicer:
         options = pb.ExplainOptions(
             method=opts.method, return_output=want is None or "output" in want, fidelity=with_fid
         )
-        answers = await _all(
-            self.fast.explain(
-                pb.ExplainRequest(
-                    model=entry.id,
-                    options=_with_target(options, None if targets is None else targets[i]),
-                    **({"image": images[i]} if images else {}),
-                ),
-                timeout=timeout,
-                entry=entry,
-                prepared=None if prepared is None else prepared[i],
+        requests = [
+            pb.ExplainRequest(
+                model=entry.id,
+                options=_with_target(options, None if targets is None else targets[i]),
+                **({"image": images[i]} if images else {}),
             )
             for i in range(rows)
+        ]
+        # explain.v1's checks, per row, on the loop (the headers read above, not probed again)
+        plans = [
+            self.fast.plan_explain(
+                r, entry, None if prepared is None else prepared[i], header=headers[i] if headers else None
+            )
+            for i, r in enumerate(requests)
+        ]
+        if all(p.one for p in plans):
+            # the common case (a NEM-U mask, no fidelity): explain.v1's one CPU-pool task per row,
+            # and the output tensors built by the thread that ran the model (no second task)
+            rows_out = _Rows(resp, rows, entry, want)
+            futures: list[asyncio.Future] = []
+            try:
+                for i, r in enumerate(requests):
+                    futures.append(
+                        self.fast._explain_one(
+                            r,
+                            entry,
+                            r.options,
+                            None if prepared is None else prepared[i],
+                            timeout,
+                            build=functools.partial(rows_out.row, i),
+                        )
+                    )
+            except BaseException:  # a row refused (the decode pool full): the rows queued are dropped
+                for queued in futures:
+                    queued.cancel()
+                raise
+            # one row (the usual request): its future itself, no task and gather around it
+            await (futures[0] if rows == 1 else _all(futures))
+            return
+        answers = await _all(
+            self.fast.explain(
+                r, timeout=timeout, entry=entry, prepared=None if prepared is None else prepared[i], plan=plans[i]
+            )
+            for i, r in enumerate(requests)
         )
         await self.fast.cpu.run(_explain_outputs, resp, answers, want, with_fid)
         resp.parameters["method"].string_param = answers[0].method
@@ -716,6 +752,45 @@ def _prepare_raw(x: np.ndarray, spec: Any) -> list[tuple[np.ndarray, np.ndarray]
 def _decode(image: pb.Image, spec: Any) -> tuple[np.ndarray, np.ndarray]:
     arr, x, _ = FastPath._prepare(image, spec)  # the same decoding and preprocessing as Explain
     return arr, x
+
+
+class _Rows:
+    """The outputs of one request's rows of the fast path (FastPath._explain_one with `build`):
+    each row's mask and output are made on the thread that ran its model call (or rendered its
+    large mask), and the thread that finishes the last row writes the response's tensors. The same
+    arrays and bytes as _explain_outputs over explain.v1's answers: the float32 mask over the input
+    (mask_wire.fill_mask's MASK_AT_INPUT: to_input_geometry), the output as float32."""
+
+    def __init__(self, resp: oip.ModelInferResponse, rows: int, entry: ModelEntry, want: set[str] | None):
+        self.resp, self.left, self.spec, self.kind = resp, rows, entry.input, entry.kind
+        self.want_mask = want is None or "mask" in want
+        self.want_output = want is None or "output" in want
+        self.masks: list[np.ndarray | None] = [None] * rows
+        self.outs: list[np.ndarray | None] = [None] * rows
+        self.batch = 0
+        self.lock = threading.Lock()
+
+    def row(self, i: int, image: np.ndarray, res: dict[str, np.ndarray], bt: Any) -> oip.ModelInferResponse | None:
+        """Row i is done (any thread): the response when it is the last row, else None."""
+        mask = None
+        if self.want_mask:
+            h, w = image.shape[:2]
+            mask = to_input_geometry(res["mask"][0, 0], self.spec, h, w).astype(np.float32)
+        out = res["output"][0].astype(np.float32) if self.want_output else None
+        with self.lock:
+            self.masks[i], self.outs[i] = mask, out
+            self.batch = max(self.batch, bt.batch_rows)
+            self.left -= 1
+            if self.left:
+                return None
+        resp = self.resp
+        if self.want_mask:
+            add_output(resp, "mask", np.stack(self.masks)[:, None])  # type: ignore[arg-type]
+        if self.want_output:
+            add_output(resp, "output", np.stack(self.outs))  # type: ignore[arg-type]
+        resp.parameters["method"].string_param = self.kind
+        resp.parameters["batch_size"].int64_param = self.batch
+        return resp
 
 
 def _explain_outputs(

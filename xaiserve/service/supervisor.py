@@ -28,6 +28,12 @@ How:
   keeps dying within MIN_UPTIME_S of its start); one that fails before it ever served (a bad model
   store, a port it cannot bind, a refused queue) stops the group with its exit status, as a single
   server would have. Children get SIGTERM when the supervisor dies (PR_SET_PDEATHSIG).
+- Watchdog: a child that is alive but stuck (its event loop blocked by a bug, a deadlock, a frozen
+  process) answers no call and fails a share of the probes without dying. Each child's event loop
+  writes a heartbeat byte into the pipe that announced it ready, every HEARTBEAT_S; when none has
+  come for `process_watchdog_s` the supervisor logs it, sends SIGUSR1 and SIGCONT (faulthandler in
+  the child writes every thread's stack to the log, from C, without the blocked loop), kills the child
+  STACK_DUMP_S later and restarts it as it would one that died (counted in the same metric).
 - Jobs: the SQLite store is built for several processes (one BEGIN IMMEDIATE transaction per
   transition, claims fenced by worker id, a dead process's jobs recovered at once through its pid:
   service/jobs/sqlite_backend.py), so the children share it, each with its own `job_workers`;
@@ -38,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import faulthandler
 import json
 import logging
 import os
@@ -61,6 +68,8 @@ CHILD_ENV = "XAISERVE_GROUP_CHILD"  # JSON: {"index": i, "settings": {...}, "rea
 KILL_MARGIN_S = 15.0  # after grace_s, the time a draining child has left to exit before SIGKILL
 MIN_UPTIME_S = 30.0  # a child that dies sooner than this after its start backs off longer each time
 MAX_BACKOFF_S = 30.0
+HEARTBEAT_S = 1.0  # a child's event loop writes one byte into its pipe this often
+STACK_DUMP_S = 1.0  # a stuck child's time to write its thread stacks (SIGUSR1) before SIGKILL
 
 
 class GroupError(RuntimeError):
@@ -109,6 +118,8 @@ class _Child:
     restart_at: float = 0.0  # > 0: waiting to be restarted at this time.monotonic()
     backoff_s: float = 1.0
     restarts: int = 0
+    last_beat: float = 0.0  # time.monotonic() of the last byte read from its pipe
+    stuck_kill_at: float = 0.0  # > 0: found stuck; SIGKILL at this time
 
 
 def _settings(cfg: ServerConfig, **override: Any) -> dict[str, Any]:
@@ -176,6 +187,7 @@ class Supervisor:
         )
         os.close(w)
         child.ready_fd, child.ready, child.started, child.restart_at = r, False, time.monotonic(), 0.0
+        child.last_beat, child.stuck_kill_at = child.started, 0.0
         log.info("server process started", extra={"server_process": child.index, "pid": child.proc.pid})
 
     # -- the loop ------------------------------------------------------------------------------
@@ -220,16 +232,21 @@ class Supervisor:
                 time.sleep(0.2)
             for c in self.children:
                 if c.ready_fd in readable:
-                    data = os.read(c.ready_fd, 64)
-                    os.close(c.ready_fd)
-                    c.ready_fd = -1
-                    if data and c.proc is not None:
-                        c.ready = c.ever_ready = True
-                        log.info("server process serving", extra={"server_process": c.index, "pid": c.proc.pid})
+                    data = os.read(c.ready_fd, 4096)  # "ready\n" once, then one byte per heartbeat
+                    if not data:  # the child closed it: it is exiting (poll() below sees it)
+                        os.close(c.ready_fd)
+                        c.ready_fd = -1
+                    elif c.proc is not None:
+                        c.last_beat = time.monotonic()
+                        if not c.ready and b"ready" in data:
+                            c.ready = c.ever_ready = True
+                            log.info("server process serving", extra={"server_process": c.index, "pid": c.proc.pid})
             if not announced and all(c.ready for c in self.children):
                 announced = True
                 log.info("serving", extra={"processes": self.n, **self.ports})
             now = time.monotonic()
+            if not draining:
+                self._watchdog(now)
             for c in self.children:
                 if c.proc is None:
                     if not draining and c.restart_at and now >= c.restart_at:
@@ -264,6 +281,7 @@ class Supervisor:
                         "server_process": c.index,
                         "pid": pid,
                         "exit_code": rc,
+                        "reason": "stuck" if c.stuck_kill_at else "exited",
                         "restarts": c.restarts,
                         "in_s": round(c.restart_at - now, 1),
                     },
@@ -276,6 +294,33 @@ class Supervisor:
                     self._forward(signal.SIGKILL)
                     self.kill_at = now + 5.0
         return self.exit_code
+
+    def _watchdog(self, now: float) -> None:
+        """Kill (after a stack dump) a serving child whose event loop has not beaten for
+        `process_watchdog_s`; the restart path then treats it as one that died."""
+        limit = self.cfg.process_watchdog_s
+        if limit <= 0:
+            return
+        for c in self.children:
+            if c.proc is None or not c.ready or c.proc.poll() is not None:
+                continue
+            if c.stuck_kill_at:
+                if now >= c.stuck_kill_at:
+                    with contextlib.suppress(ProcessLookupError):
+                        c.proc.kill()
+                continue
+            silent = now - c.last_beat
+            if silent > limit:
+                log.error(
+                    "server process stuck: its event loop has not run; dumping its stacks and killing it",
+                    extra={"server_process": c.index, "pid": c.proc.pid, "silent_s": round(silent, 1)},
+                )
+                c.stuck_kill_at = now + STACK_DUMP_S
+                with contextlib.suppress(ProcessLookupError):
+                    c.proc.send_signal(signal.SIGUSR1)
+                    # a stopped process (SIGSTOP, a frozen container) takes the SIGUSR1 only once it
+                    # runs: continue it so that its stacks are written too; it is killed either way
+                    c.proc.send_signal(signal.SIGCONT)
 
     def _mark_dead(self, pid: int) -> None:
         from prometheus_client import multiprocess
@@ -345,10 +390,25 @@ def child_main() -> int:
     from xaiserve.service.server import serve_forever
 
     fd = int(spec["ready_fd"])
+    # the supervisor's watchdog sends SIGUSR1 to a stuck child: every thread's stack to stderr (the
+    # log), written by faulthandler's C handler, which needs no event loop and no GIL holder's help
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     def ready(_rs: Any) -> None:
         os.write(fd, b"ready\n")
-        os.close(fd)
+        os.set_blocking(fd, False)  # a heartbeat never blocks the loop (the supervisor reads them)
+        loop = asyncio.get_running_loop()
+
+        def beat() -> None:
+            try:
+                os.write(fd, b".")
+            except BlockingIOError:  # the pipe is full: the supervisor is behind; the next one counts
+                pass
+            except OSError:  # the supervisor is gone (PR_SET_PDEATHSIG stops this process)
+                return
+            loop.call_later(HEARTBEAT_S, beat)
+
+        loop.call_later(HEARTBEAT_S, beat)
 
     try:
         asyncio.run(serve_forever(cfg, ready))

@@ -37,7 +37,9 @@ ZOO: tuple[tuple[str, str, dict[str, Any]], ...] = (
     # from epoch 6): `stages` replays that, so `train zoo` follows the same learning-rate path
     ("scenes-simclr", "encoder", {"epochs": 12, "stages": (5,)}),
     ("lesions-classifier", "classifier", {"dataset": "lesions", "epochs": 5}),
-    ("scenes-nemu", "nem-u", {"encoder": "scenes-simclr:1", "epochs": 10}),
+    # the served scenes-nemu (2026-12): the background-family recipe with the graded head, 5 epochs, one thread;
+    # `--nemu-recipe original --epochs 10` gives the earlier zero-padded decoder
+    ("scenes-nemu", "nem-u", {"encoder": "scenes-simclr:1", "epochs": 5, "recipe": "graded", "threads": 1}),
     # the lesions NEMt: stage 1 is the recipe of the models before the two-finding images (single-lesion set,
     # two-sided preservation, 7 x 7); stage 2 continues from it on the set with two-finding images, with the
     # one-sided loss, a 3 x 3 neighbourhood and both loss forms, the served one picked by the targeted relevance
@@ -159,10 +161,11 @@ def _parser(cmd: str, target: str) -> argparse.ArgumentParser:
         )
         p.add_argument(
             "--nemu-recipe",
-            default="original",
-            choices=("original", "families"),
-            help="nem-u on scenes: the committed recipe, or the background-family recipe of the 2026-12 decision "
-            "(docs/METHODS.md, NEM-U; trained with --epochs 1)",
+            default=None,
+            choices=("original", "families", "graded"),
+            help="nem-u on scenes (default: the zoo's, graded): the earlier zero-padded recipe (original), the "
+            "background-family recipe of the 2026-12 decision (families), or that recipe with the graded head "
+            "(graded, served; docs/METHODS.md, NEM-U)",
         )
         p.add_argument("--only", default=None, help="zoo: comma-separated model names to (re)train")
         # a masking network for any CNN in the store (training/byom_nem.py)
@@ -260,7 +263,7 @@ def _train_one(target: str, name: str, args: argparse.Namespace, extra: dict[str
             opts,
             name,
             extra.get("encoder", args.encoder),
-            recipe=extra.get("recipe", getattr(args, "nemu_recipe", "original")),
+            recipe=getattr(args, "nemu_recipe", None) or extra.get("recipe", "original"),
         )
     elif target == "nemt":
         res = zoo.run_nemt(

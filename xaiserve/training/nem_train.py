@@ -46,6 +46,9 @@ NEMU_DECODER = DecoderArch(widths=(32, 16, 8))
 # the 2026-12 decision: replicate padding (no frame feature) and a bounded logit (b tanh(l / b), b = 6: the mask in
 # [0.0025, 0.9975], never a dead saturated sigmoid); the zoo's scenes-nemu uses it
 NEMU_DECODER_BOUNDED = DecoderArch(widths=(32, 16, 8), pad="replicate", logit_bound=6.0)
+# the graded head (2026-12, recipe "graded"): the bounded decoder whose last block ends in a leaky ReLU (slope 0.1),
+# so the mask's maximum is not the plateau of dead last-block units (decoder.DecoderArch.head_slope)
+NEMU_DECODER_GRADED = DecoderArch(widths=(32, 16, 8), pad="replicate", logit_bound=6.0, head_slope=0.1)
 NEMT_BANK_DECODER = DecoderArch(widths=(16, 8))
 NEMT_COND_DECODER = DecoderArch(widths=(32, 16, 8))
 
@@ -161,6 +164,13 @@ def evaluate_nemu(model: NemU, ds: SyntheticDataset, split: str = "val", limit: 
     return out if getattr(ds, "has_masks", True) else {k: v for k, v in out.items() if k != "relevance_mass"}
 
 
+def _validate_nemu(model: NemU, ds: SyntheticDataset, epoch: int, keep: Path | None) -> dict[str, float]:
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        torch.save(model.decoder.state_dict(), keep / f"epoch{epoch + 1}.pt")
+    return evaluate_nemu(model, ds, "val", limit=512)
+
+
 def has_heldout(ds: SyntheticDataset) -> bool:
     """A scenes dataset with held-out background families (the `heldout` split)."""
     return bool(getattr(getattr(ds, "config", None), "heldout_families", ()))
@@ -191,11 +201,13 @@ def train_nemu(
     device: torch.device | str = "cpu",
     shift: int = 0,
     select: str = "relevance_mass",
+    keep_epochs: Path | None = None,
 ) -> tuple[NemU, list[dict], dict[str, Any]]:
     """Train the decoder on `device` (the frozen encoder goes there with it); back on the CPU at the end.
 
     shift > 0: random translations (and flips) of the training images (augment_shift).
-    select: the validation metric that picks the epoch ("relevance_mass" or "localisation")."""
+    select: the validation metric that picks the epoch ("relevance_mass" or "localisation").
+    keep_epochs: a folder; the decoder's state after every epoch is saved there as epoch<N>.pt (analysis)."""
     torch.manual_seed(cfg.seed)
     model = NemU(frozen, decoder).to(device)
     opt = prodigy(model.decoder.parameters())
@@ -217,7 +229,7 @@ def train_nemu(
         gen,
         steps,
         lambda b: nemu_step(model, augment_shift(b[0], shift, g_aug), loss),
-        validate=lambda e: evaluate_nemu(model, ds, "val", limit=512),
+        validate=lambda e: _validate_nemu(model, ds, e, keep_epochs),
         run_config={
             **asdict(cfg),
             "decoder": decoder.to_dict(),

@@ -225,6 +225,7 @@ def run_classifier(opts: RunOptions, name: str, data: str) -> dict[str, Any]:
 
 # -- masking networks ----------------------------------------------------------------------------
 NEMU_SHIFT = 6  # px of random translation in the scenes-nemu recipe (2026-12)
+NEMU_RECIPES = ("original", "families", "graded")
 
 
 def run_nemu(
@@ -237,11 +238,14 @@ def run_nemu(
     encoder's own statistics, replicate-padded bounded decoder, random translations, the epoch picked
     by the validation localisation (relevance mass + pointing game) / 2."""
     from xaiserve.training.datasets.scenes import scenes_families
-    from xaiserve.training.nem_train import NEMU_DECODER, NEMU_DECODER_BOUNDED
+    from xaiserve.training.nem_train import NEMU_DECODER, NEMU_DECODER_BOUNDED, NEMU_DECODER_GRADED
 
-    if recipe not in ("original", "families"):
-        raise InvalidArgument(f"NEM-U recipe {recipe!r}: use original or families")
-    fam = recipe == "families"
+    if recipe not in NEMU_RECIPES:
+        raise InvalidArgument(f"NEM-U recipe {recipe!r}: use one of {', '.join(NEMU_RECIPES)}")
+    fam = recipe in ("families", "graded")
+    # "graded": the families recipe with the graded head (the last decoder block ends in a leaky ReLU)
+    loss = NemULossConfig()
+    arch = NEMU_DECODER_GRADED if recipe == "graded" else NEMU_DECODER_BOUNDED if fam else NEMU_DECODER
     frozen, fentry = frozen_from_store(opts.store, encoder, "encoder")
     ds: SyntheticDataset
     if fam:
@@ -256,9 +260,11 @@ def run_nemu(
         frozen,
         ds,
         cfg,
-        decoder=NEMU_DECODER_BOUNDED if fam else NEMU_DECODER,
+        decoder=arch,
+        loss=loss,
         shift=NEMU_SHIFT if fam else 0,
         select="localisation" if fam else "relevance_mass",
+        keep_epochs=opts.out / name / "epochs" if fam else None,
         checkpoint=opts.out / name / "ckpt.pt",
         resume=opts.resume,
         progress=opts.progress,
@@ -268,7 +274,7 @@ def run_nemu(
     res = {
         "name": name,
         "kind": "nem_u",
-        "arch": arch_of(model, fentry["arch"], loss=asdict(NemULossConfig())),
+        "arch": arch_of(model, fentry["arch"], loss=asdict(loss)),
         "state_dict": model.state_dict(),
         "dataset": ds.describe(),
         "input": fentry["input"],
@@ -564,6 +570,12 @@ def _card(res: dict[str, Any]) -> dict[str, str]:
             + (
                 f"; mask logit l bounded as {arch['decoder']['logit_bound']:g} tanh(l / {arch['decoder']['logit_bound']:g})"
                 if arch["decoder"].get("logit_bound")
+                else ""
+            )
+            + (
+                f"; graded head: the last block ends in a leaky ReLU (slope {arch['decoder']['head_slope']:g}), so no "
+                "plateau of dead units ties the mask's maximum (docs/METHODS.md, NEM-U)"
+                if arch["decoder"].get("head_slope")
                 else ""
             )
             + "; the mask logits are bilinearly upsampled to 64 x 64, then a sigmoid). Only the decoder trains. Loss eq. 5-9: "

@@ -42,6 +42,11 @@ class DecoderArch:
     # > 0: mask logit l -> b * tanh(l / b) before the sigmoid (a bounded, calibrated head: the mask stays
     # in [sigmoid(-b), sigmoid(b)] and keeps a gradient; unbounded logits reached -467, sigmoid saturated)
     logit_bound: float = 0.0
+    # > 0: the last block's activation is a leaky ReLU with this negative slope (the graded head, 2026-12). With a
+    # ReLU, pixels where every last-block unit is cut to 0 all get the head's bias as their logit: one exact
+    # plateau (24 % of the logit cells after one epoch of the families recipe, and the mask's maximum on every
+    # image, as the head's weights were all negative), so the maximum was a tie over the whole plateau.
+    head_slope: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -54,6 +59,8 @@ class DecoderArch:
             d.pop("pad")
         if not self.logit_bound:
             d.pop("logit_bound")
+        if not self.head_slope:
+            d.pop("head_slope")
         return d
 
     @staticmethod
@@ -66,11 +73,16 @@ class DecoderArch:
             strides=tuple(int(v) for v in d.get("strides", ())),
             pad=str(d.get("pad", "zeros")),
             logit_bound=float(d.get("logit_bound", 0.0)),
+            head_slope=float(d.get("head_slope", 0.0)),
         )
 
 
 class UNetDecoder(nn.Module):
-    """pyramid (shallow -> deep) -> mask logits [B,1,h0,w0] at the shallowest tap's resolution."""
+    """pyramid (shallow -> deep) -> mask logits [B,1,h0,w0] at the shallowest tap's resolution.
+
+    Graded head (`DecoderArch.head_slope`, beyond [NEM-U] sec. 4.1, whose final layer is a sigmoid over
+    the decoder's last features): the last block ends in a leaky ReLU, so no region of the image has all
+    head inputs at exactly 0 and the mask's maximum is not a plateau at sigmoid(head bias)."""
 
     def __init__(self, pyramid_channels: Sequence[int], arch: DecoderArch = DecoderArch()):
         super().__init__()
@@ -106,6 +118,16 @@ class UNetDecoder(nn.Module):
             nn.init.zeros_(self.film.weight)  # starts as the unconditional decoder
 
     def forward(self, pyramid: Sequence[torch.Tensor], label: torch.Tensor | None = None) -> torch.Tensor:
+        return self.bound(self.head_logits(pyramid, label))
+
+    def bound(self, logits: torch.Tensor) -> torch.Tensor:
+        """The bounded head b tanh(l / b) (identity without `logit_bound`)."""
+        if self.arch.logit_bound > 0:
+            return self.arch.logit_bound * torch.tanh(logits / self.arch.logit_bound)
+        return logits
+
+    def head_logits(self, pyramid: Sequence[torch.Tensor], label: torch.Tensor | None = None) -> torch.Tensor:
+        """The 1x1 head's logits l before the bound (`forward` = `bound(head_logits)`)."""
         feats = list(pyramid)[::-1][: self.levels]
         film = None
         if self.film is not None:
@@ -125,11 +147,9 @@ class UNetDecoder(nn.Module):
                 w = self.arch.widths[i]
                 h = h * (1 + film[:, off : off + w]) + film[:, off + w : off + 2 * w]
                 off += 2 * w
-            h = F.relu(h)
-        out = self.head(h)
-        if self.arch.logit_bound > 0:
-            out = self.arch.logit_bound * torch.tanh(out / self.arch.logit_bound)
-        return out
+            last = i == len(self.blocks) - 1
+            h = F.leaky_relu(h, self.arch.head_slope) if last and self.arch.head_slope > 0 else F.relu(h)
+        return self.head(h)
 
 
 def upsample(h: torch.Tensor, factor: int) -> torch.Tensor:
@@ -162,7 +182,8 @@ def bank_forward(decoders: Sequence[UNetDecoder], pyramid: Sequence[torch.Tensor
     tap with the K weight slices stacked; the heads form a grouped 1x1 conv. The weight stacking is
     constant-folded on ONNX export, so the served graph has about as many nodes as a single decoder.
     """
-    if any(d.training for d in decoders) or decoders[0].arch.pad != "zeros" or decoders[0].arch.logit_bound:
+    a0 = decoders[0].arch
+    if any(d.training for d in decoders) or a0.pad != "zeros" or a0.logit_bound or a0.head_slope:
         # batch statistics cannot be folded (and the fused convs zero-pad): run them one by one
         return torch.cat([d(pyramid) for d in decoders], dim=1)
     k = len(decoders)

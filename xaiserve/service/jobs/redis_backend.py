@@ -208,7 +208,11 @@ while true do
       entry = got[1][2][1][1]
       redis.call('HSET', h, 'state', RUNNING, 'worker', worker, 'attempts', attempt, 'heartbeat', ARGV[3],
                  'progress', 0, 'entry', entry)
-      if f[6] == '0' then redis.call('HSET', h, 'started', ARGV[3]) end
+      -- the worker took `now` before this ran: a job submitted in between would start before its
+      -- creation, so a start never precedes the creation (strings kept: Lua numbers print 14 digits)
+      if f[6] == '0' then
+        redis.call('HSET', h, 'started', (now < tonumber(f[4])) and f[4] or ARGV[3])
+      end
       redis.call('ZREM', P .. ':qtime', id)
       redis.call('ZADD', P .. ':workers', now, worker)
       local msg = ''

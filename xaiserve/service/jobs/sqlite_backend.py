@@ -375,7 +375,9 @@ class SqliteBackend(JobBackend):
                 attempt = row["attempts"] + 1
                 c.execute(
                     "UPDATE jobs SET state = ?, worker = ?, attempts = ?, heartbeat = ?, progress = 0, "
-                    "started = CASE WHEN started = 0 THEN ? ELSE started END WHERE id = ?",
+                    # max(now, created): the worker took `now` before this transaction, and a job
+                    # submitted in between must not start before its creation
+                    "started = CASE WHEN started = 0 THEN max(?, created) ELSE started END WHERE id = ?",
                     (pb.RUNNING, worker_id, attempt, now, now, row["id"]),
                 )
                 msg = f"attempt {attempt} of {self.options.max_attempts}" if attempt > 1 else ""
