@@ -37,9 +37,9 @@ ZOO: tuple[tuple[str, str, dict[str, Any]], ...] = (
     # from epoch 6): `stages` replays that, so `train zoo` follows the same learning-rate path
     ("scenes-simclr", "encoder", {"epochs": 12, "stages": (5,)}),
     ("lesions-classifier", "classifier", {"dataset": "lesions", "epochs": 5}),
-    # the served scenes-nemu (2026-12): the background-family recipe with the graded head, 5 epochs, one thread;
+    # the served scenes-nemu (2026-12): the background-family recipe with the graded head, 10 epochs (epoch 5 picked), one thread;
     # `--nemu-recipe original --epochs 10` gives the earlier zero-padded decoder
-    ("scenes-nemu", "nem-u", {"encoder": "scenes-simclr:1", "epochs": 5, "recipe": "graded", "threads": 1}),
+    ("scenes-nemu", "nem-u", {"encoder": "scenes-simclr:1", "epochs": 10, "recipe": "graded", "threads": 1}),
     # the lesions NEMt: stage 1 is the recipe of the models before the two-finding images (single-lesion set,
     # two-sided preservation, 7 x 7); stage 2 continues from it on the set with two-finding images, with the
     # one-sided loss, a 3 x 3 neighbourhood and both loss forms, the served one picked by the targeted relevance
