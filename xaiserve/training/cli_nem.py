@@ -162,10 +162,11 @@ def _parser(cmd: str, target: str) -> argparse.ArgumentParser:
         p.add_argument(
             "--nemu-recipe",
             default=None,
-            choices=("original", "families", "graded"),
+            choices=("original", "families", "graded", "varied", "consistent"),  # zoo.NEMU_RECIPES (checked there)
             help="nem-u on scenes (default: the zoo's, graded): the earlier zero-padded recipe (original), the "
-            "background-family recipe of the 2026-12 decision (families), or that recipe with the graded head "
-            "(graded, served; docs/METHODS.md, NEM-U)",
+            "background-family recipe of the 2026-12 decision (families), that recipe with the graded head "
+            "(graded, served; docs/METHODS.md, NEM-U), graded with item rendering variety (varied), or graded "
+            "with a mirror-consistency term (consistent); the last two not served",
         )
         p.add_argument("--only", default=None, help="zoo: comma-separated model names to (re)train")
         # a masking network for any CNN in the store (training/byom_nem.py)

@@ -107,13 +107,27 @@ def relevance_mass(mask: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
 
 # -- NEM-U ---------------------------------------------------------------------------------------
 def nemu_step(
-    model: NemU, x: torch.Tensor, cfg: NemULossConfig = NemULossConfig()
+    model: NemU, x: torch.Tensor, cfg: NemULossConfig = NemULossConfig(), flip_consistency: float = 0.0
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    mask, z = model(x)
-    z_m = model.frozen(x * mask)  # eq. 6
-    z_bar = model.frozen(x * (1 - mask))  # eq. 7
+    """One NEM-U training step (eq. 5-9). flip_consistency = mu > 0 (beyond [NEM-U], recipe `consistent`):
+    the batch is trained together with its horizontal mirror and mu * mean|m(x) - flip(m(flip x))| is
+    added, so the mask mirrors with the image instead of marking one side of an item."""
+    xx = torch.cat([x, x.flip(-1)]) if flip_consistency > 0 else x
+    mask, z = model(xx)
+    z_m = model.frozen(xx * mask)  # eq. 6
+    z_bar = model.frozen(xx * (1 - mask))  # eq. 7
     loss, parts = nemu_loss(z, z_m, z_bar, mask, cfg)
-    return loss, {k: float(v) for k, v in parts.items()}
+    out = {k: float(v) for k, v in parts.items()}
+    if flip_consistency > 0:
+        cons = flip_inconsistency(mask[: len(x)], mask[len(x) :])
+        loss = loss + flip_consistency * cons
+        out["flip"] = float(cons.detach())
+    return loss, out
+
+
+def flip_inconsistency(mask: torch.Tensor, mask_of_mirror: torch.Tensor) -> torch.Tensor:
+    """mean |m(x) - flip(m(flip x))| over pixels and images: 0 iff the masks mirror with the image."""
+    return (mask - mask_of_mirror.flip(-1)).abs().mean()
 
 
 def augment_shift(x: torch.Tensor, shift: int, g: torch.Generator) -> torch.Tensor:
@@ -202,12 +216,14 @@ def train_nemu(
     shift: int = 0,
     select: str = "relevance_mass",
     keep_epochs: Path | None = None,
+    flip_consistency: float = 0.0,
 ) -> tuple[NemU, list[dict], dict[str, Any]]:
     """Train the decoder on `device` (the frozen encoder goes there with it); back on the CPU at the end.
 
     shift > 0: random translations (and flips) of the training images (augment_shift).
     select: the validation metric that picks the epoch ("relevance_mass" or "localisation").
-    keep_epochs: a folder; the decoder's state after every epoch is saved there as epoch<N>.pt (analysis)."""
+    keep_epochs: a folder; the decoder's state after every epoch is saved there as epoch<N>.pt (analysis).
+    flip_consistency: the weight of the mirror-consistency term (nemu_step; 0 = the paper's loss alone)."""
     torch.manual_seed(cfg.seed)
     model = NemU(frozen, decoder).to(device)
     opt = prodigy(model.decoder.parameters())
@@ -228,7 +244,7 @@ def train_nemu(
         opt,
         gen,
         steps,
-        lambda b: nemu_step(model, augment_shift(b[0], shift, g_aug), loss),
+        lambda b: nemu_step(model, augment_shift(b[0], shift, g_aug), loss, flip_consistency),
         validate=lambda e: _validate_nemu(model, ds, e, keep_epochs),
         run_config={
             **asdict(cfg),
@@ -238,6 +254,7 @@ def train_nemu(
             "limit": limit,
             **({"shift": shift} if shift else {}),
             **({"select": select} if select != "relevance_mass" else {}),
+            **({"flip_consistency": flip_consistency} if flip_consistency else {}),
         },
         device=device,
     )

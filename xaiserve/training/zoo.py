@@ -225,7 +225,8 @@ def run_classifier(opts: RunOptions, name: str, data: str) -> dict[str, Any]:
 
 # -- masking networks ----------------------------------------------------------------------------
 NEMU_SHIFT = 6  # px of random translation in the scenes-nemu recipe (2026-12)
-NEMU_RECIPES = ("original", "families", "graded")
+NEMU_RECIPES = ("original", "families", "graded", "varied", "consistent")
+NEMU_FLIP_CONSISTENCY = 1.0  # recipe "consistent": the weight of nem_train.flip_inconsistency
 
 
 def run_nemu(
@@ -242,14 +243,17 @@ def run_nemu(
 
     if recipe not in NEMU_RECIPES:
         raise InvalidArgument(f"NEM-U recipe {recipe!r}: use one of {', '.join(NEMU_RECIPES)}")
-    fam = recipe in ("families", "graded")
-    # "graded": the families recipe with the graded head (the last decoder block ends in a leaky ReLU)
+    fam = recipe != "original"
+    # "graded": the families recipe with the graded head (the last decoder block ends in a leaky ReLU);
+    # "varied": graded, plus item rendering variety in the training images (ScenesConfig.item_variety; not served);
+    # "consistent": graded, plus the mirror-consistency term (nem_train.flip_inconsistency; not served)
     loss = NemULossConfig()
-    arch = NEMU_DECODER_GRADED if recipe == "graded" else NEMU_DECODER_BOUNDED if fam else NEMU_DECODER
+    arch = NEMU_DECODER_BOUNDED if recipe == "families" else NEMU_DECODER_GRADED if fam else NEMU_DECODER
+    cons = NEMU_FLIP_CONSISTENCY if recipe == "consistent" else 0.0
     frozen, fentry = frozen_from_store(opts.store, encoder, "encoder")
     ds: SyntheticDataset
     if fam:
-        fds = scenes_families(opts.fashion_mnist, seed=opts.seed, sizes=opts.sizes)
+        fds = scenes_families(opts.fashion_mnist, seed=opts.seed, sizes=opts.sizes, item_variety=recipe == "varied")
         fds.use_stats(fentry["input"]["mean"], fentry["input"]["std"])  # the encoder's normalisation, as served
         ds = fds
     else:
@@ -265,6 +269,7 @@ def run_nemu(
         shift=NEMU_SHIFT if fam else 0,
         select="localisation" if fam else "relevance_mass",
         keep_epochs=opts.out / name / "epochs" if fam else None,
+        flip_consistency=cons,
         checkpoint=opts.out / name / "ckpt.pt",
         resume=opts.resume,
         progress=opts.progress,
@@ -283,6 +288,7 @@ def run_nemu(
         "explains": f"{fentry['name']}:{fentry['version']}",
         "config": asdict(cfg),
         **({"shift": NEMU_SHIFT, "select": "localisation", "recipe": recipe} if fam else {}),
+        **({"flip_consistency": cons} if cons else {}),
         "history": history,
         "metrics": {**metrics, "train_seconds": round(time.perf_counter() - t0, 1)},
         "limit": opts.limit,
@@ -586,6 +592,17 @@ def _card(res: dict[str, Any]) -> dict[str, str]:
                 f"random translations up to {res['shift']} px (reflect padding) and horizontal flips"
                 if res.get("shift")
                 else "no augmentation"
+            )
+            + (
+                f"; each batch with its mirror and {res['flip_consistency']:g} mean|m(x) - flip(m(flip x))| added "
+                "(mirror consistency, beyond [NEM-U])"
+                if res.get("flip_consistency")
+                else ""
+            )
+            + (
+                "; training items rendered with variety (ScenesConfig.item_variety)"
+                if res["dataset"].get("item_variety")
+                else ""
             )
             + f", seed {cfg['seed']}."
         )

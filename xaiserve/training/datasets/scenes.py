@@ -20,7 +20,7 @@ test: they make the extra split `heldout` (items from the Fashion-MNIST test set
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -59,6 +59,9 @@ class ScenesConfig:
     heldout_families: tuple[str, ...] = ()  # only in the `heldout` split; disjoint from `families`
     heldout_size: int = 1000
     jitter: bool = True  # colour / contrast jitter on the family backgrounds
+    # item rendering variety (2026-12), in the train split only (val/test/heldout render as before): each item
+    # rotated, stretched, textured, two-toned, contrast-varied or inverted (render_variety)
+    item_variety: bool = False
 
 
 HELDOUT_SPLIT = "heldout"
@@ -124,6 +127,8 @@ class Scenes(SyntheticDataset):
             d["heldout_families"] = list(self.config.heldout_families)
             d["heldout_size"] = int(self.config.heldout_size)
             d["jitter"] = bool(self.config.jitter)
+        if self.config.item_variety:
+            d["item_variety"] = "train split"
         return d
 
     def use_stats(self, mean, std) -> None:
@@ -209,6 +214,8 @@ class Scenes(SyntheticDataset):
         # keep items visible against any background: push the tint away from mid-grey
         tint = np.where(tint.mean(-1, keepdims=True) > 0.5, 0.55 + 0.45 * tint, 0.45 * tint)
 
+        var = variety_params(rng, n * m, s) if cfg.item_variety and split == "train" else None
+
         items = torch.from_numpy(pool_x[pick.reshape(-1)].astype(np.float32) / 255.0)[:, None]  # [n*m,1,28,28]
         side = scale.reshape(-1) * s
         x0 = pos[..., 0].reshape(-1) * (s - side)
@@ -221,6 +228,8 @@ class Scenes(SyntheticDataset):
         theta = np.zeros((n * m, 2, 3), np.float32)
         theta[:, 0, 0], theta[:, 0, 2] = sx, -cxn * sx
         theta[:, 1, 1], theta[:, 1, 2] = k, -cyn * k
+        if var is not None:
+            theta = var.warp(theta)
         grid = F.affine_grid(torch.from_numpy(theta), [n * m, 1, s, s], align_corners=False)
         warped = F.grid_sample(items, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         inten = warped.numpy().reshape(n, m, s, s)
@@ -234,7 +243,10 @@ class Scenes(SyntheticDataset):
         for j in range(m):
             idx = order[:, j]
             sj = sil[rows, idx]
-            col = tint[rows, idx][:, :, None, None] * (0.35 + 0.65 * inten[rows, idx][:, None])
+            if var is None:
+                col = tint[rows, idx][:, :, None, None] * (0.35 + 0.65 * inten[rows, idx][:, None])
+            else:
+                col = var.colour(rows * m + idx, tint[rows, idx], inten[rows, idx])
             if draw_objects:
                 img = np.where(sj[:, None], col, img)
             gt |= sj
@@ -247,6 +259,64 @@ class Scenes(SyntheticDataset):
             gt,
             {"item_labels": item_labels, "item_areas": area, "family": fam},
         )
+
+
+@dataclass(frozen=True)
+class ItemVariety:
+    """Per-item rendering parameters for ScenesConfig.item_variety (one row per item, n*m rows): the
+    item's shape stays a Fashion-MNIST silhouette (so the ground truth stays pixel-exact); its look
+    varies so that "a flat tinted region" is not what an item looks like."""
+
+    angle: np.ndarray  # rotation in radians, U(-0.5, 0.5)
+    stretch: np.ndarray  # aspect ratio factor (x), U(0.8, 1.25)
+    floor: np.ndarray  # shading floor: colour = tint * (floor + (1 - floor) * intensity), U(0, 0.7)
+    invert: np.ndarray  # bool, p 0.25: intensity -> 1 - intensity inside the silhouette
+    second: np.ndarray  # [N,3] a second tint, blended by the texture
+    texture: np.ndarray  # [N,S,S] in [0,1]: smooth noise at a random scale, or a grating
+    textured: np.ndarray  # bool, p 0.6
+
+    def warp(self, theta: np.ndarray) -> np.ndarray:
+        """theta [N,2,3] (output -> input coords) composed with a rotation and an x stretch of the item."""
+        c, si = np.cos(self.angle), np.sin(self.angle)
+        rot = np.zeros_like(theta)
+        rot[:, 0, 0], rot[:, 0, 1] = c / self.stretch, -si / self.stretch
+        rot[:, 1, 0], rot[:, 1, 1] = si, c
+        out = theta.copy()
+        out[:, :, :2] = rot[:, :, :2] @ theta[:, :, :2]
+        out[:, :, 2] = (rot[:, :, :2] @ theta[:, :, 2:])[..., 0]
+        return out.astype(np.float32)
+
+    def colour(self, rows: np.ndarray, tint: np.ndarray, inten: np.ndarray) -> np.ndarray:
+        """[n,3,S,S] colours of items `rows` (indices into the parameters), tints [n,3], intensities [n,S,S]."""
+        i = np.where(self.invert[rows, None, None], 1.0 - inten, inten)
+        f = self.floor[rows, None, None]
+        shade = (f + (1 - f) * i)[:, None]
+        t = np.where(self.textured[rows, None, None], self.texture[rows], 0.0)[:, None]
+        base = tint[:, :, None, None] * (1 - t) + self.second[rows][:, :, None, None] * t
+        return (base * shade).astype(np.float32)
+
+
+def variety_params(rng: np.random.Generator, count: int, s: int) -> ItemVariety:
+    """Draw ItemVariety for `count` items of an s x s image (all draws from `rng`)."""
+    angle = rng.uniform(-0.5, 0.5, count).astype(np.float32)
+    stretch = np.exp(rng.uniform(np.log(0.8), np.log(1.25), count)).astype(np.float32)
+    floor = rng.uniform(0.0, 0.7, count).astype(np.float32)
+    invert = rng.random(count) < 0.25
+    second = rng.uniform(0.0, 1.0, (count, 3)).astype(np.float32)
+    lo = rng.integers(3, 12, count)
+    noise = np.empty((count, s, s), np.float32)
+    for g in np.unique(lo):
+        sel = np.flatnonzero(lo == g)
+        noise[sel] = smooth_noise(rng, len(sel), 1, int(g), s)[:, 0]
+    yy, xx = _unit(1, s)
+    freq = rng.uniform(3.0, 12.0, count).astype(np.float32)
+    ang = rng.uniform(0, np.pi, count).astype(np.float32)
+    grating = 0.5 + 0.5 * np.sin(
+        2 * np.pi * freq[:, None, None] * (np.cos(ang)[:, None, None] * xx + np.sin(ang)[:, None, None] * yy)
+    )
+    use_grating = rng.random(count) < 0.3
+    texture = np.clip(np.where(use_grating[:, None, None], grating, noise), 0.0, 1.0).astype(np.float32)
+    return ItemVariety(angle, stretch, floor, invert, second, texture, rng.random(count) < 0.6)
 
 
 # -- background families ------------------------------------------------------------------------
@@ -484,7 +554,14 @@ def scenes(
 
 
 def scenes_families(
-    root: Path | str | None = None, *, seed: int = 0, size: int = 64, sizes: dict[str, int] | None = None
+    root: Path | str | None = None,
+    *,
+    seed: int = 0,
+    size: int = 64,
+    sizes: dict[str, int] | None = None,
+    item_variety: bool = False,
 ) -> Scenes:
-    """The background-family variant the NEM-U recipe trains on (TRAIN_FAMILIES; HELDOUT_FAMILIES held out)."""
-    return scenes(root, seed=seed, size=size, sizes=sizes, families=TRAIN_FAMILIES, heldout_families=HELDOUT_FAMILIES)
+    """The background-family variant the NEM-U recipe trains on (TRAIN_FAMILIES; HELDOUT_FAMILIES held out);
+    item_variety: the train split's items rendered with ItemVariety (val, test and heldout unchanged)."""
+    ds = scenes(root, seed=seed, size=size, sizes=sizes, families=TRAIN_FAMILIES, heldout_families=HELDOUT_FAMILIES)
+    return Scenes(replace(ds.config, item_variety=True)) if item_variety else ds
