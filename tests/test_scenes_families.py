@@ -166,7 +166,12 @@ def test_mirror_consistency_term():
 def test_nemu_recipes_train_and_describe_themselves(tmp_path, recipe):
     """The two not-served recipes run end to end through the zoo (a few images) and say what they did."""
     from xaiserve.paths import default_model_store
-    from xaiserve.training.zoo import NEMU_FLIP_CONSISTENCY, RunOptions, _card, run_nemu
+    from xaiserve.training.cli_nem import _parser
+    from xaiserve.training.zoo import NEMU_RECIPES, RunOptions, _card, run_nemu
+
+    # the CLI offers exactly the zoo's recipes
+    (action,) = [a for a in _parser("train", "zoo")._actions if a.dest == "nemu_recipe"]
+    assert tuple(action.choices) == tuple(NEMU_RECIPES)
 
     opts = RunOptions(
         out=tmp_path, store=default_model_store(), epochs=1, limit=64, progress=False, export=False, sizes=SMALL
@@ -176,7 +181,8 @@ def test_nemu_recipes_train_and_describe_themselves(tmp_path, recipe):
     assert res["arch"]["decoder"]["head_slope"] == pytest.approx(0.1)
     text = " ".join(_card(res).values())
     if recipe == "consistent":
-        assert res["flip_consistency"] == NEMU_FLIP_CONSISTENCY and "mirror consistency" in text
+        assert res["flip_consistency"] == NEMU_RECIPES["consistent"].flip_consistency > 0
+        assert "mirror consistency" in text
         assert "item_variety" not in res["dataset"]
     else:
         assert res["dataset"]["item_variety"] == "train split" and "rendered with variety" in text

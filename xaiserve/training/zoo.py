@@ -18,6 +18,7 @@ import torch
 from xaiserve.errors import FailedPrecondition, InvalidArgument, NotFound
 from xaiserve.handlers.loading import load_module
 from xaiserve.handlers.nem.build import arch_of, build_from_arch
+from xaiserve.handlers.nem.decoder import DecoderArch
 from xaiserve.handlers.nem.losses import NemTLossConfig, NemULossConfig
 from xaiserve.handlers.nem.smoothing import scaled_size
 from xaiserve.handlers.nets import EncoderArch, FrozenSpec, frozen_spec_from_arch, load_into, load_state_dict_file
@@ -25,7 +26,15 @@ from xaiserve.service.registry import read_manifest
 from xaiserve.training.datasets import get_dataset
 from xaiserve.training.datasets.base import SyntheticDataset
 from xaiserve.training.nem_export import Publication, publish
-from xaiserve.training.nem_train import COND_HEAD_BIAS, NemTrainConfig, train_nemt, train_nemu
+from xaiserve.training.nem_train import (
+    COND_HEAD_BIAS,
+    NEMU_DECODER,
+    NEMU_DECODER_BOUNDED,
+    NEMU_DECODER_GRADED,
+    NemTrainConfig,
+    train_nemt,
+    train_nemu,
+)
 from xaiserve.training.ssl import SimCLRConfig, train_simclr
 from xaiserve.training.supervised import ClassifierConfig, train_classifier
 
@@ -225,35 +234,47 @@ def run_classifier(opts: RunOptions, name: str, data: str) -> dict[str, Any]:
 
 # -- masking networks ----------------------------------------------------------------------------
 NEMU_SHIFT = 6  # px of random translation in the scenes-nemu recipe (2026-12)
-NEMU_RECIPES = ("original", "families", "graded", "varied", "consistent")
-NEMU_FLIP_CONSISTENCY = 1.0  # recipe "consistent": the weight of nem_train.flip_inconsistency
+
+
+@dataclass(frozen=True)
+class NemuRecipe:
+    """What a `--nemu-recipe` changes (docs/METHODS.md, NEM-U); every other setting is shared."""
+
+    decoder: DecoderArch
+    families: bool = True  # the background families (TRAIN_FAMILIES; HELDOUT_FAMILIES make `heldout`), else legacy
+    item_variety: bool = False  # the train split's items rendered with datasets.scenes.ItemVariety
+    flip_consistency: float = 0.0  # weight of nem_train.flip_inconsistency (each batch with its mirror)
+
+
+NEMU_RECIPES: dict[str, NemuRecipe] = {
+    "original": NemuRecipe(NEMU_DECODER, families=False),  # the earlier zero-padded decoder, legacy background
+    "families": NemuRecipe(NEMU_DECODER_BOUNDED),  # replicate padding, bounded logit (2026-12)
+    "graded": NemuRecipe(NEMU_DECODER_GRADED),  # + the graded head: the served scenes-nemu
+    "varied": NemuRecipe(NEMU_DECODER_GRADED, item_variety=True),  # not served
+    "consistent": NemuRecipe(NEMU_DECODER_GRADED, flip_consistency=1.0),  # not served
+}
 
 
 def run_nemu(
     opts: RunOptions, name: str = "scenes-nemu", encoder: str = "scenes-simclr:1", recipe: str = "original"
 ) -> dict[str, Any]:
-    """recipe="original": the committed scenes-nemu (original background, zero-padded decoder,
-    epoch picked by validation relevance mass). recipe="families" (2026-12, `--nemu-recipe families`):
-    trained on the scenes background families (datasets/scenes.py TRAIN_FAMILIES; HELDOUT_FAMILIES
-    make the `heldout` split, never seen in training or selection), normalised with the frozen
-    encoder's own statistics, replicate-padded bounded decoder, random translations, the epoch picked
-    by the validation localisation (relevance mass + pointing game) / 2."""
+    """recipe="original": the committed scenes-nemu before 2026-12 (original background, zero-padded
+    decoder, epoch picked by validation relevance mass). The others (NEMU_RECIPES, 2026-12): trained on
+    the scenes background families (datasets/scenes.py TRAIN_FAMILIES; HELDOUT_FAMILIES make the
+    `heldout` split, never seen in training or selection), normalised with the frozen encoder's own
+    statistics, replicate-padded bounded decoder, random translations, the epoch picked by the
+    validation localisation (relevance mass + pointing game) / 2."""
     from xaiserve.training.datasets.scenes import scenes_families
-    from xaiserve.training.nem_train import NEMU_DECODER, NEMU_DECODER_BOUNDED, NEMU_DECODER_GRADED
 
     if recipe not in NEMU_RECIPES:
         raise InvalidArgument(f"NEM-U recipe {recipe!r}: use one of {', '.join(NEMU_RECIPES)}")
-    fam = recipe != "original"
-    # "graded": the families recipe with the graded head (the last decoder block ends in a leaky ReLU);
-    # "varied": graded, plus item rendering variety in the training images (ScenesConfig.item_variety; not served);
-    # "consistent": graded, plus the mirror-consistency term (nem_train.flip_inconsistency; not served)
+    r = NEMU_RECIPES[recipe]
+    fam, arch, cons = r.families, r.decoder, r.flip_consistency
     loss = NemULossConfig()
-    arch = NEMU_DECODER_BOUNDED if recipe == "families" else NEMU_DECODER_GRADED if fam else NEMU_DECODER
-    cons = NEMU_FLIP_CONSISTENCY if recipe == "consistent" else 0.0
     frozen, fentry = frozen_from_store(opts.store, encoder, "encoder")
     ds: SyntheticDataset
     if fam:
-        fds = scenes_families(opts.fashion_mnist, seed=opts.seed, sizes=opts.sizes, item_variety=recipe == "varied")
+        fds = scenes_families(opts.fashion_mnist, seed=opts.seed, sizes=opts.sizes, item_variety=r.item_variety)
         fds.use_stats(fentry["input"]["mean"], fentry["input"]["std"])  # the encoder's normalisation, as served
         ds = fds
     else:
