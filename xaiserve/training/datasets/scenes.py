@@ -20,7 +20,7 @@ test: they make the extra split `heldout` (items from the Fashion-MNIST test set
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -60,7 +60,7 @@ class ScenesConfig:
     heldout_size: int = 1000
     jitter: bool = True  # colour / contrast jitter on the family backgrounds
     # item rendering variety (2026-12), in the train split only (val/test/heldout render as before): each item
-    # rotated, stretched, textured, two-toned, contrast-varied or inverted (render_variety)
+    # rotated, stretched, textured, two-toned, contrast-varied or inverted (ItemVariety, variety_params)
     item_variety: bool = False
 
 
@@ -540,6 +540,7 @@ def scenes(
     sizes: dict[str, int] | None = None,
     families: tuple[str, ...] | None = None,
     heldout_families: tuple[str, ...] = (),
+    item_variety: bool = False,
 ) -> Scenes:
     """Convenience constructor (families=None: the original background, as before)."""
     cfg = ScenesConfig(
@@ -549,6 +550,7 @@ def scenes(
         sizes=sizes or ScenesConfig().sizes,
         families=tuple(families) if families is not None else None,
         heldout_families=tuple(heldout_families),
+        item_variety=item_variety,
     )
     return Scenes(cfg)
 
@@ -563,5 +565,12 @@ def scenes_families(
 ) -> Scenes:
     """The background-family variant the NEM-U recipe trains on (TRAIN_FAMILIES; HELDOUT_FAMILIES held out);
     item_variety: the train split's items rendered with ItemVariety (val, test and heldout unchanged)."""
-    ds = scenes(root, seed=seed, size=size, sizes=sizes, families=TRAIN_FAMILIES, heldout_families=HELDOUT_FAMILIES)
-    return Scenes(replace(ds.config, item_variety=True)) if item_variety else ds
+    return scenes(
+        root,
+        seed=seed,
+        size=size,
+        sizes=sizes,
+        families=TRAIN_FAMILIES,
+        heldout_families=HELDOUT_FAMILIES,
+        item_variety=item_variety,
+    )
